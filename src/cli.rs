@@ -1,0 +1,157 @@
+//! The command line. Each subcommand parses its arguments and hands off to the library.
+
+use std::io::Write;
+use std::path::PathBuf;
+
+use anyhow::{Context, Result};
+use burn::tensor::backend::Backend;
+use clap::{Args, Parser, Subcommand};
+
+use crate::backend::{BackendTask, DeviceKind, run_on};
+use crate::chat::{ChatTemplate, Message};
+use crate::generate::{SamplingConfig, generate};
+use crate::model::load_model;
+
+#[derive(Parser)]
+#[command(name = "loraforge", version, about = "LoRA / QLoRA fine-tuning for open LLMs")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Show a model's architecture, size, dtype, quantization and tokenizer.
+    Inspect {
+        /// A Hugging Face folder, an mlx-community folder, or a .gguf file.
+        path: PathBuf,
+    },
+    /// Generate text from a prompt.
+    Generate(GenerateArgs),
+    /// Work with recipes.
+    Recipe {
+        #[command(subcommand)]
+        command: RecipeCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum RecipeCommand {
+    /// Validate a recipe and print it fully resolved (defaults filled in).
+    Check {
+        file: PathBuf,
+        /// Override a key, e.g. --set train.learning_rate=2e-4 (repeatable).
+        #[arg(long = "set", value_name = "KEY=VALUE")]
+        overrides: Vec<String>,
+    },
+}
+
+#[derive(Args)]
+struct GenerateArgs {
+    /// A Hugging Face folder, an mlx-community folder, or a .gguf file.
+    #[arg(long)]
+    model: PathBuf,
+    #[arg(long)]
+    prompt: String,
+    /// Wrap the prompt in the model's chat template as a user message.
+    #[arg(long)]
+    chat: bool,
+    /// System message (implies --chat).
+    #[arg(long)]
+    system: Option<String>,
+    #[arg(long, default_value_t = 256)]
+    max_tokens: usize,
+    /// Sampling temperature; 0 is greedy.
+    #[arg(long = "temp", default_value_t = 0.0)]
+    temperature: f32,
+    #[arg(long, default_value_t = 1.0)]
+    top_p: f32,
+    #[arg(long, default_value_t = 0)]
+    top_k: usize,
+    #[arg(long, default_value_t = 0.0)]
+    min_p: f32,
+    #[arg(long, default_value_t = 1.0)]
+    repetition_penalty: f32,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    #[arg(long, value_enum, default_value_t = DeviceKind::Cpu)]
+    device: DeviceKind,
+    /// Print the generated token ids after the text.
+    #[arg(long)]
+    print_ids: bool,
+}
+
+pub fn run() -> Result<()> {
+    match Cli::parse().command {
+        Command::Inspect { path } => {
+            print!("{}", crate::inspect::report(&path)?);
+            Ok(())
+        }
+        Command::Generate(args) => {
+            let device = args.device;
+            run_on(device, args)
+        }
+        Command::Recipe {
+            command: RecipeCommand::Check { file, overrides },
+        } => {
+            let recipe = crate::recipe::load(&file, &overrides)?;
+            let resolved = toml::to_string_pretty(&recipe).context("rendering the resolved recipe")?;
+            println!("# {} is valid; resolved with defaults:\n", file.display());
+            print!("{resolved}");
+            if !recipe.model.path.exists() {
+                eprintln!(
+                    "warning: model.path {} does not exist yet (fetch it before training)",
+                    recipe.model.path.display()
+                );
+            }
+            Ok(())
+        }
+    }
+}
+
+impl BackendTask for GenerateArgs {
+    type Output = ();
+
+    fn run<B: Backend>(self, device: B::Device) -> Result<()> {
+        let model = load_model::<B>(&self.model, &device)?;
+        let tokenizer = crate::tokenizer::for_model(&model.files)?;
+        let prompt_ids = if self.chat || self.system.is_some() {
+            let template = ChatTemplate::from_tokenizer(&tokenizer)?;
+            let mut messages = Vec::new();
+            if let Some(system) = &self.system {
+                messages.push(Message::new("system", system));
+            }
+            messages.push(Message::new("user", &self.prompt));
+            let text = template.render(&messages, true, None)?;
+            // The template already wrote BOS where the model wants it.
+            tokenizer.encode(&text, false)?
+        } else {
+            tokenizer.encode(&self.prompt, true)?
+        };
+        let sampling = SamplingConfig {
+            temperature: self.temperature,
+            top_p: self.top_p,
+            top_k: self.top_k,
+            min_p: self.min_p,
+            repetition_penalty: self.repetition_penalty,
+            seed: self.seed,
+        };
+        println!("==========");
+        let mut stdout = std::io::stdout();
+        let out = generate(&model.decoder, &tokenizer, &prompt_ids, self.max_tokens, sampling, &device, |piece| {
+            let _ = stdout.write_all(piece.as_bytes());
+            let _ = stdout.flush();
+        })?;
+        println!("\n==========");
+        if self.print_ids {
+            println!("ids: {:?}", out.ids);
+        }
+        let s = &out.stats;
+        println!("Prompt: {} tokens, {:.3} tokens-per-sec", s.prompt_tokens, s.prompt_tps);
+        println!("Generation: {} tokens, {:.3} tokens-per-sec", s.generated_tokens, s.generation_tps);
+        if let Some(peak) = s.peak_memory_bytes {
+            println!("Peak memory: {:.3} GB", peak as f64 / 1e9);
+        }
+        Ok(())
+    }
+}

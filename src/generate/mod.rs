@@ -1,0 +1,88 @@
+//! Text generation with a KV cache, streaming decoded text as it is produced.
+
+pub mod sampler;
+
+use std::time::Instant;
+
+use anyhow::Result;
+use burn::tensor::backend::Backend;
+
+pub use sampler::{Sampler, SamplingConfig};
+
+use crate::model::{Decoder, KvCache};
+use crate::tokenizer::Tokenizer;
+
+/// Throughput figures, as `mlx_lm.generate` prints them.
+#[derive(Debug, Clone, PartialEq)]
+pub struct GenerationStats {
+    pub prompt_tokens: usize,
+    pub prompt_tps: f64,
+    pub generated_tokens: usize,
+    pub generation_tps: f64,
+    pub peak_memory_bytes: Option<u64>,
+}
+
+pub struct Generation {
+    pub ids: Vec<u32>,
+    pub text: String,
+    pub stats: GenerationStats,
+}
+
+/// Generates up to `max_tokens` after `prompt_ids`, calling `on_text` with each new piece of
+/// decoded text. Stops early at one of the tokenizer's stop ids.
+pub fn generate<B: Backend>(
+    model: &Decoder<B>,
+    tokenizer: &Tokenizer,
+    prompt_ids: &[u32],
+    max_tokens: usize,
+    sampling: SamplingConfig,
+    device: &B::Device,
+    mut on_text: impl FnMut(&str),
+) -> Result<Generation> {
+    anyhow::ensure!(!prompt_ids.is_empty(), "the prompt is empty");
+    let mut cache = KvCache::new(model.config.num_layers);
+    let mut sampler = Sampler::new(sampling);
+    let mut context = prompt_ids.to_vec();
+
+    let start = Instant::now();
+    let mut logits = model.next_logits(prompt_ids, &mut cache, device);
+    let prompt_secs = start.elapsed().as_secs_f64();
+
+    let start = Instant::now();
+    let mut generated = Vec::new();
+    let mut printed = 0;
+    while generated.len() < max_tokens {
+        let next = sampler.sample(&mut logits, &context);
+        if tokenizer.stop_ids.contains(&next) {
+            break;
+        }
+        generated.push(next);
+        context.push(next);
+        let text = tokenizer.decode(&generated)?;
+        // Hold back an incomplete UTF-8 sequence until its last byte arrives.
+        if !text.ends_with('\u{FFFD}') && text.len() > printed {
+            on_text(&text[printed..]);
+            printed = text.len();
+        }
+        if generated.len() == max_tokens {
+            break;
+        }
+        logits = model.next_logits(&[next], &mut cache, device);
+    }
+    let gen_secs = start.elapsed().as_secs_f64();
+    let text = tokenizer.decode(&generated)?;
+    if text.len() > printed {
+        on_text(&text[printed..]);
+    }
+    Ok(Generation {
+        stats: GenerationStats {
+            prompt_tokens: prompt_ids.len(),
+            prompt_tps: prompt_ids.len() as f64 / prompt_secs.max(1e-9),
+            generated_tokens: generated.len(),
+            generation_tps: generated.len() as f64 / gen_secs.max(1e-9),
+            peak_memory_bytes: crate::backend::peak_rss_bytes(),
+        },
+        ids: generated,
+        text,
+    })
+}

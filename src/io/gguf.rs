@@ -1,0 +1,390 @@
+//! GGUF reader: metadata, tensor directory, and memory-mapped tensor data.
+//!
+//! Layout (little-endian): magic `GGUF`, version, tensor count, metadata count, metadata
+//! key/values, tensor infos (name, dims innermost-first, ggml type, offset), then the tensor data
+//! aligned to `general.alignment` (32 by default).
+
+use std::collections::BTreeMap;
+use std::fs::File;
+use std::path::{Path, PathBuf};
+
+use memmap2::Mmap;
+
+#[derive(Debug, thiserror::Error)]
+pub enum GgufError {
+    #[error("cannot open {path}: {source}")]
+    Open {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path} is not a GGUF file (magic bytes are {magic:?}, expected \"GGUF\")")]
+    BadMagic { path: PathBuf, magic: [u8; 4] },
+    #[error("{path}: unsupported GGUF version {version} (supported: 2, 3)")]
+    Version { path: PathBuf, version: u32 },
+    #[error("{path} is truncated or corrupt: {reason}")]
+    Corrupt { path: PathBuf, reason: String },
+    #[error(
+        "{path}: tensor `{tensor}` uses GGML type {kind}, which loraforge cannot read yet (supported: F32, F16, BF16, Q8_0, Q4_0, Q4_1); convert the model with another quantization"
+    )]
+    UnsupportedType {
+        path: PathBuf,
+        tensor: String,
+        kind: String,
+    },
+}
+
+/// A metadata value.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Value {
+    U8(u8),
+    I8(i8),
+    U16(u16),
+    I16(i16),
+    U32(u32),
+    I32(i32),
+    U64(u64),
+    I64(i64),
+    F32(f32),
+    F64(f64),
+    Bool(bool),
+    String(String),
+    Array(Vec<Value>),
+}
+
+impl Value {
+    pub fn as_u64(&self) -> Option<u64> {
+        match *self {
+            Value::U8(v) => Some(v.into()),
+            Value::U16(v) => Some(v.into()),
+            Value::U32(v) => Some(v.into()),
+            Value::U64(v) => Some(v),
+            Value::I8(v) => u64::try_from(v).ok(),
+            Value::I16(v) => u64::try_from(v).ok(),
+            Value::I32(v) => u64::try_from(v).ok(),
+            Value::I64(v) => u64::try_from(v).ok(),
+            _ => None,
+        }
+    }
+
+    pub fn as_f64(&self) -> Option<f64> {
+        match *self {
+            Value::F32(v) => Some(v.into()),
+            Value::F64(v) => Some(v),
+            _ => self.as_u64().map(|v| v as f64),
+        }
+    }
+
+    pub fn as_str(&self) -> Option<&str> {
+        match self {
+            Value::String(s) => Some(s),
+            _ => None,
+        }
+    }
+
+    pub fn as_bool(&self) -> Option<bool> {
+        match *self {
+            Value::Bool(b) => Some(b),
+            _ => None,
+        }
+    }
+
+    pub fn as_array(&self) -> Option<&[Value]> {
+        match self {
+            Value::Array(a) => Some(a),
+            _ => None,
+        }
+    }
+
+    /// A short rendering for `inspect` (arrays are summarised).
+    pub fn summary(&self) -> String {
+        match self {
+            Value::String(s) if s.len() > 60 => format!("{:?}… ({} chars)", &s[..s.floor_char_boundary(60)], s.len()),
+            Value::String(s) => format!("{s:?}"),
+            Value::Array(a) => format!("[{} items]", a.len()),
+            Value::Bool(b) => b.to_string(),
+            Value::F32(v) => v.to_string(),
+            Value::F64(v) => v.to_string(),
+            other => other.as_u64().map(|v| v.to_string()).unwrap_or_default(),
+        }
+    }
+}
+
+/// The GGML tensor types we can read, with their block geometry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GgmlType {
+    F32,
+    F16,
+    BF16,
+    Q4_0,
+    Q4_1,
+    Q8_0,
+}
+
+impl GgmlType {
+    fn from_id(id: u32) -> Result<Self, String> {
+        Ok(match id {
+            0 => GgmlType::F32,
+            1 => GgmlType::F16,
+            2 => GgmlType::Q4_0,
+            3 => GgmlType::Q4_1,
+            8 => GgmlType::Q8_0,
+            30 => GgmlType::BF16,
+            other => return Err(ggml_type_name(other)),
+        })
+    }
+
+    /// (elements per block, bytes per block)
+    pub fn block(self) -> (usize, usize) {
+        match self {
+            GgmlType::F32 => (1, 4),
+            GgmlType::F16 | GgmlType::BF16 => (1, 2),
+            GgmlType::Q4_0 => (32, 18),
+            GgmlType::Q4_1 => (32, 20),
+            GgmlType::Q8_0 => (32, 34),
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            GgmlType::F32 => "F32",
+            GgmlType::F16 => "F16",
+            GgmlType::BF16 => "BF16",
+            GgmlType::Q4_0 => "Q4_0",
+            GgmlType::Q4_1 => "Q4_1",
+            GgmlType::Q8_0 => "Q8_0",
+        }
+    }
+}
+
+fn ggml_type_name(id: u32) -> String {
+    const NAMES: [&str; 42] = [
+        "F32", "F16", "Q4_0", "Q4_1", "Q4_2", "Q4_3", "Q5_0", "Q5_1", "Q8_0", "Q8_1", "Q2_K",
+        "Q3_K", "Q4_K", "Q5_K", "Q6_K", "Q8_K", "IQ2_XXS", "IQ2_XS", "IQ3_XXS", "IQ1_S", "IQ4_NL",
+        "IQ3_S", "IQ2_S", "IQ4_XS", "I8", "I16", "I32", "I64", "F64", "IQ1_M", "BF16", "Q4_0_4_4",
+        "Q4_0_4_8", "Q4_0_8_8", "TQ1_0", "TQ2_0", "IQ4_NL_4_4", "IQ4_NL_4_8", "IQ4_NL_8_8",
+        "MXFP4", "NVFP4", "?",
+    ];
+    NAMES
+        .get(id as usize)
+        .map(|n| format!("{n} (type id {id})"))
+        .unwrap_or_else(|| format!("unknown (type id {id})"))
+}
+
+/// One tensor of the file. `shape` is in row-major order (outermost first), i.e. GGUF's
+/// innermost-first `ne` reversed, so a Linear weight reads `[out, in]` as in safetensors.
+#[derive(Debug, Clone)]
+pub struct TensorInfo {
+    pub name: String,
+    pub shape: Vec<usize>,
+    pub kind: GgmlType,
+    offset: usize,
+    len: usize,
+}
+
+impl TensorInfo {
+    pub fn numel(&self) -> usize {
+        self.shape.iter().product()
+    }
+}
+
+pub struct GgufFile {
+    pub path: PathBuf,
+    pub version: u32,
+    pub metadata: BTreeMap<String, Value>,
+    pub tensors: Vec<TensorInfo>,
+    map: Mmap,
+}
+
+impl GgufFile {
+    pub fn open(path: &Path) -> Result<Self, GgufError> {
+        let file = File::open(path).map_err(|source| GgufError::Open {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        // SAFETY: read-only map of a file we only read.
+        let map = unsafe { Mmap::map(&file) }.map_err(|source| GgufError::Open {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        let corrupt = |reason: String| GgufError::Corrupt {
+            path: path.to_path_buf(),
+            reason,
+        };
+        let mut r = Reader { buf: &map, pos: 0 };
+        let magic: [u8; 4] = r.bytes(4).map_err(&corrupt)?.try_into().unwrap();
+        if &magic != b"GGUF" {
+            return Err(GgufError::BadMagic {
+                path: path.to_path_buf(),
+                magic,
+            });
+        }
+        let version = r.u32().map_err(&corrupt)?;
+        if !(2..=3).contains(&version) {
+            return Err(GgufError::Version {
+                path: path.to_path_buf(),
+                version,
+            });
+        }
+        let n_tensors = r.u64().map_err(&corrupt)?;
+        let n_kv = r.u64().map_err(&corrupt)?;
+        let mut metadata = BTreeMap::new();
+        for _ in 0..n_kv {
+            let key = r.string().map_err(&corrupt)?;
+            let ty = r.u32().map_err(&corrupt)?;
+            let value = r.value(ty).map_err(|e| corrupt(format!("metadata `{key}`: {e}")))?;
+            metadata.insert(key, value);
+        }
+        let mut raw_infos = Vec::new();
+        for _ in 0..n_tensors {
+            let name = r.string().map_err(&corrupt)?;
+            let n_dims = r.u32().map_err(&corrupt)?;
+            let mut ne = Vec::with_capacity(n_dims as usize);
+            for _ in 0..n_dims {
+                ne.push(r.u64().map_err(&corrupt)? as usize);
+            }
+            let ty = r.u32().map_err(&corrupt)?;
+            let offset = r.u64().map_err(&corrupt)? as usize;
+            raw_infos.push((name, ne, ty, offset));
+        }
+        let alignment = metadata
+            .get("general.alignment")
+            .and_then(Value::as_u64)
+            .unwrap_or(32) as usize;
+        let data_start = r.pos.div_ceil(alignment) * alignment;
+        let mut tensors = Vec::with_capacity(raw_infos.len());
+        for (name, ne, ty, offset) in raw_infos {
+            let kind = GgmlType::from_id(ty).map_err(|kind| GgufError::UnsupportedType {
+                path: path.to_path_buf(),
+                tensor: name.clone(),
+                kind,
+            })?;
+            let numel: usize = ne.iter().product();
+            let (per_block, block_bytes) = kind.block();
+            if ne.first().is_some_and(|&inner| inner % per_block != 0) {
+                return Err(corrupt(format!(
+                    "tensor `{name}`: row length {} is not a multiple of the {} block size {per_block}",
+                    ne[0],
+                    kind.name()
+                )));
+            }
+            let len = numel / per_block * block_bytes;
+            let start = data_start + offset;
+            if start + len > map.len() {
+                return Err(corrupt(format!(
+                    "tensor `{name}` needs bytes {start}..{} but the file is {} bytes long",
+                    start + len,
+                    map.len()
+                )));
+            }
+            tensors.push(TensorInfo {
+                name,
+                shape: ne.into_iter().rev().collect(),
+                kind,
+                offset: start,
+                len,
+            });
+        }
+        Ok(GgufFile {
+            path: path.to_path_buf(),
+            version,
+            metadata,
+            tensors,
+            map,
+        })
+    }
+
+    pub fn tensor(&self, name: &str) -> Option<&TensorInfo> {
+        self.tensors.iter().find(|t| t.name == name)
+    }
+
+    pub fn data(&self, info: &TensorInfo) -> &[u8] {
+        &self.map[info.offset..info.offset + info.len]
+    }
+
+    pub fn get(&self, key: &str) -> Option<&Value> {
+        self.metadata.get(key)
+    }
+
+    pub fn get_u64(&self, key: &str) -> Option<u64> {
+        self.get(key).and_then(Value::as_u64)
+    }
+
+    pub fn get_f64(&self, key: &str) -> Option<f64> {
+        self.get(key).and_then(Value::as_f64)
+    }
+
+    pub fn get_str(&self, key: &str) -> Option<&str> {
+        self.get(key).and_then(Value::as_str)
+    }
+
+    pub fn architecture(&self) -> Option<&str> {
+        self.get_str("general.architecture")
+    }
+}
+
+struct Reader<'a> {
+    buf: &'a [u8],
+    pos: usize,
+}
+
+impl<'a> Reader<'a> {
+    fn bytes(&mut self, n: usize) -> Result<&'a [u8], String> {
+        let end = self.pos.checked_add(n).filter(|&e| e <= self.buf.len()).ok_or_else(|| {
+            format!(
+                "unexpected end of file at byte {} (needed {n} more bytes)",
+                self.pos
+            )
+        })?;
+        let out = &self.buf[self.pos..end];
+        self.pos = end;
+        Ok(out)
+    }
+
+    fn array<const N: usize>(&mut self) -> Result<[u8; N], String> {
+        Ok(self.bytes(N)?.try_into().unwrap())
+    }
+
+    fn u32(&mut self) -> Result<u32, String> {
+        Ok(u32::from_le_bytes(self.array()?))
+    }
+
+    fn u64(&mut self) -> Result<u64, String> {
+        Ok(u64::from_le_bytes(self.array()?))
+    }
+
+    fn string(&mut self) -> Result<String, String> {
+        let len = self.u64()? as usize;
+        let bytes = self.bytes(len)?;
+        Ok(String::from_utf8_lossy(bytes).into_owned())
+    }
+
+    fn value(&mut self, ty: u32) -> Result<Value, String> {
+        Ok(match ty {
+            0 => Value::U8(self.array::<1>()?[0]),
+            1 => Value::I8(self.array::<1>()?[0] as i8),
+            2 => Value::U16(u16::from_le_bytes(self.array()?)),
+            3 => Value::I16(i16::from_le_bytes(self.array()?)),
+            4 => Value::U32(self.u32()?),
+            5 => Value::I32(i32::from_le_bytes(self.array()?)),
+            6 => Value::F32(f32::from_le_bytes(self.array()?)),
+            7 => Value::Bool(self.array::<1>()?[0] != 0),
+            8 => Value::String(self.string()?),
+            9 => {
+                let item_ty = self.u32()?;
+                let n = self.u64()? as usize;
+                if n > self.buf.len() {
+                    return Err(format!("array length {n} exceeds the file size"));
+                }
+                let mut items = Vec::with_capacity(n);
+                for _ in 0..n {
+                    items.push(self.value(item_ty)?);
+                }
+                Value::Array(items)
+            }
+            10 => Value::U64(self.u64()?),
+            11 => Value::I64(i64::from_le_bytes(self.array()?)),
+            12 => Value::F64(f64::from_le_bytes(self.array()?)),
+            other => return Err(format!("unknown metadata value type {other}")),
+        })
+    }
+}

@@ -1,0 +1,15 @@
+//! loraforge: LoRA / QLoRA fine-tuning of open decoder LLMs on Burn.
+//!
+//! Data flows one way: recipe → model → lora → train → events → dashboard;
+//! train → checkpoints → fuse → export → eval. This crate is the library; `main.rs` is a thin CLI.
+
+pub mod backend;
+pub mod chat;
+pub mod cli;
+pub mod generate;
+pub mod inspect;
+pub mod io;
+pub mod model;
+pub mod quant;
+pub mod recipe;
+pub mod tokenizer;

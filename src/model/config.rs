@@ -1,0 +1,334 @@
+//! Architecture hyper-parameters, read from `config.json` or from GGUF metadata.
+
+use std::path::Path;
+
+use serde_json::Value;
+
+use crate::io::gguf::GgufFile;
+
+/// The decoder families we implement. SmolLM is Llama.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Family {
+    Llama,
+    Mistral,
+    Qwen2,
+    Qwen3,
+}
+
+pub const SUPPORTED_MODEL_TYPES: &str = "llama, mistral, qwen2, qwen3";
+
+impl Family {
+    pub fn from_model_type(model_type: &str) -> Option<Self> {
+        Some(match model_type {
+            "llama" | "smollm" => Family::Llama,
+            "mistral" => Family::Mistral,
+            "qwen2" => Family::Qwen2,
+            "qwen3" => Family::Qwen3,
+            _ => return None,
+        })
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Family::Llama => "llama",
+            Family::Mistral => "mistral",
+            Family::Qwen2 => "qwen2",
+            Family::Qwen3 => "qwen3",
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum RopeScaling {
+    None,
+    /// Positions divided by `factor`.
+    Linear { factor: f64 },
+    /// Llama 3.1's frequency-dependent rescaling.
+    Llama3 {
+        factor: f64,
+        low_freq_factor: f64,
+        high_freq_factor: f64,
+        original_max_position_embeddings: f64,
+    },
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct ModelConfig {
+    pub family: Family,
+    pub vocab_size: usize,
+    pub hidden_size: usize,
+    pub intermediate_size: usize,
+    pub num_layers: usize,
+    pub num_heads: usize,
+    pub num_kv_heads: usize,
+    pub head_dim: usize,
+    pub rms_norm_eps: f64,
+    pub rope_theta: f64,
+    pub rope_scaling: RopeScaling,
+    pub max_position_embeddings: usize,
+    pub tie_word_embeddings: bool,
+    /// Qwen2: q/k/v projections carry a bias.
+    pub attention_bias: bool,
+    /// Qwen3: RMSNorm over each head of q and k before RoPE.
+    pub qk_norm: bool,
+    /// The dtype the weights were stored in (`torch_dtype` / `dtype`), for `inspect`.
+    pub dtype: String,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read {path}: {reason}")]
+    Read { path: String, reason: String },
+    #[error("{path}: `model_type` is \"{found}\", which loraforge does not support (supported: {SUPPORTED_MODEL_TYPES})")]
+    UnsupportedModelType { path: String, found: String },
+    #[error("{path}: missing or invalid `{key}`{hint}")]
+    Missing {
+        path: String,
+        key: String,
+        hint: String,
+    },
+    #[error("{path}: {reason}")]
+    Invalid { path: String, reason: String },
+}
+
+impl ModelConfig {
+    pub fn from_config_json(path: &Path) -> Result<Self, ConfigError> {
+        let shown = path.display().to_string();
+        let text = std::fs::read_to_string(path).map_err(|e| ConfigError::Read {
+            path: shown.clone(),
+            reason: e.to_string(),
+        })?;
+        let json: Value = serde_json::from_str(&text).map_err(|e| ConfigError::Read {
+            path: shown.clone(),
+            reason: format!("invalid JSON: {e}"),
+        })?;
+        Self::from_json(&json, &shown)
+    }
+
+    pub fn from_json(json: &Value, path: &str) -> Result<Self, ConfigError> {
+        let missing = |key: &str| ConfigError::Missing {
+            path: path.to_string(),
+            key: key.to_string(),
+            hint: String::new(),
+        };
+        let model_type = json
+            .get("model_type")
+            .and_then(Value::as_str)
+            .ok_or_else(|| ConfigError::Missing {
+                path: path.to_string(),
+                key: "model_type".into(),
+                hint: format!(" (one of: {SUPPORTED_MODEL_TYPES})"),
+            })?;
+        let family = Family::from_model_type(model_type).ok_or_else(|| {
+            ConfigError::UnsupportedModelType {
+                path: path.to_string(),
+                found: model_type.to_string(),
+            }
+        })?;
+        let usize_key = |key: &str| -> Result<usize, ConfigError> {
+            json.get(key)
+                .and_then(Value::as_u64)
+                .map(|v| v as usize)
+                .ok_or_else(|| missing(key))
+        };
+        let hidden_size = usize_key("hidden_size")?;
+        let num_heads = usize_key("num_attention_heads")?;
+        let num_kv_heads = json
+            .get("num_key_value_heads")
+            .and_then(Value::as_u64)
+            .map(|v| v as usize)
+            .unwrap_or(num_heads);
+        let head_dim = json
+            .get("head_dim")
+            .and_then(Value::as_u64)
+            .map(|v| v as usize)
+            .unwrap_or(hidden_size / num_heads.max(1));
+        // transformers >= 5 writes rope settings under `rope_parameters`; older files use
+        // `rope_theta` and `rope_scaling`.
+        let rope_params = json
+            .get("rope_parameters")
+            .filter(|v| v.is_object())
+            .or_else(|| json.get("rope_scaling").filter(|v| v.is_object()));
+        let rope_theta = json
+            .get("rope_theta")
+            .and_then(Value::as_f64)
+            .or_else(|| rope_params.and_then(|p| p.get("rope_theta")).and_then(Value::as_f64))
+            .unwrap_or(10000.0);
+        let rope_scaling = match rope_params {
+            None => RopeScaling::None,
+            Some(p) => rope_scaling_from_json(p, path)?,
+        };
+        let config = ModelConfig {
+            family,
+            vocab_size: usize_key("vocab_size")?,
+            hidden_size,
+            intermediate_size: usize_key("intermediate_size")?,
+            num_layers: usize_key("num_hidden_layers")?,
+            num_heads,
+            num_kv_heads,
+            head_dim,
+            rms_norm_eps: json.get("rms_norm_eps").and_then(Value::as_f64).unwrap_or(1e-6),
+            rope_theta,
+            rope_scaling,
+            max_position_embeddings: json
+                .get("max_position_embeddings")
+                .and_then(Value::as_u64)
+                .unwrap_or(4096) as usize,
+            tie_word_embeddings: json
+                .get("tie_word_embeddings")
+                .and_then(Value::as_bool)
+                .unwrap_or(false),
+            attention_bias: match family {
+                Family::Qwen2 => true,
+                _ => json.get("attention_bias").and_then(Value::as_bool).unwrap_or(false),
+            },
+            qk_norm: family == Family::Qwen3,
+            dtype: json
+                .get("dtype")
+                .or_else(|| json.get("torch_dtype"))
+                .and_then(Value::as_str)
+                .unwrap_or("float32")
+                .to_string(),
+        };
+        config.validate(path)?;
+        Ok(config)
+    }
+
+    /// Reads the architecture from GGUF metadata (`{arch}.embedding_length`, ...).
+    pub fn from_gguf(gguf: &GgufFile) -> Result<Self, ConfigError> {
+        let path = gguf.path.display().to_string();
+        let arch = gguf.architecture().ok_or_else(|| ConfigError::Missing {
+            path: path.clone(),
+            key: "general.architecture".into(),
+            hint: String::new(),
+        })?;
+        let family = Family::from_model_type(arch).ok_or_else(|| ConfigError::UnsupportedModelType {
+            path: path.clone(),
+            found: arch.to_string(),
+        })?;
+        let key = |k: &str| format!("{arch}.{k}");
+        let req = |k: &str| -> Result<usize, ConfigError> {
+            gguf.get_u64(&key(k))
+                .map(|v| v as usize)
+                .ok_or_else(|| ConfigError::Missing {
+                    path: path.clone(),
+                    key: key(k),
+                    hint: String::new(),
+                })
+        };
+        let hidden_size = req("embedding_length")?;
+        let num_heads = req("attention.head_count")?;
+        let head_dim = gguf
+            .get_u64(&key("attention.key_length"))
+            .map(|v| v as usize)
+            .unwrap_or(hidden_size / num_heads.max(1));
+        let vocab_size = gguf
+            .get_u64(&key("vocab_size"))
+            .map(|v| v as usize)
+            .or_else(|| {
+                gguf.get("tokenizer.ggml.tokens")
+                    .and_then(|v| v.as_array())
+                    .map(<[_]>::len)
+            })
+            .ok_or_else(|| ConfigError::Missing {
+                path: path.clone(),
+                key: key("vocab_size"),
+                hint: " (and no tokenizer.ggml.tokens to count)".into(),
+            })?;
+        let rope_scaling = match gguf.get_str(&key("rope.scaling.type")) {
+            Some("linear") => RopeScaling::Linear {
+                factor: gguf.get_f64(&key("rope.scaling.factor")).unwrap_or(1.0),
+            },
+            _ => RopeScaling::None,
+        };
+        let config = ModelConfig {
+            family,
+            vocab_size,
+            hidden_size,
+            intermediate_size: req("feed_forward_length")?,
+            num_layers: req("block_count")?,
+            num_heads,
+            num_kv_heads: gguf
+                .get_u64(&key("attention.head_count_kv"))
+                .map(|v| v as usize)
+                .unwrap_or(num_heads),
+            head_dim,
+            rms_norm_eps: gguf
+                .get_f64(&key("attention.layer_norm_rms_epsilon"))
+                .unwrap_or(1e-6),
+            rope_theta: gguf.get_f64(&key("rope.freq_base")).unwrap_or(10000.0),
+            rope_scaling,
+            max_position_embeddings: gguf.get_u64(&key("context_length")).unwrap_or(4096) as usize,
+            tie_word_embeddings: gguf.tensor("output.weight").is_none(),
+            attention_bias: gguf.tensor("blk.0.attn_q.bias").is_some(),
+            qk_norm: gguf.tensor("blk.0.attn_q_norm.weight").is_some(),
+            dtype: "gguf".into(),
+        };
+        config.validate(&path)?;
+        Ok(config)
+    }
+
+    fn validate(&self, path: &str) -> Result<(), ConfigError> {
+        let invalid = |reason: String| ConfigError::Invalid {
+            path: path.to_string(),
+            reason,
+        };
+        if self.num_heads == 0 || self.num_kv_heads == 0 || self.num_heads % self.num_kv_heads != 0 {
+            return Err(invalid(format!(
+                "num_attention_heads ({}) must be a positive multiple of num_key_value_heads ({})",
+                self.num_heads, self.num_kv_heads
+            )));
+        }
+        if self.head_dim % 2 != 0 {
+            return Err(invalid(format!("head_dim {} must be even for RoPE", self.head_dim)));
+        }
+        Ok(())
+    }
+
+    /// Frozen parameters in the decoder linears, the embedding and the head.
+    pub fn parameter_count(&self) -> usize {
+        let (h, i) = (self.hidden_size, self.intermediate_size);
+        let q = self.num_heads * self.head_dim;
+        let kv = self.num_kv_heads * self.head_dim;
+        let attn = h * q + 2 * h * kv + q * h + if self.attention_bias { q + 2 * kv } else { 0 };
+        let norms = 2 * h + if self.qk_norm { 2 * self.head_dim } else { 0 };
+        let block = attn + 3 * h * i + norms;
+        let embed = self.vocab_size * h;
+        let head = if self.tie_word_embeddings { 0 } else { embed };
+        self.num_layers * block + embed + head + h
+    }
+}
+
+fn rope_scaling_from_json(p: &Value, path: &str) -> Result<RopeScaling, ConfigError> {
+    let kind = p
+        .get("rope_type")
+        .or_else(|| p.get("type"))
+        .and_then(Value::as_str)
+        .unwrap_or("default");
+    let f = |k: &str| p.get(k).and_then(Value::as_f64);
+    let need = |k: &str| {
+        f(k).ok_or_else(|| ConfigError::Missing {
+            path: path.to_string(),
+            key: format!("rope_scaling.{k}"),
+            hint: format!(" (required by rope_type \"{kind}\")"),
+        })
+    };
+    Ok(match kind {
+        "default" => RopeScaling::None,
+        "linear" => RopeScaling::Linear { factor: need("factor")? },
+        "llama3" => RopeScaling::Llama3 {
+            factor: need("factor")?,
+            low_freq_factor: need("low_freq_factor")?,
+            high_freq_factor: need("high_freq_factor")?,
+            original_max_position_embeddings: need("original_max_position_embeddings")?,
+        },
+        other => {
+            return Err(ConfigError::Invalid {
+                path: path.to_string(),
+                reason: format!(
+                    "rope scaling type \"{other}\" is not supported (supported: default, linear, llama3)"
+                ),
+            });
+        }
+    })
+}

@@ -1,0 +1,233 @@
+//! The decoder-only transformer shared by Llama, Mistral, Qwen2 and Qwen3, generic over the Burn
+//! backend. Each piece is written to be checked against the reference math:
+//!
+//! ```text
+//! h   = embed(ids)
+//! for each block:
+//!   a = rmsnorm(h) ; q,k,v = a Wqᵀ (+bq), a Wkᵀ (+bk), a Wvᵀ (+bv)
+//!   q,k = rmsnorm_head(q,k) (Qwen3) ; q,k = rope(q,k)
+//!   h  += softmax(q kᵀ / √d + causal) v Woᵀ
+//!   h  += W_down (silu(rmsnorm(h) W_gateᵀ) ⊙ rmsnorm(h) W_upᵀ)
+//! logits = rmsnorm(h) W_headᵀ            (W_head = embedding when tied)
+//! ```
+
+use burn::tensor::{Tensor, TensorData, activation, backend::Backend};
+
+use super::config::ModelConfig;
+use super::linear::{FrozenLinear, FrozenWeight};
+use super::rope::Rope;
+
+#[derive(Debug, Clone)]
+pub struct RmsNorm<B: Backend> {
+    pub weight: Tensor<B, 1>,
+    pub eps: f64,
+}
+
+impl<B: Backend> RmsNorm<B> {
+    /// Normalises over the last dimension.
+    pub fn forward<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
+        let rms = x.clone().square().mean_dim(D - 1).add_scalar(self.eps).sqrt();
+        x.div(rms) * self.weight.clone().unsqueeze::<D>()
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Attention<B: Backend> {
+    pub q_proj: FrozenLinear<B>,
+    pub k_proj: FrozenLinear<B>,
+    pub v_proj: FrozenLinear<B>,
+    pub o_proj: FrozenLinear<B>,
+    pub q_norm: Option<RmsNorm<B>>,
+    pub k_norm: Option<RmsNorm<B>>,
+    pub num_heads: usize,
+    pub num_kv_heads: usize,
+    pub head_dim: usize,
+}
+
+/// Keys and values of the positions seen so far, per layer: `[batch, kv_heads, len, head_dim]`.
+#[derive(Debug, Clone)]
+pub struct KvCache<B: Backend> {
+    layers: Vec<Option<(Tensor<B, 4>, Tensor<B, 4>)>>,
+}
+
+impl<B: Backend> KvCache<B> {
+    pub fn new(num_layers: usize) -> Self {
+        KvCache {
+            layers: vec![None; num_layers],
+        }
+    }
+
+    /// Number of positions already cached.
+    pub fn len(&self) -> usize {
+        self.layers[0].as_ref().map_or(0, |(k, _)| k.dims()[2])
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+impl<B: Backend> Attention<B> {
+    fn heads(&self, x: Tensor<B, 3>, heads: usize) -> Tensor<B, 4> {
+        let [batch, seq, _] = x.dims();
+        x.reshape([batch, seq, heads, self.head_dim]).swap_dims(1, 2)
+    }
+
+    pub fn forward(
+        &self,
+        x: Tensor<B, 3>,
+        rope: &Rope,
+        cache: Option<&mut Option<(Tensor<B, 4>, Tensor<B, 4>)>>,
+    ) -> Tensor<B, 3> {
+        let [batch, seq, _] = x.dims();
+        let mut q = self.heads(self.q_proj.forward(x.clone()), self.num_heads);
+        let mut k = self.heads(self.k_proj.forward(x.clone()), self.num_kv_heads);
+        let mut v = self.heads(self.v_proj.forward(x), self.num_kv_heads);
+        if let (Some(qn), Some(kn)) = (&self.q_norm, &self.k_norm) {
+            q = qn.forward(q);
+            k = kn.forward(k);
+        }
+        let past = cache.as_ref().and_then(|c| c.as_ref()).map_or(0, |(k, _)| k.dims()[2]);
+        q = rope.apply(q, past);
+        k = rope.apply(k, past);
+        if let Some(slot) = cache {
+            if let Some((pk, pv)) = slot.take() {
+                k = Tensor::cat(vec![pk, k], 2);
+                v = Tensor::cat(vec![pv, v], 2);
+            }
+            *slot = Some((k.clone(), v.clone()));
+        }
+        let total = past + seq;
+        let group = self.num_heads / self.num_kv_heads;
+        let k = repeat_kv(k, group);
+        let v = repeat_kv(v, group);
+        let scores = q.matmul(k.swap_dims(2, 3)).div_scalar((self.head_dim as f64).sqrt());
+        let scores = scores + causal_mask::<B>(seq, total, past, &v.device());
+        let probs = activation::softmax(scores, 3);
+        let out = probs
+            .matmul(v)
+            .swap_dims(1, 2)
+            .reshape([batch, seq, self.num_heads * self.head_dim]);
+        self.o_proj.forward(out)
+    }
+}
+
+/// `[batch, kv_heads, len, d]` → `[batch, kv_heads * group, len, d]`, each kv head repeated for
+/// the `group` query heads that share it.
+fn repeat_kv<B: Backend>(x: Tensor<B, 4>, group: usize) -> Tensor<B, 4> {
+    if group == 1 {
+        return x;
+    }
+    let [b, h, len, d] = x.dims();
+    x.unsqueeze_dim::<5>(2)
+        .repeat_dim(2, group)
+        .reshape([b, h * group, len, d])
+}
+
+/// Additive mask `[1, 1, seq, total]`: query `i` (absolute position `past + i`) sees keys `0..=past+i`.
+fn causal_mask<B: Backend>(seq: usize, total: usize, past: usize, device: &B::Device) -> Tensor<B, 4> {
+    let mut mask = vec![0f32; seq * total];
+    for i in 0..seq {
+        for j in past + i + 1..total {
+            mask[i * total + j] = f32::NEG_INFINITY;
+        }
+    }
+    Tensor::<B, 2>::from_data(TensorData::new(mask, [seq, total]), device).unsqueeze::<4>()
+}
+
+#[derive(Debug, Clone)]
+pub struct Mlp<B: Backend> {
+    pub gate_proj: FrozenLinear<B>,
+    pub up_proj: FrozenLinear<B>,
+    pub down_proj: FrozenLinear<B>,
+}
+
+impl<B: Backend> Mlp<B> {
+    pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
+        let gate = activation::silu(self.gate_proj.forward(x.clone()));
+        self.down_proj.forward(gate * self.up_proj.forward(x))
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Block<B: Backend> {
+    pub input_layernorm: RmsNorm<B>,
+    pub self_attn: Attention<B>,
+    pub post_attention_layernorm: RmsNorm<B>,
+    pub mlp: Mlp<B>,
+}
+
+impl<B: Backend> Block<B> {
+    pub fn forward(
+        &self,
+        h: Tensor<B, 3>,
+        rope: &Rope,
+        cache: Option<&mut Option<(Tensor<B, 4>, Tensor<B, 4>)>>,
+    ) -> Tensor<B, 3> {
+        let h = h.clone() + self.self_attn.forward(self.input_layernorm.forward(h), rope, cache);
+        h.clone() + self.mlp.forward(self.post_attention_layernorm.forward(h))
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Decoder<B: Backend> {
+    pub config: ModelConfig,
+    pub embed_tokens: FrozenWeight<B>,
+    pub layers: Vec<Block<B>>,
+    pub norm: RmsNorm<B>,
+    /// Shares the embedding's weight when the model ties them.
+    pub lm_head: FrozenLinear<B>,
+    pub rope: Rope,
+}
+
+impl<B: Backend> Decoder<B> {
+    /// Final hidden states `[batch, seq, hidden]` for `ids` (`batch * seq` tokens, row-major).
+    /// With a cache, the tokens continue the cached positions and the cache is extended.
+    pub fn forward_hidden(
+        &self,
+        ids: &[u32],
+        batch: usize,
+        cache: Option<&mut KvCache<B>>,
+        device: &B::Device,
+    ) -> Tensor<B, 3> {
+        let seq = ids.len() / batch;
+        let mut h = self
+            .embed_tokens
+            .rows(ids, device)
+            .reshape([batch, seq, self.config.hidden_size]);
+        match cache {
+            Some(cache) => {
+                for (block, slot) in self.layers.iter().zip(cache.layers.iter_mut()) {
+                    h = block.forward(h, &self.rope, Some(slot));
+                }
+            }
+            None => {
+                for block in &self.layers {
+                    h = block.forward(h, &self.rope, None);
+                }
+            }
+        }
+        self.norm.forward(h)
+    }
+
+    /// Logits `[batch, seq, vocab]` from final hidden states.
+    pub fn logits(&self, hidden: Tensor<B, 3>) -> Tensor<B, 3> {
+        self.lm_head.forward(hidden)
+    }
+
+    /// Logits for every position.
+    pub fn forward(&self, ids: &[u32], batch: usize, device: &B::Device) -> Tensor<B, 3> {
+        self.logits(self.forward_hidden(ids, batch, None, device))
+    }
+
+    /// Runs `ids` (one sequence) through the cache and returns the last position's logits.
+    pub fn next_logits(&self, ids: &[u32], cache: &mut KvCache<B>, device: &B::Device) -> Vec<f32> {
+        let hidden = self.forward_hidden(ids, 1, Some(cache), device);
+        let seq = ids.len();
+        let last = hidden.narrow(1, seq - 1, 1);
+        self.logits(last)
+            .into_data()
+            .into_vec::<f32>()
+            .expect("f32 logits")
+    }
+}

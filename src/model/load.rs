@@ -1,0 +1,193 @@
+//! Opening a model (folder or `.gguf`) and building the decoder on a device.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use anyhow::{Context, Result, bail};
+use burn::tensor::{Tensor, TensorData, backend::Backend};
+
+use super::config::ModelConfig;
+use super::decoder::{Attention, Block, Decoder, Mlp, RmsNorm};
+use super::linear::{FrozenLinear, FrozenWeight};
+use super::rope::Rope;
+use super::weights::{HostWeight, MlxQuantization, WeightSource};
+use crate::io::gguf::GgufFile;
+use crate::io::safetensors::SafetensorsStore;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ModelFormat {
+    /// A Hugging Face folder of float safetensors.
+    HfSafetensors,
+    /// An mlx-community folder with affine-quantized weights.
+    MlxQuantized,
+    Gguf,
+}
+
+impl ModelFormat {
+    pub fn describe(self) -> &'static str {
+        match self {
+            ModelFormat::HfSafetensors => "Hugging Face safetensors folder",
+            ModelFormat::MlxQuantized => "mlx-community quantized folder",
+            ModelFormat::Gguf => "GGUF file",
+        }
+    }
+}
+
+/// A model on disk, opened but not yet loaded onto a device.
+pub struct ModelFiles {
+    pub path: PathBuf,
+    pub format: ModelFormat,
+    pub config: ModelConfig,
+    pub weights: WeightSource,
+    /// `config.json` of a folder (None for GGUF).
+    pub config_json: Option<serde_json::Value>,
+}
+
+impl ModelFiles {
+    pub fn open(path: &Path) -> Result<Self> {
+        if !path.exists() {
+            bail!(
+                "{} does not exist: give a model folder (config.json + *.safetensors) or a .gguf file",
+                path.display()
+            );
+        }
+        if path.is_file() {
+            let gguf = GgufFile::open(path)?;
+            let config = ModelConfig::from_gguf(&gguf)?;
+            return Ok(ModelFiles {
+                path: path.to_path_buf(),
+                format: ModelFormat::Gguf,
+                config,
+                weights: WeightSource::Gguf(gguf),
+                config_json: None,
+            });
+        }
+        let config_path = path.join("config.json");
+        if !config_path.exists() {
+            bail!(
+                "{} has no config.json: a Hugging Face or mlx-community model folder needs one",
+                path.display()
+            );
+        }
+        let config = ModelConfig::from_config_json(&config_path)?;
+        let json: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&config_path)?)
+            .with_context(|| format!("reading {}", config_path.display()))?;
+        let quantization = MlxQuantization::from_config(&json);
+        let store = SafetensorsStore::open_folder(path)?;
+        let format = if quantization.is_some() {
+            ModelFormat::MlxQuantized
+        } else {
+            ModelFormat::HfSafetensors
+        };
+        Ok(ModelFiles {
+            path: path.to_path_buf(),
+            format,
+            config,
+            weights: WeightSource::Safetensors {
+                store,
+                quantization,
+                file: path.to_path_buf(),
+            },
+            config_json: Some(json),
+        })
+    }
+
+    /// Builds the decoder on `device`. Quantized weights stay packed.
+    pub fn build<B: Backend>(&self, device: &B::Device) -> Result<Decoder<B>> {
+        let c = &self.config;
+        let (h, hd) = (c.hidden_size, c.head_dim);
+        let (q_out, kv_out) = (c.num_heads * hd, c.num_kv_heads * hd);
+        let matrix = |name: &str, rows: usize, cols: usize| -> Result<FrozenWeight<B>> {
+            Ok(to_device(self.weights.load(name, &[rows, cols], c)?, device))
+        };
+        let vector = |name: &str, len: usize| -> Result<Tensor<B, 1>> {
+            match self.weights.load(name, &[len], c)? {
+                HostWeight::Dense { values, .. } => Ok(Tensor::from_data(TensorData::new(values, [len]), device)),
+                HostWeight::Quantized(_) => bail!("{name} is quantized, but a vector must be stored in float"),
+            }
+        };
+        let linear = |name: &str, rows: usize, cols: usize, bias: bool| -> Result<FrozenLinear<B>> {
+            Ok(FrozenLinear {
+                weight: matrix(&format!("{name}.weight"), rows, cols)?,
+                bias: if bias { Some(vector(&format!("{name}.bias"), rows)?) } else { None },
+            })
+        };
+        let norm = |name: &str, len: usize| -> Result<RmsNorm<B>> {
+            Ok(RmsNorm {
+                weight: vector(name, len)?,
+                eps: c.rms_norm_eps,
+            })
+        };
+        let mut layers = Vec::with_capacity(c.num_layers);
+        for i in 0..c.num_layers {
+            let p = format!("model.layers.{i}");
+            let qk_norm = |which: &str| -> Result<Option<RmsNorm<B>>> {
+                if c.qk_norm {
+                    Ok(Some(norm(&format!("{p}.self_attn.{which}.weight"), hd)?))
+                } else {
+                    Ok(None)
+                }
+            };
+            layers.push(Block {
+                input_layernorm: norm(&format!("{p}.input_layernorm.weight"), h)?,
+                self_attn: Attention {
+                    q_proj: linear(&format!("{p}.self_attn.q_proj"), q_out, h, c.attention_bias)?,
+                    k_proj: linear(&format!("{p}.self_attn.k_proj"), kv_out, h, c.attention_bias)?,
+                    v_proj: linear(&format!("{p}.self_attn.v_proj"), kv_out, h, c.attention_bias)?,
+                    o_proj: linear(&format!("{p}.self_attn.o_proj"), h, q_out, false)?,
+                    q_norm: qk_norm("q_norm")?,
+                    k_norm: qk_norm("k_norm")?,
+                    num_heads: c.num_heads,
+                    num_kv_heads: c.num_kv_heads,
+                    head_dim: hd,
+                },
+                post_attention_layernorm: norm(&format!("{p}.post_attention_layernorm.weight"), h)?,
+                mlp: Mlp {
+                    gate_proj: linear(&format!("{p}.mlp.gate_proj"), c.intermediate_size, h, false)?,
+                    up_proj: linear(&format!("{p}.mlp.up_proj"), c.intermediate_size, h, false)?,
+                    down_proj: linear(&format!("{p}.mlp.down_proj"), h, c.intermediate_size, false)?,
+                },
+            });
+        }
+        let embed_tokens = matrix("model.embed_tokens.weight", c.vocab_size, h)?;
+        let lm_head = if c.tie_word_embeddings {
+            FrozenLinear {
+                weight: embed_tokens.clone(),
+                bias: None,
+            }
+        } else {
+            linear("lm_head", c.vocab_size, h, false)?
+        };
+        Ok(Decoder {
+            config: c.clone(),
+            embed_tokens,
+            layers,
+            norm: norm("model.norm.weight", h)?,
+            lm_head,
+            rope: Rope::new(hd, c.rope_theta, &c.rope_scaling),
+        })
+    }
+}
+
+fn to_device<B: Backend>(weight: HostWeight, device: &B::Device) -> FrozenWeight<B> {
+    match weight {
+        HostWeight::Dense { shape, values } => {
+            FrozenWeight::Dense(Tensor::from_data(TensorData::new(values, [shape[0], shape[1]]), device))
+        }
+        HostWeight::Quantized(q) => FrozenWeight::Quantized(Arc::new(q)),
+    }
+}
+
+/// A model ready to run, with what it was loaded from.
+pub struct LoadedModel<B: Backend> {
+    pub files: ModelFiles,
+    pub decoder: Decoder<B>,
+}
+
+pub fn load_model<B: Backend>(path: &Path, device: &B::Device) -> Result<LoadedModel<B>> {
+    let files = ModelFiles::open(path)?;
+    let decoder = files
+        .build(device)
+        .with_context(|| format!("loading weights from {}", path.display()))?;
+    Ok(LoadedModel { files, decoder })
+}

@@ -1,0 +1,12 @@
+//! The decoder: configuration per family, the Burn modules, and loading weights into them.
+
+pub mod config;
+pub mod decoder;
+pub mod linear;
+pub mod load;
+pub mod rope;
+pub mod weights;
+
+pub use config::{Family, ModelConfig, RopeScaling};
+pub use decoder::{Decoder, KvCache};
+pub use load::{LoadedModel, ModelFiles, ModelFormat, load_model};

@@ -1,0 +1,336 @@
+//! Where a model's weights come from, under Hugging Face tensor names, whatever the file format:
+//! float safetensors, mlx-community affine-quantized safetensors, or GGUF.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+use serde_json::Value;
+
+use super::config::{Family, ModelConfig};
+use crate::io::gguf::GgufFile;
+use crate::io::safetensors::SafetensorsStore;
+use crate::quant::QuantizedMatrix;
+use crate::quant::ggml;
+
+/// One weight on the host, before it goes to a device.
+#[derive(Debug, Clone)]
+pub enum HostWeight {
+    Dense { shape: Vec<usize>, values: Vec<f32> },
+    Quantized(QuantizedMatrix),
+}
+
+impl HostWeight {
+    pub fn shape(&self) -> Vec<usize> {
+        match self {
+            HostWeight::Dense { shape, .. } => shape.clone(),
+            HostWeight::Quantized(q) => vec![q.rows, q.cols],
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum WeightError {
+    #[error("{file}: tensor `{name}` is missing")]
+    Missing { file: PathBuf, name: String },
+    #[error(
+        "{file}: tensor `{name}` has shape {found:?} but the model config implies {expected:?}; the weights do not belong to this config.json"
+    )]
+    Shape {
+        file: PathBuf,
+        name: String,
+        expected: Vec<usize>,
+        found: Vec<usize>,
+    },
+    #[error("{file}: tensor `{name}`: {reason}")]
+    Invalid {
+        file: PathBuf,
+        name: String,
+        reason: String,
+    },
+}
+
+/// Quantization settings of an mlx-community folder (`config.json` → `quantization`).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct MlxQuantization {
+    pub group_size: usize,
+    pub bits: u32,
+    /// Per-module overrides: `Some((group, bits))`, or `None` for a module left in float.
+    pub overrides: BTreeMap<String, Option<(usize, u32)>>,
+}
+
+impl MlxQuantization {
+    pub fn from_config(json: &Value) -> Option<Self> {
+        let q = json
+            .get("quantization")
+            .or_else(|| json.get("quantization_config"))?
+            .as_object()?;
+        let group_size = q.get("group_size")?.as_u64()? as usize;
+        let bits = q.get("bits")?.as_u64()? as u32;
+        let mut overrides = BTreeMap::new();
+        for (key, v) in q {
+            match v {
+                Value::Bool(false) => {
+                    overrides.insert(key.clone(), None);
+                }
+                Value::Object(o) => {
+                    let g = o.get("group_size").and_then(Value::as_u64).unwrap_or(group_size as u64);
+                    let b = o.get("bits").and_then(Value::as_u64).unwrap_or(bits as u64);
+                    overrides.insert(key.clone(), Some((g as usize, b as u32)));
+                }
+                _ => {}
+            }
+        }
+        Some(MlxQuantization {
+            group_size,
+            bits,
+            overrides,
+        })
+    }
+}
+
+/// A model's weights addressed by Hugging Face name (`model.layers.0.self_attn.q_proj.weight`).
+pub enum WeightSource {
+    Safetensors {
+        store: SafetensorsStore,
+        quantization: Option<MlxQuantization>,
+        file: PathBuf,
+    },
+    Gguf(GgufFile),
+}
+
+impl WeightSource {
+    fn file(&self) -> PathBuf {
+        match self {
+            WeightSource::Safetensors { file, .. } => file.clone(),
+            WeightSource::Gguf(g) => g.path.clone(),
+        }
+    }
+
+    pub fn has(&self, name: &str) -> bool {
+        match self {
+            WeightSource::Safetensors { store, .. } => store.contains(name),
+            WeightSource::Gguf(g) => gguf_name(name).is_some_and(|n| g.tensor(&n).is_some()),
+        }
+    }
+
+    /// Reads weight `name` (a `.weight`, `.bias` or norm vector), checking its shape.
+    pub fn load(&self, name: &str, expected: &[usize], config: &ModelConfig) -> Result<HostWeight, WeightError> {
+        let weight = match self {
+            WeightSource::Safetensors {
+                store,
+                quantization,
+                file,
+            } => load_safetensors(store, quantization.as_ref(), file, name, expected)?,
+            WeightSource::Gguf(g) => load_gguf(g, name, config)?,
+        };
+        let found = weight.shape();
+        if found != expected {
+            return Err(WeightError::Shape {
+                file: self.file(),
+                name: name.to_string(),
+                expected: expected.to_vec(),
+                found,
+            });
+        }
+        Ok(weight)
+    }
+}
+
+fn load_safetensors(
+    store: &SafetensorsStore,
+    quantization: Option<&MlxQuantization>,
+    file: &std::path::Path,
+    name: &str,
+    expected: &[usize],
+) -> Result<HostWeight, WeightError> {
+    let invalid = |reason: String| WeightError::Invalid {
+        file: store.path_of(name).unwrap_or(file).to_path_buf(),
+        name: name.to_string(),
+        reason,
+    };
+    let raw = store.get(name).ok_or_else(|| WeightError::Missing {
+        file: file.to_path_buf(),
+        name: name.to_string(),
+    })?;
+    // DESIGN §4: a module is quantized iff it has an override or a `.scales` tensor exists.
+    let module = name.strip_suffix(".weight").unwrap_or(name);
+    let scales_name = format!("{module}.scales");
+    let setting = quantization.and_then(|q| match q.overrides.get(module) {
+        Some(over) => *over,
+        None if store.contains(&scales_name) => Some((q.group_size, q.bits)),
+        None => None,
+    });
+    let Some((group_size, bits)) = setting.filter(|_| name.ends_with(".weight")) else {
+        return Ok(HostWeight::Dense {
+            shape: raw.shape.to_vec(),
+            values: raw.to_f32().map_err(invalid)?,
+        });
+    };
+    let scales = store
+        .get(&scales_name)
+        .ok_or_else(|| invalid(format!("quantized at {bits} bits but `{scales_name}` is missing")))?;
+    let biases_name = format!("{module}.biases");
+    let biases = store
+        .get(&biases_name)
+        .ok_or_else(|| invalid(format!("quantized at {bits} bits but `{biases_name}` is missing")))?;
+    let [rows, packed_cols] = raw.shape[..] else {
+        return Err(invalid(format!("packed weight must be 2-D, found {:?}", raw.shape)));
+    };
+    let cols = packed_cols * 32 / bits as usize;
+    if expected.len() == 2 && [rows, cols] != expected[..] {
+        return Err(WeightError::Shape {
+            file: store.path_of(name).unwrap_or(file).to_path_buf(),
+            name: name.to_string(),
+            expected: expected.to_vec(),
+            found: vec![rows, cols],
+        });
+    }
+    QuantizedMatrix::new(
+        rows,
+        cols,
+        bits,
+        group_size,
+        raw.to_u32().map_err(invalid)?,
+        scales.to_f32().map_err(invalid)?,
+        biases.to_f32().map_err(invalid)?,
+    )
+    .map(HostWeight::Quantized)
+    .map_err(|e| invalid(e.0))
+}
+
+/// The GGUF name of a Hugging Face tensor name (llama.cpp's naming).
+pub fn gguf_name(hf: &str) -> Option<String> {
+    let direct = [
+        ("model.embed_tokens.weight", "token_embd.weight"),
+        ("model.norm.weight", "output_norm.weight"),
+        ("lm_head.weight", "output.weight"),
+    ];
+    if let Some((_, g)) = direct.iter().find(|(h, _)| *h == hf) {
+        return Some((*g).to_string());
+    }
+    let rest = hf.strip_prefix("model.layers.")?;
+    let (layer, leaf) = rest.split_once('.')?;
+    let mapped = match leaf {
+        "self_attn.q_proj.weight" => "attn_q.weight",
+        "self_attn.k_proj.weight" => "attn_k.weight",
+        "self_attn.v_proj.weight" => "attn_v.weight",
+        "self_attn.o_proj.weight" => "attn_output.weight",
+        "self_attn.q_proj.bias" => "attn_q.bias",
+        "self_attn.k_proj.bias" => "attn_k.bias",
+        "self_attn.v_proj.bias" => "attn_v.bias",
+        "self_attn.q_norm.weight" => "attn_q_norm.weight",
+        "self_attn.k_norm.weight" => "attn_k_norm.weight",
+        "mlp.gate_proj.weight" => "ffn_gate.weight",
+        "mlp.up_proj.weight" => "ffn_up.weight",
+        "mlp.down_proj.weight" => "ffn_down.weight",
+        "input_layernorm.weight" => "attn_norm.weight",
+        "post_attention_layernorm.weight" => "ffn_norm.weight",
+        _ => return None,
+    };
+    Some(format!("blk.{layer}.{mapped}"))
+}
+
+fn load_gguf(g: &GgufFile, hf: &str, config: &ModelConfig) -> Result<HostWeight, WeightError> {
+    let name = gguf_name(hf).ok_or_else(|| WeightError::Missing {
+        file: g.path.clone(),
+        name: hf.to_string(),
+    })?;
+    let info = g.tensor(&name).ok_or_else(|| WeightError::Missing {
+        file: g.path.clone(),
+        name: format!("{name} (for {hf})"),
+    })?;
+    let data = g.data(info);
+    let weight = if let Some(values) = ggml::float_values(info.kind, data) {
+        HostWeight::Dense {
+            shape: info.shape.clone(),
+            values,
+        }
+    } else {
+        let [rows, cols] = info.shape[..] else {
+            return Err(WeightError::Invalid {
+                file: g.path.clone(),
+                name,
+                reason: format!("quantized tensor must be 2-D, found {:?}", info.shape),
+            });
+        };
+        HostWeight::Quantized(ggml::to_affine(info.kind, rows, cols, data).expect("quantized kind"))
+    };
+    // llama.cpp's converter permutes the rows of q and k for its RoPE kernel (Llama family
+    // only); undo it so the rest of the code sees Hugging Face's layout.
+    let heads = if hf.ends_with("q_proj.weight") {
+        Some(config.num_heads)
+    } else if hf.ends_with("k_proj.weight") {
+        Some(config.num_kv_heads)
+    } else {
+        None
+    };
+    match heads {
+        Some(h) if matches!(config.family, Family::Llama | Family::Mistral) => Ok(unpermute_qk(weight, h)),
+        _ => Ok(weight),
+    }
+}
+
+/// Inverse of llama.cpp's `permute`: within each head, GGUF row `2j + t` is HF row `t*half + j`.
+fn unpermute_qk(weight: HostWeight, heads: usize) -> HostWeight {
+    let rows = weight.shape()[0];
+    let head_dim = rows / heads;
+    let half = head_dim / 2;
+    // order[hf_row] = gguf_row
+    let order: Vec<usize> = (0..rows)
+        .map(|r| {
+            let (h, i) = (r / head_dim, r % head_dim);
+            let (t, j) = (i / half, i % half);
+            h * head_dim + 2 * j + t
+        })
+        .collect();
+    match weight {
+        HostWeight::Quantized(q) => HostWeight::Quantized(q.permute_rows(&order)),
+        HostWeight::Dense { shape, values } => {
+            let cols = values.len() / rows;
+            let mut out = vec![0f32; values.len()];
+            for (dst, &src) in order.iter().enumerate() {
+                out[dst * cols..(dst + 1) * cols].copy_from_slice(&values[src * cols..(src + 1) * cols]);
+            }
+            HostWeight::Dense { shape, values: out }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// llama.cpp's permute, written the way convert_hf_to_gguf.py writes it:
+    /// `w.reshape(n_head, 2, rows // n_head // 2, cols).swapaxes(1, 2).reshape(rows, cols)`.
+    fn llama_cpp_permute(values: &[f32], rows: usize, cols: usize, heads: usize) -> Vec<f32> {
+        let half = rows / heads / 2;
+        let mut out = vec![0f32; values.len()];
+        let mut dst = 0;
+        for h in 0..heads {
+            for j in 0..half {
+                for t in 0..2 {
+                    let src = h * 2 * half + t * half + j;
+                    out[dst * cols..(dst + 1) * cols].copy_from_slice(&values[src * cols..(src + 1) * cols]);
+                    dst += 1;
+                }
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn unpermute_inverts_llama_cpp_permute() {
+        let (rows, cols, heads) = (16, 3, 2);
+        let hf: Vec<f32> = (0..rows * cols).map(|v| v as f32).collect();
+        let gguf = llama_cpp_permute(&hf, rows, cols, heads);
+        let back = unpermute_qk(
+            HostWeight::Dense {
+                shape: vec![rows, cols],
+                values: gguf,
+            },
+            heads,
+        );
+        let HostWeight::Dense { values, .. } = back else { unreachable!() };
+        assert_eq!(values, hf);
+    }
+}

@@ -1,0 +1,217 @@
+//! MLX affine quantization (DESIGN §4): groups of `group_size` consecutive elements along a row,
+//! `w = scale * q + bias` with `q` in `[0, 2^bits)`, each row packed as one little-endian,
+//! LSB-first bit stream of u32 words.
+
+use rayon::prelude::*;
+
+pub const SUPPORTED_BITS: [u32; 6] = [2, 3, 4, 5, 6, 8];
+
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[error("{0}")]
+pub struct LayoutError(pub String);
+
+/// A `[rows, cols]` matrix held packed; dequantized on demand, row by row.
+#[derive(Debug, Clone)]
+pub struct QuantizedMatrix {
+    pub rows: usize,
+    pub cols: usize,
+    pub bits: u32,
+    pub group_size: usize,
+    /// `rows * cols * bits / 32` words.
+    pub packed: Vec<u32>,
+    /// `rows * cols / group_size` each.
+    pub scales: Vec<f32>,
+    pub biases: Vec<f32>,
+}
+
+impl QuantizedMatrix {
+    /// Checks that the parts fit together as MLX lays them out.
+    pub fn new(
+        rows: usize,
+        cols: usize,
+        bits: u32,
+        group_size: usize,
+        packed: Vec<u32>,
+        scales: Vec<f32>,
+        biases: Vec<f32>,
+    ) -> Result<Self, LayoutError> {
+        if !SUPPORTED_BITS.contains(&bits) {
+            return Err(LayoutError(format!(
+                "{bits}-bit quantization is not supported (supported: {SUPPORTED_BITS:?})"
+            )));
+        }
+        if group_size == 0 || cols % group_size != 0 || (cols * bits as usize) % 32 != 0 {
+            return Err(LayoutError(format!(
+                "row length {cols} does not divide into groups of {group_size} packed at {bits} bits"
+            )));
+        }
+        let words = rows * cols * bits as usize / 32;
+        let groups = rows * cols / group_size;
+        if packed.len() != words || scales.len() != groups || biases.len() != groups {
+            return Err(LayoutError(format!(
+                "a [{rows}, {cols}] matrix at {bits} bits, group {group_size} needs {words} packed words and {groups} scales/biases, found {}, {} and {}",
+                packed.len(),
+                scales.len(),
+                biases.len()
+            )));
+        }
+        Ok(QuantizedMatrix {
+            rows,
+            cols,
+            bits,
+            group_size,
+            packed,
+            scales,
+            biases,
+        })
+    }
+
+    pub fn words_per_row(&self) -> usize {
+        self.cols * self.bits as usize / 32
+    }
+
+    /// Bytes held in memory (packed words plus f32 scales and biases).
+    pub fn size_bytes(&self) -> usize {
+        self.packed.len() * 4 + (self.scales.len() + self.biases.len()) * 4
+    }
+
+    /// The integer code of element `col` of row `row`.
+    pub fn code(&self, row: usize, col: usize) -> u32 {
+        let words = &self.packed[row * self.words_per_row()..(row + 1) * self.words_per_row()];
+        read_bits(words, col * self.bits as usize, self.bits)
+    }
+
+    /// Dequantizes one row into `out` (`cols` long).
+    pub fn dequantize_row(&self, row: usize, out: &mut [f32]) {
+        let wpr = self.words_per_row();
+        let words = &self.packed[row * wpr..(row + 1) * wpr];
+        let groups_per_row = self.cols / self.group_size;
+        let bits = self.bits as usize;
+        for (g, chunk) in out.chunks_exact_mut(self.group_size).enumerate() {
+            let scale = self.scales[row * groups_per_row + g];
+            let bias = self.biases[row * groups_per_row + g];
+            let first_bit = g * self.group_size * bits;
+            if 32 % bits == 0 {
+                // 2, 4, 8 bits: codes never straddle a word.
+                let per_word = 32 / bits;
+                let mask = (1u32 << bits) - 1;
+                let w0 = first_bit / 32;
+                for (i, v) in chunk.iter_mut().enumerate() {
+                    let word = words[w0 + i / per_word];
+                    let q = (word >> ((i % per_word) * bits)) & mask;
+                    *v = scale * q as f32 + bias;
+                }
+            } else {
+                for (i, v) in chunk.iter_mut().enumerate() {
+                    let q = read_bits(words, first_bit + i * bits, self.bits);
+                    *v = scale * q as f32 + bias;
+                }
+            }
+        }
+    }
+
+    /// Dequantizes rows `start..end` into a new row-major buffer.
+    pub fn dequantize_rows(&self, start: usize, end: usize) -> Vec<f32> {
+        let mut out = vec![0f32; (end - start) * self.cols];
+        out.par_chunks_mut(self.cols)
+            .enumerate()
+            .for_each(|(i, row)| self.dequantize_row(start + i, row));
+        out
+    }
+
+    pub fn dequantize(&self) -> Vec<f32> {
+        self.dequantize_rows(0, self.rows)
+    }
+
+    /// Reorders whole rows: row `i` of the result is row `order[i]` of `self`.
+    pub fn permute_rows(&self, order: &[usize]) -> Self {
+        let wpr = self.words_per_row();
+        let gpr = self.cols / self.group_size;
+        let mut out = self.clone();
+        for (dst, &src) in order.iter().enumerate() {
+            out.packed[dst * wpr..(dst + 1) * wpr]
+                .copy_from_slice(&self.packed[src * wpr..(src + 1) * wpr]);
+            out.scales[dst * gpr..(dst + 1) * gpr]
+                .copy_from_slice(&self.scales[src * gpr..(src + 1) * gpr]);
+            out.biases[dst * gpr..(dst + 1) * gpr]
+                .copy_from_slice(&self.biases[src * gpr..(src + 1) * gpr]);
+        }
+        out
+    }
+}
+
+/// Reads `bits` bits starting at bit `pos` of an LSB-first stream of little-endian words.
+fn read_bits(words: &[u32], pos: usize, bits: u32) -> u32 {
+    let (w, shift) = (pos / 32, (pos % 32) as u32);
+    let mut v = words[w] >> shift;
+    if shift + bits > 32 {
+        v |= words[w + 1] << (32 - shift);
+    }
+    v & ((1u32 << bits) - 1)
+}
+
+/// Writes `value` as `bits` bits at bit `pos` (the inverse of `read_bits`).
+pub fn write_bits(words: &mut [u32], pos: usize, bits: u32, value: u32) {
+    let (w, shift) = (pos / 32, (pos % 32) as u32);
+    words[w] |= value << shift;
+    if shift + bits > 32 {
+        words[w + 1] |= value >> (32 - shift);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Packs codes the way MLX does, independently of `read_bits`'s fast paths.
+    fn pack(codes: &[u32], bits: u32) -> Vec<u32> {
+        let mut words = vec![0u32; codes.len() * bits as usize / 32];
+        for (i, &c) in codes.iter().enumerate() {
+            write_bits(&mut words, i * bits as usize, bits, c);
+        }
+        words
+    }
+
+    #[test]
+    fn dequantize_every_bit_width_matches_scale_times_code_plus_bias() {
+        for bits in SUPPORTED_BITS {
+            let (rows, cols, group) = (3, 64, 32);
+            let codes: Vec<u32> = (0..rows * cols)
+                .map(|i| ((i * 7 + 3) % (1 << bits)) as u32)
+                .collect();
+            let packed: Vec<u32> = codes
+                .chunks(cols)
+                .flat_map(|row| pack(row, bits))
+                .collect();
+            let scales: Vec<f32> = (0..rows * 2).map(|g| 0.5 + g as f32).collect();
+            let biases: Vec<f32> = (0..rows * 2).map(|g| -(g as f32)).collect();
+            let m = QuantizedMatrix::new(rows, cols, bits, group, packed, scales.clone(), biases.clone())
+                .unwrap();
+            let dense = m.dequantize();
+            for r in 0..rows {
+                for c in 0..cols {
+                    let g = r * 2 + c / group;
+                    let want = scales[g] * codes[r * cols + c] as f32 + biases[g];
+                    assert_eq!(dense[r * cols + c], want, "bits {bits} row {r} col {c}");
+                    assert_eq!(m.code(r, c), codes[r * cols + c]);
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn four_bit_element_k_sits_in_bits_4k() {
+        // DESIGN §4: for 4 bits, element k of a word sits in bits 4k..4k+3.
+        let word = 0x7654_3210u32;
+        let m = QuantizedMatrix::new(1, 32, 4, 32, vec![word, 0, 0, 0], vec![1.0], vec![0.0]).unwrap();
+        let row = m.dequantize();
+        assert_eq!(&row[..8], &[0.0, 1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0]);
+    }
+
+    #[test]
+    fn mismatched_parts_are_rejected_with_sizes() {
+        let err = QuantizedMatrix::new(2, 64, 4, 64, vec![0; 3], vec![0.0; 2], vec![0.0; 2]).unwrap_err();
+        assert!(err.0.contains("needs 16 packed words"), "{}", err.0);
+        assert!(QuantizedMatrix::new(1, 64, 7, 64, vec![], vec![], vec![]).is_err());
+    }
+}

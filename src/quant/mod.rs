@@ -1,0 +1,7 @@
+//! Quantized weights: the MLX affine layout every quantized base is held in, and the mapping of
+//! GGUF blocks onto it.
+
+pub mod affine;
+pub mod ggml;
+
+pub use affine::QuantizedMatrix;

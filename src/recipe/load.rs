@@ -1,0 +1,300 @@
+//! Reading a recipe: `extends` chains, `--set key=value` overrides, and errors that name the
+//! file, line, column and key, with the closest valid key when one was misspelt.
+
+use std::path::{Path, PathBuf};
+
+use toml::Table;
+
+use super::schema::{Layers, Recipe, Targets};
+use crate::quant::affine::SUPPORTED_BITS;
+
+#[derive(Debug, thiserror::Error)]
+pub enum RecipeError {
+    #[error("cannot read recipe {path}: {source}")]
+    Read { path: PathBuf, source: std::io::Error },
+    #[error("{path}:{line}:{column}: {message}")]
+    At {
+        path: PathBuf,
+        line: usize,
+        column: usize,
+        message: String,
+    },
+    #[error("{path}: {message}")]
+    File { path: PathBuf, message: String },
+    #[error("--set {assignment}: {message}")]
+    Override { assignment: String, message: String },
+    #[error("recipe key `{key}`: {message}")]
+    Invalid { key: String, message: String },
+}
+
+/// Loads `path`, following `extends`, then applies `overrides` (`section.key=value`).
+pub fn load(path: &Path, overrides: &[String]) -> Result<Recipe, RecipeError> {
+    let mut table = load_table(path, &mut Vec::new())?;
+    for assignment in overrides {
+        apply_override(&mut table, assignment)?;
+    }
+    let mut recipe: Recipe = Table::try_into(table).map_err(|e| RecipeError::File {
+        path: path.to_path_buf(),
+        message: describe_merged_error(&e, !overrides.is_empty()),
+    })?;
+    if recipe.name.is_empty() {
+        recipe.name = path
+            .file_stem()
+            .map(|s| s.to_string_lossy().into_owned())
+            .unwrap_or_else(|| "run".into());
+    }
+    recipe.model.path = expand_home(&recipe.model.path);
+    validate(&recipe)?;
+    Ok(recipe)
+}
+
+/// Parses recipe text that extends nothing (for tests and embedded recipes).
+pub fn load_str(text: &str, shown_path: &Path) -> Result<Recipe, RecipeError> {
+    let table = parse_checked(text, shown_path)?;
+    let recipe: Recipe = Table::try_into(table).map_err(|e| RecipeError::File {
+        path: shown_path.to_path_buf(),
+        message: describe_merged_error(&e, false),
+    })?;
+    validate(&recipe)?;
+    Ok(recipe)
+}
+
+fn load_table(path: &Path, chain: &mut Vec<PathBuf>) -> Result<Table, RecipeError> {
+    let canonical = path.canonicalize().unwrap_or_else(|_| path.to_path_buf());
+    if chain.contains(&canonical) {
+        return Err(RecipeError::File {
+            path: path.to_path_buf(),
+            message: "`extends` forms a cycle".into(),
+        });
+    }
+    chain.push(canonical);
+    let text = std::fs::read_to_string(path).map_err(|source| RecipeError::Read {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    let mut table = parse_checked(&text, path)?;
+    let Some(parent) = table.remove("extends") else {
+        return Ok(table);
+    };
+    let parent = parent.as_str().ok_or_else(|| RecipeError::File {
+        path: path.to_path_buf(),
+        message: "`extends` must be a path string".into(),
+    })?;
+    let parent_path = path.parent().unwrap_or(Path::new(".")).join(parent);
+    let mut base = load_table(&parent_path, chain)?;
+    merge(&mut base, table);
+    Ok(base)
+}
+
+/// Parses one file and checks its keys and value types against the schema, so that mistakes are
+/// reported with this file's line and column. Missing keys are not errors here: a parent or a
+/// `--set` may supply them.
+fn parse_checked(text: &str, path: &Path) -> Result<Table, RecipeError> {
+    let at = |e: &toml::de::Error| {
+        let (line, column) = e
+            .span()
+            .map(|s| line_col(text, s.start))
+            .unwrap_or((1, 1));
+        let section = section_at(text, line);
+        RecipeError::At {
+            path: path.to_path_buf(),
+            line,
+            column,
+            message: describe(e.message(), section.as_deref()),
+        }
+    };
+    let table: Table = toml::from_str(text).map_err(|e| at(&e))?;
+    if let Err(e) = toml::from_str::<Recipe>(text)
+        && !e.message().starts_with("missing field")
+    {
+        return Err(at(&e));
+    }
+    Ok(table)
+}
+
+fn line_col(text: &str, offset: usize) -> (usize, usize) {
+    let before = &text[..offset.min(text.len())];
+    let line = before.matches('\n').count() + 1;
+    let column = before.len() - before.rfind('\n').map_or(0, |i| i + 1) + 1;
+    (line, column)
+}
+
+/// The `[section]` header in force at `line`, if any.
+fn section_at(text: &str, line: usize) -> Option<String> {
+    text.lines()
+        .take(line)
+        .filter_map(|l| {
+            let l = l.trim();
+            l.strip_prefix('[')
+                .and_then(|r| r.split(']').next())
+                .map(|s| s.trim_matches('[').trim().to_string())
+        })
+        .last()
+}
+
+/// Rewrites serde's messages into ones that say where and what to do.
+fn describe(message: &str, section: Option<&str>) -> String {
+    let place = section.map(|s| format!(" in [{s}]")).unwrap_or_default();
+    let Some(rest) = message.strip_prefix("unknown field `") else {
+        return message.to_string();
+    };
+    let (key, expected) = rest.split_once('`').unwrap_or((rest, ""));
+    let valid: Vec<&str> = expected.split('`').skip(1).step_by(2).collect();
+    let suggestion = valid
+        .iter()
+        .map(|v| (strsim::damerau_levenshtein(key, v), *v))
+        .filter(|(d, v)| *d <= 3.max(v.len() / 3))
+        .min()
+        .map(|(_, v)| format!("; did you mean `{v}`?"))
+        .unwrap_or_default();
+    format!(
+        "unknown key `{key}`{place}{suggestion} (valid keys: {})",
+        valid.join(", ")
+    )
+}
+
+fn describe_merged_error(e: &toml::de::Error, with_overrides: bool) -> String {
+    let msg = e.message();
+    let msg = match msg.strip_prefix("missing field `") {
+        Some(rest) => format!(
+            "required key `{}` is missing; add it to the recipe",
+            rest.trim_end_matches('`')
+        ),
+        None => describe(msg, None),
+    };
+    if with_overrides {
+        format!("{msg} (after applying --set overrides)")
+    } else {
+        msg
+    }
+}
+
+/// Deep merge: tables merge key by key, anything else in `over` replaces `base`.
+fn merge(base: &mut Table, over: Table) {
+    for (key, value) in over {
+        match (base.get_mut(&key), value) {
+            (Some(toml::Value::Table(b)), toml::Value::Table(o)) => merge(b, o),
+            (_, value) => {
+                base.insert(key, value);
+            }
+        }
+    }
+}
+
+fn apply_override(table: &mut Table, assignment: &str) -> Result<(), RecipeError> {
+    let err = |message: String| RecipeError::Override {
+        assignment: assignment.to_string(),
+        message,
+    };
+    let (key, raw) = assignment
+        .split_once('=')
+        .ok_or_else(|| err("expected KEY=VALUE, e.g. train.learning_rate=2e-4".into()))?;
+    let value = toml::from_str::<Table>(&format!("v = {raw}"))
+        .ok()
+        .and_then(|mut t| t.remove("v"))
+        .unwrap_or_else(|| toml::Value::String(raw.to_string()));
+    let parts: Vec<&str> = key.trim().split('.').collect();
+    let (last, parents) = parts.split_last().ok_or_else(|| err("empty key".into()))?;
+    let mut current = &mut *table;
+    for part in parents {
+        current = current
+            .entry(part.to_string())
+            .or_insert_with(|| toml::Value::Table(Table::new()))
+            .as_table_mut()
+            .ok_or_else(|| err(format!("`{part}` is not a section")))?;
+    }
+    current.insert(last.to_string(), value);
+    // Check the key exists, so a typo in --set is caught like one in a file.
+    let probe = toml::to_string(&*table).unwrap_or_default();
+    if let Err(e) = toml::from_str::<Recipe>(&probe)
+        && e.message().starts_with("unknown field")
+    {
+        return Err(err(describe(e.message(), None)));
+    }
+    Ok(())
+}
+
+fn expand_home(path: &Path) -> PathBuf {
+    match (path.strip_prefix("~"), std::env::var_os("HOME")) {
+        (Ok(rest), Some(home)) => PathBuf::from(home).join(rest),
+        _ => path.to_path_buf(),
+    }
+}
+
+fn validate(r: &Recipe) -> Result<(), RecipeError> {
+    let invalid = |key: &str, message: String| {
+        Err(RecipeError::Invalid {
+            key: key.to_string(),
+            message,
+        })
+    };
+    if r.lora.rank == 0 {
+        return invalid("lora.rank", "must be at least 1 (typical values: 8, 16, 64)".into());
+    }
+    if r.lora.scale.is_some() && r.lora.alpha.is_some() {
+        return invalid("lora.scale", "give either `scale` or `alpha`, not both".into());
+    }
+    if !(0.0..1.0).contains(&r.lora.dropout) {
+        return invalid("lora.dropout", format!("{} is outside [0, 1)", r.lora.dropout));
+    }
+    if let Targets::Named(name) = &r.lora.targets
+        && name != "all-linear"
+    {
+        return invalid(
+            "lora.targets",
+            format!("\"{name}\" is not a target set; use \"all-linear\" or a list of keys such as [\"self_attn.q_proj\", \"mlp.down_proj\"]"),
+        );
+    }
+    if let Layers::Last(n) = r.lora.layers
+        && (n == 0 || n < -1)
+    {
+        return invalid("lora.layers", format!("{n}: use -1 for every block, N > 0 for the last N, or a list"));
+    }
+    if let Some(q) = &r.model.quantize {
+        if !SUPPORTED_BITS.contains(&q.bits) {
+            return invalid("model.quantize.bits", format!("{} is not one of {SUPPORTED_BITS:?}", q.bits));
+        }
+        if ![32, 64, 128].contains(&q.group_size) {
+            return invalid("model.quantize.group_size", format!("{} is not one of 32, 64, 128", q.group_size));
+        }
+    }
+    if r.data.path.is_none() && r.data.train.is_none() {
+        return invalid("data.path", "give a dataset folder (`path`) or a `train` file".into());
+    }
+    if r.data.max_seq_len == 0 {
+        return invalid("data.max_seq_len", "must be positive".into());
+    }
+    let t = &r.train;
+    if t.batch_size == 0 || t.grad_accumulation == 0 {
+        return invalid("train.batch_size", "batch_size and grad_accumulation must be at least 1".into());
+    }
+    if t.learning_rate <= 0.0 || !t.learning_rate.is_finite() {
+        return invalid("train.learning_rate", format!("{} must be a positive number", t.learning_rate));
+    }
+    if t.iters.is_some() && t.epochs.is_some() {
+        return invalid("train.iters", "give either `iters` or `epochs`, not both".into());
+    }
+    if t.max_grad_norm.is_some_and(|n| n <= 0.0) {
+        return invalid("train.max_grad_norm", "must be positive (leave it out to disable clipping)".into());
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn line_and_column_count_from_one() {
+        assert_eq!(line_col("a\nbc\nd", 3), (2, 2));
+        assert_eq!(line_col("abc", 0), (1, 1));
+    }
+
+    #[test]
+    fn merge_is_deep() {
+        let mut base: Table = toml::from_str("[train]\nbatch_size = 4\nlearning_rate = 1e-5").unwrap();
+        merge(&mut base, toml::from_str("[train]\nbatch_size = 8").unwrap());
+        assert_eq!(base["train"]["batch_size"].as_integer(), Some(8));
+        assert_eq!(base["train"]["learning_rate"].as_float(), Some(1e-5));
+    }
+}

@@ -1,0 +1,90 @@
+//! Tokenizers: `tokenizer.json` through the `tokenizers` crate, or the equivalent built from GGUF
+//! metadata, together with the special tokens and chat template that come with them.
+
+mod gguf;
+mod hf;
+
+use anyhow::{Result, anyhow};
+
+pub use gguf::from_gguf;
+pub use hf::from_folder;
+
+/// Which algorithm the vocabulary uses, for `inspect`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TokenizerKind {
+    ByteLevelBpe,
+    SentencePieceBpe,
+    Other(String),
+}
+
+impl std::fmt::Display for TokenizerKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            TokenizerKind::ByteLevelBpe => f.write_str("byte-level BPE"),
+            TokenizerKind::SentencePieceBpe => f.write_str("SentencePiece BPE"),
+            TokenizerKind::Other(s) => f.write_str(s),
+        }
+    }
+}
+
+/// A tokenizer with the model's special tokens and chat template.
+pub struct Tokenizer {
+    pub inner: tokenizers::Tokenizer,
+    pub kind: TokenizerKind,
+    pub bos: Option<String>,
+    pub eos: Option<String>,
+    /// Every id that ends generation (EOS plus e.g. `<|eot_id|>` from generation_config.json).
+    pub stop_ids: Vec<u32>,
+    pub chat_template: Option<String>,
+}
+
+impl Tokenizer {
+    pub fn vocab_size(&self) -> usize {
+        self.inner.get_vocab_size(true)
+    }
+
+    /// Encodes text; `add_special` adds what the tokenizer's post-processor adds (e.g. BOS).
+    pub fn encode(&self, text: &str, add_special: bool) -> Result<Vec<u32>> {
+        let enc = self
+            .inner
+            .encode(text, add_special)
+            .map_err(|e| anyhow!("tokenizing failed: {e}"))?;
+        Ok(enc.get_ids().to_vec())
+    }
+
+    pub fn decode(&self, ids: &[u32]) -> Result<String> {
+        self.inner
+            .decode(ids, false)
+            .map_err(|e| anyhow!("decoding failed: {e}"))
+    }
+
+    pub fn token_id(&self, token: &str) -> Option<u32> {
+        self.inner.token_to_id(token)
+    }
+
+    /// Special tokens listed for `inspect`: (role, text, id).
+    pub fn special_tokens(&self) -> Vec<(&'static str, String, Option<u32>)> {
+        let mut out = Vec::new();
+        if let Some(b) = &self.bos {
+            out.push(("bos", b.clone(), self.token_id(b)));
+        }
+        if let Some(e) = &self.eos {
+            out.push(("eos", e.clone(), self.token_id(e)));
+        }
+        for &id in &self.stop_ids {
+            let text = self.inner.id_to_token(id).unwrap_or_default();
+            if Some(&text) != self.eos.as_ref() {
+                out.push(("stop", text, Some(id)));
+            }
+        }
+        out
+    }
+}
+
+/// The tokenizer that belongs to a model: its folder's `tokenizer.json`, or its GGUF metadata.
+pub fn for_model(files: &crate::model::ModelFiles) -> Result<Tokenizer> {
+    match &files.weights {
+        crate::model::weights::WeightSource::Gguf(g) => from_gguf(g),
+        crate::model::weights::WeightSource::Safetensors { .. } => from_folder(&files.path),
+    }
+}

@@ -1,0 +1,47 @@
+//! Helpers shared by the integration tests.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+pub fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+pub fn fixture(rel: &str) -> PathBuf {
+    root().join("tests/fixtures").join(rel)
+}
+
+pub fn read_json(path: &Path) -> serde_json::Value {
+    let text = std::fs::read_to_string(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    serde_json::from_str(&text).unwrap()
+}
+
+/// Fetches an asset with the project's own script (cached) and returns its path.
+pub fn asset(name: &str) -> PathBuf {
+    let out = Command::new("bash")
+        .arg(root().join("scripts/fetch-assets.sh"))
+        .arg(name)
+        .output()
+        .expect("running scripts/fetch-assets.sh");
+    assert!(
+        out.status.success(),
+        "fetch-assets.sh {name} failed:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let stdout = String::from_utf8(out.stdout).unwrap();
+    PathBuf::from(stdout.lines().last().expect("fetch-assets.sh prints a path").trim())
+}
+
+pub fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len(), "length mismatch");
+    a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
+}
+
+/// Runs the loraforge binary built for these tests.
+pub fn loraforge(args: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_loraforge"))
+        .args(args)
+        .output()
+        .expect("running loraforge")
+}
