@@ -51,6 +51,10 @@ impl<B: Backend> FrozenWeight<B> {
     }
 }
 
+/// Up to this many tokens, a quantized linear multiplies from the packed codes on the host;
+/// beyond it, dequantizing once and running the backend's GEMM is faster.
+const PACKED_MATMUL_MAX_ROWS: usize = 4;
+
 /// `y = x Wᵀ (+ b)` with a weight that never trains.
 #[derive(Debug, Clone)]
 pub struct FrozenLinear<B: Backend> {
@@ -66,11 +70,20 @@ impl<B: Backend> FrozenLinear<B> {
     /// `x`: `[batch, seq, in]` → `[batch, seq, out]`.
     pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
         let [batch, seq, features] = x.dims();
-        let w = self.weight.to_dense(&x.device());
-        let y = x
-            .reshape([batch * seq, features])
-            .matmul(w.transpose())
-            .reshape([batch, seq, self.out_features()]);
+        let out = self.out_features();
+        let device = x.device();
+        let y = match &self.weight {
+            // A few tokens (generation): multiply straight from the packed codes.
+            FrozenWeight::Quantized(q) if batch * seq <= PACKED_MATMUL_MAX_ROWS => {
+                let xs: Vec<f32> = x.into_data().convert::<f32>().into_vec().expect("f32 activations");
+                let ys = q.matmul_transposed(&xs, batch * seq);
+                Tensor::from_data(TensorData::new(ys, [batch, seq, out]), &device)
+            }
+            weight => x
+                .reshape([batch * seq, features])
+                .matmul(weight.to_dense(&device).transpose())
+                .reshape([batch, seq, out]),
+        };
         match &self.bias {
             Some(b) => y + b.clone().unsqueeze::<3>(),
             None => y,

@@ -9,8 +9,11 @@ use super::{Tokenizer, TokenizerKind};
 
 pub fn from_folder(dir: &Path) -> Result<Tokenizer> {
     let path = dir.join("tokenizer.json");
-    let inner = tokenizers::Tokenizer::from_file(&path)
-        .map_err(|e| anyhow!("cannot load {}: {e}", path.display()))?;
+    let inner = if !path.exists() && dir.join("vocab.json").exists() && dir.join("merges.txt").exists() {
+        gpt2_from_vocab_merges(&dir.join("vocab.json"), &dir.join("merges.txt"))?
+    } else {
+        tokenizers::Tokenizer::from_file(&path).map_err(|e| anyhow!("cannot load {}: {e}", path.display()))?
+    };
     let kind = kind_of(&inner);
     let config = read_json(&dir.join("tokenizer_config.json"))?;
     let token = |key: &str| -> Option<String> {
@@ -80,4 +83,19 @@ fn kind_of(tok: &tokenizers::Tokenizer) -> TokenizerKind {
         "BPE" => TokenizerKind::SentencePieceBpe,
         other => TokenizerKind::Other(other.to_string()),
     }
+}
+
+/// GPT-2's original format (`vocab.json` + `merges.txt`), which older folders ship instead of
+/// `tokenizer.json`: byte-level BPE with the GPT-2 pre-tokenizer regex.
+pub fn gpt2_from_vocab_merges(vocab: &Path, merges: &Path) -> Result<tokenizers::Tokenizer> {
+    use tokenizers::models::bpe::BPE;
+    use tokenizers::pre_tokenizers::byte_level::ByteLevel;
+    let bpe = BPE::from_file(&vocab.to_string_lossy(), &merges.to_string_lossy())
+        .build()
+        .map_err(|e| anyhow!("cannot load {} / {}: {e}", vocab.display(), merges.display()))?;
+    let mut tok = tokenizers::Tokenizer::new(bpe);
+    let byte_level = ByteLevel::default().add_prefix_space(false);
+    tok.with_pre_tokenizer(Some(byte_level))
+        .with_decoder(Some(byte_level));
+    Ok(tok)
 }
