@@ -7,7 +7,17 @@ use burn::tensor::backend::Backend;
 /// CPU backend: burn-ndarray (see README for why ndarray rather than flex).
 pub type Cpu = burn::backend::NdArray<f32>;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize, clap::ValueEnum, Default)]
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    PartialEq,
+    Eq,
+    serde::Serialize,
+    serde::Deserialize,
+    clap::ValueEnum,
+    Default,
+)]
 #[serde(rename_all = "lowercase")]
 pub enum DeviceKind {
     #[default]
@@ -37,7 +47,9 @@ fn cuda<T: BackendTask>(task: T) -> Result<T::Output> {
 
 #[cfg(not(feature = "cuda"))]
 fn cuda<T: BackendTask>(_task: T) -> Result<T::Output> {
-    bail!("this binary was built without CUDA support: rebuild with `cargo build --release --features cuda`")
+    bail!(
+        "this binary was built without CUDA support: rebuild with `cargo build --release --features cuda`"
+    )
 }
 
 #[cfg(feature = "metal")]
@@ -47,7 +59,9 @@ fn metal<T: BackendTask>(task: T) -> Result<T::Output> {
 
 #[cfg(not(feature = "metal"))]
 fn metal<T: BackendTask>(_task: T) -> Result<T::Output> {
-    bail!("this binary was built without Metal support: rebuild with `cargo build --release --features metal`")
+    bail!(
+        "this binary was built without Metal support: rebuild with `cargo build --release --features metal`"
+    )
 }
 
 /// Peak resident memory of this process in bytes (Linux `VmHWM`), for CPU runs.

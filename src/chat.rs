@@ -27,7 +27,9 @@ impl Message {
 
 #[derive(Debug, thiserror::Error)]
 pub enum ChatError {
-    #[error("the model has no chat template; pass a plain prompt (without --chat) or use a model that ships one")]
+    #[error(
+        "the model has no chat template; pass a plain prompt (without --chat) or use a model that ships one"
+    )]
     NoTemplate,
     #[error("the chat template raised an error: {0}")]
     Raised(String),
@@ -153,8 +155,18 @@ fn strftime_now(format: &str) -> Result<String, Error> {
         .unwrap_or(0);
     let (y, m, d) = civil_from_days(secs.div_euclid(86_400));
     const MONTHS: [&str; 12] = [
-        "January", "February", "March", "April", "May", "June", "July", "August", "September",
-        "October", "November", "December",
+        "January",
+        "February",
+        "March",
+        "April",
+        "May",
+        "June",
+        "July",
+        "August",
+        "September",
+        "October",
+        "November",
+        "December",
     ];
     let month = MONTHS[(m - 1) as usize];
     let mut out = String::new();
@@ -206,13 +218,22 @@ mod tests {
             None,
             None,
         );
-        let err = t.render(&[Message::new("assistant", "hi")], false, None).unwrap_err();
-        assert!(matches!(err, ChatError::Raised(ref m) if m == "Conversation must start with user"), "{err}");
+        let err = t
+            .render(&[Message::new("assistant", "hi")], false, None)
+            .unwrap_err();
+        assert!(
+            matches!(err, ChatError::Raised(ref m) if m == "Conversation must start with user"),
+            "{err}"
+        );
     }
 
     #[test]
     fn tojson_matches_python_json_dumps() {
-        let t = ChatTemplate::new("{{ tools | tojson }}|{{ tools | tojson(indent=2) }}", None, None);
+        let t = ChatTemplate::new(
+            "{{ tools | tojson }}|{{ tools | tojson(indent=2) }}",
+            None,
+            None,
+        );
         let tools = serde_json::json!([{"name": "f", "args": {"x": "é<"}}]);
         let out = t.render(&[], false, Some(&tools)).unwrap();
         assert_eq!(

@@ -9,11 +9,15 @@ use clap::{Args, Parser, Subcommand};
 
 use crate::backend::{BackendTask, DeviceKind, run_on};
 use crate::chat::{ChatTemplate, Message};
-use crate::generate::{SamplingConfig, generate};
+use crate::generate::{GenerationLimits, SamplingConfig, generate};
 use crate::model::load_model;
 
 #[derive(Parser)]
-#[command(name = "loraforge", version, about = "LoRA / QLoRA fine-tuning for open LLMs")]
+#[command(
+    name = "loraforge",
+    version,
+    about = "LoRA / QLoRA fine-tuning for open LLMs"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -79,6 +83,12 @@ struct GenerateArgs {
     /// Print the generated token ids after the text.
     #[arg(long)]
     print_ids: bool,
+    /// Keep generating past end-of-sequence (fixed-length runs for benchmarks).
+    #[arg(long)]
+    ignore_eos: bool,
+    /// Print the statistics as one JSON line instead of the text report.
+    #[arg(long)]
+    json: bool,
 }
 
 pub fn run() -> Result<()> {
@@ -95,7 +105,8 @@ pub fn run() -> Result<()> {
             command: RecipeCommand::Check { file, overrides },
         } => {
             let recipe = crate::recipe::load(&file, &overrides)?;
-            let resolved = toml::to_string_pretty(&recipe).context("rendering the resolved recipe")?;
+            let resolved =
+                toml::to_string_pretty(&recipe).context("rendering the resolved recipe")?;
             println!("# {} is valid; resolved with defaults:\n", file.display());
             print!("{resolved}");
             if !recipe.model.path.exists() {
@@ -136,19 +147,58 @@ impl BackendTask for GenerateArgs {
             repetition_penalty: self.repetition_penalty,
             seed: self.seed,
         };
-        println!("==========");
+        let limits = GenerationLimits {
+            max_tokens: self.max_tokens,
+            stop_at_eos: !self.ignore_eos,
+        };
+        let echo = !self.json;
+        if echo {
+            println!("==========");
+        }
         let mut stdout = std::io::stdout();
-        let out = generate(&model.decoder, &tokenizer, &prompt_ids, self.max_tokens, sampling, &device, |piece| {
-            let _ = stdout.write_all(piece.as_bytes());
-            let _ = stdout.flush();
-        })?;
+        let out = generate(
+            &model.decoder,
+            &tokenizer,
+            &prompt_ids,
+            limits,
+            sampling,
+            &device,
+            |piece| {
+                if echo {
+                    let _ = stdout.write_all(piece.as_bytes());
+                    let _ = stdout.flush();
+                }
+            },
+        )?;
+        let s = &out.stats;
+        if self.json {
+            let line = serde_json::json!({
+                "bench": "loraforge_generate",
+                "model": self.model,
+                "device": format!("{:?}", self.device).to_lowercase(),
+                "threads": rayon::current_num_threads(),
+                "prompt_tokens": s.prompt_tokens,
+                "prompt_tps": s.prompt_tps,
+                "generation_tokens": s.generated_tokens,
+                "generation_tps": s.generation_tps,
+                "peak_memory_bytes": s.peak_memory_bytes,
+                "ids": out.ids,
+            });
+            println!("{line}");
+            return Ok(());
+        }
         println!("\n==========");
         if self.print_ids {
             println!("ids: {:?}", out.ids);
         }
-        let s = &out.stats;
-        println!("Prompt: {} tokens, {:.3} tokens-per-sec", s.prompt_tokens, s.prompt_tps);
-        println!("Generation: {} tokens, {:.3} tokens-per-sec", s.generated_tokens, s.generation_tps);
+        println!(
+            "Prompt: {} tokens, {:.3} tokens-per-sec",
+            s.prompt_tokens, s.prompt_tps
+        );
+        println!(
+            "Generation: {} tokens, {:.3} tokens-per-sec",
+            s.generated_tokens, s.generation_tps
+        );
         if let Some(peak) = s.peak_memory_bytes {
             println!("Peak memory: {:.3} GB", peak as f64 / 1e9);
         }

@@ -16,16 +16,42 @@ pub fn report(path: &std::path::Path) -> Result<String> {
     let w = &mut out;
     writeln!(w, "model         {}", path.display())?;
     writeln!(w, "format        {}", files.format.describe())?;
-    writeln!(w, "architecture  {} ({} layers, hidden {}, ffn {}, {} heads / {} kv heads, head_dim {})",
-        c.family.name(), c.num_layers, c.hidden_size, c.intermediate_size, c.num_heads, c.num_kv_heads, c.head_dim)?;
-    writeln!(w, "parameters    {} ({:.1} M)", c.parameter_count(), c.parameter_count() as f64 / 1e6)?;
+    writeln!(
+        w,
+        "architecture  {} ({} layers, hidden {}, ffn {}, {} heads / {} kv heads, head_dim {})",
+        c.family.name(),
+        c.num_layers,
+        c.hidden_size,
+        c.intermediate_size,
+        c.num_heads,
+        c.num_kv_heads,
+        c.head_dim
+    )?;
+    writeln!(
+        w,
+        "parameters    {} ({:.1} M)",
+        c.parameter_count(),
+        c.parameter_count() as f64 / 1e6
+    )?;
     let rope = match &c.rope_scaling {
         RopeScaling::None => String::new(),
         RopeScaling::Linear { factor } => format!(", linear scaling x{factor}"),
         RopeScaling::Llama3 { factor, .. } => format!(", llama3 scaling x{factor}"),
     };
-    writeln!(w, "rope          theta {}{rope}; max positions {}", c.rope_theta, c.max_position_embeddings)?;
-    writeln!(w, "embeddings    {}", if c.tie_word_embeddings { "tied to lm_head" } else { "separate lm_head" })?;
+    writeln!(
+        w,
+        "rope          theta {}{rope}; max positions {}",
+        c.rope_theta, c.max_position_embeddings
+    )?;
+    writeln!(
+        w,
+        "embeddings    {}",
+        if c.tie_word_embeddings {
+            "tied to lm_head"
+        } else {
+            "separate lm_head"
+        }
+    )?;
     let mut quirks = Vec::new();
     if c.attention_bias {
         quirks.push("q/k/v bias");
@@ -43,25 +69,52 @@ pub fn report(path: &std::path::Path) -> Result<String> {
                 *kinds.entry(t.kind.name()).or_default() += 1;
             }
             let kinds: Vec<String> = kinds.iter().map(|(k, n)| format!("{k} x{n}")).collect();
-            writeln!(w, "dtype         GGUF v{} tensors: {}", g.version, kinds.join(", "))?;
-            writeln!(w, "quantization  {}", g.get_str("general.file_type").map(str::to_string)
-                .or_else(|| g.get_u64("general.file_type").map(|t| format!("file type {t}")))
-                .unwrap_or_else(|| "see tensor types".into()))?;
+            writeln!(
+                w,
+                "dtype         GGUF v{} tensors: {}",
+                g.version,
+                kinds.join(", ")
+            )?;
+            writeln!(
+                w,
+                "quantization  {}",
+                g.get_str("general.file_type")
+                    .map(str::to_string)
+                    .or_else(|| g
+                        .get_u64("general.file_type")
+                        .map(|t| format!("file type {t}")))
+                    .unwrap_or_else(|| "see tensor types".into())
+            )?;
         }
-        WeightSource::Safetensors { store, quantization, .. } => {
+        WeightSource::Safetensors {
+            store,
+            quantization,
+            ..
+        } => {
             let mut dtypes: BTreeMap<&str, usize> = BTreeMap::new();
             for t in store.tensors() {
                 *dtypes.entry(t.dtype.name()).or_default() += 1;
             }
             let dtypes: Vec<String> = dtypes.iter().map(|(k, n)| format!("{k} x{n}")).collect();
-            writeln!(w, "dtype         {} (stored: {})", c.dtype, dtypes.join(", "))?;
+            writeln!(
+                w,
+                "dtype         {} (stored: {})",
+                c.dtype,
+                dtypes.join(", ")
+            )?;
             match quantization {
                 None => writeln!(w, "quantization  none")?,
                 Some(q) => {
-                    writeln!(w, "quantization  affine {} bits, group size {}", q.bits, q.group_size)?;
+                    writeln!(
+                        w,
+                        "quantization  affine {} bits, group size {}",
+                        q.bits, q.group_size
+                    )?;
                     for (module, setting) in &q.overrides {
                         match setting {
-                            Some((g, b)) => writeln!(w, "  override    {module}: {b} bits, group {g}")?,
+                            Some((g, b)) => {
+                                writeln!(w, "  override    {module}: {b} bits, group {g}")?
+                            }
                             None => writeln!(w, "  override    {module}: not quantized")?,
                         }
                     }
@@ -75,10 +128,23 @@ pub fn report(path: &std::path::Path) -> Result<String> {
             let specials: Vec<String> = tok
                 .special_tokens()
                 .into_iter()
-                .map(|(role, text, id)| format!("{role} {text:?} ({})", id.map_or("?".into(), |i| i.to_string())))
+                .map(|(role, text, id)| {
+                    format!(
+                        "{role} {text:?} ({})",
+                        id.map_or("?".into(), |i| i.to_string())
+                    )
+                })
                 .collect();
             writeln!(w, "special       {}", specials.join(", "))?;
-            writeln!(w, "chat template {}", if tok.chat_template.is_some() { "yes" } else { "no" })?;
+            writeln!(
+                w,
+                "chat template {}",
+                if tok.chat_template.is_some() {
+                    "yes"
+                } else {
+                    "no"
+                }
+            )?;
         }
         Err(e) => writeln!(w, "tokenizer     unavailable: {e:#}")?,
     }

@@ -19,7 +19,12 @@ fn check(name: &str, tolerance: f32) {
         .as_array()
         .unwrap()
         .iter()
-        .flat_map(|row| row.as_array().unwrap().iter().map(|v| v.as_f64().unwrap() as f32))
+        .flat_map(|row| {
+            row.as_array()
+                .unwrap()
+                .iter()
+                .map(|v| v.as_f64().unwrap() as f32)
+        })
         .collect();
     let device = Default::default();
     let model = load_model::<NdArray<f32>>(&dir, &device).unwrap();
@@ -31,7 +36,10 @@ fn check(name: &str, tolerance: f32) {
         .unwrap();
     let diff = common::max_abs_diff(&got, &want);
     println!("{name}: max abs diff {diff:.3e}");
-    assert!(diff <= tolerance, "{name}: max abs diff {diff} > {tolerance}");
+    assert!(
+        diff <= tolerance,
+        "{name}: max abs diff {diff} > {tolerance}"
+    );
 }
 
 #[test]

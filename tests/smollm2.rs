@@ -17,7 +17,11 @@ fn reference() -> Value {
 }
 
 fn ids(v: &Value) -> Vec<u32> {
-    v.as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect()
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_u64().unwrap() as u32)
+        .collect()
 }
 
 fn messages(v: &Value) -> Vec<Message> {
@@ -35,7 +39,9 @@ fn greedy_tokens_and_logits_match_transformers() {
     // The prompt, through our chat template and tokenizer.
     let greedy = &reference["greedy"];
     let template = ChatTemplate::from_tokenizer(&tok).unwrap();
-    let text = template.render(&messages(&greedy["messages"]), true, None).unwrap();
+    let text = template
+        .render(&messages(&greedy["messages"]), true, None)
+        .unwrap();
     assert_eq!(text, greedy["prompt_text"].as_str().unwrap());
     let prompt = tok.encode(&text, false).unwrap();
     assert_eq!(prompt, ids(&greedy["prompt_ids"]));
@@ -44,7 +50,10 @@ fn greedy_tokens_and_logits_match_transformers() {
     let mut cache = KvCache::new(model.decoder.config.num_layers);
     let mut logits = model.decoder.next_logits(&prompt, &mut cache, &device);
     let first = &reference["logits_first_step"];
-    for (id, value) in ids(&first["top_ids"]).iter().zip(first["top_values"].as_array().unwrap()) {
+    for (id, value) in ids(&first["top_ids"])
+        .iter()
+        .zip(first["top_values"].as_array().unwrap())
+    {
         let diff = (logits[*id as usize] - value.as_f64().unwrap() as f32).abs();
         assert!(diff < 1e-3, "logit of token {id} differs by {diff}");
     }
@@ -75,9 +84,16 @@ fn cli_answers_paris() {
         "32",
     ]);
     let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert!(stdout.contains("Paris"), "{stdout}");
-    assert!(stdout.contains("Generation:") && stdout.contains("tokens-per-sec"), "{stdout}");
+    assert!(
+        stdout.contains("Generation:") && stdout.contains("tokens-per-sec"),
+        "{stdout}"
+    );
     assert!(stdout.contains("Peak memory:"), "{stdout}");
 }
 
@@ -95,8 +111,18 @@ fn chat_template_renders_like_transformers() {
                 None,
             )
             .unwrap();
-        assert_eq!(rendered, case["rendered"].as_str().unwrap(), "case {}", case["name"]);
-        assert_eq!(tok.encode(&rendered, false).unwrap(), ids(&case["rendered_ids"]), "case {}", case["name"]);
+        assert_eq!(
+            rendered,
+            case["rendered"].as_str().unwrap(),
+            "case {}",
+            case["name"]
+        );
+        assert_eq!(
+            tok.encode(&rendered, false).unwrap(),
+            ids(&case["rendered_ids"]),
+            "case {}",
+            case["name"]
+        );
     }
 }
 
@@ -109,7 +135,17 @@ fn gguf_tokenizer_splits_like_llama_cpp() {
         let text = case["text"].as_str().unwrap();
         // llama.cpp's SMOLLM pre-tokenizer splits digits one by one, as SmolLM2's own
         // tokenizer.json does; transformers' GGUF converter does not (ids differ only there).
-        assert_eq!(tok.encode(text, false).unwrap(), ids(&case["ids_smollm_pre"]), "case {}", case["name"]);
-        assert_eq!(tok.decode(&ids(&case["ids_smollm_pre"])).unwrap(), text, "decode {}", case["name"]);
+        assert_eq!(
+            tok.encode(text, false).unwrap(),
+            ids(&case["ids_smollm_pre"]),
+            "case {}",
+            case["name"]
+        );
+        assert_eq!(
+            tok.decode(&ids(&case["ids_smollm_pre"])).unwrap(),
+            text,
+            "decode {}",
+            case["name"]
+        );
     }
 }

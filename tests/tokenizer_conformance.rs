@@ -23,7 +23,11 @@ fn vectors(vocab_dir: &Path, name: &str) -> Vec<(String, Vec<u32>)> {
         .lines()
         .map(|l| l.split_whitespace().map(|t| t.parse().unwrap()).collect())
         .collect();
-    assert_eq!(texts.len(), ids.len(), "{name}: .inp and .out disagree in length");
+    assert_eq!(
+        texts.len(),
+        ids.len(),
+        "{name}: .inp and .out disagree in length"
+    );
     assert!(texts.len() >= 40, "{name}: only {} vectors", texts.len());
     texts.into_iter().map(str::to_string).zip(ids).collect()
 }
@@ -49,14 +53,22 @@ fn gguf_route(name: &str) {
     let dir = common::asset("vocab");
     let gguf = GgufFile::open(&dir.join(format!("ggml-vocab-{name}.gguf"))).unwrap();
     let tok = tokenizer::from_gguf(&gguf).unwrap();
-    conform(&tok, &vectors(&dir, name), &format!("{name} via GGUF metadata"));
+    conform(
+        &tok,
+        &vectors(&dir, name),
+        &format!("{name} via GGUF metadata"),
+    );
 }
 
 fn json_route(name: &str, tokenizer_dir: &str) {
     let vocab = common::asset("vocab");
     let tokenizers = common::asset("tokenizers");
     let tok = tokenizer::from_folder(&tokenizers.join(tokenizer_dir)).unwrap();
-    conform(&tok, &vectors(&vocab, name), &format!("{name} via {tokenizer_dir}/tokenizer.json"));
+    conform(
+        &tok,
+        &vectors(&vocab, name),
+        &format!("{name} via {tokenizer_dir}/tokenizer.json"),
+    );
 }
 
 #[test]
@@ -93,6 +105,10 @@ fn gpt2_from_vocab_and_merges() {
     std::fs::copy(src.join("encoder.json"), dir.join("vocab.json")).unwrap();
     std::fs::copy(src.join("vocab.bpe"), dir.join("merges.txt")).unwrap();
     let tok = tokenizer::from_folder(&dir).unwrap();
-    conform(&tok, &vectors(&common::asset("vocab"), "gpt-2"), "gpt-2 via vocab.json + merges.txt");
+    conform(
+        &tok,
+        &vectors(&common::asset("vocab"), "gpt-2"),
+        "gpt-2 via vocab.json + merges.txt",
+    );
     std::fs::remove_dir_all(&dir).unwrap();
 }

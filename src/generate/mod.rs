@@ -28,13 +28,20 @@ pub struct Generation {
     pub stats: GenerationStats,
 }
 
-/// Generates up to `max_tokens` after `prompt_ids`, calling `on_text` with each new piece of
-/// decoded text. Stops early at one of the tokenizer's stop ids.
+/// How much to generate and when to stop.
+#[derive(Debug, Clone, PartialEq)]
+pub struct GenerationLimits {
+    pub max_tokens: usize,
+    /// Stop at one of the tokenizer's stop ids (off for fixed-length benchmarks).
+    pub stop_at_eos: bool,
+}
+
+/// Generates after `prompt_ids`, calling `on_text` with each new piece of decoded text.
 pub fn generate<B: Backend>(
     model: &Decoder<B>,
     tokenizer: &Tokenizer,
     prompt_ids: &[u32],
-    max_tokens: usize,
+    limits: GenerationLimits,
     sampling: SamplingConfig,
     device: &B::Device,
     mut on_text: impl FnMut(&str),
@@ -51,9 +58,10 @@ pub fn generate<B: Backend>(
     let start = Instant::now();
     let mut generated = Vec::new();
     let mut printed = 0;
+    let max_tokens = limits.max_tokens;
     while generated.len() < max_tokens {
         let next = sampler.sample(&mut logits, &context);
-        if tokenizer.stop_ids.contains(&next) {
+        if limits.stop_at_eos && tokenizer.stop_ids.contains(&next) {
             break;
         }
         generated.push(next);

@@ -49,7 +49,11 @@ impl Sampler {
             // As in transformers: divide positive logits, multiply negative ones.
             for &t in context {
                 if let Some(l) = logits.get_mut(t as usize) {
-                    *l = if *l > 0.0 { *l / c.repetition_penalty } else { *l * c.repetition_penalty };
+                    *l = if *l > 0.0 {
+                        *l / c.repetition_penalty
+                    } else {
+                        *l * c.repetition_penalty
+                    };
                 }
             }
         }
@@ -119,27 +123,45 @@ mod tests {
 
     #[test]
     fn top_k_one_is_greedy_and_seeded_sampling_repeats() {
-        let config = SamplingConfig { temperature: 0.8, top_k: 1, ..Default::default() };
+        let config = SamplingConfig {
+            temperature: 0.8,
+            top_k: 1,
+            ..Default::default()
+        };
         let mut s = Sampler::new(config);
         assert_eq!(s.sample(&mut [0.0, 1.0, 5.0], &[]), 2);
-        let config = SamplingConfig { temperature: 1.0, seed: 7, ..Default::default() };
+        let config = SamplingConfig {
+            temperature: 1.0,
+            seed: 7,
+            ..Default::default()
+        };
         let draw = |c: SamplingConfig| {
             let mut s = Sampler::new(c);
-            (0..20).map(|_| s.sample(&mut [1.0, 1.1, 0.9, 1.05], &[])).collect::<Vec<_>>()
+            (0..20)
+                .map(|_| s.sample(&mut [1.0, 1.1, 0.9, 1.05], &[]))
+                .collect::<Vec<_>>()
         };
         assert_eq!(draw(config.clone()), draw(config));
     }
 
     #[test]
     fn repetition_penalty_can_change_the_greedy_choice() {
-        let config = SamplingConfig { repetition_penalty: 2.0, ..Default::default() };
+        let config = SamplingConfig {
+            repetition_penalty: 2.0,
+            ..Default::default()
+        };
         let mut s = Sampler::new(config);
         assert_eq!(s.sample(&mut [2.0, 1.5], &[0]), 1);
     }
 
     #[test]
     fn min_p_removes_unlikely_tokens() {
-        let config = SamplingConfig { temperature: 1.0, min_p: 0.5, seed: 1, ..Default::default() };
+        let config = SamplingConfig {
+            temperature: 1.0,
+            min_p: 0.5,
+            seed: 1,
+            ..Default::default()
+        };
         let mut s = Sampler::new(config);
         for _ in 0..50 {
             assert_eq!(s.sample(&mut [10.0, 0.0, 0.0], &[]), 0);

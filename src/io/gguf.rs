@@ -98,7 +98,9 @@ impl Value {
     /// A short rendering for `inspect` (arrays are summarised).
     pub fn summary(&self) -> String {
         match self {
-            Value::String(s) if s.len() > 60 => format!("{:?}… ({} chars)", &s[..s.floor_char_boundary(60)], s.len()),
+            Value::String(s) if s.len() > 60 => {
+                format!("{:?}… ({} chars)", &s[..s.floor_char_boundary(60)], s.len())
+            }
             Value::String(s) => format!("{s:?}"),
             Value::Array(a) => format!("[{} items]", a.len()),
             Value::Bool(b) => b.to_string(),
@@ -158,11 +160,48 @@ impl GgmlType {
 
 fn ggml_type_name(id: u32) -> String {
     const NAMES: [&str; 42] = [
-        "F32", "F16", "Q4_0", "Q4_1", "Q4_2", "Q4_3", "Q5_0", "Q5_1", "Q8_0", "Q8_1", "Q2_K",
-        "Q3_K", "Q4_K", "Q5_K", "Q6_K", "Q8_K", "IQ2_XXS", "IQ2_XS", "IQ3_XXS", "IQ1_S", "IQ4_NL",
-        "IQ3_S", "IQ2_S", "IQ4_XS", "I8", "I16", "I32", "I64", "F64", "IQ1_M", "BF16", "Q4_0_4_4",
-        "Q4_0_4_8", "Q4_0_8_8", "TQ1_0", "TQ2_0", "IQ4_NL_4_4", "IQ4_NL_4_8", "IQ4_NL_8_8",
-        "MXFP4", "NVFP4", "?",
+        "F32",
+        "F16",
+        "Q4_0",
+        "Q4_1",
+        "Q4_2",
+        "Q4_3",
+        "Q5_0",
+        "Q5_1",
+        "Q8_0",
+        "Q8_1",
+        "Q2_K",
+        "Q3_K",
+        "Q4_K",
+        "Q5_K",
+        "Q6_K",
+        "Q8_K",
+        "IQ2_XXS",
+        "IQ2_XS",
+        "IQ3_XXS",
+        "IQ1_S",
+        "IQ4_NL",
+        "IQ3_S",
+        "IQ2_S",
+        "IQ4_XS",
+        "I8",
+        "I16",
+        "I32",
+        "I64",
+        "F64",
+        "IQ1_M",
+        "BF16",
+        "Q4_0_4_4",
+        "Q4_0_4_8",
+        "Q4_0_8_8",
+        "TQ1_0",
+        "TQ2_0",
+        "IQ4_NL_4_4",
+        "IQ4_NL_4_8",
+        "IQ4_NL_8_8",
+        "MXFP4",
+        "NVFP4",
+        "?",
     ];
     NAMES
         .get(id as usize)
@@ -231,7 +270,9 @@ impl GgufFile {
         for _ in 0..n_kv {
             let key = r.string().map_err(&corrupt)?;
             let ty = r.u32().map_err(&corrupt)?;
-            let value = r.value(ty).map_err(|e| corrupt(format!("metadata `{key}`: {e}")))?;
+            let value = r
+                .value(ty)
+                .map_err(|e| corrupt(format!("metadata `{key}`: {e}")))?;
             metadata.insert(key, value);
         }
         let mut raw_infos = Vec::new();
@@ -329,12 +370,16 @@ struct Reader<'a> {
 
 impl<'a> Reader<'a> {
     fn bytes(&mut self, n: usize) -> Result<&'a [u8], String> {
-        let end = self.pos.checked_add(n).filter(|&e| e <= self.buf.len()).ok_or_else(|| {
-            format!(
-                "unexpected end of file at byte {} (needed {n} more bytes)",
-                self.pos
-            )
-        })?;
+        let end = self
+            .pos
+            .checked_add(n)
+            .filter(|&e| e <= self.buf.len())
+            .ok_or_else(|| {
+                format!(
+                    "unexpected end of file at byte {} (needed {n} more bytes)",
+                    self.pos
+                )
+            })?;
         let out = &self.buf[self.pos..end];
         self.pos = end;
         Ok(out)

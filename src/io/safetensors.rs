@@ -28,7 +28,9 @@ pub enum SafetensorsError {
     },
     #[error("cannot read {path}: {reason}")]
     Index { path: PathBuf, reason: String },
-    #[error("no safetensors weights in {0} (expected model.safetensors or model.safetensors.index.json)")]
+    #[error(
+        "no safetensors weights in {0} (expected model.safetensors or model.safetensors.index.json)"
+    )]
     NoWeights(PathBuf),
 }
 
@@ -117,11 +119,12 @@ impl SafetensorsStore {
         }
         let shard = self.shards.len();
         for (name, info) in metadata.tensors() {
-            let dtype = raw_dtype(info.dtype).ok_or_else(|| SafetensorsError::UnsupportedDtype {
-                path: path.to_path_buf(),
-                name: name.clone(),
-                dtype: format!("{:?}", info.dtype),
-            })?;
+            let dtype =
+                raw_dtype(info.dtype).ok_or_else(|| SafetensorsError::UnsupportedDtype {
+                    path: path.to_path_buf(),
+                    name: name.clone(),
+                    dtype: format!("{:?}", info.dtype),
+                })?;
             let (start, end) = info.data_offsets;
             self.entries.insert(
                 name,
@@ -136,7 +139,12 @@ impl SafetensorsStore {
         }
         self.shards.push(Shard {
             path: path.to_path_buf(),
-            metadata: metadata.metadata().clone().unwrap_or_default().into_iter().collect(),
+            metadata: metadata
+                .metadata()
+                .clone()
+                .unwrap_or_default()
+                .into_iter()
+                .collect(),
             map,
         });
         Ok(())

@@ -42,7 +42,9 @@ impl Family {
 pub enum RopeScaling {
     None,
     /// Positions divided by `factor`.
-    Linear { factor: f64 },
+    Linear {
+        factor: f64,
+    },
     /// Llama 3.1's frequency-dependent rescaling.
     Llama3 {
         factor: f64,
@@ -79,7 +81,9 @@ pub struct ModelConfig {
 pub enum ConfigError {
     #[error("cannot read {path}: {reason}")]
     Read { path: String, reason: String },
-    #[error("{path}: `model_type` is \"{found}\", which loraforge does not support (supported: {SUPPORTED_MODEL_TYPES})")]
+    #[error(
+        "{path}: `model_type` is \"{found}\", which loraforge does not support (supported: {SUPPORTED_MODEL_TYPES})"
+    )]
     UnsupportedModelType { path: String, found: String },
     #[error("{path}: missing or invalid `{key}`{hint}")]
     Missing {
@@ -152,7 +156,11 @@ impl ModelConfig {
         let rope_theta = json
             .get("rope_theta")
             .and_then(Value::as_f64)
-            .or_else(|| rope_params.and_then(|p| p.get("rope_theta")).and_then(Value::as_f64))
+            .or_else(|| {
+                rope_params
+                    .and_then(|p| p.get("rope_theta"))
+                    .and_then(Value::as_f64)
+            })
             .unwrap_or(10000.0);
         let rope_scaling = match rope_params {
             None => RopeScaling::None,
@@ -167,7 +175,10 @@ impl ModelConfig {
             num_heads,
             num_kv_heads,
             head_dim,
-            rms_norm_eps: json.get("rms_norm_eps").and_then(Value::as_f64).unwrap_or(1e-6),
+            rms_norm_eps: json
+                .get("rms_norm_eps")
+                .and_then(Value::as_f64)
+                .unwrap_or(1e-6),
             rope_theta,
             rope_scaling,
             max_position_embeddings: json
@@ -180,7 +191,10 @@ impl ModelConfig {
                 .unwrap_or(false),
             attention_bias: match family {
                 Family::Qwen2 => true,
-                _ => json.get("attention_bias").and_then(Value::as_bool).unwrap_or(false),
+                _ => json
+                    .get("attention_bias")
+                    .and_then(Value::as_bool)
+                    .unwrap_or(false),
             },
             qk_norm: family == Family::Qwen3,
             dtype: json
@@ -202,10 +216,11 @@ impl ModelConfig {
             key: "general.architecture".into(),
             hint: String::new(),
         })?;
-        let family = Family::from_model_type(arch).ok_or_else(|| ConfigError::UnsupportedModelType {
-            path: path.clone(),
-            found: arch.to_string(),
-        })?;
+        let family =
+            Family::from_model_type(arch).ok_or_else(|| ConfigError::UnsupportedModelType {
+                path: path.clone(),
+                found: arch.to_string(),
+            })?;
         let key = |k: &str| format!("{arch}.{k}");
         let req = |k: &str| -> Result<usize, ConfigError> {
             gguf.get_u64(&key(k))
@@ -273,14 +288,18 @@ impl ModelConfig {
             path: path.to_string(),
             reason,
         };
-        if self.num_heads == 0 || self.num_kv_heads == 0 || self.num_heads % self.num_kv_heads != 0 {
+        if self.num_heads == 0 || self.num_kv_heads == 0 || !self.num_heads.is_multiple_of(self.num_kv_heads)
+        {
             return Err(invalid(format!(
                 "num_attention_heads ({}) must be a positive multiple of num_key_value_heads ({})",
                 self.num_heads, self.num_kv_heads
             )));
         }
-        if self.head_dim % 2 != 0 {
-            return Err(invalid(format!("head_dim {} must be even for RoPE", self.head_dim)));
+        if !self.head_dim.is_multiple_of(2) {
+            return Err(invalid(format!(
+                "head_dim {} must be even for RoPE",
+                self.head_dim
+            )));
         }
         Ok(())
     }
@@ -315,7 +334,9 @@ fn rope_scaling_from_json(p: &Value, path: &str) -> Result<RopeScaling, ConfigEr
     };
     Ok(match kind {
         "default" => RopeScaling::None,
-        "linear" => RopeScaling::Linear { factor: need("factor")? },
+        "linear" => RopeScaling::Linear {
+            factor: need("factor")?,
+        },
         "llama3" => RopeScaling::Llama3 {
             factor: need("factor")?,
             low_freq_factor: need("low_freq_factor")?,

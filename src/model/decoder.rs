@@ -26,7 +26,12 @@ pub struct RmsNorm<B: Backend> {
 impl<B: Backend> RmsNorm<B> {
     /// Normalises over the last dimension.
     pub fn forward<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
-        let rms = x.clone().square().mean_dim(D - 1).add_scalar(self.eps).sqrt();
+        let rms = x
+            .clone()
+            .square()
+            .mean_dim(D - 1)
+            .add_scalar(self.eps)
+            .sqrt();
         x.div(rms) * self.weight.clone().unsqueeze::<D>()
     }
 }
@@ -70,7 +75,8 @@ impl<B: Backend> KvCache<B> {
 impl<B: Backend> Attention<B> {
     fn heads(&self, x: Tensor<B, 3>, heads: usize) -> Tensor<B, 4> {
         let [batch, seq, _] = x.dims();
-        x.reshape([batch, seq, heads, self.head_dim]).swap_dims(1, 2)
+        x.reshape([batch, seq, heads, self.head_dim])
+            .swap_dims(1, 2)
     }
 
     pub fn forward(
@@ -87,7 +93,10 @@ impl<B: Backend> Attention<B> {
             q = qn.forward(q);
             k = kn.forward(k);
         }
-        let past = cache.as_ref().and_then(|c| c.as_ref()).map_or(0, |(k, _)| k.dims()[2]);
+        let past = cache
+            .as_ref()
+            .and_then(|c| c.as_ref())
+            .map_or(0, |(k, _)| k.dims()[2]);
         q = rope.apply(q, past);
         k = rope.apply(k, past);
         if let Some(slot) = cache {
@@ -101,13 +110,16 @@ impl<B: Backend> Attention<B> {
         let group = self.num_heads / self.num_kv_heads;
         let k = repeat_kv(k, group);
         let v = repeat_kv(v, group);
-        let scores = q.matmul(k.swap_dims(2, 3)).div_scalar((self.head_dim as f64).sqrt());
+        let scores = q
+            .matmul(k.swap_dims(2, 3))
+            .div_scalar((self.head_dim as f64).sqrt());
         let scores = scores + causal_mask::<B>(seq, total, past, &v.device());
         let probs = activation::softmax(scores, 3);
-        let out = probs
-            .matmul(v)
-            .swap_dims(1, 2)
-            .reshape([batch, seq, self.num_heads * self.head_dim]);
+        let out =
+            probs
+                .matmul(v)
+                .swap_dims(1, 2)
+                .reshape([batch, seq, self.num_heads * self.head_dim]);
         self.o_proj.forward(out)
     }
 }
@@ -125,7 +137,12 @@ fn repeat_kv<B: Backend>(x: Tensor<B, 4>, group: usize) -> Tensor<B, 4> {
 }
 
 /// Additive mask `[1, 1, seq, total]`: query `i` (absolute position `past + i`) sees keys `0..=past+i`.
-fn causal_mask<B: Backend>(seq: usize, total: usize, past: usize, device: &B::Device) -> Tensor<B, 4> {
+fn causal_mask<B: Backend>(
+    seq: usize,
+    total: usize,
+    past: usize,
+    device: &B::Device,
+) -> Tensor<B, 4> {
     let mut mask = vec![0f32; seq * total];
     for i in 0..seq {
         for j in past + i + 1..total {
@@ -164,7 +181,10 @@ impl<B: Backend> Block<B> {
         rope: &Rope,
         cache: Option<&mut Option<(Tensor<B, 4>, Tensor<B, 4>)>>,
     ) -> Tensor<B, 3> {
-        let h = h.clone() + self.self_attn.forward(self.input_layernorm.forward(h), rope, cache);
+        let h = h.clone()
+            + self
+                .self_attn
+                .forward(self.input_layernorm.forward(h), rope, cache);
         h.clone() + self.mlp.forward(self.post_attention_layernorm.forward(h))
     }
 }
@@ -191,10 +211,10 @@ impl<B: Backend> Decoder<B> {
         device: &B::Device,
     ) -> Tensor<B, 3> {
         let seq = ids.len() / batch;
-        let mut h = self
-            .embed_tokens
-            .rows(ids, device)
-            .reshape([batch, seq, self.config.hidden_size]);
+        let mut h =
+            self.embed_tokens
+                .rows(ids, device)
+                .reshape([batch, seq, self.config.hidden_size]);
         match cache {
             Some(cache) => {
                 for (block, slot) in self.layers.iter().zip(cache.layers.iter_mut()) {

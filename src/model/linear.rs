@@ -75,7 +75,11 @@ impl<B: Backend> FrozenLinear<B> {
         let y = match &self.weight {
             // A few tokens (generation): multiply straight from the packed codes.
             FrozenWeight::Quantized(q) if batch * seq <= PACKED_MATMUL_MAX_ROWS => {
-                let xs: Vec<f32> = x.into_data().convert::<f32>().into_vec().expect("f32 activations");
+                let xs: Vec<f32> = x
+                    .into_data()
+                    .convert::<f32>()
+                    .into_vec()
+                    .expect("f32 activations");
                 let ys = q.matmul_transposed(&xs, batch * seq);
                 Tensor::from_data(TensorData::new(ys, [batch, seq, out]), &device)
             }

@@ -98,20 +98,32 @@ impl ModelFiles {
         let (h, hd) = (c.hidden_size, c.head_dim);
         let (q_out, kv_out) = (c.num_heads * hd, c.num_kv_heads * hd);
         let matrix = |name: &str, rows: usize, cols: usize| -> Result<FrozenWeight<B>> {
-            Ok(to_device(self.weights.load(name, &[rows, cols], c)?, device))
+            Ok(to_device(
+                self.weights.load(name, &[rows, cols], c)?,
+                device,
+            ))
         };
         let vector = |name: &str, len: usize| -> Result<Tensor<B, 1>> {
             match self.weights.load(name, &[len], c)? {
-                HostWeight::Dense { values, .. } => Ok(Tensor::from_data(TensorData::new(values, [len]), device)),
-                HostWeight::Quantized(_) => bail!("{name} is quantized, but a vector must be stored in float"),
+                HostWeight::Dense { values, .. } => {
+                    Ok(Tensor::from_data(TensorData::new(values, [len]), device))
+                }
+                HostWeight::Quantized(_) => {
+                    bail!("{name} is quantized, but a vector must be stored in float")
+                }
             }
         };
-        let linear = |name: &str, rows: usize, cols: usize, bias: bool| -> Result<FrozenLinear<B>> {
-            Ok(FrozenLinear {
-                weight: matrix(&format!("{name}.weight"), rows, cols)?,
-                bias: if bias { Some(vector(&format!("{name}.bias"), rows)?) } else { None },
-            })
-        };
+        let linear =
+            |name: &str, rows: usize, cols: usize, bias: bool| -> Result<FrozenLinear<B>> {
+                Ok(FrozenLinear {
+                    weight: matrix(&format!("{name}.weight"), rows, cols)?,
+                    bias: if bias {
+                        Some(vector(&format!("{name}.bias"), rows)?)
+                    } else {
+                        None
+                    },
+                })
+            };
         let norm = |name: &str, len: usize| -> Result<RmsNorm<B>> {
             Ok(RmsNorm {
                 weight: vector(name, len)?,
@@ -132,8 +144,18 @@ impl ModelFiles {
                 input_layernorm: norm(&format!("{p}.input_layernorm.weight"), h)?,
                 self_attn: Attention {
                     q_proj: linear(&format!("{p}.self_attn.q_proj"), q_out, h, c.attention_bias)?,
-                    k_proj: linear(&format!("{p}.self_attn.k_proj"), kv_out, h, c.attention_bias)?,
-                    v_proj: linear(&format!("{p}.self_attn.v_proj"), kv_out, h, c.attention_bias)?,
+                    k_proj: linear(
+                        &format!("{p}.self_attn.k_proj"),
+                        kv_out,
+                        h,
+                        c.attention_bias,
+                    )?,
+                    v_proj: linear(
+                        &format!("{p}.self_attn.v_proj"),
+                        kv_out,
+                        h,
+                        c.attention_bias,
+                    )?,
                     o_proj: linear(&format!("{p}.self_attn.o_proj"), h, q_out, false)?,
                     q_norm: qk_norm("q_norm")?,
                     k_norm: qk_norm("k_norm")?,
@@ -143,9 +165,19 @@ impl ModelFiles {
                 },
                 post_attention_layernorm: norm(&format!("{p}.post_attention_layernorm.weight"), h)?,
                 mlp: Mlp {
-                    gate_proj: linear(&format!("{p}.mlp.gate_proj"), c.intermediate_size, h, false)?,
+                    gate_proj: linear(
+                        &format!("{p}.mlp.gate_proj"),
+                        c.intermediate_size,
+                        h,
+                        false,
+                    )?,
                     up_proj: linear(&format!("{p}.mlp.up_proj"), c.intermediate_size, h, false)?,
-                    down_proj: linear(&format!("{p}.mlp.down_proj"), h, c.intermediate_size, false)?,
+                    down_proj: linear(
+                        &format!("{p}.mlp.down_proj"),
+                        h,
+                        c.intermediate_size,
+                        false,
+                    )?,
                 },
             });
         }
@@ -171,9 +203,10 @@ impl ModelFiles {
 
 fn to_device<B: Backend>(weight: HostWeight, device: &B::Device) -> FrozenWeight<B> {
     match weight {
-        HostWeight::Dense { shape, values } => {
-            FrozenWeight::Dense(Tensor::from_data(TensorData::new(values, [shape[0], shape[1]]), device))
-        }
+        HostWeight::Dense { shape, values } => FrozenWeight::Dense(Tensor::from_data(
+            TensorData::new(values, [shape[0], shape[1]]),
+            device,
+        )),
         HostWeight::Quantized(q) => FrozenWeight::Quantized(Arc::new(q)),
     }
 }

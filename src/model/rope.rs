@@ -50,7 +50,12 @@ impl Rope {
     }
 
     /// `(cos, sin)`, each `[len, head_dim]`, for positions `offset..offset + len`.
-    fn tables<B: Backend>(&self, offset: usize, len: usize, device: &B::Device) -> (Tensor<B, 2>, Tensor<B, 2>) {
+    fn tables<B: Backend>(
+        &self,
+        offset: usize,
+        len: usize,
+        device: &B::Device,
+    ) -> (Tensor<B, 2>, Tensor<B, 2>) {
         let half = self.inv_freq.len();
         let mut cos = Vec::with_capacity(len * half * 2);
         let mut sin = Vec::with_capacity(len * half * 2);

@@ -73,7 +73,10 @@ impl MlxQuantization {
                     overrides.insert(key.clone(), None);
                 }
                 Value::Object(o) => {
-                    let g = o.get("group_size").and_then(Value::as_u64).unwrap_or(group_size as u64);
+                    let g = o
+                        .get("group_size")
+                        .and_then(Value::as_u64)
+                        .unwrap_or(group_size as u64);
                     let b = o.get("bits").and_then(Value::as_u64).unwrap_or(bits as u64);
                     overrides.insert(key.clone(), Some((g as usize, b as u32)));
                 }
@@ -114,7 +117,12 @@ impl WeightSource {
     }
 
     /// Reads weight `name` (a `.weight`, `.bias` or norm vector), checking its shape.
-    pub fn load(&self, name: &str, expected: &[usize], config: &ModelConfig) -> Result<HostWeight, WeightError> {
+    pub fn load(
+        &self,
+        name: &str,
+        expected: &[usize],
+        config: &ModelConfig,
+    ) -> Result<HostWeight, WeightError> {
         let weight = match self {
             WeightSource::Safetensors {
                 store,
@@ -166,15 +174,22 @@ fn load_safetensors(
             values: raw.to_f32().map_err(invalid)?,
         });
     };
-    let scales = store
-        .get(&scales_name)
-        .ok_or_else(|| invalid(format!("quantized at {bits} bits but `{scales_name}` is missing")))?;
+    let scales = store.get(&scales_name).ok_or_else(|| {
+        invalid(format!(
+            "quantized at {bits} bits but `{scales_name}` is missing"
+        ))
+    })?;
     let biases_name = format!("{module}.biases");
-    let biases = store
-        .get(&biases_name)
-        .ok_or_else(|| invalid(format!("quantized at {bits} bits but `{biases_name}` is missing")))?;
+    let biases = store.get(&biases_name).ok_or_else(|| {
+        invalid(format!(
+            "quantized at {bits} bits but `{biases_name}` is missing"
+        ))
+    })?;
     let [rows, packed_cols] = raw.shape[..] else {
-        return Err(invalid(format!("packed weight must be 2-D, found {:?}", raw.shape)));
+        return Err(invalid(format!(
+            "packed weight must be 2-D, found {:?}",
+            raw.shape
+        )));
     };
     let cols = packed_cols * 32 / bits as usize;
     if expected.len() == 2 && [rows, cols] != expected[..] {
@@ -265,7 +280,9 @@ fn load_gguf(g: &GgufFile, hf: &str, config: &ModelConfig) -> Result<HostWeight,
         None
     };
     match heads {
-        Some(h) if matches!(config.family, Family::Llama | Family::Mistral) => Ok(unpermute_qk(weight, h)),
+        Some(h) if matches!(config.family, Family::Llama | Family::Mistral) => {
+            Ok(unpermute_qk(weight, h))
+        }
         _ => Ok(weight),
     }
 }
@@ -289,7 +306,8 @@ fn unpermute_qk(weight: HostWeight, heads: usize) -> HostWeight {
             let cols = values.len() / rows;
             let mut out = vec![0f32; values.len()];
             for (dst, &src) in order.iter().enumerate() {
-                out[dst * cols..(dst + 1) * cols].copy_from_slice(&values[src * cols..(src + 1) * cols]);
+                out[dst * cols..(dst + 1) * cols]
+                    .copy_from_slice(&values[src * cols..(src + 1) * cols]);
             }
             HostWeight::Dense { shape, values: out }
         }
@@ -310,7 +328,8 @@ mod tests {
             for j in 0..half {
                 for t in 0..2 {
                     let src = h * 2 * half + t * half + j;
-                    out[dst * cols..(dst + 1) * cols].copy_from_slice(&values[src * cols..(src + 1) * cols]);
+                    out[dst * cols..(dst + 1) * cols]
+                        .copy_from_slice(&values[src * cols..(src + 1) * cols]);
                     dst += 1;
                 }
             }
@@ -330,7 +349,9 @@ mod tests {
             },
             heads,
         );
-        let HostWeight::Dense { values, .. } = back else { unreachable!() };
+        let HostWeight::Dense { values, .. } = back else {
+            unreachable!()
+        };
         assert_eq!(values, hf);
     }
 }

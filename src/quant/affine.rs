@@ -40,7 +40,7 @@ impl QuantizedMatrix {
                 "{bits}-bit quantization is not supported (supported: {SUPPORTED_BITS:?})"
             )));
         }
-        if group_size == 0 || cols % group_size != 0 || (cols * bits as usize) % 32 != 0 {
+        if group_size == 0 || !cols.is_multiple_of(group_size) || !(cols * bits as usize).is_multiple_of(32) {
             return Err(LayoutError(format!(
                 "row length {cols} does not divide into groups of {group_size} packed at {bits} bits"
             )));
@@ -186,14 +186,19 @@ mod tests {
             let codes: Vec<u32> = (0..rows * cols)
                 .map(|i| ((i * 7 + 3) % (1 << bits)) as u32)
                 .collect();
-            let packed: Vec<u32> = codes
-                .chunks(cols)
-                .flat_map(|row| pack(row, bits))
-                .collect();
+            let packed: Vec<u32> = codes.chunks(cols).flat_map(|row| pack(row, bits)).collect();
             let scales: Vec<f32> = (0..rows * 2).map(|g| 0.5 + g as f32).collect();
             let biases: Vec<f32> = (0..rows * 2).map(|g| -(g as f32)).collect();
-            let m = QuantizedMatrix::new(rows, cols, bits, group, packed, scales.clone(), biases.clone())
-                .unwrap();
+            let m = QuantizedMatrix::new(
+                rows,
+                cols,
+                bits,
+                group,
+                packed,
+                scales.clone(),
+                biases.clone(),
+            )
+            .unwrap();
             let dense = m.dequantize();
             for r in 0..rows {
                 for c in 0..cols {
@@ -210,14 +215,16 @@ mod tests {
     fn four_bit_element_k_sits_in_bits_4k() {
         // DESIGN §4: for 4 bits, element k of a word sits in bits 4k..4k+3.
         let word = 0x7654_3210u32;
-        let m = QuantizedMatrix::new(1, 32, 4, 32, vec![word, 0, 0, 0], vec![1.0], vec![0.0]).unwrap();
+        let m =
+            QuantizedMatrix::new(1, 32, 4, 32, vec![word, 0, 0, 0], vec![1.0], vec![0.0]).unwrap();
         let row = m.dequantize();
         assert_eq!(&row[..8], &[0.0, 1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0]);
     }
 
     #[test]
     fn mismatched_parts_are_rejected_with_sizes() {
-        let err = QuantizedMatrix::new(2, 64, 4, 64, vec![0; 3], vec![0.0; 2], vec![0.0; 2]).unwrap_err();
+        let err =
+            QuantizedMatrix::new(2, 64, 4, 64, vec![0; 3], vec![0.0; 2], vec![0.0; 2]).unwrap_err();
         assert!(err.0.contains("needs 16 packed words"), "{}", err.0);
         assert!(QuantizedMatrix::new(1, 64, 7, 64, vec![], vec![], vec![]).is_err());
     }
@@ -245,9 +252,14 @@ impl QuantizedMatrix {
                             let mut acc = 0f32;
                             for gi in 0..groups {
                                 let span = gi * g..(gi + 1) * g;
-                                let dot: f32 = xt[span.clone()].iter().zip(&codes[span]).map(|(a, b)| a * b).sum();
+                                let dot: f32 = xt[span.clone()]
+                                    .iter()
+                                    .zip(&codes[span])
+                                    .map(|(a, b)| a * b)
+                                    .sum();
                                 let k = row * groups + gi;
-                                acc += self.scales[k] * dot + self.biases[k] * group_sums[t * groups + gi];
+                                acc += self.scales[k] * dot
+                                    + self.biases[k] * group_sums[t * groups + gi];
                             }
                             acc
                         })
@@ -290,18 +302,31 @@ mod matmul_tests {
             let (rows, cols, group) = (5, 128, 64);
             let mut packed = vec![0u32; rows * cols * bits as usize / 32];
             for i in 0..rows * cols {
-                write_bits(&mut packed, i * bits as usize, bits, ((i * 13 + 5) % (1 << bits)) as u32);
+                write_bits(
+                    &mut packed,
+                    i * bits as usize,
+                    bits,
+                    ((i * 13 + 5) % (1 << bits)) as u32,
+                );
             }
             let scales: Vec<f32> = (0..rows * 2).map(|g| 0.01 * (g as f32 + 1.0)).collect();
             let biases: Vec<f32> = (0..rows * 2).map(|g| -0.1 * g as f32).collect();
             let m = QuantizedMatrix::new(rows, cols, bits, group, packed, scales, biases).unwrap();
-            let x: Vec<f32> = (0..2 * cols).map(|i| ((i * 7) % 11) as f32 * 0.1 - 0.5).collect();
+            let x: Vec<f32> = (0..2 * cols)
+                .map(|i| ((i * 7) % 11) as f32 * 0.1 - 0.5)
+                .collect();
             let dense = m.dequantize();
             let got = m.matmul_transposed(&x, 2);
             for t in 0..2 {
                 for r in 0..rows {
-                    let want: f32 = (0..cols).map(|c| x[t * cols + c] * dense[r * cols + c]).sum();
-                    assert!((got[t * rows + r] - want).abs() < 1e-4, "bits {bits}: {} vs {want}", got[t * rows + r]);
+                    let want: f32 = (0..cols)
+                        .map(|c| x[t * cols + c] * dense[r * cols + c])
+                        .sum();
+                    assert!(
+                        (got[t * rows + r] - want).abs() < 1e-4,
+                        "bits {bits}: {} vs {want}",
+                        got[t * rows + r]
+                    );
                 }
             }
         }

@@ -36,7 +36,10 @@ pub fn to_affine(kind: GgmlType, rows: usize, cols: usize, data: &[u8]) -> Optio
         match kind {
             GgmlType::Q4_0 | GgmlType::Q4_1 => {
                 let (bias, qs) = if kind == GgmlType::Q4_1 {
-                    (f16::from_le_bytes([block[2], block[3]]).to_f32(), &block[4..20])
+                    (
+                        f16::from_le_bytes([block[2], block[3]]).to_f32(),
+                        &block[4..20],
+                    )
                 } else {
                     (-8.0 * d, &block[2..18])
                 };
@@ -113,7 +116,9 @@ mod tests {
 
     fn block(kind: GgmlType, seed: u8) -> Vec<u8> {
         let (_, len) = kind.block();
-        let mut b: Vec<u8> = (0..len as u32).map(|i| (i as u8).wrapping_mul(37).wrapping_add(seed)).collect();
+        let mut b: Vec<u8> = (0..len as u32)
+            .map(|i| (i as u8).wrapping_mul(37).wrapping_add(seed))
+            .collect();
         b[..2].copy_from_slice(&f16::from_f32(0.0123 + seed as f32 * 0.001).to_le_bytes());
         if kind == GgmlType::Q4_1 {
             b[2..4].copy_from_slice(&f16::from_f32(-0.2).to_le_bytes());

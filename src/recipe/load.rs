@@ -11,7 +11,10 @@ use crate::quant::affine::SUPPORTED_BITS;
 #[derive(Debug, thiserror::Error)]
 pub enum RecipeError {
     #[error("cannot read recipe {path}: {source}")]
-    Read { path: PathBuf, source: std::io::Error },
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("{path}:{line}:{column}: {message}")]
     At {
         path: PathBuf,
@@ -91,10 +94,7 @@ fn load_table(path: &Path, chain: &mut Vec<PathBuf>) -> Result<Table, RecipeErro
 /// `--set` may supply them.
 fn parse_checked(text: &str, path: &Path) -> Result<Table, RecipeError> {
     let at = |e: &toml::de::Error| {
-        let (line, column) = e
-            .span()
-            .map(|s| line_col(text, s.start))
-            .unwrap_or((1, 1));
+        let (line, column) = e.span().map(|s| line_col(text, s.start)).unwrap_or((1, 1));
         let section = section_at(text, line);
         RecipeError::At {
             path: path.to_path_buf(),
@@ -229,53 +229,88 @@ fn validate(r: &Recipe) -> Result<(), RecipeError> {
         })
     };
     if r.lora.rank == 0 {
-        return invalid("lora.rank", "must be at least 1 (typical values: 8, 16, 64)".into());
+        return invalid(
+            "lora.rank",
+            "must be at least 1 (typical values: 8, 16, 64)".into(),
+        );
     }
     if r.lora.scale.is_some() && r.lora.alpha.is_some() {
-        return invalid("lora.scale", "give either `scale` or `alpha`, not both".into());
+        return invalid(
+            "lora.scale",
+            "give either `scale` or `alpha`, not both".into(),
+        );
     }
     if !(0.0..1.0).contains(&r.lora.dropout) {
-        return invalid("lora.dropout", format!("{} is outside [0, 1)", r.lora.dropout));
+        return invalid(
+            "lora.dropout",
+            format!("{} is outside [0, 1)", r.lora.dropout),
+        );
     }
     if let Targets::Named(name) = &r.lora.targets
         && name != "all-linear"
     {
         return invalid(
             "lora.targets",
-            format!("\"{name}\" is not a target set; use \"all-linear\" or a list of keys such as [\"self_attn.q_proj\", \"mlp.down_proj\"]"),
+            format!(
+                "\"{name}\" is not a target set; use \"all-linear\" or a list of keys such as [\"self_attn.q_proj\", \"mlp.down_proj\"]"
+            ),
         );
     }
     if let Layers::Last(n) = r.lora.layers
         && (n == 0 || n < -1)
     {
-        return invalid("lora.layers", format!("{n}: use -1 for every block, N > 0 for the last N, or a list"));
+        return invalid(
+            "lora.layers",
+            format!("{n}: use -1 for every block, N > 0 for the last N, or a list"),
+        );
     }
     if let Some(q) = &r.model.quantize {
         if !SUPPORTED_BITS.contains(&q.bits) {
-            return invalid("model.quantize.bits", format!("{} is not one of {SUPPORTED_BITS:?}", q.bits));
+            return invalid(
+                "model.quantize.bits",
+                format!("{} is not one of {SUPPORTED_BITS:?}", q.bits),
+            );
         }
         if ![32, 64, 128].contains(&q.group_size) {
-            return invalid("model.quantize.group_size", format!("{} is not one of 32, 64, 128", q.group_size));
+            return invalid(
+                "model.quantize.group_size",
+                format!("{} is not one of 32, 64, 128", q.group_size),
+            );
         }
     }
     if r.data.path.is_none() && r.data.train.is_none() {
-        return invalid("data.path", "give a dataset folder (`path`) or a `train` file".into());
+        return invalid(
+            "data.path",
+            "give a dataset folder (`path`) or a `train` file".into(),
+        );
     }
     if r.data.max_seq_len == 0 {
         return invalid("data.max_seq_len", "must be positive".into());
     }
     let t = &r.train;
     if t.batch_size == 0 || t.grad_accumulation == 0 {
-        return invalid("train.batch_size", "batch_size and grad_accumulation must be at least 1".into());
+        return invalid(
+            "train.batch_size",
+            "batch_size and grad_accumulation must be at least 1".into(),
+        );
     }
     if t.learning_rate <= 0.0 || !t.learning_rate.is_finite() {
-        return invalid("train.learning_rate", format!("{} must be a positive number", t.learning_rate));
+        return invalid(
+            "train.learning_rate",
+            format!("{} must be a positive number", t.learning_rate),
+        );
     }
     if t.iters.is_some() && t.epochs.is_some() {
-        return invalid("train.iters", "give either `iters` or `epochs`, not both".into());
+        return invalid(
+            "train.iters",
+            "give either `iters` or `epochs`, not both".into(),
+        );
     }
     if t.max_grad_norm.is_some_and(|n| n <= 0.0) {
-        return invalid("train.max_grad_norm", "must be positive (leave it out to disable clipping)".into());
+        return invalid(
+            "train.max_grad_norm",
+            "must be positive (leave it out to disable clipping)".into(),
+        );
     }
     Ok(())
 }
@@ -292,8 +327,12 @@ mod tests {
 
     #[test]
     fn merge_is_deep() {
-        let mut base: Table = toml::from_str("[train]\nbatch_size = 4\nlearning_rate = 1e-5").unwrap();
-        merge(&mut base, toml::from_str("[train]\nbatch_size = 8").unwrap());
+        let mut base: Table =
+            toml::from_str("[train]\nbatch_size = 4\nlearning_rate = 1e-5").unwrap();
+        merge(
+            &mut base,
+            toml::from_str("[train]\nbatch_size = 8").unwrap(),
+        );
         assert_eq!(base["train"]["batch_size"].as_integer(), Some(8));
         assert_eq!(base["train"]["learning_rate"].as_float(), Some(1e-5));
     }

@@ -28,12 +28,7 @@ fn pre_tokenizer(pre: &str) -> Option<(Vec<&'static str>, bool, bool)> {
             (vec![r"\p{N}", GPT2], false, false)
         }
         "default" | "" => (
-            vec![
-                r"[\p{P}\$\+<=>\^~\|]+",
-                GPT2,
-                r"\p{N}+",
-                "[0-9][0-9][0-9]",
-            ],
+            vec![r"[\p{P}\$\+<=>\^~\|]+", GPT2, r"\p{N}+", "[0-9][0-9][0-9]"],
             false,
             false,
         ),
@@ -54,7 +49,11 @@ pub fn from_gguf(gguf: &GgufFile) -> Result<Tokenizer> {
             .and_then(Value::as_array)
             .ok_or_else(|| anyhow!("{path}: metadata `{key}` is missing"))?
             .iter()
-            .map(|v| v.as_str().map(str::to_string).ok_or_else(|| anyhow!("{path}: `{key}` holds a non-string")))
+            .map(|v| {
+                v.as_str()
+                    .map(str::to_string)
+                    .ok_or_else(|| anyhow!("{path}: `{key}` holds a non-string"))
+            })
             .collect()
     };
     let tokens = strings("tokenizer.ggml.tokens")?;

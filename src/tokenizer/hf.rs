@@ -9,11 +9,13 @@ use super::{Tokenizer, TokenizerKind};
 
 pub fn from_folder(dir: &Path) -> Result<Tokenizer> {
     let path = dir.join("tokenizer.json");
-    let inner = if !path.exists() && dir.join("vocab.json").exists() && dir.join("merges.txt").exists() {
-        gpt2_from_vocab_merges(&dir.join("vocab.json"), &dir.join("merges.txt"))?
-    } else {
-        tokenizers::Tokenizer::from_file(&path).map_err(|e| anyhow!("cannot load {}: {e}", path.display()))?
-    };
+    let inner =
+        if !path.exists() && dir.join("vocab.json").exists() && dir.join("merges.txt").exists() {
+            gpt2_from_vocab_merges(&dir.join("vocab.json"), &dir.join("merges.txt"))?
+        } else {
+            tokenizers::Tokenizer::from_file(&path)
+                .map_err(|e| anyhow!("cannot load {}: {e}", path.display()))?
+        };
     let kind = kind_of(&inner);
     let config = read_json(&dir.join("tokenizer_config.json"))?;
     let token = |key: &str| -> Option<String> {
@@ -32,7 +34,9 @@ pub fn from_folder(dir: &Path) -> Result<Tokenizer> {
     let mut stop_ids: Vec<u32> = eos.iter().filter_map(|e| inner.token_to_id(e)).collect();
     if let Some(gen_config) = read_json(&dir.join("generation_config.json"))? {
         match gen_config.get("eos_token_id") {
-            Some(Value::Array(ids)) => stop_ids.extend(ids.iter().filter_map(|v| v.as_u64()).map(|v| v as u32)),
+            Some(Value::Array(ids)) => {
+                stop_ids.extend(ids.iter().filter_map(|v| v.as_u64()).map(|v| v as u32))
+            }
             Some(v) => stop_ids.extend(v.as_u64().map(|v| v as u32)),
             None => {}
         }
@@ -67,7 +71,8 @@ fn read_json(path: &Path) -> Result<Option<Value>> {
     if !path.exists() {
         return Ok(None);
     }
-    let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
     serde_json::from_str(&text)
         .map(Some)
         .with_context(|| format!("{} is not valid JSON", path.display()))
@@ -76,7 +81,10 @@ fn read_json(path: &Path) -> Result<Option<Value>> {
 fn kind_of(tok: &tokenizers::Tokenizer) -> TokenizerKind {
     let json = tok.to_string(false).unwrap_or_default();
     let v: Value = serde_json::from_str(&json).unwrap_or_default();
-    let model = v.pointer("/model/type").and_then(Value::as_str).unwrap_or("?");
+    let model = v
+        .pointer("/model/type")
+        .and_then(Value::as_str)
+        .unwrap_or("?");
     let byte_level = json.contains("\"ByteLevel\"");
     match model {
         "BPE" if byte_level => TokenizerKind::ByteLevelBpe,
@@ -92,7 +100,13 @@ pub fn gpt2_from_vocab_merges(vocab: &Path, merges: &Path) -> Result<tokenizers:
     use tokenizers::pre_tokenizers::byte_level::ByteLevel;
     let bpe = BPE::from_file(&vocab.to_string_lossy(), &merges.to_string_lossy())
         .build()
-        .map_err(|e| anyhow!("cannot load {} / {}: {e}", vocab.display(), merges.display()))?;
+        .map_err(|e| {
+            anyhow!(
+                "cannot load {} / {}: {e}",
+                vocab.display(),
+                merges.display()
+            )
+        })?;
     let mut tok = tokenizers::Tokenizer::new(bpe);
     let byte_level = ByteLevel::default().add_prefix_space(false);
     tok.with_pre_tokenizer(Some(byte_level))

@@ -30,12 +30,21 @@ pub fn asset(name: &str) -> PathBuf {
         String::from_utf8_lossy(&out.stderr)
     );
     let stdout = String::from_utf8(out.stdout).unwrap();
-    PathBuf::from(stdout.lines().last().expect("fetch-assets.sh prints a path").trim())
+    PathBuf::from(
+        stdout
+            .lines()
+            .last()
+            .expect("fetch-assets.sh prints a path")
+            .trim(),
+    )
 }
 
 pub fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
     assert_eq!(a.len(), b.len(), "length mismatch");
-    a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max)
 }
 
 /// Runs the loraforge binary built for these tests.

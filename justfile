@@ -1,0 +1,41 @@
+# loraforge tasks. `just` alone lists them. Install just with `pip install rust-just`.
+
+default:
+    @just --list
+
+# Fetch the real-world assets (SmolLM2 GGUF, llama.cpp tokenizer vectors, tokenizer.json files).
+fetch what="all":
+    scripts/fetch-assets.sh {{what}}
+
+# Build the release binary (add `--features cuda` for NVIDIA GPUs).
+build *flags:
+    cargo build --release {{flags}}
+
+# The embedded default end to end: fetch SmolLM2-135M, inspect it, check the demo recipe, generate.
+demo: build
+    #!/usr/bin/env bash
+    set -euo pipefail
+    model=$(scripts/fetch-assets.sh smollm2 | tail -n 1)
+    ./target/release/loraforge inspect "$model"
+    ./target/release/loraforge recipe check recipes/smollm2-demo.toml --set model.path="$model"
+    ./target/release/loraforge generate --model "$model" --chat --prompt "What is the capital of France?" --temp 0 --max-tokens 64
+
+# Every test, in the release profile (one build serves the binary, unit and integration tests).
+test:
+    cargo test --release
+
+# Formatting and lints exactly as CI checks them.
+lint:
+    cargo fmt --check
+    cargo clippy --all-targets -- -D warnings
+
+# Generation speed on this CPU, ours next to transformers (results in bench/results/).
+bench-generate:
+    bench/generate.sh
+
+# Regenerate the committed reference fixtures with transformers / mlx (needs .venv-ref).
+fixtures:
+    scripts/setup-reference-venv.sh
+    .venv-ref/bin/python scripts/fixtures/make_tiny_models.py
+    .venv-ref/bin/python scripts/fixtures/make_mlx_quantized.py
+    .venv-ref/bin/python scripts/fixtures/make_smollm2_reference.py "$(scripts/fetch-assets.sh smollm2 | tail -n 1)"
