@@ -288,7 +288,9 @@ impl ModelConfig {
             path: path.to_string(),
             reason,
         };
-        if self.num_heads == 0 || self.num_kv_heads == 0 || !self.num_heads.is_multiple_of(self.num_kv_heads)
+        if self.num_heads == 0
+            || self.num_kv_heads == 0
+            || !self.num_heads.is_multiple_of(self.num_kv_heads)
         {
             return Err(invalid(format!(
                 "num_attention_heads ({}) must be a positive multiple of num_key_value_heads ({})",

@@ -40,7 +40,10 @@ impl QuantizedMatrix {
                 "{bits}-bit quantization is not supported (supported: {SUPPORTED_BITS:?})"
             )));
         }
-        if group_size == 0 || !cols.is_multiple_of(group_size) || !(cols * bits as usize).is_multiple_of(32) {
+        if group_size == 0
+            || !cols.is_multiple_of(group_size)
+            || !(cols * bits as usize).is_multiple_of(32)
+        {
             return Err(LayoutError(format!(
                 "row length {cols} does not divide into groups of {group_size} packed at {bits} bits"
             )));
