@@ -85,6 +85,7 @@ impl QuantizedMatrix {
     }
 
     /// Dequantizes one row into `out` (`cols` long).
+    #[inline(always)]
     pub fn dequantize_row(&self, row: usize, out: &mut [f32]) {
         let wpr = self.words_per_row();
         let words = &self.packed[row * wpr..(row + 1) * wpr];
@@ -140,12 +141,14 @@ impl QuantizedMatrix {
 
 /// Dequantizes codes that never straddle a word (2, 4, 8 bits); `BITS` is a constant so the
 /// shifts and masks unroll.
+#[inline(always)]
 fn dequant_words<const BITS: usize>(words: &[u32], scale: f32, bias: f32, out: &mut [f32]) {
     let per_word = 32 / BITS;
     let mask = (1u32 << BITS) - 1;
     for (word, values) in words.iter().zip(out.chunks_exact_mut(per_word)) {
         for (k, v) in values.iter_mut().enumerate() {
-            *v = scale * ((word >> (k * BITS)) & mask) as f32 + bias;
+            // Through i32: x86 converts signed ints to floats in one instruction, unsigned ones not.
+            *v = scale * (((word >> (k * BITS)) & mask) as i32) as f32 + bias;
         }
     }
 }
@@ -230,108 +233,5 @@ mod tests {
             QuantizedMatrix::new(2, 64, 4, 64, vec![0; 3], vec![0.0; 2], vec![0.0; 2]).unwrap_err();
         assert!(err.0.contains("needs 16 packed words"), "{}", err.0);
         assert!(QuantizedMatrix::new(1, 64, 7, 64, vec![], vec![], vec![]).is_err());
-    }
-}
-
-impl QuantizedMatrix {
-    /// `y = x Wᵀ` straight from the packed codes, for a few rows of `x` (`[n, cols]` → `[n, rows]`).
-    /// Per group, `Σ x·(s·q + b) = s·Σ x·q + b·Σ x`, so the weight is never expanded; this is what
-    /// makes token-by-token generation memory-bound on the packed size rather than the dense one.
-    pub fn matmul_transposed(&self, x: &[f32], n: usize) -> Vec<f32> {
-        let (cols, g) = (self.cols, self.group_size);
-        let groups = cols / g;
-        let group_sums: Vec<f32> = x.chunks_exact(g).map(|c| c.iter().sum()).collect();
-        let mut y = vec![0f32; n * self.rows];
-        // Rows in parallel; each task owns one output column across the n inputs.
-        let columns: Vec<Vec<f32>> = (0..self.rows)
-            .into_par_iter()
-            .map_init(
-                || vec![0f32; cols],
-                |codes, row| {
-                    self.codes_row(row, codes);
-                    (0..n)
-                        .map(|t| {
-                            let xt = &x[t * cols..(t + 1) * cols];
-                            let mut acc = 0f32;
-                            for gi in 0..groups {
-                                let span = gi * g..(gi + 1) * g;
-                                let dot: f32 = xt[span.clone()]
-                                    .iter()
-                                    .zip(&codes[span])
-                                    .map(|(a, b)| a * b)
-                                    .sum();
-                                let k = row * groups + gi;
-                                acc += self.scales[k] * dot
-                                    + self.biases[k] * group_sums[t * groups + gi];
-                            }
-                            acc
-                        })
-                        .collect()
-                },
-            )
-            .collect();
-        for (row, column) in columns.iter().enumerate() {
-            for (t, v) in column.iter().enumerate() {
-                y[t * self.rows + row] = *v;
-            }
-        }
-        y
-    }
-
-    /// The integer codes of one row as f32 (no scale or bias applied).
-    fn codes_row(&self, row: usize, out: &mut [f32]) {
-        let wpr = self.words_per_row();
-        let words = &self.packed[row * wpr..(row + 1) * wpr];
-        match self.bits {
-            4 => dequant_words::<4>(words, 1.0, 0.0, out),
-            8 => dequant_words::<8>(words, 1.0, 0.0, out),
-            2 => dequant_words::<2>(words, 1.0, 0.0, out),
-            bits => {
-                for (i, v) in out.iter_mut().enumerate() {
-                    *v = read_bits(words, i * bits as usize, bits) as f32;
-                }
-            }
-        }
-    }
-}
-
-#[cfg(test)]
-mod matmul_tests {
-    use super::*;
-
-    #[test]
-    fn packed_matmul_equals_dense_matmul() {
-        for bits in SUPPORTED_BITS {
-            let (rows, cols, group) = (5, 128, 64);
-            let mut packed = vec![0u32; rows * cols * bits as usize / 32];
-            for i in 0..rows * cols {
-                write_bits(
-                    &mut packed,
-                    i * bits as usize,
-                    bits,
-                    ((i * 13 + 5) % (1 << bits)) as u32,
-                );
-            }
-            let scales: Vec<f32> = (0..rows * 2).map(|g| 0.01 * (g as f32 + 1.0)).collect();
-            let biases: Vec<f32> = (0..rows * 2).map(|g| -0.1 * g as f32).collect();
-            let m = QuantizedMatrix::new(rows, cols, bits, group, packed, scales, biases).unwrap();
-            let x: Vec<f32> = (0..2 * cols)
-                .map(|i| ((i * 7) % 11) as f32 * 0.1 - 0.5)
-                .collect();
-            let dense = m.dequantize();
-            let got = m.matmul_transposed(&x, 2);
-            for t in 0..2 {
-                for r in 0..rows {
-                    let want: f32 = (0..cols)
-                        .map(|c| x[t * cols + c] * dense[r * cols + c])
-                        .sum();
-                    assert!(
-                        (got[t * rows + r] - want).abs() < 1e-4,
-                        "bits {bits}: {} vs {want}",
-                        got[t * rows + r]
-                    );
-                }
-            }
-        }
     }
 }

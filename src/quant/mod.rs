@@ -3,5 +3,6 @@
 
 pub mod affine;
 pub mod ggml;
+pub mod packed_matmul;
 
 pub use affine::QuantizedMatrix;
