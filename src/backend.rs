@@ -2,7 +2,8 @@
 //! concrete backends, chosen by `device = "cpu" | "cuda" | "metal"`.
 
 use anyhow::{Result, bail};
-use burn::tensor::backend::Backend;
+
+use crate::model::FrozenLinearBackend;
 
 /// CPU backend: burn-ndarray (see README for why ndarray rather than flex).
 pub type Cpu = burn::backend::NdArray<f32>;
@@ -29,7 +30,7 @@ pub enum DeviceKind {
 /// Work that runs on whichever backend the user picked.
 pub trait BackendTask {
     type Output;
-    fn run<B: Backend>(self, device: B::Device) -> Result<Self::Output>;
+    fn run<B: FrozenLinearBackend>(self, device: B::Device) -> Result<Self::Output>;
 }
 
 pub fn run_on<T: BackendTask>(kind: DeviceKind, task: T) -> Result<T::Output> {

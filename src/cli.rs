@@ -4,12 +4,13 @@ use std::io::Write;
 use std::path::PathBuf;
 
 use anyhow::{Context, Result};
-use burn::tensor::backend::Backend;
+
 use clap::{Args, Parser, Subcommand};
 
 use crate::backend::{BackendTask, DeviceKind, run_on};
 use crate::chat::{ChatTemplate, Message};
 use crate::generate::{GenerationLimits, SamplingConfig, generate};
+use crate::model::frozen_op::FrozenLinearBackend;
 use crate::model::load_model;
 
 #[derive(Parser)]
@@ -123,7 +124,7 @@ pub fn run() -> Result<()> {
 impl BackendTask for GenerateArgs {
     type Output = ();
 
-    fn run<B: Backend>(self, device: B::Device) -> Result<()> {
+    fn run<B: FrozenLinearBackend>(self, device: B::Device) -> Result<()> {
         let model = load_model::<B>(&self.model, &device)?;
         let tokenizer = crate::tokenizer::for_model(&model.files)?;
         let prompt_ids = if self.chat || self.system.is_some() {

@@ -5,10 +5,10 @@ pub mod sampler;
 use std::time::Instant;
 
 use anyhow::Result;
-use burn::tensor::backend::Backend;
 
 pub use sampler::{Sampler, SamplingConfig};
 
+use crate::model::frozen_op::FrozenLinearBackend;
 use crate::model::{Decoder, KvCache};
 use crate::tokenizer::Tokenizer;
 
@@ -37,7 +37,7 @@ pub struct GenerationLimits {
 }
 
 /// Generates after `prompt_ids`, calling `on_text` with each new piece of decoded text.
-pub fn generate<B: Backend>(
+pub fn generate<B: FrozenLinearBackend>(
     model: &Decoder<B>,
     tokenizer: &Tokenizer,
     prompt_ids: &[u32],

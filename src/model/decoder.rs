@@ -11,19 +11,20 @@
 //! logits = rmsnorm(h) W_headᵀ            (W_head = embedding when tied)
 //! ```
 
-use burn::tensor::{Tensor, TensorData, activation, backend::Backend};
+use burn::tensor::{Tensor, TensorData, activation};
 
 use super::config::ModelConfig;
+use super::frozen_op::FrozenLinearBackend;
 use super::linear::{FrozenLinear, FrozenWeight};
 use super::rope::Rope;
 
 #[derive(Debug, Clone)]
-pub struct RmsNorm<B: Backend> {
+pub struct RmsNorm<B: FrozenLinearBackend> {
     pub weight: Tensor<B, 1>,
     pub eps: f64,
 }
 
-impl<B: Backend> RmsNorm<B> {
+impl<B: FrozenLinearBackend> RmsNorm<B> {
     /// Normalises over the last dimension.
     pub fn forward<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
         let rms = x
@@ -37,7 +38,7 @@ impl<B: Backend> RmsNorm<B> {
 }
 
 #[derive(Debug, Clone)]
-pub struct Attention<B: Backend> {
+pub struct Attention<B: FrozenLinearBackend> {
     pub q_proj: FrozenLinear<B>,
     pub k_proj: FrozenLinear<B>,
     pub v_proj: FrozenLinear<B>,
@@ -51,11 +52,11 @@ pub struct Attention<B: Backend> {
 
 /// Keys and values of the positions seen so far, per layer: `[batch, kv_heads, len, head_dim]`.
 #[derive(Debug, Clone)]
-pub struct KvCache<B: Backend> {
+pub struct KvCache<B: FrozenLinearBackend> {
     layers: Vec<Option<(Tensor<B, 4>, Tensor<B, 4>)>>,
 }
 
-impl<B: Backend> KvCache<B> {
+impl<B: FrozenLinearBackend> KvCache<B> {
     pub fn new(num_layers: usize) -> Self {
         KvCache {
             layers: vec![None; num_layers],
@@ -72,7 +73,7 @@ impl<B: Backend> KvCache<B> {
     }
 }
 
-impl<B: Backend> Attention<B> {
+impl<B: FrozenLinearBackend> Attention<B> {
     fn heads(&self, x: Tensor<B, 3>, heads: usize) -> Tensor<B, 4> {
         let [batch, seq, _] = x.dims();
         x.reshape([batch, seq, heads, self.head_dim])
@@ -126,7 +127,7 @@ impl<B: Backend> Attention<B> {
 
 /// `[batch, kv_heads, len, d]` → `[batch, kv_heads * group, len, d]`, each kv head repeated for
 /// the `group` query heads that share it.
-fn repeat_kv<B: Backend>(x: Tensor<B, 4>, group: usize) -> Tensor<B, 4> {
+fn repeat_kv<B: FrozenLinearBackend>(x: Tensor<B, 4>, group: usize) -> Tensor<B, 4> {
     if group == 1 {
         return x;
     }
@@ -137,7 +138,7 @@ fn repeat_kv<B: Backend>(x: Tensor<B, 4>, group: usize) -> Tensor<B, 4> {
 }
 
 /// Additive mask `[1, 1, seq, total]`: query `i` (absolute position `past + i`) sees keys `0..=past+i`.
-fn causal_mask<B: Backend>(
+fn causal_mask<B: FrozenLinearBackend>(
     seq: usize,
     total: usize,
     past: usize,
@@ -153,13 +154,13 @@ fn causal_mask<B: Backend>(
 }
 
 #[derive(Debug, Clone)]
-pub struct Mlp<B: Backend> {
+pub struct Mlp<B: FrozenLinearBackend> {
     pub gate_proj: FrozenLinear<B>,
     pub up_proj: FrozenLinear<B>,
     pub down_proj: FrozenLinear<B>,
 }
 
-impl<B: Backend> Mlp<B> {
+impl<B: FrozenLinearBackend> Mlp<B> {
     pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
         let gate = activation::silu(self.gate_proj.forward(x.clone()));
         self.down_proj.forward(gate * self.up_proj.forward(x))
@@ -167,14 +168,14 @@ impl<B: Backend> Mlp<B> {
 }
 
 #[derive(Debug, Clone)]
-pub struct Block<B: Backend> {
+pub struct Block<B: FrozenLinearBackend> {
     pub input_layernorm: RmsNorm<B>,
     pub self_attn: Attention<B>,
     pub post_attention_layernorm: RmsNorm<B>,
     pub mlp: Mlp<B>,
 }
 
-impl<B: Backend> Block<B> {
+impl<B: FrozenLinearBackend> Block<B> {
     pub fn forward(
         &self,
         h: Tensor<B, 3>,
@@ -190,7 +191,7 @@ impl<B: Backend> Block<B> {
 }
 
 #[derive(Debug, Clone)]
-pub struct Decoder<B: Backend> {
+pub struct Decoder<B: FrozenLinearBackend> {
     pub config: ModelConfig,
     pub embed_tokens: FrozenWeight<B>,
     pub layers: Vec<Block<B>>,
@@ -200,7 +201,7 @@ pub struct Decoder<B: Backend> {
     pub rope: Rope,
 }
 
-impl<B: Backend> Decoder<B> {
+impl<B: FrozenLinearBackend> Decoder<B> {
     /// Final hidden states `[batch, seq, hidden]` for `ids` (`batch * seq` tokens, row-major).
     /// With a cache, the tokens continue the cached positions and the cache is extended.
     pub fn forward_hidden(
@@ -228,6 +229,49 @@ impl<B: Backend> Decoder<B> {
             }
         }
         self.norm.forward(h)
+    }
+
+    /// Every decoder linear with its Hugging Face module path (`model.layers.0.self_attn.q_proj`).
+    pub fn linears_mut(&mut self) -> Vec<(String, &mut FrozenLinear<B>)> {
+        let mut out = Vec::new();
+        for (i, block) in self.layers.iter_mut().enumerate() {
+            let p = format!("model.layers.{i}");
+            let a = &mut block.self_attn;
+            let m = &mut block.mlp;
+            out.push((format!("{p}.self_attn.q_proj"), &mut a.q_proj));
+            out.push((format!("{p}.self_attn.k_proj"), &mut a.k_proj));
+            out.push((format!("{p}.self_attn.v_proj"), &mut a.v_proj));
+            out.push((format!("{p}.self_attn.o_proj"), &mut a.o_proj));
+            out.push((format!("{p}.mlp.gate_proj"), &mut m.gate_proj));
+            out.push((format!("{p}.mlp.up_proj"), &mut m.up_proj));
+            out.push((format!("{p}.mlp.down_proj"), &mut m.down_proj));
+        }
+        out
+    }
+
+    /// The adapters, with their module paths, in a fixed order.
+    pub fn adapters(&self) -> Vec<(String, &crate::lora::LoraAdapter<B>)> {
+        let mut out = Vec::new();
+        for (i, block) in self.layers.iter().enumerate() {
+            let p = format!("model.layers.{i}");
+            let a = &block.self_attn;
+            let m = &block.mlp;
+            let linears = [
+                ("self_attn.q_proj", &a.q_proj),
+                ("self_attn.k_proj", &a.k_proj),
+                ("self_attn.v_proj", &a.v_proj),
+                ("self_attn.o_proj", &a.o_proj),
+                ("mlp.gate_proj", &m.gate_proj),
+                ("mlp.up_proj", &m.up_proj),
+                ("mlp.down_proj", &m.down_proj),
+            ];
+            for (key, linear) in linears {
+                if let Some(adapter) = &linear.adapter {
+                    out.push((format!("{p}.{key}"), adapter));
+                }
+            }
+        }
+        out
     }
 
     /// Logits `[batch, seq, vocab]` from final hidden states.

@@ -2,19 +2,22 @@
 
 use std::sync::Arc;
 
-use burn::tensor::{Int, Tensor, TensorData, backend::Backend};
+use burn::tensor::{Distribution, Int, Tensor, TensorData, TensorPrimitive};
+
+use super::frozen_op::FrozenLinearBackend;
+use crate::lora::LoraAdapter;
 
 use crate::quant::QuantizedMatrix;
 
 /// A `[out, in]` weight as the base model holds it.
 #[derive(Debug, Clone)]
-pub enum FrozenWeight<B: Backend> {
+pub enum FrozenWeight<B: FrozenLinearBackend> {
     Dense(Tensor<B, 2>),
     /// Rows are output features; stays packed until a forward pass needs it.
     Quantized(Arc<QuantizedMatrix>),
 }
 
-impl<B: Backend> FrozenWeight<B> {
+impl<B: FrozenLinearBackend> FrozenWeight<B> {
     pub fn dims(&self) -> [usize; 2] {
         match self {
             FrozenWeight::Dense(t) => t.dims(),
@@ -51,19 +54,16 @@ impl<B: Backend> FrozenWeight<B> {
     }
 }
 
-/// Up to this many tokens, a quantized linear multiplies from the packed codes on the host
-/// (measured on SmolLM2, 2 cores: 22-token prompts 43 → 82 tokens/s); beyond it, dequantizing
-/// once and running the backend's GEMM is faster.
-const PACKED_MATMUL_MAX_ROWS: usize = 32;
-
 /// `y = x Wᵀ (+ b)` with a weight that never trains.
 #[derive(Debug, Clone)]
-pub struct FrozenLinear<B: Backend> {
+pub struct FrozenLinear<B: FrozenLinearBackend> {
     pub weight: FrozenWeight<B>,
     pub bias: Option<Tensor<B, 1>>,
+    /// The trainable part, when LoRA / DoRA targets this linear.
+    pub adapter: Option<LoraAdapter<B>>,
 }
 
-impl<B: Backend> FrozenLinear<B> {
+impl<B: FrozenLinearBackend> FrozenLinear<B> {
     pub fn out_features(&self) -> usize {
         self.weight.dims()[0]
     }
@@ -72,23 +72,26 @@ impl<B: Backend> FrozenLinear<B> {
     pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
         let [batch, seq, features] = x.dims();
         let out = self.out_features();
-        let device = x.device();
-        let y = match &self.weight {
-            // A few tokens (generation): multiply straight from the packed codes.
-            FrozenWeight::Quantized(q) if batch * seq <= PACKED_MATMUL_MAX_ROWS => {
-                let xs: Vec<f32> = x
-                    .into_data()
-                    .convert::<f32>()
-                    .into_vec()
-                    .expect("f32 activations");
-                let ys = crate::quant::packed_matmul::matmul_transposed(q, &xs, batch * seq);
-                Tensor::from_data(TensorData::new(ys, [batch, seq, out]), &device)
+        let x = x.reshape([batch * seq, features]);
+        let base = match &self.weight {
+            FrozenWeight::Dense(w) => x.clone().matmul(w.clone().transpose()),
+            FrozenWeight::Quantized(q) => {
+                let y = B::quantized_linear(x.clone().into_primitive().tensor(), q);
+                Tensor::from_primitive(TensorPrimitive::Float(y))
             }
-            weight => x
-                .reshape([batch * seq, features])
-                .matmul(weight.to_dense(&device).transpose())
-                .reshape([batch, seq, out]),
         };
+        let y = match &self.adapter {
+            Some(adapter) => {
+                let mask = (adapter.dropout > 0.0 && B::ad_enabled(&x.device())).then(|| {
+                    let keep = 1.0 - adapter.dropout;
+                    x.random_like(Distribution::Bernoulli(keep))
+                        .div_scalar(keep)
+                });
+                adapter.apply(x, base, &self.weight, mask)
+            }
+            None => base,
+        }
+        .reshape([batch, seq, out]);
         match &self.bias {
             Some(b) => y + b.clone().unsqueeze::<3>(),
             None => y,

@@ -4,10 +4,11 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use anyhow::{Context, Result, bail};
-use burn::tensor::{Tensor, TensorData, backend::Backend};
+use burn::tensor::{Tensor, TensorData};
 
 use super::config::ModelConfig;
 use super::decoder::{Attention, Block, Decoder, Mlp, RmsNorm};
+use super::frozen_op::FrozenLinearBackend;
 use super::linear::{FrozenLinear, FrozenWeight};
 use super::rope::Rope;
 use super::weights::{HostWeight, MlxQuantization, WeightSource};
@@ -93,7 +94,7 @@ impl ModelFiles {
     }
 
     /// Builds the decoder on `device`. Quantized weights stay packed.
-    pub fn build<B: Backend>(&self, device: &B::Device) -> Result<Decoder<B>> {
+    pub fn build<B: FrozenLinearBackend>(&self, device: &B::Device) -> Result<Decoder<B>> {
         let c = &self.config;
         let (h, hd) = (c.hidden_size, c.head_dim);
         let (q_out, kv_out) = (c.num_heads * hd, c.num_kv_heads * hd);
@@ -122,6 +123,7 @@ impl ModelFiles {
                     } else {
                         None
                     },
+                    adapter: None,
                 })
             };
         let norm = |name: &str, len: usize| -> Result<RmsNorm<B>> {
@@ -186,6 +188,7 @@ impl ModelFiles {
             FrozenLinear {
                 weight: embed_tokens.clone(),
                 bias: None,
+                adapter: None,
             }
         } else {
             linear("lm_head", c.vocab_size, h, false)?
@@ -201,7 +204,7 @@ impl ModelFiles {
     }
 }
 
-fn to_device<B: Backend>(weight: HostWeight, device: &B::Device) -> FrozenWeight<B> {
+fn to_device<B: FrozenLinearBackend>(weight: HostWeight, device: &B::Device) -> FrozenWeight<B> {
     match weight {
         HostWeight::Dense { shape, values } => FrozenWeight::Dense(Tensor::from_data(
             TensorData::new(values, [shape[0], shape[1]]),
@@ -212,12 +215,15 @@ fn to_device<B: Backend>(weight: HostWeight, device: &B::Device) -> FrozenWeight
 }
 
 /// A model ready to run, with what it was loaded from.
-pub struct LoadedModel<B: Backend> {
+pub struct LoadedModel<B: FrozenLinearBackend> {
     pub files: ModelFiles,
     pub decoder: Decoder<B>,
 }
 
-pub fn load_model<B: Backend>(path: &Path, device: &B::Device) -> Result<LoadedModel<B>> {
+pub fn load_model<B: FrozenLinearBackend>(
+    path: &Path,
+    device: &B::Device,
+) -> Result<LoadedModel<B>> {
     let files = ModelFiles::open(path)?;
     let decoder = files
         .build(device)

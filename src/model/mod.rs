@@ -2,6 +2,7 @@
 
 pub mod config;
 pub mod decoder;
+pub mod frozen_op;
 pub mod linear;
 pub mod load;
 pub mod rope;
@@ -9,4 +10,5 @@ pub mod weights;
 
 pub use config::{Family, ModelConfig, RopeScaling};
 pub use decoder::{Decoder, KvCache};
+pub use frozen_op::FrozenLinearBackend;
 pub use load::{LoadedModel, ModelFiles, ModelFormat, load_model};

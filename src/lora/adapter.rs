@@ -1,0 +1,128 @@
+//! One adapter, in MLX's layout and math (DESIGN §4):
+//!
+//! ```text
+//! LoRA:  y = W x + s · (drop(x) A) B                      A: [in, r], B: [r, out]
+//! DoRA:  y = m / ‖W + s·(AB)ᵀ‖_row · (W x + s · (drop(x) A) B)   (the norm is not differentiated)
+//! ```
+
+use burn::tensor::{Distribution, Tensor, TensorData, backend::Backend};
+
+use crate::model::FrozenLinearBackend;
+use crate::model::linear::FrozenWeight;
+
+#[derive(Debug, Clone)]
+pub struct LoraAdapter<B: Backend> {
+    /// `[in, r]`
+    pub a: Tensor<B, 2>,
+    /// `[r, out]`
+    pub b: Tensor<B, 2>,
+    /// DoRA magnitude `[out]`; `None` for plain LoRA.
+    pub magnitude: Option<Tensor<B, 1>>,
+    pub scale: f64,
+    pub dropout: f64,
+}
+
+impl<B: FrozenLinearBackend> LoraAdapter<B> {
+    /// mlx-lm's initialisation: `A ~ U(-1/√in, 1/√in)`, `B = 0`; DoRA's magnitude starts at the
+    /// row norms of `W`, so the adapted layer starts equal to the base.
+    pub fn init(
+        weight: &FrozenWeight<B>,
+        rank: usize,
+        scale: f64,
+        dropout: f64,
+        dora: bool,
+        device: &B::Device,
+    ) -> Self {
+        let [out, inp] = weight.dims();
+        let bound = 1.0 / (inp as f64).sqrt();
+        let a = Tensor::random([inp, rank], Distribution::Uniform(-bound, bound), device);
+        let b = Tensor::zeros([rank, out], device);
+        let magnitude = dora.then(|| row_norms(weight.to_dense(device)));
+        LoraAdapter {
+            a,
+            b,
+            magnitude,
+            scale,
+            dropout,
+        }
+    }
+
+    pub fn rank(&self) -> usize {
+        self.a.dims()[1]
+    }
+
+    /// Marks the trainable tensors so autodiff tracks them.
+    pub fn require_grad(self) -> Self {
+        LoraAdapter {
+            a: self.a.require_grad(),
+            b: self.b.require_grad(),
+            magnitude: self.magnitude.map(Tensor::require_grad),
+            ..self
+        }
+    }
+
+    /// The trainable tensors flattened to 1-D views, in a fixed order (a, b, magnitude).
+    pub fn parameters(&self) -> Vec<Tensor<B, 1>> {
+        let mut out = vec![self.a.clone().flatten(0, 1), self.b.clone().flatten(0, 1)];
+        out.extend(self.magnitude.clone());
+        out
+    }
+
+    /// `x`: `[n, in]`; `base`: `W x` as `[n, out]` (without bias). `dropout_mask`, when given, is
+    /// `[n, in]` of 0 or 1/(1-p).
+    pub fn apply(
+        &self,
+        x: Tensor<B, 2>,
+        base: Tensor<B, 2>,
+        weight: &FrozenWeight<B>,
+        dropout_mask: Option<Tensor<B, 2>>,
+    ) -> Tensor<B, 2> {
+        let x = match dropout_mask {
+            Some(mask) => x * mask,
+            None => x,
+        };
+        let update = x
+            .matmul(self.a.clone())
+            .matmul(self.b.clone())
+            .mul_scalar(self.scale);
+        let y = base + update;
+        match &self.magnitude {
+            None => y,
+            Some(m) => {
+                let device = y.device();
+                // ‖W + s·(AB)ᵀ‖ per output row, outside the graph as in mlx-lm / peft.
+                let delta = self
+                    .a
+                    .clone()
+                    .detach()
+                    .matmul(self.b.clone().detach())
+                    .mul_scalar(self.scale);
+                let adapted = weight.to_dense(&device) + delta.transpose();
+                let denom = row_norms(adapted).detach();
+                y * (m.clone() / denom).unsqueeze::<2>()
+            }
+        }
+    }
+}
+
+/// L2 norm of each row of `[out, in]` → `[out]`.
+fn row_norms<B: Backend>(w: Tensor<B, 2>) -> Tensor<B, 1> {
+    w.square().sum_dim(1).sqrt().squeeze_dim::<1>(1)
+}
+
+/// Host data of a 2-D tensor as f32, for saving.
+pub fn to_vec<B: Backend, const D: usize>(t: &Tensor<B, D>) -> Vec<f32> {
+    t.to_data()
+        .convert::<f32>()
+        .into_vec()
+        .expect("float tensor")
+}
+
+/// A tensor from f32 host data.
+pub fn from_vec<B: Backend, const D: usize>(
+    values: Vec<f32>,
+    shape: [usize; D],
+    device: &B::Device,
+) -> Tensor<B, D> {
+    Tensor::from_data(TensorData::new(values, shape), device)
+}

@@ -1,0 +1,224 @@
+//! Adapter files (DESIGN §4):
+//! - mlx-lm: `adapters.safetensors` with `<module>.lora_a` `[in, r]`, `.lora_b` `[r, out]`,
+//!   `.m` `[out]` (DoRA), and `adapter_config.json` (`fine_tune_type`, `num_layers`,
+//!   `lora_parameters {rank, scale, dropout, keys}`).
+//! - peft: `adapter_model.safetensors` with `base_model.model.<module>.lora_A.weight` `[r, in]`,
+//!   `.lora_B.weight` `[out, r]` (`lora_magnitude_vector` for DoRA), and `adapter_config.json`
+//!   (`peft_type`, `r`, `lora_alpha` = scale·r, or scale·√r with rsLoRA).
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use anyhow::{Context, Result, anyhow, bail};
+use safetensors::tensor::{Dtype, TensorView};
+use serde_json::json;
+
+use super::adapter::{from_vec, to_vec};
+use super::{AdapterSpec, LoraAdapter};
+use crate::io::atomic;
+use crate::io::safetensors::SafetensorsStore;
+use crate::model::{Decoder, FrozenLinearBackend};
+
+/// Named f32 tensors in row-major order, ready to be written.
+pub type NamedTensors = BTreeMap<String, (Vec<usize>, Vec<f32>)>;
+
+/// Serialises f32 tensors to safetensors bytes, with optional `__metadata__`.
+pub fn safetensors_bytes(tensors: &NamedTensors, metadata: &[(&str, &str)]) -> Result<Vec<u8>> {
+    let bytes: BTreeMap<&String, Vec<u8>> = tensors
+        .iter()
+        .map(|(name, (_, values))| (name, values.iter().flat_map(|v| v.to_le_bytes()).collect()))
+        .collect();
+    let views = tensors
+        .iter()
+        .map(|(name, (shape, _))| {
+            TensorView::new(Dtype::F32, shape.clone(), &bytes[name])
+                .map(|view| (name.clone(), view))
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    let metadata = (!metadata.is_empty()).then(|| {
+        metadata
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    });
+    Ok(safetensors::serialize(views, metadata)?)
+}
+
+/// The adapters in mlx-lm's naming and layout.
+pub fn mlx_tensors<B: FrozenLinearBackend>(decoder: &Decoder<B>) -> NamedTensors {
+    let mut out = NamedTensors::new();
+    for (path, adapter) in decoder.adapters() {
+        out.insert(
+            format!("{path}.lora_a"),
+            (adapter.a.dims().to_vec(), to_vec(&adapter.a)),
+        );
+        out.insert(
+            format!("{path}.lora_b"),
+            (adapter.b.dims().to_vec(), to_vec(&adapter.b)),
+        );
+        if let Some(m) = &adapter.magnitude {
+            out.insert(format!("{path}.m"), (m.dims().to_vec(), to_vec(m)));
+        }
+    }
+    out
+}
+
+/// The adapters in peft's naming and layout (transposed).
+pub fn peft_tensors<B: FrozenLinearBackend>(decoder: &Decoder<B>) -> NamedTensors {
+    let mut out = NamedTensors::new();
+    for (path, adapter) in decoder.adapters() {
+        let [inp, r] = adapter.a.dims();
+        let [_, outf] = adapter.b.dims();
+        out.insert(
+            format!("base_model.model.{path}.lora_A.weight"),
+            (vec![r, inp], to_vec(&adapter.a.clone().transpose())),
+        );
+        out.insert(
+            format!("base_model.model.{path}.lora_B.weight"),
+            (vec![outf, r], to_vec(&adapter.b.clone().transpose())),
+        );
+        if let Some(m) = &adapter.magnitude {
+            out.insert(
+                format!("base_model.model.{path}.lora_magnitude_vector"),
+                (vec![outf], to_vec(m)),
+            );
+        }
+    }
+    out
+}
+
+/// Writes `adapters.safetensors` (+ a `{step:07}_adapters.safetensors` snapshot) and
+/// `adapter_config.json` as mlx-lm reads them.
+pub fn save_mlx<B: FrozenLinearBackend>(
+    dir: &Path,
+    decoder: &Decoder<B>,
+    spec: &AdapterSpec,
+    base_model: &str,
+    step: Option<usize>,
+) -> Result<()> {
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let bytes = safetensors_bytes(&mlx_tensors(decoder), &[])?;
+    if let Some(step) = step {
+        atomic::write(&dir.join(format!("{step:07}_adapters.safetensors")), &bytes)?;
+    }
+    atomic::write(&dir.join("adapters.safetensors"), &bytes)?;
+    let config = json!({
+        "fine_tune_type": if spec.dora { "dora" } else { "lora" },
+        "model": base_model,
+        "num_layers": spec.num_layers,
+        "lora_parameters": {
+            "rank": spec.rank,
+            "scale": spec.scale,
+            "dropout": spec.dropout,
+            "keys": spec.keys,
+        },
+    });
+    atomic::write(
+        &dir.join("adapter_config.json"),
+        serde_json::to_string_pretty(&config)?.as_bytes(),
+    )?;
+    Ok(())
+}
+
+/// Writes the peft folder (`adapter_model.safetensors` + `adapter_config.json`).
+pub fn save_peft<B: FrozenLinearBackend>(
+    dir: &Path,
+    decoder: &Decoder<B>,
+    spec: &AdapterSpec,
+    base_model: &str,
+) -> Result<()> {
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let bytes = safetensors_bytes(&peft_tensors(decoder), &[("format", "pt")])?;
+    atomic::write(&dir.join("adapter_model.safetensors"), &bytes)?;
+    let r = spec.rank as f64;
+    let alpha = if spec.rslora {
+        spec.scale * r.sqrt()
+    } else {
+        spec.scale * r
+    };
+    let modules: Vec<&str> = spec
+        .keys
+        .iter()
+        .map(|k| k.rsplit('.').next().unwrap_or(k))
+        .collect();
+    let config = json!({
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "base_model_name_or_path": base_model,
+        "r": spec.rank,
+        "lora_alpha": alpha,
+        "lora_dropout": spec.dropout,
+        "use_rslora": spec.rslora,
+        "use_dora": spec.dora,
+        "target_modules": modules,
+        "layers_to_transform": spec.layers,
+        "bias": "none",
+        "fan_in_fan_out": false,
+        "inference_mode": true,
+    });
+    atomic::write(
+        &dir.join("adapter_config.json"),
+        serde_json::to_string_pretty(&config)?.as_bytes(),
+    )?;
+    Ok(())
+}
+
+/// Loads adapter weights (mlx-lm or peft layout, detected by name) into the decoder's existing
+/// adapters; every adapter must be found with the shape it has.
+pub fn load_into<B: FrozenLinearBackend>(
+    decoder: &mut Decoder<B>,
+    file: &Path,
+    device: &B::Device,
+) -> Result<()> {
+    let store = SafetensorsStore::open_files(&[file.to_path_buf()])?;
+    let peft = store.names().any(|n| n.starts_with("base_model.model."));
+    for (path, linear) in decoder.linears_mut() {
+        let Some(adapter) = linear.adapter.as_mut() else {
+            continue;
+        };
+        let (a_name, b_name, transpose) = if peft {
+            (
+                format!("base_model.model.{path}.lora_A.weight"),
+                format!("base_model.model.{path}.lora_B.weight"),
+                true,
+            )
+        } else {
+            (format!("{path}.lora_a"), format!("{path}.lora_b"), false)
+        };
+        let read = |name: &str, shape: [usize; 2]| -> Result<Vec<f32>> {
+            let raw = store
+                .get(name)
+                .ok_or_else(|| anyhow!("{}: adapter tensor `{name}` is missing", file.display()))?;
+            let want = if transpose {
+                vec![shape[1], shape[0]]
+            } else {
+                shape.to_vec()
+            };
+            if raw.shape != want.as_slice() {
+                bail!(
+                    "{}: `{name}` has shape {:?}, the model needs {:?} (adapters for a different base?)",
+                    file.display(),
+                    raw.shape,
+                    want
+                );
+            }
+            raw.to_f32().map_err(|e| anyhow!(e))
+        };
+        let load2 = |name: &str, shape: [usize; 2]| -> Result<burn::tensor::Tensor<B, 2>> {
+            let values = read(name, shape)?;
+            Ok(if transpose {
+                from_vec::<B, 2>(values, [shape[1], shape[0]], device).transpose()
+            } else {
+                from_vec::<B, 2>(values, shape, device)
+            })
+        };
+        let (a_shape, b_shape) = (adapter.a.dims(), adapter.b.dims());
+        let loaded = LoraAdapter {
+            a: load2(&a_name, a_shape)?,
+            b: load2(&b_name, b_shape)?,
+            ..adapter.clone()
+        };
+        *adapter = loaded;
+    }
+    Ok(())
+}
