@@ -3,12 +3,16 @@
 use std::io::Write;
 use std::path::PathBuf;
 
+use std::sync::atomic::{AtomicBool, Ordering};
+
 use anyhow::{Context, Result};
+use burn::backend::Autodiff;
 
 use clap::{Args, Parser, Subcommand};
 
 use crate::backend::{BackendTask, DeviceKind, run_on};
 use crate::chat::{ChatTemplate, Message};
+use crate::events::{Event, plain_line};
 use crate::generate::{GenerationLimits, SamplingConfig, generate};
 use crate::model::frozen_op::FrozenLinearBackend;
 use crate::model::load_model;
@@ -33,6 +37,8 @@ enum Command {
     },
     /// Generate text from a prompt.
     Generate(GenerateArgs),
+    /// Train the LoRA / DoRA adapters a recipe describes.
+    Train(TrainArgs),
     /// Work with recipes.
     Recipe {
         #[command(subcommand)]
@@ -49,6 +55,17 @@ enum RecipeCommand {
         #[arg(long = "set", value_name = "KEY=VALUE")]
         overrides: Vec<String>,
     },
+}
+
+#[derive(Args)]
+struct TrainArgs {
+    recipe: PathBuf,
+    /// Continue from the run's last checkpoint (or from the given run / checkpoint folder).
+    #[arg(long, num_args = 0..=1, default_missing_value = "", value_name = "DIR")]
+    resume: Option<PathBuf>,
+    /// Override a recipe key, e.g. --set train.iters=50 (repeatable).
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    overrides: Vec<String>,
 }
 
 #[derive(Args)]
@@ -101,6 +118,11 @@ pub fn run() -> Result<()> {
         Command::Generate(args) => {
             let device = args.device;
             run_on(device, args)
+        }
+        Command::Train(args) => {
+            let recipe = crate::recipe::load(&args.recipe, &args.overrides)?;
+            let device = recipe.device;
+            run_on(device, TrainTask { args, recipe })
         }
         Command::Recipe {
             command: RecipeCommand::Check { file, overrides },
@@ -202,6 +224,60 @@ impl BackendTask for GenerateArgs {
         );
         if let Some(peak) = s.peak_memory_bytes {
             println!("Peak memory: {:.3} GB", peak as f64 / 1e9);
+        }
+        Ok(())
+    }
+}
+
+struct TrainTask {
+    args: TrainArgs,
+    recipe: crate::recipe::Recipe,
+}
+
+/// Set by the first Ctrl-C: the trainer saves a checkpoint after the current step and stops.
+static STOP: AtomicBool = AtomicBool::new(false);
+
+impl BackendTask for TrainTask {
+    type Output = ();
+
+    fn run<B: FrozenLinearBackend>(self, device: B::Device) -> Result<()> {
+        ctrlc::set_handler(|| {
+            if STOP.swap(true, Ordering::SeqCst) {
+                eprintln!("\nsecond Ctrl-C: aborting without saving");
+                std::process::exit(130);
+            }
+            eprintln!(
+                "\nCtrl-C: finishing this step and saving a checkpoint (Ctrl-C again aborts)"
+            );
+        })
+        .context("installing the Ctrl-C handler")?;
+        let resume = self.args.resume.as_ref().map(|dir| {
+            if dir.as_os_str().is_empty() {
+                crate::train::run::run_dir(&self.recipe)
+            } else {
+                dir.clone()
+            }
+        });
+        let mut emit = |event: Event| println!("{}", plain_line(&event));
+        let outcome = crate::train::run::train::<Autodiff<B>>(
+            &self.recipe,
+            resume.as_deref(),
+            &STOP,
+            &mut emit,
+            &device,
+        )?;
+        if outcome.interrupted {
+            println!(
+                "Interrupted at step {}; the checkpoint is in {}. Resume with: loraforge train {} --resume",
+                outcome.step,
+                outcome.run_dir.join("checkpoint").display(),
+                self.args.recipe.display()
+            );
+        } else {
+            println!(
+                "Done: adapters in {}",
+                outcome.run_dir.join("adapters").display()
+            );
         }
         Ok(())
     }

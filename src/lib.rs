@@ -6,6 +6,8 @@
 pub mod backend;
 pub mod chat;
 pub mod cli;
+pub mod data;
+pub mod events;
 pub mod generate;
 pub mod inspect;
 pub mod io;

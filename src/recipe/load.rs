@@ -306,6 +306,12 @@ fn validate(r: &Recipe) -> Result<(), RecipeError> {
             "give either `iters` or `epochs`, not both".into(),
         );
     }
+    if t.steps_per_report == 0 || t.steps_per_eval == 0 || t.save_every == 0 {
+        return invalid(
+            "train.steps_per_report",
+            "steps_per_report, steps_per_eval and save_every must be at least 1".into(),
+        );
+    }
     if t.max_grad_norm.is_some_and(|n| n <= 0.0) {
         return invalid(
             "train.max_grad_norm",

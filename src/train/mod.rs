@@ -1,7 +1,9 @@
 //! Training: the loss, the optimizer and schedule, and the loop that ties them to data,
 //! checkpoints and events.
 
+pub mod checkpoint;
 pub mod loss;
 pub mod optimizer;
+pub mod run;
 pub mod schedule;
 pub mod step;
