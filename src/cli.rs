@@ -61,8 +61,8 @@ enum RecipeCommand {
 struct TrainArgs {
     recipe: PathBuf,
     /// Continue from the run's last checkpoint (or from the given run / checkpoint folder).
-    #[arg(long, num_args = 0..=1, default_missing_value = "", value_name = "DIR")]
-    resume: Option<PathBuf>,
+    #[arg(long, num_args = 0..=1, value_name = "DIR")]
+    resume: Option<Option<PathBuf>>,
     /// Override a recipe key, e.g. --set train.iters=50 (repeatable).
     #[arg(long = "set", value_name = "KEY=VALUE")]
     overrides: Vec<String>,
@@ -252,11 +252,8 @@ impl BackendTask for TrainTask {
         })
         .context("installing the Ctrl-C handler")?;
         let resume = self.args.resume.as_ref().map(|dir| {
-            if dir.as_os_str().is_empty() {
-                crate::train::run::run_dir(&self.recipe)
-            } else {
-                dir.clone()
-            }
+            dir.clone()
+                .unwrap_or_else(|| crate::train::run::run_dir(&self.recipe))
         });
         let mut emit = |event: Event| println!("{}", plain_line(&event));
         let outcome = crate::train::run::train::<Autodiff<B>>(

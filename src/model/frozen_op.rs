@@ -44,7 +44,8 @@ pub trait FrozenLinearBackend: Backend {
                 &device,
             )
         } else {
-            x.matmul(dense(w, &device).transpose())
+            let wt = TensorData::new(w.dequantize_transposed(), [w.cols, w.rows]);
+            x.matmul(Tensor::from_data(wt, &device))
         };
         y.into_primitive().tensor()
     }

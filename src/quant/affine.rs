@@ -122,6 +122,29 @@ impl QuantizedMatrix {
         self.dequantize_rows(0, self.rows)
     }
 
+    /// The dense transpose, `[cols, rows]` row-major: what `x · Wᵀ` wants as its right-hand
+    /// side, so the GEMM gets a contiguous operand instead of copying a transposed view.
+    pub fn dequantize_transposed(&self) -> Vec<f32> {
+        const BLOCK: usize = 64;
+        let mut out = vec![0f32; self.rows * self.cols];
+        // Blocks of output rows (= input columns) in parallel; each dequantizes its rows of W
+        // for the block's column range and writes them down the block's columns.
+        out.par_chunks_mut(BLOCK * self.rows)
+            .enumerate()
+            .for_each(|(block, chunk)| {
+                let c0 = block * BLOCK;
+                let width = chunk.len() / self.rows;
+                let mut row = vec![0f32; self.cols];
+                for r in 0..self.rows {
+                    self.dequantize_row(r, &mut row);
+                    for (j, v) in row[c0..c0 + width].iter().enumerate() {
+                        chunk[j * self.rows + r] = *v;
+                    }
+                }
+            });
+        out
+    }
+
     /// Reorders whole rows: row `i` of the result is row `order[i]` of `self`.
     pub fn permute_rows(&self, order: &[usize]) -> Self {
         let wpr = self.words_per_row();
@@ -206,6 +229,12 @@ mod tests {
             )
             .unwrap();
             let dense = m.dequantize();
+            let transposed = m.dequantize_transposed();
+            for r in 0..rows {
+                for c in 0..cols {
+                    assert_eq!(transposed[c * rows + r], dense[r * cols + c]);
+                }
+            }
             for r in 0..rows {
                 for c in 0..cols {
                     let g = r * 2 + c / group;

@@ -165,6 +165,16 @@ where
     std::fs::create_dir_all(&run_dir).with_context(|| format!("creating {}", run_dir.display()))?;
     crate::io::atomic::write(&run_dir.join("recipe.toml"), resolved.as_bytes())?;
 
+    if let (Some(valid), 0) = (&valid_plan, state.step) {
+        // The starting point, so the curve shows how far training moved it.
+        let started = Instant::now();
+        let loss = evaluate_loss(&model, valid, recipe.train.val_batches, device);
+        emit(Event::Validation {
+            step: 0,
+            loss,
+            seconds: started.elapsed().as_secs_f64(),
+        });
+    }
     let mut window = Window::start();
     let mut last_saved: Option<usize> = resume.map(|_| state.step);
     while state.step < total_steps {
