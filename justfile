@@ -11,14 +11,23 @@ fetch what="all":
 build *flags:
     cargo build --release {{flags}}
 
-# The embedded default end to end: fetch SmolLM2-135M, inspect it, check the demo recipe, generate.
+# The embedded default end to end: fetch SmolLM2-135M, inspect it, fine-tune it on the demo
+# dataset, then compare base and fine-tuned generations on held-out prompts.
 demo: build
     #!/usr/bin/env bash
     set -euo pipefail
     model=$(scripts/fetch-assets.sh smollm2 | tail -n 1)
     ./target/release/loraforge inspect "$model"
-    ./target/release/loraforge recipe check recipes/smollm2-demo.toml --set model.path="$model"
-    ./target/release/loraforge generate --model "$model" --chat --prompt "What is the capital of France?" --temp 0 --max-tokens 64
+    ./target/release/loraforge train recipes/smollm2-demo.toml --set model.path="\"$model\""
+    ./target/release/loraforge eval recipes/smollm2-demo.toml --set model.path="\"$model\""
+
+# Fine-tune with a recipe, e.g. `just train recipes/smollm2-demo.toml --resume`.
+train recipe *flags: build
+    ./target/release/loraforge train {{recipe}} {{flags}}
+
+# Base vs fine-tuned generations on the recipe's held-out prompts.
+eval recipe *flags: build
+    ./target/release/loraforge eval {{recipe}} {{flags}}
 
 # Every test, in the release profile (one build serves the binary, unit and integration tests).
 test:

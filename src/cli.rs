@@ -39,6 +39,15 @@ enum Command {
     Generate(GenerateArgs),
     /// Train the LoRA / DoRA adapters a recipe describes.
     Train(TrainArgs),
+    /// Generate on the recipe's held-out prompts with the base and the fine-tuned model.
+    Eval {
+        recipe: PathBuf,
+        /// Adapter folder; defaults to the run's `adapters/`.
+        #[arg(long)]
+        adapters: Option<PathBuf>,
+        #[arg(long = "set", value_name = "KEY=VALUE")]
+        overrides: Vec<String>,
+    },
     /// Work with recipes.
     Recipe {
         #[command(subcommand)]
@@ -75,6 +84,9 @@ struct GenerateArgs {
     model: PathBuf,
     #[arg(long)]
     prompt: String,
+    /// An adapter folder (mlx-lm layout: adapters.safetensors + adapter_config.json) to apply.
+    #[arg(long)]
+    adapters: Option<PathBuf>,
     /// Wrap the prompt in the model's chat template as a user message.
     #[arg(long)]
     chat: bool,
@@ -119,6 +131,15 @@ pub fn run() -> Result<()> {
             let device = args.device;
             run_on(device, args)
         }
+        Command::Eval {
+            recipe,
+            adapters,
+            overrides,
+        } => {
+            let recipe = crate::recipe::load(&recipe, &overrides)?;
+            let device = recipe.device;
+            run_on(device, EvalTask { recipe, adapters })
+        }
         Command::Train(args) => {
             let recipe = crate::recipe::load(&args.recipe, &args.overrides)?;
             let device = recipe.device;
@@ -147,7 +168,10 @@ impl BackendTask for GenerateArgs {
     type Output = ();
 
     fn run<B: FrozenLinearBackend>(self, device: B::Device) -> Result<()> {
-        let model = load_model::<B>(&self.model, &device)?;
+        let mut model = load_model::<B>(&self.model, &device)?;
+        if let Some(dir) = &self.adapters {
+            crate::lora::files::attach(&mut model.decoder, dir, &device)?;
+        }
         let tokenizer = crate::tokenizer::for_model(&model.files)?;
         let prompt_ids = if self.chat || self.system.is_some() {
             let template = ChatTemplate::from_tokenizer(&tokenizer)?;
@@ -276,6 +300,31 @@ impl BackendTask for TrainTask {
                 outcome.run_dir.join("adapters").display()
             );
         }
+        Ok(())
+    }
+}
+
+struct EvalTask {
+    recipe: crate::recipe::Recipe,
+    adapters: Option<PathBuf>,
+}
+
+impl BackendTask for EvalTask {
+    type Output = ();
+
+    fn run<B: FrozenLinearBackend>(self, device: B::Device) -> Result<()> {
+        let run_dir = crate::train::run::run_dir(&self.recipe);
+        let adapters = self
+            .adapters
+            .clone()
+            .unwrap_or_else(|| run_dir.join("adapters"));
+        let report = crate::eval::run::<B>(&self.recipe, &adapters, &run_dir, &device)?;
+        print!("{}", crate::eval::markdown(&report));
+        println!(
+            "\nWritten to {} and {}",
+            run_dir.join("eval.md").display(),
+            run_dir.join("eval.json").display()
+        );
         Ok(())
     }
 }

@@ -7,6 +7,7 @@ pub mod backend;
 pub mod chat;
 pub mod cli;
 pub mod data;
+pub mod eval;
 pub mod events;
 pub mod generate;
 pub mod inspect;

@@ -213,12 +213,89 @@ pub fn load_into<B: FrozenLinearBackend>(
             })
         };
         let (a_shape, b_shape) = (adapter.a.dims(), adapter.b.dims());
+        let magnitude = match &adapter.magnitude {
+            None => None,
+            Some(m) => {
+                let name = if peft {
+                    format!("base_model.model.{path}.lora_magnitude_vector")
+                } else {
+                    format!("{path}.m")
+                };
+                let raw = store.get(&name).ok_or_else(|| {
+                    anyhow!("{}: DoRA magnitude `{name}` is missing", file.display())
+                })?;
+                if raw.shape != m.dims() {
+                    bail!(
+                        "{}: `{name}` has shape {:?}, the model needs {:?}",
+                        file.display(),
+                        raw.shape,
+                        m.dims()
+                    );
+                }
+                Some(from_vec::<B, 1>(
+                    raw.to_f32().map_err(|e| anyhow!(e))?,
+                    m.dims(),
+                    device,
+                ))
+            }
+        };
         let loaded = LoraAdapter {
             a: load2(&a_name, a_shape)?,
             b: load2(&b_name, b_shape)?,
+            magnitude,
             ..adapter.clone()
         };
         *adapter = loaded;
     }
     Ok(())
+}
+
+/// Reads an mlx-lm `adapter_config.json` (ours or `mlx_lm.lora`'s) into a spec for a model with
+/// `num_blocks` blocks.
+pub fn read_mlx_config(dir: &Path, num_blocks: usize) -> Result<AdapterSpec> {
+    let path = dir.join("adapter_config.json");
+    let text =
+        std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
+    let json: serde_json::Value = serde_json::from_str(&text)
+        .with_context(|| format!("{} is not valid JSON", path.display()))?;
+    let params = &json["lora_parameters"];
+    let rank = params["rank"]
+        .as_u64()
+        .with_context(|| format!("{}: no lora_parameters.rank", path.display()))?
+        as usize;
+    let num_layers = json["num_layers"].as_i64().unwrap_or(-1);
+    let keys: Vec<String> = params["keys"]
+        .as_array()
+        .map(|k| {
+            k.iter()
+                .filter_map(|v| v.as_str().map(str::to_string))
+                .collect()
+        })
+        .unwrap_or_else(|| super::TARGET_KEYS.iter().map(|k| k.to_string()).collect());
+    let lora = crate::recipe::LoraSection {
+        kind: if json["fine_tune_type"].as_str() == Some("dora") {
+            crate::recipe::AdapterKind::Dora
+        } else {
+            crate::recipe::AdapterKind::Lora
+        },
+        rank,
+        scale: Some(params["scale"].as_f64().unwrap_or(20.0)),
+        dropout: 0.0,
+        targets: crate::recipe::Targets::Keys(keys),
+        layers: crate::recipe::Layers::Last(num_layers),
+        ..Default::default()
+    };
+    AdapterSpec::from_recipe(&lora, num_blocks).with_context(|| path.display().to_string())
+}
+
+/// Adds the adapters saved in `dir` (mlx-lm layout) to a loaded model.
+pub fn attach<B: FrozenLinearBackend>(
+    decoder: &mut Decoder<B>,
+    dir: &Path,
+    device: &B::Device,
+) -> Result<AdapterSpec> {
+    let spec = read_mlx_config(dir, decoder.config.num_layers)?;
+    super::inject(decoder, &spec, device);
+    load_into(decoder, &dir.join("adapters.safetensors"), device)?;
+    Ok(spec)
 }

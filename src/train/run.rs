@@ -53,6 +53,19 @@ pub fn train<B: AutodiffBackend + FrozenLinearBackend>(
 where
     B::InnerBackend: FrozenLinearBackend,
 {
+    if recipe.model.quantize.is_some() {
+        bail!(
+            "model.quantize (quantizing a float base on load) is not implemented yet; use a GGUF or mlx-community quantized base, or remove the key"
+        );
+    }
+    if recipe.data.packing {
+        bail!("data.packing is not implemented yet; remove the key (or set it to false)");
+    }
+    if recipe.train.grad_checkpoint {
+        emit(Event::Warning(
+            "train.grad_checkpoint is not implemented yet; training runs without activation checkpointing".into(),
+        ));
+    }
     let resolved = toml::to_string(recipe)?;
     let run_dir = run_dir(recipe);
     let loaded = load_model::<B>(&recipe.model.path, device)?;
