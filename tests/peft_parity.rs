@@ -190,6 +190,8 @@ fn ten_adamw_steps_match_peft() {
     let final_peft = read_tensors(&dir.join("adapter_final/adapter_model.safetensors"));
     for (name, (_, values)) in files::peft_tensors(&model) {
         let diff = common::max_abs_diff(&values, &final_peft[&name]);
-        assert!(diff < 1e-5, "{name}: final weights differ by {diff}");
+        // Multi-threaded GEMMs sum in another order than torch's; after 10 Adam steps that leaves
+        // up to ~1.5e-5 (parameters are ~0.04 RMS). Dropping weight decay would move them 1e-4.
+        assert!(diff < 5e-5, "{name}: final weights differ by {diff}");
     }
 }

@@ -179,7 +179,8 @@ mod tests {
         assert_eq!(plan.len(), 2);
         let short = plan.batch(0);
         assert_eq!((short.batch, short.seq), (2, 2));
-        assert_eq!(short.mask, vec![1.0, 1.0, 1.0, 0.0]);
+        // Rows in length order: the 2-token example is padded by one untrained position.
+        assert_eq!(short.mask, vec![1.0, 0.0, 1.0, 1.0]);
         assert_eq!(plan.batch(1).seq, 8);
     }
 
