@@ -48,3 +48,7 @@ fixtures:
     .venv-ref/bin/python scripts/fixtures/make_tiny_models.py
     .venv-ref/bin/python scripts/fixtures/make_mlx_quantized.py
     .venv-ref/bin/python scripts/fixtures/make_smollm2_reference.py "$(scripts/fetch-assets.sh smollm2 | tail -n 1)"
+
+# Peak memory of float LoRA vs QLoRA (4-bit on load) on SmolLM2-135M (results in bench/results/).
+bench-train-memory:
+    bench/train_memory.sh

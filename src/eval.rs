@@ -11,7 +11,8 @@ use serde::{Deserialize, Serialize};
 use crate::chat::{ChatTemplate, Message};
 use crate::generate::{GenerationLimits, SamplingConfig, generate};
 use crate::io::atomic;
-use crate::model::{FrozenLinearBackend, load_model};
+use crate::model::FrozenLinearBackend;
+use crate::model::load::load_model_quantized;
 use crate::recipe::Recipe;
 
 #[derive(Debug, Clone, Deserialize)]
@@ -61,7 +62,9 @@ pub fn run<B: FrozenLinearBackend>(
             serde_json::from_str(l).with_context(|| format!("{}:{}", prompts_path.display(), i + 1))
         })
         .collect::<Result<_>>()?;
-    let loaded = load_model::<B>(&recipe.model.path, device)?;
+    // The same base the adapters were trained on (quantized on load for QLoRA recipes).
+    let quantize = recipe.model.quantize.map(|q| (q.bits, q.group_size));
+    let loaded = load_model_quantized::<B>(&recipe.model.path, device, quantize)?;
     let tokenizer = crate::tokenizer::for_model(&loaded.files)?;
     let template = ChatTemplate::from_tokenizer(&tokenizer)?;
     let base = loaded.decoder;

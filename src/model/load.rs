@@ -95,14 +95,32 @@ impl ModelFiles {
 
     /// Builds the decoder on `device`. Quantized weights stay packed.
     pub fn build<B: FrozenLinearBackend>(&self, device: &B::Device) -> Result<Decoder<B>> {
+        self.build_quantized(device, None)
+    }
+
+    /// Builds the decoder, quantizing every float matrix (linears, embedding, head) whose row
+    /// length divides by the group size to `(bits, group_size)` on the way, as
+    /// `mlx_lm.convert -q` does; matrices that are already quantized stay as they are.
+    pub fn build_quantized<B: FrozenLinearBackend>(
+        &self,
+        device: &B::Device,
+        quantize: Option<(u32, usize)>,
+    ) -> Result<Decoder<B>> {
         let c = &self.config;
         let (h, hd) = (c.hidden_size, c.head_dim);
         let (q_out, kv_out) = (c.num_heads * hd, c.num_kv_heads * hd);
         let matrix = |name: &str, rows: usize, cols: usize| -> Result<FrozenWeight<B>> {
-            Ok(to_device(
-                self.weights.load(name, &[rows, cols], c)?,
-                device,
-            ))
+            let weight = match (self.weights.load(name, &[rows, cols], c)?, quantize) {
+                (HostWeight::Dense { values, .. }, Some((bits, group)))
+                    if cols.is_multiple_of(group) =>
+                {
+                    HostWeight::Quantized(crate::quant::quantize::quantize(
+                        &values, rows, cols, bits, group,
+                    )?)
+                }
+                (weight, _) => weight,
+            };
+            Ok(to_device(weight, device))
         };
         let vector = |name: &str, len: usize| -> Result<Tensor<B, 1>> {
             match self.weights.load(name, &[len], c)? {
@@ -224,9 +242,18 @@ pub fn load_model<B: FrozenLinearBackend>(
     path: &Path,
     device: &B::Device,
 ) -> Result<LoadedModel<B>> {
+    load_model_quantized(path, device, None)
+}
+
+/// Loads a model, quantizing a float base on the way (QLoRA) when `quantize` is given.
+pub fn load_model_quantized<B: FrozenLinearBackend>(
+    path: &Path,
+    device: &B::Device,
+    quantize: Option<(u32, usize)>,
+) -> Result<LoadedModel<B>> {
     let files = ModelFiles::open(path)?;
     let decoder = files
-        .build(device)
+        .build_quantized(device, quantize)
         .with_context(|| format!("loading weights from {}", path.display()))?;
     Ok(LoadedModel { files, decoder })
 }

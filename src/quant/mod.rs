@@ -4,5 +4,6 @@
 pub mod affine;
 pub mod ggml;
 pub mod packed_matmul;
+pub mod quantize;
 
 pub use affine::QuantizedMatrix;

@@ -23,7 +23,8 @@ use crate::data::records::split_path;
 use crate::data::{BatchPlan, Encoder, load_split};
 use crate::events::{Event, TrainReport};
 use crate::lora::{AdapterSpec, files, inject};
-use crate::model::{Decoder, FrozenLinearBackend, load_model};
+use crate::model::load::load_model_quantized;
+use crate::model::{Decoder, FrozenLinearBackend};
 use crate::recipe::Recipe;
 
 pub struct TrainOutcome {
@@ -53,11 +54,6 @@ pub fn train<B: AutodiffBackend + FrozenLinearBackend>(
 where
     B::InnerBackend: FrozenLinearBackend,
 {
-    if recipe.model.quantize.is_some() {
-        bail!(
-            "model.quantize (quantizing a float base on load) is not implemented yet; use a GGUF or mlx-community quantized base, or remove the key"
-        );
-    }
     if recipe.data.packing {
         bail!("data.packing is not implemented yet; remove the key (or set it to false)");
     }
@@ -68,7 +64,8 @@ where
     }
     let resolved = toml::to_string(recipe)?;
     let run_dir = run_dir(recipe);
-    let loaded = load_model::<B>(&recipe.model.path, device)?;
+    let quantize = recipe.model.quantize.map(|q| (q.bits, q.group_size));
+    let loaded = load_model_quantized::<B>(&recipe.model.path, device, quantize)?;
     let tokenizer = crate::tokenizer::for_model(&loaded.files)?;
     let mut model = loaded.decoder;
     let spec = AdapterSpec::from_recipe(&recipe.lora, model.config.num_layers)?;

@@ -56,3 +56,13 @@ pub fn loraforge(args: &[&str]) -> std::process::Output {
         .output()
         .expect("running loraforge")
 }
+
+/// Every tensor of a safetensors file, as f32.
+pub fn tensors(path: &Path) -> std::collections::BTreeMap<String, Vec<f32>> {
+    let store =
+        loraforge::io::safetensors::SafetensorsStore::open_files(&[path.to_path_buf()]).unwrap();
+    store
+        .tensors()
+        .map(|t| (t.name.to_string(), t.to_f32().unwrap()))
+        .collect()
+}

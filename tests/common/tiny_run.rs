@@ -2,7 +2,7 @@
 //! recipe, in a fresh temporary folder.
 #![allow(dead_code)]
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 pub struct TinyRun {
     pub dir: PathBuf,
@@ -71,13 +71,4 @@ dir = "{dir}/run"
 
 pub fn run_dir(run: &TinyRun) -> PathBuf {
     run.dir.join("run")
-}
-
-pub fn tensors(path: &Path) -> std::collections::BTreeMap<String, Vec<f32>> {
-    let store =
-        loraforge::io::safetensors::SafetensorsStore::open_files(&[path.to_path_buf()]).unwrap();
-    store
-        .tensors()
-        .map(|t| (t.name.to_string(), t.to_f32().unwrap()))
-        .collect()
 }
