@@ -13,6 +13,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
 use anyhow::{Context, Result, bail};
+use burn::tensor::ElementConversion;
 use burn::tensor::backend::AutodiffBackend;
 
 use super::checkpoint::{self, TrainState};
@@ -281,8 +282,6 @@ where
         interrupted: false,
     })
 }
-
-use burn::tensor::ElementConversion;
 
 /// The micro-batch at cursor `consumed`: epoch `consumed / n`, position `consumed % n`.
 fn next_batch(plan: &BatchPlan, seed: u64, consumed: usize) -> Batch {
