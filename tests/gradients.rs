@@ -10,7 +10,7 @@ use burn::tensor::{Distribution, Tensor, TensorData, TensorPrimitive};
 use loraforge::lora::{AdapterSpec, inject};
 use loraforge::model::{Decoder, FrozenLinearBackend, load_model};
 use loraforge::quant::QuantizedMatrix;
-use loraforge::quant::affine::write_bits;
+use loraforge::quant::affine::pack_codes;
 use loraforge::recipe::{AdapterKind, Layers, LoraSection, Targets};
 use loraforge::train::step::{Batch, batch_loss, gradients, parameters, set_parameters};
 
@@ -113,15 +113,10 @@ fn dora_gradients_match_finite_differences() {
 fn quantized_linear_input_gradient_matches_dense() {
     let device = Default::default();
     for (bits, rows, cols, n) in [(4, 24, 64, 3), (8, 16, 128, 40), (3, 8, 64, 5)] {
-        let mut packed = vec![0u32; rows * cols * bits as usize / 32];
-        for i in 0..rows * cols {
-            write_bits(
-                &mut packed,
-                i * bits as usize,
-                bits,
-                ((i * 2654435761) >> 7) as u32 % (1 << bits),
-            );
-        }
+        let codes: Vec<u32> = (0..rows * cols)
+            .map(|i| ((i * 2654435761) >> 7) as u32 % (1 << bits))
+            .collect();
+        let packed = pack_codes(&codes, bits);
         let groups = rows * cols / 32;
         let scales: Vec<f32> = (0..groups).map(|g| 0.01 + 0.002 * (g % 7) as f32).collect();
         let biases: Vec<f32> = (0..groups).map(|g| -0.05 + 0.01 * (g % 5) as f32).collect();

@@ -186,6 +186,15 @@ fn read_bits(words: &[u32], pos: usize, bits: u32) -> u32 {
     v & ((1u32 << bits) - 1)
 }
 
+/// Packs one row of codes into MLX's bit stream (`bits` bits each, LSB first).
+pub fn pack_codes(codes: &[u32], bits: u32) -> Vec<u32> {
+    let mut words = vec![0u32; (codes.len() * bits as usize).div_ceil(32)];
+    for (i, &c) in codes.iter().enumerate() {
+        write_bits(&mut words, i * bits as usize, bits, c);
+    }
+    words
+}
+
 /// Writes `value` as `bits` bits at bit `pos` (the inverse of `read_bits`).
 pub fn write_bits(words: &mut [u32], pos: usize, bits: u32, value: u32) {
     let (w, shift) = (pos / 32, (pos % 32) as u32);
@@ -199,15 +208,6 @@ pub fn write_bits(words: &mut [u32], pos: usize, bits: u32, value: u32) {
 mod tests {
     use super::*;
 
-    /// Packs codes the way MLX does, independently of `read_bits`'s fast paths.
-    fn pack(codes: &[u32], bits: u32) -> Vec<u32> {
-        let mut words = vec![0u32; codes.len() * bits as usize / 32];
-        for (i, &c) in codes.iter().enumerate() {
-            write_bits(&mut words, i * bits as usize, bits, c);
-        }
-        words
-    }
-
     #[test]
     fn dequantize_every_bit_width_matches_scale_times_code_plus_bias() {
         for bits in SUPPORTED_BITS {
@@ -215,7 +215,10 @@ mod tests {
             let codes: Vec<u32> = (0..rows * cols)
                 .map(|i| ((i * 7 + 3) % (1 << bits)) as u32)
                 .collect();
-            let packed: Vec<u32> = codes.chunks(cols).flat_map(|row| pack(row, bits)).collect();
+            let packed: Vec<u32> = codes
+                .chunks(cols)
+                .flat_map(|row| pack_codes(row, bits))
+                .collect();
             let scales: Vec<f32> = (0..rows * 2).map(|g| 0.5 + g as f32).collect();
             let biases: Vec<f32> = (0..rows * 2).map(|g| -(g as f32)).collect();
             let m = QuantizedMatrix::new(

@@ -85,21 +85,16 @@ fn dot(a: &[f32], b: &[f32]) -> f32 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::quant::affine::{SUPPORTED_BITS, write_bits};
+    use crate::quant::affine::{SUPPORTED_BITS, pack_codes};
 
     #[test]
     fn packed_matmul_equals_dense_matmul() {
         for bits in SUPPORTED_BITS {
             let (rows, cols, group) = (5, 128, 64);
-            let mut packed = vec![0u32; rows * cols * bits as usize / 32];
-            for i in 0..rows * cols {
-                write_bits(
-                    &mut packed,
-                    i * bits as usize,
-                    bits,
-                    ((i * 13 + 5) % (1 << bits)) as u32,
-                );
-            }
+            let codes: Vec<u32> = (0..rows * cols)
+                .map(|i| ((i * 13 + 5) % (1 << bits)) as u32)
+                .collect();
+            let packed = pack_codes(&codes, bits);
             let scales: Vec<f32> = (0..rows * 2).map(|g| 0.01 * (g as f32 + 1.0)).collect();
             let biases: Vec<f32> = (0..rows * 2).map(|g| -0.1 * g as f32).collect();
             let m = QuantizedMatrix::new(rows, cols, bits, group, packed, scales, biases).unwrap();
