@@ -7,22 +7,8 @@ mod common;
 use burn::backend::NdArray;
 use loraforge::lora::files;
 use loraforge::model::load_model;
-use serde_json::Value;
 
 type B = NdArray<f32>;
-
-fn floats(v: &Value) -> Vec<f32> {
-    v.as_array()
-        .unwrap()
-        .iter()
-        .flat_map(|row| {
-            row.as_array()
-                .unwrap()
-                .iter()
-                .map(|x| x.as_f64().unwrap() as f32)
-        })
-        .collect()
-}
 
 fn logits_with_adapter(base: &str, adapter_file: Option<&str>) -> (Vec<f32>, Vec<f32>) {
     let device = Default::default();
@@ -32,13 +18,7 @@ fn logits_with_adapter(base: &str, adapter_file: Option<&str>) -> (Vec<f32>, Vec
     } else {
         "peft_reference.json"
     };
-    let reference = common::read_json(&dir.join(reference_name));
-    let ids: Vec<u32> = reference["input_ids"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|v| v.as_u64().unwrap() as u32)
-        .collect();
+    let (ids, want) = common::reference_logits(&dir.join(reference_name));
     let mut model = load_model::<B>(&common::fixture(&format!("models/{base}")), &device)
         .unwrap()
         .decoder;
@@ -52,7 +32,7 @@ fn logits_with_adapter(base: &str, adapter_file: Option<&str>) -> (Vec<f32>, Vec
         .into_data()
         .into_vec()
         .unwrap();
-    (got, floats(&reference["logits"]))
+    (got, want)
 }
 
 #[test]

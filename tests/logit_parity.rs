@@ -8,24 +8,7 @@ use loraforge::model::load_model;
 
 fn check(name: &str, tolerance: f32) {
     let dir = common::fixture(&format!("models/{name}"));
-    let reference = common::read_json(&dir.join("reference.json"));
-    let ids: Vec<u32> = reference["input_ids"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|v| v.as_u64().unwrap() as u32)
-        .collect();
-    let want: Vec<f32> = reference["logits"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .flat_map(|row| {
-            row.as_array()
-                .unwrap()
-                .iter()
-                .map(|v| v.as_f64().unwrap() as f32)
-        })
-        .collect();
+    let (ids, want) = common::reference_logits(&dir.join("reference.json"));
     let device = Default::default();
     let model = load_model::<NdArray<f32>>(&dir, &device).unwrap();
     let got: Vec<f32> = model

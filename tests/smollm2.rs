@@ -16,14 +16,6 @@ fn reference() -> Value {
     common::read_json(&common::fixture("smollm2/reference.json"))
 }
 
-fn ids(v: &Value) -> Vec<u32> {
-    v.as_array()
-        .unwrap()
-        .iter()
-        .map(|x| x.as_u64().unwrap() as u32)
-        .collect()
-}
-
 fn messages(v: &Value) -> Vec<Message> {
     serde_json::from_value(v.clone()).unwrap()
 }
@@ -44,13 +36,13 @@ fn greedy_tokens_and_logits_match_transformers() {
         .unwrap();
     assert_eq!(text, greedy["prompt_text"].as_str().unwrap());
     let prompt = tok.encode(&text, false).unwrap();
-    assert_eq!(prompt, ids(&greedy["prompt_ids"]));
+    assert_eq!(prompt, common::ids(&greedy["prompt_ids"]));
 
     // First-step logits: the top 20 agree in order and value.
     let mut cache = KvCache::new(model.decoder.config.num_layers);
     let mut logits = model.decoder.next_logits(&prompt, &mut cache, &device);
     let first = &reference["logits_first_step"];
-    for (id, value) in ids(&first["top_ids"])
+    for (id, value) in common::ids(&first["top_ids"])
         .iter()
         .zip(first["top_values"].as_array().unwrap())
     {
@@ -65,7 +57,7 @@ fn greedy_tokens_and_logits_match_transformers() {
         generated.push(next);
         logits = model.decoder.next_logits(&[next], &mut cache, &device);
     }
-    assert_eq!(generated, ids(&greedy["ids_ignoring_eos"]));
+    assert_eq!(generated, common::ids(&greedy["ids_ignoring_eos"]));
 }
 
 #[test]
@@ -119,7 +111,7 @@ fn chat_template_renders_like_transformers() {
         );
         assert_eq!(
             tok.encode(&rendered, false).unwrap(),
-            ids(&case["rendered_ids"]),
+            common::ids(&case["rendered_ids"]),
             "case {}",
             case["name"]
         );
@@ -137,12 +129,12 @@ fn gguf_tokenizer_splits_like_llama_cpp() {
         // tokenizer.json does; transformers' GGUF converter does not (ids differ only there).
         assert_eq!(
             tok.encode(text, false).unwrap(),
-            ids(&case["ids_smollm_pre"]),
+            common::ids(&case["ids_smollm_pre"]),
             "case {}",
             case["name"]
         );
         assert_eq!(
-            tok.decode(&ids(&case["ids_smollm_pre"])).unwrap(),
+            tok.decode(&common::ids(&case["ids_smollm_pre"])).unwrap(),
             text,
             "decode {}",
             case["name"]

@@ -61,7 +61,8 @@ pub trait FrozenLinearBackend: Backend {
     }
 }
 
-fn dense<B: Backend>(w: &QuantizedMatrix, device: &B::Device) -> Tensor<B, 2> {
+/// The dequantized weight as a dense `[out, in]` tensor.
+pub(crate) fn dense<B: Backend>(w: &QuantizedMatrix, device: &B::Device) -> Tensor<B, 2> {
     Tensor::from_data(TensorData::new(w.dequantize(), [w.rows, w.cols]), device)
 }
 

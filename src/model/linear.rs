@@ -29,9 +29,7 @@ impl<B: FrozenLinearBackend> FrozenWeight<B> {
     pub fn to_dense(&self, device: &B::Device) -> Tensor<B, 2> {
         match self {
             FrozenWeight::Dense(t) => t.clone(),
-            FrozenWeight::Quantized(q) => {
-                Tensor::from_data(TensorData::new(q.dequantize(), [q.rows, q.cols]), device)
-            }
+            FrozenWeight::Quantized(q) => super::frozen_op::dense(q, device),
         }
     }
 

@@ -66,3 +66,29 @@ pub fn tensors(path: &Path) -> std::collections::BTreeMap<String, Vec<f32>> {
         .map(|t| (t.name.to_string(), t.to_f32().unwrap()))
         .collect()
 }
+
+/// Token ids from a JSON array.
+pub fn ids(v: &serde_json::Value) -> Vec<u32> {
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_u64().unwrap() as u32)
+        .collect()
+}
+
+/// A reference file's `input_ids` and its `logits` (one row per position) flattened.
+pub fn reference_logits(path: &Path) -> (Vec<u32>, Vec<f32>) {
+    let reference = read_json(path);
+    let logits = reference["logits"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|row| {
+            row.as_array()
+                .unwrap()
+                .iter()
+                .map(|v| v.as_f64().unwrap() as f32)
+        })
+        .collect();
+    (ids(&reference["input_ids"]), logits)
+}
