@@ -53,6 +53,21 @@ enum Command {
         #[command(subcommand)]
         command: RecipeCommand,
     },
+    /// Look at a recipe's data as training will see it.
+    Data {
+        #[command(subcommand)]
+        command: DataCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum DataCommand {
+    /// Counts, token-length percentiles, truncation, padding waste, and a sample with its mask.
+    Report {
+        recipe: PathBuf,
+        #[arg(long = "set", value_name = "KEY=VALUE")]
+        overrides: Vec<String>,
+    },
 }
 
 #[derive(Subcommand)]
@@ -144,6 +159,19 @@ pub fn run() -> Result<()> {
             let recipe = crate::recipe::load(&args.recipe, &args.overrides)?;
             let device = recipe.device;
             run_on(device, TrainTask { args, recipe })
+        }
+        Command::Data {
+            command: DataCommand::Report { recipe, overrides },
+        } => {
+            use std::io::IsTerminal;
+            let recipe = crate::recipe::load(&recipe, &overrides)?;
+            let style = if std::io::stdout().is_terminal() {
+                crate::data::report::MaskStyle::Color
+            } else {
+                crate::data::report::MaskStyle::Brackets
+            };
+            print!("{}", crate::data::report::report(&recipe, style)?);
+            Ok(())
         }
         Command::Recipe {
             command: RecipeCommand::Check { file, overrides },

@@ -12,7 +12,9 @@ use loraforge::model::{Decoder, FrozenLinearBackend, load_model};
 use loraforge::quant::QuantizedMatrix;
 use loraforge::quant::affine::pack_codes;
 use loraforge::recipe::{AdapterKind, Layers, LoraSection, Targets};
-use loraforge::train::step::{Batch, batch_loss, gradients, parameters, set_parameters};
+use loraforge::train::step::{
+    Batch, batch_loss, gradients, loss_and_gradients, parameters, set_parameters,
+};
 
 type B = Autodiff<NdArray<f64>>;
 
@@ -26,6 +28,7 @@ fn batch() -> Batch {
         inputs,
         targets,
         mask,
+        segments: None,
     }
 }
 
@@ -33,7 +36,9 @@ fn loss_at(model: &Decoder<B>, device: &burn::backend::ndarray::NdArrayDevice) -
     batch_loss(model, &batch(), device).into_scalar()
 }
 
-fn check(kind: AdapterKind) {
+/// The qwen2 fixture with adapters on `targets`, parameters moved off their initial values
+/// (B starts at zero) so that no gradient vanishes.
+fn adapted_model(kind: AdapterKind, targets: Targets) -> Decoder<B> {
     let device = Default::default();
     let mut model = load_model::<B>(&common::fixture("models/qwen2"), &device)
         .unwrap()
@@ -42,19 +47,28 @@ fn check(kind: AdapterKind) {
         kind,
         rank: 2,
         scale: Some(1.5),
-        targets: Targets::Keys(vec!["self_attn.q_proj".into(), "mlp.down_proj".into()]),
+        targets,
         layers: Layers::Last(-1),
         ..Default::default()
     };
     let spec = AdapterSpec::from_recipe(&lora, model.config.num_layers).unwrap();
     <B as burn::tensor::backend::Backend>::seed(&device, 7);
     inject(&mut model, &spec, &device);
-    // B starts at zero; move every parameter somewhere generic so no gradient vanishes.
     let mut params = parameters(&model);
     for p in params.iter_mut() {
         *p = p.clone() + p.random_like(Distribution::Normal(0.0, 0.1));
     }
     set_parameters(&mut model, &params);
+    model
+}
+
+fn check(kind: AdapterKind) {
+    let device = Default::default();
+    let model = adapted_model(
+        kind,
+        Targets::Keys(vec!["self_attn.q_proj".into(), "mlp.down_proj".into()]),
+    );
+    let params = parameters(&model);
     let analytic = gradients(&model, &batch_loss(&model, &batch(), &device).backward());
 
     // The loss carries rounding noise of about 1e-8 (some constants, such as the RoPE tables, are
@@ -143,6 +157,42 @@ fn quantized_linear_input_gradient_matches_dense() {
                     (got[t * cols + c] - want).abs() < 1e-9,
                     "bits {bits}: dx[{t},{c}] {} vs {want}",
                     got[t * cols + c]
+                );
+            }
+        }
+    }
+}
+
+/// Activation checkpointing recomputes each block in the backward pass; the loss and every
+/// gradient must come out as without it, for plain and packed rows.
+#[test]
+fn activation_checkpointing_gives_the_plain_gradients() {
+    let device = Default::default();
+    for kind in [AdapterKind::Lora, AdapterKind::Dora] {
+        let model = adapted_model(kind, Targets::Named("all-linear".into()));
+        let packed = Batch {
+            segments: Some(vec![0, 0, 0, 1, 1, 1, 2, 2, 2, 2, 2, 2]),
+            ..batch()
+        };
+        for batch in [batch(), packed] {
+            let (plain_loss, plain) = loss_and_gradients(&model, &batch, 0.5, false, &device);
+            let (ckpt_loss, ckpt) = loss_and_gradients(&model, &batch, 0.5, true, &device);
+            assert!(
+                (plain_loss - ckpt_loss).abs() < 1e-12,
+                "{plain_loss} vs {ckpt_loss}"
+            );
+            assert_eq!(plain.len(), ckpt.len());
+            for (i, (p, c)) in plain.iter().zip(&ckpt).enumerate() {
+                let p: Vec<f64> = p.to_data().into_vec().unwrap();
+                let c: Vec<f64> = c.to_data().into_vec().unwrap();
+                let scale = p.iter().fold(0f64, |m, v| m.max(v.abs())).max(1e-3);
+                let diff = p
+                    .iter()
+                    .zip(&c)
+                    .fold(0f64, |m, (a, b)| m.max((a - b).abs()));
+                assert!(
+                    diff / scale < 1e-9,
+                    "{kind:?} parameter {i}: {diff:e} of {scale:e}"
                 );
             }
         }

@@ -45,6 +45,7 @@ fn batches(path: &Path) -> Vec<Batch> {
                 inputs: vec![],
                 targets: vec![],
                 mask: vec![],
+                segments: None,
             };
             for (row, lab) in ids.iter().zip(&labels) {
                 batch.inputs.extend(row[..seq].iter().map(|&v| v as u32));

@@ -17,21 +17,27 @@ pub type Example = Encoded;
 #[derive(Debug, Clone)]
 pub struct BatchPlan {
     examples: Vec<Example>,
-    /// Example indices of each batch, shortest batches first.
+    /// The examples of each row: one, or several back to back when packing.
+    rows: Vec<Vec<usize>>,
+    /// Row indices of each batch, shortest batches first.
     batches: Vec<Vec<usize>>,
     pad_id: u32,
+    packed: bool,
     /// Examples cut to `max_seq_len`, and examples dropped for being longer.
     pub truncated: usize,
     pub dropped: usize,
 }
 
 impl BatchPlan {
+    /// With `pack`, short examples share a row of up to `max_seq_len` positions (first-fit,
+    /// longest first), and attention never crosses from one example into the next.
     pub fn new(
         mut examples: Vec<Example>,
         batch_size: usize,
         max_seq_len: usize,
         overflow: Overflow,
         pad_id: u32,
+        pack: bool,
         split: &str,
     ) -> Result<Self> {
         let (mut truncated, mut dropped) = (0, 0);
@@ -59,19 +65,32 @@ impl BatchPlan {
                 "the {split} split has no usable example (all empty, untrained or dropped for length)"
             );
         }
-        if batch_size > examples.len() {
+        let mut rows = if pack {
+            pack_rows(&examples, max_seq_len)
+        } else {
+            (0..examples.len()).map(|i| vec![i]).collect()
+        };
+        if batch_size > rows.len() {
+            let what = if pack { "packed rows" } else { "examples" };
             bail!(
-                "train.batch_size {batch_size} is larger than the {} examples of the {split} split; lower it",
-                examples.len()
+                "train.batch_size {batch_size} is larger than the {} {what} of the {split} split; lower it",
+                rows.len()
             );
         }
-        let mut order: Vec<usize> = (0..examples.len()).collect();
-        order.sort_by_key(|&i| (examples[i].ids.len(), i));
-        let batches = order.chunks(batch_size).map(<[usize]>::to_vec).collect();
+        let width =
+            |row: &Vec<usize>| -> usize { row.iter().map(|&i| examples[i].ids.len() - 1).sum() };
+        rows.sort_by_cached_key(|row| (width(row), row[0]));
+        let batches = (0..rows.len())
+            .collect::<Vec<_>>()
+            .chunks(batch_size)
+            .map(<[usize]>::to_vec)
+            .collect();
         Ok(BatchPlan {
             examples,
+            rows,
             batches,
             pad_id,
+            packed: pack,
             truncated,
             dropped,
         })
@@ -89,6 +108,15 @@ impl BatchPlan {
         &self.examples
     }
 
+    /// Input positions of each row (an example of n tokens gives n - 1 (input, target) pairs).
+    pub fn row_widths(&self) -> Vec<usize> {
+        self.rows.iter().map(|row| self.width(row)).collect()
+    }
+
+    fn width(&self, row: &[usize]) -> usize {
+        row.iter().map(|&i| self.examples[i].ids.len() - 1).sum()
+    }
+
     /// Batch indices in the order epoch `epoch` visits them.
     pub fn epoch_order(&self, seed: u64, epoch: usize) -> Vec<usize> {
         let mut order: Vec<usize> = (0..self.batches.len()).collect();
@@ -100,37 +128,44 @@ impl BatchPlan {
         order
     }
 
-    /// Batch `index` (in sorted order), padded to its longest example.
+    /// Batch `index` (in sorted order), padded to its widest row.
     pub fn batch(&self, index: usize) -> Batch {
         let members = &self.batches[index];
         let seq = members
             .iter()
-            .map(|&i| self.examples[i].ids.len() - 1)
+            .map(|&r| self.width(&self.rows[r]))
             .max()
             .unwrap_or(0);
+        let cells = members.len() * seq;
         let mut batch = Batch {
             batch: members.len(),
             seq,
-            inputs: Vec::with_capacity(members.len() * seq),
-            targets: Vec::with_capacity(members.len() * seq),
-            mask: Vec::with_capacity(members.len() * seq),
+            inputs: Vec::with_capacity(cells),
+            targets: Vec::with_capacity(cells),
+            mask: Vec::with_capacity(cells),
+            segments: self.packed.then(|| Vec::with_capacity(cells)),
         };
-        for &i in members {
-            let e = &self.examples[i];
-            let n = e.ids.len() - 1;
-            batch.inputs.extend(&e.ids[..n]);
-            batch.targets.extend(&e.ids[1..]);
-            batch
-                .mask
-                .extend(e.trained[1..].iter().map(|&t| if t { 1.0 } else { 0.0 }));
+        for &r in members {
+            for &i in &self.rows[r] {
+                let e = &self.examples[i];
+                let n = e.ids.len() - 1;
+                batch.inputs.extend(&e.ids[..n]);
+                batch.targets.extend(&e.ids[1..]);
+                batch
+                    .mask
+                    .extend(e.trained[1..].iter().map(|&t| if t { 1.0 } else { 0.0 }));
+                if let Some(segments) = &mut batch.segments {
+                    segments.extend(std::iter::repeat_n(i as u32, n));
+                }
+            }
             // Padding is never trained, so it adds nothing to the loss (mlx-lm counts one pad).
-            batch
-                .inputs
-                .extend(std::iter::repeat_n(self.pad_id, seq - n));
-            batch
-                .targets
-                .extend(std::iter::repeat_n(self.pad_id, seq - n));
-            batch.mask.extend(std::iter::repeat_n(0.0, seq - n));
+            let pad = seq - self.width(&self.rows[r]);
+            batch.inputs.extend(std::iter::repeat_n(self.pad_id, pad));
+            batch.targets.extend(std::iter::repeat_n(self.pad_id, pad));
+            batch.mask.extend(std::iter::repeat_n(0.0, pad));
+            if let Some(segments) = &mut batch.segments {
+                segments.extend(std::iter::repeat_n(u32::MAX, pad));
+            }
         }
         batch
     }
@@ -139,19 +174,33 @@ impl BatchPlan {
     pub fn padding_fraction(&self) -> f64 {
         let (mut total, mut real) = (0usize, 0usize);
         for members in &self.batches {
-            let seq = members
-                .iter()
-                .map(|&i| self.examples[i].ids.len())
-                .max()
-                .unwrap_or(0);
-            total += seq * members.len();
-            real += members
-                .iter()
-                .map(|&i| self.examples[i].ids.len())
-                .sum::<usize>();
+            let widths: Vec<usize> = members.iter().map(|&r| self.width(&self.rows[r])).collect();
+            total += widths.iter().max().unwrap_or(&0) * widths.len();
+            real += widths.iter().sum::<usize>();
         }
         1.0 - real as f64 / total.max(1) as f64
     }
+}
+
+/// First-fit decreasing: each example, longest first, goes into the first row with room for it.
+fn pack_rows(examples: &[Example], max_seq_len: usize) -> Vec<Vec<usize>> {
+    let mut order: Vec<usize> = (0..examples.len()).collect();
+    order.sort_by_key(|&i| (std::cmp::Reverse(examples[i].ids.len()), i));
+    let mut rows: Vec<(usize, Vec<usize>)> = Vec::new();
+    for i in order {
+        let width = examples[i].ids.len() - 1;
+        match rows
+            .iter_mut()
+            .find(|(used, _)| used + width <= max_seq_len)
+        {
+            Some((used, row)) => {
+                *used += width;
+                row.push(i);
+            }
+            None => rows.push((width, vec![i])),
+        }
+    }
+    rows.into_iter().map(|(_, row)| row).collect()
 }
 
 #[cfg(test)]
@@ -173,6 +222,7 @@ mod tests {
             100,
             Overflow::Truncate,
             0,
+            false,
             "train",
         )
         .unwrap();
@@ -192,6 +242,7 @@ mod tests {
             5,
             Overflow::Truncate,
             0,
+            false,
             "train",
         )
         .unwrap();
@@ -202,6 +253,7 @@ mod tests {
             5,
             Overflow::Drop,
             0,
+            false,
             "train",
         )
         .unwrap();
@@ -210,8 +262,16 @@ mod tests {
 
     #[test]
     fn batch_larger_than_dataset_is_an_error() {
-        let err =
-            BatchPlan::new(vec![example(4)], 4, 10, Overflow::Truncate, 0, "train").unwrap_err();
+        let err = BatchPlan::new(
+            vec![example(4)],
+            4,
+            10,
+            Overflow::Truncate,
+            0,
+            false,
+            "train",
+        )
+        .unwrap_err();
         assert!(
             err.to_string()
                 .contains("batch_size 4 is larger than the 1 examples"),
@@ -227,10 +287,29 @@ mod tests {
             100,
             Overflow::Truncate,
             0,
+            false,
             "train",
         )
         .unwrap();
         assert_eq!(plan.epoch_order(1, 0), plan.epoch_order(1, 0));
         assert_ne!(plan.epoch_order(1, 0), plan.epoch_order(1, 1));
+    }
+
+    #[test]
+    fn packing_fills_rows_and_marks_each_example() {
+        // Widths (tokens - 1): 6, 5, 3, 2, 1 into rows of 8: [6, 2], [5, 3], [1].
+        let examples = [7, 6, 4, 3, 2].map(example).to_vec();
+        let plan = BatchPlan::new(examples, 1, 8, Overflow::Truncate, 0, true, "train").unwrap();
+        let mut widths = plan.row_widths();
+        widths.sort();
+        assert_eq!(widths, vec![1, 8, 8]);
+        let row = plan.batch(1);
+        assert_eq!(row.seq, 8);
+        let segments = row.segments.unwrap();
+        // Each example's tokens are contiguous, and its targets are its own next tokens.
+        assert_eq!(segments.iter().filter(|&&s| s == segments[0]).count(), 6);
+        assert_eq!(row.inputs[6..], [0, 1]);
+        assert_eq!(row.targets[6..], [1, 2]);
+        assert!(row.mask.iter().all(|&m| m == 1.0));
     }
 }

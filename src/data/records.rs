@@ -1,5 +1,7 @@
-//! Reading a split: JSON Lines with one record per line, of one of three kinds detected from the
-//! first record (as mlx-lm does): `{"messages": [...], "tools"?}`, `{"prompt", "completion"}` or
+//! Reading a split: JSON Lines with one record per line, or a Parquet or CSV table with one
+//! record per row (read through polars, then seen row by row as JSON objects so that every
+//! format goes through the same checks). Records are of one of three kinds detected from the
+//! first one (as mlx-lm does): `{"messages": [...], "tools"?}`, `{"prompt", "completion"}` or
 //! `{"text"}`. Field names come from the recipe's `[data.fields]`.
 
 use std::path::{Path, PathBuf};
@@ -63,26 +65,28 @@ pub fn split_path(data: &DataSection, name: &str) -> Option<PathBuf> {
     })
 }
 
-/// Reads every record of a split file; errors name the file and line.
+/// Reads every record of a split file; errors name the file and line (or row).
 pub fn load_split(path: &Path, fields: &FieldNames) -> Result<Vec<Record>> {
-    match path.extension().and_then(|e| e.to_str()) {
-        Some("jsonl") | Some("json") => {}
-        Some(other) => bail!(
-            "{}: .{other} datasets are not supported yet; convert it to JSON Lines (.jsonl)",
+    // `file:line` for text files (editors jump there), `file: row N` for tables.
+    let (lines, unit) = match path.extension().and_then(|e| e.to_str()) {
+        Some("jsonl") | Some("json") => (
+            std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?,
+            ":",
+        ),
+        Some("parquet") | Some("csv") => (table_as_json_lines(path)?, ": row "),
+        _ => bail!(
+            "{}: unknown dataset format; use .jsonl (JSON Lines), .parquet or .csv",
             path.display()
         ),
-        None => bail!("{}: dataset files need a .jsonl extension", path.display()),
-    }
-    let text =
-        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    };
     let fields = Fields::new(fields);
     let mut kind = None;
     let mut records = Vec::new();
-    for (i, line) in text.lines().enumerate() {
+    for (i, line) in lines.lines().enumerate() {
         if line.trim().is_empty() {
             continue;
         }
-        let at = || format!("{}:{}", path.display(), i + 1);
+        let at = || format!("{}{unit}{}", path.display(), i + 1);
         let value: Value =
             serde_json::from_str(line).with_context(|| format!("{}: invalid JSON", at()))?;
         let k = *kind.get_or_insert_with(|| detect(&value, &fields));
@@ -90,11 +94,37 @@ pub fn load_split(path: &Path, fields: &FieldNames) -> Result<Vec<Record>> {
     }
     if records.is_empty() {
         bail!(
-            "{} has no records; a split needs at least one line",
+            "{} has no records; a split needs at least one",
             path.display()
         );
     }
     Ok(records)
+}
+
+/// A Parquet or CSV table as JSON Lines, one object per row (nested Parquet columns, such as a
+/// list of `{role, content}` structs, become nested JSON).
+fn table_as_json_lines(path: &Path) -> Result<String> {
+    use polars::prelude::{
+        CsvReadOptions, DataFrame, JsonFormat, JsonWriter, ParquetReader, PolarsResult, SerReader,
+        SerWriter,
+    };
+    let read = || -> PolarsResult<DataFrame> {
+        if path.extension().is_some_and(|e| e == "csv") {
+            CsvReadOptions::default()
+                .with_has_header(true)
+                .try_into_reader_with_file_path(Some(path.to_path_buf()))?
+                .finish()
+        } else {
+            ParquetReader::new(std::fs::File::open(path)?).finish()
+        }
+    };
+    let mut frame = read().with_context(|| format!("reading {}", path.display()))?;
+    let mut out = Vec::new();
+    JsonWriter::new(&mut out)
+        .with_json_format(JsonFormat::JsonLines)
+        .finish(&mut frame)
+        .with_context(|| format!("{}: converting rows to records", path.display()))?;
+    String::from_utf8(out).with_context(|| format!("{}: rows are not UTF-8", path.display()))
 }
 
 fn detect(v: &Value, f: &Fields) -> Kind {

@@ -11,12 +11,16 @@
 //! logits = rmsnorm(h) W_headᵀ            (W_head = embedding when tied)
 //! ```
 
-use burn::tensor::{Tensor, TensorData, activation};
+use burn::tensor::{Tensor, activation};
 
 use super::config::ModelConfig;
 use super::frozen_op::FrozenLinearBackend;
+use super::layout::AttentionLayout;
 use super::linear::{FrozenLinear, FrozenWeight};
-use super::rope::Rope;
+use super::rope::{Rope, rotate};
+
+/// One layer's cached keys and values, `[batch, kv_heads, len, head_dim]` each.
+type LayerCache<B> = Option<(Tensor<B, 4>, Tensor<B, 4>)>;
 
 #[derive(Debug, Clone)]
 pub struct RmsNorm<B: FrozenLinearBackend> {
@@ -53,7 +57,7 @@ pub struct Attention<B: FrozenLinearBackend> {
 /// Keys and values of the positions seen so far, per layer: `[batch, kv_heads, len, head_dim]`.
 #[derive(Debug, Clone)]
 pub struct KvCache<B: FrozenLinearBackend> {
-    layers: Vec<Option<(Tensor<B, 4>, Tensor<B, 4>)>>,
+    layers: Vec<LayerCache<B>>,
 }
 
 impl<B: FrozenLinearBackend> KvCache<B> {
@@ -83,8 +87,8 @@ impl<B: FrozenLinearBackend> Attention<B> {
     pub fn forward(
         &self,
         x: Tensor<B, 3>,
-        rope: &Rope,
-        cache: Option<&mut Option<(Tensor<B, 4>, Tensor<B, 4>)>>,
+        layout: &AttentionLayout<B>,
+        cache: Option<&mut LayerCache<B>>,
     ) -> Tensor<B, 3> {
         let [batch, seq, _] = x.dims();
         let mut q = self.heads(self.q_proj.forward(x.clone()), self.num_heads);
@@ -94,12 +98,8 @@ impl<B: FrozenLinearBackend> Attention<B> {
             q = qn.forward(q);
             k = kn.forward(k);
         }
-        let past = cache
-            .as_ref()
-            .and_then(|c| c.as_ref())
-            .map_or(0, |(k, _)| k.dims()[2]);
-        q = rope.apply(q, past);
-        k = rope.apply(k, past);
+        q = rotate(q, layout.cos.clone(), layout.sin.clone());
+        k = rotate(k, layout.cos.clone(), layout.sin.clone());
         if let Some(slot) = cache {
             if let Some((pk, pv)) = slot.take() {
                 k = Tensor::cat(vec![pk, k], 2);
@@ -107,14 +107,13 @@ impl<B: FrozenLinearBackend> Attention<B> {
             }
             *slot = Some((k.clone(), v.clone()));
         }
-        let total = past + seq;
         let group = self.num_heads / self.num_kv_heads;
         let k = repeat_kv(k, group);
         let v = repeat_kv(v, group);
         let scores = q
             .matmul(k.swap_dims(2, 3))
             .div_scalar((self.head_dim as f64).sqrt());
-        let scores = scores + causal_mask::<B>(seq, total, past, &v.device());
+        let scores = scores + layout.mask.clone();
         let probs = activation::softmax(scores, 3);
         let out =
             probs
@@ -135,22 +134,6 @@ fn repeat_kv<B: FrozenLinearBackend>(x: Tensor<B, 4>, group: usize) -> Tensor<B,
     x.unsqueeze_dim::<5>(2)
         .repeat_dim(2, group)
         .reshape([b, h * group, len, d])
-}
-
-/// Additive mask `[1, 1, seq, total]`: query `i` (absolute position `past + i`) sees keys `0..=past+i`.
-fn causal_mask<B: FrozenLinearBackend>(
-    seq: usize,
-    total: usize,
-    past: usize,
-    device: &B::Device,
-) -> Tensor<B, 4> {
-    let mut mask = vec![0f32; seq * total];
-    for i in 0..seq {
-        for j in past + i + 1..total {
-            mask[i * total + j] = f32::NEG_INFINITY;
-        }
-    }
-    Tensor::<B, 2>::from_data(TensorData::new(mask, [seq, total]), device).unsqueeze::<4>()
 }
 
 #[derive(Debug, Clone)]
@@ -176,16 +159,60 @@ pub struct Block<B: FrozenLinearBackend> {
 }
 
 impl<B: FrozenLinearBackend> Block<B> {
+    /// The block's linears with their keys relative to the block (`self_attn.q_proj`), in the
+    /// order adapters are listed everywhere.
+    pub fn linears_mut(&mut self) -> [(&'static str, &mut FrozenLinear<B>); 7] {
+        let (a, m) = (&mut self.self_attn, &mut self.mlp);
+        [
+            ("self_attn.q_proj", &mut a.q_proj),
+            ("self_attn.k_proj", &mut a.k_proj),
+            ("self_attn.v_proj", &mut a.v_proj),
+            ("self_attn.o_proj", &mut a.o_proj),
+            ("mlp.gate_proj", &mut m.gate_proj),
+            ("mlp.up_proj", &mut m.up_proj),
+            ("mlp.down_proj", &mut m.down_proj),
+        ]
+    }
+
+    /// The block's adapters with their keys, in [`Block::linears_mut`] order.
+    pub fn adapters(&self) -> Vec<(&'static str, &crate::lora::LoraAdapter<B>)> {
+        let (a, m) = (&self.self_attn, &self.mlp);
+        [
+            ("self_attn.q_proj", &a.q_proj),
+            ("self_attn.k_proj", &a.k_proj),
+            ("self_attn.v_proj", &a.v_proj),
+            ("self_attn.o_proj", &a.o_proj),
+            ("mlp.gate_proj", &m.gate_proj),
+            ("mlp.up_proj", &m.up_proj),
+            ("mlp.down_proj", &m.down_proj),
+        ]
+        .into_iter()
+        .filter_map(|(key, linear)| linear.adapter.as_ref().map(|ad| (key, ad)))
+        .collect()
+    }
+
+    /// A copy whose adapters are cut from the autodiff graph: a forward pass through it records
+    /// nothing (the activation-checkpointing forward pass).
+    pub fn detached(&self) -> Self {
+        let mut copy = self.clone();
+        for (_, linear) in copy.linears_mut() {
+            if let Some(adapter) = linear.adapter.take() {
+                linear.adapter = Some(adapter.detach());
+            }
+        }
+        copy
+    }
+
     pub fn forward(
         &self,
         h: Tensor<B, 3>,
-        rope: &Rope,
-        cache: Option<&mut Option<(Tensor<B, 4>, Tensor<B, 4>)>>,
+        layout: &AttentionLayout<B>,
+        cache: Option<&mut LayerCache<B>>,
     ) -> Tensor<B, 3> {
         let h = h.clone()
             + self
                 .self_attn
-                .forward(self.input_layernorm.forward(h), rope, cache);
+                .forward(self.input_layernorm.forward(h), layout, cache);
         h.clone() + self.mlp.forward(self.post_attention_layernorm.forward(h))
     }
 }
@@ -212,39 +239,46 @@ impl<B: FrozenLinearBackend> Decoder<B> {
         device: &B::Device,
     ) -> Tensor<B, 3> {
         let seq = ids.len() / batch;
-        let mut h =
-            self.embed_tokens
-                .rows(ids, device)
-                .reshape([batch, seq, self.config.hidden_size]);
-        match cache {
-            Some(cache) => {
-                for (block, slot) in self.layers.iter().zip(cache.layers.iter_mut()) {
-                    h = block.forward(h, &self.rope, Some(slot));
-                }
-            }
-            None => {
-                for block in &self.layers {
-                    h = block.forward(h, &self.rope, None);
-                }
-            }
+        let past = cache.as_ref().map_or(0, |c| c.len());
+        let layout = AttentionLayout::causal(&self.rope, past, seq, device);
+        let mut slots = cache.map(|c| c.layers.iter_mut());
+        let mut h = self.embed(ids, batch, device);
+        for block in &self.layers {
+            h = block.forward(h, &layout, slots.as_mut().and_then(Iterator::next));
         }
         self.norm.forward(h)
+    }
+
+    /// Token embeddings `[batch, seq, hidden]`.
+    pub fn embed(&self, ids: &[u32], batch: usize, device: &B::Device) -> Tensor<B, 3> {
+        let seq = ids.len() / batch;
+        self.embed_tokens
+            .rows(ids, device)
+            .reshape([batch, seq, self.config.hidden_size])
+    }
+
+    /// The layout of `batch` rows of `seq` tokens: causal rows, or packed rows when `segments`
+    /// names each token's example (see [`AttentionLayout::packed`]).
+    pub fn layout(
+        &self,
+        segments: Option<&[u32]>,
+        batch: usize,
+        seq: usize,
+        device: &B::Device,
+    ) -> AttentionLayout<B> {
+        match segments {
+            Some(segments) => AttentionLayout::packed(&self.rope, segments, batch, seq, device),
+            None => AttentionLayout::causal(&self.rope, 0, seq, device),
+        }
     }
 
     /// Every decoder linear with its Hugging Face module path (`model.layers.0.self_attn.q_proj`).
     pub fn linears_mut(&mut self) -> Vec<(String, &mut FrozenLinear<B>)> {
         let mut out = Vec::new();
         for (i, block) in self.layers.iter_mut().enumerate() {
-            let p = format!("model.layers.{i}");
-            let a = &mut block.self_attn;
-            let m = &mut block.mlp;
-            out.push((format!("{p}.self_attn.q_proj"), &mut a.q_proj));
-            out.push((format!("{p}.self_attn.k_proj"), &mut a.k_proj));
-            out.push((format!("{p}.self_attn.v_proj"), &mut a.v_proj));
-            out.push((format!("{p}.self_attn.o_proj"), &mut a.o_proj));
-            out.push((format!("{p}.mlp.gate_proj"), &mut m.gate_proj));
-            out.push((format!("{p}.mlp.up_proj"), &mut m.up_proj));
-            out.push((format!("{p}.mlp.down_proj"), &mut m.down_proj));
+            for (key, linear) in block.linears_mut() {
+                out.push((format!("model.layers.{i}.{key}"), linear));
+            }
         }
         out
     }
@@ -253,22 +287,8 @@ impl<B: FrozenLinearBackend> Decoder<B> {
     pub fn adapters(&self) -> Vec<(String, &crate::lora::LoraAdapter<B>)> {
         let mut out = Vec::new();
         for (i, block) in self.layers.iter().enumerate() {
-            let p = format!("model.layers.{i}");
-            let a = &block.self_attn;
-            let m = &block.mlp;
-            let linears = [
-                ("self_attn.q_proj", &a.q_proj),
-                ("self_attn.k_proj", &a.k_proj),
-                ("self_attn.v_proj", &a.v_proj),
-                ("self_attn.o_proj", &a.o_proj),
-                ("mlp.gate_proj", &m.gate_proj),
-                ("mlp.up_proj", &m.up_proj),
-                ("mlp.down_proj", &m.down_proj),
-            ];
-            for (key, linear) in linears {
-                if let Some(adapter) = &linear.adapter {
-                    out.push((format!("{p}.{key}"), adapter));
-                }
+            for (key, adapter) in block.adapters() {
+                out.push((format!("model.layers.{i}.{key}"), adapter));
             }
         }
         out
@@ -281,7 +301,23 @@ impl<B: FrozenLinearBackend> Decoder<B> {
 
     /// Logits for every position.
     pub fn forward(&self, ids: &[u32], batch: usize, device: &B::Device) -> Tensor<B, 3> {
-        self.logits(self.forward_hidden(ids, batch, None, device))
+        self.forward_with_segments(ids, None, batch, device)
+    }
+
+    /// Logits for every position of rows laid out by [`Decoder::layout`].
+    pub fn forward_with_segments(
+        &self,
+        ids: &[u32],
+        segments: Option<&[u32]>,
+        batch: usize,
+        device: &B::Device,
+    ) -> Tensor<B, 3> {
+        let layout = self.layout(segments, batch, ids.len() / batch, device);
+        let mut h = self.embed(ids, batch, device);
+        for block in &self.layers {
+            h = block.forward(h, &layout, None);
+        }
+        self.logits(self.norm.forward(h))
     }
 
     /// Runs `ids` (one sequence) through the cache and returns the last position's logits.

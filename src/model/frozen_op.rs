@@ -21,6 +21,7 @@ use burn::tensor::{Tensor, TensorData, TensorPrimitive};
 
 use crate::quant::QuantizedMatrix;
 use crate::quant::packed_matmul::matmul_transposed;
+use crate::quant::tiled_matmul;
 
 /// Up to this many rows, the product runs from the packed codes on the host (measured on
 /// SmolLM2, 2 cores: 22-token prompts 43 → 82 tokens/s); beyond it, dequantizing once and
@@ -34,15 +35,7 @@ pub trait FrozenLinearBackend: Backend {
         let [n, _] = x.dims();
         let device = x.device();
         let y = if n <= PACKED_MATMUL_MAX_ROWS {
-            let xs: Vec<f32> = x
-                .into_data()
-                .convert::<f32>()
-                .into_vec()
-                .expect("float activations");
-            Tensor::from_data(
-                TensorData::new(matmul_transposed(w, &xs, n), [n, w.rows]),
-                &device,
-            )
+            on_host(x, w.rows, |xs| matmul_transposed(w, xs, n))
         } else {
             let wt = TensorData::new(w.dequantize_transposed(), [w.cols, w.rows]);
             x.matmul(Tensor::from_data(wt, &device))
@@ -61,12 +54,52 @@ pub trait FrozenLinearBackend: Backend {
     }
 }
 
+/// `f` applied to the rows of `x` on the host, giving `[n, cols]`.
+fn on_host<B: Backend>(
+    x: Tensor<B, 2>,
+    cols: usize,
+    f: impl FnOnce(&[f32]) -> Vec<f32>,
+) -> Tensor<B, 2> {
+    let [n, _] = x.dims();
+    let device = x.device();
+    let xs: Vec<f32> = x
+        .into_data()
+        .convert::<f32>()
+        .into_vec()
+        .expect("float activations");
+    Tensor::from_data(TensorData::new(f(&xs), [n, cols]), &device)
+}
+
 /// The dequantized weight as a dense `[out, in]` tensor.
 pub(crate) fn dense<B: Backend>(w: &QuantizedMatrix, device: &B::Device) -> Tensor<B, 2> {
     Tensor::from_data(TensorData::new(w.dequantize(), [w.rows, w.cols]), device)
 }
 
-impl FrozenLinearBackend for burn::backend::NdArray<f32> {}
+/// On the CPU, every product runs from the packed weight: row by row for a few rows, tile by
+/// tile through sgemm for many (`quant/tiled_matmul.rs`), so no dense copy of `W` is made.
+impl FrozenLinearBackend for burn::backend::NdArray<f32> {
+    fn quantized_linear(x: FloatTensor<Self>, w: &Arc<QuantizedMatrix>) -> FloatTensor<Self> {
+        let x = Tensor::<Self, 2>::from_primitive(TensorPrimitive::Float(x));
+        let [n, _] = x.dims();
+        let y = if n <= PACKED_MATMUL_MAX_ROWS {
+            on_host(x, w.rows, |xs| matmul_transposed(w, xs, n))
+        } else {
+            on_host(x, w.rows, |xs| tiled_matmul::forward(w, xs, n))
+        };
+        y.into_primitive().tensor()
+    }
+
+    fn quantized_linear_input_grad(
+        dy: FloatTensor<Self>,
+        w: &Arc<QuantizedMatrix>,
+    ) -> FloatTensor<Self> {
+        let dy = Tensor::<Self, 2>::from_primitive(TensorPrimitive::Float(dy));
+        let [n, _] = dy.dims();
+        on_host(dy, w.cols, |dys| tiled_matmul::input_grad(w, dys, n))
+            .into_primitive()
+            .tensor()
+    }
+}
 
 /// f64 serves the finite-difference gradient checks.
 impl FrozenLinearBackend for burn::backend::NdArray<f64> {}

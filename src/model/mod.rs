@@ -3,6 +3,7 @@
 pub mod config;
 pub mod decoder;
 pub mod frozen_op;
+pub mod layout;
 pub mod linear;
 pub mod load;
 pub mod rope;

@@ -49,40 +49,38 @@ impl Rope {
         }
     }
 
-    /// `(cos, sin)`, each `[len, head_dim]`, for positions `offset..offset + len`.
-    fn tables<B: Backend>(
+    /// `(cos, sin)`, each `[rows, 1, seq, head_dim]`, for `positions` (`rows * seq` of them,
+    /// row-major): one row broadcasts over the batch, or one row per batch row when positions
+    /// differ between rows (packed examples restart at 0).
+    pub fn tables<B: Backend>(
         &self,
-        offset: usize,
-        len: usize,
+        positions: &[usize],
+        rows: usize,
         device: &B::Device,
-    ) -> (Tensor<B, 2>, Tensor<B, 2>) {
+    ) -> (Tensor<B, 4>, Tensor<B, 4>) {
         let half = self.inv_freq.len();
-        let mut cos = Vec::with_capacity(len * half * 2);
-        let mut sin = Vec::with_capacity(len * half * 2);
-        for pos in offset..offset + len {
+        let mut cos = Vec::with_capacity(positions.len() * half * 2);
+        let mut sin = Vec::with_capacity(positions.len() * half * 2);
+        for &pos in positions {
             let angles: Vec<f32> = self.inv_freq.iter().map(|f| pos as f32 * f).collect();
             for _ in 0..2 {
                 cos.extend(angles.iter().map(|a| a.cos()));
                 sin.extend(angles.iter().map(|a| a.sin()));
             }
         }
-        let shape = [len, half * 2];
+        let shape = [rows, 1, positions.len() / rows, half * 2];
         (
             Tensor::from_data(TensorData::new(cos, shape), device),
             Tensor::from_data(TensorData::new(sin, shape), device),
         )
     }
+}
 
-    /// Rotates `x` of shape `[batch, heads, seq, head_dim]` whose first position is `offset`.
-    pub fn apply<B: Backend>(&self, x: Tensor<B, 4>, offset: usize) -> Tensor<B, 4> {
-        let [_, _, seq, head_dim] = x.dims();
-        let (cos, sin) = self.tables::<B>(offset, seq, &x.device());
-        let cos = cos.unsqueeze::<4>();
-        let sin = sin.unsqueeze::<4>();
-        let half = head_dim / 2;
-        let x1 = x.clone().narrow(3, 0, half);
-        let x2 = x.clone().narrow(3, half, half);
-        let rotated = Tensor::cat(vec![x2.neg(), x1], 3);
-        x * cos + rotated * sin
-    }
+/// Rotates `x` of shape `[batch, heads, seq, head_dim]` by tables from [`Rope::tables`].
+pub fn rotate<B: Backend>(x: Tensor<B, 4>, cos: Tensor<B, 4>, sin: Tensor<B, 4>) -> Tensor<B, 4> {
+    let half = x.dims()[3] / 2;
+    let x1 = x.clone().narrow(3, 0, half);
+    let x2 = x.clone().narrow(3, half, half);
+    let rotated = Tensor::cat(vec![x2.neg(), x1], 3);
+    x * cos + rotated * sin
 }

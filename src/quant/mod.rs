@@ -5,5 +5,6 @@ pub mod affine;
 pub mod ggml;
 pub mod packed_matmul;
 pub mod quantize;
+pub mod tiled_matmul;
 
 pub use affine::QuantizedMatrix;

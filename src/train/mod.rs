@@ -2,6 +2,7 @@
 //! checkpoints and events.
 
 pub mod checkpoint;
+pub mod checkpointed;
 pub mod loss;
 pub mod optimizer;
 pub mod run;

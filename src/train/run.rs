@@ -19,9 +19,8 @@ use burn::tensor::backend::AutodiffBackend;
 use super::checkpoint::{self, TrainState};
 use super::optimizer::{Optimizer, OptimizerConfig, clip_global_norm, global_norm};
 use super::schedule::Schedule;
-use super::step::{Batch, batch_loss, gradients, parameters, set_parameters};
-use crate::data::records::split_path;
-use crate::data::{BatchPlan, Encoder, load_split};
+use super::step::{Batch, batch_loss, loss_and_gradients, parameters, set_parameters};
+use crate::data::{BatchPlan, Encoder, encode_split, plan_batches};
 use crate::events::{Event, TrainReport};
 use crate::lora::{AdapterSpec, files, inject};
 use crate::model::load::load_model_quantized;
@@ -55,53 +54,25 @@ pub fn train<B: AutodiffBackend + FrozenLinearBackend>(
 where
     B::InnerBackend: FrozenLinearBackend,
 {
-    if recipe.data.packing {
-        bail!("data.packing is not implemented yet; remove the key (or set it to false)");
-    }
-    if recipe.train.grad_checkpoint {
-        emit(Event::Warning(
-            "train.grad_checkpoint is not implemented yet; training runs without activation checkpointing".into(),
-        ));
-    }
     let resolved = toml::to_string(recipe)?;
     let run_dir = run_dir(recipe);
     let quantize = recipe.model.quantize.map(|q| (q.bits, q.group_size));
     let loaded = load_model_quantized::<B>(&recipe.model.path, device, quantize)?;
     let tokenizer = crate::tokenizer::for_model(&loaded.files)?;
     let mut model = loaded.decoder;
+    // The weights live in the model now; unmapping the file keeps its pages out of the peak.
+    drop(loaded.files);
     let spec = AdapterSpec::from_recipe(&recipe.lora, model.config.num_layers)?;
     B::seed(device, recipe.seed);
     inject(&mut model, &spec, device);
 
     let encoder = Encoder::new(&tokenizer, recipe.data.mask_prompt);
-    let pad_id = tokenizer
-        .eos
-        .as_deref()
-        .and_then(|e| tokenizer.token_id(e))
-        .unwrap_or(0);
     let plan = |split: &str, batch_size: usize| -> Result<Option<BatchPlan>> {
-        let Some(path) = split_path(&recipe.data, split) else {
+        let Some((path, examples)) = encode_split(&recipe.data, &encoder, split)? else {
             return Ok(None);
         };
-        let records = load_split(&path, &recipe.data.fields)?;
-        let examples = records
-            .iter()
-            .enumerate()
-            .map(|(i, r)| {
-                encoder
-                    .encode(r)
-                    .with_context(|| format!("{}: record {}", path.display(), i + 1))
-            })
-            .collect::<Result<Vec<_>>>()?;
-        let plan = BatchPlan::new(
-            examples,
-            batch_size,
-            recipe.data.max_seq_len,
-            recipe.data.overflow,
-            pad_id,
-            split,
-        )
-        .with_context(|| path.display().to_string())?;
+        let plan = plan_batches(&recipe.data, examples, batch_size, &tokenizer, split)
+            .with_context(|| path.display().to_string())?;
         Ok(Some(plan))
     };
     let train_plan =
@@ -195,11 +166,16 @@ where
         for _ in 0..accumulation {
             let batch = next_batch(&train_plan, recipe.seed, state.consumed);
             state.consumed += 1;
-            let loss = batch_loss(&model, &batch, device);
-            loss_sum += loss.clone().into_scalar().elem::<f64>();
+            let (loss, grads) = loss_and_gradients(
+                &model,
+                &batch,
+                1.0 / accumulation as f64,
+                recipe.train.grad_checkpoint,
+                device,
+            );
+            loss_sum += loss;
             window.tokens += batch.inputs.len() - batch.mask.iter().filter(|&&m| m == 0.0).count();
             state.trained_tokens += batch.trained_tokens();
-            let grads = gradients(&model, &loss.div_scalar(accumulation as f64).backward());
             accumulated = Some(match accumulated {
                 None => grads,
                 Some(acc) => acc.into_iter().zip(grads).map(|(a, g)| a + g).collect(),

@@ -2,15 +2,16 @@
 //! tensors and their gradients in and out of the model as flat lists (in `Decoder::adapters`
 //! order) for the optimizer.
 
-use burn::tensor::Tensor;
 use burn::tensor::backend::AutodiffBackend;
+use burn::tensor::{ElementConversion, Tensor};
 
 use super::loss::masked_cross_entropy;
 use crate::lora::LoraAdapter;
 use crate::model::{Decoder, FrozenLinearBackend};
 
 /// A padded batch: `inputs`, `targets` and `mask` are `[batch, seq]` row-major; `targets` is the
-/// input shifted by one and `mask` is 1 where the target is trained.
+/// input shifted by one and `mask` is 1 where the target is trained. Packed rows also carry
+/// `segments`: the example each position belongs to.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Batch {
     pub batch: usize,
@@ -18,6 +19,7 @@ pub struct Batch {
     pub inputs: Vec<u32>,
     pub targets: Vec<u32>,
     pub mask: Vec<f32>,
+    pub segments: Option<Vec<u32>>,
 }
 
 impl Batch {
@@ -33,8 +35,34 @@ pub fn batch_loss<B: FrozenLinearBackend>(
     batch: &Batch,
     device: &B::Device,
 ) -> Tensor<B, 1> {
-    let logits = decoder.forward(&batch.inputs, batch.batch, device);
+    let logits = decoder.forward_with_segments(
+        &batch.inputs,
+        batch.segments.as_deref(),
+        batch.batch,
+        device,
+    );
     masked_cross_entropy(logits, &batch.targets, &batch.mask).0
+}
+
+/// The batch's mean loss and the gradients of `scale ×` that loss (`scale` = 1 / accumulation
+/// steps), flattened in [`parameters`] order. With `grad_checkpoint`, block activations are
+/// recomputed in the backward pass instead of kept (see [`super::checkpointed`]).
+pub fn loss_and_gradients<B: AutodiffBackend + FrozenLinearBackend>(
+    decoder: &Decoder<B>,
+    batch: &Batch,
+    scale: f64,
+    grad_checkpoint: bool,
+    device: &B::Device,
+) -> (f64, Vec<Tensor<B::InnerBackend, 1>>) {
+    if grad_checkpoint {
+        return super::checkpointed::loss_and_gradients(decoder, batch, scale, device);
+    }
+    let loss = batch_loss(decoder, batch, device);
+    let value = loss.clone().into_scalar().elem::<f64>();
+    (
+        value,
+        gradients(decoder, &loss.mul_scalar(scale).backward()),
+    )
 }
 
 /// The trainable tensors (without autodiff), flattened.
@@ -54,8 +82,16 @@ pub fn gradients<B: AutodiffBackend + FrozenLinearBackend>(
     decoder: &Decoder<B>,
     grads: &B::Gradients,
 ) -> Vec<Tensor<B::InnerBackend, 1>> {
+    adapter_gradients(decoder.adapters().into_iter().map(|(_, a)| a), grads)
+}
+
+/// [`gradients`] for some of the adapters, in the order given.
+pub fn adapter_gradients<'a, B: AutodiffBackend + FrozenLinearBackend>(
+    adapters: impl IntoIterator<Item = &'a LoraAdapter<B>>,
+    grads: &B::Gradients,
+) -> Vec<Tensor<B::InnerBackend, 1>> {
     let mut out = Vec::new();
-    for (_, adapter) in decoder.adapters() {
+    for adapter in adapters {
         let mut push = |t: Tensor<B, 1>, g: Option<Tensor<B::InnerBackend, 1>>| {
             out.push(g.unwrap_or_else(|| t.inner().zeros_like()));
         };

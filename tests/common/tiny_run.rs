@@ -12,9 +12,7 @@ pub struct TinyRun {
 /// `extra` is appended to the recipe (later keys win within a table only if not repeated, so
 /// pass whole tables that the base recipe lacks, e.g. `[export]`).
 pub fn tiny_run(tag: &str, train_overrides: &str) -> TinyRun {
-    let dir = std::env::temp_dir().join(format!("lf-tiny-{tag}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = super::temp_dir(&format!("tiny-{tag}"));
     let line = |i: usize| {
         let words = [
             "forge", "anvil", "hammer", "tongs", "quench", "temper", "billet", "scale",
