@@ -48,6 +48,10 @@ fixtures:
     .venv-ref/bin/python scripts/fixtures/make_tiny_models.py
     .venv-ref/bin/python scripts/fixtures/make_mlx_quantized.py
     .venv-ref/bin/python scripts/fixtures/make_smollm2_reference.py "$(scripts/fetch-assets.sh smollm2 | tail -n 1)"
+    .venv-ref/bin/python scripts/fixtures/make_peft_parity.py
+    .venv-ref/bin/python scripts/fixtures/make_adapter_interop.py
+    .venv-ref/bin/python scripts/fixtures/make_mlx_lora_parity.py
+    .venv-ref/bin/python scripts/fixtures/make_table_datasets.py
 
 # Peak memory of float LoRA vs QLoRA (4-bit on load) on SmolLM2-135M (results in bench/results/).
 bench-train-memory:

@@ -342,6 +342,11 @@ impl GgufFile {
         &self.map[info.offset..info.offset + info.len]
     }
 
+    /// Lets the pages of a tensor's data leave memory (see [`super::release_pages`]).
+    pub fn release(&self, info: &TensorInfo) {
+        super::release_pages(&self.map, info.offset, info.len);
+    }
+
     pub fn get(&self, key: &str) -> Option<&Value> {
         self.metadata.get(key)
     }

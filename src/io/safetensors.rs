@@ -160,6 +160,13 @@ impl SafetensorsStore {
         })
     }
 
+    /// Lets the pages of tensor `name` leave memory (see [`super::release_pages`]).
+    pub fn release(&self, name: &str) {
+        if let Some(e) = self.entries.get(name) {
+            super::release_pages(&self.shards[e.shard].map, e.start, e.end - e.start);
+        }
+    }
+
     pub fn contains(&self, name: &str) -> bool {
         self.entries.contains_key(name)
     }

@@ -61,16 +61,6 @@ impl<B: FrozenLinearBackend> LoraAdapter<B> {
         }
     }
 
-    /// The same adapter outside the autodiff graph.
-    pub fn detach(self) -> Self {
-        LoraAdapter {
-            a: self.a.detach(),
-            b: self.b.detach(),
-            magnitude: self.magnitude.map(Tensor::detach),
-            ..self
-        }
-    }
-
     /// The trainable tensors flattened to 1-D views, in a fixed order (a, b, magnitude).
     pub fn parameters(&self) -> Vec<Tensor<B, 1>> {
         let mut out = vec![self.a.clone().flatten(0, 1), self.b.clone().flatten(0, 1)];

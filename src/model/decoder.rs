@@ -191,18 +191,6 @@ impl<B: FrozenLinearBackend> Block<B> {
         .collect()
     }
 
-    /// A copy whose adapters are cut from the autodiff graph: a forward pass through it records
-    /// nothing (the activation-checkpointing forward pass).
-    pub fn detached(&self) -> Self {
-        let mut copy = self.clone();
-        for (_, linear) in copy.linears_mut() {
-            if let Some(adapter) = linear.adapter.take() {
-                linear.adapter = Some(adapter.detach());
-            }
-        }
-        copy
-    }
-
     pub fn forward(
         &self,
         h: Tensor<B, 3>,

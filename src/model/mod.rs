@@ -7,6 +7,7 @@ pub mod layout;
 pub mod linear;
 pub mod load;
 pub mod rope;
+pub mod valid;
 pub mod weights;
 
 pub use config::{Family, ModelConfig, RopeScaling};

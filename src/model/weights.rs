@@ -116,6 +116,23 @@ impl WeightSource {
         }
     }
 
+    /// Once a weight is copied out, its file pages need not stay resident.
+    fn release(&self, name: &str) {
+        match self {
+            WeightSource::Safetensors { store, .. } => {
+                let module = name.strip_suffix(".weight").unwrap_or(name);
+                store.release(name);
+                store.release(&format!("{module}.scales"));
+                store.release(&format!("{module}.biases"));
+            }
+            WeightSource::Gguf(g) => {
+                if let Some(info) = gguf_name(name).and_then(|n| g.tensor(&n)) {
+                    g.release(info);
+                }
+            }
+        }
+    }
+
     /// Reads weight `name` (a `.weight`, `.bias` or norm vector), checking its shape.
     pub fn load(
         &self,
@@ -131,6 +148,7 @@ impl WeightSource {
             } => load_safetensors(store, quantization.as_ref(), file, name, expected)?,
             WeightSource::Gguf(g) => load_gguf(g, name, config)?,
         };
+        self.release(name);
         let found = weight.shape();
         if found != expected {
             return Err(WeightError::Shape {

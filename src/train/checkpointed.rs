@@ -1,7 +1,7 @@
 //! Activation checkpointing per block (`train.grad_checkpoint`).
 //!
 //! ```text
-//! forward, no graph:   h₀ = embed(x) ; hₗ₊₁ = blockₗ(hₗ)   keeping only h₀ … h_L
+//! forward, no autodiff: h₀ = embed(x) ; hₗ₊₁ = blockₗ(hₗ)  keeping only h₀ … h_L
 //! head:                loss = CE(lm_head(norm(h_L)))        g_L = ∂loss/∂h_L
 //! l = L-1 … 0:         recompute y = blockₗ(hₗ) under a fresh graph and back-propagate
 //!                      Σ y ⊙ gₗ₊₁ → gₗ = ∂/∂hₗ and the gradients of blockₗ's adapters
@@ -14,14 +14,14 @@
 //! ones, chained here by hand. Dropout masks must be the same when a block is recomputed, so
 //! each block draws them from a seed of its own, set before both of its forward passes.
 
-use burn::tensor::backend::AutodiffBackend;
 use burn::tensor::{Distribution, ElementConversion, Tensor};
 
 use super::loss::masked_cross_entropy;
 use super::step::{Batch, adapter_gradients};
-use crate::model::{Decoder, FrozenLinearBackend};
+use crate::model::Decoder;
+use crate::model::valid::TrainBackend;
 
-pub fn loss_and_gradients<B: AutodiffBackend + FrozenLinearBackend>(
+pub fn loss_and_gradients<B: TrainBackend>(
     decoder: &Decoder<B>,
     batch: &Batch,
     scale: f64,
@@ -33,15 +33,15 @@ pub fn loss_and_gradients<B: AutodiffBackend + FrozenLinearBackend>(
         .elem::<f64>() as u64;
     let block_seed = |l: usize| seed.wrapping_mul(0x9E37_79B9).wrapping_add(l as u64);
 
+    // The forward pass runs on the inner backend: on the autodiff one, Burn would record (and
+    // keep) every op even without gradients.
+    let inner_layout = layout.valid();
     let mut inputs = Vec::with_capacity(decoder.layers.len());
     let mut h = decoder.embed(&batch.inputs, batch.batch, device).inner();
     for (l, block) in decoder.layers.iter().enumerate() {
         inputs.push(h.clone());
         B::seed(device, block_seed(l));
-        h = block
-            .detached()
-            .forward(Tensor::from_inner(h), &layout, None)
-            .inner();
+        h = block.valid().forward(h, &inner_layout, None);
     }
 
     let top = Tensor::<B, 3>::from_inner(h).require_grad();

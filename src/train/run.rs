@@ -14,7 +14,6 @@ use std::time::Instant;
 
 use anyhow::{Context, Result, bail};
 use burn::tensor::ElementConversion;
-use burn::tensor::backend::AutodiffBackend;
 
 use super::checkpoint::{self, TrainState};
 use super::optimizer::{Optimizer, OptimizerConfig, clip_global_norm, global_norm};
@@ -24,6 +23,7 @@ use crate::data::{BatchPlan, Encoder, encode_split, plan_batches};
 use crate::events::{Event, TrainReport};
 use crate::lora::{AdapterSpec, files, inject};
 use crate::model::load::load_model_quantized;
+use crate::model::valid::TrainBackend;
 use crate::model::{Decoder, FrozenLinearBackend};
 use crate::recipe::Recipe;
 
@@ -44,16 +44,13 @@ pub fn run_dir(recipe: &Recipe) -> PathBuf {
 
 /// Trains the adapters a recipe describes. `resume` continues from a checkpoint folder's run;
 /// `stop` (set by Ctrl-C) ends the run after the current step with a checkpoint saved.
-pub fn train<B: AutodiffBackend + FrozenLinearBackend>(
+pub fn train<B: TrainBackend>(
     recipe: &Recipe,
     resume: Option<&Path>,
     stop: &AtomicBool,
     emit: &mut dyn FnMut(Event),
     device: &B::Device,
-) -> Result<TrainOutcome>
-where
-    B::InnerBackend: FrozenLinearBackend,
-{
+) -> Result<TrainOutcome> {
     let resolved = toml::to_string(recipe)?;
     let run_dir = run_dir(recipe);
     let quantize = recipe.model.quantize.map(|q| (q.bits, q.group_size));
@@ -150,7 +147,7 @@ where
     if let (Some(valid), 0) = (&valid_plan, state.step) {
         // The starting point, so the curve shows how far training moved it.
         let started = Instant::now();
-        let loss = evaluate_loss(&model, valid, recipe.train.val_batches, device);
+        let loss = evaluate_loss(&model.valid(), valid, recipe.train.val_batches, device);
         emit(Event::Validation {
             step: 0,
             loss,
@@ -217,7 +214,7 @@ where
             state.step.is_multiple_of(recipe.train.steps_per_eval) || state.step == total_steps;
         if let (Some(valid), true) = (&valid_plan, evaluate) {
             let started = Instant::now();
-            let loss = evaluate_loss(&model, valid, recipe.train.val_batches, device);
+            let loss = evaluate_loss(&model.valid(), valid, recipe.train.val_batches, device);
             emit(Event::Validation {
                 step: state.step,
                 loss,
@@ -246,7 +243,7 @@ where
         }
     }
     if let Some(test) = plan("test", recipe.train.batch_size)? {
-        let loss = evaluate_loss(&model, &test, -1, device);
+        let loss = evaluate_loss(&model.valid(), &test, -1, device);
         emit(Event::Test {
             loss,
             perplexity: loss.exp(),

@@ -7,6 +7,7 @@ use burn::tensor::{ElementConversion, Tensor};
 
 use super::loss::masked_cross_entropy;
 use crate::lora::LoraAdapter;
+use crate::model::valid::TrainBackend;
 use crate::model::{Decoder, FrozenLinearBackend};
 
 /// A padded batch: `inputs`, `targets` and `mask` are `[batch, seq]` row-major; `targets` is the
@@ -47,7 +48,7 @@ pub fn batch_loss<B: FrozenLinearBackend>(
 /// The batch's mean loss and the gradients of `scale ×` that loss (`scale` = 1 / accumulation
 /// steps), flattened in [`parameters`] order. With `grad_checkpoint`, block activations are
 /// recomputed in the backward pass instead of kept (see [`super::checkpointed`]).
-pub fn loss_and_gradients<B: AutodiffBackend + FrozenLinearBackend>(
+pub fn loss_and_gradients<B: TrainBackend>(
     decoder: &Decoder<B>,
     batch: &Batch,
     scale: f64,

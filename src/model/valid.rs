@@ -1,0 +1,113 @@
+//! The model on the inner backend of an autodiff backend, sharing the same tensors (Burn's
+//! `Module::valid`): evaluation and generation during training run through it, so they record
+//! no autodiff steps. (Burn registers a step for every op on an autodiff backend, tracked or
+//! not, and only frees them in a backward pass; a validation pass would otherwise keep its
+//! activations alive.)
+
+use burn::tensor::backend::AutodiffBackend;
+
+use super::decoder::{Attention, Block, Decoder, Mlp, RmsNorm};
+use super::frozen_op::FrozenLinearBackend;
+use super::layout::AttentionLayout;
+use super::linear::{FrozenLinear, FrozenWeight};
+use crate::lora::LoraAdapter;
+
+/// Backends whose inner backend can run the model too.
+pub trait TrainBackend:
+    AutodiffBackend<InnerBackend: FrozenLinearBackend> + FrozenLinearBackend
+{
+}
+
+impl<B> TrainBackend for B where
+    B: AutodiffBackend<InnerBackend: FrozenLinearBackend> + FrozenLinearBackend
+{
+}
+
+impl<B: TrainBackend> Decoder<B> {
+    pub fn valid(&self) -> Decoder<B::InnerBackend> {
+        Decoder {
+            config: self.config.clone(),
+            embed_tokens: self.embed_tokens.valid(),
+            layers: self.layers.iter().map(Block::valid).collect(),
+            norm: self.norm.valid(),
+            lm_head: self.lm_head.valid(),
+            rope: self.rope.clone(),
+        }
+    }
+}
+
+impl<B: TrainBackend> Block<B> {
+    pub fn valid(&self) -> Block<B::InnerBackend> {
+        let (a, m) = (&self.self_attn, &self.mlp);
+        Block {
+            input_layernorm: self.input_layernorm.valid(),
+            self_attn: Attention {
+                q_proj: a.q_proj.valid(),
+                k_proj: a.k_proj.valid(),
+                v_proj: a.v_proj.valid(),
+                o_proj: a.o_proj.valid(),
+                q_norm: a.q_norm.as_ref().map(RmsNorm::valid),
+                k_norm: a.k_norm.as_ref().map(RmsNorm::valid),
+                num_heads: a.num_heads,
+                num_kv_heads: a.num_kv_heads,
+                head_dim: a.head_dim,
+            },
+            post_attention_layernorm: self.post_attention_layernorm.valid(),
+            mlp: Mlp {
+                gate_proj: m.gate_proj.valid(),
+                up_proj: m.up_proj.valid(),
+                down_proj: m.down_proj.valid(),
+            },
+        }
+    }
+}
+
+impl<B: TrainBackend> AttentionLayout<B> {
+    pub fn valid(&self) -> AttentionLayout<B::InnerBackend> {
+        AttentionLayout {
+            cos: self.cos.clone().inner(),
+            sin: self.sin.clone().inner(),
+            mask: self.mask.clone().inner(),
+        }
+    }
+}
+
+impl<B: TrainBackend> RmsNorm<B> {
+    fn valid(&self) -> RmsNorm<B::InnerBackend> {
+        RmsNorm {
+            weight: self.weight.clone().inner(),
+            eps: self.eps,
+        }
+    }
+}
+
+impl<B: TrainBackend> FrozenLinear<B> {
+    fn valid(&self) -> FrozenLinear<B::InnerBackend> {
+        FrozenLinear {
+            weight: self.weight.valid(),
+            bias: self.bias.clone().map(|b| b.inner()),
+            adapter: self.adapter.as_ref().map(LoraAdapter::valid),
+        }
+    }
+}
+
+impl<B: TrainBackend> FrozenWeight<B> {
+    fn valid(&self) -> FrozenWeight<B::InnerBackend> {
+        match self {
+            FrozenWeight::Dense(t) => FrozenWeight::Dense(t.clone().inner()),
+            FrozenWeight::Quantized(q) => FrozenWeight::Quantized(q.clone()),
+        }
+    }
+}
+
+impl<B: TrainBackend> LoraAdapter<B> {
+    fn valid(&self) -> LoraAdapter<B::InnerBackend> {
+        LoraAdapter {
+            a: self.a.clone().inner(),
+            b: self.b.clone().inner(),
+            magnitude: self.magnitude.clone().map(|m| m.inner()),
+            scale: self.scale,
+            dropout: self.dropout,
+        }
+    }
+}
