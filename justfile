@@ -53,6 +53,10 @@ fixtures:
     .venv-ref/bin/python scripts/fixtures/make_mlx_lora_parity.py
     .venv-ref/bin/python scripts/fixtures/make_table_datasets.py
 
+# LoRA training tokens/s on this CPU, ours vs PyTorch + peft, 1 and 2 threads (bench/results/).
+bench-train-cpu:
+    bench/train_cpu.sh
+
 # Peak memory of float LoRA vs QLoRA (4-bit on load) on SmolLM2-135M (results in bench/results/).
 bench-train-memory:
     bench/train_memory.sh

@@ -58,6 +58,23 @@ enum Command {
         #[command(subcommand)]
         command: DataCommand,
     },
+    /// Benchmarks.
+    Bench {
+        #[command(subcommand)]
+        command: BenchCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum BenchCommand {
+    /// Timed LoRA training steps on a random model of a known shape; prints one JSON line with
+    /// the fields of bench/peft_lora_bench.py.
+    Train {
+        #[command(flatten)]
+        args: crate::bench::BenchTrainArgs,
+        #[arg(long, value_enum, default_value_t = DeviceKind::Cpu)]
+        device: DeviceKind,
+    },
 }
 
 #[derive(Subcommand)]
@@ -160,6 +177,9 @@ pub fn run() -> Result<()> {
             let device = recipe.device;
             run_on(device, TrainTask { args, recipe })
         }
+        Command::Bench {
+            command: BenchCommand::Train { args, device },
+        } => run_on(device, BenchTask(args)),
         Command::Data {
             command: DataCommand::Report { recipe, overrides },
         } => {
@@ -353,6 +373,27 @@ impl BackendTask for EvalTask {
             run_dir.join("eval.md").display(),
             run_dir.join("eval.json").display()
         );
+        Ok(())
+    }
+}
+
+struct BenchTask(crate::bench::BenchTrainArgs);
+
+impl BackendTask for BenchTask {
+    type Output = ();
+
+    fn run<B: FrozenLinearBackend>(self, device: B::Device) -> Result<()> {
+        let result = crate::bench::bench_train::<Autodiff<B>>(&self.0, &device)?;
+        let line = serde_json::to_string(&result)?;
+        println!("{line}");
+        if let Some(path) = &self.0.jsonl {
+            let mut file = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(path)
+                .with_context(|| format!("opening {}", path.display()))?;
+            writeln!(file, "{line}")?;
+        }
         Ok(())
     }
 }

@@ -121,6 +121,7 @@ pub fn report(path: &std::path::Path) -> Result<String> {
                 }
             }
         }
+        WeightSource::Random { seed } => writeln!(w, "dtype         random f32 (seed {seed})")?,
     }
     match crate::tokenizer::for_model(&files) {
         Ok(tok) => {

@@ -4,6 +4,7 @@
 //! train → checkpoints → fuse → export → eval. This crate is the library; `main.rs` is a thin CLI.
 
 pub mod backend;
+pub mod bench;
 pub mod chat;
 pub mod cli;
 pub mod data;

@@ -99,6 +99,11 @@ pub enum WeightSource {
         file: PathBuf,
     },
     Gguf(GgufFile),
+    /// Seeded random weights for benchmarks of a model shape (nothing read from disk): matrices
+    /// uniform with standard deviation 0.02 (Hugging Face's init), norms 1, biases 0.
+    Random {
+        seed: u64,
+    },
 }
 
 impl WeightSource {
@@ -106,6 +111,7 @@ impl WeightSource {
         match self {
             WeightSource::Safetensors { file, .. } => file.clone(),
             WeightSource::Gguf(g) => g.path.clone(),
+            WeightSource::Random { .. } => PathBuf::from("<random weights>"),
         }
     }
 
@@ -113,6 +119,7 @@ impl WeightSource {
         match self {
             WeightSource::Safetensors { store, .. } => store.contains(name),
             WeightSource::Gguf(g) => gguf_name(name).is_some_and(|n| g.tensor(&n).is_some()),
+            WeightSource::Random { .. } => true,
         }
     }
 
@@ -130,6 +137,7 @@ impl WeightSource {
                     g.release(info);
                 }
             }
+            WeightSource::Random { .. } => {}
         }
     }
 
@@ -147,6 +155,7 @@ impl WeightSource {
                 file,
             } => load_safetensors(store, quantization.as_ref(), file, name, expected)?,
             WeightSource::Gguf(g) => load_gguf(g, name, config)?,
+            WeightSource::Random { seed } => random_weight(*seed, name, expected),
         };
         self.release(name);
         let found = weight.shape();
@@ -159,6 +168,37 @@ impl WeightSource {
             });
         }
         Ok(weight)
+    }
+}
+
+fn random_weight(seed: u64, name: &str, shape: &[usize]) -> HostWeight {
+    use rand::{Rng, SeedableRng};
+    use rayon::prelude::*;
+    let len: usize = shape.iter().product();
+    let values = if name.ends_with("norm.weight") {
+        vec![1.0; len]
+    } else if name.ends_with(".bias") {
+        vec![0.0; len]
+    } else {
+        // Uniform on ±a has standard deviation a/√3. Chunks are seeded by the name and their
+        // index, so the values do not depend on the thread count.
+        let a = 0.02 * 3f32.sqrt();
+        let name_seed = name.bytes().fold(seed ^ 0xcbf2_9ce4_8422_2325, |h, b| {
+            (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3)
+        });
+        let mut values = vec![0f32; len];
+        values
+            .par_chunks_mut(1 << 16)
+            .enumerate()
+            .for_each(|(i, chunk)| {
+                let mut rng = rand::rngs::StdRng::seed_from_u64(name_seed.wrapping_add(i as u64));
+                chunk.iter_mut().for_each(|v| *v = rng.random_range(-a..a));
+            });
+        values
+    };
+    HostWeight::Dense {
+        shape: shape.to_vec(),
+        values,
     }
 }
 

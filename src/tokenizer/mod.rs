@@ -86,5 +86,8 @@ pub fn for_model(files: &crate::model::ModelFiles) -> Result<Tokenizer> {
     match &files.weights {
         crate::model::weights::WeightSource::Gguf(g) => from_gguf(g),
         crate::model::weights::WeightSource::Safetensors { .. } => from_folder(&files.path),
+        crate::model::weights::WeightSource::Random { .. } => {
+            anyhow::bail!("a model with random weights has no tokenizer")
+        }
     }
 }

@@ -1,0 +1,312 @@
+//! `loraforge bench train`: timed LoRA training steps on a randomly initialised model of a known
+//! shape (nothing is downloaded), reported as one JSON line. Flags, FLOP convention and result
+//! fields follow `bench/peft_lora_bench.py` (the PyTorch + peft reference), so the two compare
+//! one to one:
+//!
+//! ```text
+//! tokens/s     = batch · seq / median step time           (every input position counts)
+//! FLOPs/token  = 4 (N_dec + N_head) [+ 2 N_dec with activation checkpointing]
+//!              + 8 · layers · seq · heads · head_dim       (attention, no causal halving)
+//! MFU          = FLOPs/token · tokens/s / measured matmul peak of this backend
+//! ```
+//! A step is the trainer's own: forward, backward (with or without activation checkpointing),
+//! global gradient norm, AdamW update.
+
+use std::time::Instant;
+
+use anyhow::Result;
+use burn::tensor::backend::Backend;
+use burn::tensor::{Distribution, Tensor};
+use rand::{Rng, SeedableRng};
+use serde_json::json;
+
+use crate::lora::{AdapterSpec, inject};
+use crate::model::config::{Family, ModelConfig, RopeScaling};
+use crate::model::load::{ModelFiles, ModelFormat};
+use crate::model::valid::TrainBackend;
+use crate::model::weights::WeightSource;
+use crate::recipe::{AdapterKind, Layers, LoraSection, OptimizerKind, Targets};
+use crate::train::optimizer::{Optimizer, OptimizerConfig, global_norm};
+use crate::train::step::{Batch, loss_and_gradients, parameters, set_parameters};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Shape {
+    Tiny,
+    #[value(name = "smollm2-135m")]
+    Smollm2_135m,
+    #[value(name = "llama3.2-1b")]
+    Llama3_2_1b,
+    #[value(name = "llama3-8b")]
+    Llama3_8b,
+}
+
+impl Shape {
+    /// The reference script's presets: (hidden, layers, heads, kv heads, ffn, vocab, tied, θ).
+    pub fn config(self) -> ModelConfig {
+        let (hidden, layers, heads, kv_heads, ffn, vocab, tied, theta) = match self {
+            Shape::Tiny => (256, 4, 4, 4, 688, 32000, false, 10000.0),
+            Shape::Smollm2_135m => (576, 30, 9, 3, 1536, 49152, true, 100000.0),
+            Shape::Llama3_2_1b => (2048, 16, 32, 8, 8192, 128256, true, 500000.0),
+            Shape::Llama3_8b => (4096, 32, 32, 8, 14336, 128256, false, 500000.0),
+        };
+        ModelConfig {
+            family: Family::Llama,
+            vocab_size: vocab,
+            hidden_size: hidden,
+            intermediate_size: ffn,
+            num_layers: layers,
+            num_heads: heads,
+            num_kv_heads: kv_heads,
+            head_dim: hidden / heads,
+            rms_norm_eps: 1e-5,
+            rope_theta: theta,
+            rope_scaling: RopeScaling::None,
+            max_position_embeddings: 131072,
+            tie_word_embeddings: tied,
+            attention_bias: false,
+            qk_norm: false,
+            dtype: "float32".into(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, clap::Args)]
+pub struct BenchTrainArgs {
+    #[arg(long, value_enum, default_value_t = Shape::Tiny)]
+    pub shape: Shape,
+    #[arg(long, default_value_t = 4)]
+    pub batch: usize,
+    #[arg(long, default_value_t = 512)]
+    pub seq: usize,
+    #[arg(long, default_value_t = 8)]
+    pub rank: usize,
+    /// LoRA alpha; the adapter output is scaled by alpha / rank (peft's convention).
+    #[arg(long, default_value_t = 16.0)]
+    pub alpha: f64,
+    /// `all-linear`, or short names separated by commas (`q_proj,v_proj`), as peft takes them.
+    #[arg(long, default_value = "q_proj,v_proj")]
+    pub targets: String,
+    /// Adapt only the last N blocks (default: all).
+    #[arg(long)]
+    pub layers: Option<usize>,
+    #[arg(long, default_value_t = 10)]
+    pub steps: usize,
+    #[arg(long, default_value_t = 3)]
+    pub warmup_steps: usize,
+    #[arg(long)]
+    pub grad_checkpoint: bool,
+    /// Quantize the base to this many bits (group 64) on load: QLoRA.
+    #[arg(long)]
+    pub quant: Option<u32>,
+    #[arg(long, default_value_t = 1e-4)]
+    pub lr: f64,
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Also append the JSON line to this file.
+    #[arg(long)]
+    pub jsonl: Option<std::path::PathBuf>,
+    #[arg(long)]
+    pub tag: Option<String>,
+}
+
+impl BenchTrainArgs {
+    fn lora(&self) -> LoraSection {
+        let targets = if self.targets == "all-linear" {
+            Targets::Named("all-linear".into())
+        } else {
+            let keys = self.targets.split(',').map(|short| {
+                let short = short.trim();
+                let block = if matches!(short, "gate_proj" | "up_proj" | "down_proj") {
+                    "mlp"
+                } else {
+                    "self_attn"
+                };
+                format!("{block}.{short}")
+            });
+            Targets::Keys(keys.collect())
+        };
+        LoraSection {
+            kind: AdapterKind::Lora,
+            rank: self.rank,
+            scale: Some(self.alpha / self.rank as f64),
+            targets,
+            layers: Layers::Last(self.layers.map_or(-1, |n| n as i64)),
+            ..Default::default()
+        }
+    }
+}
+
+/// Runs the benchmark and returns its JSON result (also printed by the caller).
+pub fn bench_train<B: TrainBackend>(
+    args: &BenchTrainArgs,
+    device: &B::Device,
+) -> Result<serde_json::Value> {
+    let config = args.shape.config();
+    let peak = measure_matmul_peak::<B>(device);
+    eprintln!("matmul peak of this backend: {:.1} GFLOP/s", peak / 1e9);
+
+    let started = Instant::now();
+    let files = ModelFiles {
+        path: "<random weights>".into(),
+        format: ModelFormat::HfSafetensors,
+        config: config.clone(),
+        weights: WeightSource::Random { seed: args.seed },
+        config_json: None,
+    };
+    let mut model = files.build_quantized::<B>(device, args.quant.map(|bits| (bits, 64)))?;
+    let spec = AdapterSpec::from_recipe(&args.lora(), config.num_layers)?;
+    B::seed(device, args.seed);
+    inject(&mut model, &spec, device);
+    let mut params = parameters(&model);
+    let mut optimizer = Optimizer::new(
+        OptimizerConfig {
+            kind: OptimizerKind::Adamw,
+            betas: [0.9, 0.999],
+            eps: 1e-8,
+            weight_decay: 0.0,
+        },
+        &params,
+    );
+    let build_s = started.elapsed().as_secs_f64();
+
+    let mut rng = rand::rngs::StdRng::seed_from_u64(args.seed + 1);
+    let mut times = Vec::new();
+    let mut losses = Vec::new();
+    for i in 0..args.warmup_steps + args.steps {
+        let batch = random_batch(&mut rng, args.batch, args.seq, config.vocab_size);
+        B::sync(device)?;
+        let t0 = Instant::now();
+        let (loss, grads) = loss_and_gradients(&model, &batch, 1.0, args.grad_checkpoint, device);
+        let _norm = global_norm(&grads);
+        optimizer.update(&mut params, &grads, args.lr);
+        set_parameters(&mut model, &params);
+        B::sync(device)?;
+        let dt = t0.elapsed().as_secs_f64();
+        let phase = if i < args.warmup_steps {
+            "warm"
+        } else {
+            "meas"
+        };
+        eprintln!("step {i:3} [{phase}] {:10.2} ms  loss {loss:.4}", dt * 1e3);
+        if i >= args.warmup_steps {
+            times.push(dt);
+        }
+        losses.push(loss);
+    }
+
+    let (n_dec, n_head) = frozen_linear_params(&config);
+    let attn_width = config.num_heads * config.head_dim;
+    let linear_fpt = 4 * (n_dec + n_head) + if args.grad_checkpoint { 2 * n_dec } else { 0 };
+    let attn_fpt = 8 * config.num_layers * args.seq * attn_width;
+    let fpt = (linear_fpt + attn_fpt) as f64;
+    let median = median(&times);
+    let tokens = args.batch * args.seq;
+    let tps = tokens as f64 / median;
+    let result = json!({
+        "bench": "loraforge_bench_train",
+        "tag": args.tag,
+        "argv": std::env::args().skip(1).collect::<Vec<_>>(),
+        "settings": {
+            "shape": clap::ValueEnum::to_possible_value(&args.shape).map(|v| v.get_name().to_string()),
+            "batch": args.batch, "seq": args.seq, "rank": args.rank,
+            "alpha": args.alpha, "targets": args.targets, "layers": args.layers,
+            "steps": args.steps, "warmup_steps": args.warmup_steps,
+            "grad_checkpoint": args.grad_checkpoint, "quant": args.quant, "lr": args.lr,
+            "backend": std::any::type_name::<B>(),
+            "threads": rayon::current_num_threads(),
+        },
+        "flops": {"per_token": fpt, "linear_per_token": linear_fpt, "attn_per_token": attn_fpt},
+        "matmul_peak_gflops": peak / 1e9,
+        "results": {
+            "step_ms_median": median * 1e3,
+            "step_ms_all": times.iter().map(|t| t * 1e3).collect::<Vec<_>>(),
+            "tokens_per_step": tokens,
+            "tokens_per_s": tps,
+            "loss_first": losses.first(),
+            "loss_last": losses.last(),
+            "losses_finite": losses.iter().all(|l| l.is_finite()),
+            "build_s": build_s,
+            "achieved_tflops": fpt * tps / 1e12,
+            "mfu": fpt * tps / peak,
+            "peak_mem_bytes": crate::backend::peak_rss_bytes(),
+            "peak_mem_kind": "peak RSS of the process (whole lifetime)",
+        },
+    });
+    Ok(result)
+}
+
+/// Random tokens, `labels = inputs` as the reference passes them: position t predicts t + 1,
+/// and the last position has no target.
+fn random_batch(rng: &mut impl Rng, batch: usize, seq: usize, vocab: usize) -> Batch {
+    let ids: Vec<u32> = (0..batch * seq)
+        .map(|_| rng.random_range(0..vocab as u32))
+        .collect();
+    let mut targets = Vec::with_capacity(ids.len());
+    let mut mask = Vec::with_capacity(ids.len());
+    for row in ids.chunks_exact(seq) {
+        targets.extend(&row[1..]);
+        targets.push(0);
+        mask.extend(std::iter::repeat_n(1.0, seq - 1));
+        mask.push(0.0);
+    }
+    Batch {
+        batch,
+        seq,
+        inputs: ids,
+        targets,
+        mask,
+        segments: None,
+    }
+}
+
+/// Frozen weights of the seven linears of every block, and of the head (counted even when tied).
+fn frozen_linear_params(c: &ModelConfig) -> (usize, usize) {
+    let (h, kv) = (c.hidden_size, c.num_kv_heads * c.head_dim);
+    let q = c.num_heads * c.head_dim;
+    let per_block = h * q + 2 * h * kv + q * h + 3 * h * c.intermediate_size;
+    (per_block * c.num_layers, c.vocab_size * h)
+}
+
+/// Median FLOP/s of square matmuls on this backend (2n³ per product, after a warm-up).
+fn measure_matmul_peak<B: Backend>(device: &B::Device) -> f64 {
+    let n = if std::any::type_name::<B>().contains("NdArray") {
+        1024
+    } else {
+        8192
+    };
+    let a = Tensor::<B, 2>::random([n, n], Distribution::Default, device);
+    let b = Tensor::<B, 2>::random([n, n], Distribution::Default, device);
+    let mut times = Vec::new();
+    for i in 0..6 {
+        let _ = B::sync(device);
+        let t0 = Instant::now();
+        let c = a.clone().matmul(b.clone());
+        let _ = B::sync(device);
+        drop(c);
+        if i > 0 {
+            times.push(t0.elapsed().as_secs_f64());
+        }
+    }
+    2.0 * (n as f64).powi(3) / median(&times)
+}
+
+fn median(values: &[f64]) -> f64 {
+    let mut v = values.to_vec();
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn frozen_parameter_counts_match_the_reference_presets() {
+        // As bench/reference/peft_lora_bench.py counted them on the same presets
+        // (bench/results/train-cpu-vm-2026-11-27.jsonl): frozen decoder linears, head.
+        let (dec, head) = frozen_linear_params(&Shape::Tiny.config());
+        assert_eq!((dec, head), (3_162_112, 8_192_000));
+        let (dec, head) = frozen_linear_params(&Shape::Smollm2_135m.config());
+        assert_eq!((dec, head), (106_168_320, 28_311_552));
+    }
+}
