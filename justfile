@@ -57,6 +57,10 @@ fixtures:
 bench-train-cpu:
     bench/train_cpu.sh
 
+# On a GPU machine: ours and PyTorch + peft on the same card, issue 4's shapes (bench/results/).
+bench-gpu:
+    bench/gpu.sh
+
 # Peak memory of float LoRA vs QLoRA (4-bit on load) on SmolLM2-135M (results in bench/results/).
 bench-train-memory:
     bench/train_memory.sh

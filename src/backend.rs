@@ -27,6 +27,17 @@ pub enum DeviceKind {
     Metal,
 }
 
+/// `[model] dtype`: every backend computes the base in f32 for now; a bf16 or f16 request is
+/// refused rather than silently run in f32.
+pub fn check_compute_dtype(dtype: crate::recipe::Dtype) -> Result<()> {
+    if dtype != crate::recipe::Dtype::F32 {
+        bail!(
+            "model.dtype = {dtype:?}: loraforge computes the base in f32 on every backend for now; set model.dtype = \"f32\" (or remove it)"
+        );
+    }
+    Ok(())
+}
+
 /// Work that runs on whichever backend the user picked.
 pub trait BackendTask {
     type Output;

@@ -16,6 +16,7 @@ use crate::events::{Event, plain_line};
 use crate::generate::{GenerationLimits, SamplingConfig, generate};
 use crate::model::frozen_op::FrozenLinearBackend;
 use crate::model::load_model;
+use crate::sinks::{MetricsFile, TensorBoard};
 
 #[derive(Parser)]
 #[command(
@@ -327,7 +328,29 @@ impl BackendTask for TrainTask {
             dir.clone()
                 .unwrap_or_else(|| crate::train::run::run_dir(&self.recipe))
         });
-        let mut emit = |event: Event| println!("{}", plain_line(&event));
+        let run_dir = crate::train::run::run_dir(&self.recipe);
+        let mut metrics = MetricsFile::open(&run_dir)?;
+        let mut board = match self.recipe.output.tensorboard {
+            true => Some(TensorBoard::create(
+                &run_dir,
+                &toml::to_string(&self.recipe)?,
+            )?),
+            false => None,
+        };
+        let mut log_failed = false;
+        let mut emit = |event: Event| {
+            println!("{}", plain_line(&event));
+            let written = metrics
+                .write(&event)
+                .and_then(|()| board.as_mut().map_or(Ok(()), |b| b.write(&event)));
+            // A full disk must not stop training (checkpoints report their own errors).
+            if let Err(e) = written
+                && !log_failed
+            {
+                eprintln!("warning: {e:#}; metrics and TensorBoard logs may be incomplete");
+                log_failed = true;
+            }
+        };
         let outcome = crate::train::run::train::<Autodiff<B>>(
             &self.recipe,
             resume.as_deref(),

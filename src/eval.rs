@@ -62,6 +62,7 @@ pub fn run<B: FrozenLinearBackend>(
             serde_json::from_str(l).with_context(|| format!("{}:{}", prompts_path.display(), i + 1))
         })
         .collect::<Result<_>>()?;
+    crate::backend::check_compute_dtype(recipe.model.dtype)?;
     // The same base the adapters were trained on (quantized on load for QLoRA recipes).
     let quantize = recipe.model.quantize.map(|q| (q.bits, q.group_size));
     let loaded = load_model_quantized::<B>(&recipe.model.path, device, quantize)?;

@@ -17,5 +17,6 @@ pub mod lora;
 pub mod model;
 pub mod quant;
 pub mod recipe;
+pub mod sinks;
 pub mod tokenizer;
 pub mod train;

@@ -119,3 +119,13 @@ fn nan_loss_stops_and_keeps_the_last_good_checkpoint() {
     let state = common::read_json(&common::tiny_run::run_dir(&run).join("checkpoint/state.json"));
     assert!(state["step"].as_u64().unwrap() >= 1);
 }
+
+#[test]
+fn a_compute_dtype_we_cannot_run_is_refused() {
+    let run = tiny_run("dtype", "");
+    let err = train_err(&run.recipe, &["--set", "model.dtype=\"bf16\""]);
+    assert!(
+        err.contains("model.dtype = Bf16") && err.contains("f32"),
+        "{err}"
+    );
+}

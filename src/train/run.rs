@@ -51,6 +51,7 @@ pub fn train<B: TrainBackend>(
     emit: &mut dyn FnMut(Event),
     device: &B::Device,
 ) -> Result<TrainOutcome> {
+    crate::backend::check_compute_dtype(recipe.model.dtype)?;
     let resolved = toml::to_string(recipe)?;
     let run_dir = run_dir(recipe);
     let quantize = recipe.model.quantize.map(|q| (q.bits, q.group_size));
@@ -245,6 +246,7 @@ pub fn train<B: TrainBackend>(
     if let Some(test) = plan("test", recipe.train.batch_size)? {
         let loss = evaluate_loss(&model.valid(), &test, -1, device);
         emit(Event::Test {
+            step: state.step,
             loss,
             perplexity: loss.exp(),
         });

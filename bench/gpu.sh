@@ -1,0 +1,59 @@
+#!/usr/bin/env bash
+# `just bench-gpu`, on a machine with an NVIDIA GPU: `loraforge bench train` and the reference
+# (bench/reference/peft_lora_bench.py: PyTorch + peft, bf16, SDPA) on the same card in one
+# sitting, all-linear rank 16, for the shapes issue 4 names. JSON lines go to
+# ${OUT:-bench/results}/train-gpu-<card>-<date>.jsonl; our peak device memory is the highest
+# `nvidia-smi memory.used` sampled every 100 ms (CUDA context and Burn's pool included).
+#
+# LORAFORGE: the CUDA binary (default target/release/loraforge, built with --features cuda).
+# WHEELS: a folder of wheels to pip-install first (the GPU image has no peft).
+# SHAPES: which runs (default: "smollm2 1b 8b"; also "warmup", which compiles the kernels on a
+# tiny shape first, and "1b-ckpt").
+set -u
+cd "$(dirname "$0")/.."
+bin=${LORAFORGE:-./target/release/loraforge}
+py=${PY:-python3}
+outdir=${OUT:-bench/results}
+mkdir -p "$outdir"
+card=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1 | tr -c 'A-Za-z0-9\n' '-')
+out="$outdir/train-gpu-$card-$(date +%Y-%m-%d).jsonl"
+[ -n "${WHEELS:-}" ] && $py -m pip install --quiet --no-deps "$WHEELS"/*.whl
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
+common=(--targets all-linear --rank 16 --alpha 32)
+
+# ours SHAPE BATCH SEQ STEPS WARMUP [extra...]
+ours() {
+  local shape=$1 batch=$2 seq=$3 steps=$4 warm=$5; shift 5
+  nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits -lms 100 >/tmp/gpu-mem.log &
+  local sampler=$!
+  timeout 400 "$bin" bench train --device cuda --shape "$shape" --batch "$batch" --seq "$seq" \
+    --steps "$steps" --warmup-steps "$warm" "${common[@]}" "$@" --tag "$card" >/tmp/ours.json
+  local rc=$?
+  kill $sampler
+  local peak_mib
+  peak_mib=$(sort -n /tmp/gpu-mem.log | tail -1)
+  if [ $rc -eq 0 ]; then
+    $py -c "import json,sys; d=json.load(open('/tmp/ours.json')); d['results']['peak_device_mem_gib']=$peak_mib/1024; d['results']['peak_device_mem_kind']='max nvidia-smi memory.used'; print(json.dumps(d))" | tee -a "$out" | cut -c1-400
+  else
+    echo "{\"bench\": \"loraforge_bench_train\", \"status\": \"exit $rc\", \"shape\": \"$shape\", \"peak_device_mem_gib\": $(( peak_mib / 1024 ))}" | tee -a "$out"
+  fi
+}
+
+# reference SHAPE BATCH SEQ STEPS WARMUP [extra...]
+reference() {
+  local shape=$1 batch=$2 seq=$3 steps=$4 warm=$5; shift 5
+  timeout 300 $py bench/reference/peft_lora_bench.py --device cuda --dtype bf16 --attn sdpa \
+    --preset "$shape" --batch "$batch" --seq "$seq" --steps "$steps" --warmup-steps "$warm" \
+    "${common[@]}" "$@" --tag "$card" --jsonl "$out" | tail -n 3 | cut -c1-400
+}
+
+for s in ${SHAPES:-smollm2 1b 8b}; do
+  case $s in
+    warmup) ours tiny 4 128 2 1 ;;
+    smollm2) ours smollm2-135m 16 1024 5 2; reference smollm2-135m 16 1024 10 3 ;;
+    1b) ours llama3.2-1b 8 2048 3 1; reference llama3.2-1b 8 2048 8 3 ;;
+    1b-ckpt) ours llama3.2-1b 8 2048 3 1 --grad-checkpoint; reference llama3.2-1b 8 2048 8 3 --grad-checkpoint ;;
+    8b) ours llama3-8b 4 2048 3 1 --grad-checkpoint; reference llama3-8b 4 2048 6 2 --grad-checkpoint ;;
+  esac
+done
+echo "results appended to $out"
