@@ -3,7 +3,9 @@
 use std::io::Write;
 use std::path::PathBuf;
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::io::IsTerminal;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
 
 use anyhow::{Context, Result};
 use burn::backend::Autodiff;
@@ -12,11 +14,13 @@ use clap::{Args, Parser, Subcommand};
 
 use crate::backend::{BackendTask, DeviceKind, run_on};
 use crate::chat::{ChatTemplate, Message};
+use crate::dashboard::Dashboard;
 use crate::events::{Event, plain_line};
 use crate::generate::{GenerationLimits, SamplingConfig, generate};
 use crate::model::frozen_op::FrozenLinearBackend;
 use crate::model::load_model;
 use crate::sinks::{MetricsFile, TensorBoard};
+use crate::train::run::Controls;
 
 #[derive(Parser)]
 #[command(
@@ -102,6 +106,9 @@ enum RecipeCommand {
 #[derive(Args)]
 struct TrainArgs {
     recipe: PathBuf,
+    /// Print plain progress lines instead of the dashboard (also when not a terminal or CI=true).
+    #[arg(long)]
+    no_tui: bool,
     /// Continue from the run's last checkpoint (or from the given run / checkpoint folder).
     #[arg(long, num_args = 0..=1, value_name = "DIR")]
     resume: Option<Option<PathBuf>>,
@@ -184,7 +191,6 @@ pub fn run() -> Result<()> {
         Command::Data {
             command: DataCommand::Report { recipe, overrides },
         } => {
-            use std::io::IsTerminal;
             let recipe = crate::recipe::load(&recipe, &overrides)?;
             let style = if std::io::stdout().is_terminal() {
                 crate::data::report::MaskStyle::Color
@@ -307,15 +313,14 @@ struct TrainTask {
     recipe: crate::recipe::Recipe,
 }
 
-/// Set by the first Ctrl-C: the trainer saves a checkpoint after the current step and stops.
-static STOP: AtomicBool = AtomicBool::new(false);
-
 impl BackendTask for TrainTask {
     type Output = ();
 
     fn run<B: FrozenLinearBackend>(self, device: B::Device) -> Result<()> {
-        ctrlc::set_handler(|| {
-            if STOP.swap(true, Ordering::SeqCst) {
+        let controls = Arc::new(Controls::default());
+        let on_signal = Arc::clone(&controls);
+        ctrlc::set_handler(move || {
+            if on_signal.stop.swap(true, Ordering::SeqCst) {
                 eprintln!("\nsecond Ctrl-C: aborting without saving");
                 std::process::exit(130);
             }
@@ -337,9 +342,26 @@ impl BackendTask for TrainTask {
             )?),
             false => None,
         };
+        // The dashboard in an interactive terminal; plain lines for pipes, CI and --no-tui.
+        let interactive =
+            std::io::stdout().is_terminal() && std::env::var("CI").is_err() && !self.args.no_tui;
+        let dashboard = match interactive {
+            true => Some(Dashboard::start(
+                self.recipe.name.clone(),
+                Arc::clone(&controls),
+            )?),
+            false => None,
+        };
+        let mut lines = Vec::new();
         let mut log_failed = false;
         let mut emit = |event: Event| {
-            println!("{}", plain_line(&event));
+            match &dashboard {
+                Some(d) => {
+                    d.send(&event);
+                    lines.push(plain_line(&event));
+                }
+                None => println!("{}", plain_line(&event)),
+            }
             let written = metrics
                 .write(&event)
                 .and_then(|()| board.as_mut().map_or(Ok(()), |b| b.write(&event)));
@@ -347,17 +369,29 @@ impl BackendTask for TrainTask {
             if let Err(e) = written
                 && !log_failed
             {
-                eprintln!("warning: {e:#}; metrics and TensorBoard logs may be incomplete");
+                let message = format!("{e:#}; metrics and TensorBoard logs may be incomplete");
+                match &dashboard {
+                    Some(d) => d.send(&Event::Warning { message }),
+                    None => eprintln!("warning: {message}"),
+                }
                 log_failed = true;
             }
         };
         let outcome = crate::train::run::train::<Autodiff<B>>(
             &self.recipe,
             resume.as_deref(),
-            &STOP,
+            &controls,
             &mut emit,
             &device,
-        )?;
+        );
+        if let Some(d) = dashboard {
+            d.finish()?;
+            // What the dashboard showed, as the last lines of the normal screen.
+            for line in lines.iter().rev().take(6).rev() {
+                println!("{line}");
+            }
+        }
+        let outcome = outcome?;
         if outcome.interrupted {
             println!(
                 "Interrupted at step {}; the checkpoint is in {}. Resume with: loraforge train {} --resume",

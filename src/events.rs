@@ -24,7 +24,9 @@ pub enum Event {
         step: usize,
         dir: PathBuf,
     },
-    Warning(String),
+    Warning {
+        message: String,
+    },
     Test {
         step: usize,
         loss: f64,
@@ -78,7 +80,7 @@ pub fn plain_line(event: &Event) -> String {
         Event::Saved { step, dir } => {
             format!("Iter {step}: Saved adapter weights to {}", dir.display())
         }
-        Event::Warning(w) => format!("warning: {w}"),
+        Event::Warning { message } => format!("warning: {message}"),
         Event::Test {
             loss, perplexity, ..
         } => {

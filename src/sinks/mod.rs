@@ -87,7 +87,7 @@ impl TensorBoard {
                 w.scalar("test/loss", *step as i64, *loss as f32, t)?;
                 w.scalar("test/perplexity", *step as i64, *perplexity as f32, t)?;
             }
-            Event::Warning(text) => w.text("warnings", 0, text, t)?,
+            Event::Warning { message } => w.text("warnings", 0, message, t)?,
             Event::Started { .. } | Event::Saved { .. } => {}
         }
         Ok(())

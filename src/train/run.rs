@@ -42,12 +42,24 @@ pub fn run_dir(recipe: &Recipe) -> PathBuf {
         .unwrap_or_else(|| PathBuf::from("runs").join(&recipe.name))
 }
 
-/// Trains the adapters a recipe describes. `resume` continues from a checkpoint folder's run;
-/// `stop` (set by Ctrl-C) ends the run after the current step with a checkpoint saved.
+/// Requests from outside the trainer (Ctrl-C, the dashboard's keys), honoured between steps.
+#[derive(Debug, Default)]
+pub struct Controls {
+    /// Save a checkpoint after the current step and return.
+    pub stop: AtomicBool,
+    /// Save a checkpoint after the current step and go on.
+    pub save_now: AtomicBool,
+    /// Run validation after the current step.
+    pub validate_now: AtomicBool,
+    /// Wait before the next step until cleared (time paused is not counted in throughput).
+    pub paused: AtomicBool,
+}
+
+/// Trains the adapters a recipe describes. `resume` continues from a checkpoint folder's run.
 pub fn train<B: TrainBackend>(
     recipe: &Recipe,
     resume: Option<&Path>,
-    stop: &AtomicBool,
+    controls: &Controls,
     emit: &mut dyn FnMut(Event),
     device: &B::Device,
 ) -> Result<TrainOutcome> {
@@ -77,10 +89,12 @@ pub fn train<B: TrainBackend>(
         plan("train", recipe.train.batch_size)?.context("the recipe's data has no train split")?;
     let valid_plan = plan("valid", recipe.train.batch_size)?;
     if train_plan.truncated > 0 {
-        emit(Event::Warning(format!(
-            "{} training examples were longer than data.max_seq_len = {} and were truncated",
-            train_plan.truncated, recipe.data.max_seq_len
-        )));
+        emit(Event::Warning {
+            message: format!(
+                "{} training examples were longer than data.max_seq_len = {} and were truncated",
+                train_plan.truncated, recipe.data.max_seq_len
+            ),
+        });
     }
 
     let accumulation = recipe.train.grad_accumulation;
@@ -158,6 +172,11 @@ pub fn train<B: TrainBackend>(
     let mut window = Window::start();
     let mut last_saved: Option<usize> = resume.map(|_| state.step);
     while state.step < total_steps {
+        let paused = Instant::now();
+        while controls.paused.load(Ordering::SeqCst) && !controls.stop.load(Ordering::SeqCst) {
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+        window.exclude(paused.elapsed());
         B::seed(device, recipe.seed.wrapping_add(state.step as u64 + 1));
         let mut accumulated: Option<Vec<_>> = None;
         let mut loss_sum = 0.0;
@@ -211,8 +230,9 @@ pub fn train<B: TrainBackend>(
             )));
             window = Window::start();
         }
-        let evaluate =
-            state.step.is_multiple_of(recipe.train.steps_per_eval) || state.step == total_steps;
+        let evaluate = state.step.is_multiple_of(recipe.train.steps_per_eval)
+            || state.step == total_steps
+            || controls.validate_now.swap(false, Ordering::SeqCst);
         if let (Some(valid), true) = (&valid_plan, evaluate) {
             let started = Instant::now();
             let loss = evaluate_loss(&model.valid(), valid, recipe.train.val_batches, device);
@@ -223,10 +243,11 @@ pub fn train<B: TrainBackend>(
             });
             window.exclude(started.elapsed());
         }
-        let interrupted = stop.load(Ordering::SeqCst);
+        let interrupted = controls.stop.load(Ordering::SeqCst);
         if state.step.is_multiple_of(recipe.train.save_every)
             || state.step == total_steps
             || interrupted
+            || controls.save_now.swap(false, Ordering::SeqCst)
         {
             save(&model, &optimizer, &state)?;
             last_saved = Some(state.step);
