@@ -62,11 +62,7 @@ fn training_with_packing_and_activation_checkpointing_learns() {
         "{stdout}\n{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let val: Vec<f64> = stdout
-        .lines()
-        .filter_map(|l| l.split("Val loss ").nth(1))
-        .map(|v| v.split(',').next().unwrap().trim().parse().unwrap())
-        .collect();
+    let val = common::tiny_run::val_losses(&stdout);
     assert!(val.len() >= 2, "{stdout}");
     assert!(
         val.last().unwrap() < &(val[0] * 0.8),

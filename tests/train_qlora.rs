@@ -3,15 +3,7 @@
 
 mod common;
 
-use common::tiny_run::tiny_run;
-
-fn val_losses(stdout: &str) -> Vec<f64> {
-    stdout
-        .lines()
-        .filter_map(|l| l.split("Val loss ").nth(1))
-        .map(|rest| rest.split(',').next().unwrap().parse().unwrap())
-        .collect()
-}
+use common::tiny_run::{tiny_run, val_losses};
 
 #[test]
 fn four_bit_base_quantized_on_load_trains() {

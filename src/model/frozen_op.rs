@@ -35,7 +35,7 @@ pub trait FrozenLinearBackend: Backend {
         let [n, _] = x.dims();
         let device = x.device();
         let y = if n <= PACKED_MATMUL_MAX_ROWS {
-            on_host(x, w.rows, |xs| matmul_transposed(w, xs, n))
+            on_host(x, w.rows, |xs| host_linear(w, xs, n))
         } else {
             let wt = TensorData::new(w.dequantize_transposed(), [w.cols, w.rows]);
             x.matmul(Tensor::from_data(wt, &device))
@@ -70,6 +70,16 @@ fn on_host<B: Backend>(
     Tensor::from_data(TensorData::new(f(&xs), [n, cols]), &device)
 }
 
+/// `x · deq(W)ᵀ` on the host for `n` rows of `x`: from the packed codes row by row for a few
+/// rows, tile by tile through sgemm for many.
+fn host_linear(w: &QuantizedMatrix, xs: &[f32], n: usize) -> Vec<f32> {
+    if n <= PACKED_MATMUL_MAX_ROWS {
+        matmul_transposed(w, xs, n)
+    } else {
+        tiled_matmul::forward(w, xs, n)
+    }
+}
+
 /// The dequantized weight as a dense `[out, in]` tensor.
 pub(crate) fn dense<B: Backend>(w: &QuantizedMatrix, device: &B::Device) -> Tensor<B, 2> {
     Tensor::from_data(TensorData::new(w.dequantize(), [w.rows, w.cols]), device)
@@ -81,12 +91,9 @@ impl FrozenLinearBackend for burn::backend::NdArray<f32> {
     fn quantized_linear(x: FloatTensor<Self>, w: &Arc<QuantizedMatrix>) -> FloatTensor<Self> {
         let x = Tensor::<Self, 2>::from_primitive(TensorPrimitive::Float(x));
         let [n, _] = x.dims();
-        let y = if n <= PACKED_MATMUL_MAX_ROWS {
-            on_host(x, w.rows, |xs| matmul_transposed(w, xs, n))
-        } else {
-            on_host(x, w.rows, |xs| tiled_matmul::forward(w, xs, n))
-        };
-        y.into_primitive().tensor()
+        on_host(x, w.rows, |xs| host_linear(w, xs, n))
+            .into_primitive()
+            .tensor()
     }
 
     fn quantized_linear_input_grad(

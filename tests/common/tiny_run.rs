@@ -70,3 +70,12 @@ dir = "{dir}/run"
 pub fn run_dir(run: &TinyRun) -> PathBuf {
     run.dir.join("run")
 }
+
+/// The `Val loss` values of a run's plain-line output, in order.
+pub fn val_losses(stdout: &str) -> Vec<f64> {
+    stdout
+        .lines()
+        .filter_map(|l| l.split("Val loss ").nth(1))
+        .map(|rest| rest.split(',').next().unwrap().parse().unwrap())
+        .collect()
+}
