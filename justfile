@@ -12,14 +12,19 @@ build *flags:
     cargo build --release {{flags}}
 
 # The embedded default end to end: fetch SmolLM2-135M, inspect it, fine-tune it on the demo
-# dataset, then compare base and fine-tuned generations on held-out prompts.
+# dataset, fuse and export it (mlx-community folder), then compare base, fine-tuned and fused
+# generations on held-out prompts (train runs the recipe's [export] and [eval] when it ends).
 demo: build
     #!/usr/bin/env bash
     set -euo pipefail
     model=$(scripts/fetch-assets.sh smollm2 | tail -n 1)
     ./target/release/loraforge inspect "$model"
     ./target/release/loraforge train recipes/smollm2-demo.toml --set model.path="\"$model\""
-    ./target/release/loraforge eval recipes/smollm2-demo.toml --set model.path="\"$model\""
+
+# Fold adapters into their base and export, e.g.
+# `just fuse --model BASE --adapters runs/x/adapters --out out --format gguf`.
+fuse *args: build
+    ./target/release/loraforge fuse {{args}}
 
 # Fine-tune with a recipe, e.g. `just train recipes/smollm2-demo.toml --resume`.
 train recipe *flags: build
@@ -52,6 +57,8 @@ fixtures:
     .venv-ref/bin/python scripts/fixtures/make_adapter_interop.py
     .venv-ref/bin/python scripts/fixtures/make_mlx_lora_parity.py
     .venv-ref/bin/python scripts/fixtures/make_table_datasets.py
+    .venv-ref/bin/python scripts/fixtures/make_foreign_adapters.py
+    cargo build --release && .venv-ref/bin/python scripts/fixtures/make_export_interop.py
 
 # LoRA training tokens/s on this CPU, ours vs PyTorch + peft, 1 and 2 threads (bench/results/).
 bench-train-cpu:
@@ -60,6 +67,10 @@ bench-train-cpu:
 # On a GPU machine: ours and PyTorch + peft on the same card, issue 4's shapes (bench/results/).
 bench-gpu:
     bench/gpu.sh
+
+# Training throughput with the dashboard on vs --no-tui on the same run (needs tmux).
+bench-dashboard:
+    bench/dashboard_overhead.sh
 
 # Peak memory of float LoRA vs QLoRA (4-bit on load) on SmolLM2-135M (results in bench/results/).
 bench-train-memory:

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Fetch the real-world assets loraforge's tests and demos use (see DESIGN.md §5).
 #
-# Usage: scripts/fetch-assets.sh smollm2|vocab|tokenizers|tensorboard|all
+# Usage: scripts/fetch-assets.sh smollm2|vocab|tokenizers|tensorboard|interop|all
 #
 # Everything lands under ${LORAFORGE_CACHE:-$HOME/.cache/loraforge}. Each command prints the
 # path(s) it provides on stdout, one per line, the main path last; logs go to stderr. It is
@@ -40,7 +40,9 @@ TOKENIZER_PKGS=(
 )
 
 # TensorBoard's own event reader, for the test that checks our event files.
-TENSORBOARD_PKG="tensorboard==2.20.0"
+TENSORBOARD_PKGS=("tensorboard==2.20.0")
+# mlx-lm on CPU and the gguf reader (no torch), for the tests that load our exports live.
+INTEROP_PKGS=("mlx[cpu]==0.32.4" "mlx-lm==0.32.2" "gguf==0.19.0")
 
 # --- helpers -----------------------------------------------------------------------------
 log() { printf '[fetch-assets] %s\n' "$*" >&2; }
@@ -246,31 +248,32 @@ EOF
   printf '%s\n' "$root"
 }
 
-# A virtual environment with TensorBoard (its pip dependencies resolved by pip); prints its
-# python. Built in a temporary folder and moved into place whole.
-fetch_tensorboard() {
-  local dst="$CACHE/tensorboard-venv"
+# A virtual environment named $1 with the pinned packages $2..., their dependencies resolved by
+# pip; prints its python. Built in a temporary folder and moved into place whole.
+fetch_venv() {
+  local name="$1"; shift
+  local dst="$CACHE/$name-venv"
   if [ ! -x "$dst/bin/python" ]; then
     make_tmp
-    log "tensorboard: creating a venv with $TENSORBOARD_PKG"
+    log "$name: creating a venv with $*"
     "$PYTHON" -m venv "$TMP/venv"
-    "$TMP/venv/bin/python" -m pip install --quiet "$TENSORBOARD_PKG" >&2
+    "$TMP/venv/bin/python" -m pip install --quiet "$@" >&2
     # Only bin/python is used: it finds the venv from pyvenv.cfg beside it, so the move is safe
     # (the console scripts' shebangs would still name the temporary folder).
     publish "$TMP/venv" "$dst"
   fi
-  printf '%s
-' "$dst/bin/python"
+  printf '%s\n' "$dst/bin/python"
 }
 
 # --- main --------------------------------------------------------------------------------
-usage() { echo "usage: $0 smollm2|vocab|tokenizers|tensorboard|all" >&2; exit 2; }
+usage() { echo "usage: $0 smollm2|vocab|tokenizers|tensorboard|interop|all" >&2; exit 2; }
 [ $# -eq 1 ] || usage
 case "$1" in
   smollm2) fetch_smollm2 ;;
   vocab) fetch_vocab ;;
   tokenizers) fetch_tokenizers ;;
-  tensorboard) fetch_tensorboard ;;
+  tensorboard) fetch_venv tensorboard "${TENSORBOARD_PKGS[@]}" ;;
+  interop) fetch_venv interop "${INTEROP_PKGS[@]}" ;;
   all)
     fetch_smollm2
     fetch_vocab

@@ -146,29 +146,17 @@ pub fn bench_train<B: TrainBackend>(
     eprintln!("matmul peak of this backend: {:.1} GFLOP/s", peak / 1e9);
 
     let started = Instant::now();
-    let files = ModelFiles {
-        path: "<random weights>".into(),
-        format: ModelFormat::HfSafetensors,
-        config: config.clone(),
-        weights: WeightSource::Random { seed: args.seed },
-        config_json: None,
-    };
+    let files = random_model_files(config.clone(), args.seed);
     let mut model = files.build_quantized::<B>(device, args.quant.map(|bits| (bits, 64)))?;
     let spec = AdapterSpec::from_recipe(&args.lora(), config.num_layers)?;
     B::seed(device, args.seed);
     inject(&mut model, &spec, device);
     let mut params = parameters(&model);
-    let mut optimizer = Optimizer::new(
-        OptimizerConfig {
-            kind: OptimizerKind::Adamw,
-            betas: [0.9, 0.999],
-            eps: 1e-8,
-            weight_decay: 0.0,
-        },
-        &params,
-    );
+    let mut optimizer = Optimizer::new(plain_adamw(), &params);
     let build_s = started.elapsed().as_secs_f64();
 
+    // Tracks the adapters for autodiff from the first step on (as the trainer does).
+    set_parameters(&mut model, &params);
     let mut rng = rand::rngs::StdRng::seed_from_u64(args.seed + 1);
     let mut times = Vec::new();
     let mut losses = Vec::new();
@@ -237,7 +225,30 @@ pub fn bench_train<B: TrainBackend>(
 
 /// Random tokens, `labels = inputs` as the reference passes them: position t predicts t + 1,
 /// and the last position has no target.
-fn random_batch(rng: &mut impl Rng, batch: usize, seq: usize, vocab: usize) -> Batch {
+/// AdamW with PyTorch's defaults and no weight decay, as the reference benchmark uses.
+pub fn plain_adamw() -> OptimizerConfig {
+    OptimizerConfig {
+        kind: OptimizerKind::Adamw,
+        betas: [0.9, 0.999],
+        eps: 1e-8,
+        weight_decay: 0.0,
+    }
+}
+
+/// A model of `config` with seeded random weights (generated on the host, so every backend
+/// gets the same values).
+pub fn random_model_files(config: ModelConfig, seed: u64) -> ModelFiles {
+    ModelFiles {
+        path: "<random weights>".into(),
+        format: ModelFormat::HfSafetensors,
+        config,
+        weights: WeightSource::Random { seed },
+        config_json: None,
+    }
+}
+
+/// `batch` rows of `seq` random token ids, each predicting the next.
+pub fn random_batch(rng: &mut impl Rng, batch: usize, seq: usize, vocab: usize) -> Batch {
     let ids: Vec<u32> = (0..batch * seq)
         .map(|_| rng.random_range(0..vocab as u32))
         .collect();

@@ -2,7 +2,8 @@
 //! channel, the screen is redrawn at most ten times a second, and keys become requests on the
 //! trainer's [`Controls`]. It never trains and the trainer never waits for it.
 //!
-//! Keys: `q` stop and save, `s` save now, `e` validate now, `p` pause/resume, `l` linear/log
+//! Keys: `q` stop and save, `s` save now, `e` evaluate now (validation loss and held-out
+//! generations, shown in their own panel), `p` pause/resume, `l` linear/log
 //! loss scale, `?` help. The terminal is restored on exit, on panic and on Ctrl-C (which, in raw
 //! mode, arrives as a key and is treated as `q`).
 
@@ -30,7 +31,7 @@ use ratatui::widgets::{
     Axis, Block, Chart, Clear, Dataset, Gauge, GraphType, Paragraph, Row, Table,
 };
 
-use crate::events::{Event, TrainReport};
+use crate::events::{Event, GenerationRow, TrainReport};
 use crate::train::run::Controls;
 
 pub struct Dashboard {
@@ -48,11 +49,14 @@ impl Dashboard {
             leave();
             default_hook(info);
         }));
-        let thread = std::thread::spawn(move || {
-            let result = run(title, controls, rx);
-            leave();
-            result
-        });
+        // Named so that its CPU time can be told apart (bench/dashboard_overhead.sh reads it).
+        let thread = std::thread::Builder::new()
+            .name("dashboard".into())
+            .spawn(move || {
+                let result = run(title, controls, rx);
+                leave();
+                result
+            })?;
         Ok(Dashboard { events, thread })
     }
 
@@ -118,8 +122,8 @@ fn run(title: String, controls: Arc<Controls>, rx: Receiver<Event>) -> Result<()
                 }
                 KeyCode::Char('e') => request(
                     &mut view,
-                    &controls.validate_now,
-                    "validating after this step",
+                    &controls.evaluate_now,
+                    "evaluating after this step (validation and held-out generations)",
                 ),
                 KeyCode::Char('p') => {
                     let now = !controls.paused.load(Ordering::SeqCst);
@@ -152,6 +156,7 @@ struct View {
     best_val: Option<f64>,
     saved: Option<(usize, PathBuf)>,
     test: Option<(f64, f64)>,
+    generations: Option<(usize, Vec<GenerationRow>)>,
     warnings: Vec<String>,
     notice: Option<String>,
     paused: bool,
@@ -173,6 +178,7 @@ impl View {
             best_val: None,
             saved: None,
             test: None,
+            generations: None,
             warnings: Vec::new(),
             notice: None,
             paused: false,
@@ -212,6 +218,10 @@ impl View {
             Event::Test {
                 loss, perplexity, ..
             } => self.test = Some((*loss, *perplexity)),
+            Event::Generations { step, rows } => {
+                self.generations = Some((*step, rows.clone()));
+                self.notice = None;
+            }
         }
     }
 
@@ -257,9 +267,17 @@ fn clock(seconds: f64) -> String {
 
 fn draw(terminal: &mut Terminal<CrosstermBackend<Stdout>>, view: &View) -> Result<()> {
     terminal.draw(|frame| {
-        let [top, middle, bottom] = Layout::vertical([
+        // The generations panel appears once there are generations: one line per prompt.
+        let generation_rows = view.generations.as_ref().map_or(0, |(_, rows)| rows.len());
+        let generations_height = if generation_rows == 0 {
+            0
+        } else {
+            (generation_rows as u16 + 3).min(8)
+        };
+        let [top, middle, generations, bottom] = Layout::vertical([
             Constraint::Length(3),
             Constraint::Min(8),
+            Constraint::Length(generations_height),
             Constraint::Length(5),
         ])
         .areas(frame.area());
@@ -282,6 +300,9 @@ fn draw(terminal: &mut Terminal<CrosstermBackend<Stdout>>, view: &View) -> Resul
         let (train, val) = (view.scaled(&view.train), view.scaled(&view.val));
         frame.render_widget(loss_chart(view, &train, &val), chart_area);
         frame.render_widget(stats(view), stats_area);
+        if let Some((step, rows)) = &view.generations {
+            frame.render_widget(generations_table(*step, rows), generations);
+        }
         frame.render_widget(footer(view), bottom);
         if view.help {
             let area = centered(frame.area(), 44, 10);
@@ -290,7 +311,7 @@ fn draw(terminal: &mut Terminal<CrosstermBackend<Stdout>>, view: &View) -> Resul
                 Paragraph::new(vec![
                     Line::from("q  stop after this step, saving a checkpoint"),
                     Line::from("s  save a checkpoint now"),
-                    Line::from("e  run validation now"),
+                    Line::from("e  validation + held-out generations now"),
                     Line::from("p  pause / resume"),
                     Line::from("l  loss axis: linear / log"),
                     Line::from("?  close this help"),
@@ -403,6 +424,23 @@ fn stats(view: &View) -> Table<'_> {
         ],
     )
     .block(Block::bordered().title(" metrics "))
+}
+
+fn generations_table(step: usize, rows: &[GenerationRow]) -> Table<'_> {
+    let one_line = |s: &str| s.replace('\n', " ");
+    let body = rows
+        .iter()
+        .map(|r| Row::new([one_line(&r.prompt), one_line(&r.base), one_line(&r.tuned)]));
+    Table::new(
+        body,
+        [
+            Constraint::Percentage(30),
+            Constraint::Percentage(35),
+            Constraint::Percentage(35),
+        ],
+    )
+    .header(Row::new(["prompt", "base", "fine-tuned"]).bold())
+    .block(Block::bordered().title(format!(" held-out generations (step {step}) ")))
 }
 
 fn footer(view: &View) -> Paragraph<'_> {

@@ -1,49 +1,65 @@
-//! `loraforge eval`: generations on the recipe's held-out prompts from the base model and from
-//! the fine-tuned one, side by side, with `expected_contains` scores; written to `eval.md` and
-//! `eval.json` in the run folder.
+//! `loraforge eval`: generations on the recipe's held-out prompts from the base model, the
+//! fine-tuned one (base + adapters) and, when the run exported one, the fused export, side by
+//! side, with `expected` (exact match) and `expected_contains` scores and the run's test loss;
+//! written to `eval.md` and `eval.json` in the run folder.
 
 use std::fmt::Write;
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 
-use crate::chat::{ChatTemplate, Message};
-use crate::generate::{GenerationLimits, SamplingConfig, generate};
+use crate::heldout::Responder;
 use crate::io::atomic;
 use crate::model::FrozenLinearBackend;
-use crate::model::load::load_model_quantized;
+use crate::model::load::{load_model, load_model_quantized};
 use crate::recipe::Recipe;
 
-#[derive(Debug, Clone, Deserialize)]
-struct HeldOut {
-    prompt: String,
-    #[serde(default)]
-    expected_contains: Vec<String>,
+/// One model's answer and its scores.
+#[derive(Debug, Clone, Serialize)]
+pub struct Answer {
+    pub text: String,
+    pub contains: bool,
+    pub exact: bool,
 }
 
 #[derive(Debug, Clone, Serialize)]
 pub struct EvalRow {
     pub prompt: String,
-    pub base: String,
-    pub tuned: String,
+    pub expected: Option<String>,
     pub expected_contains: Vec<String>,
-    pub base_contains: bool,
-    pub tuned_contains: bool,
+    pub base: Answer,
+    pub tuned: Answer,
+    pub fused: Option<Answer>,
+}
+
+/// The share of rows whose answer passes, per model.
+#[derive(Debug, Clone, Serialize)]
+pub struct Rates {
+    pub base: f64,
+    pub tuned: f64,
+    pub fused: Option<f64>,
 }
 
 #[derive(Debug, Clone, Serialize)]
 pub struct EvalReport {
     pub adapters: PathBuf,
+    pub fused: Option<PathBuf>,
     pub rows: Vec<EvalRow>,
-    pub base_contains_rate: f64,
-    pub tuned_contains_rate: f64,
+    pub contains_rate: Rates,
+    /// Only over rows with an `expected` answer; `None` when none has one.
+    pub exact_match_rate: Option<Rates>,
+    /// The fine-tuned model's loss on the test split, from the run's metrics.jsonl.
+    pub test_loss: Option<f64>,
+    pub test_perplexity: Option<f64>,
 }
 
-/// Runs the comparison and writes `eval.md` / `eval.json` into `out_dir`.
+/// Runs the comparison and writes `eval.md` / `eval.json` into `out_dir`. `fused` is an export
+/// folder (or `.gguf` file) to compare as well.
 pub fn run<B: FrozenLinearBackend>(
     recipe: &Recipe,
     adapters: &Path,
+    fused: Option<&Path>,
     out_dir: &Path,
     device: &B::Device,
 ) -> Result<EvalReport> {
@@ -52,72 +68,73 @@ pub fn run<B: FrozenLinearBackend>(
         .prompts
         .as_ref()
         .context("the recipe has no [eval] prompts file")?;
-    let text = std::fs::read_to_string(prompts_path)
-        .with_context(|| format!("reading {}", prompts_path.display()))?;
-    let prompts: Vec<HeldOut> = text
-        .lines()
-        .enumerate()
-        .filter(|(_, l)| !l.trim().is_empty())
-        .map(|(i, l)| {
-            serde_json::from_str(l).with_context(|| format!("{}:{}", prompts_path.display(), i + 1))
-        })
-        .collect::<Result<_>>()?;
+    let prompts = crate::heldout::read(prompts_path)?;
     crate::backend::check_compute_dtype(recipe.model.dtype)?;
     // The same base the adapters were trained on (quantized on load for QLoRA recipes).
     let quantize = recipe.model.quantize.map(|q| (q.bits, q.group_size));
     let loaded = load_model_quantized::<B>(&recipe.model.path, device, quantize)?;
     let tokenizer = crate::tokenizer::for_model(&loaded.files)?;
-    let template = ChatTemplate::from_tokenizer(&tokenizer)?;
+    let responder = Responder::new(&tokenizer, &recipe.eval)?;
     let base = loaded.decoder;
     let mut tuned = base.clone();
     crate::lora::files::attach(&mut tuned, adapters, device)?;
-    let sampling = SamplingConfig {
-        temperature: recipe.eval.temperature,
-        top_p: recipe.eval.top_p,
-        seed: recipe.eval.seed,
-        ..Default::default()
-    };
-    let limits = GenerationLimits {
-        max_tokens: recipe.eval.max_tokens,
-        stop_at_eos: true,
-    };
+    let fused_model = fused
+        .map(|path| load_model::<B>(path, device).map(|m| m.decoder))
+        .transpose()
+        .context("loading the fused export")?;
     let mut rows = Vec::new();
+    let progress = crate::progress::Progress::new(
+        "generating on held-out prompts",
+        prompts.len() as u64,
+        "prompts",
+    );
     for p in &prompts {
-        let text = template.render(&[Message::new("user", &p.prompt)], true, None)?;
-        let ids = tokenizer.encode(&text, false)?;
-        let answer = |model| -> Result<String> {
-            Ok(generate(
-                model,
-                &tokenizer,
-                &ids,
-                limits.clone(),
-                sampling.clone(),
-                device,
-                |_| {},
-            )?
-            .text)
-        };
-        let (base_text, tuned_text) = (answer(&base)?, answer(&tuned)?);
-        let contains = |t: &str| {
-            !p.expected_contains.is_empty()
-                && p.expected_contains.iter().all(|e| t.contains(e.as_str()))
+        progress.inc();
+        let answer = |model| -> Result<Answer> {
+            let text = responder.answer(model, &p.prompt, device)?;
+            Ok(Answer {
+                contains: !p.expected_contains.is_empty()
+                    && p.expected_contains
+                        .iter()
+                        .all(|e| text.contains(e.as_str())),
+                exact: p.expected.as_ref().is_some_and(|e| e.trim() == text.trim()),
+                text,
+            })
         };
         rows.push(EvalRow {
             prompt: p.prompt.clone(),
-            base_contains: contains(&base_text),
-            tuned_contains: contains(&tuned_text),
-            base: base_text,
-            tuned: tuned_text,
+            expected: p.expected.clone(),
             expected_contains: p.expected_contains.clone(),
+            base: answer(&base)?,
+            tuned: answer(&tuned)?,
+            fused: fused_model.as_ref().map(answer).transpose()?,
         });
     }
-    let rate = |f: fn(&EvalRow) -> bool| {
-        rows.iter().filter(|r| f(r)).count() as f64 / rows.len().max(1) as f64
+    progress.finish();
+    let rates = |rows: &[&EvalRow], pass: fn(&Answer) -> bool| {
+        let share = |n: usize| n as f64 / rows.len().max(1) as f64;
+        Rates {
+            base: share(rows.iter().filter(|r| pass(&r.base)).count()),
+            tuned: share(rows.iter().filter(|r| pass(&r.tuned)).count()),
+            fused: fused.map(|_| {
+                share(
+                    rows.iter()
+                        .filter(|r| r.fused.as_ref().is_some_and(pass))
+                        .count(),
+                )
+            }),
+        }
     };
+    let all: Vec<&EvalRow> = rows.iter().collect();
+    let with_expected: Vec<&EvalRow> = rows.iter().filter(|r| r.expected.is_some()).collect();
+    let test_loss = last_test_loss(&out_dir.join("metrics.jsonl"));
     let report = EvalReport {
         adapters: adapters.to_path_buf(),
-        base_contains_rate: rate(|r| r.base_contains),
-        tuned_contains_rate: rate(|r| r.tuned_contains),
+        fused: fused.map(Path::to_path_buf),
+        contains_rate: rates(&all, |a| a.contains),
+        exact_match_rate: (!with_expected.is_empty()).then(|| rates(&with_expected, |a| a.exact)),
+        test_loss,
+        test_perplexity: test_loss.map(f64::exp),
         rows,
     };
     std::fs::create_dir_all(out_dir)?;
@@ -129,25 +146,78 @@ pub fn run<B: FrozenLinearBackend>(
     Ok(report)
 }
 
+impl EvalReport {
+    /// The base and fine-tuned answers, as the trainer's events carry them.
+    pub fn generation_rows(&self) -> Vec<crate::events::GenerationRow> {
+        self.rows
+            .iter()
+            .map(|r| crate::events::GenerationRow {
+                prompt: r.prompt.clone(),
+                base: r.base.text.clone(),
+                tuned: r.tuned.text.clone(),
+            })
+            .collect()
+    }
+}
+
+/// The last `test` event's loss in a run's metrics.jsonl.
+fn last_test_loss(metrics: &Path) -> Option<f64> {
+    let text = std::fs::read_to_string(metrics).ok()?;
+    text.lines()
+        .rev()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|e| e["event"] == "test")
+        .find_map(|e| e["loss"].as_f64())
+}
+
 pub fn markdown(report: &EvalReport) -> String {
     let mut out = String::new();
+    let fused = report.fused.is_some();
     let _ = writeln!(out, "# Held-out generations: base vs fine-tuned\n");
-    let _ = writeln!(out, "Adapters: `{}`\n", report.adapters.display());
-    let _ = writeln!(
-        out,
-        "Expected text present: base {:.0}%, fine-tuned {:.0}%\n",
-        report.base_contains_rate * 100.0,
-        report.tuned_contains_rate * 100.0
-    );
-    let _ = writeln!(out, "| prompt | base | fine-tuned |\n|---|---|---|");
-    let cell = |s: &str| s.replace('|', "\\|").replace('\n', "<br>");
-    for r in &report.rows {
+    let _ = writeln!(out, "Adapters: `{}`", report.adapters.display());
+    if let Some(path) = &report.fused {
+        let _ = writeln!(out, "Fused export: `{}`", path.display());
+    }
+    let _ = writeln!(out);
+    let percent = |v: f64| format!("{:.0}%", v * 100.0);
+    let line = |name: &str, r: &Rates| {
+        let fused = r.fused.map(|f| format!(", fused {}", percent(f)));
+        format!(
+            "{name}: base {}, fine-tuned {}{}\n",
+            percent(r.base),
+            percent(r.tuned),
+            fused.unwrap_or_default()
+        )
+    };
+    out += &line("Expected text present", &report.contains_rate);
+    if let Some(exact) = &report.exact_match_rate {
+        out += &line("Exact match", exact);
+    }
+    if let (Some(loss), Some(ppl)) = (report.test_loss, report.test_perplexity) {
         let _ = writeln!(
             out,
-            "| {} | {} | {} |",
+            "Test loss (fine-tuned): {loss:.3}, perplexity {ppl:.3}\n"
+        );
+    }
+    let _ = writeln!(
+        out,
+        "| prompt | base | fine-tuned |{}\n|---|---|---|{}",
+        if fused { " fused export |" } else { "" },
+        if fused { "---|" } else { "" }
+    );
+    let cell = |s: &str| s.replace('|', "\\|").replace('\n', "<br>");
+    for r in &report.rows {
+        let fused_cell = r
+            .fused
+            .as_ref()
+            .map(|a| format!(" {} |", cell(&a.text)))
+            .unwrap_or_default();
+        let _ = writeln!(
+            out,
+            "| {} | {} | {} |{fused_cell}",
             cell(&r.prompt),
-            cell(&r.base),
-            cell(&r.tuned)
+            cell(&r.base.text),
+            cell(&r.tuned.text),
         );
     }
     out

@@ -32,6 +32,36 @@ pub enum Event {
         loss: f64,
         perplexity: f64,
     },
+    /// Answers to the recipe's held-out prompts, base vs fine-tuned (on request during training,
+    /// and by the evaluation at its end).
+    Generations {
+        step: usize,
+        rows: Vec<GenerationRow>,
+    },
+}
+
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct GenerationRow {
+    pub prompt: String,
+    pub base: String,
+    pub tuned: String,
+}
+
+impl GenerationRow {
+    /// The rows as a Markdown table (TensorBoard renders text summaries as Markdown).
+    pub fn markdown(rows: &[GenerationRow]) -> String {
+        let cell = |s: &str| s.replace('|', "\\|").replace('\n', "<br>");
+        let mut out = String::from("| prompt | base | fine-tuned |\n|---|---|---|\n");
+        for r in rows {
+            out += &format!(
+                "| {} | {} | {} |\n",
+                cell(&r.prompt),
+                cell(&r.base),
+                cell(&r.tuned)
+            );
+        }
+        out
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, serde::Serialize)]
@@ -85,6 +115,22 @@ pub fn plain_line(event: &Event) -> String {
             loss, perplexity, ..
         } => {
             format!("Test loss {loss:.3}, Test ppl {perplexity:.3}")
+        }
+        Event::Generations { step, rows } => {
+            let mut out = format!(
+                "Iter {step}: Generations on {} held-out prompts",
+                rows.len()
+            );
+            for r in rows {
+                let one_line = |s: &str| s.replace('\n', " ");
+                out += &format!(
+                    "\n  prompt: {}\n    base:  {}\n    tuned: {}",
+                    one_line(&r.prompt),
+                    one_line(&r.base),
+                    one_line(&r.tuned)
+                );
+            }
+            out
         }
     }
 }

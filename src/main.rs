@@ -7,6 +7,13 @@ use std::process::ExitCode;
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() -> ExitCode {
+    // A write past a file-size limit (RLIMIT_FSIZE) then fails with EFBIG, an error that is
+    // reported and cleaned up after like a full disk, instead of killing the process mid-write.
+    #[cfg(unix)]
+    // SAFETY: setting a signal's disposition to SIG_IGN before any thread starts.
+    unsafe {
+        libc::signal(libc::SIGXFSZ, libc::SIG_IGN);
+    }
     match loraforge::cli::run() {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {

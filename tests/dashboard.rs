@@ -44,6 +44,27 @@ fn events(run_dir: &Path, kind: &str) -> Vec<serde_json::Value> {
 fn dashboard_under_tmux_shows_progress_saves_on_s_and_stops_on_q() {
     let run = common::tiny_run::tiny_run("tui", "");
     let run_dir = common::tiny_run::run_dir(&run);
+    // Held-out prompts for `e`, on a fixture model with a chat template.
+    let held_out = run.dir.join("heldout.jsonl");
+    std::fs::write(
+        &held_out,
+        "{\"prompt\": \"forge\"}\n{\"prompt\": \"anvil\"}\n",
+    )
+    .unwrap();
+    let mut recipe = std::fs::read_to_string(&run.recipe).unwrap();
+    recipe += &format!(
+        "\n[eval]\nprompts = \"{}\"\nmax_tokens = 6\n",
+        held_out.display()
+    );
+    recipe = recipe.replace(
+        &common::fixture("models/llama-linearrope-untied")
+            .display()
+            .to_string(),
+        &common::fixture("mlx-lora-parity/model")
+            .display()
+            .to_string(),
+    );
+    std::fs::write(&run.recipe, recipe).unwrap();
     let session = format!("lf-tui-{}", std::process::id());
     // CI=true would select plain lines; the dashboard needs a terminal, which tmux provides.
     let command = format!(
@@ -106,6 +127,18 @@ fn dashboard_under_tmux_shows_progress_saves_on_s_and_stops_on_q() {
         events(&run_dir, "saved").into_iter().next()
     });
     assert!(run_dir.join("checkpoint/state.json").exists(), "{saved}");
+
+    tmux(&["send-keys", "-t", &session, "e"]);
+    let generations = wait_for(60, "the generations that `e` asks for", || {
+        events(&run_dir, "generations").into_iter().next()
+    });
+    assert_eq!(generations["rows"].as_array().unwrap().len(), 2);
+    let text = wait_for(30, "the generations panel", || {
+        let text = screen();
+        text.contains("held-out generations").then_some(text)
+    });
+    println!("{text}");
+    assert!(text.contains("fine-tuned"), "{text}");
 
     tmux(&["send-keys", "-t", &session, "q"]);
     let text = wait_for(60, "the run to stop after `q`", || {

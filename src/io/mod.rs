@@ -2,8 +2,10 @@
 
 pub mod atomic;
 pub mod gguf;
+pub mod gguf_write;
 pub mod raw;
 pub mod safetensors;
+pub mod safetensors_write;
 
 pub use raw::{RawDtype, RawTensor};
 

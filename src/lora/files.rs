@@ -14,6 +14,7 @@ use safetensors::tensor::{Dtype, TensorView};
 use serde_json::json;
 
 use super::adapter::{from_vec, to_vec};
+use super::host::HostAdapters;
 use super::{AdapterSpec, LoraAdapter};
 use crate::io::atomic;
 use crate::io::safetensors::SafetensorsStore;
@@ -130,37 +131,63 @@ pub fn save_peft<B: FrozenLinearBackend>(
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     let bytes = safetensors_bytes(&peft_tensors(decoder), &[("format", "pt")])?;
     atomic::write(&dir.join("adapter_model.safetensors"), &bytes)?;
-    let r = spec.rank as f64;
-    let alpha = if spec.rslora {
-        spec.scale * r.sqrt()
-    } else {
-        spec.scale * r
-    };
-    let modules: Vec<&str> = spec
-        .keys
-        .iter()
-        .map(|k| k.rsplit('.').next().unwrap_or(k))
-        .collect();
-    let config = json!({
-        "peft_type": "LORA",
-        "task_type": "CAUSAL_LM",
-        "base_model_name_or_path": base_model,
-        "r": spec.rank,
-        "lora_alpha": alpha,
-        "lora_dropout": spec.dropout,
-        "use_rslora": spec.rslora,
-        "use_dora": spec.dora,
-        "target_modules": modules,
-        "layers_to_transform": spec.layers,
-        "bias": "none",
-        "fan_in_fan_out": false,
-        "inference_mode": true,
+    let config = peft_config(&PeftConfig {
+        rank: spec.rank,
+        scale: spec.scale,
+        dropout: spec.dropout,
+        rslora: spec.rslora,
+        dora: spec.dora,
+        modules: spec
+            .keys
+            .iter()
+            .map(|k| k.rsplit('.').next().unwrap_or(k).to_string())
+            .collect(),
+        layers: spec.layers.clone(),
+        base_model: base_model.to_string(),
     });
     atomic::write(
         &dir.join("adapter_config.json"),
         serde_json::to_string_pretty(&config)?.as_bytes(),
     )?;
     Ok(())
+}
+
+/// What peft's `adapter_config.json` records.
+pub struct PeftConfig {
+    pub rank: usize,
+    pub scale: f64,
+    pub dropout: f64,
+    pub rslora: bool,
+    pub dora: bool,
+    /// Leaf names (`q_proj`), as peft's `target_modules`.
+    pub modules: Vec<String>,
+    pub layers: Vec<usize>,
+    pub base_model: String,
+}
+
+/// `adapter_config.json` for peft: `lora_alpha` = scale·r, or scale·√r with rsLoRA.
+pub fn peft_config(c: &PeftConfig) -> serde_json::Value {
+    let r = c.rank as f64;
+    let alpha = if c.rslora {
+        c.scale * r.sqrt()
+    } else {
+        c.scale * r
+    };
+    json!({
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "base_model_name_or_path": c.base_model,
+        "r": c.rank,
+        "lora_alpha": alpha,
+        "lora_dropout": c.dropout,
+        "use_rslora": c.rslora,
+        "use_dora": c.dora,
+        "target_modules": c.modules,
+        "layers_to_transform": c.layers,
+        "bias": "none",
+        "fan_in_fan_out": false,
+        "inference_mode": true,
+    })
 }
 
 /// Loads adapter weights (mlx-lm or peft layout, detected by name) into the decoder's existing
@@ -250,52 +277,35 @@ pub fn load_into<B: FrozenLinearBackend>(
     Ok(())
 }
 
-/// Reads an mlx-lm `adapter_config.json` (ours or `mlx_lm.lora`'s) into a spec for a model with
-/// `num_blocks` blocks.
-pub fn read_mlx_config(dir: &Path, num_blocks: usize) -> Result<AdapterSpec> {
-    let path = dir.join("adapter_config.json");
-    let text =
-        std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
-    let json: serde_json::Value = serde_json::from_str(&text)
-        .with_context(|| format!("{} is not valid JSON", path.display()))?;
-    let params = &json["lora_parameters"];
-    let rank = params["rank"]
-        .as_u64()
-        .with_context(|| format!("{}: no lora_parameters.rank", path.display()))?
-        as usize;
-    let num_layers = json["num_layers"].as_i64().unwrap_or(-1);
-    let keys: Vec<String> = params["keys"]
-        .as_array()
-        .map(|k| {
-            k.iter()
-                .filter_map(|v| v.as_str().map(str::to_string))
-                .collect()
-        })
-        .unwrap_or_else(|| super::TARGET_KEYS.iter().map(|k| k.to_string()).collect());
-    let lora = crate::recipe::LoraSection {
-        kind: if json["fine_tune_type"].as_str() == Some("dora") {
-            crate::recipe::AdapterKind::Dora
-        } else {
-            crate::recipe::AdapterKind::Lora
-        },
-        rank,
-        scale: Some(params["scale"].as_f64().unwrap_or(20.0)),
-        dropout: 0.0,
-        targets: crate::recipe::Targets::Keys(keys),
-        layers: crate::recipe::Layers::Last(num_layers),
-        ..Default::default()
-    };
-    AdapterSpec::from_recipe(&lora, num_blocks).with_context(|| path.display().to_string())
-}
-
-/// Adds the adapters saved in `dir` (mlx-lm layout) to a loaded model.
+/// Adds the adapters saved in `dir` to a loaded model: loraforge's and `mlx_lm.lora`'s folders
+/// (mlx-lm layout) and peft's. Each adapter goes on the linear its tensor names say; a module the
+/// model lacks or a shape that does not fit is an error naming it.
 pub fn attach<B: FrozenLinearBackend>(
     decoder: &mut Decoder<B>,
     dir: &Path,
     device: &B::Device,
-) -> Result<AdapterSpec> {
-    let spec = read_mlx_config(dir, decoder.config.num_layers)?;
-    super::inject(decoder, &spec, device);
-    load_into(decoder, &dir.join("adapters.safetensors"), device)?;
-    Ok(spec)
+) -> Result<HostAdapters> {
+    let host = HostAdapters::read(dir)?;
+    let shapes = decoder
+        .linears_mut()
+        .into_iter()
+        .map(|(path, linear)| (path, linear.weight.dims()))
+        .collect();
+    host.check_against(&shapes)?;
+    for (path, linear) in decoder.linears_mut() {
+        let Some(h) = host.modules.get(&path) else {
+            continue;
+        };
+        linear.adapter = Some(LoraAdapter {
+            a: from_vec(h.a.clone(), [h.in_features, h.rank], device),
+            b: from_vec(h.b.clone(), [h.rank, h.out_features], device),
+            magnitude: h
+                .magnitude
+                .clone()
+                .map(|m| from_vec(m, [h.out_features], device)),
+            scale: h.scale,
+            dropout: 0.0,
+        });
+    }
+    Ok(host)
 }

@@ -3,6 +3,7 @@
 
 pub mod adapter;
 pub mod files;
+pub mod host;
 pub mod inject;
 
 pub use adapter::LoraAdapter;

@@ -14,6 +14,7 @@ use super::rope::Rope;
 use super::weights::{HostWeight, MlxQuantization, WeightSource};
 use crate::io::gguf::GgufFile;
 use crate::io::safetensors::SafetensorsStore;
+use crate::progress::Progress;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ModelFormat {
@@ -150,8 +151,17 @@ impl ModelFiles {
                 eps: c.rms_norm_eps,
             })
         };
+        let what = match quantize {
+            Some((bits, _)) => format!(
+                "loading {} (quantizing to {bits} bits)",
+                self.path.display()
+            ),
+            None => format!("loading {}", self.path.display()),
+        };
+        let progress = Progress::new(what, c.num_layers as u64, "blocks");
         let mut layers = Vec::with_capacity(c.num_layers);
         for i in 0..c.num_layers {
+            progress.inc();
             let p = format!("model.layers.{i}");
             let qk_norm = |which: &str| -> Result<Option<RmsNorm<B>>> {
                 if c.qk_norm {
@@ -211,6 +221,7 @@ impl ModelFiles {
         } else {
             linear("lm_head", c.vocab_size, h, false)?
         };
+        progress.finish();
         Ok(Decoder {
             config: c.clone(),
             embed_tokens,

@@ -7,6 +7,7 @@ pub mod layout;
 pub mod linear;
 pub mod load;
 pub mod rope;
+pub mod tensors;
 pub mod valid;
 pub mod weights;
 

@@ -49,6 +49,11 @@ impl Rope {
         }
     }
 
+    /// The (scaled) frequency of each pair of dimensions.
+    pub fn inv_freq(&self) -> &[f32] {
+        &self.inv_freq
+    }
+
     /// `(cos, sin)`, each `[rows, 1, seq, head_dim]`, for `positions` (`rows * seq` of them,
     /// row-major): one row broadcasts over the batch, or one row per batch row when positions
     /// differ between rows (packed examples restart at 0).

@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use serde_json::Value;
 
 use super::config::{Family, ModelConfig};
-use crate::io::gguf::GgufFile;
+use crate::io::gguf::{GgmlType, GgufFile};
 use crate::io::safetensors::SafetensorsStore;
 use crate::quant::QuantizedMatrix;
 use crate::quant::ggml;
@@ -123,6 +123,27 @@ impl WeightSource {
         }
     }
 
+    /// `(bits, group_size)` when weight `name` is stored quantized, read from the file's layout
+    /// without loading the weight.
+    pub fn stored_quantization(&self, name: &str) -> Option<(u32, usize)> {
+        match self {
+            WeightSource::Safetensors {
+                store,
+                quantization,
+                ..
+            } => mlx_setting(store, quantization.as_ref(), name).map(|(g, b)| (b, g)),
+            WeightSource::Gguf(g) => {
+                let info = gguf_name(name).and_then(|n| g.tensor(&n))?;
+                match info.kind {
+                    GgmlType::Q4_0 | GgmlType::Q4_1 => Some((4, 32)),
+                    GgmlType::Q8_0 => Some((8, 32)),
+                    GgmlType::F32 | GgmlType::F16 | GgmlType::BF16 => None,
+                }
+            }
+            WeightSource::Random { .. } => None,
+        }
+    }
+
     /// Once a weight is copied out, its file pages need not stay resident.
     fn release(&self, name: &str) {
         match self {
@@ -218,15 +239,9 @@ fn load_safetensors(
         file: file.to_path_buf(),
         name: name.to_string(),
     })?;
-    // DESIGN §4: a module is quantized iff it has an override or a `.scales` tensor exists.
     let module = name.strip_suffix(".weight").unwrap_or(name);
     let scales_name = format!("{module}.scales");
-    let setting = quantization.and_then(|q| match q.overrides.get(module) {
-        Some(over) => *over,
-        None if store.contains(&scales_name) => Some((q.group_size, q.bits)),
-        None => None,
-    });
-    let Some((group_size, bits)) = setting.filter(|_| name.ends_with(".weight")) else {
+    let Some((group_size, bits)) = mlx_setting(store, quantization, name) else {
         return Ok(HostWeight::Dense {
             shape: raw.shape.to_vec(),
             values: raw.to_f32().map_err(invalid)?,
@@ -269,6 +284,22 @@ fn load_safetensors(
     )
     .map(HostWeight::Quantized)
     .map_err(|e| invalid(e.0))
+}
+
+/// `(group_size, bits)` of a quantized `.weight` in an mlx-community folder. DESIGN §4: a module
+/// is quantized iff it has an override or a `.scales` tensor exists.
+fn mlx_setting(
+    store: &SafetensorsStore,
+    quantization: Option<&MlxQuantization>,
+    name: &str,
+) -> Option<(usize, u32)> {
+    let module = name.strip_suffix(".weight")?;
+    let q = quantization?;
+    match q.overrides.get(module) {
+        Some(over) => *over,
+        None if store.contains(&format!("{module}.scales")) => Some((q.group_size, q.bits)),
+        None => None,
+    }
 }
 
 /// The GGUF name of a Hugging Face tensor name (llama.cpp's naming).
@@ -345,19 +376,24 @@ fn load_gguf(g: &GgufFile, hf: &str, config: &ModelConfig) -> Result<HostWeight,
     }
 }
 
-/// Inverse of llama.cpp's `permute`: within each head, GGUF row `2j + t` is HF row `t*half + j`.
-fn unpermute_qk(weight: HostWeight, heads: usize) -> HostWeight {
-    let rows = weight.shape()[0];
+/// For each Hugging Face row of a q or k projection with `rows` rows over `heads` heads, the row
+/// llama.cpp's `permute` moves it to in GGUF (`order[hf_row] = gguf_row`).
+pub fn qk_row_order(rows: usize, heads: usize) -> Vec<usize> {
     let head_dim = rows / heads;
     let half = head_dim / 2;
-    // order[hf_row] = gguf_row
-    let order: Vec<usize> = (0..rows)
+    (0..rows)
         .map(|r| {
             let (h, i) = (r / head_dim, r % head_dim);
             let (t, j) = (i / half, i % half);
             h * head_dim + 2 * j + t
         })
-        .collect();
+        .collect()
+}
+
+/// Inverse of llama.cpp's `permute`: within each head, GGUF row `2j + t` is HF row `t*half + j`.
+fn unpermute_qk(weight: HostWeight, heads: usize) -> HostWeight {
+    let order = qk_row_order(weight.shape()[0], heads);
+    let rows = order.len();
     match weight {
         HostWeight::Quantized(q) => HostWeight::Quantized(q.permute_rows(&order)),
         HostWeight::Dense { shape, values } => {

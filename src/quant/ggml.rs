@@ -82,6 +82,78 @@ pub fn float_values(kind: GgmlType, data: &[u8]) -> Option<Vec<f32>> {
     raw.to_f32().ok()
 }
 
+/// Encodes a row-major float tensor (rows a multiple of 32 long for the block types) as GGML
+/// `kind`, the way ggml's reference quantizers do (`quantize_row_q8_0_ref`, `_q4_0_ref`,
+/// `_q4_1_ref`): scales are computed in f32, stored as f16.
+pub fn encode(kind: GgmlType, values: &[f32]) -> Vec<u8> {
+    match kind {
+        GgmlType::F32 => values.iter().flat_map(|v| v.to_le_bytes()).collect(),
+        GgmlType::F16 => values
+            .iter()
+            .flat_map(|&v| f16::from_f32(v).to_le_bytes())
+            .collect(),
+        GgmlType::BF16 => values
+            .iter()
+            .flat_map(|&v| half::bf16::from_f32(v).to_le_bytes())
+            .collect(),
+        GgmlType::Q8_0 | GgmlType::Q4_0 | GgmlType::Q4_1 => {
+            let mut out = Vec::with_capacity(values.len() / GROUP * kind.block().1);
+            for block in values.chunks_exact(GROUP) {
+                encode_block(kind, block, &mut out);
+            }
+            out
+        }
+    }
+}
+
+fn encode_block(kind: GgmlType, x: &[f32], out: &mut Vec<u8>) {
+    let inverse = |d: f32| if d != 0.0 { 1.0 / d } else { 0.0 };
+    match kind {
+        GgmlType::Q8_0 => {
+            let amax = x.iter().fold(0f32, |m, v| m.max(v.abs()));
+            let d = amax / 127.0;
+            let id = inverse(d);
+            out.extend(f16::from_f32(d).to_le_bytes());
+            out.extend(x.iter().map(|&v| (v * id).round() as i8 as u8));
+        }
+        GgmlType::Q4_0 => {
+            // The signed value of largest magnitude maps to -8.
+            let max = x
+                .iter()
+                .fold(0f32, |m, &v| if v.abs() > m.abs() { v } else { m });
+            let d = max / -8.0;
+            let id = inverse(d);
+            out.extend(f16::from_f32(d).to_le_bytes());
+            let q = |v: f32| ((v * id + 8.5) as i8).min(15) as u8;
+            out.extend((0..16).map(|j| q(x[j]) | (q(x[j + 16]) << 4)));
+        }
+        GgmlType::Q4_1 => {
+            let (min, max) = x
+                .iter()
+                .fold((f32::INFINITY, f32::NEG_INFINITY), |(lo, hi), &v| {
+                    (lo.min(v), hi.max(v))
+                });
+            let d = (max - min) / 15.0;
+            let id = inverse(d);
+            out.extend(f16::from_f32(d).to_le_bytes());
+            out.extend(f16::from_f32(min).to_le_bytes());
+            let q = |v: f32| (((v - min) * id + 0.5) as i8).min(15) as u8;
+            out.extend((0..16).map(|j| q(x[j]) | (q(x[j + 16]) << 4)));
+        }
+        GgmlType::F32 | GgmlType::F16 | GgmlType::BF16 => unreachable!("not a block type"),
+    }
+}
+
+/// Reads bytes of `kind` back as f32 (`[rows, cols]` row-major), for measuring what an
+/// encoding kept.
+pub fn decode(kind: GgmlType, rows: usize, cols: usize, data: &[u8]) -> Vec<f32> {
+    float_values(kind, data).unwrap_or_else(|| {
+        to_affine(kind, rows, cols, data)
+            .expect("a block type")
+            .dequantize()
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -135,6 +207,29 @@ mod tests {
             let m = to_affine(kind, 2, 64, &data).unwrap();
             let want: Vec<f32> = blocks.iter().flat_map(|b| ggml_dequant(kind, b)).collect();
             assert_eq!(m.dequantize(), want, "{kind:?}");
+        }
+    }
+
+    #[test]
+    fn encoded_blocks_round_trip_within_half_a_step() {
+        let values: Vec<f32> = (0..128)
+            .map(|i| ((i * 29 % 97) as f32 / 40.0 - 1.1) * if i % 7 == 0 { 3.0 } else { 1.0 })
+            .collect();
+        for kind in [GgmlType::Q8_0, GgmlType::Q4_0, GgmlType::Q4_1] {
+            let bytes = encode(kind, &values);
+            assert_eq!(bytes.len(), 4 * kind.block().1, "{kind:?}");
+            let back = decode(kind, 2, 64, &bytes);
+            let steps = 2f32.powi(if kind == GgmlType::Q8_0 { 7 } else { 4 });
+            for (block, (got, want)) in back.chunks(32).zip(values.chunks(32)).enumerate() {
+                let range = want.iter().fold(0f32, |m, v| m.max(v.abs())) * 2.0;
+                for (g, w) in got.iter().zip(want) {
+                    // One quantization step (range / levels) plus f16 rounding of the scale.
+                    assert!(
+                        (g - w).abs() <= range / steps * 1.01,
+                        "{kind:?} block {block}: {g} vs {w}"
+                    );
+                }
+            }
         }
     }
 }

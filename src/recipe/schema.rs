@@ -302,12 +302,36 @@ impl Default for EvalSection {
     }
 }
 
-#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
 pub enum ExportFormat {
     Mlx,
     Hf,
     Gguf,
+}
+
+/// A float type to store weights in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum FloatDtype {
+    F32,
+    F16,
+    Bf16,
+}
+
+/// The tensor type of a GGUF export's matrices (norms and biases are always F32).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "snake_case")]
+pub enum GgufType {
+    F32,
+    F16,
+    Bf16,
+    #[value(name = "q8_0")]
+    Q8_0,
+    #[value(name = "q4_0")]
+    Q4_0,
+    #[value(name = "q4_1")]
+    Q4_1,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -323,6 +347,12 @@ pub struct ExportSection {
     /// Bits for the layers LoRA touched when writing a quantized result.
     #[serde(default = "default_requant_bits")]
     pub requant_bits: u32,
+    /// Float type of float weights; the base's own when unset.
+    #[serde(default)]
+    pub dtype: Option<FloatDtype>,
+    /// Tensor type of a GGUF export's matrices.
+    #[serde(default = "default_gguf_type")]
+    pub gguf_type: GgufType,
 }
 
 fn default_bits() -> u32 {
@@ -378,6 +408,9 @@ fn default_save_every() -> usize {
 }
 fn default_eval_tokens() -> usize {
     128
+}
+fn default_gguf_type() -> GgufType {
+    GgufType::Q8_0
 }
 fn default_requant_bits() -> u32 {
     8

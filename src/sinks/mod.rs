@@ -88,6 +88,12 @@ impl TensorBoard {
                 w.scalar("test/perplexity", *step as i64, *perplexity as f32, t)?;
             }
             Event::Warning { message } => w.text("warnings", 0, message, t)?,
+            Event::Generations { step, rows } => w.text(
+                "eval/generations",
+                *step as i64,
+                &crate::events::GenerationRow::markdown(rows),
+                t,
+            )?,
             Event::Started { .. } | Event::Saved { .. } => {}
         }
         Ok(())

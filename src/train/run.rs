@@ -16,6 +16,7 @@ use anyhow::{Context, Result, bail};
 use burn::tensor::ElementConversion;
 
 use super::checkpoint::{self, TrainState};
+use super::held_out::HeldOutGenerations;
 use super::optimizer::{Optimizer, OptimizerConfig, clip_global_norm, global_norm};
 use super::schedule::Schedule;
 use super::step::{Batch, batch_loss, loss_and_gradients, parameters, set_parameters};
@@ -49,8 +50,8 @@ pub struct Controls {
     pub stop: AtomicBool,
     /// Save a checkpoint after the current step and go on.
     pub save_now: AtomicBool,
-    /// Run validation after the current step.
-    pub validate_now: AtomicBool,
+    /// Run validation and the held-out generations after the current step.
+    pub evaluate_now: AtomicBool,
     /// Wait before the next step until cleared (time paused is not counted in throughput).
     pub paused: AtomicBool,
 }
@@ -169,6 +170,12 @@ pub fn train<B: TrainBackend>(
             seconds: started.elapsed().as_secs_f64(),
         });
     }
+    let mut held_out = recipe
+        .eval
+        .prompts
+        .as_deref()
+        .map(HeldOutGenerations::read)
+        .transpose()?;
     let mut window = Window::start();
     let mut last_saved: Option<usize> = resume.map(|_| state.step);
     while state.step < total_steps {
@@ -230,9 +237,26 @@ pub fn train<B: TrainBackend>(
             )));
             window = Window::start();
         }
+        let asked = controls.evaluate_now.swap(false, Ordering::SeqCst);
         let evaluate = state.step.is_multiple_of(recipe.train.steps_per_eval)
             || state.step == total_steps
-            || controls.validate_now.swap(false, Ordering::SeqCst);
+            || asked;
+        if let (Some(held_out), true) = (&mut held_out, asked) {
+            let started = Instant::now();
+            // A prompt the template cannot render must not end the run: it becomes a warning.
+            emit(
+                match held_out.generate(&model.valid(), &tokenizer, &recipe.eval, device) {
+                    Ok(rows) => Event::Generations {
+                        step: state.step,
+                        rows,
+                    },
+                    Err(e) => Event::Warning {
+                        message: format!("held-out generations failed: {e:#}"),
+                    },
+                },
+            );
+            window.exclude(started.elapsed());
+        }
         if let (Some(valid), true) = (&valid_plan, evaluate) {
             let started = Instant::now();
             let loss = evaluate_loss(&model.valid(), valid, recipe.train.val_batches, device);

@@ -87,16 +87,28 @@ pub fn ids(v: &serde_json::Value) -> Vec<u32> {
 /// A reference file's `input_ids` and its `logits` (one row per position) flattened.
 pub fn reference_logits(path: &Path) -> (Vec<u32>, Vec<f32>) {
     let reference = read_json(path);
-    let logits = reference["logits"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .flat_map(|row| {
-            row.as_array()
-                .unwrap()
-                .iter()
-                .map(|v| v.as_f64().unwrap() as f32)
-        })
-        .collect();
-    (ids(&reference["input_ids"]), logits)
+    (ids(&reference["input_ids"]), flatten(&reference["logits"]))
+}
+
+/// The numbers of nested JSON arrays, in order, as f32.
+pub fn flatten(v: &serde_json::Value) -> Vec<f32> {
+    match v {
+        serde_json::Value::Array(items) => items.iter().flat_map(flatten).collect(),
+        other => vec![other.as_f64().expect("a number") as f32],
+    }
+}
+
+/// Runs `loraforge fuse --model MODEL --adapters ADAPTERS --out OUT FLAGS...`.
+pub fn fuse(model: &Path, adapters: &Path, out: &Path, flags: &[&str]) -> std::process::Output {
+    let mut args = vec![
+        "fuse",
+        "--model",
+        model.to_str().unwrap(),
+        "--adapters",
+        adapters.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+    ];
+    args.extend_from_slice(flags);
+    loraforge(&args)
 }

@@ -1,26 +1,21 @@
 //! The command line. Each subcommand parses its arguments and hands off to the library.
 
-use std::io::Write;
-use std::path::PathBuf;
+mod train;
 
-use std::io::IsTerminal;
-use std::sync::Arc;
-use std::sync::atomic::Ordering;
+use std::io::{IsTerminal, Write};
+use std::path::PathBuf;
 
 use anyhow::{Context, Result};
 use burn::backend::Autodiff;
-
 use clap::{Args, Parser, Subcommand};
 
 use crate::backend::{BackendTask, DeviceKind, run_on};
 use crate::chat::{ChatTemplate, Message};
-use crate::dashboard::Dashboard;
-use crate::events::{Event, plain_line};
+use crate::export::{ExportFormat, ExportOptions, FloatDtype, GgufType};
 use crate::generate::{GenerationLimits, SamplingConfig, generate};
 use crate::model::frozen_op::FrozenLinearBackend;
 use crate::model::load_model;
-use crate::sinks::{MetricsFile, TensorBoard};
-use crate::train::run::Controls;
+use train::{EvalTask, TrainArgs, TrainTask};
 
 #[derive(Parser)]
 #[command(
@@ -53,6 +48,15 @@ enum Command {
         #[arg(long = "set", value_name = "KEY=VALUE")]
         overrides: Vec<String>,
     },
+    /// Fold adapters into their base and export it for mlx-lm, transformers or llama.cpp.
+    Fuse(FuseArgs),
+    /// Draw a run's loss curves and learning rate into a PNG (RUN_DIR/loss.png).
+    Plot {
+        run_dir: PathBuf,
+        /// Where to write the PNG instead.
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
     /// Work with recipes.
     Recipe {
         #[command(subcommand)]
@@ -72,6 +76,12 @@ enum Command {
 
 #[derive(Subcommand)]
 enum BenchCommand {
+    /// Checks a device backend against the CPU: a 20-step loss trajectory, and the frozen
+    /// linear and attention against float64 on random inputs (one JSON line per check).
+    Check {
+        #[arg(long, value_enum, default_value_t = DeviceKind::Cpu)]
+        device: DeviceKind,
+    },
     /// Timed LoRA training steps on a random model of a known shape; prints one JSON line with
     /// the fields of bench/peft_lora_bench.py.
     Train {
@@ -104,17 +114,33 @@ enum RecipeCommand {
 }
 
 #[derive(Args)]
-struct TrainArgs {
-    recipe: PathBuf,
-    /// Print plain progress lines instead of the dashboard (also when not a terminal or CI=true).
+struct FuseArgs {
+    /// The base: a Hugging Face folder, an mlx-community folder, or a .gguf file.
     #[arg(long)]
-    no_tui: bool,
-    /// Continue from the run's last checkpoint (or from the given run / checkpoint folder).
-    #[arg(long, num_args = 0..=1, value_name = "DIR")]
-    resume: Option<Option<PathBuf>>,
-    /// Override a recipe key, e.g. --set train.iters=50 (repeatable).
-    #[arg(long = "set", value_name = "KEY=VALUE")]
-    overrides: Vec<String>,
+    model: PathBuf,
+    /// Adapter folder (loraforge's, mlx_lm.lora's or peft's); without it the base is converted.
+    #[arg(long)]
+    adapters: Option<PathBuf>,
+    /// Output folder (refused if it exists, unless --force).
+    #[arg(long)]
+    out: PathBuf,
+    #[arg(long, value_enum, default_value_t = ExportFormat::Mlx)]
+    format: ExportFormat,
+    /// Write every weight in float, even where the base is quantized.
+    #[arg(long)]
+    dequantize: bool,
+    /// Bits for the adapted matrices when the result stays quantized (mlx).
+    #[arg(long, default_value_t = 8)]
+    requant_bits: u32,
+    /// Float type of float weights (default: the base's own; f16 for GGUF bases).
+    #[arg(long, value_enum)]
+    dtype: Option<FloatDtype>,
+    /// Tensor type of a GGUF export's matrices.
+    #[arg(long, value_enum, default_value_t = GgufType::Q8_0)]
+    gguf_type: GgufType,
+    /// Replace --out if it exists.
+    #[arg(long)]
+    force: bool,
 }
 
 #[derive(Args)]
@@ -185,9 +211,31 @@ pub fn run() -> Result<()> {
             let device = recipe.device;
             run_on(device, TrainTask { args, recipe })
         }
+        Command::Fuse(args) => {
+            let opts = ExportOptions {
+                format: args.format,
+                out: args.out,
+                dequantize: args.dequantize,
+                requant_bits: args.requant_bits,
+                dtype: args.dtype,
+                gguf_type: args.gguf_type,
+                force: args.force,
+            };
+            let report = crate::export::export(&args.model, args.adapters.as_deref(), &opts)?;
+            println!("{}", report.summary());
+            Ok(())
+        }
+        Command::Plot { run_dir, out } => {
+            let path = crate::plot::plot(&run_dir, out.as_deref())?;
+            println!("Wrote {}", path.display());
+            Ok(())
+        }
         Command::Bench {
             command: BenchCommand::Train { args, device },
         } => run_on(device, BenchTask(args)),
+        Command::Bench {
+            command: BenchCommand::Check { device },
+        } => run_on(device, DeviceCheckTask).map(|_| ()),
         Command::Data {
             command: DataCommand::Report { recipe, overrides },
         } => {
@@ -308,132 +356,6 @@ impl BackendTask for GenerateArgs {
     }
 }
 
-struct TrainTask {
-    args: TrainArgs,
-    recipe: crate::recipe::Recipe,
-}
-
-impl BackendTask for TrainTask {
-    type Output = ();
-
-    fn run<B: FrozenLinearBackend>(self, device: B::Device) -> Result<()> {
-        let controls = Arc::new(Controls::default());
-        let on_signal = Arc::clone(&controls);
-        ctrlc::set_handler(move || {
-            if on_signal.stop.swap(true, Ordering::SeqCst) {
-                eprintln!("\nsecond Ctrl-C: aborting without saving");
-                std::process::exit(130);
-            }
-            eprintln!(
-                "\nCtrl-C: finishing this step and saving a checkpoint (Ctrl-C again aborts)"
-            );
-        })
-        .context("installing the Ctrl-C handler")?;
-        let resume = self.args.resume.as_ref().map(|dir| {
-            dir.clone()
-                .unwrap_or_else(|| crate::train::run::run_dir(&self.recipe))
-        });
-        let run_dir = crate::train::run::run_dir(&self.recipe);
-        let mut metrics = MetricsFile::open(&run_dir)?;
-        let mut board = match self.recipe.output.tensorboard {
-            true => Some(TensorBoard::create(
-                &run_dir,
-                &toml::to_string(&self.recipe)?,
-            )?),
-            false => None,
-        };
-        // The dashboard in an interactive terminal; plain lines for pipes, CI and --no-tui.
-        let interactive =
-            std::io::stdout().is_terminal() && std::env::var("CI").is_err() && !self.args.no_tui;
-        let dashboard = match interactive {
-            true => Some(Dashboard::start(
-                self.recipe.name.clone(),
-                Arc::clone(&controls),
-            )?),
-            false => None,
-        };
-        let mut lines = Vec::new();
-        let mut log_failed = false;
-        let mut emit = |event: Event| {
-            match &dashboard {
-                Some(d) => {
-                    d.send(&event);
-                    lines.push(plain_line(&event));
-                }
-                None => println!("{}", plain_line(&event)),
-            }
-            let written = metrics
-                .write(&event)
-                .and_then(|()| board.as_mut().map_or(Ok(()), |b| b.write(&event)));
-            // A full disk must not stop training (checkpoints report their own errors).
-            if let Err(e) = written
-                && !log_failed
-            {
-                let message = format!("{e:#}; metrics and TensorBoard logs may be incomplete");
-                match &dashboard {
-                    Some(d) => d.send(&Event::Warning { message }),
-                    None => eprintln!("warning: {message}"),
-                }
-                log_failed = true;
-            }
-        };
-        let outcome = crate::train::run::train::<Autodiff<B>>(
-            &self.recipe,
-            resume.as_deref(),
-            &controls,
-            &mut emit,
-            &device,
-        );
-        if let Some(d) = dashboard {
-            d.finish()?;
-            // What the dashboard showed, as the last lines of the normal screen.
-            for line in lines.iter().rev().take(6).rev() {
-                println!("{line}");
-            }
-        }
-        let outcome = outcome?;
-        if outcome.interrupted {
-            println!(
-                "Interrupted at step {}; the checkpoint is in {}. Resume with: loraforge train {} --resume",
-                outcome.step,
-                outcome.run_dir.join("checkpoint").display(),
-                self.args.recipe.display()
-            );
-        } else {
-            println!(
-                "Done: adapters in {}",
-                outcome.run_dir.join("adapters").display()
-            );
-        }
-        Ok(())
-    }
-}
-
-struct EvalTask {
-    recipe: crate::recipe::Recipe,
-    adapters: Option<PathBuf>,
-}
-
-impl BackendTask for EvalTask {
-    type Output = ();
-
-    fn run<B: FrozenLinearBackend>(self, device: B::Device) -> Result<()> {
-        let run_dir = crate::train::run::run_dir(&self.recipe);
-        let adapters = self
-            .adapters
-            .clone()
-            .unwrap_or_else(|| run_dir.join("adapters"));
-        let report = crate::eval::run::<B>(&self.recipe, &adapters, &run_dir, &device)?;
-        print!("{}", crate::eval::markdown(&report));
-        println!(
-            "\nWritten to {} and {}",
-            run_dir.join("eval.md").display(),
-            run_dir.join("eval.json").display()
-        );
-        Ok(())
-    }
-}
-
 struct BenchTask(crate::bench::BenchTrainArgs);
 
 impl BackendTask for BenchTask {
@@ -452,5 +374,15 @@ impl BackendTask for BenchTask {
             writeln!(file, "{line}")?;
         }
         Ok(())
+    }
+}
+
+struct DeviceCheckTask;
+
+impl BackendTask for DeviceCheckTask {
+    type Output = Vec<serde_json::Value>;
+
+    fn run<B: FrozenLinearBackend>(self, device: B::Device) -> Result<Self::Output> {
+        crate::device_check::run::<B>(&device)
     }
 }

@@ -1,0 +1,275 @@
+//! A GGUF file as llama.cpp's `convert_hf_to_gguf.py` writes it: llama.cpp tensor names, q/k
+//! rows permuted for its RoPE (Llama family), norms and biases in F32, matrices in the chosen
+//! type (a block type falls back to F16 for a row length not divisible by 32, as llama.cpp
+//! does), the architecture under `{arch}.*`, and the tokenizer with its chat template under
+//! `tokenizer.*` (copied from a GGUF base, built from `tokenizer.json` otherwise).
+
+use std::path::Path;
+
+use anyhow::{Context, Result, bail};
+use serde_json::Value as J;
+
+use super::fuse::{FusedModel, Survival};
+use super::{ExportOptions, GgufType};
+use crate::io::gguf::{GgmlType, Value};
+use crate::io::gguf_write::{GgufTensor, write as write_gguf};
+use crate::model::config::{Family, RopeScaling};
+use crate::model::rope::Rope;
+use crate::model::weights::{WeightSource, gguf_name, qk_row_order};
+use crate::quant::ggml;
+use crate::tokenizer::Tokenizer;
+
+pub fn write(
+    model: &FusedModel,
+    tokenizer: &Tokenizer,
+    opts: &ExportOptions,
+    dir: &Path,
+) -> Result<(Survival, String)> {
+    let c = &model.files.config;
+    let arch = match c.family {
+        Family::Llama | Family::Mistral => "llama",
+        Family::Qwen2 => "qwen2",
+        Family::Qwen3 => "qwen3",
+    };
+    let kind = opts.gguf_type.ggml();
+    let mut tensors = Vec::new();
+    for spec in &model.specs {
+        let name =
+            gguf_name(&spec.name).with_context(|| format!("no GGUF name for `{}`", spec.name))?;
+        let blocks_fit = spec.shape.last().is_some_and(|&n| n.is_multiple_of(32));
+        let tensor_kind = match (spec.is_matrix(), kind.block().0 > 1 && !blocks_fit) {
+            (false, _) => GgmlType::F32,
+            (true, true) => GgmlType::F16,
+            (true, false) => kind,
+        };
+        tensors.push(GgufTensor {
+            name,
+            shape: spec.shape.clone(),
+            kind: tensor_kind,
+        });
+    }
+    let rope_freqs = llama3_rope_divisors(model);
+    if rope_freqs.is_some() {
+        tensors.push(GgufTensor {
+            name: "rope_freqs.weight".into(),
+            shape: vec![c.head_dim / 2],
+            kind: GgmlType::F32,
+        });
+    }
+    let metadata = metadata(model, tokenizer, arch, opts.gguf_type)?;
+    let permute = matches!(c.family, Family::Llama | Family::Mistral);
+
+    let mut survival = Survival::default();
+    let progress = model.progress();
+    let produce = |i: usize| -> Result<Vec<u8>> {
+        progress.inc();
+        let out = &tensors[i];
+        let Some(spec) = model.specs.get(i) else {
+            return Ok(ggml::encode(
+                GgmlType::F32,
+                rope_freqs.as_deref().unwrap_or(&[]),
+            ));
+        };
+        let tensor = model.tensor(spec)?;
+        let heads = match spec.name.as_str() {
+            n if n.ends_with("self_attn.q_proj.weight") => Some(c.num_heads),
+            n if n.ends_with("self_attn.k_proj.weight") => Some(c.num_kv_heads),
+            _ => None,
+        };
+        let arrange = |values: &[f32]| match heads.filter(|_| permute) {
+            Some(h) => permute_rows(values, spec.shape[0], h),
+            None => values.to_vec(),
+        };
+        let (rows, cols) = (spec.shape[0], spec.shape.iter().skip(1).product());
+        let values = arrange(&tensor.values());
+        let bytes = ggml::encode(out.kind, &values);
+        if tensor.fused.is_some() {
+            let base = arrange(&tensor.base_values());
+            let encoded_base = ggml::decode(out.kind, rows, cols, &ggml::encode(out.kind, &base));
+            let encoded = ggml::decode(out.kind, rows, cols, &bytes);
+            survival.add(spec.module(), &base, &values, &encoded_base, &encoded);
+        }
+        Ok(bytes)
+    };
+    let file = dir.join(format!(
+        "{}-{}.gguf",
+        super::base_name(model.files),
+        kind.name()
+    ));
+    write_gguf(&file, &metadata, &tensors, produce)?;
+    progress.finish();
+    Ok((survival, kind.name().to_string()))
+}
+
+/// HF row order → llama.cpp's (see [`qk_row_order`]).
+fn permute_rows(values: &[f32], rows: usize, heads: usize) -> Vec<f32> {
+    let cols = values.len() / rows;
+    let mut out = vec![0f32; values.len()];
+    for (hf, gguf) in qk_row_order(rows, heads).into_iter().enumerate() {
+        out[gguf * cols..(gguf + 1) * cols].copy_from_slice(&values[hf * cols..(hf + 1) * cols]);
+    }
+    out
+}
+
+/// llama.cpp applies Llama 3's frequency scaling as a `rope_freqs` tensor of divisors.
+fn llama3_rope_divisors(model: &FusedModel) -> Option<Vec<f32>> {
+    let c = &model.files.config;
+    if !matches!(c.rope_scaling, RopeScaling::Llama3 { .. }) {
+        return None;
+    }
+    let plain = Rope::new(c.head_dim, c.rope_theta, &RopeScaling::None);
+    let scaled = Rope::new(c.head_dim, c.rope_theta, &c.rope_scaling);
+    Some(
+        plain
+            .inv_freq()
+            .iter()
+            .zip(scaled.inv_freq())
+            .map(|(p, s)| p / s)
+            .collect(),
+    )
+}
+
+fn metadata(
+    model: &FusedModel,
+    tokenizer: &Tokenizer,
+    arch: &str,
+    kind: GgufType,
+) -> Result<Vec<(String, Value)>> {
+    let c = &model.files.config;
+    let u32_of = |v: usize| Value::U32(v as u32);
+    let file_type = match kind {
+        GgufType::F32 => 0,
+        GgufType::F16 => 1,
+        GgufType::Q4_0 => 2,
+        GgufType::Q4_1 => 3,
+        GgufType::Q8_0 => 7,
+        GgufType::Bf16 => 32,
+    };
+    let mut m: Vec<(String, Value)> = vec![
+        ("general.architecture".into(), Value::String(arch.into())),
+        (
+            "general.name".into(),
+            Value::String(super::base_name(model.files)),
+        ),
+        ("general.file_type".into(), Value::U32(file_type)),
+        ("general.quantization_version".into(), Value::U32(2)),
+    ];
+    let mut arch_key = |k: &str, v: Value| m.push((format!("{arch}.{k}"), v));
+    arch_key("vocab_size", u32_of(c.vocab_size));
+    arch_key("context_length", u32_of(c.max_position_embeddings));
+    arch_key("embedding_length", u32_of(c.hidden_size));
+    arch_key("block_count", u32_of(c.num_layers));
+    arch_key("feed_forward_length", u32_of(c.intermediate_size));
+    arch_key("rope.dimension_count", u32_of(c.head_dim));
+    arch_key("attention.head_count", u32_of(c.num_heads));
+    arch_key("attention.head_count_kv", u32_of(c.num_kv_heads));
+    arch_key("attention.key_length", u32_of(c.head_dim));
+    arch_key("attention.value_length", u32_of(c.head_dim));
+    arch_key(
+        "attention.layer_norm_rms_epsilon",
+        Value::F32(c.rms_norm_eps as f32),
+    );
+    arch_key("rope.freq_base", Value::F32(c.rope_theta as f32));
+    if let RopeScaling::Linear { factor } = c.rope_scaling {
+        arch_key("rope.scaling.type", Value::String("linear".into()));
+        arch_key("rope.scaling.factor", Value::F32(factor as f32));
+    }
+    match &model.files.weights {
+        WeightSource::Gguf(g) => m.extend(
+            g.metadata
+                .iter()
+                .filter(|(k, _)| k.starts_with("tokenizer."))
+                .map(|(k, v)| (k.clone(), v.clone())),
+        ),
+        _ => m.extend(tokenizer_metadata(tokenizer, c.vocab_size)?),
+    }
+    Ok(m)
+}
+
+/// `tokenizer.ggml.*` for a byte-level BPE `tokenizer.json` (llama.cpp's "gpt2" model): tokens
+/// by id (padded to the model's vocabulary), their types, the merges, special ids and the chat
+/// template.
+fn tokenizer_metadata(tokenizer: &Tokenizer, vocab_size: usize) -> Result<Vec<(String, Value)>> {
+    let json: J = serde_json::from_str(
+        &tokenizer
+            .inner
+            .to_string(false)
+            .map_err(|e| anyhow::anyhow!("serialising the tokenizer: {e}"))?,
+    )?;
+    let model = &json["model"];
+    if model["type"] != "BPE" || model["byte_fallback"] == J::Bool(true) {
+        bail!(
+            "GGUF export supports byte-level BPE tokenizers (Llama 3, Qwen, SmolLM); this one is {} — export --format hf and convert it with llama.cpp's convert_hf_to_gguf.py",
+            tokenizer.kind
+        );
+    }
+    let mut tokens: Vec<Option<String>> = vec![None; vocab_size];
+    let mut types = vec![1i32; vocab_size];
+    let mut place = |id: u64, token: &str, kind: i32| {
+        if let Some(slot) = tokens.get_mut(id as usize) {
+            *slot = Some(token.to_string());
+            types[id as usize] = kind;
+        }
+    };
+    for (token, id) in model["vocab"].as_object().into_iter().flatten() {
+        place(id.as_u64().unwrap_or(u64::MAX), token, 1);
+    }
+    for added in json["added_tokens"].as_array().into_iter().flatten() {
+        // Special tokens are control tokens (3); other added tokens are user-defined (4).
+        let kind = if added["special"] == J::Bool(true) {
+            3
+        } else {
+            4
+        };
+        let content = added["content"].as_str().unwrap_or_default();
+        place(added["id"].as_u64().unwrap_or(u64::MAX), content, kind);
+    }
+    let tokens: Vec<Value> = tokens
+        .into_iter()
+        .enumerate()
+        .map(|(i, t)| Value::String(t.unwrap_or_else(|| format!("[PAD{i}]"))))
+        .collect();
+    let merges: Vec<Value> = model["merges"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|m| match m {
+            J::Array(pair) => Value::String(format!(
+                "{} {}",
+                pair[0].as_str().unwrap_or_default(),
+                pair[1].as_str().unwrap_or_default()
+            )),
+            other => Value::String(other.as_str().unwrap_or_default().to_string()),
+        })
+        .collect();
+    let mut m = vec![
+        (
+            "tokenizer.ggml.model".to_string(),
+            Value::String("gpt2".into()),
+        ),
+        (
+            "tokenizer.ggml.pre".to_string(),
+            Value::String("default".into()),
+        ),
+        ("tokenizer.ggml.tokens".to_string(), Value::Array(tokens)),
+        (
+            "tokenizer.ggml.token_type".to_string(),
+            Value::Array(types.into_iter().map(Value::I32).collect()),
+        ),
+        ("tokenizer.ggml.merges".to_string(), Value::Array(merges)),
+    ];
+    let id = |t: &Option<String>| t.as_deref().and_then(|t| tokenizer.token_id(t));
+    if let Some(bos) = id(&tokenizer.bos) {
+        m.push(("tokenizer.ggml.bos_token_id".into(), Value::U32(bos)));
+    }
+    if let Some(eos) = id(&tokenizer.eos) {
+        m.push(("tokenizer.ggml.eos_token_id".into(), Value::U32(eos)));
+    }
+    if let Some(template) = &tokenizer.chat_template {
+        m.push((
+            "tokenizer.chat_template".into(),
+            Value::String(template.clone()),
+        ));
+    }
+    Ok(m)
+}

@@ -1,0 +1,137 @@
+//! The Hugging Face folder: every weight in one float type (`model.safetensors`, sharded past
+//! 5 GB with an index as transformers does), `config.json`, tokenizer files, a model card, and
+//! the adapters again as a PEFT folder (`adapter/`) for people who keep the base separate.
+
+use std::collections::BTreeSet;
+use std::path::Path;
+
+use anyhow::{Result, bail};
+
+use super::ExportOptions;
+use super::fuse::{FusedModel, Survival};
+use crate::io::safetensors_write::{PlannedTensor, index_json, write_shards};
+use crate::lora::files::{NamedTensors, PeftConfig, peft_config, safetensors_bytes};
+use crate::lora::host::{HostAdapters, transpose};
+use crate::tokenizer::Tokenizer;
+
+const MAX_SHARD_BYTES: usize = 5_000_000_000;
+
+pub fn write(
+    model: &FusedModel,
+    tokenizer: &Tokenizer,
+    opts: &ExportOptions,
+    dir: &Path,
+) -> Result<(Survival, String)> {
+    let dtype = opts.float_dtype(model.files);
+    let groups: Vec<Vec<PlannedTensor>> = model
+        .specs
+        .iter()
+        .map(|s| vec![PlannedTensor::new(&s.name, dtype.raw(), &s.shape)])
+        .collect();
+    let mut survival = Survival::default();
+    let progress = model.progress();
+    let produce = |i: usize| -> Result<Vec<Vec<u8>>> {
+        progress.inc();
+        let spec = &model.specs[i];
+        let tensor = model.tensor(spec)?;
+        Ok(vec![tensor.float_bytes(
+            spec.module(),
+            dtype,
+            &mut survival,
+        )])
+    };
+    let written = write_shards(dir, &groups, MAX_SHARD_BYTES, &[("format", "pt")], produce)?;
+    progress.finish();
+    if written.files.len() > 1 {
+        super::write_json(
+            &dir.join("model.safetensors.index.json"),
+            &index_json(&written, model.parameter_count()),
+        )?;
+    }
+    let config = super::config_json::config_json(model.files, tokenizer, dtype);
+    super::write_json(&dir.join("config.json"), &config)?;
+    super::tokenizer_files::write(model.files, tokenizer, dir)?;
+    if let Some(adapters) = model.adapters {
+        write_peft(
+            adapters,
+            &model.files.path.display().to_string(),
+            &dir.join("adapter"),
+        )?;
+    }
+    let encoding = dtype.torch_name().to_string();
+    let usage = format!(
+        "from transformers import AutoModelForCausalLM, AutoTokenizer\nmodel = AutoModelForCausalLM.from_pretrained(\"{0}\")\ntokenizer = AutoTokenizer.from_pretrained(\"{0}\")",
+        opts.out.display()
+    );
+    let card = super::card::model_card(model, "transformers", &encoding, &survival, &usage);
+    std::fs::write(dir.join("README.md"), card)?;
+    Ok((survival, encoding))
+}
+
+/// The adapters as peft saves them (`lora_A` `[r, in]` = Aᵀ, `lora_B` `[out, r]` = Bᵀ).
+fn write_peft(adapters: &HostAdapters, base_model: &str, dir: &Path) -> Result<()> {
+    let first = adapters
+        .modules
+        .values()
+        .next()
+        .expect("read() refuses empty folders");
+    if adapters
+        .modules
+        .values()
+        .any(|a| a.rank != first.rank || a.scale != first.scale)
+    {
+        bail!(
+            "{}: the adapters differ in rank or scale between modules, which one peft config cannot describe",
+            adapters.dir.display()
+        );
+    }
+    let mut tensors = NamedTensors::new();
+    let (mut modules, mut layers) = (BTreeSet::new(), BTreeSet::new());
+    for (path, a) in &adapters.modules {
+        let prefix = format!("base_model.model.{path}");
+        tensors.insert(
+            format!("{prefix}.lora_A.weight"),
+            (
+                vec![a.rank, a.in_features],
+                transpose(&a.a, a.in_features, a.rank),
+            ),
+        );
+        tensors.insert(
+            format!("{prefix}.lora_B.weight"),
+            (
+                vec![a.out_features, a.rank],
+                transpose(&a.b, a.rank, a.out_features),
+            ),
+        );
+        if let Some(m) = &a.magnitude {
+            tensors.insert(
+                format!("{prefix}.lora_magnitude_vector"),
+                (vec![a.out_features], m.clone()),
+            );
+        }
+        modules.insert(path.rsplit('.').next().unwrap_or(path).to_string());
+        if let Some(layer) = path
+            .strip_prefix("model.layers.")
+            .and_then(|r| r.split('.').next())
+            .and_then(|l| l.parse::<usize>().ok())
+        {
+            layers.insert(layer);
+        }
+    }
+    std::fs::create_dir_all(dir)?;
+    std::fs::write(
+        dir.join("adapter_model.safetensors"),
+        safetensors_bytes(&tensors, &[("format", "pt")])?,
+    )?;
+    let config = peft_config(&PeftConfig {
+        rank: first.rank,
+        scale: first.scale,
+        dropout: 0.0,
+        rslora: false,
+        dora: adapters.dora,
+        modules: modules.into_iter().collect(),
+        layers: layers.into_iter().collect(),
+        base_model: base_model.to_string(),
+    });
+    super::write_json(&dir.join("adapter_config.json"), &config)
+}

@@ -1,0 +1,206 @@
+//! The mlx-community folder (DESIGN §4): `model.safetensors` (shards past 5 GiB) with
+//! `{"format": "mlx"}` metadata, the index always, `config.json` with `quantization` and
+//! `quantization_config`, tokenizer files and a model card.
+//!
+//! A quantized base stays quantized: matrices no adapter touched are copied as they are stored
+//! (no second rounding), adapted ones are fused into the dequantized weights and requantized at
+//! `requant_bits` (8 by default), recorded as per-module overrides. `--dequantize` writes floats.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use anyhow::{Result, bail};
+use serde_json::{Value, json};
+
+use super::fuse::{FusedModel, Survival};
+use super::{ExportOptions, FloatDtype};
+use crate::io::RawDtype;
+use crate::io::safetensors_write::{Group, PlannedTensor, index_json, write_shards};
+use crate::model::tensors::TensorSpec;
+use crate::model::weights::HostWeight;
+use crate::quant::QuantizedMatrix;
+use crate::quant::affine::SUPPORTED_BITS;
+use crate::quant::quantize::quantize;
+use crate::tokenizer::Tokenizer;
+
+const MAX_SHARD_BYTES: usize = 5 << 30;
+
+/// How one tensor is stored.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Storage {
+    Float,
+    /// Copied packed from the base.
+    Keep {
+        bits: u32,
+        group: usize,
+    },
+    /// Fused, then quantized again.
+    Requantize {
+        bits: u32,
+        group: usize,
+    },
+}
+
+pub fn write(
+    model: &FusedModel,
+    tokenizer: &Tokenizer,
+    opts: &ExportOptions,
+    dir: &Path,
+) -> Result<(Survival, String)> {
+    let dtype = opts.float_dtype(model.files);
+    if !SUPPORTED_BITS.contains(&opts.requant_bits) {
+        bail!(
+            "--requant-bits {} is not an MLX quantization (supported: {SUPPORTED_BITS:?})",
+            opts.requant_bits
+        );
+    }
+    let storages: Vec<Storage> = model
+        .specs
+        .iter()
+        .map(|spec| storage(model, opts, spec))
+        .collect();
+    let groups: Vec<Group> = model
+        .specs
+        .iter()
+        .zip(&storages)
+        .map(|(spec, s)| planned(spec, *s, dtype))
+        .collect();
+
+    let mut survival = Survival::default();
+    let progress = model.progress();
+    let produce = |i: usize| -> Result<Vec<Vec<u8>>> {
+        progress.inc();
+        let spec = &model.specs[i];
+        let tensor = model.tensor(spec)?;
+        Ok(match storages[i] {
+            Storage::Float => vec![tensor.float_bytes(spec.module(), dtype, &mut survival)],
+            Storage::Keep { .. } => match &tensor.base {
+                HostWeight::Quantized(q) => packed_bytes(q, dtype),
+                HostWeight::Dense { .. } => unreachable!("planned from the stored layout"),
+            },
+            Storage::Requantize { bits, group } => {
+                let [rows, cols] = [spec.shape[0], spec.shape[1]];
+                let encode = |w: &[f32]| -> Result<QuantizedMatrix> {
+                    let mut q = quantize(w, rows, cols, bits, group)?;
+                    // Scales and biases are stored in the model's dtype; measure what reads back.
+                    q.scales = dtype.round_trip(&q.scales);
+                    q.biases = dtype.round_trip(&q.biases);
+                    Ok(q)
+                };
+                let (base, fused) = (tensor.base_values(), tensor.values());
+                let (q_base, q_fused) = (encode(&base)?, encode(&fused)?);
+                survival.add(
+                    spec.module(),
+                    &base,
+                    &fused,
+                    &q_base.dequantize(),
+                    &q_fused.dequantize(),
+                );
+                packed_bytes(&q_fused, dtype)
+            }
+        })
+    };
+    let written = write_shards(dir, &groups, MAX_SHARD_BYTES, &[("format", "mlx")], produce)?;
+    progress.finish();
+    super::write_json(
+        &dir.join("model.safetensors.index.json"),
+        &index_json(&written, model.parameter_count()),
+    )?;
+
+    let mut config = super::config_json::config_json(model.files, tokenizer, dtype);
+    if let Some(quantization) = quantization_json(model, &storages)
+        && let Some(map) = config.as_object_mut()
+    {
+        map.insert("quantization".into(), quantization.clone());
+        map.insert("quantization_config".into(), quantization);
+    }
+    super::write_json(&dir.join("config.json"), &config)?;
+    super::tokenizer_files::write(model.files, tokenizer, dir)?;
+
+    let encoding = match storages
+        .iter()
+        .find(|s| matches!(s, Storage::Requantize { .. }))
+    {
+        Some(Storage::Requantize { bits, group }) => {
+            format!("{bits}-bit MLX affine (group {group})")
+        }
+        _ => dtype.torch_name().to_string(),
+    };
+    let usage = format!(
+        "mlx_lm.generate --model {} --prompt \"Hello\"",
+        opts.out.display()
+    );
+    let card = super::card::model_card(model, "mlx", &encoding, &survival, &usage);
+    std::fs::write(dir.join("README.md"), card)?;
+    Ok((survival, encoding))
+}
+
+fn storage(model: &FusedModel, opts: &ExportOptions, spec: &TensorSpec) -> Storage {
+    if !spec.is_matrix() || opts.dequantize {
+        return Storage::Float;
+    }
+    match model.files.weights.stored_quantization(&spec.name) {
+        None => Storage::Float,
+        Some((bits, group)) if model.adapter(spec).is_none() => Storage::Keep { bits, group },
+        Some((_, group)) => Storage::Requantize {
+            bits: opts.requant_bits,
+            group,
+        },
+    }
+}
+
+fn planned(spec: &TensorSpec, storage: Storage, dtype: FloatDtype) -> Group {
+    match storage {
+        Storage::Float => vec![PlannedTensor::new(&spec.name, dtype.raw(), &spec.shape)],
+        Storage::Keep { bits, group } | Storage::Requantize { bits, group } => {
+            let [rows, cols] = [spec.shape[0], spec.shape[1]];
+            let module = spec.module();
+            let groups = [rows, cols / group];
+            vec![
+                PlannedTensor::new(
+                    &spec.name,
+                    RawDtype::U32,
+                    &[rows, cols * bits as usize / 32],
+                ),
+                PlannedTensor::new(format!("{module}.scales"), dtype.raw(), &groups),
+                PlannedTensor::new(format!("{module}.biases"), dtype.raw(), &groups),
+            ]
+        }
+    }
+}
+
+fn packed_bytes(q: &QuantizedMatrix, dtype: FloatDtype) -> Vec<Vec<u8>> {
+    vec![
+        q.packed.iter().flat_map(|w| w.to_le_bytes()).collect(),
+        dtype.encode(&q.scales),
+        dtype.encode(&q.biases),
+    ]
+}
+
+/// `{"group_size", "bits", "mode", <module>: {...}}`: the most common setting as the default and
+/// every other quantized module as an override; `None` when nothing is quantized.
+fn quantization_json(model: &FusedModel, storages: &[Storage]) -> Option<Value> {
+    let settings: Vec<(&str, (u32, usize))> = model
+        .specs
+        .iter()
+        .zip(storages)
+        .filter_map(|(spec, s)| match *s {
+            Storage::Float => None,
+            Storage::Keep { bits, group } | Storage::Requantize { bits, group } => {
+                Some((spec.module(), (bits, group)))
+            }
+        })
+        .collect();
+    let mut counts: BTreeMap<(u32, usize), usize> = BTreeMap::new();
+    for (_, setting) in &settings {
+        *counts.entry(*setting).or_default() += 1;
+    }
+    let (&(bits, group), _) = counts.iter().max_by_key(|(_, n)| **n)?;
+    let mut q = json!({"group_size": group, "bits": bits, "mode": "affine"});
+    for (module, setting) in settings {
+        if setting != (bits, group) {
+            q[module] = json!({"group_size": setting.1, "bits": setting.0});
+        }
+    }
+    Some(q)
+}

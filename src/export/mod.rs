@@ -1,0 +1,270 @@
+//! `loraforge fuse`: fold adapters into their base and write a model other tools load:
+//! an mlx-community folder (`mlx`), a Hugging Face folder with a PEFT adapter beside it (`hf`),
+//! or a GGUF file (`gguf`). The output is written into a temporary sibling folder and renamed
+//! into place at the end, so a failure (a full disk included) never leaves a partial folder.
+
+mod card;
+mod config_json;
+pub mod fuse;
+mod gguf;
+mod hf;
+mod mlx;
+mod tokenizer_files;
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result, bail};
+
+use crate::io::RawDtype;
+use crate::io::gguf::GgmlType;
+use crate::lora::host::HostAdapters;
+use crate::model::ModelFiles;
+pub use crate::recipe::{ExportFormat, FloatDtype, GgufType};
+use fuse::{FusedModel, Survival};
+
+impl FloatDtype {
+    /// The base's own float type (`torch_dtype` of its config); f16 for GGUF and others.
+    pub fn of_base(files: &ModelFiles) -> Self {
+        match files.config.dtype.as_str() {
+            "float32" => FloatDtype::F32,
+            "bfloat16" => FloatDtype::Bf16,
+            _ => FloatDtype::F16,
+        }
+    }
+
+    pub fn raw(self) -> RawDtype {
+        match self {
+            FloatDtype::F32 => RawDtype::F32,
+            FloatDtype::F16 => RawDtype::F16,
+            FloatDtype::Bf16 => RawDtype::BF16,
+        }
+    }
+
+    fn ggml(self) -> GgmlType {
+        match self {
+            FloatDtype::F32 => GgmlType::F32,
+            FloatDtype::F16 => GgmlType::F16,
+            FloatDtype::Bf16 => GgmlType::BF16,
+        }
+    }
+
+    /// Little-endian bytes of `values` in this type (round to nearest even).
+    pub fn encode(self, values: &[f32]) -> Vec<u8> {
+        crate::quant::ggml::encode(self.ggml(), values)
+    }
+
+    /// `values` as they read back after [`FloatDtype::encode`].
+    pub fn round_trip(self, values: &[f32]) -> Vec<f32> {
+        crate::quant::ggml::decode(self.ggml(), 1, values.len(), &self.encode(values))
+    }
+
+    /// The name transformers uses (`torch_dtype`).
+    pub fn torch_name(self) -> &'static str {
+        match self {
+            FloatDtype::F32 => "float32",
+            FloatDtype::F16 => "float16",
+            FloatDtype::Bf16 => "bfloat16",
+        }
+    }
+}
+
+impl GgufType {
+    pub fn ggml(self) -> GgmlType {
+        match self {
+            GgufType::F32 => GgmlType::F32,
+            GgufType::F16 => GgmlType::F16,
+            GgufType::Bf16 => GgmlType::BF16,
+            GgufType::Q8_0 => GgmlType::Q8_0,
+            GgufType::Q4_0 => GgmlType::Q4_0,
+            GgufType::Q4_1 => GgmlType::Q4_1,
+        }
+    }
+}
+
+/// What to write, and where.
+#[derive(Debug, Clone)]
+pub struct ExportOptions {
+    pub format: ExportFormat,
+    pub out: PathBuf,
+    /// Write every weight in float, even where the base is quantized (mlx).
+    pub dequantize: bool,
+    /// Bits for the adapted matrices of a quantized base, requantized after fusing (mlx).
+    pub requant_bits: u32,
+    /// Float type of the float weights; the base's own when `None`.
+    pub dtype: Option<FloatDtype>,
+    pub gguf_type: GgufType,
+    /// Replace `out` if it exists.
+    pub force: bool,
+}
+
+impl ExportOptions {
+    /// A recipe's `[export]`: into `<run dir>/fused-<format>` unless it names a folder, which
+    /// each run replaces.
+    pub fn from_recipe(section: &crate::recipe::ExportSection, run_dir: &Path) -> Self {
+        let name = match section.format {
+            ExportFormat::Mlx => "fused-mlx",
+            ExportFormat::Hf => "fused-hf",
+            ExportFormat::Gguf => "fused-gguf",
+        };
+        ExportOptions {
+            format: section.format,
+            out: section.dir.clone().unwrap_or_else(|| run_dir.join(name)),
+            dequantize: section.dequantize,
+            requant_bits: section.requant_bits,
+            dtype: section.dtype,
+            gguf_type: section.gguf_type,
+            force: true,
+        }
+    }
+}
+
+impl ExportOptions {
+    /// `--dtype`, or the base's own float type.
+    pub fn float_dtype(&self, files: &ModelFiles) -> FloatDtype {
+        self.dtype.unwrap_or_else(|| FloatDtype::of_base(files))
+    }
+}
+
+/// What an export wrote and how much of the fine-tune its encoding kept.
+#[derive(Debug, Clone)]
+pub struct ExportReport {
+    pub out: PathBuf,
+    pub survival: Survival,
+    /// How the adapted matrices were stored, e.g. "8-bit affine, group 32" or "bf16".
+    pub encoding: String,
+}
+
+impl ExportReport {
+    /// The line printed after every export, with a warning when little of ΔW survived.
+    pub fn summary(&self) -> String {
+        let s = &self.survival;
+        if s.layers == 0 {
+            return format!("Wrote {} (no adapters fused)", self.out.display());
+        }
+        let mut line = format!(
+            "Wrote {}: ΔW survival {:.1}% over {} adapted matrices stored as {} (norm ratio {:.1}%",
+            self.out.display(),
+            s.kept() * 100.0,
+            s.layers,
+            self.encoding,
+            s.norm_ratio() * 100.0,
+        );
+        if let Some((module, worst)) = &s.worst {
+            line += &format!("; lowest {:.1}% at {module}", worst * 100.0);
+        }
+        line += ")";
+        if s.kept() < SURVIVAL_WARNING {
+            line += "\nwarning: the encoding erased much of the fine-tune (ΔW is smaller than its rounding step); export with --dequantize, --requant-bits 8 or --dtype f32";
+        }
+        line
+    }
+}
+
+/// Below this fraction of ΔW kept, an export warns.
+pub const SURVIVAL_WARNING: f64 = 0.8;
+
+/// Fuses `adapters` (mlx-lm or peft folder) into `base` and writes the result.
+pub fn export(base: &Path, adapters: Option<&Path>, opts: &ExportOptions) -> Result<ExportReport> {
+    if opts.out.exists() && !opts.force {
+        bail!(
+            "{} already exists; choose another --out or pass --force to replace it",
+            opts.out.display()
+        );
+    }
+    let files = ModelFiles::open(base)?;
+    let host = adapters.map(HostAdapters::read).transpose()?;
+    let model = FusedModel::new(&files, host.as_ref());
+    if let Some(host) = &host {
+        let linears: BTreeMap<String, [usize; 2]> = model
+            .specs
+            .iter()
+            .filter(|s| s.is_matrix() && s.name.starts_with("model.layers."))
+            .map(|s| (s.module().to_string(), [s.shape[0], s.shape[1]]))
+            .collect();
+        host.check_against(&linears)?;
+    }
+    let tokenizer = crate::tokenizer::for_model(&files)?;
+    let staging = staging_dir(&opts.out)?;
+    let written = match opts.format {
+        ExportFormat::Mlx => mlx::write(&model, &tokenizer, opts, &staging),
+        ExportFormat::Hf => hf::write(&model, &tokenizer, opts, &staging),
+        ExportFormat::Gguf => gguf::write(&model, &tokenizer, opts, &staging),
+    };
+    let (survival, encoding) = match written {
+        Ok(done) => done,
+        Err(e) => {
+            let _ = std::fs::remove_dir_all(&staging);
+            return Err(e.context(format!(
+                "exporting to {} failed; nothing was left there",
+                opts.out.display()
+            )));
+        }
+    };
+    if opts.out.exists() {
+        std::fs::remove_dir_all(&opts.out)
+            .with_context(|| format!("replacing {}", opts.out.display()))?;
+    }
+    std::fs::rename(&staging, &opts.out)
+        .with_context(|| format!("moving the export into {}", opts.out.display()))?;
+    Ok(ExportReport {
+        out: opts.out.clone(),
+        survival,
+        encoding,
+    })
+}
+
+/// What a loader opens for an export folder: the `.gguf` file inside it, or the folder.
+pub fn model_path(out: &Path) -> PathBuf {
+    std::fs::read_dir(out)
+        .into_iter()
+        .flatten()
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .find(|p| p.extension().is_some_and(|e| e == "gguf"))
+        .unwrap_or_else(|| out.to_path_buf())
+}
+
+/// A fresh hidden folder next to `out`, on the same filesystem so the final rename is atomic.
+fn staging_dir(out: &Path) -> Result<PathBuf> {
+    let name = out
+        .file_name()
+        .with_context(|| format!("{} is not a folder name", out.display()))?
+        .to_string_lossy();
+    let parent = out.parent().filter(|p| !p.as_os_str().is_empty());
+    let staging = parent
+        .unwrap_or(Path::new("."))
+        .join(format!(".{name}.partial-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&staging);
+    std::fs::create_dir_all(&staging).with_context(|| format!("creating {}", staging.display()))?;
+    Ok(staging)
+}
+
+/// Where a model came from, for model cards and GGUF `general.name`.
+fn base_name(files: &ModelFiles) -> String {
+    files
+        .path
+        .file_stem()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "model".into())
+}
+
+/// Writes a JSON value with sorted keys (what mlx-lm and transformers write).
+fn write_json(path: &Path, value: &serde_json::Value) -> Result<()> {
+    let sorted = sort_keys(value);
+    std::fs::write(path, serde_json::to_string_pretty(&sorted)? + "\n")
+        .with_context(|| format!("writing {}", path.display()))
+}
+
+fn sort_keys(v: &serde_json::Value) -> serde_json::Value {
+    match v {
+        serde_json::Value::Object(map) => {
+            let sorted: BTreeMap<&String, serde_json::Value> =
+                map.iter().map(|(k, v)| (k, sort_keys(v))).collect();
+            serde_json::Value::Object(sorted.into_iter().map(|(k, v)| (k.clone(), v)).collect())
+        }
+        serde_json::Value::Array(items) => {
+            serde_json::Value::Array(items.iter().map(sort_keys).collect())
+        }
+        other => other.clone(),
+    }
+}

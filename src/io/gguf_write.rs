@@ -1,0 +1,222 @@
+//! GGUF writer (version 3), the mirror of [`super::gguf`]: header, metadata, tensor directory
+//! (dims innermost-first), then each tensor's data aligned to 32 bytes. Tensor data is produced
+//! one tensor at a time so a large model never sits in memory whole.
+
+use std::fs::File;
+use std::io::{BufWriter, Write};
+use std::path::Path;
+
+use anyhow::{Context, Result, bail};
+
+use super::gguf::{GgmlType, Value};
+
+const ALIGNMENT: usize = 32;
+
+/// A tensor to be written: row-major `shape` (outermost first), as [`super::gguf::TensorInfo`].
+#[derive(Debug, Clone)]
+pub struct GgufTensor {
+    pub name: String,
+    pub shape: Vec<usize>,
+    pub kind: GgmlType,
+}
+
+impl GgufTensor {
+    pub fn byte_len(&self) -> usize {
+        let (per_block, block_bytes) = self.kind.block();
+        self.shape.iter().product::<usize>() / per_block * block_bytes
+    }
+}
+
+/// Writes a GGUF file; `produce(i)` returns tensor `i`'s encoded bytes.
+pub fn write(
+    path: &Path,
+    metadata: &[(String, Value)],
+    tensors: &[GgufTensor],
+    mut produce: impl FnMut(usize) -> Result<Vec<u8>>,
+) -> Result<()> {
+    let mut run = || -> Result<()> {
+        let mut out = Counting::new(BufWriter::new(File::create(path)?));
+        out.put(b"GGUF")?;
+        out.put(&3u32.to_le_bytes())?;
+        out.put(&(tensors.len() as u64).to_le_bytes())?;
+        out.put(&(metadata.len() as u64).to_le_bytes())?;
+        for (key, value) in metadata {
+            put_string(&mut out, key)?;
+            out.put(&type_id(value).to_le_bytes())?;
+            put_value(&mut out, value)?;
+        }
+        let mut offset = 0usize;
+        for t in tensors {
+            put_string(&mut out, &t.name)?;
+            out.put(&(t.shape.len() as u32).to_le_bytes())?;
+            for &d in t.shape.iter().rev() {
+                out.put(&(d as u64).to_le_bytes())?;
+            }
+            out.put(&ggml_id(t.kind).to_le_bytes())?;
+            out.put(&(offset as u64).to_le_bytes())?;
+            offset = (offset + t.byte_len()).next_multiple_of(ALIGNMENT);
+        }
+        out.pad()?;
+        for (i, t) in tensors.iter().enumerate() {
+            let bytes = produce(i)?;
+            if bytes.len() != t.byte_len() {
+                bail!(
+                    "internal: `{}` encoded to {} bytes, expected {}",
+                    t.name,
+                    bytes.len(),
+                    t.byte_len()
+                );
+            }
+            out.put(&bytes)?;
+            out.pad()?;
+        }
+        out.inner
+            .into_inner()
+            .map_err(|e| e.into_error())?
+            .sync_all()?;
+        Ok(())
+    };
+    run().with_context(|| format!("writing {}", path.display()))
+}
+
+/// Counts bytes so padding to the alignment needs no seeking.
+struct Counting<W: Write> {
+    inner: W,
+    written: usize,
+}
+
+impl<W: Write> Counting<W> {
+    fn new(inner: W) -> Self {
+        Counting { inner, written: 0 }
+    }
+
+    fn put(&mut self, bytes: &[u8]) -> std::io::Result<()> {
+        self.written += bytes.len();
+        self.inner.write_all(bytes)
+    }
+
+    fn pad(&mut self) -> std::io::Result<()> {
+        let zeros = self.written.next_multiple_of(ALIGNMENT) - self.written;
+        self.put(&vec![0u8; zeros])
+    }
+}
+
+fn put_string<W: Write>(out: &mut Counting<W>, s: &str) -> std::io::Result<()> {
+    out.put(&(s.len() as u64).to_le_bytes())?;
+    out.put(s.as_bytes())
+}
+
+fn type_id(v: &Value) -> u32 {
+    match v {
+        Value::U8(_) => 0,
+        Value::I8(_) => 1,
+        Value::U16(_) => 2,
+        Value::I16(_) => 3,
+        Value::U32(_) => 4,
+        Value::I32(_) => 5,
+        Value::F32(_) => 6,
+        Value::Bool(_) => 7,
+        Value::String(_) => 8,
+        Value::Array(_) => 9,
+        Value::U64(_) => 10,
+        Value::I64(_) => 11,
+        Value::F64(_) => 12,
+    }
+}
+
+fn put_value<W: Write>(out: &mut Counting<W>, v: &Value) -> std::io::Result<()> {
+    match v {
+        Value::U8(x) => out.put(&[*x]),
+        Value::I8(x) => out.put(&x.to_le_bytes()),
+        Value::U16(x) => out.put(&x.to_le_bytes()),
+        Value::I16(x) => out.put(&x.to_le_bytes()),
+        Value::U32(x) => out.put(&x.to_le_bytes()),
+        Value::I32(x) => out.put(&x.to_le_bytes()),
+        Value::F32(x) => out.put(&x.to_le_bytes()),
+        Value::Bool(x) => out.put(&[u8::from(*x)]),
+        Value::String(s) => put_string(out, s),
+        Value::U64(x) => out.put(&x.to_le_bytes()),
+        Value::I64(x) => out.put(&x.to_le_bytes()),
+        Value::F64(x) => out.put(&x.to_le_bytes()),
+        Value::Array(items) => {
+            // An empty array's item type is irrelevant to readers; string is what llama.cpp uses.
+            let item_type = items.first().map_or(8, type_id);
+            out.put(&item_type.to_le_bytes())?;
+            out.put(&(items.len() as u64).to_le_bytes())?;
+            items.iter().try_for_each(|item| put_value(out, item))
+        }
+    }
+}
+
+fn ggml_id(kind: GgmlType) -> u32 {
+    match kind {
+        GgmlType::F32 => 0,
+        GgmlType::F16 => 1,
+        GgmlType::Q4_0 => 2,
+        GgmlType::Q4_1 => 3,
+        GgmlType::Q8_0 => 8,
+        GgmlType::BF16 => 30,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::io::gguf::GgufFile;
+
+    #[test]
+    fn written_file_reads_back() {
+        let path = std::env::temp_dir().join(format!("lf-gguf-write-{}.gguf", std::process::id()));
+        let metadata = vec![
+            (
+                "general.architecture".to_string(),
+                Value::String("llama".into()),
+            ),
+            ("llama.block_count".to_string(), Value::U32(2)),
+            (
+                "tokenizer.ggml.tokens".to_string(),
+                Value::Array(vec![Value::String("a".into()), Value::String("b".into())]),
+            ),
+        ];
+        let tensors = vec![
+            GgufTensor {
+                name: "norm".into(),
+                shape: vec![3],
+                kind: GgmlType::F32,
+            },
+            GgufTensor {
+                name: "w".into(),
+                shape: vec![2, 32],
+                kind: GgmlType::Q8_0,
+            },
+        ];
+        let w: Vec<f32> = (0..64).map(|i| i as f32 / 10.0 - 3.0).collect();
+        write(&path, &metadata, &tensors, |i| {
+            Ok(match i {
+                0 => crate::quant::ggml::encode(GgmlType::F32, &[1.0, 2.0, 3.0]),
+                _ => crate::quant::ggml::encode(GgmlType::Q8_0, &w),
+            })
+        })
+        .unwrap();
+        let g = GgufFile::open(&path).unwrap();
+        assert_eq!(g.get_u64("llama.block_count"), Some(2));
+        assert_eq!(
+            g.get("tokenizer.ggml.tokens")
+                .unwrap()
+                .as_array()
+                .unwrap()
+                .len(),
+            2
+        );
+        let info = g.tensor("w").unwrap();
+        assert_eq!(info.shape, [2, 32]);
+        let back = crate::quant::ggml::decode(info.kind, 2, 32, g.data(info));
+        assert!(back.iter().zip(&w).all(|(a, b)| (a - b).abs() < 0.03));
+        let norm = g.tensor("norm").unwrap();
+        assert_eq!(
+            crate::quant::ggml::decode(norm.kind, 1, 3, g.data(norm)),
+            [1.0, 2.0, 3.0]
+        );
+        std::fs::remove_file(&path).unwrap();
+    }
+}
