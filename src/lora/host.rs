@@ -36,31 +36,25 @@ pub struct HostAdapter {
 }
 
 impl HostAdapter {
-    /// `ΔW = s · (A B)ᵀ` as a row-major `[out, in]` matrix.
+    /// `ΔW = s · (A B)ᵀ` as a row-major `[out, in]` matrix. Each element is a plain f64 sum
+    /// rounded once to f32, so an export is the same bytes on every machine (a SIMD GEMM would
+    /// pick FMA or not by CPU, and the files would differ in their last bits).
     pub fn delta(&self) -> Vec<f32> {
+        use rayon::prelude::*;
         let (inp, out, r) = (self.in_features, self.out_features, self.rank);
         let mut delta = vec![0f32; out * inp];
-        // delta[o][i] = s Σ_k A[i][k] B[k][o]: C = Bᵀ Aᵀ with strides instead of copies.
-        // SAFETY: the strides describe the row-major A [in, r], B [r, out] and delta [out, in]
-        // buffers, whose lengths the reader checked.
-        unsafe {
-            matrixmultiply::sgemm(
-                out,
-                r,
-                inp,
-                self.scale as f32,
-                self.b.as_ptr(),
-                1,
-                out as isize,
-                self.a.as_ptr(),
-                1,
-                r as isize,
-                0.0,
-                delta.as_mut_ptr(),
-                inp as isize,
-                1,
-            );
-        }
+        delta.par_chunks_mut(inp).enumerate().for_each(|(o, row)| {
+            let b_col: Vec<f64> = (0..r).map(|k| f64::from(self.b[k * out + o])).collect();
+            for (i, value) in row.iter_mut().enumerate() {
+                let a_row = &self.a[i * r..(i + 1) * r];
+                let sum: f64 = a_row
+                    .iter()
+                    .zip(&b_col)
+                    .map(|(a, b)| f64::from(*a) * b)
+                    .sum();
+                *value = (self.scale * sum) as f32;
+            }
+        });
         delta
     }
 }
