@@ -17,7 +17,6 @@ use super::adapter::{from_vec, to_vec};
 use super::host::HostAdapters;
 use super::{AdapterSpec, LoraAdapter};
 use crate::io::atomic;
-use crate::io::safetensors::SafetensorsStore;
 use crate::model::{Decoder, FrozenLinearBackend};
 
 /// Named f32 tensors in row-major order, ready to be written.
@@ -191,88 +190,48 @@ pub fn peft_config(c: &PeftConfig) -> serde_json::Value {
 }
 
 /// Loads adapter weights (mlx-lm or peft layout, detected by name) into the decoder's existing
-/// adapters; every adapter must be found with the shape it has.
+/// adapters, whose scale and dropout stay as they are; every adapter must be found with the
+/// shape it has.
 pub fn load_into<B: FrozenLinearBackend>(
     decoder: &mut Decoder<B>,
     file: &Path,
     device: &B::Device,
 ) -> Result<()> {
-    let store = SafetensorsStore::open_files(&[file.to_path_buf()])?;
-    let peft = store.names().any(|n| n.starts_with("base_model.model."));
+    let modules = super::host::read_file(file)?;
     for (path, linear) in decoder.linears_mut() {
         let Some(adapter) = linear.adapter.as_mut() else {
             continue;
         };
-        let (a_name, b_name, transpose) = if peft {
-            (
-                format!("base_model.model.{path}.lora_A.weight"),
-                format!("base_model.model.{path}.lora_B.weight"),
-                true,
+        let h = modules.get(&path).ok_or_else(|| {
+            anyhow!(
+                "{}: no adapter for `{path}`, which the model has",
+                file.display()
             )
-        } else {
-            (format!("{path}.lora_a"), format!("{path}.lora_b"), false)
+        })?;
+        let (a, b) = (adapter.a.dims(), adapter.b.dims());
+        if [h.in_features, h.rank] != a || [h.rank, h.out_features] != b {
+            bail!(
+                "{}: `{path}` is adapted as [{}, {}] (in, out) at rank {}; the model needs [{}, {}] at rank {} (adapters for a different base?)",
+                file.display(),
+                h.in_features,
+                h.out_features,
+                h.rank,
+                a[0],
+                b[1],
+                a[1]
+            );
+        }
+        let magnitude = match (&adapter.magnitude, &h.magnitude) {
+            (None, _) => None,
+            (Some(_), Some(m)) => Some(from_vec(m.clone(), [h.out_features], device)),
+            (Some(_), None) => bail!("{}: DoRA magnitude for `{path}` is missing", file.display()),
         };
-        let read = |name: &str, shape: [usize; 2]| -> Result<Vec<f32>> {
-            let raw = store
-                .get(name)
-                .ok_or_else(|| anyhow!("{}: adapter tensor `{name}` is missing", file.display()))?;
-            let want = if transpose {
-                vec![shape[1], shape[0]]
-            } else {
-                shape.to_vec()
-            };
-            if raw.shape != want.as_slice() {
-                bail!(
-                    "{}: `{name}` has shape {:?}, the model needs {:?} (adapters for a different base?)",
-                    file.display(),
-                    raw.shape,
-                    want
-                );
-            }
-            raw.to_f32().map_err(|e| anyhow!(e))
-        };
-        let load2 = |name: &str, shape: [usize; 2]| -> Result<burn::tensor::Tensor<B, 2>> {
-            let values = read(name, shape)?;
-            Ok(if transpose {
-                from_vec::<B, 2>(values, [shape[1], shape[0]], device).transpose()
-            } else {
-                from_vec::<B, 2>(values, shape, device)
-            })
-        };
-        let (a_shape, b_shape) = (adapter.a.dims(), adapter.b.dims());
-        let magnitude = match &adapter.magnitude {
-            None => None,
-            Some(m) => {
-                let name = if peft {
-                    format!("base_model.model.{path}.lora_magnitude_vector")
-                } else {
-                    format!("{path}.m")
-                };
-                let raw = store.get(&name).ok_or_else(|| {
-                    anyhow!("{}: DoRA magnitude `{name}` is missing", file.display())
-                })?;
-                if raw.shape != m.dims() {
-                    bail!(
-                        "{}: `{name}` has shape {:?}, the model needs {:?}",
-                        file.display(),
-                        raw.shape,
-                        m.dims()
-                    );
-                }
-                Some(from_vec::<B, 1>(
-                    raw.to_f32().map_err(|e| anyhow!(e))?,
-                    m.dims(),
-                    device,
-                ))
-            }
-        };
-        let loaded = LoraAdapter {
-            a: load2(&a_name, a_shape)?,
-            b: load2(&b_name, b_shape)?,
+        *adapter = LoraAdapter {
+            a: from_vec(h.a.clone(), a, device),
+            b: from_vec(h.b.clone(), b, device),
             magnitude,
             ..adapter.clone()
         };
-        *adapter = loaded;
     }
     Ok(())
 }

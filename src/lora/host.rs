@@ -94,13 +94,13 @@ impl HostAdapters {
                 dir.display()
             );
         };
-        let store = SafetensorsStore::open_files(std::slice::from_ref(&file))?;
-        let modules = match layout {
-            AdapterLayout::Mlx => read_mlx(&store, &file, &config, &config_path)?,
-            AdapterLayout::Peft => read_peft(&store, &file, &config, &config_path)?,
+        let scale = match layout {
+            AdapterLayout::Mlx => mlx_scale(&config, &config_path)?,
+            AdapterLayout::Peft => peft_scale(&config, &config_path)?,
         };
-        if modules.is_empty() {
-            bail!("{}: no adapter tensors found", file.display());
+        let mut modules = read_file(&file)?;
+        for adapter in modules.values_mut() {
+            adapter.scale = scale;
         }
         let dora = modules.values().any(|m| m.magnitude.is_some());
         let base_model = config
@@ -182,21 +182,55 @@ pub fn transpose(values: &[f32], rows: usize, cols: usize) -> Vec<f32> {
     out
 }
 
-fn read_mlx(
-    store: &SafetensorsStore,
-    file: &Path,
-    config: &Value,
-    config_path: &Path,
-) -> Result<BTreeMap<String, HostAdapter>> {
-    let params = &config["lora_parameters"];
-    // mlx-lm's default scale when the config leaves it out.
-    let scale = params["scale"].as_f64().unwrap_or(20.0);
+/// The tensors of an adapter file in either layout (told apart by name), with `scale` 1: the
+/// scale lives in the folder's config, which [`HostAdapters::read`] applies.
+pub fn read_file(file: &Path) -> Result<BTreeMap<String, HostAdapter>> {
+    let store = SafetensorsStore::open_files(&[file.to_path_buf()])?;
+    let peft = store.names().any(|n| n.starts_with("base_model.model."));
+    let modules = if peft {
+        read_peft(&store, file)?
+    } else {
+        read_mlx(&store, file)?
+    };
+    if modules.is_empty() {
+        bail!("{}: no adapter tensors found", file.display());
+    }
+    Ok(modules)
+}
+
+/// mlx-lm's `lora_parameters.scale` (20 when left out).
+fn mlx_scale(config: &Value, config_path: &Path) -> Result<f64> {
     if config["fine_tune_type"].as_str() == Some("full") {
         bail!(
             "{}: fine_tune_type \"full\" holds whole weights, not adapters",
             config_path.display()
         );
     }
+    Ok(config["lora_parameters"]["scale"].as_f64().unwrap_or(20.0))
+}
+
+/// peft's `lora_alpha / r`, or `lora_alpha / √r` with rsLoRA.
+fn peft_scale(config: &Value, config_path: &Path) -> Result<f64> {
+    if let Some(kind) = config["peft_type"].as_str()
+        && kind != "LORA"
+    {
+        bail!(
+            "{}: peft_type \"{kind}\" is not LoRA; only LoRA and DoRA adapters can be loaded",
+            config_path.display()
+        );
+    }
+    let r = config["r"]
+        .as_f64()
+        .with_context(|| format!("{}: no `r`", config_path.display()))?;
+    let alpha = config["lora_alpha"].as_f64().unwrap_or(8.0);
+    Ok(if config["use_rslora"].as_bool() == Some(true) {
+        alpha / r.sqrt()
+    } else {
+        alpha / r
+    })
+}
+
+fn read_mlx(store: &SafetensorsStore, file: &Path) -> Result<BTreeMap<String, HostAdapter>> {
     let mut out = BTreeMap::new();
     for name in store.names() {
         let Some(path) = name.strip_suffix(".lora_a") else {
@@ -225,36 +259,14 @@ fn read_mlx(
                 in_features: inp,
                 out_features: out_f,
                 rank: r,
-                scale,
+                scale: 1.0,
             },
         );
     }
     Ok(out)
 }
 
-fn read_peft(
-    store: &SafetensorsStore,
-    file: &Path,
-    config: &Value,
-    config_path: &Path,
-) -> Result<BTreeMap<String, HostAdapter>> {
-    if let Some(kind) = config["peft_type"].as_str()
-        && kind != "LORA"
-    {
-        bail!(
-            "{}: peft_type \"{kind}\" is not LoRA; only LoRA and DoRA adapters can be loaded",
-            config_path.display()
-        );
-    }
-    let r = config["r"]
-        .as_f64()
-        .with_context(|| format!("{}: no `r`", config_path.display()))?;
-    let alpha = config["lora_alpha"].as_f64().unwrap_or(8.0);
-    let scale = if config["use_rslora"].as_bool() == Some(true) {
-        alpha / r.sqrt()
-    } else {
-        alpha / r
-    };
+fn read_peft(store: &SafetensorsStore, file: &Path) -> Result<BTreeMap<String, HostAdapter>> {
     let mut out = BTreeMap::new();
     for name in store.names() {
         let Some(path) = name
@@ -291,7 +303,7 @@ fn read_peft(
                 in_features: inp,
                 out_features: out_f,
                 rank,
-                scale,
+                scale: 1.0,
             },
         );
     }
