@@ -8,7 +8,9 @@
 # LORAFORGE: the CUDA binary (default target/release/loraforge, built with --features cuda).
 # WHEELS: a folder of wheels to pip-install first (the GPU image has no peft).
 # SHAPES: which runs (default: "smollm2 1b 8b"; also "warmup", which compiles the kernels on a
-# tiny shape first, and "1b-ckpt").
+# tiny shape first, "1b-ckpt", and "8b-qlora", ours only, with the base quantized to 4 bits).
+# DTYPE: our base's compute dtype (default bf16, as the reference's); REFERENCE=0 skips peft;
+# TAG: a label added to our lines' tag (to tell builds apart).
 set -u
 cd "$(dirname "$0")/.."
 bin=${LORAFORGE:-./target/release/loraforge}
@@ -27,7 +29,8 @@ ours() {
   nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits -lms 100 >/tmp/gpu-mem.log &
   local sampler=$!
   timeout 400 "$bin" bench train --device cuda --shape "$shape" --batch "$batch" --seq "$seq" \
-    --steps "$steps" --warmup-steps "$warm" "${common[@]}" "$@" --tag "$card" >/tmp/ours.json
+    --steps "$steps" --warmup-steps "$warm" --dtype "${DTYPE:-bf16}" "${common[@]}" "$@" \
+    --tag "$card${TAG:+ $TAG}" >/tmp/ours.json
   local rc=$?
   kill $sampler
   local peak_mib
@@ -42,6 +45,7 @@ ours() {
 # reference SHAPE BATCH SEQ STEPS WARMUP [extra...]
 reference() {
   local shape=$1 batch=$2 seq=$3 steps=$4 warm=$5; shift 5
+  [ "${REFERENCE:-1}" = 0 ] && return
   timeout 300 $py bench/reference/peft_lora_bench.py --device cuda --dtype bf16 --attn sdpa \
     --preset "$shape" --batch "$batch" --seq "$seq" --steps "$steps" --warmup-steps "$warm" \
     "${common[@]}" "$@" --tag "$card" --jsonl "$out" | tail -n 3 | cut -c1-400
@@ -54,6 +58,7 @@ for s in ${SHAPES:-smollm2 1b 8b}; do
     1b) ours llama3.2-1b 8 2048 3 1; reference llama3.2-1b 8 2048 8 3 ;;
     1b-ckpt) ours llama3.2-1b 8 2048 3 1 --grad-checkpoint; reference llama3.2-1b 8 2048 8 3 --grad-checkpoint ;;
     8b) ours llama3-8b 4 2048 3 1 --grad-checkpoint; reference llama3-8b 4 2048 6 2 --grad-checkpoint ;;
+    8b-qlora) ours llama3-8b 4 2048 3 1 --grad-checkpoint --quant 4 ;;
   esac
 done
 echo "results appended to $out"

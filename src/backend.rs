@@ -4,6 +4,7 @@
 use anyhow::{Result, bail};
 
 use crate::model::FrozenLinearBackend;
+use crate::model::load::BaseStorage;
 
 /// CPU backend: burn-ndarray (see README for why ndarray rather than flex).
 pub type Cpu = burn::backend::NdArray<f32>;
@@ -27,21 +28,51 @@ pub enum DeviceKind {
     Metal,
 }
 
-/// `[model] dtype`: every backend computes the base in f32 for now; a bf16 or f16 request is
-/// refused rather than silently run in f32.
-pub fn check_compute_dtype(dtype: crate::recipe::Dtype) -> Result<()> {
-    if dtype != crate::recipe::Dtype::F32 {
-        bail!(
-            "model.dtype = {dtype:?}: loraforge computes the base in f32 on every backend for now; set model.dtype = \"f32\" (or remove it)"
-        );
-    }
-    Ok(())
+/// How `[model]` asks the base to be held. `dtype = "bf16"` runs the frozen GEMMs in bf16 on
+/// CUDA; elsewhere the base computes in f32, and a bf16 or f16 request is refused rather than
+/// silently run in f32.
+pub fn base_storage(
+    dtype: crate::recipe::Dtype,
+    quantize: Option<(u32, usize)>,
+    device: DeviceKind,
+) -> Result<BaseStorage> {
+    use crate::recipe::Dtype;
+    let bf16 = match (dtype, device) {
+        (Dtype::F32, _) => false,
+        (Dtype::Bf16, DeviceKind::Cuda) => true,
+        (dtype, _) => bail!(
+            "model.dtype = {dtype:?} on device = {device:?}: only CUDA computes the base in bf16; set model.dtype = \"f32\" (or remove it), or device = \"cuda\""
+        ),
+    };
+    Ok(BaseStorage { quantize, bf16 })
 }
 
 /// Work that runs on whichever backend the user picked.
 pub trait BackendTask {
     type Output;
-    fn run<B: FrozenLinearBackend>(self, device: B::Device) -> Result<Self::Output>;
+    fn run<B: FrozenLinearBackend + DeviceMemory>(self, device: B::Device) -> Result<Self::Output>;
+}
+
+/// What a device's memory pool holds, for benchmarks.
+pub trait DeviceMemory: burn::tensor::backend::Backend {
+    /// Bytes the backend has reserved on the device (its pool, which keeps what it reserves).
+    fn reserved_bytes(_device: &Self::Device) -> Option<u64> {
+        None
+    }
+}
+
+impl DeviceMemory for Cpu {}
+
+#[cfg(feature = "metal")]
+impl DeviceMemory for burn::backend::Metal<f32> {}
+
+#[cfg(feature = "cuda")]
+impl DeviceMemory for burn::backend::Cuda<f32> {
+    fn reserved_bytes(device: &Self::Device) -> Option<u64> {
+        use burn_cubecl::cubecl::Runtime;
+        let client = burn_cubecl::cubecl::cuda::CudaRuntime::client(device);
+        client.memory_usage().ok().map(|usage| usage.bytes_reserved)
+    }
 }
 
 pub fn run_on<T: BackendTask>(kind: DeviceKind, task: T) -> Result<T::Output> {

@@ -15,17 +15,17 @@
 use std::time::Instant;
 
 use anyhow::Result;
-use burn::tensor::backend::Backend;
-use burn::tensor::{Distribution, Tensor};
+use burn::tensor::{Distribution, FloatDType, Tensor};
 use rand::{Rng, SeedableRng};
 use serde_json::json;
 
 use crate::lora::{AdapterSpec, inject};
 use crate::model::config::{Family, ModelConfig, RopeScaling};
-use crate::model::load::{ModelFiles, ModelFormat};
+use crate::model::load::{BaseStorage, ModelFiles, ModelFormat};
+use crate::model::matmul_op::{MatmulBackend, matmul};
 use crate::model::valid::TrainBackend;
 use crate::model::weights::WeightSource;
-use crate::recipe::{AdapterKind, Layers, LoraSection, OptimizerKind, Targets};
+use crate::recipe::{AdapterKind, Dtype, Layers, LoraSection, OptimizerKind, Targets};
 use crate::train::optimizer::{Optimizer, OptimizerConfig, global_norm};
 use crate::train::step::{Batch, loss_and_gradients, parameters, set_parameters};
 
@@ -98,6 +98,9 @@ pub struct BenchTrainArgs {
     /// Quantize the base to this many bits (group 64) on load: QLoRA.
     #[arg(long)]
     pub quant: Option<u32>,
+    /// The frozen base's compute dtype (bf16: CUDA only, as the recipe's `model.dtype`).
+    #[arg(long, value_enum, default_value_t = Dtype::F32)]
+    pub dtype: Dtype,
     #[arg(long, default_value_t = 1e-4)]
     pub lr: f64,
     #[arg(long, default_value_t = 0)]
@@ -139,15 +142,16 @@ impl BenchTrainArgs {
 /// Runs the benchmark and returns its JSON result (also printed by the caller).
 pub fn bench_train<B: TrainBackend>(
     args: &BenchTrainArgs,
+    storage: BaseStorage,
     device: &B::Device,
 ) -> Result<serde_json::Value> {
     let config = args.shape.config();
-    let peak = measure_matmul_peak::<B>(device);
+    let peak = measure_matmul_peak::<B>(storage.bf16, device);
     eprintln!("matmul peak of this backend: {:.1} GFLOP/s", peak / 1e9);
 
     let started = Instant::now();
     let files = random_model_files(config.clone(), args.seed);
-    let mut model = files.build_quantized::<B>(device, args.quant.map(|bits| (bits, 64)))?;
+    let mut model = files.build_quantized::<B>(device, storage)?;
     let spec = AdapterSpec::from_recipe(&args.lora(), config.num_layers)?;
     B::seed(device, args.seed);
     inject(&mut model, &spec, device);
@@ -199,7 +203,7 @@ pub fn bench_train<B: TrainBackend>(
             "batch": args.batch, "seq": args.seq, "rank": args.rank,
             "alpha": args.alpha, "targets": args.targets, "layers": args.layers,
             "steps": args.steps, "warmup_steps": args.warmup_steps,
-            "grad_checkpoint": args.grad_checkpoint, "quant": args.quant, "lr": args.lr,
+            "grad_checkpoint": args.grad_checkpoint, "quant": args.quant, "dtype": args.dtype, "lr": args.lr,
             "backend": std::any::type_name::<B>(),
             "threads": rayon::current_num_threads(),
         },
@@ -278,20 +282,25 @@ fn frozen_linear_params(c: &ModelConfig) -> (usize, usize) {
     (per_block * c.num_layers, c.vocab_size * h)
 }
 
-/// Median FLOP/s of square matmuls on this backend (2n³ per product, after a warm-up).
-fn measure_matmul_peak<B: Backend>(device: &B::Device) -> f64 {
+/// Median FLOP/s of square matmuls through the model's GEMM path (2n³ per product, after a
+/// warm-up), with bf16 operands when the base is held in bf16: the peak MFU is quoted against,
+/// measured the way the reference measures its own.
+fn measure_matmul_peak<B: MatmulBackend>(bf16: bool, device: &B::Device) -> f64 {
     let n = if std::any::type_name::<B>().contains("NdArray") {
         1024
     } else {
         8192
     };
-    let a = Tensor::<B, 2>::random([n, n], Distribution::Default, device);
-    let b = Tensor::<B, 2>::random([n, n], Distribution::Default, device);
+    let operand = || {
+        let t = Tensor::<B, 2>::random([n, n], Distribution::Default, device);
+        if bf16 { t.cast(FloatDType::BF16) } else { t }
+    };
+    let (a, b) = (operand(), operand());
     let mut times = Vec::new();
     for i in 0..6 {
         let _ = B::sync(device);
         let t0 = Instant::now();
-        let c = a.clone().matmul(b.clone());
+        let c = matmul(a.clone(), b.clone());
         let _ = B::sync(device);
         drop(c);
         if i > 0 {

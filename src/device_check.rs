@@ -10,6 +10,9 @@
 //!   and the input gradient `dx = r W` of `Σ r ⊙ y`.
 //! - `attention`: the first attention layer of the tiny shape (projections, RoPE, causal
 //!   softmax, output projection) on random hidden states, device against float64.
+//! - `attention_grad`: the attention op (`model/attention_op.rs`, sliced, with its own backward)
+//!   on the device against the naive softmax form under the CPU's f32 autodiff: the output and
+//!   the gradients of q, k and v.
 //!
 //! Errors are `max |device − reference| / max |reference|`, so one number per check reads the
 //! same whatever the scale of the values.
@@ -18,7 +21,7 @@ use std::sync::Arc;
 
 use anyhow::{Result, bail};
 use burn::backend::{Autodiff, NdArray};
-use burn::tensor::{Tensor, TensorData};
+use burn::tensor::{DType, Tensor, TensorCreationOptions, TensorData};
 use rand::{Rng, SeedableRng};
 use serde_json::json;
 
@@ -47,17 +50,32 @@ const MIN_LOSS_FALL: f64 = 0.5;
 /// few 1e-4 of the largest value are expected; 2e-3 leaves room and still catches a wrong
 /// kernel (a bad offset or a missed transpose gives errors of order 1).
 const KERNEL_TOLERANCE: f64 = 2e-3;
+/// A bf16 weight multiplies bf16-rounded activations (8 mantissa bits: 4e-3 relative each); the
+/// reference uses the same rounded weight, so what remains is the activations' rounding.
+const BF16_TOLERANCE: f64 = 1e-2;
+
+/// How the frozen linear's weight is held.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Weight {
+    Dense,
+    DenseBf16,
+    Q4,
+}
 
 /// Runs every check with `B` the device's backend; returns the JSON lines, or fails listing
 /// those that missed their tolerance.
 pub fn run<B: FrozenLinearBackend>(device: &B::Device) -> Result<Vec<serde_json::Value>> {
     let mut lines = vec![trajectory::<Autodiff<B>>(device)?];
     for (n, inp, out) in [(7, 64, 96), (256, 576, 1536), (1000, 2048, 512)] {
-        lines.push(linear::<B>(device, n, inp, out, false));
-        lines.push(linear::<B>(device, n, inp, out, true));
+        for weight in [Weight::Dense, Weight::DenseBf16, Weight::Q4] {
+            lines.push(linear::<B>(device, n, inp, out, weight));
+        }
     }
     for seq in [16, 128, 512] {
         lines.push(attention::<B>(device, seq)?);
+    }
+    for (heads, past, seq) in [(4, 0, 64), (8, 3, 300)] {
+        lines.push(attention_grad::<B>(device, heads, past, seq));
     }
     let failed: Vec<String> = lines
         .iter()
@@ -182,19 +200,25 @@ fn tensor<B: burn::tensor::backend::Backend, const D: usize>(
     Tensor::from_data(TensorData::new(values.to_vec(), shape), device)
 }
 
-/// `y = x Wᵀ` and `dx` on the device against f64, for a dense or a 4-bit weight.
+/// `y = x Wᵀ` and `dx` on the device against f64, for a dense (f32 or bf16) or a 4-bit weight.
 fn linear<B: FrozenLinearBackend>(
     device: &B::Device,
     n: usize,
     inp: usize,
     out: usize,
-    quantized: bool,
+    kind: Weight,
 ) -> serde_json::Value {
     let mut rng = rand::rngs::StdRng::seed_from_u64((n * 31 + inp * 7 + out) as u64);
     let x = uniform(&mut rng, n * inp, 1.0);
     let mut w = uniform(&mut rng, out * inp, 0.05);
     let r = uniform(&mut rng, n * out, 1.0);
-    let weight = if quantized {
+    if kind == Weight::DenseBf16 {
+        w = w
+            .iter()
+            .map(|&v| f64::from(half::bf16::from_f64(v)))
+            .collect();
+    }
+    let weight = if kind == Weight::Q4 {
         let w32: Vec<f32> = w.iter().map(|&v| v as f32).collect();
         let q = crate::quant::quantize::quantize(&w32, out, inp, 4, 64).expect("valid geometry");
         w = q.dequantize().into_iter().map(f64::from).collect();
@@ -205,7 +229,11 @@ fn linear<B: FrozenLinearBackend>(
     let frozen = |device: &B::Device| -> FrozenLinear<Autodiff<B>> {
         FrozenLinear {
             weight: match &weight {
-                Some(q) => FrozenWeight::Quantized(Arc::clone(q)),
+                Some(q) => FrozenWeight::quantized((**q).clone(), false, device),
+                None if kind == Weight::DenseBf16 => FrozenWeight::Dense(Tensor::from_data(
+                    TensorData::new(w.clone(), [out, inp]),
+                    TensorCreationOptions::new(device.clone()).with_dtype(DType::BF16),
+                )),
                 None => FrozenWeight::Dense(tensor(&w, [out, inp], device)),
             },
             bias: None,
@@ -228,11 +256,15 @@ fn linear<B: FrozenLinearBackend>(
     let y_ref = gemm(&x, &w, n, inp, out, true);
     let dx_ref = gemm(&r, &w, n, out, inp, false);
     let (fwd, bwd) = (scaled_error(&y, &y_ref), scaled_error(&dx, &dx_ref));
+    let (check, tolerance) = match kind {
+        Weight::Dense => ("linear_dense", KERNEL_TOLERANCE),
+        Weight::DenseBf16 => ("linear_dense_bf16", BF16_TOLERANCE),
+        Weight::Q4 => ("linear_q4", KERNEL_TOLERANCE),
+    };
     json!({
-        "check": if quantized { "linear_q4" } else { "linear_dense" },
-        "n": n, "in": inp, "out": out,
-        "forward_error": fwd, "input_grad_error": bwd, "tolerance": KERNEL_TOLERANCE,
-        "pass": fwd <= KERNEL_TOLERANCE && bwd <= KERNEL_TOLERANCE,
+        "check": check, "n": n, "in": inp, "out": out,
+        "forward_error": fwd, "input_grad_error": bwd, "tolerance": tolerance,
+        "pass": fwd <= tolerance && bwd <= tolerance,
     })
 }
 
@@ -315,6 +347,75 @@ fn attention<B: FrozenLinearBackend>(device: &B::Device, seq: usize) -> Result<s
         "check": "attention", "shape": "tiny", "batch": batch, "seq": seq,
         "error": error, "tolerance": KERNEL_TOLERANCE, "pass": error <= KERNEL_TOLERANCE,
     }))
+}
+
+/// The attention op's output and its q, k, v gradients (of `Σ r ⊙ out`) on the device, against
+/// the naive form differentiated by Burn's autodiff on the CPU in f32 (errors ~1e-6, far below
+/// the tolerance).
+fn attention_grad<B: FrozenLinearBackend>(
+    device: &B::Device,
+    heads: usize,
+    past: usize,
+    seq: usize,
+) -> serde_json::Value {
+    let (batch, d) = (2, 32);
+    let mut rng = rand::rngs::StdRng::seed_from_u64((heads * 1000 + seq) as u64);
+    let q = uniform(&mut rng, batch * heads * seq * d, 1.0);
+    let k = uniform(&mut rng, batch * heads * (past + seq) * d, 1.0);
+    let v = uniform(&mut rng, batch * heads * (past + seq) * d, 1.0);
+    let r = uniform(&mut rng, batch * heads * seq * d, 1.0);
+    let mut mask = vec![0f64; seq * (past + seq)];
+    for (i, row) in mask.chunks_exact_mut(past + seq).enumerate() {
+        row[past + i + 1..].fill(f64::NEG_INFINITY);
+    }
+    let scale = 1.0 / (d as f64).sqrt();
+    let q_shape = [batch, heads, seq, d];
+    let kv_shape = [batch, heads, past + seq, d];
+
+    fn run<T: crate::model::valid::TrainBackend>(
+        inputs: [(&[f64], [usize; 4]); 5],
+        device: &T::Device,
+        op: impl Fn([Tensor<T, 4>; 4]) -> Tensor<T, 4>,
+    ) -> [Vec<f32>; 4] {
+        let [q, k, v, mask, r] =
+            inputs.map(|(values, shape)| tensor::<T, 4>(values, shape, device));
+        let (q, k, v) = (q.require_grad(), k.require_grad(), v.require_grad());
+        let out = op([q.clone(), k.clone(), v.clone(), mask]);
+        let grads = (out.clone() * r).sum().backward();
+        let host =
+            |t: Tensor<T::InnerBackend, 4>| t.into_data().convert::<f32>().into_vec().expect("f32");
+        [
+            host(out.inner()),
+            host(q.grad(&grads).expect("q tracked")),
+            host(k.grad(&grads).expect("k tracked")),
+            host(v.grad(&grads).expect("v tracked")),
+        ]
+    }
+    let inputs = [
+        (&q[..], q_shape),
+        (&k[..], kv_shape),
+        (&v[..], kv_shape),
+        (&mask[..], [1, 1, seq, past + seq]),
+        (&r[..], q_shape),
+    ];
+    let got = run::<Autodiff<B>>(inputs, device, |[q, k, v, m]| {
+        crate::model::attention_op::attention(q, k, v, m, scale)
+    });
+    let want = run::<CpuTrain>(inputs, &Default::default(), |[q, k, v, m]| {
+        burn::tensor::activation::softmax(q.matmul(k.swap_dims(2, 3)).mul_scalar(scale) + m, 3)
+            .matmul(v)
+    });
+    let errors: Vec<f64> = got
+        .iter()
+        .zip(&want)
+        .map(|(g, w)| scaled_error(g, &w.iter().map(|&x| f64::from(x)).collect::<Vec<_>>()))
+        .collect();
+    let worst = errors.iter().copied().fold(0f64, f64::max);
+    json!({
+        "check": "attention_grad", "batch": batch, "heads": heads, "past": past, "seq": seq,
+        "head_dim": d, "output_error": errors[0], "dq_error": errors[1], "dk_error": errors[2],
+        "dv_error": errors[3], "tolerance": KERNEL_TOLERANCE, "pass": worst <= KERNEL_TOLERANCE,
+    })
 }
 
 /// `softmax(rope(q) rope(k)ᵀ / √d + causal) v Woᵀ` for `h [batch, seq, hidden]`, in f64.

@@ -69,10 +69,13 @@ pub fn run<B: FrozenLinearBackend>(
         .as_ref()
         .context("the recipe has no [eval] prompts file")?;
     let prompts = crate::heldout::read(prompts_path)?;
-    crate::backend::check_compute_dtype(recipe.model.dtype)?;
+    let storage = crate::backend::base_storage(
+        recipe.model.dtype,
+        recipe.model.quantize.map(|q| (q.bits, q.group_size)),
+        recipe.device,
+    )?;
     // The same base the adapters were trained on (quantized on load for QLoRA recipes).
-    let quantize = recipe.model.quantize.map(|q| (q.bits, q.group_size));
-    let loaded = load_model_quantized::<B>(&recipe.model.path, device, quantize)?;
+    let loaded = load_model_quantized::<B>(&recipe.model.path, device, storage)?;
     let tokenizer = crate::tokenizer::for_model(&loaded.files)?;
     let responder = Responder::new(&tokenizer, &recipe.eval)?;
     let base = loaded.decoder;

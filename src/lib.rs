@@ -14,6 +14,8 @@ pub mod eval;
 pub mod events;
 pub mod export;
 pub mod generate;
+#[cfg(feature = "cuda")]
+pub mod gpu;
 pub mod heldout;
 pub mod inspect;
 pub mod io;

@@ -9,7 +9,7 @@ use anyhow::{Context, Result};
 use burn::backend::Autodiff;
 use clap::{Args, Parser, Subcommand};
 
-use crate::backend::{BackendTask, DeviceKind, run_on};
+use crate::backend::{BackendTask, DeviceKind, DeviceMemory, run_on};
 use crate::chat::{ChatTemplate, Message};
 use crate::export::{ExportFormat, ExportOptions, FloatDtype, GgufType};
 use crate::generate::{GenerationLimits, SamplingConfig, generate};
@@ -232,7 +232,11 @@ pub fn run() -> Result<()> {
         }
         Command::Bench {
             command: BenchCommand::Train { args, device },
-        } => run_on(device, BenchTask(args)),
+        } => {
+            let quantize = args.quant.map(|bits| (bits, 64));
+            let storage = crate::backend::base_storage(args.dtype, quantize, device)?;
+            run_on(device, BenchTask(args, storage))
+        }
         Command::Bench {
             command: BenchCommand::Check { device },
         } => run_on(device, DeviceCheckTask).map(|_| ()),
@@ -270,7 +274,7 @@ pub fn run() -> Result<()> {
 impl BackendTask for GenerateArgs {
     type Output = ();
 
-    fn run<B: FrozenLinearBackend>(self, device: B::Device) -> Result<()> {
+    fn run<B: FrozenLinearBackend + DeviceMemory>(self, device: B::Device) -> Result<()> {
         let mut model = load_model::<B>(&self.model, &device)?;
         if let Some(dir) = &self.adapters {
             crate::lora::files::attach(&mut model.decoder, dir, &device)?;
@@ -356,13 +360,23 @@ impl BackendTask for GenerateArgs {
     }
 }
 
-struct BenchTask(crate::bench::BenchTrainArgs);
+struct BenchTask(
+    crate::bench::BenchTrainArgs,
+    crate::model::load::BaseStorage,
+);
 
 impl BackendTask for BenchTask {
     type Output = ();
 
-    fn run<B: FrozenLinearBackend>(self, device: B::Device) -> Result<()> {
-        let result = crate::bench::bench_train::<Autodiff<B>>(&self.0, &device)?;
+    fn run<B: FrozenLinearBackend + DeviceMemory>(self, device: B::Device) -> Result<()> {
+        let mut result = crate::bench::bench_train::<Autodiff<B>>(&self.0, self.1, &device)?;
+        if let Some(bytes) = B::reserved_bytes(&device) {
+            result["results"]["device_mem_reserved_gib"] =
+                (bytes as f64 / (1u64 << 30) as f64).into();
+            result["results"]["device_mem_reserved_kind"] =
+                "bytes the backend's memory pool holds at the end (it keeps what it reserves)"
+                    .into();
+        }
         let line = serde_json::to_string(&result)?;
         println!("{line}");
         if let Some(path) = &self.0.jsonl {
@@ -382,7 +396,7 @@ struct DeviceCheckTask;
 impl BackendTask for DeviceCheckTask {
     type Output = Vec<serde_json::Value>;
 
-    fn run<B: FrozenLinearBackend>(self, device: B::Device) -> Result<Self::Output> {
+    fn run<B: FrozenLinearBackend + DeviceMemory>(self, device: B::Device) -> Result<Self::Output> {
         crate::device_check::run::<B>(&device)
     }
 }

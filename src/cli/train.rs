@@ -10,7 +10,7 @@ use anyhow::{Context, Result};
 use burn::backend::Autodiff;
 use clap::Args;
 
-use crate::backend::BackendTask;
+use crate::backend::{BackendTask, DeviceMemory};
 use crate::dashboard::Dashboard;
 use crate::events::{Event, plain_line};
 use crate::export::ExportOptions;
@@ -40,7 +40,7 @@ pub struct TrainTask {
 impl BackendTask for TrainTask {
     type Output = ();
 
-    fn run<B: FrozenLinearBackend>(self, device: B::Device) -> Result<()> {
+    fn run<B: FrozenLinearBackend + DeviceMemory>(self, device: B::Device) -> Result<()> {
         let controls = Arc::new(Controls::default());
         let on_signal = Arc::clone(&controls);
         ctrlc::set_handler(move || {
@@ -159,7 +159,7 @@ pub struct EvalTask {
 impl BackendTask for EvalTask {
     type Output = ();
 
-    fn run<B: FrozenLinearBackend>(self, device: B::Device) -> Result<()> {
+    fn run<B: FrozenLinearBackend + DeviceMemory>(self, device: B::Device) -> Result<()> {
         let run_dir = crate::train::run::run_dir(&self.recipe);
         let adapters = self
             .adapters

@@ -9,6 +9,7 @@ use burn::tensor::{Distribution, Tensor, TensorData, backend::Backend};
 
 use crate::model::FrozenLinearBackend;
 use crate::model::linear::FrozenWeight;
+use crate::model::matmul_op::matmul;
 
 #[derive(Debug, Clone)]
 pub struct LoraAdapter<B: Backend> {
@@ -81,10 +82,11 @@ impl<B: FrozenLinearBackend> LoraAdapter<B> {
             Some(mask) => x * mask,
             None => x,
         };
-        let update = x
-            .matmul(self.a.clone())
-            .matmul(self.b.clone())
-            .mul_scalar(self.scale);
+        // Scaling the rank-r intermediate touches r values per token instead of `out`.
+        let update = matmul(
+            matmul(x, self.a.clone()).mul_scalar(self.scale),
+            self.b.clone(),
+        );
         let y = base + update;
         match &self.magnitude {
             None => y,

@@ -13,6 +13,7 @@
 
 use burn::tensor::{Tensor, activation};
 
+use super::attention_op::attention;
 use super::config::ModelConfig;
 use super::frozen_op::FrozenLinearBackend;
 use super::layout::AttentionLayout;
@@ -110,16 +111,10 @@ impl<B: FrozenLinearBackend> Attention<B> {
         let group = self.num_heads / self.num_kv_heads;
         let k = repeat_kv(k, group);
         let v = repeat_kv(v, group);
-        let scores = q
-            .matmul(k.swap_dims(2, 3))
-            .div_scalar((self.head_dim as f64).sqrt());
-        let scores = scores + layout.mask.clone();
-        let probs = activation::softmax(scores, 3);
-        let out =
-            probs
-                .matmul(v)
-                .swap_dims(1, 2)
-                .reshape([batch, seq, self.num_heads * self.head_dim]);
+        let scale = 1.0 / (self.head_dim as f64).sqrt();
+        let out = attention(q, k, v, layout.mask.clone(), scale)
+            .swap_dims(1, 2)
+            .reshape([batch, seq, self.num_heads * self.head_dim]);
         self.o_proj.forward(out)
     }
 }
@@ -300,12 +295,25 @@ impl<B: FrozenLinearBackend> Decoder<B> {
         batch: usize,
         device: &B::Device,
     ) -> Tensor<B, 3> {
+        let h = self.forward_blocks(ids, segments, batch, device);
+        self.logits(self.norm.forward(h))
+    }
+
+    /// The last block's output `[batch, seq, hidden]` (before the final norm) for rows laid out
+    /// by [`Decoder::layout`].
+    pub fn forward_blocks(
+        &self,
+        ids: &[u32],
+        segments: Option<&[u32]>,
+        batch: usize,
+        device: &B::Device,
+    ) -> Tensor<B, 3> {
         let layout = self.layout(segments, batch, ids.len() / batch, device);
         let mut h = self.embed(ids, batch, device);
         for block in &self.layers {
             h = block.forward(h, &layout, None);
         }
-        self.logits(self.norm.forward(h))
+        h
     }
 
     /// Runs `ids` (one sequence) through the cache and returns the last position's logits.

@@ -19,6 +19,8 @@ use burn::tensor::backend::Backend;
 use burn::tensor::ops::FloatTensor;
 use burn::tensor::{Tensor, TensorData, TensorPrimitive};
 
+use super::attention_op::AttentionBackend;
+use super::device_quant::DeviceQuantized;
 use crate::quant::QuantizedMatrix;
 use crate::quant::packed_matmul::matmul_transposed;
 use crate::quant::tiled_matmul;
@@ -28,7 +30,19 @@ use crate::quant::tiled_matmul;
 /// running the backend's GEMM is faster.
 const PACKED_MATMUL_MAX_ROWS: usize = 32;
 
-pub trait FrozenLinearBackend: Backend {
+pub trait FrozenLinearBackend: AttentionBackend {
+    /// Quantized weights live on the device and are dequantized there per use
+    /// (`device_quant.rs`); otherwise they stay on the host, multiplied by host kernels.
+    const DEVICE_QUANTIZED: bool = false;
+
+    /// `x`: `[n, in]` → `x · deq(W)ᵀ` for a device-held quantized weight.
+    fn device_quantized_linear(
+        x: FloatTensor<Self>,
+        w: &DeviceQuantized<Self>,
+    ) -> FloatTensor<Self> {
+        super::device_quant::forward(x, w)
+    }
+
     /// `x`: `[n, in]` → `[n, out]`.
     fn quantized_linear(x: FloatTensor<Self>, w: &Arc<QuantizedMatrix>) -> FloatTensor<Self> {
         let x = Tensor::<Self, 2>::from_primitive(TensorPrimitive::Float(x));
@@ -111,8 +125,12 @@ impl FrozenLinearBackend for burn::backend::NdArray<f32> {
 /// f64 serves the finite-difference gradient checks.
 impl FrozenLinearBackend for burn::backend::NdArray<f64> {}
 
+/// On CUDA, a quantized base stays packed in device memory (QLoRA's saving) and is dequantized
+/// by device kernels per use, instead of crossing PCIe as f32 on every product.
 #[cfg(feature = "cuda")]
-impl FrozenLinearBackend for burn::backend::Cuda<f32> {}
+impl FrozenLinearBackend for burn::backend::Cuda<f32> {
+    const DEVICE_QUANTIZED: bool = true;
+}
 
 #[cfg(feature = "metal")]
 impl FrozenLinearBackend for burn::backend::Metal<f32> {}
@@ -141,5 +159,14 @@ impl<B: FrozenLinearBackend, C: CheckpointStrategy> FrozenLinearBackend for Auto
             OpsKind::Tracked(prep) => prep.finish(w.clone(), B::quantized_linear(x.primitive, w)),
             OpsKind::UnTracked(prep) => prep.finish(B::quantized_linear(x.primitive, w)),
         }
+    }
+
+    const DEVICE_QUANTIZED: bool = B::DEVICE_QUANTIZED;
+
+    fn device_quantized_linear(
+        x: FloatTensor<Self>,
+        w: &DeviceQuantized<Self>,
+    ) -> FloatTensor<Self> {
+        super::device_quant::autodiff_forward::<B, C>(x, w)
     }
 }

@@ -2,9 +2,11 @@
 
 use std::sync::Arc;
 
-use burn::tensor::{Distribution, Int, Tensor, TensorData, TensorPrimitive};
+use burn::tensor::{DType, Distribution, FloatDType, Int, Tensor, TensorData, TensorPrimitive};
 
+use super::device_quant::DeviceQuantized;
 use super::frozen_op::FrozenLinearBackend;
+use super::matmul_op::matmul;
 use crate::lora::LoraAdapter;
 
 use crate::quant::QuantizedMatrix;
@@ -13,34 +15,52 @@ use crate::quant::QuantizedMatrix;
 #[derive(Debug, Clone)]
 pub enum FrozenWeight<B: FrozenLinearBackend> {
     Dense(Tensor<B, 2>),
-    /// Rows are output features; stays packed until a forward pass needs it.
+    /// Rows are output features; stays packed on the host until a forward pass needs it.
     Quantized(Arc<QuantizedMatrix>),
+    /// Packed on the device, dequantized there per use (backends with
+    /// [`FrozenLinearBackend::DEVICE_QUANTIZED`]).
+    DeviceQuantized(DeviceQuantized<B>),
 }
 
 impl<B: FrozenLinearBackend> FrozenWeight<B> {
+    /// A quantized matrix where this backend multiplies it from: the device if it dequantizes
+    /// there (and takes the bit width), else the host.
+    pub fn quantized(q: QuantizedMatrix, bf16: bool, device: &B::Device) -> Self {
+        let on_device = B::DEVICE_QUANTIZED
+            .then(|| DeviceQuantized::upload(&q, bf16, device))
+            .flatten();
+        match on_device {
+            Some(w) => FrozenWeight::DeviceQuantized(w),
+            None => FrozenWeight::Quantized(Arc::new(q)),
+        }
+    }
+
     pub fn dims(&self) -> [usize; 2] {
         match self {
             FrozenWeight::Dense(t) => t.dims(),
             FrozenWeight::Quantized(q) => [q.rows, q.cols],
+            FrozenWeight::DeviceQuantized(w) => w.dims(),
         }
     }
 
-    /// The weight as a dense `[out, in]` tensor (dequantizing if needed).
+    /// The weight as a dense f32 `[out, in]` tensor (dequantizing if needed).
     pub fn to_dense(&self, device: &B::Device) -> Tensor<B, 2> {
         match self {
-            FrozenWeight::Dense(t) => t.clone(),
+            FrozenWeight::Dense(t) => to_f32(t.clone()),
             FrozenWeight::Quantized(q) => super::frozen_op::dense(q, device),
+            FrozenWeight::DeviceQuantized(w) => w.dequantize(),
         }
     }
 
     /// Rows `ids` of the weight as `[ids.len(), in]` (an embedding lookup).
     pub fn rows(&self, ids: &[u32], device: &B::Device) -> Tensor<B, 2> {
+        let indices = || {
+            let idx: Vec<i64> = ids.iter().map(|&i| i64::from(i)).collect();
+            Tensor::<B, 1, Int>::from_data(TensorData::new(idx, [ids.len()]), device)
+        };
         match self {
-            FrozenWeight::Dense(t) => {
-                let idx: Vec<i64> = ids.iter().map(|&i| i64::from(i)).collect();
-                let idx = Tensor::<B, 1, Int>::from_data(TensorData::new(idx, [ids.len()]), device);
-                t.clone().select(0, idx)
-            }
+            FrozenWeight::Dense(t) => to_f32(t.clone().select(0, indices())),
+            FrozenWeight::DeviceQuantized(w) => w.select_rows(indices()).dequantize(),
             FrozenWeight::Quantized(q) => {
                 let mut out = vec![0f32; ids.len() * q.cols];
                 for (row, &id) in out.chunks_exact_mut(q.cols).zip(ids) {
@@ -49,6 +69,15 @@ impl<B: FrozenLinearBackend> FrozenWeight<B> {
                 Tensor::from_data(TensorData::new(out, [ids.len(), q.cols]), device)
             }
         }
+    }
+}
+
+/// A bf16 weight's values in f32: a base held in bf16 (`BaseStorage::bf16`) computes everything
+/// but its GEMMs in f32. Other dtypes (f32, and f64 in the gradient checks) pass through.
+fn to_f32<B: FrozenLinearBackend, const D: usize>(t: Tensor<B, D>) -> Tensor<B, D> {
+    match t.dtype() {
+        DType::BF16 => t.cast(FloatDType::F32),
+        _ => t,
     }
 }
 
@@ -72,11 +101,12 @@ impl<B: FrozenLinearBackend> FrozenLinear<B> {
         let out = self.out_features();
         let x = x.reshape([batch * seq, features]);
         let base = match &self.weight {
-            FrozenWeight::Dense(w) => x.clone().matmul(w.clone().transpose()),
+            FrozenWeight::Dense(w) => matmul(x.clone(), w.clone().transpose()),
             FrozenWeight::Quantized(q) => {
                 let y = B::quantized_linear(x.clone().into_primitive().tensor(), q);
                 Tensor::from_primitive(TensorPrimitive::Float(y))
             }
+            FrozenWeight::DeviceQuantized(w) => super::device_quant::linear(x.clone(), w),
         };
         let y = match &self.adapter {
             Some(adapter) => {

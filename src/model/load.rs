@@ -1,10 +1,9 @@
 //! Opening a model (folder or `.gguf`) and building the decoder on a device.
 
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 
 use anyhow::{Context, Result, bail};
-use burn::tensor::{Tensor, TensorData};
+use burn::tensor::{DType, Tensor, TensorCreationOptions, TensorData};
 
 use super::config::ModelConfig;
 use super::decoder::{Attention, Block, Decoder, Mlp, RmsNorm};
@@ -96,7 +95,7 @@ impl ModelFiles {
 
     /// Builds the decoder on `device`. Quantized weights stay packed.
     pub fn build<B: FrozenLinearBackend>(&self, device: &B::Device) -> Result<Decoder<B>> {
-        self.build_quantized(device, None)
+        self.build_quantized(device, BaseStorage::default())
     }
 
     /// Builds the decoder, quantizing every float matrix (linears, embedding, head) whose row
@@ -105,13 +104,13 @@ impl ModelFiles {
     pub fn build_quantized<B: FrozenLinearBackend>(
         &self,
         device: &B::Device,
-        quantize: Option<(u32, usize)>,
+        storage: BaseStorage,
     ) -> Result<Decoder<B>> {
         let c = &self.config;
         let (h, hd) = (c.hidden_size, c.head_dim);
         let (q_out, kv_out) = (c.num_heads * hd, c.num_kv_heads * hd);
         let matrix = |name: &str, rows: usize, cols: usize| -> Result<FrozenWeight<B>> {
-            let weight = match (self.weights.load(name, &[rows, cols], c)?, quantize) {
+            let weight = match (self.weights.load(name, &[rows, cols], c)?, storage.quantize) {
                 (HostWeight::Dense { values, .. }, Some((bits, group)))
                     if cols.is_multiple_of(group) =>
                 {
@@ -121,7 +120,7 @@ impl ModelFiles {
                 }
                 (weight, _) => weight,
             };
-            Ok(to_device(weight, device))
+            Ok(to_device(weight, storage.bf16, device))
         };
         let vector = |name: &str, len: usize| -> Result<Tensor<B, 1>> {
             match self.weights.load(name, &[len], c)? {
@@ -151,7 +150,7 @@ impl ModelFiles {
                 eps: c.rms_norm_eps,
             })
         };
-        let what = match quantize {
+        let what = match storage.quantize {
             Some((bits, _)) => format!(
                 "loading {} (quantizing to {bits} bits)",
                 self.path.display()
@@ -233,13 +232,33 @@ impl ModelFiles {
     }
 }
 
-fn to_device<B: FrozenLinearBackend>(weight: HostWeight, device: &B::Device) -> FrozenWeight<B> {
+/// How the frozen base is held on the device.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct BaseStorage {
+    /// Quantize float matrices on load (QLoRA): `(bits, group_size)`.
+    pub quantize: Option<(u32, usize)>,
+    /// Hold dense matrices in bf16: half the memory, and their GEMMs run on bf16 tensor cores
+    /// with f32 accumulation (CUDA). Activations, adapters and optimizer state stay f32.
+    pub bf16: bool,
+}
+
+fn to_device<B: FrozenLinearBackend>(
+    weight: HostWeight,
+    bf16: bool,
+    device: &B::Device,
+) -> FrozenWeight<B> {
     match weight {
-        HostWeight::Dense { shape, values } => FrozenWeight::Dense(Tensor::from_data(
-            TensorData::new(values, [shape[0], shape[1]]),
-            device,
-        )),
-        HostWeight::Quantized(q) => FrozenWeight::Quantized(Arc::new(q)),
+        HostWeight::Dense { shape, values } => {
+            let mut options = TensorCreationOptions::new(device.clone());
+            if bf16 {
+                options = options.with_dtype(DType::BF16);
+            }
+            FrozenWeight::Dense(Tensor::from_data(
+                TensorData::new(values, [shape[0], shape[1]]),
+                options,
+            ))
+        }
+        HostWeight::Quantized(q) => FrozenWeight::quantized(q, bf16, device),
     }
 }
 
@@ -253,18 +272,18 @@ pub fn load_model<B: FrozenLinearBackend>(
     path: &Path,
     device: &B::Device,
 ) -> Result<LoadedModel<B>> {
-    load_model_quantized(path, device, None)
+    load_model_quantized(path, device, BaseStorage::default())
 }
 
-/// Loads a model, quantizing a float base on the way (QLoRA) when `quantize` is given.
+/// Loads a model held as `storage` says (quantized on the way for QLoRA, or in bf16).
 pub fn load_model_quantized<B: FrozenLinearBackend>(
     path: &Path,
     device: &B::Device,
-    quantize: Option<(u32, usize)>,
+    storage: BaseStorage,
 ) -> Result<LoadedModel<B>> {
     let files = ModelFiles::open(path)?;
     let decoder = files
-        .build_quantized(device, quantize)
+        .build_quantized(device, storage)
         .with_context(|| format!("loading weights from {}", path.display()))?;
     Ok(LoadedModel { files, decoder })
 }

@@ -1,11 +1,14 @@
 //! The decoder: configuration per family, the Burn modules, and loading weights into them.
 
+pub mod attention_op;
 pub mod config;
 pub mod decoder;
+pub mod device_quant;
 pub mod frozen_op;
 pub mod layout;
 pub mod linear;
 pub mod load;
+pub mod matmul_op;
 pub mod rope;
 pub mod tensors;
 pub mod valid;
@@ -15,3 +18,4 @@ pub use config::{Family, ModelConfig, RopeScaling};
 pub use decoder::{Decoder, KvCache};
 pub use frozen_op::FrozenLinearBackend;
 pub use load::{LoadedModel, ModelFiles, ModelFormat, load_model};
+pub use matmul_op::MatmulBackend;

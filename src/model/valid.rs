@@ -96,6 +96,7 @@ impl<B: TrainBackend> FrozenWeight<B> {
         match self {
             FrozenWeight::Dense(t) => FrozenWeight::Dense(t.clone().inner()),
             FrozenWeight::Quantized(q) => FrozenWeight::Quantized(q.clone()),
+            FrozenWeight::DeviceQuantized(w) => FrozenWeight::DeviceQuantized(w.inner()),
         }
     }
 }

@@ -56,7 +56,7 @@ pub struct QuantizeSection {
     pub group_size: usize,
 }
 
-#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Default)]
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Default, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
 pub enum Dtype {
     #[default]

@@ -2,7 +2,7 @@
 //!
 //! ```text
 //! forward, no autodiff: h₀ = embed(x) ; hₗ₊₁ = blockₗ(hₗ)  keeping only h₀ … h_L
-//! head:                loss = CE(lm_head(norm(h_L)))        g_L = ∂loss/∂h_L
+//! head:                loss = CE(lm_head(norm(h_L)))        g_L = ∂loss/∂h_L  (head.rs)
 //! l = L-1 … 0:         recompute y = blockₗ(hₗ) under a fresh graph and back-propagate
 //!                      Σ y ⊙ gₗ₊₁ → gₗ = ∂/∂hₗ and the gradients of blockₗ's adapters
 //! ```
@@ -16,7 +16,6 @@
 
 use burn::tensor::{Distribution, ElementConversion, Tensor};
 
-use super::loss::masked_cross_entropy;
 use super::step::{Batch, adapter_gradients};
 use crate::model::Decoder;
 use crate::model::valid::TrainBackend;
@@ -44,13 +43,8 @@ pub fn loss_and_gradients<B: TrainBackend>(
         h = block.valid().forward(h, &inner_layout, None);
     }
 
-    let top = Tensor::<B, 3>::from_inner(h).require_grad();
-    let logits = decoder.logits(decoder.norm.forward(top.clone()));
-    let loss = masked_cross_entropy(logits, &batch.targets, &batch.mask).0;
-    let value = loss.clone().into_scalar().elem::<f64>();
-    let mut upstream = top
-        .grad(&loss.mul_scalar(scale).backward())
-        .expect("the loss depends on the last hidden state");
+    let (value, mut upstream) =
+        super::head::loss_and_input_grad(decoder, h, &batch.targets, &batch.mask, scale);
 
     let mut per_block = Vec::with_capacity(decoder.layers.len());
     for (l, block) in decoder.layers.iter().enumerate().rev() {

@@ -3,6 +3,7 @@
 
 pub mod checkpoint;
 pub mod checkpointed;
+mod head;
 mod held_out;
 pub mod loss;
 pub mod optimizer;

@@ -64,11 +64,14 @@ pub fn train<B: TrainBackend>(
     emit: &mut dyn FnMut(Event),
     device: &B::Device,
 ) -> Result<TrainOutcome> {
-    crate::backend::check_compute_dtype(recipe.model.dtype)?;
+    let storage = crate::backend::base_storage(
+        recipe.model.dtype,
+        recipe.model.quantize.map(|q| (q.bits, q.group_size)),
+        recipe.device,
+    )?;
     let resolved = toml::to_string(recipe)?;
     let run_dir = run_dir(recipe);
-    let quantize = recipe.model.quantize.map(|q| (q.bits, q.group_size));
-    let loaded = load_model_quantized::<B>(&recipe.model.path, device, quantize)?;
+    let loaded = load_model_quantized::<B>(&recipe.model.path, device, storage)?;
     let tokenizer = crate::tokenizer::for_model(&loaded.files)?;
     let mut model = loaded.decoder;
     // The weights live in the model now; unmapping the file keeps its pages out of the peak.

@@ -2,8 +2,8 @@
 //! tensors and their gradients in and out of the model as flat lists (in `Decoder::adapters`
 //! order) for the optimizer.
 
+use burn::tensor::Tensor;
 use burn::tensor::backend::AutodiffBackend;
-use burn::tensor::{ElementConversion, Tensor};
 
 use super::loss::masked_cross_entropy;
 use crate::lora::LoraAdapter;
@@ -58,12 +58,22 @@ pub fn loss_and_gradients<B: TrainBackend>(
     if grad_checkpoint {
         return super::checkpointed::loss_and_gradients(decoder, batch, scale, device);
     }
-    let loss = batch_loss(decoder, batch, device);
-    let value = loss.clone().into_scalar().elem::<f64>();
-    (
-        value,
-        gradients(decoder, &loss.mul_scalar(scale).backward()),
-    )
+    // The head runs a slice at a time (`head.rs`); its gradient then flows through the blocks.
+    let top = decoder.forward_blocks(
+        &batch.inputs,
+        batch.segments.as_deref(),
+        batch.batch,
+        device,
+    );
+    let (value, upstream) = super::head::loss_and_input_grad(
+        decoder,
+        top.clone().inner(),
+        &batch.targets,
+        &batch.mask,
+        scale,
+    );
+    let grads = (top * Tensor::from_inner(upstream)).sum().backward();
+    (value, gradients(decoder, &grads))
 }
 
 /// The trainable tensors (without autodiff), flattened.
