@@ -10,9 +10,9 @@
 //!   and the input gradient `dx = r W` of `Σ r ⊙ y`.
 //! - `attention`: the first attention layer of the tiny shape (projections, RoPE, causal
 //!   softmax, output projection) on random hidden states, device against float64.
-//! - `attention_grad`: the attention op (`model/attention_op.rs`, sliced, with its own backward)
-//!   on the device against the naive softmax form under the CPU's f32 autodiff: the output and
-//!   the gradients of q, k and v.
+//! - `attention_grad`: the sliced attention op (`model/attention_op.rs`, with its own backward,
+//!   in slices of 64 queries) on the device against the naive softmax form under the CPU's f32
+//!   autodiff: the output and the gradients of q, k and v.
 //!
 //! Errors are `max |device − reference| / max |reference|`, so one number per check reads the
 //! same whatever the scale of the values.
@@ -21,7 +21,7 @@ use std::sync::Arc;
 
 use anyhow::{Result, bail};
 use burn::backend::{Autodiff, NdArray};
-use burn::tensor::{DType, Tensor, TensorCreationOptions, TensorData};
+use burn::tensor::{DType, Tensor, TensorCreationOptions, TensorData, TensorPrimitive};
 use rand::{Rng, SeedableRng};
 use serde_json::json;
 
@@ -398,8 +398,15 @@ fn attention_grad<B: FrozenLinearBackend>(
         (&mask[..], [1, 1, seq, past + seq]),
         (&r[..], q_shape),
     ];
+    // Slices of 64 queries, so the checked shapes cross several slices.
     let got = run::<Autodiff<B>>(inputs, device, |[q, k, v, m]| {
-        crate::model::attention_op::attention(q, k, v, m, scale)
+        let p = |x: Tensor<Autodiff<B>, 4>| x.into_primitive().tensor();
+        Tensor::from_primitive(TensorPrimitive::Float(
+            crate::model::attention_op::sliced::<
+                B,
+                burn::backend::autodiff::checkpoint::strategy::NoCheckpointing,
+            >(p(q), p(k), p(v), p(m), scale, 64),
+        ))
     });
     let want = run::<CpuTrain>(inputs, &Default::default(), |[q, k, v, m]| {
         burn::tensor::activation::softmax(q.matmul(k.swap_dims(2, 3)).mul_scalar(scale) + m, 3)
