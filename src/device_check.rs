@@ -10,9 +10,11 @@
 //!   and the input gradient `dx = r W` of `Σ r ⊙ y`.
 //! - `attention`: the first attention layer of the tiny shape (projections, RoPE, causal
 //!   softmax, output projection) on random hidden states, device against float64.
-//! - `attention_grad`: the sliced attention op (`model/attention_op.rs`, with its own backward,
-//!   in slices of 64 queries) on the device against the naive softmax form under the CPU's f32
-//!   autodiff: the output and the gradients of q, k and v.
+//! - `attention_grad`: the attention op on the device against the naive softmax form under the
+//!   CPU's f32 autodiff (the output and the gradients of q, k and v): the sliced op (its own
+//!   backward, slices of 64 queries) and the dispatch the model uses (the flash-attention kernels
+//!   on CUDA, `gpu/attention.cu`) at head dimensions 16 to 128, with cached keys, and with a packed
+//!   mask that differs per row.
 //!
 //! Errors are `max |device − reference| / max |reference|`, so one number per check reads the
 //! same whatever the scale of the values.
@@ -74,8 +76,8 @@ pub fn run<B: FrozenLinearBackend>(device: &B::Device) -> Result<Vec<serde_json:
     for seq in [16, 128, 512] {
         lines.push(attention::<B>(device, seq)?);
     }
-    for (heads, past, seq) in [(4, 0, 64), (8, 3, 300)] {
-        lines.push(attention_grad::<B>(device, heads, past, seq));
+    for case in AttentionCase::ALL {
+        lines.push(attention_grad::<B>(device, case));
     }
     let failed: Vec<String> = lines
         .iter()
@@ -343,10 +345,98 @@ fn attention<B: FrozenLinearBackend>(device: &B::Device, seq: usize) -> Result<s
     );
     let want = attention_f64(&h, batch, seq, &config, [&wq, &wk, &wv, &wo]);
     let error = scaled_error(&got, &want);
+    let tolerance = attention_tolerance::<B>(config.head_dim, device);
     Ok(json!({
         "check": "attention", "shape": "tiny", "batch": batch, "seq": seq,
-        "error": error, "tolerance": KERNEL_TOLERANCE, "pass": error <= KERNEL_TOLERANCE,
+        "error": error, "tolerance": tolerance, "pass": error <= tolerance,
     }))
+}
+
+/// Where the backend's fused attention kernel serves this head dimension, its products are bf16
+/// (as PyTorch's SDPA in a bf16 run): the bf16 tolerance.
+fn attention_tolerance<B: FrozenLinearBackend>(head_dim: usize, device: &B::Device) -> f64 {
+    let probe = Tensor::<B, 4>::zeros([1, 1, 1, head_dim], device);
+    if B::fused_attention(&probe) {
+        BF16_TOLERANCE
+    } else {
+        KERNEL_TOLERANCE
+    }
+}
+
+/// One `attention_grad` check.
+#[derive(Debug, Clone, Copy)]
+struct AttentionCase {
+    heads: usize,
+    past: usize,
+    seq: usize,
+    head_dim: usize,
+    /// Each row packs examples that must not see each other (a `[batch, 1, seq, seq]` mask).
+    packed: bool,
+    /// Tell the op the mask is causal (a fused kernel then applies the rule and skips the mask).
+    causal: bool,
+    /// The sliced op in slices of 64 queries, else the dispatch the model uses.
+    sliced: bool,
+}
+
+impl AttentionCase {
+    const fn new(heads: usize, past: usize, seq: usize, head_dim: usize) -> Self {
+        Self {
+            heads,
+            past,
+            seq,
+            head_dim,
+            packed: false,
+            causal: true,
+            sliced: false,
+        }
+    }
+
+    const ALL: [Self; 9] = [
+        Self {
+            sliced: true,
+            ..Self::new(4, 0, 64, 32)
+        },
+        Self {
+            sliced: true,
+            ..Self::new(8, 3, 300, 32)
+        },
+        Self::new(4, 0, 64, 64),
+        Self::new(8, 3, 300, 64),
+        Self {
+            causal: false,
+            ..Self::new(8, 3, 300, 64)
+        },
+        Self::new(4, 0, 200, 128),
+        Self::new(2, 0, 100, 16),
+        Self::new(4, 37, 1, 64),
+        Self {
+            packed: true,
+            causal: false,
+            ..Self::new(4, 0, 200, 64)
+        },
+    ];
+
+    /// Additive, `[1 or batch, 1, seq, past + seq]`.
+    fn mask(&self, batch: usize) -> (Vec<f64>, [usize; 4]) {
+        let (seq, keys) = (self.seq, self.past + self.seq);
+        if !self.packed {
+            let mut mask = vec![0f64; seq * keys];
+            for (i, row) in mask.chunks_exact_mut(keys).enumerate() {
+                row[self.past + i + 1..].fill(f64::NEG_INFINITY);
+            }
+            return (mask, [1, 1, seq, keys]);
+        }
+        // Row b holds two examples, the second starting at (b + 1) · seq / (batch + 1).
+        let mut mask = vec![f64::NEG_INFINITY; batch * seq * seq];
+        for b in 0..batch {
+            let split = (b + 1) * seq / (batch + 1);
+            for i in 0..seq {
+                let start = if i < split { 0 } else { split };
+                mask[(b * seq + i) * seq..][start..=i].fill(0.0);
+            }
+        }
+        (mask, [batch, 1, seq, seq])
+    }
 }
 
 /// The attention op's output and its q, k, v gradients (of `Σ r ⊙ out`) on the device, against
@@ -354,20 +444,22 @@ fn attention<B: FrozenLinearBackend>(device: &B::Device, seq: usize) -> Result<s
 /// the tolerance).
 fn attention_grad<B: FrozenLinearBackend>(
     device: &B::Device,
-    heads: usize,
-    past: usize,
-    seq: usize,
+    case: AttentionCase,
 ) -> serde_json::Value {
-    let (batch, d) = (2, 32);
-    let mut rng = rand::rngs::StdRng::seed_from_u64((heads * 1000 + seq) as u64);
+    let AttentionCase {
+        heads,
+        past,
+        seq,
+        head_dim: d,
+        ..
+    } = case;
+    let batch = 2;
+    let mut rng = rand::rngs::StdRng::seed_from_u64((heads * 1000 + seq * 10 + d) as u64);
     let q = uniform(&mut rng, batch * heads * seq * d, 1.0);
     let k = uniform(&mut rng, batch * heads * (past + seq) * d, 1.0);
     let v = uniform(&mut rng, batch * heads * (past + seq) * d, 1.0);
     let r = uniform(&mut rng, batch * heads * seq * d, 1.0);
-    let mut mask = vec![0f64; seq * (past + seq)];
-    for (i, row) in mask.chunks_exact_mut(past + seq).enumerate() {
-        row[past + i + 1..].fill(f64::NEG_INFINITY);
-    }
+    let (mask, mask_shape) = case.mask(batch);
     let scale = 1.0 / (d as f64).sqrt();
     let q_shape = [batch, heads, seq, d];
     let kv_shape = [batch, heads, past + seq, d];
@@ -395,11 +487,13 @@ fn attention_grad<B: FrozenLinearBackend>(
         (&q[..], q_shape),
         (&k[..], kv_shape),
         (&v[..], kv_shape),
-        (&mask[..], [1, 1, seq, past + seq]),
+        (&mask[..], mask_shape),
         (&r[..], q_shape),
     ];
-    // Slices of 64 queries, so the checked shapes cross several slices.
     let got = run::<Autodiff<B>>(inputs, device, |[q, k, v, m]| {
+        if !case.sliced {
+            return crate::model::attention_op::attention(q, k, v, m, scale, case.causal);
+        }
         let p = |x: Tensor<Autodiff<B>, 4>| x.into_primitive().tensor();
         Tensor::from_primitive(TensorPrimitive::Float(
             crate::model::attention_op::sliced::<
@@ -418,10 +512,17 @@ fn attention_grad<B: FrozenLinearBackend>(
         .map(|(g, w)| scaled_error(g, &w.iter().map(|&x| f64::from(x)).collect::<Vec<_>>()))
         .collect();
     let worst = errors.iter().copied().fold(0f64, f64::max);
+    let tolerance = if case.sliced {
+        KERNEL_TOLERANCE
+    } else {
+        attention_tolerance::<B>(d, device)
+    };
     json!({
-        "check": "attention_grad", "batch": batch, "heads": heads, "past": past, "seq": seq,
-        "head_dim": d, "output_error": errors[0], "dq_error": errors[1], "dk_error": errors[2],
-        "dv_error": errors[3], "tolerance": KERNEL_TOLERANCE, "pass": worst <= KERNEL_TOLERANCE,
+        "check": "attention_grad", "op": if case.sliced { "sliced" } else { "dispatch" },
+        "batch": batch, "heads": heads, "past": past, "seq": seq, "head_dim": d,
+        "packed": case.packed, "causal": case.causal, "output_error": errors[0], "dq_error": errors[1],
+        "dk_error": errors[2], "dv_error": errors[3], "tolerance": tolerance,
+        "pass": worst <= tolerance,
     })
 }
 

@@ -40,6 +40,21 @@ type Cube = CubeBackend<CudaRuntime, f32, i32, u8>;
 /// `lhs`: `[..., m, k]`, `rhs`: `[..., k, n]` with the same leading (batch) dimensions →
 /// `[..., m, n]` in f32.
 pub fn matmul(lhs: Tensor, rhs: Tensor) -> Tensor {
+    gemm(lhs, rhs, None)
+}
+
+/// `lhs · rhs + acc`. When `acc` is a contiguous f32 buffer no other tensor holds, the GEMM adds
+/// onto it in place (β = 1), which saves writing the product and reading it back for the sum.
+pub fn matmul_add(lhs: Tensor, rhs: Tensor, acc: Tensor) -> Tensor {
+    if acc.dtype == DType::F32 && acc.is_contiguous() && acc.can_mut() {
+        gemm(lhs, rhs, Some(acc))
+    } else {
+        Cube::float_add(matmul(lhs, rhs), acc)
+    }
+}
+
+/// `lhs · rhs`, into a new buffer, or added onto `acc`.
+fn gemm(lhs: Tensor, rhs: Tensor, acc: Option<Tensor>) -> Tensor {
     let (lhs, rhs) = common_dtype(lhs, rhs);
     let lhs = Operand::new(lhs);
     let rhs = Operand::new(rhs);
@@ -55,12 +70,25 @@ pub fn matmul(lhs: Tensor, rhs: Tensor) -> Tensor {
 
     let mut shape = lhs.shape.clone();
     shape[rank - 1] = n;
-    let out = empty_device_contiguous_dtype(
-        lhs.tensor.client.clone(),
-        lhs.tensor.device.clone(),
-        shape.into(),
-        DType::F32,
-    );
+    let (out, beta) = match acc {
+        Some(acc) => {
+            assert_eq!(
+                acc.meta.shape().to_vec(),
+                shape,
+                "accumulator of another shape"
+            );
+            (acc, 1f32)
+        }
+        None => (
+            empty_device_contiguous_dtype(
+                lhs.tensor.client.clone(),
+                lhs.tensor.device.clone(),
+                shape.into(),
+                DType::F32,
+            ),
+            0f32,
+        ),
+    };
     if m == 0 || n == 0 || lhs.batch == 0 {
         return out;
     }
@@ -85,7 +113,7 @@ pub fn matmul(lhs: Tensor, rhs: Tensor) -> Tensor {
             blas::cublasComputeType_t::CUBLAS_COMPUTE_32F_FAST_TF32,
         ),
     };
-    let (alpha, beta) = (1f32, 0f32);
+    let alpha = 1f32;
     let blas = blas_handle(lhs.tensor.device.index);
     let blas = blas.lock().expect("cuBLAS handle");
     // SAFETY: the three pointers are CubeCL allocations of at least the extents described, and
@@ -235,8 +263,7 @@ fn blas_handle(device: usize) -> &'static Mutex<Blas> {
         .lock()
         .expect("handles");
     while handles.len() <= device {
-        let ordinal = handles.len();
-        let ctx = CudaContext::new(ordinal).expect("CUDA primary context");
+        let ctx = super::context(handles.len());
         ctx.bind_to_thread().expect("bind the CUDA context");
         let handle = cublas::create_handle().expect("load libcublas and create a handle");
         handles.push(Box::leak(Box::new(Mutex::new(Blas { ctx, handle }))));

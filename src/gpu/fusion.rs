@@ -1,4 +1,4 @@
-//! The cuBLAS product as an op of Burn's fusion stream.
+//! The cuBLAS product and the flash-attention kernels as ops of Burn's fusion stream.
 //!
 //! `burn::backend::Cuda` is `Fusion<CubeBackend<..>>`: ops are recorded and run lazily so
 //! element-wise chains can be fused into one kernel. A custom op joins that stream as a
@@ -6,15 +6,16 @@
 //! `CubeTensor`s behind the fusion handles (the pattern of burn-vision's CUDA ops).
 
 use burn::tensor::ops::FloatTensor;
-use burn::tensor::{DType, Shape};
+use burn::tensor::{DType, Shape, Tensor, TensorPrimitive};
 use burn_cubecl::CubeBackend;
 use burn_cubecl::cubecl::cuda::CudaRuntime;
 use burn_fusion::stream::{Operation, OperationStreams};
 use burn_fusion::{Fusion, FusionBackend, FusionRuntime};
 use burn_ir::{CustomOpIr, HandleContainer, OperationIr, OperationOutput, TensorIr};
 
-use super::cublas;
+use super::{cublas, flash};
 use crate::model::MatmulBackend;
+use crate::model::attention_op::{AttentionBackend, Saved, sliced_backward, sliced_forward};
 
 type Cube = CubeBackend<CudaRuntime, f32, i32, u8>;
 
@@ -35,6 +36,22 @@ impl Operation<Runtime> for CublasMatmul {
     }
 }
 
+/// `out = lhs · rhs + acc`, as declared in `desc`.
+#[derive(Debug)]
+struct CublasMatmulAdd {
+    desc: CustomOpIr,
+}
+
+impl Operation<Runtime> for CublasMatmulAdd {
+    fn execute(&self, handles: &mut HandleContainer<<Runtime as FusionRuntime>::FusionHandle>) {
+        let ([lhs, rhs, acc], [out]) = self.desc.as_fixed();
+        let lhs = handles.get_float_tensor::<Cube>(lhs);
+        let rhs = handles.get_float_tensor::<Cube>(rhs);
+        let acc = handles.get_float_tensor::<Cube>(acc);
+        handles.register_float_tensor::<Cube>(&out.id, cublas::matmul_add(lhs, rhs, acc));
+    }
+}
+
 impl MatmulBackend for Fusion<Cube> {
     fn model_matmul(lhs: FloatTensor<Self>, rhs: FloatTensor<Self>) -> FloatTensor<Self> {
         let client = lhs.client.clone();
@@ -52,4 +69,144 @@ impl MatmulBackend for Fusion<Cube> {
             )
             .output()
     }
+
+    fn model_matmul_add(
+        lhs: FloatTensor<Self>,
+        rhs: FloatTensor<Self>,
+        acc: FloatTensor<Self>,
+    ) -> FloatTensor<Self> {
+        let client = lhs.client.clone();
+        let streams = OperationStreams::with_inputs([&lhs, &rhs, &acc]);
+        let out = TensorIr::uninit(client.create_empty_handle(), acc.shape.clone(), DType::F32);
+        let desc = CustomOpIr::new(
+            "cublas_matmul_add",
+            &[lhs.into_ir(), rhs.into_ir(), acc.into_ir()],
+            &[out],
+        );
+        client
+            .register(
+                streams,
+                OperationIr::Custom(desc.clone()),
+                CublasMatmulAdd { desc },
+            )
+            .output()
+    }
+}
+
+/// `(out, lse) = attention(q, k, v, mask)`, as declared in `desc`.
+#[derive(Debug)]
+struct FlashForward {
+    desc: CustomOpIr,
+    scale: f32,
+    causal: bool,
+}
+
+impl Operation<Runtime> for FlashForward {
+    fn execute(&self, handles: &mut HandleContainer<<Runtime as FusionRuntime>::FusionHandle>) {
+        let (inputs, [out, lse]) = self.desc.as_fixed::<4, 2>();
+        let inputs = inputs
+            .each_ref()
+            .map(|ir| handles.get_float_tensor::<Cube>(ir));
+        let (o, l) = flash::forward(inputs, self.scale, self.causal);
+        handles.register_float_tensor::<Cube>(&out.id, o);
+        handles.register_float_tensor::<Cube>(&lse.id, l);
+    }
+}
+
+/// `(dq, dk, dv)` from `(q, k, v, mask, d_out, lse, delta)`, as declared in `desc`.
+#[derive(Debug)]
+struct FlashBackward {
+    desc: CustomOpIr,
+    scale: f32,
+    causal: bool,
+}
+
+impl Operation<Runtime> for FlashBackward {
+    fn execute(&self, handles: &mut HandleContainer<<Runtime as FusionRuntime>::FusionHandle>) {
+        let (inputs, [dq, dk, dv]) = self.desc.as_fixed::<7, 3>();
+        let inputs = inputs
+            .each_ref()
+            .map(|ir| handles.get_float_tensor::<Cube>(ir));
+        let (gq, gk, gv) = flash::backward(inputs, self.scale, self.causal);
+        handles.register_float_tensor::<Cube>(&dq.id, gq);
+        handles.register_float_tensor::<Cube>(&dk.id, gk);
+        handles.register_float_tensor::<Cube>(&dv.id, gv);
+    }
+}
+
+impl AttentionBackend for Fusion<Cube> {
+    fn fused_attention(q: &Tensor<Self, 4>) -> bool {
+        flash::supports(q.dims()[3], q.device().index)
+    }
+
+    fn attention_forward(
+        q: Tensor<Self, 4>,
+        k: Tensor<Self, 4>,
+        v: Tensor<Self, 4>,
+        mask: Tensor<Self, 4>,
+        scale: f64,
+        causal: bool,
+    ) -> (Tensor<Self, 4>, Tensor<Self, 4>) {
+        if !Self::fused_attention(&q) {
+            return sliced_forward(q, k, v, mask, scale);
+        }
+        let [batch, heads, seq, _] = q.dims();
+        let out_shape = Shape::from(q.dims().to_vec());
+        let [out, lse] = custom(
+            "flash_attention_forward",
+            [q, k, v, mask],
+            [out_shape, Shape::new([batch, heads, seq, 1])],
+            |desc| FlashForward {
+                desc,
+                scale: scale as f32,
+                causal,
+            },
+        );
+        (out, lse)
+    }
+
+    fn attention_backward(
+        saved: Saved<Self>,
+        d_out: Tensor<Self, 4>,
+    ) -> (Tensor<Self, 4>, Tensor<Self, 4>, Tensor<Self, 4>) {
+        if !Self::fused_attention(&saved.q) {
+            return sliced_backward(saved, d_out);
+        }
+        let delta = (d_out.clone() * saved.out).sum_dim(3);
+        let shapes = [&saved.q, &saved.k, &saved.v].map(|x| Shape::from(x.dims().to_vec()));
+        let [dq, dk, dv] = custom(
+            "flash_attention_backward",
+            [
+                saved.q, saved.k, saved.v, saved.mask, d_out, saved.lse, delta,
+            ],
+            shapes,
+            |desc| FlashBackward {
+                desc,
+                scale: saved.scale as f32,
+                causal: saved.causal,
+            },
+        );
+        (dq, dk, dv)
+    }
+}
+
+/// Registers a custom op of `N` f32 inputs and `M` f32 outputs of the given shapes on the fusion
+/// stream.
+fn custom<const N: usize, const M: usize, O: Operation<Runtime> + 'static>(
+    name: &'static str,
+    inputs: [Tensor<Fusion<Cube>, 4>; N],
+    shapes: [Shape; M],
+    op: impl FnOnce(CustomOpIr) -> O,
+) -> [Tensor<Fusion<Cube>, 4>; M] {
+    let inputs = inputs.map(|x| x.into_primitive().tensor());
+    let client = inputs[0].client.clone();
+    let streams = OperationStreams::with_inputs(inputs.iter());
+    let outputs =
+        shapes.map(|shape| TensorIr::uninit(client.create_empty_handle(), shape, DType::F32));
+    let inputs = inputs.map(|x| x.into_ir());
+    let desc = CustomOpIr::new(name, &inputs, &outputs);
+    client
+        .register(streams, OperationIr::Custom(desc.clone()), op(desc))
+        .outputs::<M>()
+        .map(|x| Tensor::from_primitive(TensorPrimitive::Float(x)))
 }

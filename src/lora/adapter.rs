@@ -69,41 +69,36 @@ impl<B: FrozenLinearBackend> LoraAdapter<B> {
         out
     }
 
-    /// `x`: `[n, in]`; `base`: `W x` as `[n, out]` (without bias). `dropout_mask`, when given, is
+    /// `s · (drop(x) A) B` for `x`: `[n, in]` → `[n, out]`. `dropout_mask`, when given, is
     /// `[n, in]` of 0 or 1/(1-p).
-    pub fn apply(
-        &self,
-        x: Tensor<B, 2>,
-        base: Tensor<B, 2>,
-        weight: &FrozenWeight<B>,
-        dropout_mask: Option<Tensor<B, 2>>,
-    ) -> Tensor<B, 2> {
+    pub fn update(&self, x: Tensor<B, 2>, dropout_mask: Option<Tensor<B, 2>>) -> Tensor<B, 2> {
         let x = match dropout_mask {
             Some(mask) => x * mask,
             None => x,
         };
         // Scaling the rank-r intermediate touches r values per token instead of `out`.
-        let update = matmul(
+        matmul(
             matmul(x, self.a.clone()).mul_scalar(self.scale),
             self.b.clone(),
-        );
-        let y = base + update;
-        match &self.magnitude {
-            None => y,
-            Some(m) => {
-                let device = y.device();
-                // ‖W + s·(AB)ᵀ‖ per output row, outside the graph as in mlx-lm / peft.
-                let delta = self
-                    .a
-                    .clone()
-                    .detach()
-                    .matmul(self.b.clone().detach())
-                    .mul_scalar(self.scale);
-                let adapted = weight.to_dense(&device) + delta.transpose();
-                let denom = row_norms(adapted).detach();
-                y * (m.clone() / denom).unsqueeze::<2>()
-            }
-        }
+        )
+    }
+
+    /// `y = W x + update`, rescaled by DoRA's magnitude when the adapter has one.
+    pub fn rescale(&self, y: Tensor<B, 2>, weight: &FrozenWeight<B>) -> Tensor<B, 2> {
+        let Some(m) = &self.magnitude else {
+            return y;
+        };
+        let device = y.device();
+        // ‖W + s·(AB)ᵀ‖ per output row, outside the graph as in mlx-lm / peft.
+        let delta = self
+            .a
+            .clone()
+            .detach()
+            .matmul(self.b.clone().detach())
+            .mul_scalar(self.scale);
+        let adapted = weight.to_dense(&device) + delta.transpose();
+        let denom = row_norms(adapted).detach();
+        y * (m.clone() / denom).unsqueeze::<2>()
     }
 }
 

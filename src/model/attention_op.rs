@@ -24,7 +24,7 @@ use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
 use burn::backend::autodiff::grads::Gradients;
 use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
 use burn::tensor::ops::FloatTensor;
-use burn::tensor::{Tensor, TensorMetadata, TensorPrimitive, activation};
+use burn::tensor::{Tensor, TensorPrimitive, activation};
 
 use super::matmul_op::{MatmulBackend, matmul};
 
@@ -35,20 +35,67 @@ const MAX_SLICE_ELEMENTS: usize = 1 << 26;
 pub trait AttentionBackend: MatmulBackend {
     /// `q`: `[batch, heads, seq, d]`; `k`, `v`: `[batch, heads, past + seq, d]`; `mask`:
     /// additive `[1 or batch, 1, seq, past + seq]`, each query seeing at least one key and no
-    /// key after `past + its index` → `[batch, heads, seq, d]`.
+    /// key after `past + its index`; `causal`: the mask is exactly that rule (a fused kernel need
+    /// not read it) → `[batch, heads, seq, d]`.
     fn model_attention(
         q: FloatTensor<Self>,
         k: FloatTensor<Self>,
         v: FloatTensor<Self>,
         mask: FloatTensor<Self>,
         scale: f64,
+        causal: bool,
     ) -> FloatTensor<Self> {
-        let slice = slice_len(&q, &k);
-        forward::<Self>(t(q), t(k), t(v), t(mask), scale, slice)
-            .0
-            .into_primitive()
-            .tensor()
+        p(Self::attention_forward(t(q), t(k), t(v), t(mask), scale, causal).0)
     }
+
+    /// Whether [`AttentionBackend::attention_forward`] and `attention_backward` are a fused
+    /// kernel for queries like `q` (then autodiff always takes them, at any size).
+    fn fused_attention(_q: &Tensor<Self, 4>) -> bool {
+        false
+    }
+
+    /// The output and each query's log-sum-exp of its scores (`[batch, heads, seq, 1]`), what
+    /// [`AttentionBackend::attention_backward`] recomputes from. By default the sliced form.
+    fn attention_forward(
+        q: Tensor<Self, 4>,
+        k: Tensor<Self, 4>,
+        v: Tensor<Self, 4>,
+        mask: Tensor<Self, 4>,
+        scale: f64,
+        _causal: bool,
+    ) -> (Tensor<Self, 4>, Tensor<Self, 4>) {
+        sliced_forward(q, k, v, mask, scale)
+    }
+
+    /// `(dQ, dK, dV)` from `dO`. By default the sliced form.
+    fn attention_backward(
+        saved: Saved<Self>,
+        d_out: Tensor<Self, 4>,
+    ) -> (Tensor<Self, 4>, Tensor<Self, 4>, Tensor<Self, 4>) {
+        sliced_backward(saved, d_out)
+    }
+}
+
+/// The default [`AttentionBackend::attention_forward`]: in slices of at most
+/// [`MAX_SLICE_ELEMENTS`] scores.
+pub fn sliced_forward<B: MatmulBackend>(
+    q: Tensor<B, 4>,
+    k: Tensor<B, 4>,
+    v: Tensor<B, 4>,
+    mask: Tensor<B, 4>,
+    scale: f64,
+) -> (Tensor<B, 4>, Tensor<B, 4>) {
+    let slice = slice_len(&q, &k);
+    forward(q, k, v, mask, scale, slice)
+}
+
+/// The default [`AttentionBackend::attention_backward`].
+pub fn sliced_backward<B: MatmulBackend>(
+    saved: Saved<B>,
+    d_out: Tensor<B, 4>,
+) -> (Tensor<B, 4>, Tensor<B, 4>, Tensor<B, 4>) {
+    let slice = slice_len(&saved.q, &saved.k);
+    backward(saved, d_out, slice)
 }
 
 /// [`AttentionBackend::model_attention`] on tensors.
@@ -58,15 +105,13 @@ pub fn attention<B: AttentionBackend>(
     v: Tensor<B, 4>,
     mask: Tensor<B, 4>,
     scale: f64,
+    causal: bool,
 ) -> Tensor<B, 4> {
-    t(B::model_attention(p(q), p(k), p(v), p(mask), scale))
+    t(B::model_attention(p(q), p(k), p(v), p(mask), scale, causal))
 }
 
 impl AttentionBackend for burn::backend::NdArray<f32> {}
 impl AttentionBackend for burn::backend::NdArray<f64> {}
-
-#[cfg(feature = "cuda")]
-impl AttentionBackend for burn::backend::Cuda<f32> {}
 
 #[cfg(feature = "metal")]
 impl AttentionBackend for burn::backend::Metal<f32> {}
@@ -80,8 +125,8 @@ fn p<B: burn::tensor::backend::Backend>(x: Tensor<B, 4>) -> FloatTensor<B> {
 }
 
 /// Queries per slice, so a slice's scores stay under [`MAX_SLICE_ELEMENTS`].
-fn slice_len(q: &impl TensorMetadata, k: &impl TensorMetadata) -> usize {
-    let (q, k) = (q.shape(), k.shape());
+fn slice_len<B: burn::tensor::backend::Backend>(q: &Tensor<B, 4>, k: &Tensor<B, 4>) -> usize {
+    let (q, k) = (q.dims(), k.dims());
     let per_query = (q[0] * q[1] * k[2]).max(1);
     (MAX_SLICE_ELEMENTS / per_query).max(64).min(q[2]).max(1)
 }
@@ -135,21 +180,23 @@ fn forward<B: MatmulBackend>(
 
 /// What the backward pass recomputes from.
 #[derive(Debug, Clone)]
-struct Saved<B: burn::tensor::backend::Backend> {
-    q: Tensor<B, 4>,
-    k: Tensor<B, 4>,
-    v: Tensor<B, 4>,
-    mask: Tensor<B, 4>,
-    out: Tensor<B, 4>,
-    lse: Tensor<B, 4>,
-    scale: f64,
-    slice: usize,
+pub struct Saved<B: burn::tensor::backend::Backend> {
+    pub q: Tensor<B, 4>,
+    pub k: Tensor<B, 4>,
+    pub v: Tensor<B, 4>,
+    pub mask: Tensor<B, 4>,
+    pub out: Tensor<B, 4>,
+    /// `[batch, heads, seq, 1]`
+    pub lse: Tensor<B, 4>,
+    pub scale: f64,
+    pub causal: bool,
 }
 
-/// `(dQ, dK, dV)` from `dO`.
+/// `(dQ, dK, dV)` from `dO`, `slice` queries at a time.
 fn backward<B: MatmulBackend>(
     s: Saved<B>,
     d_out: Tensor<B, 4>,
+    slice: usize,
 ) -> (Tensor<B, 4>, Tensor<B, 4>, Tensor<B, 4>) {
     let [_, _, seq, _] = s.q.dims();
     let keys = s.k.dims()[2];
@@ -157,7 +204,7 @@ fn backward<B: MatmulBackend>(
     let mut dq = Vec::new();
     let mut dk = s.k.zeros_like();
     let mut dv = s.v.zeros_like();
-    for range @ (c0, c1, end) in slices(seq, keys, s.slice) {
+    for range @ (c0, c1, end) in slices(seq, keys, slice) {
         let rows = c1 - c0;
         let prob =
             (scores(&s.q, &s.k, &s.mask, range, s.scale) - s.lse.clone().narrow(2, c0, rows)).exp();
@@ -188,15 +235,28 @@ fn add_into_prefix<B: burn::tensor::backend::Backend>(
     acc.slice_assign(ranges, sum)
 }
 
+/// Which forward/backward pair the autodiff op runs.
+#[derive(Debug, Clone, Copy)]
+enum Kernel {
+    /// The backend's own ([`AttentionBackend::attention_forward`] and `attention_backward`).
+    Backend,
+    /// The sliced form with this many queries per slice.
+    Sliced(usize),
+}
+
 #[derive(Debug)]
 struct AttentionBackward;
 
-impl<B: MatmulBackend> Backward<B, 3> for AttentionBackward {
-    type State = Saved<B>;
+impl<B: AttentionBackend> Backward<B, 3> for AttentionBackward {
+    type State = (Saved<B>, Kernel);
 
     fn backward(self, ops: Ops<Self::State, 3>, grads: &mut Gradients, _: &mut Checkpointer) {
         let d_out = t::<B>(grads.consume::<B>(&ops.node));
-        let (dq, dk, dv) = backward(ops.state, d_out);
+        let (saved, kernel) = ops.state;
+        let (dq, dk, dv) = match kernel {
+            Kernel::Backend => B::attention_backward(saved, d_out),
+            Kernel::Sliced(slice) => backward(saved, d_out, slice),
+        };
         for (parent, grad) in ops.parents.into_iter().zip([dq, dk, dv]) {
             if let Some(node) = parent {
                 grads.register::<B>(node.id, p(grad));
@@ -205,9 +265,9 @@ impl<B: MatmulBackend> Backward<B, 3> for AttentionBackward {
     }
 }
 
-/// Under autodiff: when one slice holds every query, the plain form differentiated by Burn
-/// (nothing to save, and no recomputation in the backward pass: about 8% of a SmolLM2 step on the
-/// CPU); otherwise the sliced op.
+/// Under autodiff: the backend's fused kernel where it has one; else, when one slice holds
+/// every query, the plain form differentiated by Burn (nothing to save, and no recomputation in
+/// the backward pass: about 8% of a SmolLM2 step on the CPU); otherwise the sliced op.
 impl<B: AttentionBackend, C: CheckpointStrategy> AttentionBackend for Autodiff<B, C> {
     fn model_attention(
         q: FloatTensor<Self>,
@@ -215,18 +275,24 @@ impl<B: AttentionBackend, C: CheckpointStrategy> AttentionBackend for Autodiff<B
         v: FloatTensor<Self>,
         mask: FloatTensor<Self>,
         scale: f64,
+        causal: bool,
     ) -> FloatTensor<Self> {
-        let slice = slice_len(&q.primitive, &k.primitive);
-        if slice >= q.primitive.shape()[2] {
+        let (q_in, k_in) = (t::<B>(q.primitive.clone()), t::<B>(k.primitive.clone()));
+        if B::fused_attention(&q_in) {
+            return tracked::<B, C>([q, k, v, mask], scale, causal, Kernel::Backend);
+        }
+        let slice = slice_len(&q_in, &k_in);
+        if slice >= q_in.dims()[2] {
             let (q, k, v, mask) = (t::<Self>(q), t::<Self>(k), t::<Self>(v), t::<Self>(mask));
             let scores = matmul(q.mul_scalar(scale), k.swap_dims(2, 3)) + mask;
             return p(matmul(activation::softmax(scores, 3), v));
         }
-        sliced::<B, C>(q, k, v, mask, scale, slice)
+        tracked::<B, C>([q, k, v, mask], scale, causal, Kernel::Sliced(slice))
     }
 }
 
-/// The sliced op under autodiff, `slice` queries at a time.
+/// The sliced op under autodiff, `slice` queries at a time (the device check drives it at sizes
+/// where the dispatch would take the fused kernel or the plain form).
 pub fn sliced<B: AttentionBackend, C: CheckpointStrategy>(
     q: FloatTensor<Autodiff<B, C>>,
     k: FloatTensor<Autodiff<B, C>>,
@@ -235,26 +301,33 @@ pub fn sliced<B: AttentionBackend, C: CheckpointStrategy>(
     scale: f64,
     slice: usize,
 ) -> FloatTensor<Autodiff<B, C>> {
+    tracked::<B, C>([q, k, v, mask], scale, false, Kernel::Sliced(slice))
+}
+
+/// Attention as one autodiff op of q, k and v, running `kernel`.
+fn tracked<B: AttentionBackend, C: CheckpointStrategy>(
+    [q, k, v, mask]: [FloatTensor<Autodiff<B, C>>; 4],
+    scale: f64,
+    causal: bool,
+    kernel: Kernel,
+) -> FloatTensor<Autodiff<B, C>> {
     let (q_in, k_in, v_in, mask) = (
         t(q.primitive.clone()),
         t(k.primitive.clone()),
         t(v.primitive.clone()),
         t(mask.primitive),
     );
+    let run = |q, k, v, mask| match kernel {
+        Kernel::Backend => B::attention_forward(q, k, v, mask, scale, causal),
+        Kernel::Sliced(slice) => forward(q, k, v, mask, scale, slice),
+    };
     match AttentionBackward
         .prepare::<C>([q.node, k.node, v.node])
         .compute_bound()
         .stateful()
     {
         OpsKind::Tracked(prep) => {
-            let (out, lse) = forward(
-                q_in.clone(),
-                k_in.clone(),
-                v_in.clone(),
-                mask.clone(),
-                scale,
-                slice,
-            );
+            let (out, lse) = run(q_in.clone(), k_in.clone(), v_in.clone(), mask.clone());
             let saved = Saved {
                 q: q_in,
                 k: k_in,
@@ -263,11 +336,11 @@ pub fn sliced<B: AttentionBackend, C: CheckpointStrategy>(
                 out: out.clone(),
                 lse,
                 scale,
-                slice,
+                causal,
             };
-            prep.finish(saved, p(out))
+            prep.finish((saved, kernel), p(out))
         }
-        OpsKind::UnTracked(prep) => prep.finish(p(forward(q_in, k_in, v_in, mask, scale, slice).0)),
+        OpsKind::UnTracked(prep) => prep.finish(p(run(q_in, k_in, v_in, mask).0)),
     }
 }
 
@@ -341,9 +414,10 @@ mod tests {
                 out: out.clone(),
                 lse,
                 scale,
-                slice: 8,
+                causal: true,
             },
             weights.clone().inner(),
+            8,
         );
 
         let reference = naive(q.clone(), k.clone(), v.clone(), mask.clone(), scale);
@@ -368,7 +442,7 @@ mod tests {
             8,
         ));
         let grads_op = (out.clone() * weights.clone()).sum().backward();
-        let plain = attention(q.clone(), k.clone(), v.clone(), mask.clone(), scale);
+        let plain = attention(q.clone(), k.clone(), v.clone(), mask.clone(), scale, true);
         let grads_plain = (plain.clone() * weights).sum().backward();
         let reference = naive(
             q.clone().inner(),

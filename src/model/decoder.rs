@@ -92,6 +92,7 @@ impl<B: FrozenLinearBackend> Attention<B> {
         cache: Option<&mut LayerCache<B>>,
     ) -> Tensor<B, 3> {
         let [batch, seq, _] = x.dims();
+        let x = self.q_proj.gemm_input(x);
         let mut q = self.heads(self.q_proj.forward(x.clone()), self.num_heads);
         let mut k = self.heads(self.k_proj.forward(x.clone()), self.num_kv_heads);
         let mut v = self.heads(self.v_proj.forward(x), self.num_kv_heads);
@@ -112,7 +113,7 @@ impl<B: FrozenLinearBackend> Attention<B> {
         let k = repeat_kv(k, group);
         let v = repeat_kv(v, group);
         let scale = 1.0 / (self.head_dim as f64).sqrt();
-        let out = attention(q, k, v, layout.mask.clone(), scale)
+        let out = attention(q, k, v, layout.mask.clone(), scale, layout.causal)
             .swap_dims(1, 2)
             .reshape([batch, seq, self.num_heads * self.head_dim]);
         self.o_proj.forward(out)
@@ -140,6 +141,7 @@ pub struct Mlp<B: FrozenLinearBackend> {
 
 impl<B: FrozenLinearBackend> Mlp<B> {
     pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
+        let x = self.gate_proj.gemm_input(x);
         let gate = activation::silu(self.gate_proj.forward(x.clone()));
         self.down_proj.forward(gate * self.up_proj.forward(x))
     }

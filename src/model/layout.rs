@@ -16,6 +16,9 @@ pub struct AttentionLayout<B: Backend> {
     pub sin: Tensor<B, 4>,
     /// Additive, `[1 or batch, 1, seq, past + seq]`: 0 where a query sees a key, -inf elsewhere.
     pub mask: Tensor<B, 4>,
+    /// The mask is exactly "query `i` sees keys `0..=past + i`" (a fused kernel may apply that
+    /// rule instead of reading the mask).
+    pub causal: bool,
 }
 
 impl<B: Backend> AttentionLayout<B> {
@@ -29,7 +32,12 @@ impl<B: Backend> AttentionLayout<B> {
             mask[i * total + past + i + 1..(i + 1) * total].fill(f32::NEG_INFINITY);
         }
         let mask = Tensor::from_data(TensorData::new(mask, [1, 1, seq, total]), device);
-        AttentionLayout { cos, sin, mask }
+        AttentionLayout {
+            cos,
+            sin,
+            mask,
+            causal: true,
+        }
     }
 
     /// Packed rows: `segments[b * seq + t]` names the example that token `t` of row `b` belongs
@@ -57,7 +65,12 @@ impl<B: Backend> AttentionLayout<B> {
         }
         let (cos, sin) = rope.tables(&positions, batch, device);
         let mask = Tensor::from_data(TensorData::new(mask, [batch, 1, seq, seq]), device);
-        AttentionLayout { cos, sin, mask }
+        AttentionLayout {
+            cos,
+            sin,
+            mask,
+            causal: false,
+        }
     }
 }
 
@@ -79,6 +92,8 @@ mod tests {
         let device = Default::default();
         // One row: example 7 (3 tokens), then example 9 (2 tokens).
         let packed = AttentionLayout::<B>::packed(&rope, &[7, 7, 7, 9, 9], 1, 5, &device);
+        // Not the causal rule: a fused kernel must read this mask.
+        assert!(!packed.causal);
         let mask = values(packed.mask);
         let sees = |q: usize, k: usize| mask[q * 5 + k] == 0.0;
         assert!(sees(2, 0) && sees(2, 2) && !sees(2, 3));
@@ -94,6 +109,7 @@ mod tests {
         let rope = Rope::new(4, 10000.0, &RopeScaling::None);
         let layout = AttentionLayout::<B>::causal(&rope, 3, 2, &Default::default());
         assert_eq!(layout.mask.dims(), [1, 1, 2, 5]);
+        assert!(layout.causal);
         let mask = values(layout.mask);
         assert_eq!(&mask[..5], &[0.0, 0.0, 0.0, 0.0, f32::NEG_INFINITY]);
         assert_eq!(&mask[5..], &[0.0; 5]);

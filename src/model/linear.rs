@@ -6,7 +6,7 @@ use burn::tensor::{DType, Distribution, FloatDType, Int, Tensor, TensorData, Ten
 
 use super::device_quant::DeviceQuantized;
 use super::frozen_op::FrozenLinearBackend;
-use super::matmul_op::matmul;
+use super::matmul_op::{matmul, matmul_add};
 use crate::lora::LoraAdapter;
 
 use crate::quant::QuantizedMatrix;
@@ -32,6 +32,15 @@ impl<B: FrozenLinearBackend> FrozenWeight<B> {
         match on_device {
             Some(w) => FrozenWeight::DeviceQuantized(w),
             None => FrozenWeight::Quantized(Arc::new(q)),
+        }
+    }
+
+    /// Whether the GEMM multiplies in bf16 (a bf16 base), so it takes its activations in bf16.
+    fn multiplies_bf16(&self) -> bool {
+        match self {
+            FrozenWeight::Dense(t) => t.dtype() == DType::BF16,
+            FrozenWeight::DeviceQuantized(w) => w.bf16,
+            FrozenWeight::Quantized(_) => false,
         }
     }
 
@@ -95,29 +104,57 @@ impl<B: FrozenLinearBackend> FrozenLinear<B> {
         self.weight.dims()[0]
     }
 
-    /// `x`: `[batch, seq, in]` → `[batch, seq, out]`.
+    /// `x Wᵀ` for `x`: `[n, in]`.
+    fn base(&self, x: Tensor<B, 2>) -> Tensor<B, 2> {
+        match &self.weight {
+            FrozenWeight::Dense(w) => matmul(x, w.clone().transpose()),
+            FrozenWeight::Quantized(q) => {
+                let y = B::quantized_linear(x.into_primitive().tensor(), q);
+                Tensor::from_primitive(TensorPrimitive::Float(y))
+            }
+            FrozenWeight::DeviceQuantized(w) => super::device_quant::linear(x, w),
+        }
+    }
+
+    /// `x` in the precision this linear's GEMM takes it: bf16 for a bf16 base. Projections that
+    /// share an input (q, k, v; gate, up) cast it once through the first of them, and the LoRA
+    /// product reuses the cast (reading half the bytes of the f32 activations).
+    pub fn gemm_input<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
+        if self.weight.multiplies_bf16() && x.dtype() != DType::BF16 {
+            x.cast(FloatDType::BF16)
+        } else {
+            x
+        }
+    }
+
+    /// `x`: `[batch, seq, in]` → `[batch, seq, out]` in f32.
     pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
         let [batch, seq, features] = x.dims();
         let out = self.out_features();
-        let x = x.reshape([batch * seq, features]);
-        let base = match &self.weight {
-            FrozenWeight::Dense(w) => matmul(x.clone(), w.clone().transpose()),
-            FrozenWeight::Quantized(q) => {
-                let y = B::quantized_linear(x.clone().into_primitive().tensor(), q);
-                Tensor::from_primitive(TensorPrimitive::Float(y))
+        let x = self.gemm_input(x).reshape([batch * seq, features]);
+        let update = self.adapter.as_ref().map(|adapter| {
+            let mask = (adapter.dropout > 0.0 && B::ad_enabled(&x.device())).then(|| {
+                let keep = 1.0 - adapter.dropout;
+                x.random_like(Distribution::Bernoulli(keep))
+                    .div_scalar(keep)
+            });
+            adapter.update(x.clone(), mask)
+        });
+        let y = match (&self.weight, update) {
+            // The GEMM adds its product onto the LoRA update (cuBLAS's β = 1 on CUDA) instead of
+            // writing it and reading it back for a separate sum.
+            (FrozenWeight::Dense(w), Some(update)) => matmul_add(x, w.clone().transpose(), update),
+            (_, update) => {
+                let base = self.base(x);
+                match update {
+                    Some(update) => base + update,
+                    None => base,
+                }
             }
-            FrozenWeight::DeviceQuantized(w) => super::device_quant::linear(x.clone(), w),
         };
         let y = match &self.adapter {
-            Some(adapter) => {
-                let mask = (adapter.dropout > 0.0 && B::ad_enabled(&x.device())).then(|| {
-                    let keep = 1.0 - adapter.dropout;
-                    x.random_like(Distribution::Bernoulli(keep))
-                        .div_scalar(keep)
-                });
-                adapter.apply(x, base, &self.weight, mask)
-            }
-            None => base,
+            Some(adapter) => adapter.rescale(y, &self.weight),
+            None => y,
         }
         .reshape([batch, seq, out]);
         match &self.bias {

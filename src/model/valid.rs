@@ -68,6 +68,7 @@ impl<B: TrainBackend> AttentionLayout<B> {
             cos: self.cos.clone().inner(),
             sin: self.sin.clone().inner(),
             mask: self.mask.clone().inner(),
+            causal: self.causal,
         }
     }
 }

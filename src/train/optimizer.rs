@@ -96,13 +96,18 @@ impl<B: Backend> Optimizer<B> {
     }
 }
 
-/// `√Σ‖g‖²` over every gradient (the global norm, not per tensor).
+/// `√Σ‖g‖²` over every gradient (the global norm, not per tensor). One read back to the host,
+/// not one per tensor: on a GPU each read waits for the device to drain.
 pub fn global_norm<B: Backend>(grads: &[Tensor<B, 1>]) -> f64 {
-    let sum: f64 = grads
-        .iter()
-        .map(|g| g.clone().square().sum().into_scalar().elem::<f64>())
-        .sum();
-    sum.sqrt()
+    if grads.is_empty() {
+        return 0.0;
+    }
+    let squares = grads.iter().map(|g| g.clone().square().sum()).collect();
+    Tensor::cat(squares, 0)
+        .sum()
+        .into_scalar()
+        .elem::<f64>()
+        .sqrt()
 }
 
 /// Scales the gradients so their global norm is at most `max_norm`, as

@@ -1,0 +1,425 @@
+//! Flash attention on CUDA: the kernels of `attention.cu`, compiled by NVRTC once per head
+//! dimension and queued on CubeCL's stream over Burn's CUDA buffers (as `cublas.rs` does).
+//!
+//! The scores stay in registers: where the sliced Burn-op attention (`model/attention_op.rs`)
+//! writes and reads `[batch, heads, slice, keys]` f32 scores about ten times per slice, these
+//! kernels read Q, K, V, dO and the mask and write only the outputs. Products run on bf16 tensor
+//! cores (`mma.sync`, f32 accumulation), as PyTorch's SDPA does in a bf16 run.
+
+use std::collections::HashMap;
+use std::ffi::c_void;
+use std::sync::{Mutex, OnceLock};
+
+use burn::tensor::ops::FloatTensorOps;
+use burn::tensor::{DType, Shape};
+use burn_cubecl::CubeBackend;
+use burn_cubecl::cubecl::cuda::CudaRuntime;
+use burn_cubecl::kernel::into_contiguous;
+use burn_cubecl::ops::numeric::empty_device_contiguous_dtype;
+use burn_cubecl::tensor::CubeTensor;
+use cudarc::driver::sys::CUfunction_attribute;
+use cudarc::driver::{CudaFunction, result as driver};
+use cudarc::nvrtc::{CompileOptions, compile_ptx_with_opts};
+
+type Tensor = CubeTensor<CudaRuntime>;
+type Cube = CubeBackend<CudaRuntime, f32, i32, u8>;
+
+const SOURCE: &str = include_str!("attention.cu");
+const THREADS: u32 = 256;
+/// Queries per block of the forward and dQ kernels, keys per block of the dK/dV kernel.
+const BLOCK_ROWS: usize = 128;
+/// Key tiles of the forward and dQ kernels, query tiles of the dK/dV kernel (`FWD_KEYS`,
+/// `DQ_KEYS`, `KV_QUERIES` in the source), each double-buffered in shared memory.
+const FWD_KEYS: usize = 64;
+const DQ_KEYS: usize = 32;
+const KV_QUERIES: usize = 32;
+
+/// Whether the kernels serve this head dimension on this device: a multiple of 16 up to 128
+/// (the registers of a 16-row tile's accumulators), bf16 `mma.sync` (compute capability 8+), and
+/// the shared memory the dK/dV kernel asks for.
+pub fn supports(head_dim: usize, device: usize) -> bool {
+    head_dim.is_multiple_of(16)
+        && (16..=128).contains(&head_dim)
+        && super::compute_capability(device).0 >= 8
+        && SharedBytes::new(head_dim).dkdv <= super::max_shared_bytes(device)
+}
+
+/// `out = softmax(scale · q kᵀ + mask) v` and each query's log-sum-exp of its scores.
+/// `q`: `[batch, heads, seq, d]`; `k`, `v`: `[batch, heads, keys, d]`; `mask`: additive
+/// `[1 or batch, 1, seq, keys]` in which no query sees a key after `keys − seq + its index`
+/// (with `causal`, exactly that rule, and the mask is not read)
+/// → (`[batch, heads, seq, d]`, `[batch, heads, seq, 1]`).
+pub fn forward([q, k, v, mask]: [Tensor; 4], scale: f32, causal: bool) -> (Tensor, Tensor) {
+    let layout = Layout::new(&q, &k, &mask);
+    let [q, k, v] = [q, k, v].map(rows);
+    let mask = last_contiguous(mask);
+    let kernels = kernels(q.device.index, layout.d);
+    let (k16, v16) = (to_bf16(kernels, &k, 1.0), to_bf16(kernels, &v, 1.0));
+    let out = empty(&q, layout.q_shape(), DType::F32);
+    let lse = empty(&q, layout.lse_shape(), DType::F32);
+    let mut args = Args::default();
+    args.pointers(&[&q, &k16, &v16, &mask, &out, &lse]);
+    args.sizes(&layout);
+    args.strides(&[&q]);
+    args.mask_strides(&mask);
+    args.int(causal.into());
+    args.float(scale);
+    let shared = kernels.shared.forward;
+    launch(
+        &kernels.forward,
+        layout.grid(layout.seq),
+        shared,
+        &out,
+        args,
+    );
+    (out, lse)
+}
+
+/// The gradients `(dq, dk, dv)` of [`forward`] given `d_out`, its `lse` and `delta =
+/// rowsum(d_out ⊙ out)` (`[batch, heads, seq, 1]`).
+pub fn backward(
+    [q, k, v, mask, d_out, lse, delta]: [Tensor; 7],
+    scale: f32,
+    causal: bool,
+) -> (Tensor, Tensor, Tensor) {
+    let layout = Layout::new(&q, &k, &mask);
+    let [q, k, v, d_out] = [q, k, v, d_out].map(rows);
+    let mask = last_contiguous(mask);
+    let [lse, delta] = [lse, delta].map(|t| into_contiguous(f32(t)));
+    let kernels = kernels(q.device.index, layout.d);
+    let (k16, v16) = (to_bf16(kernels, &k, 1.0), to_bf16(kernels, &v, 1.0));
+    let dq = empty(&q, layout.q_shape(), DType::F32);
+    let dk = empty(&q, layout.kv_shape(), DType::F32);
+    let dv = empty(&q, layout.kv_shape(), DType::F32);
+
+    let mut args = Args::default();
+    args.pointers(&[&q, &k16, &v16, &mask, &d_out, &lse, &delta, &dq]);
+    args.sizes(&layout);
+    args.strides(&[&q]);
+    args.mask_strides(&mask);
+    args.strides(&[&d_out]);
+    args.int(causal.into());
+    args.float(scale);
+    launch(
+        &kernels.dq,
+        layout.grid(layout.seq),
+        kernels.shared.dq,
+        &dq,
+        args,
+    );
+
+    let (q16, o16) = (to_bf16(kernels, &q, scale), to_bf16(kernels, &d_out, 1.0));
+    let mut args = Args::default();
+    args.pointers(&[&q16, &k16, &v16, &mask, &o16, &lse, &delta, &dk, &dv]);
+    args.sizes(&layout);
+    args.mask_strides(&mask);
+    args.int(causal.into());
+    let shared = kernels.shared.dkdv;
+    launch(&kernels.dkdv, layout.grid(layout.keys), shared, &dk, args);
+    (dq, dk, dv)
+}
+
+/// `x · mul` as contiguous bf16 `[batch · heads][rows][d]`, what the kernels stream into shared
+/// memory tile by tile.
+fn to_bf16(kernels: &Kernels, x: &Tensor, mul: f32) -> Tensor {
+    let shape = x.meta.shape();
+    let [batch, heads, n, d] = [shape[0], shape[1], shape[2], shape[3]];
+    let out = empty(x, Shape::new([batch, heads, n, d]), DType::BF16);
+    let mut args = Args::default();
+    args.pointers(&[x, &out]);
+    args.int(heads);
+    args.int(n);
+    args.strides(&[x]);
+    args.float(mul);
+    let blocks = (n * d).div_ceil(4 * THREADS as usize);
+    let grid = (u32_of(blocks), u32_of(heads), u32_of(batch));
+    launch(&kernels.to_bf16, grid, 0, &out, args);
+    out
+}
+
+/// The problem's sizes, checked.
+struct Layout {
+    batch: usize,
+    heads: usize,
+    seq: usize,
+    keys: usize,
+    d: usize,
+}
+
+impl Layout {
+    fn new(q: &Tensor, k: &Tensor, mask: &Tensor) -> Self {
+        let (qs, ks, ms) = (q.meta.shape(), k.meta.shape(), mask.meta.shape());
+        let [batch, heads, seq, d] = [qs[0], qs[1], qs[2], qs[3]];
+        let keys = ks[2];
+        assert!(
+            ks[0] == batch && ks[1] == heads && ks[3] == d && keys >= seq,
+            "flash attention: k {ks:?} does not match q {qs:?}"
+        );
+        assert!(
+            (ms[0] == 1 || ms[0] == batch) && ms[1] == 1 && ms[2] == seq && ms[3] == keys,
+            "flash attention: mask {ms:?} for q {qs:?} and k {ks:?}"
+        );
+        Self {
+            batch,
+            heads,
+            seq,
+            keys,
+            d,
+        }
+    }
+
+    fn q_shape(&self) -> Shape {
+        Shape::new([self.batch, self.heads, self.seq, self.d])
+    }
+
+    fn kv_shape(&self) -> Shape {
+        Shape::new([self.batch, self.heads, self.keys, self.d])
+    }
+
+    fn lse_shape(&self) -> Shape {
+        Shape::new([self.batch, self.heads, self.seq, 1])
+    }
+
+    /// One block per [`BLOCK_ROWS`] of `rows`, per head, per batch row.
+    fn grid(&self, rows: usize) -> (u32, u32, u32) {
+        let blocks = rows.div_ceil(BLOCK_ROWS);
+        (u32_of(blocks), u32_of(self.heads), u32_of(self.batch))
+    }
+}
+
+/// An f32 operand the kernels read as float4s: the last dimension contiguous, the other strides
+/// and the start 16-byte aligned. Anything else is copied contiguous first.
+fn rows(t: Tensor) -> Tensor {
+    let t = last_contiguous(t);
+    let aligned = |t: &Tensor| {
+        let (shape, strides) = (t.meta.shape(), t.meta.strides());
+        let rank = shape.len();
+        let strides_aligned = shape[..rank - 1]
+            .iter()
+            .zip(&strides[..rank - 1])
+            .all(|(&size, &stride)| size == 1 || stride.is_multiple_of(4));
+        strides_aligned && pointer(t).is_multiple_of(16)
+    };
+    if aligned(&t) {
+        return t;
+    }
+    let t = into_contiguous(t);
+    assert!(aligned(&t), "a contiguous CUDA buffer is 16-byte aligned");
+    t
+}
+
+/// An f32 operand whose last dimension is contiguous (the mask, read one value at a time).
+fn last_contiguous(t: Tensor) -> Tensor {
+    let t = f32(t);
+    let shape = t.meta.shape();
+    if shape[shape.len() - 1] > 1 && t.meta.strides()[shape.len() - 1] != 1 {
+        into_contiguous(t)
+    } else {
+        t
+    }
+}
+
+/// The device address of the tensor's first element (the pooled offset included).
+fn pointer(t: &Tensor) -> u64 {
+    t.client
+        .get_resource(t.handle.clone())
+        .expect("CUDA buffer")
+        .resource()
+        .ptr
+}
+
+fn f32(t: Tensor) -> Tensor {
+    match t.dtype {
+        DType::F32 => t,
+        _ => Cube::float_cast(t, burn::tensor::FloatDType::F32),
+    }
+}
+
+fn empty(like: &Tensor, shape: Shape, dtype: DType) -> Tensor {
+    empty_device_contiguous_dtype(like.client.clone(), like.device.clone(), shape, dtype)
+}
+
+/// A kernel's arguments, in the order of its signature.
+#[derive(Default)]
+struct Args(Vec<Arg>);
+
+enum Arg {
+    Pointer(u64),
+    Size(i32),
+    Stride(i64),
+    Float(f32),
+}
+
+impl Args {
+    /// Device pointers (the pooled offset included); the caller keeps the tensors, and so their
+    /// memory, alive until the launch is queued.
+    fn pointers(&mut self, tensors: &[&Tensor]) {
+        for tensor in tensors {
+            self.0.push(Arg::Pointer(pointer(tensor)));
+        }
+    }
+
+    fn sizes(&mut self, layout: &Layout) {
+        for n in [layout.heads, layout.seq, layout.keys] {
+            self.int(n);
+        }
+    }
+
+    fn int(&mut self, n: usize) {
+        self.0
+            .push(Arg::Size(i32::try_from(n).expect("size under 2³¹")));
+    }
+
+    /// Batch, head and row strides, in elements.
+    fn strides(&mut self, tensors: &[&Tensor]) {
+        for tensor in tensors {
+            let (shape, strides) = (tensor.meta.shape(), tensor.meta.strides());
+            for dim in 0..3 {
+                let stride = if shape[dim] == 1 { 0 } else { strides[dim] };
+                self.0.push(Arg::Stride(stride as i64));
+            }
+        }
+    }
+
+    /// The mask's batch stride (0 when one mask serves every row) and row stride.
+    fn mask_strides(&mut self, mask: &Tensor) {
+        let (shape, strides) = (mask.meta.shape(), mask.meta.strides());
+        let batch = if shape[0] == 1 { 0 } else { strides[0] };
+        self.0.push(Arg::Stride(batch as i64));
+        self.0.push(Arg::Stride(strides[2] as i64));
+    }
+
+    fn float(&mut self, x: f32) {
+        self.0.push(Arg::Float(x));
+    }
+
+    /// What `cuLaunchKernel` takes: a pointer to each argument's value.
+    fn params(&mut self) -> Vec<*mut c_void> {
+        self.0
+            .iter_mut()
+            .map(|arg| match arg {
+                Arg::Pointer(x) => (x as *mut u64).cast(),
+                Arg::Size(x) => (x as *mut i32).cast(),
+                Arg::Stride(x) => (x as *mut i64).cast(),
+                Arg::Float(x) => (x as *mut f32).cast(),
+            })
+            .collect()
+    }
+}
+
+/// Queues `function` on the stream of `out`'s buffer (the calling thread's CubeCL stream).
+fn launch(
+    function: &CudaFunction,
+    grid: (u32, u32, u32),
+    shared: u32,
+    out: &Tensor,
+    mut args: Args,
+) {
+    if grid.0 == 0 || grid.1 == 0 || grid.2 == 0 {
+        return;
+    }
+    let stream = out
+        .client
+        .get_resource(out.handle.clone())
+        .expect("output buffer")
+        .resource()
+        .stream;
+    let mut params = args.params();
+    // SAFETY: the arguments match the kernel's signature in `attention.cu` (pointers to
+    // buffers that `args` keeps bound, i32 sizes, i64 strides, the f32 scale), and the launch
+    // is queued on the stream CubeCL orders these buffers' other work on.
+    unsafe {
+        super::context(out.device.index)
+            .bind_to_thread()
+            .expect("bind the CUDA context");
+        driver::launch_kernel(
+            function.cu_function(),
+            grid,
+            (THREADS, 1, 1),
+            shared,
+            stream.cast(),
+            &mut params,
+        )
+        .expect("launch a flash-attention kernel");
+    }
+}
+
+fn u32_of(n: usize) -> u32 {
+    u32::try_from(n).expect("grid dimension under 2³²")
+}
+
+/// The kernels for one head dimension on one device.
+struct Kernels {
+    to_bf16: CudaFunction,
+    forward: CudaFunction,
+    dq: CudaFunction,
+    dkdv: CudaFunction,
+    shared: SharedBytes,
+}
+
+/// Each kernel's dynamic shared memory, in bytes: the layouts `attention.cu` describes above
+/// each kernel (bf16 tiles of `d + 8` elements a row).
+struct SharedBytes {
+    forward: u32,
+    dq: u32,
+    dkdv: u32,
+}
+
+impl SharedBytes {
+    fn new(head_dim: usize) -> Self {
+        let row = 2 * (head_dim + 8);
+        let bytes = |rows: usize| u32_of(rows * row);
+        Self {
+            forward: bytes(2 * 2 * FWD_KEYS),
+            dq: bytes(2 * 2 * DQ_KEYS),
+            dkdv: bytes(2 * BLOCK_ROWS + 2 * 2 * KV_QUERIES),
+        }
+    }
+}
+
+fn kernels(device: usize, head_dim: usize) -> &'static Kernels {
+    static KERNELS: OnceLock<Mutex<HashMap<(usize, usize), &'static Kernels>>> = OnceLock::new();
+    let mut cache = KERNELS
+        .get_or_init(Default::default)
+        .lock()
+        .expect("kernels");
+    cache
+        .entry((device, head_dim))
+        .or_insert_with(|| Box::leak(Box::new(compile(device, head_dim))))
+}
+
+fn compile(device: usize, head_dim: usize) -> Kernels {
+    let (major, minor) = super::compute_capability(device);
+    let options = CompileOptions {
+        options: vec![
+            format!("--gpu-architecture=compute_{major}{minor}"),
+            format!("-DHEAD_DIM={head_dim}"),
+        ],
+        ..Default::default()
+    };
+    let ptx = compile_ptx_with_opts(SOURCE, options)
+        .unwrap_or_else(|e| panic!("NVRTC could not compile attention.cu: {e:?}"));
+    let module = super::context(device)
+        .load_module(ptx)
+        .expect("load the flash-attention module");
+    let shared = SharedBytes::new(head_dim);
+    let function = |name: &str, shared: u32| {
+        let function = module
+            .load_function(name)
+            .unwrap_or_else(|e| panic!("{name} in attention.cu: {e:?}"));
+        function
+            .set_attribute(
+                CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                i32::try_from(shared).expect("shared bytes"),
+            )
+            .unwrap_or_else(|e| panic!("{name}: {shared} bytes of shared memory: {e:?}"));
+        function
+    };
+    Kernels {
+        to_bf16: function("to_bf16", 0),
+        forward: function("attention_forward", shared.forward),
+        dq: function("attention_backward_dq", shared.dq),
+        dkdv: function("attention_backward_dkdv", shared.dkdv),
+        shared,
+    }
+}
