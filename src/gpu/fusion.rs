@@ -135,8 +135,8 @@ impl Operation<Runtime> for FlashBackward {
 }
 
 impl AttentionBackend for Fusion<Cube> {
-    fn fused_attention(q: &Tensor<Self, 4>) -> bool {
-        flash::supports(q.dims()[3], q.device().index)
+    fn fused_attention(head_dim: usize, device: &Self::Device) -> bool {
+        flash::supports(head_dim, device.index)
     }
 
     fn attention_forward(
@@ -147,7 +147,7 @@ impl AttentionBackend for Fusion<Cube> {
         scale: f64,
         causal: bool,
     ) -> (Tensor<Self, 4>, Tensor<Self, 4>) {
-        if !Self::fused_attention(&q) {
+        if !Self::fused_attention(q.dims()[3], &q.device()) {
             return sliced_forward(q, k, v, mask, scale);
         }
         let [batch, heads, seq, _] = q.dims();
@@ -169,7 +169,7 @@ impl AttentionBackend for Fusion<Cube> {
         saved: Saved<Self>,
         d_out: Tensor<Self, 4>,
     ) -> (Tensor<Self, 4>, Tensor<Self, 4>, Tensor<Self, 4>) {
-        if !Self::fused_attention(&saved.q) {
+        if !Self::fused_attention(saved.q.dims()[3], &saved.q.device()) {
             return sliced_backward(saved, d_out);
         }
         let delta = (d_out.clone() * saved.out).sum_dim(3);

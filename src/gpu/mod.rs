@@ -13,34 +13,49 @@ mod fusion;
 use std::sync::{Arc, Mutex, OnceLock};
 
 use cudarc::driver::CudaContext;
+use cudarc::driver::sys::CUdevice_attribute;
 
-/// The primary context of a device: the one CubeCL runs on.
-fn context(device: usize) -> Arc<CudaContext> {
-    static CONTEXTS: OnceLock<Mutex<Vec<Arc<CudaContext>>>> = OnceLock::new();
-    let mut contexts = CONTEXTS
+/// A device's primary context (the one CubeCL runs on) and the properties the kernels check,
+/// queried once: `flash::supports` asks on every attention call.
+struct Device {
+    context: Arc<CudaContext>,
+    /// `(major, minor)`, e.g. `(9, 0)` for an H100 or H200.
+    compute_capability: (i32, i32),
+    /// The most shared memory one block may ask for (with the opt-in attribute), in bytes.
+    max_shared_bytes: u32,
+}
+
+fn device(ordinal: usize) -> &'static Device {
+    static DEVICES: OnceLock<Mutex<Vec<&'static Device>>> = OnceLock::new();
+    let mut devices = DEVICES
         .get_or_init(Default::default)
         .lock()
-        .expect("contexts");
-    while contexts.len() <= device {
-        let ordinal = contexts.len();
-        contexts.push(CudaContext::new(ordinal).expect("CUDA primary context"));
+        .expect("devices");
+    while devices.len() <= ordinal {
+        let context = CudaContext::new(devices.len()).expect("CUDA primary context");
+        let compute_capability = context
+            .compute_capability()
+            .expect("query the compute capability");
+        let max_shared_bytes = context
+            .attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN)
+            .expect("query the shared memory per block");
+        devices.push(Box::leak(Box::new(Device {
+            context,
+            compute_capability,
+            max_shared_bytes: u32::try_from(max_shared_bytes).unwrap_or(0),
+        })));
     }
-    contexts[device].clone()
+    devices[ordinal]
 }
 
-/// `(major, minor)`, e.g. `(9, 0)` for an H100 or H200.
-fn compute_capability(device: usize) -> (i32, i32) {
-    context(device)
-        .compute_capability()
-        .expect("query the compute capability")
+fn context(ordinal: usize) -> Arc<CudaContext> {
+    device(ordinal).context.clone()
 }
 
-/// The most shared memory one block may ask for (with the opt-in attribute), in bytes.
-fn max_shared_bytes(device: usize) -> u32 {
-    let bytes = context(device)
-        .attribute(
-            cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN,
-        )
-        .expect("query the shared memory per block");
-    u32::try_from(bytes).unwrap_or(0)
+fn compute_capability(ordinal: usize) -> (i32, i32) {
+    device(ordinal).compute_capability
+}
+
+fn max_shared_bytes(ordinal: usize) -> u32 {
+    device(ordinal).max_shared_bytes
 }

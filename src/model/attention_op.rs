@@ -49,8 +49,9 @@ pub trait AttentionBackend: MatmulBackend {
     }
 
     /// Whether [`AttentionBackend::attention_forward`] and `attention_backward` are a fused
-    /// kernel for queries like `q` (then autodiff always takes them, at any size).
-    fn fused_attention(_q: &Tensor<Self, 4>) -> bool {
+    /// kernel for this head dimension on this device (then autodiff always takes them, at any
+    /// size).
+    fn fused_attention(_head_dim: usize, _device: &Self::Device) -> bool {
         false
     }
 
@@ -278,7 +279,7 @@ impl<B: AttentionBackend, C: CheckpointStrategy> AttentionBackend for Autodiff<B
         causal: bool,
     ) -> FloatTensor<Self> {
         let (q_in, k_in) = (t::<B>(q.primitive.clone()), t::<B>(k.primitive.clone()));
-        if B::fused_attention(&q_in) {
+        if B::fused_attention(q_in.dims()[3], &q_in.device()) {
             return tracked::<B, C>([q, k, v, mask], scale, causal, Kernel::Backend);
         }
         let slice = slice_len(&q_in, &k_in);
