@@ -64,12 +64,19 @@ enum Weight {
     Q4,
 }
 
-/// Runs every check with `B` the device's backend; returns the JSON lines, or fails listing
-/// those that missed their tolerance.
-pub fn run<B: FrozenLinearBackend>(device: &B::Device) -> Result<Vec<serde_json::Value>> {
+/// Runs every check with `B` the device's backend (the bf16 weight only where the device holds
+/// a bf16 base: `bf16`); returns the JSON lines, or fails listing those that missed their
+/// tolerance.
+pub fn run<B: FrozenLinearBackend>(
+    device: &B::Device,
+    bf16: bool,
+) -> Result<Vec<serde_json::Value>> {
     let mut lines = vec![trajectory::<Autodiff<B>>(device)?];
+    let weights = [Weight::Dense, Weight::DenseBf16, Weight::Q4]
+        .into_iter()
+        .filter(|&w| bf16 || w != Weight::DenseBf16);
     for (n, inp, out) in [(7, 64, 96), (256, 576, 1536), (1000, 2048, 512)] {
-        for weight in [Weight::Dense, Weight::DenseBf16, Weight::Q4] {
+        for weight in weights.clone() {
             lines.push(linear::<B>(device, n, inp, out, weight));
         }
     }

@@ -239,7 +239,12 @@ pub fn run() -> Result<()> {
         }
         Command::Bench {
             command: BenchCommand::Check { device },
-        } => run_on(device, DeviceCheckTask).map(|_| ()),
+        } => {
+            // The bf16 linear check runs where a bf16 base can: the same rule `model.dtype` obeys.
+            let bf16 =
+                crate::backend::base_storage(crate::recipe::Dtype::Bf16, None, device).is_ok();
+            run_on(device, DeviceCheckTask { bf16 }).map(|_| ())
+        }
         Command::Data {
             command: DataCommand::Report { recipe, overrides },
         } => {
@@ -391,12 +396,15 @@ impl BackendTask for BenchTask {
     }
 }
 
-struct DeviceCheckTask;
+struct DeviceCheckTask {
+    /// The device holds a bf16 base.
+    bf16: bool,
+}
 
 impl BackendTask for DeviceCheckTask {
     type Output = Vec<serde_json::Value>;
 
     fn run<B: FrozenLinearBackend + DeviceMemory>(self, device: B::Device) -> Result<Self::Output> {
-        crate::device_check::run::<B>(&device)
+        crate::device_check::run::<B>(&device, self.bf16)
     }
 }
