@@ -5,15 +5,17 @@
 //! - `trajectory`: the tiny shape trained for 20 steps on the device follows the CPU f32 run's
 //!   losses within 1e-2 relative. Same random weights (seeded on the host), the CPU run's initial
 //!   adapters copied to the device, the same batches.
-//! - `linear_dense`, `linear_q4`: the frozen linear (float, and 4-bit quantized) on the device
-//!   against float64 on the CPU, on random inputs (never zeros) at several shapes: `y = x Wᵀ`
-//!   and the input gradient `dx = r W` of `Σ r ⊙ y`.
+//! - `linear_dense`, `linear_q4` (and `_bf16` where the device holds a bf16 base): the frozen
+//!   linear (float, and 4-bit quantized, dequantized on the device) against float64 on the CPU,
+//!   on random inputs (never zeros) at several shapes: `y = x Wᵀ` and the input gradient
+//!   `dx = r W` of `Σ r ⊙ y`.
 //! - `attention`: the first attention layer of the tiny shape (projections, RoPE, causal
 //!   softmax, output projection) on random hidden states, device against float64.
 //! - `attention_grad`: the attention op on the device against the naive softmax form under the
 //!   CPU's f32 autodiff (the output and the gradients of q, k and v): the sliced op (its own
 //!   backward, slices of 64 queries) and the dispatch the model uses (the flash-attention kernels
-//!   on CUDA, `gpu/attention.cu`) at head dimensions 16 to 128, with cached keys, and with a packed
+//!   on CUDA, `gpu/attention.cu`) at head dimensions 16 to 128, with cached keys, with grouped
+//!   keys and values (fewer heads than the queries, read in place by the kernels), and with a packed
 //!   mask that differs per row.
 //!
 //! Errors are `max |device − reference| / max |reference|`, so one number per check reads the
@@ -30,6 +32,7 @@ use serde_json::json;
 use crate::bench::{Shape, plain_adamw, random_batch, random_model_files};
 use crate::lora::adapter::{from_vec, to_vec};
 use crate::lora::{AdapterSpec, inject};
+use crate::model::attention_op::repeat_kv;
 use crate::model::linear::{FrozenLinear, FrozenWeight};
 use crate::model::valid::TrainBackend;
 use crate::model::{Decoder, FrozenLinearBackend};
@@ -62,6 +65,14 @@ enum Weight {
     Dense,
     DenseBf16,
     Q4,
+    /// Dequantized to bf16 for the GEMM, as a bf16 base's quantized weights are.
+    Q4Bf16,
+}
+
+impl Weight {
+    fn bf16(self) -> bool {
+        matches!(self, Weight::DenseBf16 | Weight::Q4Bf16)
+    }
 }
 
 /// Runs every check with `B` the device's backend (the bf16 weight only where the device holds
@@ -72,9 +83,9 @@ pub fn run<B: FrozenLinearBackend>(
     bf16: bool,
 ) -> Result<Vec<serde_json::Value>> {
     let mut lines = vec![trajectory::<Autodiff<B>>(device)?];
-    let weights = [Weight::Dense, Weight::DenseBf16, Weight::Q4]
+    let weights = [Weight::Dense, Weight::DenseBf16, Weight::Q4, Weight::Q4Bf16]
         .into_iter()
-        .filter(|&w| bf16 || w != Weight::DenseBf16);
+        .filter(|&w| bf16 || !w.bf16());
     for (n, inp, out) in [(7, 64, 96), (256, 576, 1536), (1000, 2048, 512)] {
         for weight in weights.clone() {
             lines.push(linear::<B>(device, n, inp, out, weight));
@@ -221,13 +232,7 @@ fn linear<B: FrozenLinearBackend>(
     let x = uniform(&mut rng, n * inp, 1.0);
     let mut w = uniform(&mut rng, out * inp, 0.05);
     let r = uniform(&mut rng, n * out, 1.0);
-    if kind == Weight::DenseBf16 {
-        w = w
-            .iter()
-            .map(|&v| f64::from(half::bf16::from_f64(v)))
-            .collect();
-    }
-    let weight = if kind == Weight::Q4 {
+    let weight = if matches!(kind, Weight::Q4 | Weight::Q4Bf16) {
         let w32: Vec<f32> = w.iter().map(|&v| v as f32).collect();
         let q = crate::quant::quantize::quantize(&w32, out, inp, 4, 64).expect("valid geometry");
         w = q.dequantize().into_iter().map(f64::from).collect();
@@ -235,10 +240,16 @@ fn linear<B: FrozenLinearBackend>(
     } else {
         None
     };
+    if kind.bf16() {
+        w = w
+            .iter()
+            .map(|&v| f64::from(half::bf16::from_f64(v)))
+            .collect();
+    }
     let frozen = |device: &B::Device| -> FrozenLinear<Autodiff<B>> {
         FrozenLinear {
             weight: match &weight {
-                Some(q) => FrozenWeight::quantized((**q).clone(), false, device),
+                Some(q) => FrozenWeight::quantized((**q).clone(), kind.bf16(), device),
                 None if kind == Weight::DenseBf16 => FrozenWeight::Dense(Tensor::from_data(
                     TensorData::new(w.clone(), [out, inp]),
                     TensorCreationOptions::new(device.clone()).with_dtype(DType::BF16),
@@ -269,6 +280,7 @@ fn linear<B: FrozenLinearBackend>(
         Weight::Dense => ("linear_dense", KERNEL_TOLERANCE),
         Weight::DenseBf16 => ("linear_dense_bf16", BF16_TOLERANCE),
         Weight::Q4 => ("linear_q4", KERNEL_TOLERANCE),
+        Weight::Q4Bf16 => ("linear_q4_bf16", BF16_TOLERANCE),
     };
     json!({
         "check": check, "n": n, "in": inp, "out": out,
@@ -373,6 +385,8 @@ fn attention_tolerance<B: FrozenLinearBackend>(head_dim: usize, device: &B::Devi
 #[derive(Debug, Clone, Copy)]
 struct AttentionCase {
     heads: usize,
+    /// Query heads per key/value head (grouped-query attention; 1: every head its own).
+    group: usize,
     past: usize,
     seq: usize,
     head_dim: usize,
@@ -388,6 +402,7 @@ impl AttentionCase {
     const fn new(heads: usize, past: usize, seq: usize, head_dim: usize) -> Self {
         Self {
             heads,
+            group: 1,
             past,
             seq,
             head_dim,
@@ -397,7 +412,7 @@ impl AttentionCase {
         }
     }
 
-    const ALL: [Self; 9] = [
+    const ALL: [Self; 12] = [
         Self {
             sliced: true,
             ..Self::new(4, 0, 64, 32)
@@ -419,6 +434,19 @@ impl AttentionCase {
             packed: true,
             causal: false,
             ..Self::new(4, 0, 200, 64)
+        },
+        Self {
+            group: 4,
+            ..Self::new(8, 3, 300, 64)
+        },
+        Self {
+            group: 2,
+            ..Self::new(4, 0, 200, 128)
+        },
+        Self {
+            group: 4,
+            causal: false,
+            ..Self::new(8, 37, 1, 64)
         },
     ];
 
@@ -454,6 +482,7 @@ fn attention_grad<B: FrozenLinearBackend>(
 ) -> serde_json::Value {
     let AttentionCase {
         heads,
+        group,
         past,
         seq,
         head_dim: d,
@@ -462,13 +491,14 @@ fn attention_grad<B: FrozenLinearBackend>(
     let batch = 2;
     let mut rng = rand::rngs::StdRng::seed_from_u64((heads * 1000 + seq * 10 + d) as u64);
     let q = uniform(&mut rng, batch * heads * seq * d, 1.0);
-    let k = uniform(&mut rng, batch * heads * (past + seq) * d, 1.0);
-    let v = uniform(&mut rng, batch * heads * (past + seq) * d, 1.0);
+    let kv_heads = heads / group;
+    let k = uniform(&mut rng, batch * kv_heads * (past + seq) * d, 1.0);
+    let v = uniform(&mut rng, batch * kv_heads * (past + seq) * d, 1.0);
     let r = uniform(&mut rng, batch * heads * seq * d, 1.0);
     let (mask, mask_shape) = case.mask(batch);
     let scale = 1.0 / (d as f64).sqrt();
     let q_shape = [batch, heads, seq, d];
-    let kv_shape = [batch, heads, past + seq, d];
+    let kv_shape = [batch, kv_heads, past + seq, d];
 
     fn run<T: crate::model::valid::TrainBackend>(
         inputs: [(&[f64], [usize; 4]); 5],
@@ -509,6 +539,7 @@ fn attention_grad<B: FrozenLinearBackend>(
         ))
     });
     let want = run::<CpuTrain>(inputs, &Default::default(), |[q, k, v, m]| {
+        let (k, v) = (repeat_kv(k, group), repeat_kv(v, group));
         burn::tensor::activation::softmax(q.matmul(k.swap_dims(2, 3)).mul_scalar(scale) + m, 3)
             .matmul(v)
     });
@@ -525,7 +556,7 @@ fn attention_grad<B: FrozenLinearBackend>(
     };
     json!({
         "check": "attention_grad", "op": if case.sliced { "sliced" } else { "dispatch" },
-        "batch": batch, "heads": heads, "past": past, "seq": seq, "head_dim": d,
+        "batch": batch, "heads": heads, "kv_heads": kv_heads, "past": past, "seq": seq, "head_dim": d,
         "packed": case.packed, "causal": case.causal, "output_error": errors[0], "dq_error": errors[1],
         "dk_error": errors[2], "dv_error": errors[3], "tolerance": tolerance,
         "pass": worst <= tolerance,

@@ -2,8 +2,9 @@
 //
 // Compiled at run time by NVRTC (`src/gpu/flash.rs`) once per head dimension, `-DHEAD_DIM=d`
 // (a multiple of 16, at most 128). `to_bf16` first copies the operands that are re-read tile by
-// tile (K and V; scale·Q and dO in the backward pass) to contiguous bf16 `[batch·heads][rows][D]`,
-// which the kernels stream into shared memory with `cp.async`, double-buffered. The queries (and
+// tile (K and V; scale·Q and dO in the backward pass) to contiguous bf16 `[batch·heads][rows][D]`
+// (K and V at their own head count: with grouped-query attention, `group` consecutive query heads
+// read one kv head), which the kernels stream into shared memory with `cp.async`, double-buffered. The queries (and
 // dO in the dQ kernel), read once per block, come straight from the f32 tensors. Outputs are
 // contiguous f32.
 //
@@ -13,13 +14,18 @@
 //
 //   forward   (one block per 128 queries, keys in tiles of 64):
 //               m = running row max, l = running Σ exp(S − m), O = running Σ exp(S − m) V
-//               out = O / l        lse = m + log l
+//               out = O / l        lse = m + log l   (natural log, what the caller keeps)
 //   backward  D = rowsum(dO ⊙ out) (computed by the caller), P = exp(S − lse):
 //     dq kernel   (one block per 128 queries, keys in tiles of 32):
 //               dP = dO Vᵀ    dS = P ⊙ (dP − D)    dQ = scale · dS K
 //     dkdv kernel (one block per 128 keys, queries in tiles of 32):
 //               Sᵀ = K (scale·Q)ᵀ    Pᵀ = exp(Sᵀ − lse)    dV = Pᵀ dO
 //               dPᵀ = V dOᵀ          dSᵀ = Pᵀ ⊙ (dPᵀ − D)   dK = dSᵀ (scale·Q)
+//
+// Every exp(S − c) (c = m or lse, once per row) is 2^(S·log2 e − c·log2 e): one FFMA and one ex2
+// per score, as FlashAttention 2 does; S, m and lse themselves stay in natural units. With
+// `causal`, most tiles see no mask at all (every key of the tile at or before every query of the
+// warp): those skip it, and only the tiles on the diagonal or past the last key or query add it.
 //
 // Each warp owns 16 rows (queries, or keys in dkdv); the scores never leave its registers. Every
 // product is `mma.sync.m16n8k16` (bf16 in, f32 out), whose fragments are (g = lane / 4,
@@ -49,6 +55,7 @@ typedef unsigned short u16;
 typedef long long i64;
 
 #define NEG_INF (-__int_as_float(0x7f800000))
+#define LOG2E 1.4426950408889634f
 
 __device__ __forceinline__ u32 pack_bf16(float lo, float hi) {
     u32 r;
@@ -70,6 +77,14 @@ __device__ __forceinline__ void mma(float* c, u32 a0, u32 a1, u32 a2, u32 a3, u3
         "{%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"
         : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
         : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+}
+
+// 2^x in one instruction (MUFU.EX2); a result below 2^-126 flushes to 0, as a probability that
+// small may. 2^-inf = 0.
+__device__ __forceinline__ float exp2_approx(float x) {
+    float y;
+    asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+    return y;
 }
 
 __device__ __forceinline__ float row_max(float x) {
@@ -108,15 +123,16 @@ __device__ __forceinline__ void load_tile(u16* dst, const u16* src, int r0, int 
 }
 
 // The double-buffered stream of two row tiles (K and V, or scale·Q and dO): queues tile `it + 1`
-// (rows r0 + ROWS.., if it exists) into the buffer tile `it - 1` used, then waits for tile `it`.
-// The caller syncs the block after using a tile, before the next call overwrites its buffer.
+// of `tiles` (rows next_row.. of the [n][D] matrices a and b, if it exists) into the buffer tile
+// `it - 1` used, then waits for tile `it`. The caller syncs the block after using a tile, before
+// the next call overwrites its buffer.
 template <int ROWS>
 __device__ __forceinline__ void advance(u16* a_tiles, u16* b_tiles, const u16* a, const u16* b,
-                                        int it, int tiles, int r0, int n) {
+                                        int it, int tiles, int next_row, int n) {
     if (it + 1 < tiles) {
         const int next = (it + 1) & 1;
-        load_tile<ROWS>(a_tiles + next * ROWS * ROW, a, r0 + ROWS, n);
-        load_tile<ROWS>(b_tiles + next * ROWS * ROW, b, r0 + ROWS, n);
+        load_tile<ROWS>(a_tiles + next * ROWS * ROW, a, next_row, n);
+        load_tile<ROWS>(b_tiles + next * ROWS * ROW, b, next_row, n);
     }
     cp_commit();
     cp_wait<1>();
@@ -193,13 +209,51 @@ __device__ __forceinline__ void mul_cols(float (*acc)[4], const float (*x)[4], c
     }
 }
 
-// What the mask adds at (query, key): -inf past the last key; 0 on rows past the last query.
-__device__ __forceinline__ float bias(const float* mask, i64 ms, int causal, int past, int query,
-                                      int key, int seq, int keys) {
-    if (key >= keys) return NEG_INF;
-    if (query >= seq) return 0.f;
-    if (causal) return key <= past + query ? 0.f : NEG_INF;
-    return mask[(i64)query * ms + key];
+// The mask of one batch row: the tensor `at` ([seq][keys], row stride `stride`), or with
+// `causal` the rule alone (no query sees a key after `past + its index`, past = keys − seq).
+struct Mask {
+    const float* at;
+    i64 stride;
+    int causal, past, seq, keys;
+
+    // What it adds at (query, key): -inf past the last key; 0 on rows past the last query.
+    // CAUSAL is `causal`, known at compile time.
+    template <bool CAUSAL>
+    __device__ __forceinline__ float bias(int query, int key) const {
+        if (key >= keys) return NEG_INF;
+        if (query >= seq) return 0.f;
+        if (CAUSAL) return key <= past + query ? 0.f : NEG_INF;
+        return at[(i64)query * stride + key];
+    }
+
+    // Whether it adds 0 at every query q_lo..q_hi and key up to k_hi, all of them real: the
+    // causal rule lets q_lo see k_hi, and q_hi < seq (so k_hi ≤ past + q_lo < keys too).
+    __device__ __forceinline__ bool none(int q_lo, int q_hi, int k_hi) const {
+        return causal && q_hi < seq && k_hi <= past + q_lo;
+    }
+};
+
+// s += the mask on a warp's C fragments s[j] (rows r and r + 8, columns c0 + j·8 + 2t, +1):
+// rows are queries and columns keys, or with KEY_ROWS (the dK/dV kernel's Sᵀ) the other way.
+template <int TILES, bool KEY_ROWS, bool CAUSAL>
+__device__ __forceinline__ void add_mask_as(float (*s)[4], const Mask& mask, int r, int c0,
+                                            int t) {
+#pragma unroll
+    for (int j = 0; j < TILES; ++j) {
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+            const int c = c0 + j * 8 + 2 * t + e;
+            s[j][e] += KEY_ROWS ? mask.bias<CAUSAL>(c, r) : mask.bias<CAUSAL>(r, c);
+            s[j][2 + e] += KEY_ROWS ? mask.bias<CAUSAL>(c, r + 8) : mask.bias<CAUSAL>(r + 8, c);
+        }
+    }
+}
+
+// One branch on `causal` per tile, not one per score (which also keeps the registers down).
+template <int TILES, bool KEY_ROWS>
+__device__ __forceinline__ void add_mask(float (*s)[4], const Mask& mask, int r, int c0, int t) {
+    if (mask.causal) add_mask_as<TILES, KEY_ROWS, true>(s, mask, r, c0, t);
+    else add_mask_as<TILES, KEY_ROWS, false>(s, mask, r, c0, t);
 }
 
 // A C fragment of rows (r, r+8) written to a contiguous [n][D] f32 matrix, times `mul`.
@@ -238,12 +292,14 @@ extern "C" __global__ void __launch_bounds__(THREADS)
 #define FWD_KEYS 64
 
 // Grid (⌈seq / 128⌉, heads, batch); dynamic shared memory: K and V, [2][FWD_KEYS][ROW] each.
-// k, v: bf16 [batch·heads][keys][D]. out: [batch, heads, seq, D]; lse: [batch, heads, seq].
+// k, v: bf16 [batch·kv_heads][keys][D], query head h reading kv head h / group (grouped-query
+// attention: kv_heads = heads / group). out: [batch, heads, seq, D]; lse: [batch, heads, seq].
 extern "C" __global__ void __launch_bounds__(THREADS)
     attention_forward(const float* __restrict__ q, const u16* __restrict__ k,
-                      const u16* __restrict__ v, const float* __restrict__ mask,
+                      const u16* __restrict__ v, const float* __restrict__ mask_values,
                       float* __restrict__ out, float* __restrict__ lse, int heads, int seq,
-                      int keys, i64 qb, i64 qh, i64 qt, i64 mb, i64 mt, int causal, float scale) {
+                      int keys, int group, i64 qb, i64 qh, i64 qt, i64 mb, i64 mt, int causal,
+                      float scale) {
     extern __shared__ __align__(16) u16 shared[];
     u16* k_tiles = shared;
     u16* v_tiles = shared + 2 * FWD_KEYS * ROW;
@@ -251,11 +307,13 @@ extern "C" __global__ void __launch_bounds__(THREADS)
     const int b = blockIdx.z, h = blockIdx.y, q0 = blockIdx.x * 128;
     const int past = keys - seq;
     const i64 bh = (i64)b * heads + h;
+    const i64 kv = (i64)b * (heads / group) + h / group;
     q += b * qb + h * qh;
-    k += bh * keys * D;
-    v += bh * keys * D;
-    mask += b * mb;
-    const int r0 = q0 + warp * 16 + g, r1 = r0 + 8;
+    k += kv * keys * D;
+    v += kv * keys * D;
+    const Mask mask{mask_values + b * mb, mt, causal, past, seq, keys};
+    const int w0 = q0 + warp * 16; // this warp's first query
+    const int r0 = w0 + g, r1 = r0 + 8;
 
     const int key_end = min(keys, past + min(q0 + 128, seq));
     const int tiles = (key_end + FWD_KEYS - 1) / FWD_KEYS;
@@ -273,28 +331,29 @@ extern "C" __global__ void __launch_bounds__(THREADS)
         const int k0 = it * FWD_KEYS;
         const u16* ks = k_tiles + (it & 1) * FWD_KEYS * ROW;
         const u16* vs = v_tiles + (it & 1) * FWD_KEYS * ROW;
-        advance<FWD_KEYS>(k_tiles, v_tiles, k, v, it, tiles, k0, keys);
+        advance<FWD_KEYS>(k_tiles, v_tiles, k, v, it, tiles, k0 + FWD_KEYS, keys);
 
         float s[FWD_KEYS / 8][4];
         zero<FWD_KEYS / 8>(s);
+        // The mask goes in first, as the products' starting value: its loads are in flight
+        // under the tensor-core work, and the rest of the tile is one run of code.
+        if (!mask.none(w0, w0 + 15, k0 + FWD_KEYS - 1))
+            add_mask<FWD_KEYS / 8, false>(s, mask, r0, k0, t);
         mul_rows<FWD_KEYS / 8>(s, qa, ks, g, t);
 
         float x0 = NEG_INF, x1 = NEG_INF;
 #pragma unroll
         for (int j = 0; j < FWD_KEYS / 8; ++j) {
-#pragma unroll
-            for (int e = 0; e < 2; ++e) {
-                const int key = k0 + j * 8 + 2 * t + e;
-                s[j][e] += bias(mask, mt, causal, past, r0, key, seq, keys);
-                s[j][2 + e] += bias(mask, mt, causal, past, r1, key, seq, keys);
-                x0 = fmaxf(x0, s[j][e]);
-                x1 = fmaxf(x1, s[j][2 + e]);
-            }
+            x0 = fmaxf(x0, fmaxf(s[j][0], s[j][1]));
+            x1 = fmaxf(x1, fmaxf(s[j][2], s[j][3]));
         }
         const float n0 = fmaxf(m0, row_max(x0)), n1 = fmaxf(m1, row_max(x1));
-        // A row that has seen no key yet keeps m = -inf; subtracting 0 then keeps exp at 0.
-        const float base0 = n0 == NEG_INF ? 0.f : n0, base1 = n1 == NEG_INF ? 0.f : n1;
-        const float alpha0 = __expf(m0 - base0), alpha1 = __expf(m1 - base1);
+        // The new max in log2 units. A row that has seen no key yet keeps m = -inf; subtracting
+        // 0 then keeps exp at 0.
+        const float base0 = n0 == NEG_INF ? 0.f : n0 * LOG2E;
+        const float base1 = n1 == NEG_INF ? 0.f : n1 * LOG2E;
+        const float alpha0 = exp2_approx(fmaf(m0, LOG2E, -base0));
+        const float alpha1 = exp2_approx(fmaf(m1, LOG2E, -base1));
         m0 = n0;
         m1 = n1;
         l0 *= alpha0;
@@ -308,10 +367,10 @@ extern "C" __global__ void __launch_bounds__(THREADS)
         }
 #pragma unroll
         for (int j = 0; j < FWD_KEYS / 8; ++j) {
-            s[j][0] = __expf(s[j][0] - base0);
-            s[j][1] = __expf(s[j][1] - base0);
-            s[j][2] = __expf(s[j][2] - base1);
-            s[j][3] = __expf(s[j][3] - base1);
+            s[j][0] = exp2_approx(fmaf(s[j][0], LOG2E, -base0));
+            s[j][1] = exp2_approx(fmaf(s[j][1], LOG2E, -base0));
+            s[j][2] = exp2_approx(fmaf(s[j][2], LOG2E, -base1));
+            s[j][3] = exp2_approx(fmaf(s[j][3], LOG2E, -base1));
             l0 += s[j][0] + s[j][1];
             l1 += s[j][2] + s[j][3];
         }
@@ -331,14 +390,15 @@ extern "C" __global__ void __launch_bounds__(THREADS)
 #define DQ_KEYS 32
 
 // Grid (⌈seq / 128⌉, heads, batch); dynamic shared memory: K and V, [2][DQ_KEYS][ROW] each.
-// k, v: bf16 [batch·heads][keys][D]; lse, delta: [batch, heads, seq]; dq: [batch, heads, seq, D].
+// k, v: bf16 [batch·kv_heads][keys][D] (as in the forward kernel); lse, delta:
+// [batch, heads, seq]; dq: [batch, heads, seq, D].
 extern "C" __global__ void __launch_bounds__(THREADS)
     attention_backward_dq(const float* __restrict__ q, const u16* __restrict__ k,
-                          const u16* __restrict__ v, const float* __restrict__ mask,
+                          const u16* __restrict__ v, const float* __restrict__ mask_values,
                           const float* __restrict__ d_out, const float* __restrict__ lse,
                           const float* __restrict__ delta, float* __restrict__ dq, int heads,
-                          int seq, int keys, i64 qb, i64 qh, i64 qt, i64 mb, i64 mt, i64 ob,
-                          i64 oh, i64 ot, int causal, float scale) {
+                          int seq, int keys, int group, i64 qb, i64 qh, i64 qt, i64 mb, i64 mt,
+                          i64 ob, i64 oh, i64 ot, int causal, float scale) {
     extern __shared__ __align__(16) u16 shared[];
     u16* k_tiles = shared;
     u16* v_tiles = shared + 2 * DQ_KEYS * ROW;
@@ -346,14 +406,16 @@ extern "C" __global__ void __launch_bounds__(THREADS)
     const int b = blockIdx.z, h = blockIdx.y, q0 = blockIdx.x * 128;
     const int past = keys - seq;
     const i64 bh = (i64)b * heads + h;
+    const i64 kv = (i64)b * (heads / group) + h / group;
     q += b * qb + h * qh;
     d_out += b * ob + h * oh;
-    k += bh * keys * D;
-    v += bh * keys * D;
-    mask += b * mb;
+    k += kv * keys * D;
+    v += kv * keys * D;
+    const Mask mask{mask_values + b * mb, mt, causal, past, seq, keys};
     lse += bh * seq;
     delta += bh * seq;
-    const int r0 = q0 + warp * 16 + g, r1 = r0 + 8;
+    const int w0 = q0 + warp * 16; // this warp's first query
+    const int r0 = w0 + g, r1 = r0 + 8;
 
     const int key_end = min(keys, past + min(q0 + 128, seq));
     const int tiles = (key_end + DQ_KEYS - 1) / DQ_KEYS;
@@ -364,7 +426,9 @@ extern "C" __global__ void __launch_bounds__(THREADS)
     u32 qa[D / 16][4], da[D / 16][4];
     rows_a(qa, q, qt, r0, seq, scale, t);
     rows_a(da, d_out, ot, r0, seq, 1.f, t);
-    const float lse0 = r0 < seq ? lse[r0] : 0.f, lse1 = r1 < seq ? lse[r1] : 0.f;
+    // −lse in log2 units; -inf on rows past the last query, whose P is then 0.
+    const float nl0 = r0 < seq ? -lse[r0] * LOG2E : NEG_INF;
+    const float nl1 = r1 < seq ? -lse[r1] * LOG2E : NEG_INF;
     const float dl0 = r0 < seq ? delta[r0] : 0.f, dl1 = r1 < seq ? delta[r1] : 0.f;
     float acc[D / 8][4];
     zero<D / 8>(acc);
@@ -373,26 +437,22 @@ extern "C" __global__ void __launch_bounds__(THREADS)
         const int k0 = it * DQ_KEYS;
         const u16* ks = k_tiles + (it & 1) * DQ_KEYS * ROW;
         const u16* vs = v_tiles + (it & 1) * DQ_KEYS * ROW;
-        advance<DQ_KEYS>(k_tiles, v_tiles, k, v, it, tiles, k0, keys);
+        advance<DQ_KEYS>(k_tiles, v_tiles, k, v, it, tiles, k0 + DQ_KEYS, keys);
 
         float s[DQ_KEYS / 8][4], dp[DQ_KEYS / 8][4];
         zero<DQ_KEYS / 8>(s);
         zero<DQ_KEYS / 8>(dp);
         mul_rows<DQ_KEYS / 8>(s, qa, ks, g, t);
+        // Masked before dP exists: fewer registers live.
+        if (!mask.none(w0, w0 + 15, k0 + DQ_KEYS - 1))
+            add_mask<DQ_KEYS / 8, false>(s, mask, r0, k0, t);
         mul_rows<DQ_KEYS / 8>(dp, da, vs, g, t);
 #pragma unroll
         for (int j = 0; j < DQ_KEYS / 8; ++j) {
 #pragma unroll
             for (int e = 0; e < 2; ++e) {
-                const int key = k0 + j * 8 + 2 * t + e;
-                const float p0 = r0 < seq
-                    ? __expf(s[j][e] + bias(mask, mt, causal, past, r0, key, seq, keys) - lse0)
-                    : 0.f;
-                const float p1 = r1 < seq
-                    ? __expf(s[j][2 + e] + bias(mask, mt, causal, past, r1, key, seq, keys) - lse1)
-                    : 0.f;
-                s[j][e] = p0 * (dp[j][e] - dl0);
-                s[j][2 + e] = p1 * (dp[j][2 + e] - dl1);
+                s[j][e] = exp2_approx(fmaf(s[j][e], LOG2E, nl0)) * (dp[j][e] - dl0);
+                s[j][2 + e] = exp2_approx(fmaf(s[j][2 + e], LOG2E, nl1)) * (dp[j][2 + e] - dl1);
             }
         }
         mul_cols<DQ_KEYS / 16>(acc, s, ks, lane);
@@ -403,16 +463,18 @@ extern "C" __global__ void __launch_bounds__(THREADS)
 
 #define KV_QUERIES 32
 
-// Grid (⌈keys / 128⌉, heads, batch); dynamic shared memory: K and V [128][ROW] each, then
-// scale·Q and dO [2][KV_QUERIES][ROW] each. k, v, qs (= scale·Q), o (= dO): bf16
-// [batch·heads][rows][D]; lse, delta: [batch, heads, seq]; dk, dv: [batch, heads, keys, D].
+// Grid (⌈keys / 128⌉, kv_heads, batch); dynamic shared memory: K and V [128][ROW] each, then
+// scale·Q and dO [2][KV_QUERIES][ROW] each. k, v: bf16 [batch·kv_heads][keys][D]; qs (= scale·Q),
+// o (= dO): bf16 [batch·heads][seq][D]; lse, delta: [batch, heads, seq]; dk, dv:
+// [batch, kv_heads, keys, D]. A kv head's gradients sum over the `group` query heads that read
+// it: the block streams the query tiles of each in turn into the same accumulators.
 extern "C" __global__ void __launch_bounds__(THREADS)
     attention_backward_dkdv(const u16* __restrict__ qs, const u16* __restrict__ k,
-                            const u16* __restrict__ v, const float* __restrict__ mask,
+                            const u16* __restrict__ v, const float* __restrict__ mask_values,
                             const u16* __restrict__ o, const float* __restrict__ lse,
                             const float* __restrict__ delta, float* __restrict__ dk,
-                            float* __restrict__ dv, int heads, int seq, int keys, i64 mb, i64 mt,
-                            int causal) {
+                            float* __restrict__ dv, int heads, int seq, int keys, int group,
+                            i64 mb, i64 mt, int causal) {
     extern __shared__ __align__(16) u16 shared[];
     u16* k_rows = shared;
     u16* v_rows = k_rows + 128 * ROW;
@@ -420,22 +482,24 @@ extern "C" __global__ void __launch_bounds__(THREADS)
     u16* o_tiles = q_tiles + 2 * KV_QUERIES * ROW;
 
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
-    const int b = blockIdx.z, h = blockIdx.y, k0 = blockIdx.x * 128;
+    const int b = blockIdx.z, k0 = blockIdx.x * 128;
     const int past = keys - seq;
-    const i64 bh = (i64)b * heads + h;
+    const i64 kv = (i64)b * gridDim.y + blockIdx.y;
+    const i64 bh = (i64)b * heads + (i64)blockIdx.y * group; // the group's first query head
     qs += bh * seq * D;
     o += bh * seq * D;
-    k += bh * keys * D;
-    v += bh * keys * D;
-    mask += b * mb;
+    k += kv * keys * D;
+    v += kv * keys * D;
+    const Mask mask{mask_values + b * mb, mt, causal, past, seq, keys};
     lse += bh * seq;
     delta += bh * seq;
     const int w0 = warp * 16; // this warp's first key row within the block
-    const int key0 = k0 + w0 + g, key1 = key0 + 8;
+    const int key0 = k0 + w0 + g; // this lane's keys: key0, key0 + 8
 
     // The first query that may see key k0 is k0 - past.
     const int first = max(0, k0 - past) / KV_QUERIES * KV_QUERIES;
     const int tiles = first < seq ? (seq - first + KV_QUERIES - 1) / KV_QUERIES : 0;
+    const int steps = tiles * group; // tile it % tiles of query head it / tiles
     load_tile<128>(k_rows, k, k0, keys);
     load_tile<128>(v_rows, v, k0, keys);
     load_tile<KV_QUERIES>(q_tiles, qs, first, seq);
@@ -446,22 +510,27 @@ extern "C" __global__ void __launch_bounds__(THREADS)
     zero<D / 8>(dk_acc);
     zero<D / 8>(dv_acc);
 
-    for (int it = 0; it < tiles; ++it) {
-        const int c0 = first + it * KV_QUERIES;
+    for (int it = 0; it < steps; ++it) {
+        const int c0 = first + it % tiles * KV_QUERIES;
+        const float* lse_h = lse + (i64)(it / tiles) * seq;
+        const float* delta_h = delta + (i64)(it / tiles) * seq;
         const u16* qt = q_tiles + (it & 1) * KV_QUERIES * ROW;
         const u16* ot = o_tiles + (it & 1) * KV_QUERIES * ROW;
-        // This lane's queries in the tile: c0 + j·8 + 2t + e.
-        float lse_q[KV_QUERIES / 8][2], delta_q[KV_QUERIES / 8][2];
+        // This lane's queries in the tile: c0 + j·8 + 2t + e; their −lse in log2 units, -inf
+        // past the last query (P is then 0).
+        float nl_q[KV_QUERIES / 8][2], delta_q[KV_QUERIES / 8][2];
 #pragma unroll
         for (int j = 0; j < KV_QUERIES / 8; ++j) {
 #pragma unroll
             for (int e = 0; e < 2; ++e) {
                 const int query = c0 + j * 8 + 2 * t + e;
-                lse_q[j][e] = query < seq ? lse[query] : 0.f;
-                delta_q[j][e] = query < seq ? delta[query] : 0.f;
+                nl_q[j][e] = query < seq ? -lse_h[query] * LOG2E : NEG_INF;
+                delta_q[j][e] = query < seq ? delta_h[query] : 0.f;
             }
         }
-        advance<KV_QUERIES>(q_tiles, o_tiles, qs, o, it, tiles, c0, seq);
+        const i64 next_head = (i64)((it + 1) / tiles) * seq * D;
+        advance<KV_QUERIES>(q_tiles, o_tiles, qs + next_head, o + next_head, it, steps,
+                            first + (it + 1) % tiles * KV_QUERIES, seq);
 
         float st[KV_QUERIES / 8][4], dpt[KV_QUERIES / 8][4];
         zero<KV_QUERIES / 8>(st);
@@ -471,6 +540,9 @@ extern "C" __global__ void __launch_bounds__(THREADS)
             staged_a(ka, k_rows, w0, g, t);
             mul_rows<KV_QUERIES / 8>(st, ka, qt, g, t);
         }
+        // Masked before dPᵀ exists: fewer registers live.
+        if (!mask.none(c0, c0 + KV_QUERIES - 1, k0 + w0 + 15))
+            add_mask<KV_QUERIES / 8, true>(st, mask, key0, c0, t);
         {
             u32 va[D / 16][4];
             staged_a(va, v_rows, w0, g, t);
@@ -480,16 +552,8 @@ extern "C" __global__ void __launch_bounds__(THREADS)
         for (int j = 0; j < KV_QUERIES / 8; ++j) {
 #pragma unroll
             for (int e = 0; e < 2; ++e) {
-                const int query = c0 + j * 8 + 2 * t + e;
-                const bool live = query < seq;
-                const float p0 = live
-                    ? __expf(st[j][e] + bias(mask, mt, causal, past, query, key0, seq, keys)
-                             - lse_q[j][e])
-                    : 0.f;
-                const float p1 = live
-                    ? __expf(st[j][2 + e] + bias(mask, mt, causal, past, query, key1, seq, keys)
-                             - lse_q[j][e])
-                    : 0.f;
+                const float p0 = exp2_approx(fmaf(st[j][e], LOG2E, nl_q[j][e]));
+                const float p1 = exp2_approx(fmaf(st[j][2 + e], LOG2E, nl_q[j][e]));
                 st[j][e] = p0;
                 st[j][2 + e] = p1;
                 dpt[j][e] = p0 * (dpt[j][e] - delta_q[j][e]);
@@ -501,6 +565,6 @@ extern "C" __global__ void __launch_bounds__(THREADS)
         __syncthreads();
     }
     cp_wait<0>(); // when no query sees these keys, the first loads are still in flight
-    store_rows(dk + bh * keys * D, dk_acc, key0, keys, 1.f, 1.f, t);
-    store_rows(dv + bh * keys * D, dv_acc, key0, keys, 1.f, 1.f, t);
+    store_rows(dk + kv * keys * D, dk_acc, key0, keys, 1.f, 1.f, t);
+    store_rows(dv + kv * keys * D, dv_acc, key0, keys, 1.f, 1.f, t);
 }

@@ -13,7 +13,8 @@
 //! - **Precision.** bf16 operands (the frozen weights of a `dtype = "bf16"` run) run on bf16
 //!   tensor cores with f32 accumulation, the other operand cast to bf16 on the way in. Two f32
 //!   operands run with `CUBLAS_COMPUTE_32F_FAST_TF32`, which rounds like Burn's own f32 CUDA
-//!   matmul does (bench/NOTES.md, device check). The output is always f32.
+//!   matmul does (bench/NOTES.md, device check), except a matrix-vector product (full f32: it
+//!   is bandwidth-bound either way). The output is always f32.
 //! - **Ordering.** The GEMM is queued on the CUDA stream CubeCL runs the calling thread's kernels
 //!   on (exposed by our one-field patch of cubecl-cuda, `vendor/cubecl-cuda/PATCH.md`), so it
 //!   runs after the kernels that wrote its inputs and before those that read its output, and the
@@ -106,6 +107,11 @@ fn gemm(lhs: Tensor, rhs: Tensor, acc: Option<Tensor>) -> Tensor {
     let (data_type, compute) = match lhs.tensor.dtype {
         DType::BF16 => (
             blas::cudaDataType_t::CUDA_R_16BF,
+            blas::cublasComputeType_t::CUBLAS_COMPUTE_32F,
+        ),
+        // A matrix-vector product is bandwidth-bound: TF32 would lose precision for nothing.
+        _ if m == 1 || n == 1 => (
+            blas::cudaDataType_t::CUDA_R_32F,
             blas::cublasComputeType_t::CUBLAS_COMPUTE_32F,
         ),
         _ => (

@@ -6,22 +6,15 @@
 //! kernels read Q, K, V, dO and the mask and write only the outputs. Products run on bf16 tensor
 //! cores (`mma.sync`, f32 accumulation), as PyTorch's SDPA does in a bf16 run.
 
-use std::collections::HashMap;
-use std::ffi::c_void;
-use std::sync::{Mutex, OnceLock};
-
 use burn::tensor::ops::FloatTensorOps;
 use burn::tensor::{DType, Shape};
 use burn_cubecl::CubeBackend;
 use burn_cubecl::cubecl::cuda::CudaRuntime;
 use burn_cubecl::kernel::into_contiguous;
-use burn_cubecl::ops::numeric::empty_device_contiguous_dtype;
-use burn_cubecl::tensor::CubeTensor;
-use cudarc::driver::sys::CUfunction_attribute;
-use cudarc::driver::{CudaFunction, result as driver};
-use cudarc::nvrtc::{CompileOptions, compile_ptx_with_opts};
+use cudarc::driver::CudaFunction;
 
-type Tensor = CubeTensor<CudaRuntime>;
+use super::kernel::{self, Args, Tensor, empty, pointer, u32_of};
+
 type Cube = CubeBackend<CudaRuntime, f32, i32, u8>;
 
 const SOURCE: &str = include_str!("attention.cu");
@@ -45,7 +38,8 @@ pub fn supports(head_dim: usize, device: usize) -> bool {
 }
 
 /// `out = softmax(scale · q kᵀ + mask) v` and each query's log-sum-exp of its scores.
-/// `q`: `[batch, heads, seq, d]`; `k`, `v`: `[batch, heads, keys, d]`; `mask`: additive
+/// `q`: `[batch, heads, seq, d]`; `k`, `v`: `[batch, kv_heads, keys, d]`, kv head `h / group`
+/// serving query head `h` (`group = heads / kv_heads`, grouped-query attention); `mask`: additive
 /// `[1 or batch, 1, seq, keys]` in which no query sees a key after `keys − seq + its index`
 /// (with `causal`, exactly that rule, and the mask is not read)
 /// → (`[batch, heads, seq, d]`, `[batch, heads, seq, 1]`).
@@ -59,15 +53,15 @@ pub fn forward([q, k, v, mask]: [Tensor; 4], scale: f32, causal: bool) -> (Tenso
     let lse = empty(&q, layout.lse_shape(), DType::F32);
     let mut args = Args::default();
     args.pointers(&[&q, &k16, &v16, &mask, &out, &lse]);
-    args.sizes(&layout);
-    args.strides(&[&q]);
-    args.mask_strides(&mask);
+    sizes(&mut args, &layout);
+    strides(&mut args, &[&q]);
+    mask_strides(&mut args, &mask);
     args.int(causal.into());
     args.float(scale);
     let shared = kernels.shared.forward;
     launch(
         &kernels.forward,
-        layout.grid(layout.seq),
+        layout.grid(layout.seq, layout.heads),
         shared,
         &out,
         args,
@@ -94,16 +88,17 @@ pub fn backward(
 
     let mut args = Args::default();
     args.pointers(&[&q, &k16, &v16, &mask, &d_out, &lse, &delta, &dq]);
-    args.sizes(&layout);
-    args.strides(&[&q]);
-    args.mask_strides(&mask);
-    args.strides(&[&d_out]);
+    sizes(&mut args, &layout);
+    strides(&mut args, &[&q]);
+    mask_strides(&mut args, &mask);
+    strides(&mut args, &[&d_out]);
     args.int(causal.into());
     args.float(scale);
+    let shared = kernels.shared.dq;
     launch(
         &kernels.dq,
-        layout.grid(layout.seq),
-        kernels.shared.dq,
+        layout.grid(layout.seq, layout.heads),
+        shared,
         &dq,
         args,
     );
@@ -111,11 +106,12 @@ pub fn backward(
     let (q16, o16) = (to_bf16(kernels, &q, scale), to_bf16(kernels, &d_out, 1.0));
     let mut args = Args::default();
     args.pointers(&[&q16, &k16, &v16, &mask, &o16, &lse, &delta, &dk, &dv]);
-    args.sizes(&layout);
-    args.mask_strides(&mask);
+    sizes(&mut args, &layout);
+    mask_strides(&mut args, &mask);
     args.int(causal.into());
     let shared = kernels.shared.dkdv;
-    launch(&kernels.dkdv, layout.grid(layout.keys), shared, &dk, args);
+    let grid = layout.grid(layout.keys, layout.kv_heads);
+    launch(&kernels.dkdv, grid, shared, &dk, args);
     (dq, dk, dv)
 }
 
@@ -129,7 +125,7 @@ fn to_bf16(kernels: &Kernels, x: &Tensor, mul: f32) -> Tensor {
     args.pointers(&[x, &out]);
     args.int(heads);
     args.int(n);
-    args.strides(&[x]);
+    strides(&mut args, &[x]);
     args.float(mul);
     let blocks = (n * d).div_ceil(4 * THREADS as usize);
     let grid = (u32_of(blocks), u32_of(heads), u32_of(batch));
@@ -141,6 +137,9 @@ fn to_bf16(kernels: &Kernels, x: &Tensor, mul: f32) -> Tensor {
 struct Layout {
     batch: usize,
     heads: usize,
+    /// Heads of K and V: `heads / group` (grouped-query attention), each serving `group` query
+    /// heads.
+    kv_heads: usize,
     seq: usize,
     keys: usize,
     d: usize,
@@ -150,9 +149,13 @@ impl Layout {
     fn new(q: &Tensor, k: &Tensor, mask: &Tensor) -> Self {
         let (qs, ks, ms) = (q.meta.shape(), k.meta.shape(), mask.meta.shape());
         let [batch, heads, seq, d] = [qs[0], qs[1], qs[2], qs[3]];
-        let keys = ks[2];
+        let (kv_heads, keys) = (ks[1], ks[2]);
         assert!(
-            ks[0] == batch && ks[1] == heads && ks[3] == d && keys >= seq,
+            ks[0] == batch
+                && kv_heads > 0
+                && heads.is_multiple_of(kv_heads)
+                && ks[3] == d
+                && keys >= seq,
             "flash attention: k {ks:?} does not match q {qs:?}"
         );
         assert!(
@@ -162,6 +165,7 @@ impl Layout {
         Self {
             batch,
             heads,
+            kv_heads,
             seq,
             keys,
             d,
@@ -173,17 +177,17 @@ impl Layout {
     }
 
     fn kv_shape(&self) -> Shape {
-        Shape::new([self.batch, self.heads, self.keys, self.d])
+        Shape::new([self.batch, self.kv_heads, self.keys, self.d])
     }
 
     fn lse_shape(&self) -> Shape {
         Shape::new([self.batch, self.heads, self.seq, 1])
     }
 
-    /// One block per [`BLOCK_ROWS`] of `rows`, per head, per batch row.
-    fn grid(&self, rows: usize) -> (u32, u32, u32) {
+    /// One block per [`BLOCK_ROWS`] of `rows`, per head (of `heads` heads), per batch row.
+    fn grid(&self, rows: usize, heads: usize) -> (u32, u32, u32) {
         let blocks = rows.div_ceil(BLOCK_ROWS);
-        (u32_of(blocks), u32_of(self.heads), u32_of(self.batch))
+        (u32_of(blocks), u32_of(heads), u32_of(self.batch))
     }
 }
 
@@ -219,15 +223,6 @@ fn last_contiguous(t: Tensor) -> Tensor {
     }
 }
 
-/// The device address of the tensor's first element (the pooled offset included).
-fn pointer(t: &Tensor) -> u64 {
-    t.client
-        .get_resource(t.handle.clone())
-        .expect("CUDA buffer")
-        .resource()
-        .ptr
-}
-
 fn f32(t: Tensor) -> Tensor {
     match t.dtype {
         DType::F32 => t,
@@ -235,117 +230,33 @@ fn f32(t: Tensor) -> Tensor {
     }
 }
 
-fn empty(like: &Tensor, shape: Shape, dtype: DType) -> Tensor {
-    empty_device_contiguous_dtype(like.client.clone(), like.device.clone(), shape, dtype)
+/// The sizes every kernel takes: heads, seq, keys, and the query heads per kv head.
+fn sizes(args: &mut Args, layout: &Layout) {
+    let group = layout.heads / layout.kv_heads;
+    for n in [layout.heads, layout.seq, layout.keys, group] {
+        args.int(n);
+    }
 }
 
-/// A kernel's arguments, in the order of its signature.
-#[derive(Default)]
-struct Args(Vec<Arg>);
-
-enum Arg {
-    Pointer(u64),
-    Size(i32),
-    Stride(i64),
-    Float(f32),
-}
-
-impl Args {
-    /// Device pointers (the pooled offset included); the caller keeps the tensors, and so their
-    /// memory, alive until the launch is queued.
-    fn pointers(&mut self, tensors: &[&Tensor]) {
-        for tensor in tensors {
-            self.0.push(Arg::Pointer(pointer(tensor)));
+/// Batch, head and row strides (0 for a dimension of size 1).
+fn strides(args: &mut Args, tensors: &[&Tensor]) {
+    for tensor in tensors {
+        let (shape, strides) = (tensor.meta.shape(), tensor.meta.strides());
+        for dim in 0..3 {
+            args.long(if shape[dim] == 1 { 0 } else { strides[dim] });
         }
     }
-
-    fn sizes(&mut self, layout: &Layout) {
-        for n in [layout.heads, layout.seq, layout.keys] {
-            self.int(n);
-        }
-    }
-
-    fn int(&mut self, n: usize) {
-        self.0
-            .push(Arg::Size(i32::try_from(n).expect("size under 2³¹")));
-    }
-
-    /// Batch, head and row strides, in elements.
-    fn strides(&mut self, tensors: &[&Tensor]) {
-        for tensor in tensors {
-            let (shape, strides) = (tensor.meta.shape(), tensor.meta.strides());
-            for dim in 0..3 {
-                let stride = if shape[dim] == 1 { 0 } else { strides[dim] };
-                self.0.push(Arg::Stride(stride as i64));
-            }
-        }
-    }
-
-    /// The mask's batch stride (0 when one mask serves every row) and row stride.
-    fn mask_strides(&mut self, mask: &Tensor) {
-        let (shape, strides) = (mask.meta.shape(), mask.meta.strides());
-        let batch = if shape[0] == 1 { 0 } else { strides[0] };
-        self.0.push(Arg::Stride(batch as i64));
-        self.0.push(Arg::Stride(strides[2] as i64));
-    }
-
-    fn float(&mut self, x: f32) {
-        self.0.push(Arg::Float(x));
-    }
-
-    /// What `cuLaunchKernel` takes: a pointer to each argument's value.
-    fn params(&mut self) -> Vec<*mut c_void> {
-        self.0
-            .iter_mut()
-            .map(|arg| match arg {
-                Arg::Pointer(x) => (x as *mut u64).cast(),
-                Arg::Size(x) => (x as *mut i32).cast(),
-                Arg::Stride(x) => (x as *mut i64).cast(),
-                Arg::Float(x) => (x as *mut f32).cast(),
-            })
-            .collect()
-    }
 }
 
-/// Queues `function` on the stream of `out`'s buffer (the calling thread's CubeCL stream).
-fn launch(
-    function: &CudaFunction,
-    grid: (u32, u32, u32),
-    shared: u32,
-    out: &Tensor,
-    mut args: Args,
-) {
-    if grid.0 == 0 || grid.1 == 0 || grid.2 == 0 {
-        return;
-    }
-    let stream = out
-        .client
-        .get_resource(out.handle.clone())
-        .expect("output buffer")
-        .resource()
-        .stream;
-    let mut params = args.params();
-    // SAFETY: the arguments match the kernel's signature in `attention.cu` (pointers to
-    // buffers that `args` keeps bound, i32 sizes, i64 strides, the f32 scale), and the launch
-    // is queued on the stream CubeCL orders these buffers' other work on.
-    unsafe {
-        super::context(out.device.index)
-            .bind_to_thread()
-            .expect("bind the CUDA context");
-        driver::launch_kernel(
-            function.cu_function(),
-            grid,
-            (THREADS, 1, 1),
-            shared,
-            stream.cast(),
-            &mut params,
-        )
-        .expect("launch a flash-attention kernel");
-    }
+/// The mask's batch stride (0 when one mask serves every row) and row stride.
+fn mask_strides(args: &mut Args, mask: &Tensor) {
+    let (shape, strides) = (mask.meta.shape(), mask.meta.strides());
+    args.long(if shape[0] == 1 { 0 } else { strides[0] });
+    args.long(strides[2]);
 }
 
-fn u32_of(n: usize) -> u32 {
-    u32::try_from(n).expect("grid dimension under 2³²")
+fn launch(function: &CudaFunction, grid: (u32, u32, u32), shared: u32, out: &Tensor, args: Args) {
+    kernel::launch(function, grid, THREADS, shared, out, args);
 }
 
 /// The kernels for one head dimension on one device.
@@ -378,48 +289,23 @@ impl SharedBytes {
 }
 
 fn kernels(device: usize, head_dim: usize) -> &'static Kernels {
-    static KERNELS: OnceLock<Mutex<HashMap<(usize, usize), &'static Kernels>>> = OnceLock::new();
-    let mut cache = KERNELS
-        .get_or_init(Default::default)
-        .lock()
-        .expect("kernels");
-    cache
-        .entry((device, head_dim))
-        .or_insert_with(|| Box::leak(Box::new(compile(device, head_dim))))
+    static KERNELS: kernel::Cache<(usize, usize), Kernels> = kernel::Cache::new();
+    kernel::cached(&KERNELS, (device, head_dim), || compile(device, head_dim))
 }
 
 fn compile(device: usize, head_dim: usize) -> Kernels {
-    let (major, minor) = super::compute_capability(device);
-    let options = CompileOptions {
-        options: vec![
-            format!("--gpu-architecture=compute_{major}{minor}"),
-            format!("-DHEAD_DIM={head_dim}"),
-        ],
-        ..Default::default()
-    };
-    let ptx = compile_ptx_with_opts(SOURCE, options)
-        .unwrap_or_else(|e| panic!("NVRTC could not compile attention.cu: {e:?}"));
-    let module = super::context(device)
-        .load_module(ptx)
-        .expect("load the flash-attention module");
+    let module = kernel::module(
+        device,
+        "attention.cu",
+        SOURCE,
+        &[format!("HEAD_DIM={head_dim}")],
+    );
     let shared = SharedBytes::new(head_dim);
-    let function = |name: &str, shared: u32| {
-        let function = module
-            .load_function(name)
-            .unwrap_or_else(|e| panic!("{name} in attention.cu: {e:?}"));
-        function
-            .set_attribute(
-                CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-                i32::try_from(shared).expect("shared bytes"),
-            )
-            .unwrap_or_else(|e| panic!("{name}: {shared} bytes of shared memory: {e:?}"));
-        function
-    };
     Kernels {
-        to_bf16: function("to_bf16", 0),
-        forward: function("attention_forward", shared.forward),
-        dq: function("attention_backward_dq", shared.dq),
-        dkdv: function("attention_backward_dkdv", shared.dkdv),
+        to_bf16: kernel::function(&module, "to_bf16", 0),
+        forward: kernel::function(&module, "attention_forward", shared.forward),
+        dq: kernel::function(&module, "attention_backward_dq", shared.dq),
+        dkdv: kernel::function(&module, "attention_backward_dkdv", shared.dkdv),
         shared,
     }
 }

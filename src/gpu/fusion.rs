@@ -1,4 +1,5 @@
-//! The cuBLAS product and the flash-attention kernels as ops of Burn's fusion stream.
+//! The cuBLAS product, the flash-attention kernels and the dequantization pass as ops of Burn's
+//! fusion stream.
 //!
 //! `burn::backend::Cuda` is `Fusion<CubeBackend<..>>`: ops are recorded and run lazily so
 //! element-wise chains can be fused into one kernel. A custom op joins that stream as a
@@ -13,9 +14,10 @@ use burn_fusion::stream::{Operation, OperationStreams};
 use burn_fusion::{Fusion, FusionBackend, FusionRuntime};
 use burn_ir::{CustomOpIr, HandleContainer, OperationIr, OperationOutput, TensorIr};
 
-use super::{cublas, flash};
+use super::{cublas, dequant, flash};
 use crate::model::MatmulBackend;
 use crate::model::attention_op::{AttentionBackend, Saved, sliced_backward, sliced_forward};
+use crate::model::device_quant::DeviceQuantized;
 
 type Cube = CubeBackend<CudaRuntime, f32, i32, u8>;
 
@@ -91,6 +93,50 @@ impl MatmulBackend for Fusion<Cube> {
             )
             .output()
     }
+}
+
+/// `out = dequantize(words, scales, biases)`, as declared in `desc`.
+#[derive(Debug)]
+struct Dequantize {
+    desc: CustomOpIr,
+    bits: u32,
+    group: usize,
+}
+
+impl Operation<Runtime> for Dequantize {
+    fn execute(&self, handles: &mut HandleContainer<<Runtime as FusionRuntime>::FusionHandle>) {
+        let ([words, scales, biases], [out]) = self.desc.as_fixed();
+        let words = handles.get_int_tensor::<Cube>(words);
+        let scales = handles.get_float_tensor::<Cube>(scales);
+        let biases = handles.get_float_tensor::<Cube>(biases);
+        let dense = dequant::dequantize([words, scales, biases], self.bits, self.group, out.dtype);
+        handles.register_float_tensor::<Cube>(&out.id, dense);
+    }
+}
+
+/// `w` as the dense matrix its GEMM reads (bf16 for a bf16 base), in one kernel.
+pub fn dequantize(w: &DeviceQuantized<Fusion<Cube>>) -> FloatTensor<Fusion<Cube>> {
+    let words = w.words.clone().into_primitive();
+    let scales = w.scales.clone().into_primitive().tensor();
+    let biases = w.biases.clone().into_primitive().tensor();
+    let client = scales.client.clone();
+    let streams = OperationStreams::with_inputs([&words, &scales, &biases]);
+    let dtype = if w.bf16 { DType::BF16 } else { DType::F32 };
+    let out = TensorIr::uninit(
+        client.create_empty_handle(),
+        Shape::from(w.dims().to_vec()),
+        dtype,
+    );
+    let inputs = [words.into_ir(), scales.into_ir(), biases.into_ir()];
+    let desc = CustomOpIr::new("dequantize", &inputs, &[out]);
+    let op = Dequantize {
+        desc: desc.clone(),
+        bits: w.bits,
+        group: w.group,
+    };
+    client
+        .register(streams, OperationIr::Custom(desc), op)
+        .output()
 }
 
 /// `(out, lse) = attention(q, k, v, mask)`, as declared in `desc`.

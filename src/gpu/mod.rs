@@ -1,5 +1,5 @@
-//! CUDA-only pieces (built with `--features cuda`): the model's matrix products on cuBLAS and
-//! attention as flash-attention kernels.
+//! CUDA-only pieces (built with `--features cuda`): the model's matrix products on cuBLAS,
+//! attention as flash-attention kernels, and quantized weights dequantized in one pass.
 //!
 //! With the `cuda` feature, `burn::backend::Cuda<f32>` is `Fusion<CubeBackend<CudaRuntime, ..>>`:
 //! Burn records ops lazily and compiles element-wise chains into single kernels. The cuBLAS
@@ -7,8 +7,12 @@
 //! as custom ops (`fusion.rs`) and run on the `CubeTensor`s behind the fusion handles.
 
 mod cublas;
+mod dequant;
 mod flash;
 mod fusion;
+mod kernel;
+
+pub use fusion::dequantize;
 
 use std::sync::{Arc, Mutex, OnceLock};
 

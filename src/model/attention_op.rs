@@ -33,7 +33,8 @@ use super::matmul_op::{MatmulBackend, matmul};
 const MAX_SLICE_ELEMENTS: usize = 1 << 26;
 
 pub trait AttentionBackend: MatmulBackend {
-    /// `q`: `[batch, heads, seq, d]`; `k`, `v`: `[batch, heads, past + seq, d]`; `mask`:
+    /// `q`: `[batch, heads, seq, d]`; `k`, `v`: `[batch, heads, past + seq, d]` (fewer heads,
+    /// dividing `heads`, where [`AttentionBackend::fused_attention`]); `mask`:
     /// additive `[1 or batch, 1, seq, past + seq]`, each query seeing at least one key and no
     /// key after `past + its index`; `causal`: the mask is exactly that rule (a fused kernel need
     /// not read it) → `[batch, heads, seq, d]`.
@@ -99,7 +100,10 @@ pub fn sliced_backward<B: MatmulBackend>(
     backward(saved, d_out, slice)
 }
 
-/// [`AttentionBackend::model_attention`] on tensors.
+/// [`AttentionBackend::model_attention`] on tensors. `k` and `v` may have fewer heads than `q`
+/// (grouped-query attention: `[batch, kv_heads, keys, d]`, kv head `h / (heads / kv_heads)`
+/// serving query head `h`): a fused kernel reads them as they are, the other forms get them
+/// repeated to every query head.
 pub fn attention<B: AttentionBackend>(
     q: Tensor<B, 4>,
     k: Tensor<B, 4>,
@@ -108,7 +112,26 @@ pub fn attention<B: AttentionBackend>(
     scale: f64,
     causal: bool,
 ) -> Tensor<B, 4> {
+    let [_, heads, _, d] = q.dims();
+    let group = heads / k.dims()[1];
+    let (k, v) = if B::fused_attention(d, &q.device()) {
+        (k, v)
+    } else {
+        (repeat_kv(k, group), repeat_kv(v, group))
+    };
     t(B::model_attention(p(q), p(k), p(v), p(mask), scale, causal))
+}
+
+/// `[batch, kv_heads, len, d]` → `[batch, kv_heads * group, len, d]`, each kv head repeated for
+/// the `group` query heads that share it.
+pub fn repeat_kv<B: burn::tensor::backend::Backend>(x: Tensor<B, 4>, group: usize) -> Tensor<B, 4> {
+    if group == 1 {
+        return x;
+    }
+    let [b, h, len, d] = x.dims();
+    x.unsqueeze_dim::<5>(2)
+        .repeat_dim(2, group)
+        .reshape([b, h * group, len, d])
 }
 
 impl AttentionBackend for burn::backend::NdArray<f32> {}
@@ -270,6 +293,10 @@ impl<B: AttentionBackend> Backward<B, 3> for AttentionBackward {
 /// every query, the plain form differentiated by Burn (nothing to save, and no recomputation in
 /// the backward pass: about 8% of a SmolLM2 step on the CPU); otherwise the sliced op.
 impl<B: AttentionBackend, C: CheckpointStrategy> AttentionBackend for Autodiff<B, C> {
+    fn fused_attention(head_dim: usize, device: &Self::Device) -> bool {
+        B::fused_attention(head_dim, device)
+    }
+
     fn model_attention(
         q: FloatTensor<Self>,
         k: FloatTensor<Self>,

@@ -11,7 +11,7 @@
 //! logits = rmsnorm(h) W_headᵀ            (W_head = embedding when tied)
 //! ```
 
-use burn::tensor::{Tensor, activation};
+use burn::tensor::{FloatDType, Tensor};
 
 use super::attention_op::attention;
 use super::config::ModelConfig;
@@ -32,13 +32,16 @@ pub struct RmsNorm<B: FrozenLinearBackend> {
 impl<B: FrozenLinearBackend> RmsNorm<B> {
     /// Normalises over the last dimension.
     pub fn forward<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
-        let rms = x
-            .clone()
-            .square()
-            .mean_dim(D - 1)
-            .add_scalar(self.eps)
-            .sqrt();
-        x.div(rms) * self.weight.clone().unsqueeze::<D>()
+        self.forward_as(x, None)
+    }
+
+    /// [`Self::forward`] written in `dtype` (the next GEMM's input dtype) when given.
+    pub fn forward_as<const D: usize>(
+        &self,
+        x: Tensor<B, D>,
+        dtype: Option<FloatDType>,
+    ) -> Tensor<B, D> {
+        B::rms_norm(x, self.weight.clone(), self.eps, dtype)
     }
 }
 
@@ -109,27 +112,12 @@ impl<B: FrozenLinearBackend> Attention<B> {
             }
             *slot = Some((k.clone(), v.clone()));
         }
-        let group = self.num_heads / self.num_kv_heads;
-        let k = repeat_kv(k, group);
-        let v = repeat_kv(v, group);
         let scale = 1.0 / (self.head_dim as f64).sqrt();
         let out = attention(q, k, v, layout.mask.clone(), scale, layout.causal)
             .swap_dims(1, 2)
             .reshape([batch, seq, self.num_heads * self.head_dim]);
         self.o_proj.forward(out)
     }
-}
-
-/// `[batch, kv_heads, len, d]` → `[batch, kv_heads * group, len, d]`, each kv head repeated for
-/// the `group` query heads that share it.
-fn repeat_kv<B: FrozenLinearBackend>(x: Tensor<B, 4>, group: usize) -> Tensor<B, 4> {
-    if group == 1 {
-        return x;
-    }
-    let [b, h, len, d] = x.dims();
-    x.unsqueeze_dim::<5>(2)
-        .repeat_dim(2, group)
-        .reshape([b, h * group, len, d])
 }
 
 #[derive(Debug, Clone)]
@@ -142,8 +130,10 @@ pub struct Mlp<B: FrozenLinearBackend> {
 impl<B: FrozenLinearBackend> Mlp<B> {
     pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
         let x = self.gate_proj.gemm_input(x);
-        let gate = activation::silu(self.gate_proj.forward(x.clone()));
-        self.down_proj.forward(gate * self.up_proj.forward(x))
+        let gate = self.gate_proj.forward(x.clone());
+        let up = self.up_proj.forward(x);
+        let dtype = self.down_proj.input_dtype();
+        self.down_proj.forward(B::swiglu(gate, up, dtype))
     }
 }
 
@@ -194,11 +184,18 @@ impl<B: FrozenLinearBackend> Block<B> {
         layout: &AttentionLayout<B>,
         cache: Option<&mut LayerCache<B>>,
     ) -> Tensor<B, 3> {
+        let attn_dtype = self.self_attn.q_proj.input_dtype();
         let h = h.clone()
+            + self.self_attn.forward(
+                self.input_layernorm.forward_as(h, attn_dtype),
+                layout,
+                cache,
+            );
+        let mlp_dtype = self.mlp.gate_proj.input_dtype();
+        h.clone()
             + self
-                .self_attn
-                .forward(self.input_layernorm.forward(h), layout, cache);
-        h.clone() + self.mlp.forward(self.post_attention_layernorm.forward(h))
+                .mlp
+                .forward(self.post_attention_layernorm.forward_as(h, mlp_dtype))
     }
 }
 

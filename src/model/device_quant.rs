@@ -27,7 +27,7 @@ use burn::tensor::ops::FloatTensor;
 use burn::tensor::{ElementConversion, FloatDType, Int, Tensor, TensorData, TensorPrimitive};
 
 use super::frozen_op::FrozenLinearBackend;
-use super::matmul_op::{MatmulBackend, matmul};
+use super::matmul_op::matmul;
 use crate::quant::QuantizedMatrix;
 
 /// Bit widths whose codes never cross a 32-bit word.
@@ -105,8 +105,9 @@ impl<B: Backend> DeviceQuantized<B> {
         (codes * scales + biases).reshape([rows, cols])
     }
 
-    /// The matrix as the GEMM takes it: f32, or bf16.
-    fn for_gemm(&self) -> Tensor<B, 2> {
+    /// The matrix as the GEMM takes it: f32, or bf16 (a backend may do this in one pass:
+    /// [`FrozenLinearBackend::dequantize_for_gemm`]).
+    pub fn for_gemm(&self) -> Tensor<B, 2> {
         let w = self.dequantize();
         if self.bf16 {
             w.cast(FloatDType::BF16)
@@ -139,24 +140,31 @@ pub fn linear<B: FrozenLinearBackend>(x: Tensor<B, 2>, w: &DeviceQuantized<B>) -
 }
 
 /// The product on a backend without autodiff.
-pub fn forward<B: MatmulBackend>(x: FloatTensor<B>, w: &DeviceQuantized<B>) -> FloatTensor<B> {
+pub fn forward<B: FrozenLinearBackend>(
+    x: FloatTensor<B>,
+    w: &DeviceQuantized<B>,
+) -> FloatTensor<B> {
     let x = Tensor::<B, 2>::from_primitive(TensorPrimitive::Float(x));
-    matmul(x, w.for_gemm().transpose())
+    matmul(x, dense::<B>(w).transpose())
         .into_primitive()
         .tensor()
+}
+
+fn dense<B: FrozenLinearBackend>(w: &DeviceQuantized<B>) -> Tensor<B, 2> {
+    Tensor::from_primitive(TensorPrimitive::Float(B::dequantize_for_gemm(w)))
 }
 
 #[derive(Debug)]
 struct DeviceQuantizedBackward;
 
-impl<B: MatmulBackend> Backward<B, 1> for DeviceQuantizedBackward {
+impl<B: FrozenLinearBackend> Backward<B, 1> for DeviceQuantizedBackward {
     type State = DeviceQuantized<B>;
 
     fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, _: &mut Checkpointer) {
         let w = ops.state;
         unary::<B, _>(ops.parents, ops.node, grads, |dy| {
             let dy = Tensor::<B, 2>::from_primitive(TensorPrimitive::Float(dy));
-            matmul(dy, w.for_gemm()).into_primitive().tensor()
+            matmul(dy, dense::<B>(&w)).into_primitive().tensor()
         });
     }
 }

@@ -21,6 +21,7 @@ use burn::tensor::{Tensor, TensorData, TensorPrimitive};
 
 use super::attention_op::AttentionBackend;
 use super::device_quant::DeviceQuantized;
+use super::elementwise_op::ElementwiseBackend;
 use crate::quant::QuantizedMatrix;
 use crate::quant::packed_matmul::matmul_transposed;
 use crate::quant::tiled_matmul;
@@ -30,10 +31,16 @@ use crate::quant::tiled_matmul;
 /// running the backend's GEMM is faster.
 const PACKED_MATMUL_MAX_ROWS: usize = 32;
 
-pub trait FrozenLinearBackend: AttentionBackend {
+pub trait FrozenLinearBackend: AttentionBackend + ElementwiseBackend {
     /// Quantized weights live on the device and are dequantized there per use
     /// (`device_quant.rs`); otherwise they stay on the host, multiplied by host kernels.
     const DEVICE_QUANTIZED: bool = false;
+
+    /// A device-held quantized weight as the dense `[out, in]` matrix its GEMM reads (bf16 for
+    /// a bf16 base).
+    fn dequantize_for_gemm(w: &DeviceQuantized<Self>) -> FloatTensor<Self> {
+        w.for_gemm().into_primitive().tensor()
+    }
 
     /// `x`: `[n, in]` → `x · deq(W)ᵀ` for a device-held quantized weight.
     fn device_quantized_linear(
@@ -130,6 +137,10 @@ impl FrozenLinearBackend for burn::backend::NdArray<f64> {}
 #[cfg(feature = "cuda")]
 impl FrozenLinearBackend for burn::backend::Cuda<f32> {
     const DEVICE_QUANTIZED: bool = true;
+
+    fn dequantize_for_gemm(w: &DeviceQuantized<Self>) -> FloatTensor<Self> {
+        crate::gpu::dequantize(w)
+    }
 }
 
 #[cfg(feature = "metal")]

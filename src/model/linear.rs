@@ -116,14 +116,18 @@ impl<B: FrozenLinearBackend> FrozenLinear<B> {
         }
     }
 
-    /// `x` in the precision this linear's GEMM takes it: bf16 for a bf16 base. Projections that
-    /// share an input (q, k, v; gate, up) cast it once through the first of them, and the LoRA
-    /// product reuses the cast (reading half the bytes of the f32 activations).
+    /// The dtype this linear's GEMM reads its input in, when it is not the activations' own:
+    /// bf16 for a bf16 base. The ops that feed a projection (RMSNorm, SwiGLU) write it.
+    pub fn input_dtype(&self) -> Option<FloatDType> {
+        self.weight.multiplies_bf16().then_some(FloatDType::BF16)
+    }
+
+    /// `x` in the precision this linear's GEMM takes it (a no-op when the op that made `x`
+    /// already wrote [`Self::input_dtype`]). The LoRA product reuses the cast.
     pub fn gemm_input<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
-        if self.weight.multiplies_bf16() && x.dtype() != DType::BF16 {
-            x.cast(FloatDType::BF16)
-        } else {
-            x
+        match self.input_dtype() {
+            Some(dtype) if x.dtype() != dtype.into() => x.cast(dtype),
+            _ => x,
         }
     }
 

@@ -5,15 +5,16 @@
 //! computed (and its operand kept) only when the other side is tracked: a frozen weight costs no
 //! gradient and keeps no activation alive. `A·B + C` (a frozen projection summed onto its LoRA
 //! update) is one op too, so a GEMM that can accumulate (cuBLAS's β) saves the separate sum; its
-//! backward adds `dC = dY`.
+//! backward adds `dC = dY`. The backward products accumulate the same way: an input gradient
+//! lands on the gradient other consumers of that tensor already registered ([`add_product`]).
 
 use burn::backend::Autodiff;
 use burn::backend::autodiff::NodeId;
 use burn::backend::autodiff::checkpoint::base::Checkpointer;
 use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
 use burn::backend::autodiff::grads::Gradients;
-use burn::backend::autodiff::ops::{Backward, Ops, OpsKind, binary};
-use burn::tensor::backend::Backend;
+use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
+use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::ops::FloatTensor;
 use burn::tensor::{Tensor, TensorMetadata, TensorPrimitive};
 
@@ -72,16 +73,8 @@ impl<B: MatmulBackend> Backward<B, 2> for MatmulBackward {
     type State = (Option<NodeId>, Option<NodeId>);
 
     fn backward(self, ops: Ops<Self::State, 2>, grads: &mut Gradients, ckpt: &mut Checkpointer) {
-        let (lhs, rhs) = ops.state;
-        let lhs: Option<FloatTensor<B>> = lhs.map(|id| ckpt.retrieve_node_output(id));
-        let rhs: Option<FloatTensor<B>> = rhs.map(|id| ckpt.retrieve_node_output(id));
-        binary::<B, _, _>(
-            ops.parents,
-            ops.node,
-            grads,
-            |grad| lhs_grad::<B>(grad, rhs.expect("rhs kept for dA")),
-            |grad| rhs_grad::<B>(lhs.expect("lhs kept for dB"), grad),
-        );
+        let grad = grads.consume::<B>(&ops.node);
+        operand_grads::<B, _, 2>(&ops, ops.state, grad, grads, ckpt);
     }
 }
 
@@ -93,31 +86,57 @@ impl<B: MatmulBackend> Backward<B, 3> for MatmulAddBackward {
     type State = (Option<NodeId>, Option<NodeId>);
 
     fn backward(self, ops: Ops<Self::State, 3>, grads: &mut Gradients, ckpt: &mut Checkpointer) {
-        let (lhs, rhs) = ops.state;
         let grad = grads.consume::<B>(&ops.node);
-        let [lhs_node, rhs_node, acc_node] = ops.parents;
-        if let Some(node) = lhs_node {
-            let rhs = ckpt.retrieve_node_output(rhs.expect("rhs kept for dA"));
-            grads.register::<B>(node.id, lhs_grad::<B>(grad.clone(), rhs));
-        }
-        if let Some(node) = rhs_node {
-            let lhs = ckpt.retrieve_node_output(lhs.expect("lhs kept for dB"));
-            grads.register::<B>(node.id, rhs_grad::<B>(lhs, grad.clone()));
-        }
-        if let Some(node) = acc_node {
+        operand_grads::<B, _, 3>(&ops, ops.state, grad.clone(), grads, ckpt);
+        if let Some(node) = &ops.parents[2] {
             grads.register::<B>(node.id, grad);
         }
     }
 }
 
-/// `dA = dC · Bᵀ`
-fn lhs_grad<B: MatmulBackend>(grad: FloatTensor<B>, rhs: FloatTensor<B>) -> FloatTensor<B> {
-    B::model_matmul(grad, transpose::<B>(rhs))
+/// The gradients of the product's operands (parents 0 and 1): `dA = dC · Bᵀ`, `dB = Aᵀ · dC`.
+fn operand_grads<B: MatmulBackend, S, const N: usize>(
+    ops: &Ops<S, N>,
+    (lhs, rhs): (Option<NodeId>, Option<NodeId>),
+    grad: FloatTensor<B>,
+    grads: &mut Gradients,
+    ckpt: &mut Checkpointer,
+) {
+    if ops.parents[0].is_some() {
+        let rhs = ckpt.retrieve_node_output(rhs.expect("rhs kept for dA"));
+        add_product::<B, S, N>(ops, 0, grads, grad.clone(), transpose::<B>(rhs));
+    }
+    if ops.parents[1].is_some() {
+        let lhs = ckpt.retrieve_node_output(lhs.expect("lhs kept for dB"));
+        add_product::<B, S, N>(ops, 1, grads, transpose::<B>(lhs), grad);
+    }
 }
 
-/// `dB = Aᵀ · dC`
-fn rhs_grad<B: MatmulBackend>(lhs: FloatTensor<B>, grad: FloatTensor<B>) -> FloatTensor<B> {
-    B::model_matmul(transpose::<B>(lhs), grad)
+/// Adds `lhs · rhs` into the gradient of `ops.parents[parent]`. A gradient already there (from
+/// another consumer of the same tensor: q, k and v of one normed input, a frozen projection and
+/// its LoRA A-product) becomes the GEMM's accumulator (`model_matmul_add`, cuBLAS's β = 1 on
+/// CUDA) instead of being summed with the product by a separate kernel.
+fn add_product<B: MatmulBackend, S, const N: usize>(
+    ops: &Ops<S, N>,
+    parent: usize,
+    grads: &mut Gradients,
+    lhs: FloatTensor<B>,
+    rhs: FloatTensor<B>,
+) {
+    let Some(node) = &ops.parents[parent] else {
+        return;
+    };
+    let existing = {
+        // `Gradients` looks a gradient up by tensor: a leaf carrying the parent's node is the key.
+        let mut key = Autodiff::<B>::from_inner(lhs.clone());
+        key.node = node.clone();
+        grads.remove::<B>(&key)
+    };
+    let grad = match existing {
+        Some(acc) => B::model_matmul_add(lhs, rhs, acc),
+        None => B::model_matmul(lhs, rhs),
+    };
+    grads.register::<B>(node.id, grad);
 }
 
 fn transpose<B: Backend>(t: FloatTensor<B>) -> FloatTensor<B> {

@@ -4,6 +4,7 @@ pub mod attention_op;
 pub mod config;
 pub mod decoder;
 pub mod device_quant;
+pub mod elementwise_op;
 pub mod frozen_op;
 pub mod layout;
 pub mod linear;

@@ -6,24 +6,25 @@
 //! `ForCausalLMLoss` and mlx-lm compute it (mlx-lm also counts one padding token per row; we do
 //! not).
 
-use burn::tensor::{Int, Tensor, TensorData, activation::log_softmax, backend::Backend};
+use burn::tensor::{Int, Tensor, TensorData};
+
+use crate::model::elementwise_op::ElementwiseBackend;
 
 /// Returns the mean loss (a 1-element tensor) and the number of positions it averaged.
-pub fn masked_cross_entropy<B: Backend>(
+pub fn masked_cross_entropy<B: ElementwiseBackend>(
     logits: Tensor<B, 3>,
     targets: &[u32],
     mask: &[f32],
 ) -> (Tensor<B, 1>, usize) {
-    let [batch, seq, _] = logits.dims();
+    let [batch, seq, vocab] = logits.dims();
+    let rows = batch * seq;
     let device = logits.device();
     let targets: Vec<i64> = targets.iter().map(|&t| i64::from(t)).collect();
-    let targets =
-        Tensor::<B, 3, Int>::from_data(TensorData::new(targets, [batch, seq, 1]), &device);
+    let targets = Tensor::<B, 2, Int>::from_data(TensorData::new(targets, [rows, 1]), &device);
     let count = mask.iter().filter(|&&m| m > 0.0).count();
-    let mask = Tensor::<B, 2>::from_data(TensorData::new(mask.to_vec(), [batch, seq]), &device);
-    let picked = log_softmax(logits, 2)
-        .gather(2, targets)
-        .reshape([batch, seq]);
-    let total = (picked * mask).sum().neg();
-    (total.div_scalar(count.max(1) as f64), count)
+    // The mean over masked positions as weights: a position's mask over the count.
+    let weights: Vec<f32> = mask.iter().map(|&m| m / count.max(1) as f32).collect();
+    let weights = Tensor::<B, 2>::from_data(TensorData::new(weights, [rows, 1]), &device);
+    let loss = B::cross_entropy(logits.reshape([rows, vocab]), targets, weights);
+    (loss, count)
 }

@@ -99,8 +99,12 @@ impl DeviceService for CudaServer {
             cuDeviceTotalMem_v2(bytes.as_mut_ptr(), device_ptr);
             bytes.assume_init() as u64
         };
+        // loraforge: pages of at most 8 GiB (upstream: a quarter of the device's memory). The
+        // pool reserves whole pages, and its sub-pools' pages are fractions of this size, so on
+        // a 141 GB H200 a 1 GB activation took an 8.8 GB page (5 GB on an 80 GB H100): what a
+        // run reserved depended on the card. See PATCH.md.
         let mem_properties = MemoryDeviceProperties {
-            max_page_size: max_memory / 4,
+            max_page_size: (max_memory / 4).min(8 << 30),
             alignment: mem_alignment as u64,
         };
 

@@ -1,0 +1,63 @@
+//! A quantized base weight to the dense matrix its GEMM reads, in one pass of `dequant.cu`
+//! (QLoRA). Burn's integer and float ops took several passes and a full-size i32 intermediate
+//! (2 GB for Llama 3's 128256-row head).
+
+use burn::tensor::{DType, Shape};
+use burn_cubecl::kernel::into_contiguous;
+use cudarc::driver::CudaFunction;
+
+use super::kernel::{self, Args, Tensor, empty, u32_of};
+
+const SOURCE: &str = include_str!("dequant.cu");
+const THREADS: u32 = 256;
+
+/// `words`: i32 `[rows, cols · bits / 32]`; `scales`, `biases`: f32 `[rows, cols / group]`
+/// → `[rows, cols]` in `dtype` (bf16 or f32).
+pub fn dequantize(
+    [words, scales, biases]: [Tensor; 3],
+    bits: u32,
+    group: usize,
+    dtype: DType,
+) -> Tensor {
+    let [words, scales, biases] = [words, scales, biases].map(into_contiguous);
+    let shape = words.meta.shape();
+    let (rows, words_per_row) = (shape[0], shape[1]);
+    let per_word = 32 / bits as usize;
+    assert!(
+        group.is_multiple_of(per_word),
+        "a group of {group} splits the {per_word} codes of a {bits}-bit word"
+    );
+    let out = empty(&scales, Shape::new([rows, words_per_row * per_word]), dtype);
+    let kernels = kernels(words.device.index, bits);
+    let function = match dtype {
+        DType::BF16 => &kernels.bf16,
+        DType::F32 => &kernels.f32,
+        other => panic!("dequantizing to {other:?}: only bf16 and f32"),
+    };
+    let n_words = rows * words_per_row;
+    let mut args = Args::default();
+    args.pointers(&[&words, &scales, &biases, &out]);
+    args.long(n_words);
+    args.int(words_per_row);
+    args.int(group);
+    let grid = (u32_of(n_words.div_ceil(THREADS as usize)), 1, 1);
+    kernel::launch(function, grid, THREADS, 0, &out, args);
+    out
+}
+
+/// The kernels for one bit width on one device.
+struct Kernels {
+    bf16: CudaFunction,
+    f32: CudaFunction,
+}
+
+fn kernels(device: usize, bits: u32) -> &'static Kernels {
+    static KERNELS: kernel::Cache<(usize, u32), Kernels> = kernel::Cache::new();
+    kernel::cached(&KERNELS, (device, bits), || {
+        let module = kernel::module(device, "dequant.cu", SOURCE, &[format!("BITS={bits}")]);
+        Kernels {
+            bf16: kernel::function(&module, "dequantize_bf16", 0),
+            f32: kernel::function(&module, "dequantize_f32", 0),
+        }
+    })
+}

@@ -1,0 +1,172 @@
+//! Our own CUDA C kernels (`*.cu` beside this file): compiled by NVRTC at run time for the
+//! device's compute capability (no CUDA toolkit at build time), launched on CubeCL's stream over
+//! Burn's CUDA buffers, as `cublas.rs` runs its GEMMs.
+
+use std::collections::HashMap;
+use std::ffi::c_void;
+use std::hash::Hash;
+use std::sync::{Arc, Mutex, OnceLock};
+
+use burn::tensor::{DType, Shape};
+use burn_cubecl::cubecl::cuda::CudaRuntime;
+use burn_cubecl::ops::numeric::empty_device_contiguous_dtype;
+use burn_cubecl::tensor::CubeTensor;
+use cudarc::driver::sys::CUfunction_attribute;
+use cudarc::driver::{CudaFunction, CudaModule, result as driver};
+use cudarc::nvrtc::{CompileOptions, compile_ptx_with_opts};
+
+pub type Tensor = CubeTensor<CudaRuntime>;
+
+/// `source` (`name` in messages) compiled for `device` with `-D` definitions `defines`.
+pub fn module(device: usize, name: &str, source: &str, defines: &[String]) -> Arc<CudaModule> {
+    let (major, minor) = super::compute_capability(device);
+    let mut options = vec![format!("--gpu-architecture=compute_{major}{minor}")];
+    options.extend(defines.iter().map(|d| format!("-D{d}")));
+    let options = CompileOptions {
+        options,
+        ..Default::default()
+    };
+    let ptx = compile_ptx_with_opts(source, options)
+        .unwrap_or_else(|e| panic!("NVRTC could not compile {name}: {e:?}"));
+    super::context(device)
+        .load_module(ptx)
+        .unwrap_or_else(|e| panic!("load the module of {name}: {e:?}"))
+}
+
+/// Kernels built once per `key` (a device and a variant) and kept for the life of the process.
+pub type Cache<K, V> = OnceLock<Mutex<HashMap<K, &'static V>>>;
+
+/// The entry of `cache` for `key`, built by `build` the first time.
+pub fn cached<K: Eq + Hash, V>(
+    cache: &'static Cache<K, V>,
+    key: K,
+    build: impl FnOnce() -> V,
+) -> &'static V {
+    let mut entries = cache.get_or_init(Default::default).lock().expect("kernels");
+    entries
+        .entry(key)
+        .or_insert_with(|| Box::leak(Box::new(build())))
+}
+
+/// Kernel `name` of `module`, allowed `shared` bytes of dynamic shared memory.
+pub fn function(module: &Arc<CudaModule>, name: &str, shared: u32) -> CudaFunction {
+    let function = module
+        .load_function(name)
+        .unwrap_or_else(|e| panic!("kernel {name}: {e:?}"));
+    if shared > 0 {
+        function
+            .set_attribute(
+                CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                i32::try_from(shared).expect("shared bytes"),
+            )
+            .unwrap_or_else(|e| panic!("{name}: {shared} bytes of shared memory: {e:?}"));
+    }
+    function
+}
+
+/// The device address of the tensor's first element (the pooled offset included).
+pub fn pointer(t: &Tensor) -> u64 {
+    t.client
+        .get_resource(t.handle.clone())
+        .expect("CUDA buffer")
+        .resource()
+        .ptr
+}
+
+/// A new contiguous tensor on `like`'s device.
+pub fn empty(like: &Tensor, shape: Shape, dtype: DType) -> Tensor {
+    empty_device_contiguous_dtype(like.client.clone(), like.device.clone(), shape, dtype)
+}
+
+pub fn u32_of(n: usize) -> u32 {
+    u32::try_from(n).expect("grid dimension under 2³²")
+}
+
+/// A kernel's arguments, in the order of its signature.
+#[derive(Default)]
+pub struct Args(Vec<Arg>);
+
+enum Arg {
+    Pointer(u64),
+    Int(i32),
+    Long(i64),
+    Float(f32),
+}
+
+impl Args {
+    /// Device pointers (the pooled offset included); the caller keeps the tensors, and so their
+    /// memory, alive until the launch is queued.
+    pub fn pointers(&mut self, tensors: &[&Tensor]) {
+        for tensor in tensors {
+            self.0.push(Arg::Pointer(pointer(tensor)));
+        }
+    }
+
+    /// An `int`.
+    pub fn int(&mut self, n: usize) {
+        self.0
+            .push(Arg::Int(i32::try_from(n).expect("size under 2³¹")));
+    }
+
+    /// A `long long` (strides and element counts).
+    pub fn long(&mut self, n: usize) {
+        self.0
+            .push(Arg::Long(i64::try_from(n).expect("size under 2⁶³")));
+    }
+
+    pub fn float(&mut self, x: f32) {
+        self.0.push(Arg::Float(x));
+    }
+
+    /// What `cuLaunchKernel` takes: a pointer to each argument's value.
+    fn params(&mut self) -> Vec<*mut c_void> {
+        self.0
+            .iter_mut()
+            .map(|arg| match arg {
+                Arg::Pointer(x) => (x as *mut u64).cast(),
+                Arg::Int(x) => (x as *mut i32).cast(),
+                Arg::Long(x) => (x as *mut i64).cast(),
+                Arg::Float(x) => (x as *mut f32).cast(),
+            })
+            .collect()
+    }
+}
+
+/// Queues `function` on the stream of `out`'s buffer (the calling thread's CubeCL stream).
+/// `args` must match the kernel's signature.
+pub fn launch(
+    function: &CudaFunction,
+    grid: (u32, u32, u32),
+    threads: u32,
+    shared: u32,
+    out: &Tensor,
+    mut args: Args,
+) {
+    if grid.0 == 0 || grid.1 == 0 || grid.2 == 0 {
+        return;
+    }
+    let stream = out
+        .client
+        .get_resource(out.handle.clone())
+        .expect("output buffer")
+        .resource()
+        .stream;
+    let mut params = args.params();
+    // SAFETY: the callers build `args` in the order and types of the kernel's signature
+    // (pointers to buffers the caller keeps alive, i32 sizes, i64 strides, f32 scalars), and the
+    // launch is queued on the stream CubeCL orders these buffers' other work on.
+    unsafe {
+        super::context(out.device.index)
+            .bind_to_thread()
+            .expect("bind the CUDA context");
+        driver::launch_kernel(
+            function.cu_function(),
+            grid,
+            (threads, 1, 1),
+            shared,
+            stream.cast(),
+            &mut params,
+        )
+        .unwrap_or_else(|e| panic!("launch a kernel: {e:?}"));
+    }
+}
