@@ -50,6 +50,11 @@ pub fn matmul_add(lhs: Tensor, rhs: Tensor, acc: Tensor) -> Tensor {
     if acc.dtype == DType::F32 && acc.is_contiguous() && acc.can_mut() {
         gemm(lhs, rhs, Some(acc))
     } else {
+        // The product is f32; CubeCL's binary ops read both sides in the left one's dtype.
+        let acc = match acc.dtype {
+            DType::F32 => acc,
+            _ => Cube::float_cast(acc, burn::tensor::FloatDType::F32),
+        };
         Cube::float_add(matmul(lhs, rhs), acc)
     }
 }

@@ -19,6 +19,17 @@ pub fn dequantize(
     group: usize,
     dtype: DType,
 ) -> Tensor {
+    assert!(
+        matches!(words.dtype, DType::I32 | DType::U32),
+        "packed words as 32-bit integers, not {:?}",
+        words.dtype
+    );
+    assert!(
+        scales.dtype == DType::F32 && biases.dtype == DType::F32,
+        "f32 scales and biases, not {:?} / {:?}",
+        scales.dtype,
+        biases.dtype
+    );
     let [words, scales, biases] = [words, scales, biases].map(into_contiguous);
     let shape = words.meta.shape();
     let (rows, words_per_row) = (shape[0], shape[1]);

@@ -82,9 +82,17 @@ impl<B: FrozenLinearBackend> KvCache<B> {
 }
 
 impl<B: FrozenLinearBackend> Attention<B> {
-    fn heads(&self, x: Tensor<B, 3>, heads: usize) -> Tensor<B, 4> {
-        let [batch, seq, _] = x.dims();
-        x.reshape([batch, seq, heads, self.head_dim])
+    /// `linear` applied to the rows `x` of `[batch, seq]` positions, as `[batch, heads, seq, d]`.
+    fn heads(
+        &self,
+        linear: &FrozenLinear<B>,
+        x: Tensor<B, 2>,
+        [batch, seq]: [usize; 2],
+        heads: usize,
+    ) -> Tensor<B, 4> {
+        linear
+            .forward_rows(x)
+            .reshape([batch, seq, heads, self.head_dim])
             .swap_dims(1, 2)
     }
 
@@ -94,11 +102,14 @@ impl<B: FrozenLinearBackend> Attention<B> {
         layout: &AttentionLayout<B>,
         cache: Option<&mut LayerCache<B>>,
     ) -> Tensor<B, 3> {
-        let [batch, seq, _] = x.dims();
-        let x = self.q_proj.gemm_input(x);
-        let mut q = self.heads(self.q_proj.forward(x.clone()), self.num_heads);
-        let mut k = self.heads(self.k_proj.forward(x.clone()), self.num_kv_heads);
-        let mut v = self.heads(self.v_proj.forward(x), self.num_kv_heads);
+        let [batch, seq, features] = x.dims();
+        // One `[n, in]` tensor for the three projections: their input gradients accumulate in
+        // one buffer.
+        let x = self.q_proj.gemm_input(x).reshape([batch * seq, features]);
+        let shape = [batch, seq];
+        let mut q = self.heads(&self.q_proj, x.clone(), shape, self.num_heads);
+        let mut k = self.heads(&self.k_proj, x.clone(), shape, self.num_kv_heads);
+        let mut v = self.heads(&self.v_proj, x, shape, self.num_kv_heads);
         if let (Some(qn), Some(kn)) = (&self.q_norm, &self.k_norm) {
             q = qn.forward(q);
             k = kn.forward(k);
@@ -129,11 +140,22 @@ pub struct Mlp<B: FrozenLinearBackend> {
 
 impl<B: FrozenLinearBackend> Mlp<B> {
     pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
-        let x = self.gate_proj.gemm_input(x);
-        let gate = self.gate_proj.forward(x.clone());
-        let up = self.up_proj.forward(x);
-        let dtype = self.down_proj.input_dtype();
-        self.down_proj.forward(B::swiglu(gate, up, dtype))
+        let [batch, seq, features] = x.dims();
+        // One `[n, in]` tensor for gate and up, as for q, k and v.
+        let x = self
+            .gate_proj
+            .gemm_input(x)
+            .reshape([batch * seq, features]);
+        let gate = self.gate_proj.forward_rows(x.clone());
+        let up = self.up_proj.forward_rows(x);
+        let grad_dtype = self
+            .gate_proj
+            .output_grad_dtype()
+            .and(self.up_proj.output_grad_dtype());
+        let hidden = B::swiglu(gate, up, self.down_proj.input_dtype(), grad_dtype);
+        self.down_proj
+            .forward_rows(hidden)
+            .reshape([batch, seq, self.down_proj.out_features()])
     }
 }
 
@@ -281,6 +303,12 @@ impl<B: FrozenLinearBackend> Decoder<B> {
         self.lm_head.forward(hidden)
     }
 
+    /// The logits of the last hidden states `h`: the final norm (written in the head's GEMM
+    /// input dtype), then the head.
+    pub fn head(&self, h: Tensor<B, 3>) -> Tensor<B, 3> {
+        self.logits(self.norm.forward_as(h, self.lm_head.input_dtype()))
+    }
+
     /// Logits for every position.
     pub fn forward(&self, ids: &[u32], batch: usize, device: &B::Device) -> Tensor<B, 3> {
         self.forward_with_segments(ids, None, batch, device)
@@ -295,7 +323,7 @@ impl<B: FrozenLinearBackend> Decoder<B> {
         device: &B::Device,
     ) -> Tensor<B, 3> {
         let h = self.forward_blocks(ids, segments, batch, device);
-        self.logits(self.norm.forward(h))
+        self.head(h)
     }
 
     /// The last block's output `[batch, seq, hidden]` (before the final norm) for rows laid out

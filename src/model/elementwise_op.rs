@@ -12,9 +12,9 @@
 //!           dx_rj = dloss · w_r (exp(x_rj − lse_r) − [j = t_r])
 //! ```
 //!
-//! Both take the dtype their consumer's GEMM reads (`Some(bf16)` for a bf16 base), so the cast
-//! happens inside the same pass. SwiGLU's input gradients come back in that dtype too: the gate
-//! and up GEMMs read them in bf16. Everything else is computed in the inputs' dtype (f32, or f64
+//! SwiGLU and RMSNorm take the dtype their consumer's GEMM reads (`Some(bf16)` for a bf16 base),
+//! so the cast happens inside the same pass. SwiGLU's input gradients can come back in bf16 too:
+//! the gate and up GEMMs read them so. Everything else is computed in the inputs' dtype (f32, or f64
 //! in the gradient checks).
 
 use burn::backend::Autodiff;
@@ -24,7 +24,7 @@ use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
 use burn::backend::autodiff::grads::Gradients;
 use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
 use burn::tensor::IndexingUpdateOp;
-use burn::tensor::activation::sigmoid;
+use burn::tensor::activation::{sigmoid, silu};
 use burn::tensor::backend::Backend;
 use burn::tensor::ops::{FloatTensor, IntTensor};
 use burn::tensor::{FloatDType, Int, Tensor, TensorPrimitive};
@@ -32,11 +32,13 @@ use burn::tensor::{FloatDType, Int, Tensor, TensorPrimitive};
 use super::matmul_op::{MatmulBackend, matmul};
 
 pub trait ElementwiseBackend: MatmulBackend {
-    /// `silu(gate) ⊙ up`, in `dtype` when given.
+    /// `silu(gate) ⊙ up`, in `dtype` when given; under autodiff the gradients of `gate` and
+    /// `up` come back in `grad_dtype` when given.
     fn swiglu<const D: usize>(
         gate: Tensor<Self, D>,
         up: Tensor<Self, D>,
         dtype: Option<FloatDType>,
+        _grad_dtype: Option<FloatDType>,
     ) -> Tensor<Self, D> {
         cast(silu(gate) * up, dtype)
     }
@@ -73,17 +75,15 @@ impl ElementwiseBackend for burn::backend::Cuda<f32> {}
 #[cfg(feature = "metal")]
 impl ElementwiseBackend for burn::backend::Metal<f32> {}
 
-fn cast<B: Backend, const D: usize>(x: Tensor<B, D>, dtype: Option<FloatDType>) -> Tensor<B, D> {
+/// `x` in `dtype` when given (and not already in it).
+pub fn cast<B: Backend, const D: usize>(
+    x: Tensor<B, D>,
+    dtype: Option<FloatDType>,
+) -> Tensor<B, D> {
     match dtype {
         Some(dtype) if x.dtype() != dtype.into() => x.cast(dtype),
         _ => x,
     }
-}
-
-/// Burn's own formulation (the one every other Burn model gets), so switching to this op moves
-/// no result.
-fn silu<B: Backend, const D: usize>(x: Tensor<B, D>) -> Tensor<B, D> {
-    x.clone() * sigmoid(x)
 }
 
 /// `√(mean(x²) + ε)` over the last dimension, kept as a size-1 dimension. Divided by, not
@@ -120,7 +120,7 @@ fn primitive<B: Backend, const D: usize>(x: Tensor<B, D>) -> FloatTensor<B> {
 struct SwigluBackward<const D: usize>;
 
 impl<B: Backend, const D: usize> Backward<B, 2> for SwigluBackward<D> {
-    /// gate, up, and the dtype of the output (and of the gradients handed back).
+    /// gate, up, and the dtype of the gradients handed back.
     type State = (NodeId, NodeId, Option<FloatDType>);
 
     fn backward(self, ops: Ops<Self::State, 2>, grads: &mut Gradients, ckpt: &mut Checkpointer) {
@@ -218,12 +218,13 @@ impl<B: ElementwiseBackend, C: CheckpointStrategy> ElementwiseBackend for Autodi
         gate: Tensor<Self, D>,
         up: Tensor<Self, D>,
         dtype: Option<FloatDType>,
+        grad_dtype: Option<FloatDType>,
     ) -> Tensor<Self, D> {
         inner(two_input_op::<B, C, _, _>(
             SwigluBackward::<D>,
             [primitive(gate), primitive(up)],
-            dtype,
-            |gate, up| primitive(B::swiglu::<D>(inner(gate), inner(up), dtype)),
+            grad_dtype,
+            |gate, up| primitive(B::swiglu::<D>(inner(gate), inner(up), dtype, None)),
         ))
     }
 
@@ -323,7 +324,7 @@ mod tests {
         let grads_of = |fused: bool| {
             let (g, u) = (gate.clone().require_grad(), up.clone().require_grad());
             let y = if fused {
-                B::swiglu(g.clone(), u.clone(), None)
+                B::swiglu(g.clone(), u.clone(), None, None)
             } else {
                 burn::tensor::activation::silu(g.clone()) * u.clone()
             };

@@ -5,6 +5,7 @@ use std::sync::Arc;
 use burn::tensor::{DType, Distribution, FloatDType, Int, Tensor, TensorData, TensorPrimitive};
 
 use super::device_quant::DeviceQuantized;
+use super::elementwise_op::cast;
 use super::frozen_op::FrozenLinearBackend;
 use super::matmul_op::{matmul, matmul_add};
 use crate::lora::LoraAdapter;
@@ -125,17 +126,31 @@ impl<B: FrozenLinearBackend> FrozenLinear<B> {
     /// `x` in the precision this linear's GEMM takes it (a no-op when the op that made `x`
     /// already wrote [`Self::input_dtype`]). The LoRA product reuses the cast.
     pub fn gemm_input<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
-        match self.input_dtype() {
-            Some(dtype) if x.dtype() != dtype.into() => x.cast(dtype),
-            _ => x,
+        cast(x, self.input_dtype())
+    }
+
+    /// The dtype the backward pass may hand this linear its output's gradient in: its GEMM's
+    /// input dtype (bf16 for a bf16 base), unless DoRA's rescale multiplies that gradient by f32
+    /// values first (Burn's binary ops take one dtype).
+    pub fn output_grad_dtype(&self) -> Option<FloatDType> {
+        match &self.adapter {
+            Some(adapter) if adapter.magnitude.is_some() => None,
+            _ => self.input_dtype(),
         }
     }
 
     /// `x`: `[batch, seq, in]` → `[batch, seq, out]` in f32.
     pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
         let [batch, seq, features] = x.dims();
-        let out = self.out_features();
-        let x = self.gemm_input(x).reshape([batch * seq, features]);
+        self.forward_rows(x.reshape([batch * seq, features]))
+            .reshape([batch, seq, self.out_features()])
+    }
+
+    /// `x`: `[n, in]` → `[n, out]` in f32. Projections of one input (q, k, v; gate, up) take the
+    /// same `[n, in]` tensor, so the backward pass accumulates their input gradients in one
+    /// buffer (`matmul_op::add_product`).
+    pub fn forward_rows(&self, x: Tensor<B, 2>) -> Tensor<B, 2> {
+        let x = self.gemm_input(x);
         let update = self.adapter.as_ref().map(|adapter| {
             let mask = (adapter.dropout > 0.0 && B::ad_enabled(&x.device())).then(|| {
                 let keep = 1.0 - adapter.dropout;
@@ -159,10 +174,9 @@ impl<B: FrozenLinearBackend> FrozenLinear<B> {
         let y = match &self.adapter {
             Some(adapter) => adapter.rescale(y, &self.weight),
             None => y,
-        }
-        .reshape([batch, seq, out]);
+        };
         match &self.bias {
-            Some(b) => y + b.clone().unsqueeze::<3>(),
+            Some(b) => y + b.clone().unsqueeze::<2>(),
             None => y,
         }
     }

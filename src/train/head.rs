@@ -44,7 +44,7 @@ pub fn loss_and_input_grad<B: TrainBackend>(
         let h =
             Tensor::<B, 3>::from_inner(top.clone().slice([start..start + rows, 0..seq, 0..hidden]))
                 .require_grad();
-        let logits = decoder.logits(decoder.norm.forward(h.clone()));
+        let logits = decoder.head(h.clone());
         let (mean, slice_count) =
             masked_cross_entropy(logits, &targets[tokens.clone()], &mask[tokens]);
         // `masked_cross_entropy` averages over the slice; the batch averages over all of it.
