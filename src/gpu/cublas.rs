@@ -30,12 +30,11 @@ use burn::tensor::ops::FloatTensorOps;
 use burn_cubecl::CubeBackend;
 use burn_cubecl::cubecl::cuda::CudaRuntime;
 use burn_cubecl::kernel::into_contiguous;
-use burn_cubecl::ops::numeric::empty_device_contiguous_dtype;
-use burn_cubecl::tensor::CubeTensor;
 use cudarc::cublas::{result as cublas, sys as blas};
 use cudarc::driver::CudaContext;
 
-type Tensor = CubeTensor<CudaRuntime>;
+use super::kernel::{self, Tensor};
+
 type Cube = CubeBackend<CudaRuntime, f32, i32, u8>;
 
 /// `lhs`: `[..., m, k]`, `rhs`: `[..., k, n]` with the same leading (batch) dimensions →
@@ -85,15 +84,7 @@ fn gemm(lhs: Tensor, rhs: Tensor, acc: Option<Tensor>) -> Tensor {
             );
             (acc, 1f32)
         }
-        None => (
-            empty_device_contiguous_dtype(
-                lhs.tensor.client.clone(),
-                lhs.tensor.device.clone(),
-                shape.into(),
-                DType::F32,
-            ),
-            0f32,
-        ),
+        None => (kernel::empty(&lhs.tensor, shape.into(), DType::F32), 0f32),
     };
     if m == 0 || n == 0 || lhs.batch == 0 {
         return out;
