@@ -25,17 +25,13 @@
 use std::ffi::c_void;
 use std::sync::{Arc, Mutex, OnceLock};
 
-use burn::tensor::DType;
 use burn::tensor::ops::FloatTensorOps;
-use burn_cubecl::CubeBackend;
-use burn_cubecl::cubecl::cuda::CudaRuntime;
+use burn::tensor::{DType, FloatDType};
 use burn_cubecl::kernel::into_contiguous;
 use cudarc::cublas::{result as cublas, sys as blas};
 use cudarc::driver::CudaContext;
 
-use super::kernel::{self, Tensor};
-
-type Cube = CubeBackend<CudaRuntime, f32, i32, u8>;
+use super::kernel::{self, Cube, Tensor, cast};
 
 /// `lhs`: `[..., m, k]`, `rhs`: `[..., k, n]` with the same leading (batch) dimensions →
 /// `[..., m, n]` in f32.
@@ -50,11 +46,7 @@ pub fn matmul_add(lhs: Tensor, rhs: Tensor, acc: Tensor) -> Tensor {
         gemm(lhs, rhs, Some(acc))
     } else {
         // The product is f32; CubeCL's binary ops read both sides in the left one's dtype.
-        let acc = match acc.dtype {
-            DType::F32 => acc,
-            _ => Cube::float_cast(acc, burn::tensor::FloatDType::F32),
-        };
-        Cube::float_add(matmul(lhs, rhs), acc)
+        Cube::float_add(matmul(lhs, rhs), cast(acc, FloatDType::F32))
     }
 }
 
@@ -158,19 +150,12 @@ fn gemm(lhs: Tensor, rhs: Tensor, acc: Option<Tensor>) -> Tensor {
 /// Both operands in one element type: bf16 if either is (the bf16 weight decides the GEMM's
 /// precision), else f32.
 fn common_dtype(lhs: Tensor, rhs: Tensor) -> (Tensor, Tensor) {
-    let to_bf16 = |t: Tensor| match t.dtype {
-        DType::BF16 => t,
-        _ => Cube::float_cast(t, burn::tensor::FloatDType::BF16),
-    };
-    let to_f32 = |t: Tensor| match t.dtype {
-        DType::F32 => t,
-        _ => Cube::float_cast(t, burn::tensor::FloatDType::F32),
-    };
-    if lhs.dtype == DType::BF16 || rhs.dtype == DType::BF16 {
-        (to_bf16(lhs), to_bf16(rhs))
+    let dtype = if lhs.dtype == DType::BF16 || rhs.dtype == DType::BF16 {
+        FloatDType::BF16
     } else {
-        (to_f32(lhs), to_f32(rhs))
-    }
+        FloatDType::F32
+    };
+    (cast(lhs, dtype), cast(rhs, dtype))
 }
 
 /// One GEMM operand as cuBLAS sees it.

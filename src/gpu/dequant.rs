@@ -11,7 +11,7 @@ use super::kernel::{self, Args, Tensor, empty, u32_of};
 const SOURCE: &str = include_str!("dequant.cu");
 const THREADS: u32 = 256;
 
-/// `words`: i32 `[rows, cols · bits / 32]`; `scales`, `biases`: f32 `[rows, cols / group]`
+/// `words`: i32 `[rows, cols · bits / 32]`; `scales`, `biases`: `[rows, cols / group]` in `dtype`
 /// → `[rows, cols]` in `dtype` (bf16 or f32).
 pub fn dequantize(
     [words, scales, biases]: [Tensor; 3],
@@ -25,8 +25,8 @@ pub fn dequantize(
         words.dtype
     );
     assert!(
-        scales.dtype == DType::F32 && biases.dtype == DType::F32,
-        "f32 scales and biases, not {:?} / {:?}",
+        scales.dtype == dtype && biases.dtype == dtype,
+        "{dtype:?} scales and biases for a {dtype:?} matrix, not {:?} / {:?}",
         scales.dtype,
         biases.dtype
     );

@@ -6,16 +6,11 @@
 //! kernels read Q, K, V, dO and the mask and write only the outputs. Products run on bf16 tensor
 //! cores (`mma.sync`, f32 accumulation), as PyTorch's SDPA does in a bf16 run.
 
-use burn::tensor::ops::FloatTensorOps;
-use burn::tensor::{DType, Shape};
-use burn_cubecl::CubeBackend;
-use burn_cubecl::cubecl::cuda::CudaRuntime;
+use burn::tensor::{DType, FloatDType, Shape};
 use burn_cubecl::kernel::into_contiguous;
 use cudarc::driver::CudaFunction;
 
-use super::kernel::{self, Args, Tensor, empty, pointer, u32_of};
-
-type Cube = CubeBackend<CudaRuntime, f32, i32, u8>;
+use super::kernel::{self, Args, Tensor, cast, empty, pointer, u32_of};
 
 const SOURCE: &str = include_str!("attention.cu");
 const THREADS: u32 = 256;
@@ -79,7 +74,7 @@ pub fn backward(
     let layout = Layout::new(&q, &k, &mask);
     let [q, k, v, d_out] = [q, k, v, d_out].map(rows);
     let mask = last_contiguous(mask);
-    let [lse, delta] = [lse, delta].map(|t| into_contiguous(f32(t)));
+    let [lse, delta] = [lse, delta].map(|t| into_contiguous(cast(t, FloatDType::F32)));
     let kernels = kernels(q.device.index, layout.d);
     let (k16, v16) = (to_bf16(kernels, &k, 1.0), to_bf16(kernels, &v, 1.0));
     let dq = empty(&q, layout.q_shape(), DType::F32);
@@ -214,19 +209,12 @@ fn rows(t: Tensor) -> Tensor {
 
 /// An f32 operand whose last dimension is contiguous (the mask, read one value at a time).
 fn last_contiguous(t: Tensor) -> Tensor {
-    let t = f32(t);
+    let t = cast(t, FloatDType::F32);
     let shape = t.meta.shape();
     if shape[shape.len() - 1] > 1 && t.meta.strides()[shape.len() - 1] != 1 {
         into_contiguous(t)
     } else {
         t
-    }
-}
-
-fn f32(t: Tensor) -> Tensor {
-    match t.dtype {
-        DType::F32 => t,
-        _ => Cube::float_cast(t, burn::tensor::FloatDType::F32),
     }
 }
 

@@ -8,18 +8,16 @@
 
 use burn::tensor::ops::FloatTensor;
 use burn::tensor::{DType, Shape, Tensor, TensorPrimitive};
-use burn_cubecl::CubeBackend;
-use burn_cubecl::cubecl::cuda::CudaRuntime;
 use burn_fusion::stream::{Operation, OperationStreams};
 use burn_fusion::{Fusion, FusionBackend, FusionRuntime};
 use burn_ir::{CustomOpIr, HandleContainer, OperationIr, OperationOutput, TensorIr};
 
-use super::{cublas, dequant, flash};
+use super::kernel::Cube;
+use super::{cublas, dequant, flash, rope};
 use crate::model::MatmulBackend;
 use crate::model::attention_op::{AttentionBackend, Saved, sliced_backward, sliced_forward};
 use crate::model::device_quant::DeviceQuantized;
-
-type Cube = CubeBackend<CudaRuntime, f32, i32, u8>;
+use crate::model::rope::RopeBackend;
 
 type Runtime = <Cube as FusionBackend>::FusionRuntime;
 
@@ -233,6 +231,47 @@ impl AttentionBackend for Fusion<Cube> {
             },
         );
         (dq, dk, dv)
+    }
+}
+
+/// `rope(x, cos, sin)` or its backward, as declared in `desc`.
+#[derive(Debug)]
+struct Rope {
+    desc: CustomOpIr,
+    backward: bool,
+}
+
+impl Operation<Runtime> for Rope {
+    fn execute(&self, handles: &mut HandleContainer<<Runtime as FusionRuntime>::FusionHandle>) {
+        let (inputs, [out]) = self.desc.as_fixed::<3, 1>();
+        let inputs = inputs
+            .each_ref()
+            .map(|ir| handles.get_float_tensor::<Cube>(ir));
+        handles.register_float_tensor::<Cube>(&out.id, rope::rope(inputs, self.backward));
+    }
+}
+
+impl RopeBackend for Fusion<Cube> {
+    fn rope(x: Tensor<Self, 4>, cos: Tensor<Self, 4>, sin: Tensor<Self, 4>) -> Tensor<Self, 4> {
+        let shape = Shape::from(x.dims().to_vec());
+        let [out] = custom("rope", [x, cos, sin], [shape], |desc| Rope {
+            desc,
+            backward: false,
+        });
+        out
+    }
+
+    fn rope_backward(
+        dy: Tensor<Self, 4>,
+        cos: Tensor<Self, 4>,
+        sin: Tensor<Self, 4>,
+    ) -> Tensor<Self, 4> {
+        let shape = Shape::from(dy.dims().to_vec());
+        let [dx] = custom("rope_backward", [dy, cos, sin], [shape], |desc| Rope {
+            desc,
+            backward: true,
+        });
+        dx
     }
 }
 

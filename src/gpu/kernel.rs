@@ -7,7 +7,9 @@ use std::ffi::c_void;
 use std::hash::Hash;
 use std::sync::{Arc, Mutex, OnceLock};
 
-use burn::tensor::{DType, Shape};
+use burn::tensor::ops::FloatTensorOps;
+use burn::tensor::{DType, FloatDType, Shape};
+use burn_cubecl::CubeBackend;
 use burn_cubecl::cubecl::cuda::CudaRuntime;
 use burn_cubecl::ops::numeric::empty_device_contiguous_dtype;
 use burn_cubecl::tensor::CubeTensor;
@@ -16,6 +18,8 @@ use cudarc::driver::{CudaFunction, CudaModule, result as driver};
 use cudarc::nvrtc::{CompileOptions, compile_ptx_with_opts};
 
 pub type Tensor = CubeTensor<CudaRuntime>;
+/// The backend behind `burn::backend::Cuda<f32>`'s fusion.
+pub type Cube = CubeBackend<CudaRuntime, f32, i32, u8>;
 
 /// `source` (`name` in messages) compiled for `device` with `-D` definitions `defines`.
 pub fn module(device: usize, name: &str, source: &str, defines: &[String]) -> Arc<CudaModule> {
@@ -76,6 +80,15 @@ pub fn pointer(t: &Tensor) -> u64 {
 /// A new contiguous tensor on `like`'s device.
 pub fn empty(like: &Tensor, shape: Shape, dtype: DType) -> Tensor {
     empty_device_contiguous_dtype(like.client.clone(), like.device.clone(), shape, dtype)
+}
+
+/// `t` in `dtype` (itself when it already is).
+pub fn cast(t: Tensor, dtype: FloatDType) -> Tensor {
+    if t.dtype == DType::from(dtype) {
+        t
+    } else {
+        Cube::float_cast(t, dtype)
+    }
 }
 
 pub fn u32_of(n: usize) -> u32 {

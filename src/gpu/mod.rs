@@ -1,5 +1,6 @@
 //! CUDA-only pieces (built with `--features cuda`): the model's matrix products on cuBLAS,
-//! attention as flash-attention kernels, and quantized weights dequantized in one pass.
+//! attention as flash-attention kernels, rotary embeddings and quantized weights dequantized in
+//! one pass each.
 //!
 //! With the `cuda` feature, `burn::backend::Cuda<f32>` is `Fusion<CubeBackend<CudaRuntime, ..>>`:
 //! Burn records ops lazily and compiles element-wise chains into single kernels. The cuBLAS
@@ -11,6 +12,7 @@ mod dequant;
 mod flash;
 mod fusion;
 mod kernel;
+mod rope;
 
 pub use fusion::dequantize;
 

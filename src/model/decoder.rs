@@ -18,7 +18,7 @@ use super::config::ModelConfig;
 use super::frozen_op::FrozenLinearBackend;
 use super::layout::AttentionLayout;
 use super::linear::{FrozenLinear, FrozenWeight};
-use super::rope::{Rope, rotate};
+use super::rope::Rope;
 
 /// One layer's cached keys and values, `[batch, kv_heads, len, head_dim]` each.
 type LayerCache<B> = Option<(Tensor<B, 4>, Tensor<B, 4>)>;
@@ -114,8 +114,8 @@ impl<B: FrozenLinearBackend> Attention<B> {
             q = qn.forward(q);
             k = kn.forward(k);
         }
-        q = rotate(q, layout.cos.clone(), layout.sin.clone());
-        k = rotate(k, layout.cos.clone(), layout.sin.clone());
+        q = B::rope(q, layout.cos.clone(), layout.sin.clone());
+        k = B::rope(k, layout.cos.clone(), layout.sin.clone());
         if let Some(slot) = cache {
             if let Some((pk, pv)) = slot.take() {
                 k = Tensor::cat(vec![pk, k], 2);

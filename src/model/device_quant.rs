@@ -2,7 +2,8 @@
 //! product needs it (QLoRA on a GPU).
 //!
 //! The MLX affine layout (`quant/affine.rs`) stays as it is: the packed u32 words go up as i32
-//! bit patterns, the scales and biases as f32. Dequantizing `[rows, cols]` at `bits` (2, 4 or 8,
+//! bit patterns, the scales and biases as f32, or as bf16 for a bf16 base (as MLX stores them:
+//! half the bytes, 0.5 GB at 8B). Dequantizing `[rows, cols]` at `bits` (2, 4 or 8,
 //! so that codes never straddle words) is
 //!
 //! ```text
@@ -24,8 +25,12 @@ use burn::backend::autodiff::grads::Gradients;
 use burn::backend::autodiff::ops::{Backward, Ops, OpsKind, unary};
 use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::ops::FloatTensor;
-use burn::tensor::{ElementConversion, FloatDType, Int, Tensor, TensorData, TensorPrimitive};
+use burn::tensor::{
+    DType, ElementConversion, FloatDType, Int, Tensor, TensorCreationOptions, TensorData,
+    TensorPrimitive,
+};
 
+use super::elementwise_op::cast;
 use super::frozen_op::FrozenLinearBackend;
 use super::matmul_op::matmul;
 use crate::quant::QuantizedMatrix;
@@ -37,7 +42,7 @@ pub const DEVICE_BITS: [u32; 3] = [2, 4, 8];
 pub struct DeviceQuantized<B: Backend> {
     /// `[rows, cols · bits / 32]`, the packed words as i32.
     pub words: Tensor<B, 2, Int>,
-    /// `[rows, cols / group]` each.
+    /// `[rows, cols / group]` each, bf16 when [`Self::bf16`].
     pub scales: Tensor<B, 2>,
     pub biases: Tensor<B, 2>,
     pub bits: u32,
@@ -54,10 +59,18 @@ impl<B: Backend> DeviceQuantized<B> {
         }
         let (rows, groups) = (q.rows, q.cols / q.group_size);
         let words: Vec<i32> = q.packed.iter().map(|&w| w as i32).collect();
+        let dtype = if bf16 { DType::BF16 } else { DType::F32 };
+        let per_group = |values: &[f32]| {
+            let data = TensorData::new(values.to_vec(), [rows, groups]);
+            Tensor::from_data(
+                data,
+                TensorCreationOptions::new(device.clone()).with_dtype(dtype),
+            )
+        };
         Some(DeviceQuantized {
             words: Tensor::from_data(TensorData::new(words, [rows, q.words_per_row()]), device),
-            scales: Tensor::from_data(TensorData::new(q.scales.clone(), [rows, groups]), device),
-            biases: Tensor::from_data(TensorData::new(q.biases.clone(), [rows, groups]), device),
+            scales: per_group(&q.scales),
+            biases: per_group(&q.biases),
             bits: q.bits,
             group: q.group_size,
             bf16,
@@ -100,8 +113,8 @@ impl<B: Backend> DeviceQuantized<B> {
             .bitwise_and_scalar(((1u32 << self.bits) - 1).elem::<B::IntElem>())
             .float()
             .reshape([rows, cols / self.group, self.group]);
-        let scales = self.scales.clone().unsqueeze_dim::<3>(2);
-        let biases = self.biases.clone().unsqueeze_dim::<3>(2);
+        let f32 = |t: &Tensor<B, 2>| cast(t.clone(), Some(FloatDType::F32)).unsqueeze_dim::<3>(2);
+        let (scales, biases) = (f32(&self.scales), f32(&self.biases));
         (codes * scales + biases).reshape([rows, cols])
     }
 

@@ -55,11 +55,13 @@ pub trait ElementwiseBackend: MatmulBackend {
     }
 
     /// `Σ_r weights_r · (logsumexp(logits_r) − logits_r[targets_r])` for `logits`
-    /// `[rows, vocab]`, `targets` and `weights` `[rows, 1]` → `[1]`.
+    /// `[rows, vocab]`, `targets` and `weights` `[rows, 1]` → `[1]`. Under autodiff the logits'
+    /// gradient comes back in `grad_dtype` when given (the head GEMM's input dtype).
     fn cross_entropy(
         logits: Tensor<Self, 2>,
         targets: Tensor<Self, 2, Int>,
         weights: Tensor<Self, 2>,
+        _grad_dtype: Option<FloatDType>,
     ) -> Tensor<Self, 1> {
         let lse = logsumexp(logits.clone());
         weighted_nll(logits, lse, targets, weights)
@@ -190,11 +192,18 @@ impl<B: MatmulBackend, const D: usize> Backward<B, 2> for RmsNormBackward<D> {
 struct CrossEntropyBackward;
 
 impl<B: Backend> Backward<B, 1> for CrossEntropyBackward {
-    /// The logits, the targets, the weights and each row's log-sum-exp (`[rows, 1]`).
-    type State = (NodeId, IntTensor<B>, FloatTensor<B>, FloatTensor<B>);
+    /// The logits, the targets, the weights, each row's log-sum-exp (`[rows, 1]`) and the
+    /// gradient's dtype.
+    type State = (
+        NodeId,
+        IntTensor<B>,
+        FloatTensor<B>,
+        FloatTensor<B>,
+        Option<FloatDType>,
+    );
 
     fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, ckpt: &mut Checkpointer) {
-        let (logits, targets, weights, lse) = ops.state;
+        let (logits, targets, weights, lse, dtype) = ops.state;
         let [Some(node)] = ops.parents else {
             return;
         };
@@ -202,10 +211,19 @@ impl<B: Backend> Backward<B, 1> for CrossEntropyBackward {
         let targets = Tensor::<B, 2, Int>::from_primitive(targets);
         let scale: Tensor<B, 1> = inner(grads.consume::<B>(&ops.node));
         // dloss · w_r, per row; the one-hot part only touches the targets (a scatter of `rows`
-        // values), so the pass over the logits is a single fused element-wise kernel.
+        // values), so the pass over the logits is a single fused element-wise kernel, which
+        // writes the dtype the head's GEMM reads.
         let row_scale = inner::<B, 2>(weights) * scale.unsqueeze::<2>();
-        let dx = (logits - inner::<B, 2>(lse)).exp() * row_scale.clone();
-        let dx = dx.scatter(1, targets, row_scale.neg(), IndexingUpdateOp::Add);
+        let dx = cast(
+            (logits - inner::<B, 2>(lse)).exp() * row_scale.clone(),
+            dtype,
+        );
+        let dx = dx.scatter(
+            1,
+            targets,
+            cast(row_scale.neg(), dtype),
+            IndexingUpdateOp::Add,
+        );
         grads.register::<B>(node.id, primitive(dx));
     }
 }
@@ -232,6 +250,7 @@ impl<B: ElementwiseBackend, C: CheckpointStrategy> ElementwiseBackend for Autodi
         logits: Tensor<Self, 2>,
         targets: Tensor<Self, 2, Int>,
         weights: Tensor<Self, 2>,
+        grad_dtype: Option<FloatDType>,
     ) -> Tensor<Self, 1> {
         let logits = primitive(logits);
         let targets = targets.inner();
@@ -250,6 +269,7 @@ impl<B: ElementwiseBackend, C: CheckpointStrategy> ElementwiseBackend for Autodi
                     targets.clone().into_primitive(),
                     primitive(weights.clone()),
                     primitive(lse.clone()),
+                    grad_dtype,
                 );
                 prep.finish(state, loss(x, lse))
             }
@@ -349,7 +369,7 @@ mod tests {
         let run = |fused: bool| {
             let x = logits.clone().require_grad();
             let loss = if fused {
-                B::cross_entropy(x.clone(), targets.clone(), weights.clone())
+                B::cross_entropy(x.clone(), targets.clone(), weights.clone(), None)
             } else {
                 let picked = log_softmax(x.clone(), 1).gather(1, targets.clone());
                 (picked * weights.clone()).sum().neg()

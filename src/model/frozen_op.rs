@@ -22,6 +22,7 @@ use burn::tensor::{Tensor, TensorData, TensorPrimitive};
 use super::attention_op::AttentionBackend;
 use super::device_quant::DeviceQuantized;
 use super::elementwise_op::ElementwiseBackend;
+use super::rope::RopeBackend;
 use crate::quant::QuantizedMatrix;
 use crate::quant::packed_matmul::matmul_transposed;
 use crate::quant::tiled_matmul;
@@ -31,7 +32,7 @@ use crate::quant::tiled_matmul;
 /// running the backend's GEMM is faster.
 const PACKED_MATMUL_MAX_ROWS: usize = 32;
 
-pub trait FrozenLinearBackend: AttentionBackend + ElementwiseBackend {
+pub trait FrozenLinearBackend: AttentionBackend + ElementwiseBackend + RopeBackend {
     /// Quantized weights live on the device and are dequantized there per use
     /// (`device_quant.rs`); otherwise they stay on the host, multiplied by host kernels.
     const DEVICE_QUANTIZED: bool = false;

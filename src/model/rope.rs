@@ -1,7 +1,21 @@
 //! Rotary position embeddings, Hugging Face layout (`rotate_half`, not interleaved), with the
 //! `linear` and `llama3` frequency scalings.
+//!
+//! ```text
+//! rope(x)  = x ⊙ cos + rotate_half(x) ⊙ sin,   rotate_half([x₁, x₂]) = [−x₂, x₁]
+//! ∂x       = dy ⊙ cos + rotate_halfᵀ(dy ⊙ sin) = rope(dy) with sin negated
+//! ```
+//!
+//! The rotation is one autodiff op ([`RopeBackend`]): its backward keeps only the tables, where
+//! Burn's chain of slices, concatenation and products kept x and its rotated copy for q and k.
 
-use burn::tensor::{Tensor, TensorData, backend::Backend};
+use burn::backend::Autodiff;
+use burn::backend::autodiff::checkpoint::base::Checkpointer;
+use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
+use burn::backend::autodiff::grads::Gradients;
+use burn::backend::autodiff::ops::{Backward, Ops, OpsKind, unary};
+use burn::tensor::ops::FloatTensor;
+use burn::tensor::{Tensor, TensorData, TensorPrimitive, backend::Backend};
 
 use super::config::RopeScaling;
 
@@ -81,11 +95,124 @@ impl Rope {
     }
 }
 
-/// Rotates `x` of shape `[batch, heads, seq, head_dim]` by tables from [`Rope::tables`].
-pub fn rotate<B: Backend>(x: Tensor<B, 4>, cos: Tensor<B, 4>, sin: Tensor<B, 4>) -> Tensor<B, 4> {
-    let half = x.dims()[3] / 2;
-    let x1 = x.clone().narrow(3, 0, half);
-    let x2 = x.clone().narrow(3, half, half);
-    let rotated = Tensor::cat(vec![x2.neg(), x1], 3);
-    x * cos + rotated * sin
+pub trait RopeBackend: Backend {
+    /// `x` (`[batch, heads, seq, head_dim]`) rotated by tables from [`Rope::tables`].
+    fn rope(x: Tensor<Self, 4>, cos: Tensor<Self, 4>, sin: Tensor<Self, 4>) -> Tensor<Self, 4> {
+        let half = x.dims()[3] / 2;
+        let x1 = x.clone().narrow(3, 0, half);
+        let x2 = x.clone().narrow(3, half, half);
+        let rotated = Tensor::cat(vec![x2.neg(), x1], 3);
+        x * cos + rotated * sin
+    }
+
+    /// The gradient of [`RopeBackend::rope`]'s input given its output's, `dy`: the rotation
+    /// back.
+    fn rope_backward(
+        dy: Tensor<Self, 4>,
+        cos: Tensor<Self, 4>,
+        sin: Tensor<Self, 4>,
+    ) -> Tensor<Self, 4> {
+        Self::rope(dy, cos, sin.neg())
+    }
+}
+
+impl RopeBackend for burn::backend::NdArray<f32> {}
+impl RopeBackend for burn::backend::NdArray<f64> {}
+
+#[cfg(feature = "metal")]
+impl RopeBackend for burn::backend::Metal<f32> {}
+
+#[derive(Debug)]
+struct RopeBackward;
+
+impl<B: RopeBackend> Backward<B, 1> for RopeBackward {
+    /// The tables.
+    type State = (FloatTensor<B>, FloatTensor<B>);
+
+    fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let (cos, sin) = ops.state;
+        unary::<B, _>(ops.parents, ops.node, grads, |dy| {
+            B::rope_backward(float(dy), float(cos), float(sin))
+                .into_primitive()
+                .tensor()
+        });
+    }
+}
+
+impl<B: RopeBackend, C: CheckpointStrategy> RopeBackend for Autodiff<B, C> {
+    fn rope(x: Tensor<Self, 4>, cos: Tensor<Self, 4>, sin: Tensor<Self, 4>) -> Tensor<Self, 4> {
+        let (cos, sin) = (cos.inner(), sin.inner());
+        let x = x.into_primitive().tensor();
+        let rotate = |x| {
+            B::rope(float(x), cos.clone(), sin.clone())
+                .into_primitive()
+                .tensor()
+        };
+        let out = match RopeBackward
+            .prepare::<C>([x.node.clone()])
+            .compute_bound()
+            .stateful()
+        {
+            OpsKind::Tracked(prep) => {
+                let tables = (
+                    cos.clone().into_primitive().tensor(),
+                    sin.clone().into_primitive().tensor(),
+                );
+                prep.finish(tables, rotate(x.primitive))
+            }
+            OpsKind::UnTracked(prep) => prep.finish(rotate(x.primitive)),
+        };
+        float(out)
+    }
+}
+
+fn float<B: Backend, const D: usize>(x: FloatTensor<B>) -> Tensor<B, D> {
+    Tensor::from_primitive(TensorPrimitive::Float(x))
+}
+
+#[cfg(test)]
+mod tests {
+    use burn::backend::{Autodiff, NdArray};
+    use burn::tensor::{Distribution, Tensor};
+
+    use super::{Rope, RopeBackend};
+    use crate::model::RopeScaling;
+
+    type B = Autodiff<NdArray<f64>>;
+
+    /// The op's written-out backward (the rotation back) against Burn's differentiation of the
+    /// slice-and-concatenate form, with Llama 3 scaled frequencies and one table per row.
+    #[test]
+    fn rope_gradient_matches_burns_autodiff() {
+        let device = Default::default();
+        let scaling = RopeScaling::Llama3 {
+            factor: 8.0,
+            low_freq_factor: 1.0,
+            high_freq_factor: 4.0,
+            original_max_position_embeddings: 16.0,
+        };
+        let rope = Rope::new(8, 500_000.0, &scaling);
+        let positions: Vec<usize> = (0..10).map(|i| (i * 7) % 11).collect();
+        let (cos, sin) = rope.tables::<B>(&positions, 2, &device);
+        let normal = Distribution::Normal(0.0, 1.0);
+        let x = Tensor::<B, 4>::random([2, 3, 5, 8], normal, &device);
+        let dy = Tensor::<B, 4>::random([2, 3, 5, 8], normal, &device);
+        let grads_of = |op: bool| {
+            let x = x.clone().require_grad();
+            let y = if op {
+                B::rope(x.clone(), cos.clone(), sin.clone())
+            } else {
+                let x1 = x.clone().narrow(3, 0, 4);
+                let x2 = x.clone().narrow(3, 4, 4);
+                x.clone() * cos.clone() + Tensor::cat(vec![x2.neg(), x1], 3) * sin.clone()
+            };
+            let grads = (y.clone() * dy.clone()).sum().backward();
+            (y.inner(), x.grad(&grads).expect("x tracked"))
+        };
+        let ((y, dx), (want_y, want_dx)) = (grads_of(true), grads_of(false));
+        y.into_data()
+            .assert_approx_eq::<f64>(&want_y.into_data(), Default::default());
+        dx.into_data()
+            .assert_approx_eq::<f64>(&want_dx.into_data(), Default::default());
+    }
 }

@@ -1,4 +1,4 @@
-//! The LM head and its loss, a slice of rows at a time.
+//! The LM head and its loss, a slice of tokens at a time.
 //!
 //! ```text
 //! for each slice s of the last hidden states h (leaf, needs grad):
@@ -8,10 +8,12 @@
 //! ```
 //!
 //! The full `[tokens, vocab]` logits are never alive at once: at llama3.2-1b's shape (batch 8,
-//! seq 2048, vocab 128256) one f32 copy is 8.4 GB and autodiff keeps three (logits, their
-//! log-softmax, its gradient). A slice holds at most [`MAX_SLICE_ELEMENTS`] logits. The adapter
-//! gradients are unaffected: the caller back-propagates `Σ h ⊙ ∂loss/∂h` through the blocks (the
-//! same chaining as `checkpointed.rs`). The frozen head gets no gradient, as always.
+//! seq 2048, vocab 128256) one f32 copy is 8.4 GB. A slice holds at most [`MAX_SLICE_ELEMENTS`]
+//! logits (1,046 tokens at a 128k vocabulary), cut across batch rows where a row is longer: the
+//! logits and their gradient are 1 GB, where whole 2048-token rows made them 2 GB, beside the
+//! checkpointed block inputs. The adapter gradients are unaffected: the caller back-propagates
+//! `Σ h ⊙ ∂loss/∂h` through the blocks (the same chaining as `checkpointed.rs`). The frozen head
+//! gets no gradient, as always.
 
 use burn::tensor::{ElementConversion, Tensor};
 
@@ -19,8 +21,9 @@ use super::loss::masked_cross_entropy;
 use crate::model::Decoder;
 use crate::model::valid::TrainBackend;
 
-/// Logits per slice: 2²⁸ f32 values are 1 GiB.
-const MAX_SLICE_ELEMENTS: usize = 1 << 28;
+/// Logits per slice: 2²⁷ f32 values are 512 MiB. Smaller slices save little more, and a
+/// quantized head is dequantized once per slice.
+const MAX_SLICE_ELEMENTS: usize = 1 << 27;
 
 /// The batch's mean loss over masked positions, and `∂(scale · loss)/∂top` for the last hidden
 /// states `top` (`[batch, seq, hidden]`).
@@ -32,21 +35,20 @@ pub fn loss_and_input_grad<B: TrainBackend>(
     scale: f64,
 ) -> (f64, Tensor<B::InnerBackend, 3>) {
     let [batch, seq, hidden] = top.dims();
+    let tokens = batch * seq;
     let count = mask.iter().filter(|&&m| m > 0.0).count().max(1);
-    let vocab = decoder.config.vocab_size;
-    // Whole rows of the batch per slice keep the targets and mask plain sub-slices.
-    let rows_per_slice = (MAX_SLICE_ELEMENTS / (seq * vocab).max(1)).clamp(1, batch);
+    let per_slice = (MAX_SLICE_ELEMENTS / decoder.config.vocab_size.max(1)).clamp(1, tokens);
+    let grad_dtype = decoder.lm_head.output_grad_dtype();
+    let top = top.reshape([tokens, hidden]);
     let mut value = 0.0;
-    let mut grads = Vec::with_capacity(batch.div_ceil(rows_per_slice));
-    for start in (0..batch).step_by(rows_per_slice) {
-        let rows = rows_per_slice.min(batch - start);
-        let tokens = start * seq..(start + rows) * seq;
-        let h =
-            Tensor::<B, 3>::from_inner(top.clone().slice([start..start + rows, 0..seq, 0..hidden]))
-                .require_grad();
-        let logits = decoder.head(h.clone());
+    let mut grads = Vec::with_capacity(tokens.div_ceil(per_slice));
+    for start in (0..tokens).step_by(per_slice) {
+        let slice = start..(start + per_slice).min(tokens);
+        let h = Tensor::<B, 2>::from_inner(top.clone().slice([slice.clone(), 0..hidden]))
+            .require_grad();
+        let logits = decoder.head(h.clone().unsqueeze::<3>());
         let (mean, slice_count) =
-            masked_cross_entropy(logits, &targets[tokens.clone()], &mask[tokens]);
+            masked_cross_entropy(logits, &targets[slice.clone()], &mask[slice], grad_dtype);
         // `masked_cross_entropy` averages over the slice; the batch averages over all of it.
         let loss = mean.mul_scalar(slice_count.max(1) as f64 / count as f64);
         value += loss.clone().into_scalar().elem::<f64>();
@@ -55,5 +57,5 @@ pub fn loss_and_input_grad<B: TrainBackend>(
                 .expect("the loss depends on the hidden states"),
         );
     }
-    (value, Tensor::cat(grads, 0))
+    (value, Tensor::cat(grads, 0).reshape([batch, seq, hidden]))
 }

@@ -6,15 +6,17 @@
 //! `ForCausalLMLoss` and mlx-lm compute it (mlx-lm also counts one padding token per row; we do
 //! not).
 
-use burn::tensor::{Int, Tensor, TensorData};
+use burn::tensor::{FloatDType, Int, Tensor, TensorData};
 
 use crate::model::elementwise_op::ElementwiseBackend;
 
-/// Returns the mean loss (a 1-element tensor) and the number of positions it averaged.
+/// Returns the mean loss (a 1-element tensor) and the number of positions it averaged. The
+/// logits' gradient comes back in `grad_dtype` when given (the head GEMM's input dtype).
 pub fn masked_cross_entropy<B: ElementwiseBackend>(
     logits: Tensor<B, 3>,
     targets: &[u32],
     mask: &[f32],
+    grad_dtype: Option<FloatDType>,
 ) -> (Tensor<B, 1>, usize) {
     let [batch, seq, vocab] = logits.dims();
     let rows = batch * seq;
@@ -25,6 +27,6 @@ pub fn masked_cross_entropy<B: ElementwiseBackend>(
     // The mean over masked positions as weights: a position's mask over the count.
     let weights: Vec<f32> = mask.iter().map(|&m| m / count.max(1) as f32).collect();
     let weights = Tensor::<B, 2>::from_data(TensorData::new(weights, [rows, 1]), &device);
-    let loss = B::cross_entropy(logits.reshape([rows, vocab]), targets, weights);
+    let loss = B::cross_entropy(logits.reshape([rows, vocab]), targets, weights, grad_dtype);
     (loss, count)
 }

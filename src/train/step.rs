@@ -42,7 +42,8 @@ pub fn batch_loss<B: FrozenLinearBackend>(
         batch.batch,
         device,
     );
-    masked_cross_entropy(logits, &batch.targets, &batch.mask).0
+    let grad_dtype = decoder.lm_head.output_grad_dtype();
+    masked_cross_entropy(logits, &batch.targets, &batch.mask, grad_dtype).0
 }
 
 /// The batch's mean loss and the gradients of `scale ×` that loss (`scale` = 1 / accumulation

@@ -17,9 +17,12 @@
 //!   on CUDA, `gpu/attention.cu`) at head dimensions 16 to 128, with cached keys, with grouped
 //!   keys and values (fewer heads than the queries, read in place by the kernels), and with a packed
 //!   mask that differs per row.
+//! - `rope_grad`: the rotary embedding's output and input gradient against float64 (`rope.rs`).
 //!
 //! Errors are `max |device − reference| / max |reference|`, so one number per check reads the
 //! same whatever the scale of the values.
+
+mod rope;
 
 use std::sync::Arc;
 
@@ -96,6 +99,9 @@ pub fn run<B: FrozenLinearBackend>(
     }
     for case in AttentionCase::ALL {
         lines.push(attention_grad::<B>(device, case));
+    }
+    for per_row_tables in [false, true] {
+        lines.push(rope::rope_grad::<B>(device, per_row_tables));
     }
     let failed: Vec<String> = lines
         .iter()
