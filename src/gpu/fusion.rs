@@ -1,5 +1,5 @@
-//! The cuBLAS product, the flash-attention kernels and the dequantization pass as ops of Burn's
-//! fusion stream.
+//! The cuBLAS product, the flash-attention kernels, RoPE and the dequantization pass as ops of
+//! Burn's fusion stream.
 //!
 //! `burn::backend::Cuda` is `Fusion<CubeBackend<..>>`: ops are recorded and run lazily so
 //! element-wise chains can be fused into one kernel. A custom op joins that stream as a
