@@ -37,10 +37,8 @@ pub fn rope([x, cos, sin]: [Tensor; 3], backward: bool) -> Tensor {
     } else {
         empty(&x, Shape::new([batch, heads, seq, d]), DType::F32)
     };
-    let pairs = batch * heads * seq * d / 2;
     let mut args = Args::default();
     args.pointers(&[&x, &cos, &sin, &out]);
-    args.long(pairs);
     for n in [heads, seq, d / 2, table_rows] {
         args.int(n);
     }
@@ -50,7 +48,12 @@ pub fn rope([x, cos, sin]: [Tensor; 3], backward: bool) -> Tensor {
         }
     }
     args.float(if backward { -1.0 } else { 1.0 });
-    let grid = (u32_of(pairs.div_ceil(THREADS as usize)), 1, 1);
+    assert!(
+        batch * heads <= 65_535,
+        "rope: {batch} × {heads} rows of blocks"
+    );
+    let blocks = (seq * d / 2).div_ceil(THREADS as usize);
+    let grid = (u32_of(blocks), u32_of(batch * heads), 1);
     kernel::launch(function(x.device.index), grid, THREADS, 0, &out, args);
     out
 }
