@@ -24,9 +24,10 @@ use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
 use burn::backend::autodiff::grads::Gradients;
 use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
 use burn::tensor::ops::FloatTensor;
-use burn::tensor::{Tensor, TensorPrimitive, activation};
+use burn::tensor::{Tensor, activation};
 
 use super::matmul_op::{MatmulBackend, matmul};
+use super::primitive::{inner, primitive};
 
 /// Scores per slice: 2²⁶ f32 values are 256 MiB. Smaller slices also skip more of the causal
 /// mask's empty upper triangle (n slices compute (n+1)/2n of the scores).
@@ -46,7 +47,9 @@ pub trait AttentionBackend: MatmulBackend {
         scale: f64,
         causal: bool,
     ) -> FloatTensor<Self> {
-        p(Self::attention_forward(t(q), t(k), t(v), t(mask), scale, causal).0)
+        primitive(
+            Self::attention_forward(inner(q), inner(k), inner(v), inner(mask), scale, causal).0,
+        )
     }
 
     /// Whether [`AttentionBackend::attention_forward`] and `attention_backward` are a fused
@@ -119,7 +122,14 @@ pub fn attention<B: AttentionBackend>(
     } else {
         (repeat_kv(k, group), repeat_kv(v, group))
     };
-    t(B::model_attention(p(q), p(k), p(v), p(mask), scale, causal))
+    inner(B::model_attention(
+        primitive(q),
+        primitive(k),
+        primitive(v),
+        primitive(mask),
+        scale,
+        causal,
+    ))
 }
 
 /// `[batch, kv_heads, len, d]` → `[batch, kv_heads * group, len, d]`, each kv head repeated for
@@ -139,14 +149,6 @@ impl AttentionBackend for burn::backend::NdArray<f64> {}
 
 #[cfg(feature = "metal")]
 impl AttentionBackend for burn::backend::Metal<f32> {}
-
-fn t<B: burn::tensor::backend::Backend>(x: FloatTensor<B>) -> Tensor<B, 4> {
-    Tensor::from_primitive(TensorPrimitive::Float(x))
-}
-
-fn p<B: burn::tensor::backend::Backend>(x: Tensor<B, 4>) -> FloatTensor<B> {
-    x.into_primitive().tensor()
-}
 
 /// Queries per slice, so a slice's scores stay under [`MAX_SLICE_ELEMENTS`].
 fn slice_len<B: burn::tensor::backend::Backend>(q: &Tensor<B, 4>, k: &Tensor<B, 4>) -> usize {
@@ -275,7 +277,7 @@ impl<B: AttentionBackend> Backward<B, 3> for AttentionBackward {
     type State = (Saved<B>, Kernel);
 
     fn backward(self, ops: Ops<Self::State, 3>, grads: &mut Gradients, _: &mut Checkpointer) {
-        let d_out = t::<B>(grads.consume::<B>(&ops.node));
+        let d_out = inner::<B, 4>(grads.consume::<B>(&ops.node));
         let (saved, kernel) = ops.state;
         let (dq, dk, dv) = match kernel {
             Kernel::Backend => B::attention_backward(saved, d_out),
@@ -283,7 +285,7 @@ impl<B: AttentionBackend> Backward<B, 3> for AttentionBackward {
         };
         for (parent, grad) in ops.parents.into_iter().zip([dq, dk, dv]) {
             if let Some(node) = parent {
-                grads.register::<B>(node.id, p(grad));
+                grads.register::<B>(node.id, primitive(grad));
             }
         }
     }
@@ -305,15 +307,23 @@ impl<B: AttentionBackend, C: CheckpointStrategy> AttentionBackend for Autodiff<B
         scale: f64,
         causal: bool,
     ) -> FloatTensor<Self> {
-        let (q_in, k_in) = (t::<B>(q.primitive.clone()), t::<B>(k.primitive.clone()));
+        let (q_in, k_in) = (
+            inner::<B, 4>(q.primitive.clone()),
+            inner::<B, 4>(k.primitive.clone()),
+        );
         if B::fused_attention(q_in.dims()[3], &q_in.device()) {
             return tracked::<B, C>([q, k, v, mask], scale, causal, Kernel::Backend);
         }
         let slice = slice_len(&q_in, &k_in);
         if slice >= q_in.dims()[2] {
-            let (q, k, v, mask) = (t::<Self>(q), t::<Self>(k), t::<Self>(v), t::<Self>(mask));
+            let (q, k, v, mask) = (
+                inner::<Self, 4>(q),
+                inner::<Self, 4>(k),
+                inner::<Self, 4>(v),
+                inner::<Self, 4>(mask),
+            );
             let scores = matmul(q.mul_scalar(scale), k.swap_dims(2, 3)) + mask;
-            return p(matmul(activation::softmax(scores, 3), v));
+            return primitive(matmul(activation::softmax(scores, 3), v));
         }
         tracked::<B, C>([q, k, v, mask], scale, causal, Kernel::Sliced(slice))
     }
@@ -340,10 +350,10 @@ fn tracked<B: AttentionBackend, C: CheckpointStrategy>(
     kernel: Kernel,
 ) -> FloatTensor<Autodiff<B, C>> {
     let (q_in, k_in, v_in, mask) = (
-        t(q.primitive.clone()),
-        t(k.primitive.clone()),
-        t(v.primitive.clone()),
-        t(mask.primitive),
+        inner(q.primitive.clone()),
+        inner(k.primitive.clone()),
+        inner(v.primitive.clone()),
+        inner(mask.primitive),
     );
     let run = |q, k, v, mask| match kernel {
         Kernel::Backend => B::attention_forward(q, k, v, mask, scale, causal),
@@ -366,9 +376,9 @@ fn tracked<B: AttentionBackend, C: CheckpointStrategy>(
                 scale,
                 causal,
             };
-            prep.finish((saved, kernel), p(out))
+            prep.finish((saved, kernel), primitive(out))
         }
-        OpsKind::UnTracked(prep) => prep.finish(p(run(q_in, k_in, v_in, mask).0)),
+        OpsKind::UnTracked(prep) => prep.finish(primitive(run(q_in, k_in, v_in, mask).0)),
     }
 }
 
@@ -458,14 +468,14 @@ mod tests {
 
         // And through the autodiff op in slices of 8, then through the dispatch (one slice at
         // this size: the plain form).
-        let out = t(sliced::<
+        let out = inner(sliced::<
             Inner,
             burn::backend::autodiff::checkpoint::strategy::NoCheckpointing,
         >(
-            p(q.clone()),
-            p(k.clone()),
-            p(v.clone()),
-            p(mask.clone()),
+            primitive(q.clone()),
+            primitive(k.clone()),
+            primitive(v.clone()),
+            primitive(mask.clone()),
             scale,
             8,
         ));

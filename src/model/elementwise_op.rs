@@ -27,9 +27,10 @@ use burn::tensor::IndexingUpdateOp;
 use burn::tensor::activation::{sigmoid, silu};
 use burn::tensor::backend::Backend;
 use burn::tensor::ops::{FloatTensor, IntTensor};
-use burn::tensor::{FloatDType, Int, Tensor, TensorPrimitive};
+use burn::tensor::{FloatDType, Int, Tensor};
 
 use super::matmul_op::{MatmulBackend, matmul};
+use super::primitive::{inner, primitive};
 
 pub trait ElementwiseBackend: MatmulBackend {
     /// `silu(gate) ⊙ up`, in `dtype` when given; under autodiff the gradients of `gate` and
@@ -108,14 +109,6 @@ fn weighted_nll<B: Backend>(
 fn logsumexp<B: Backend>(x: Tensor<B, 2>) -> Tensor<B, 2> {
     let max = x.clone().max_dim(1);
     (x - max.clone()).exp().sum_dim(1).log() + max
-}
-
-fn inner<B: Backend, const D: usize>(x: FloatTensor<B>) -> Tensor<B, D> {
-    Tensor::from_primitive(TensorPrimitive::Float(x))
-}
-
-fn primitive<B: Backend, const D: usize>(x: Tensor<B, D>) -> FloatTensor<B> {
-    x.into_primitive().tensor()
 }
 
 #[derive(Debug)]

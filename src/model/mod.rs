@@ -10,6 +10,7 @@ pub mod layout;
 pub mod linear;
 pub mod load;
 pub mod matmul_op;
+pub mod primitive;
 pub mod rope;
 pub mod tensors;
 pub mod valid;

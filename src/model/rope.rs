@@ -15,9 +15,10 @@ use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
 use burn::backend::autodiff::grads::Gradients;
 use burn::backend::autodiff::ops::{Backward, Ops, OpsKind, unary};
 use burn::tensor::ops::FloatTensor;
-use burn::tensor::{Tensor, TensorData, TensorPrimitive, backend::Backend};
+use burn::tensor::{Tensor, TensorData, backend::Backend};
 
 use super::config::RopeScaling;
+use super::primitive::{inner, primitive};
 
 #[derive(Debug, Clone)]
 pub struct Rope {
@@ -132,9 +133,7 @@ impl<B: RopeBackend> Backward<B, 1> for RopeBackward {
     fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, _: &mut Checkpointer) {
         let (cos, sin) = ops.state;
         unary::<B, _>(ops.parents, ops.node, grads, |dy| {
-            B::rope_backward(float(dy), float(cos), float(sin))
-                .into_primitive()
-                .tensor()
+            primitive(B::rope_backward(inner(dy), inner(cos), inner(sin)))
         });
     }
 }
@@ -142,32 +141,21 @@ impl<B: RopeBackend> Backward<B, 1> for RopeBackward {
 impl<B: RopeBackend, C: CheckpointStrategy> RopeBackend for Autodiff<B, C> {
     fn rope(x: Tensor<Self, 4>, cos: Tensor<Self, 4>, sin: Tensor<Self, 4>) -> Tensor<Self, 4> {
         let (cos, sin) = (cos.inner(), sin.inner());
-        let x = x.into_primitive().tensor();
-        let rotate = |x| {
-            B::rope(float(x), cos.clone(), sin.clone())
-                .into_primitive()
-                .tensor()
-        };
+        let x = primitive(x);
+        let rotate = |x| primitive(B::rope(inner(x), cos.clone(), sin.clone()));
         let out = match RopeBackward
             .prepare::<C>([x.node.clone()])
             .compute_bound()
             .stateful()
         {
             OpsKind::Tracked(prep) => {
-                let tables = (
-                    cos.clone().into_primitive().tensor(),
-                    sin.clone().into_primitive().tensor(),
-                );
+                let tables = (primitive(cos.clone()), primitive(sin.clone()));
                 prep.finish(tables, rotate(x.primitive))
             }
             OpsKind::UnTracked(prep) => prep.finish(rotate(x.primitive)),
         };
-        float(out)
+        inner(out)
     }
-}
-
-fn float<B: Backend, const D: usize>(x: FloatTensor<B>) -> Tensor<B, D> {
-    Tensor::from_primitive(TensorPrimitive::Float(x))
 }
 
 #[cfg(test)]
