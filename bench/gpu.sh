@@ -11,6 +11,9 @@
 # tiny shape first, "1b-ckpt", and "8b-qlora", ours only, with the base quantized to 4 bits).
 # DTYPE: our base's compute dtype (default bf16, as the reference's); REFERENCE=0 skips peft;
 # TAG: a label added to our lines' tag (to tell builds apart).
+# OUT: where the JSON lines go (default bench/results). The device tool sets it to the folder it
+# brings back, so there the lines land in $OUT directly: copying bench/results over it afterwards
+# replaces them with the old file (session 8 lost a call's lines that way).
 set -u
 cd "$(dirname "$0")/.."
 bin=${LORAFORGE:-./target/release/loraforge}
