@@ -4,7 +4,7 @@
 
 use anyhow::{Result, bail};
 use burn::backend::Autodiff;
-use burn::tensor::{Tensor, TensorPrimitive};
+use burn::tensor::Tensor;
 use rand::SeedableRng;
 use serde_json::json;
 
@@ -12,6 +12,7 @@ use super::{BF16_TOLERANCE, CpuTrain, KERNEL_TOLERANCE, gemm, scaled_error, tens
 use crate::bench::{Shape, random_model_files};
 use crate::model::FrozenLinearBackend;
 use crate::model::attention_op::repeat_kv;
+use crate::model::primitive::{inner, primitive};
 
 /// The tiny shape's first attention layer on random hidden states: the model's `Attention` on
 /// the device against the same math written out in f64 here (projections, Hugging Face RoPE,
@@ -227,13 +228,11 @@ pub(super) fn attention_grad<B: FrozenLinearBackend>(
         if !case.sliced {
             return crate::model::attention_op::attention(q, k, v, m, scale, case.causal);
         }
-        let p = |x: Tensor<Autodiff<B>, 4>| x.into_primitive().tensor();
-        Tensor::from_primitive(TensorPrimitive::Float(
-            crate::model::attention_op::sliced::<
-                B,
-                burn::backend::autodiff::checkpoint::strategy::NoCheckpointing,
-            >(p(q), p(k), p(v), p(m), scale, 64),
-        ))
+        let p = primitive::<Autodiff<B>, 4>;
+        inner(crate::model::attention_op::sliced::<
+            B,
+            burn::backend::autodiff::checkpoint::strategy::NoCheckpointing,
+        >(p(q), p(k), p(v), p(m), scale, 64))
     });
     let want = run::<CpuTrain>(inputs, &Default::default(), |[q, k, v, m]| {
         let (k, v) = (repeat_kv(k, group), repeat_kv(v, group));

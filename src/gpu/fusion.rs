@@ -7,7 +7,7 @@
 //! `CubeTensor`s behind the fusion handles (the pattern of burn-vision's CUDA ops).
 
 use burn::tensor::ops::FloatTensor;
-use burn::tensor::{DType, Shape, Tensor, TensorPrimitive};
+use burn::tensor::{DType, Shape, Tensor};
 use burn_fusion::stream::{Operation, OperationStreams};
 use burn_fusion::{Fusion, FusionBackend, FusionRuntime};
 use burn_ir::{CustomOpIr, HandleContainer, OperationIr, OperationOutput, TensorIr};
@@ -17,6 +17,7 @@ use super::{cublas, dequant, flash, rope};
 use crate::model::MatmulBackend;
 use crate::model::attention_op::{AttentionBackend, Saved, sliced_backward, sliced_forward};
 use crate::model::device_quant::DeviceQuantized;
+use crate::model::primitive::{inner, primitive};
 use crate::model::rope::RopeBackend;
 
 type Runtime = <Cube as FusionBackend>::FusionRuntime;
@@ -115,8 +116,8 @@ impl Operation<Runtime> for Dequantize {
 /// `w` as the dense matrix its GEMM reads (bf16 for a bf16 base), in one kernel.
 pub fn dequantize(w: &DeviceQuantized<Fusion<Cube>>) -> FloatTensor<Fusion<Cube>> {
     let words = w.words.clone().into_primitive();
-    let scales = w.scales.clone().into_primitive().tensor();
-    let biases = w.biases.clone().into_primitive().tensor();
+    let scales = primitive(w.scales.clone());
+    let biases = primitive(w.biases.clone());
     let client = scales.client.clone();
     let streams = OperationStreams::with_inputs([&words, &scales, &biases]);
     let dtype = if w.bf16 { DType::BF16 } else { DType::F32 };
@@ -283,7 +284,7 @@ fn custom<const N: usize, const M: usize, O: Operation<Runtime> + 'static>(
     shapes: [Shape; M],
     op: impl FnOnce(CustomOpIr) -> O,
 ) -> [Tensor<Fusion<Cube>, 4>; M] {
-    let inputs = inputs.map(|x| x.into_primitive().tensor());
+    let inputs = inputs.map(primitive);
     let client = inputs[0].client.clone();
     let streams = OperationStreams::with_inputs(inputs.iter());
     let outputs =
@@ -293,5 +294,5 @@ fn custom<const N: usize, const M: usize, O: Operation<Runtime> + 'static>(
     client
         .register(streams, OperationIr::Custom(desc.clone()), op(desc))
         .outputs::<M>()
-        .map(|x| Tensor::from_primitive(TensorPrimitive::Float(x)))
+        .map(inner)
 }

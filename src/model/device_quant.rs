@@ -27,12 +27,12 @@ use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::ops::FloatTensor;
 use burn::tensor::{
     DType, ElementConversion, FloatDType, Int, Tensor, TensorCreationOptions, TensorData,
-    TensorPrimitive,
 };
 
 use super::elementwise_op::cast;
 use super::frozen_op::FrozenLinearBackend;
 use super::matmul_op::matmul;
+use super::primitive::{inner, primitive};
 use crate::quant::QuantizedMatrix;
 
 /// Bit widths whose codes never cross a 32-bit word.
@@ -146,10 +146,7 @@ impl<B: Backend> DeviceQuantized<B> {
 
 /// `x`: `[n, in]` → `x · deq(W)ᵀ`: `[n, out]`, with the backward described above.
 pub fn linear<B: FrozenLinearBackend>(x: Tensor<B, 2>, w: &DeviceQuantized<B>) -> Tensor<B, 2> {
-    Tensor::from_primitive(TensorPrimitive::Float(B::device_quantized_linear(
-        x.into_primitive().tensor(),
-        w,
-    )))
+    inner(B::device_quantized_linear(primitive(x), w))
 }
 
 /// The product on a backend without autodiff.
@@ -157,14 +154,11 @@ pub fn forward<B: FrozenLinearBackend>(
     x: FloatTensor<B>,
     w: &DeviceQuantized<B>,
 ) -> FloatTensor<B> {
-    let x = Tensor::<B, 2>::from_primitive(TensorPrimitive::Float(x));
-    matmul(x, dense::<B>(w).transpose())
-        .into_primitive()
-        .tensor()
+    primitive(matmul(inner::<B, 2>(x), dense::<B>(w).transpose()))
 }
 
 fn dense<B: FrozenLinearBackend>(w: &DeviceQuantized<B>) -> Tensor<B, 2> {
-    Tensor::from_primitive(TensorPrimitive::Float(B::dequantize_for_gemm(w)))
+    inner(B::dequantize_for_gemm(w))
 }
 
 #[derive(Debug)]
@@ -176,8 +170,7 @@ impl<B: FrozenLinearBackend> Backward<B, 1> for DeviceQuantizedBackward {
     fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, _: &mut Checkpointer) {
         let w = ops.state;
         unary::<B, _>(ops.parents, ops.node, grads, |dy| {
-            let dy = Tensor::<B, 2>::from_primitive(TensorPrimitive::Float(dy));
-            matmul(dy, dense::<B>(&w)).into_primitive().tensor()
+            primitive(matmul(inner::<B, 2>(dy), dense::<B>(&w)))
         });
     }
 }

@@ -17,11 +17,12 @@ use burn::backend::autodiff::grads::Gradients;
 use burn::backend::autodiff::ops::{Backward, Ops, OpsKind, unary};
 use burn::tensor::backend::Backend;
 use burn::tensor::ops::FloatTensor;
-use burn::tensor::{Tensor, TensorData, TensorPrimitive};
+use burn::tensor::{Tensor, TensorData};
 
 use super::attention_op::AttentionBackend;
 use super::device_quant::DeviceQuantized;
 use super::elementwise_op::ElementwiseBackend;
+use super::primitive::{inner, primitive};
 use super::rope::RopeBackend;
 use crate::quant::QuantizedMatrix;
 use crate::quant::packed_matmul::matmul_transposed;
@@ -40,7 +41,7 @@ pub trait FrozenLinearBackend: AttentionBackend + ElementwiseBackend + RopeBacke
     /// A device-held quantized weight as the dense `[out, in]` matrix its GEMM reads (bf16 for
     /// a bf16 base).
     fn dequantize_for_gemm(w: &DeviceQuantized<Self>) -> FloatTensor<Self> {
-        w.for_gemm().into_primitive().tensor()
+        primitive(w.for_gemm())
     }
 
     /// `x`: `[n, in]` → `x · deq(W)ᵀ` for a device-held quantized weight.
@@ -53,7 +54,7 @@ pub trait FrozenLinearBackend: AttentionBackend + ElementwiseBackend + RopeBacke
 
     /// `x`: `[n, in]` → `[n, out]`.
     fn quantized_linear(x: FloatTensor<Self>, w: &Arc<QuantizedMatrix>) -> FloatTensor<Self> {
-        let x = Tensor::<Self, 2>::from_primitive(TensorPrimitive::Float(x));
+        let x = inner::<Self, 2>(x);
         let [n, _] = x.dims();
         let device = x.device();
         let y = if n <= PACKED_MATMUL_MAX_ROWS {
@@ -62,7 +63,7 @@ pub trait FrozenLinearBackend: AttentionBackend + ElementwiseBackend + RopeBacke
             let wt = TensorData::new(w.dequantize_transposed(), [w.cols, w.rows]);
             x.matmul(Tensor::from_data(wt, &device))
         };
-        y.into_primitive().tensor()
+        primitive(y)
     }
 
     /// `dy`: `[n, out]` → `dx = dy · deq(W)`: `[n, in]`.
@@ -70,9 +71,9 @@ pub trait FrozenLinearBackend: AttentionBackend + ElementwiseBackend + RopeBacke
         dy: FloatTensor<Self>,
         w: &Arc<QuantizedMatrix>,
     ) -> FloatTensor<Self> {
-        let dy = Tensor::<Self, 2>::from_primitive(TensorPrimitive::Float(dy));
+        let dy = inner::<Self, 2>(dy);
         let device = dy.device();
-        dy.matmul(dense(w, &device)).into_primitive().tensor()
+        primitive(dy.matmul(dense(w, &device)))
     }
 }
 
@@ -111,22 +112,20 @@ pub(crate) fn dense<B: Backend>(w: &QuantizedMatrix, device: &B::Device) -> Tens
 /// tile through sgemm for many (`quant/tiled_matmul.rs`), so no dense copy of `W` is made.
 impl FrozenLinearBackend for burn::backend::NdArray<f32> {
     fn quantized_linear(x: FloatTensor<Self>, w: &Arc<QuantizedMatrix>) -> FloatTensor<Self> {
-        let x = Tensor::<Self, 2>::from_primitive(TensorPrimitive::Float(x));
+        let x = inner::<Self, 2>(x);
         let [n, _] = x.dims();
-        on_host(x, w.rows, |xs| host_linear(w, xs, n))
-            .into_primitive()
-            .tensor()
+        primitive(on_host(x, w.rows, |xs| host_linear(w, xs, n)))
     }
 
     fn quantized_linear_input_grad(
         dy: FloatTensor<Self>,
         w: &Arc<QuantizedMatrix>,
     ) -> FloatTensor<Self> {
-        let dy = Tensor::<Self, 2>::from_primitive(TensorPrimitive::Float(dy));
+        let dy = inner::<Self, 2>(dy);
         let [n, _] = dy.dims();
-        on_host(dy, w.cols, |dys| tiled_matmul::input_grad(w, dys, n))
-            .into_primitive()
-            .tensor()
+        primitive(on_host(dy, w.cols, |dys| {
+            tiled_matmul::input_grad(w, dys, n)
+        }))
     }
 }
 

@@ -2,12 +2,13 @@
 
 use std::sync::Arc;
 
-use burn::tensor::{DType, Distribution, FloatDType, Int, Tensor, TensorData, TensorPrimitive};
+use burn::tensor::{DType, Distribution, FloatDType, Int, Tensor, TensorData};
 
 use super::device_quant::DeviceQuantized;
 use super::elementwise_op::cast;
 use super::frozen_op::FrozenLinearBackend;
 use super::matmul_op::{matmul, matmul_add};
+use super::primitive::{inner, primitive};
 use crate::lora::LoraAdapter;
 
 use crate::quant::QuantizedMatrix;
@@ -109,10 +110,7 @@ impl<B: FrozenLinearBackend> FrozenLinear<B> {
     fn base(&self, x: Tensor<B, 2>) -> Tensor<B, 2> {
         match &self.weight {
             FrozenWeight::Dense(w) => matmul(x, w.clone().transpose()),
-            FrozenWeight::Quantized(q) => {
-                let y = B::quantized_linear(x.into_primitive().tensor(), q);
-                Tensor::from_primitive(TensorPrimitive::Float(y))
-            }
+            FrozenWeight::Quantized(q) => inner(B::quantized_linear(primitive(x), q)),
             FrozenWeight::DeviceQuantized(w) => super::device_quant::linear(x, w),
         }
     }

@@ -16,7 +16,9 @@ use burn::backend::autodiff::grads::Gradients;
 use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
 use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::ops::FloatTensor;
-use burn::tensor::{Tensor, TensorMetadata, TensorPrimitive};
+use burn::tensor::{Tensor, TensorMetadata};
+
+use super::primitive::{inner, primitive};
 
 pub trait MatmulBackend: Backend {
     /// `lhs`: `[..., m, k]`, `rhs`: `[..., k, n]`, same leading dimensions → `[..., m, n]`.
@@ -40,10 +42,7 @@ pub fn matmul<B: MatmulBackend, const D: usize>(
     lhs: Tensor<B, D>,
     rhs: Tensor<B, D>,
 ) -> Tensor<B, D> {
-    Tensor::from_primitive(TensorPrimitive::Float(B::model_matmul(
-        lhs.into_primitive().tensor(),
-        rhs.into_primitive().tensor(),
-    )))
+    inner(B::model_matmul(primitive(lhs), primitive(rhs)))
 }
 
 /// `lhs · rhs + acc` through [`MatmulBackend::model_matmul_add`].
@@ -52,11 +51,11 @@ pub fn matmul_add<B: MatmulBackend, const D: usize>(
     rhs: Tensor<B, D>,
     acc: Tensor<B, D>,
 ) -> Tensor<B, D> {
-    Tensor::from_primitive(TensorPrimitive::Float(B::model_matmul_add(
-        lhs.into_primitive().tensor(),
-        rhs.into_primitive().tensor(),
-        acc.into_primitive().tensor(),
-    )))
+    inner(B::model_matmul_add(
+        primitive(lhs),
+        primitive(rhs),
+        primitive(acc),
+    ))
 }
 
 impl MatmulBackend for burn::backend::NdArray<f32> {}
