@@ -317,23 +317,21 @@ where
 
 #[cfg(test)]
 mod tests {
-    use burn::backend::{Autodiff, NdArray};
     use burn::tensor::activation::log_softmax;
-    use burn::tensor::{Distribution, Int, Tensor, TensorData};
+    use burn::tensor::{Int, Tensor, TensorData};
 
     use super::ElementwiseBackend;
-
-    type B = Autodiff<NdArray<f64>>;
+    use crate::model::test_f64::{B, assert_same, random, tensor};
 
     /// The written-out backward against Burn's own differentiation of the same forward math, on
     /// random inputs and a random upstream gradient.
     #[test]
     fn swiglu_gradients_match_burns_autodiff() {
-        let device = Default::default();
-        let normal = Distribution::Normal(0.0, 2.0);
-        let gate = Tensor::<B, 3>::random([2, 3, 5], normal, &device);
-        let up = Tensor::<B, 3>::random([2, 3, 5], normal, &device);
-        let dy = Tensor::<B, 3>::random([2, 3, 5], normal, &device);
+        let (gate, up, dy) = (
+            random([2, 3, 5], 2.0),
+            random([2, 3, 5], 2.0),
+            random([2, 3, 5], 2.0),
+        );
         let grads_of = |fused: bool| {
             let (g, u) = (gate.clone().require_grad(), up.clone().require_grad());
             let y = if fused {
@@ -345,20 +343,19 @@ mod tests {
             [g.grad(&grads).unwrap(), u.grad(&grads).unwrap()]
         };
         for (ours, burns) in grads_of(true).into_iter().zip(grads_of(false)) {
-            ours.into_data()
-                .assert_approx_eq::<f64>(&burns.into_data(), Default::default());
+            assert_same(ours, burns);
         }
     }
 
     #[test]
     fn cross_entropy_value_and_gradient_match_burns_autodiff() {
         let device = Default::default();
-        let logits = Tensor::<B, 2>::random([6, 11], Distribution::Normal(0.0, 3.0), &device);
+        let logits = random([6, 11], 3.0);
         let ids = [3i64, 0, 10, 7, 7, 1];
         let targets =
             Tensor::<B, 2, Int>::from_data(TensorData::new(ids.to_vec(), [6, 1]), &device);
         let w = [0.5, 0.0, 0.25, 1.0, 0.125, 0.5];
-        let weights = Tensor::<B, 2>::from_data(TensorData::new(w.to_vec(), [6, 1]), &device);
+        let weights = tensor(w.to_vec(), [6, 1]);
         let run = |fused: bool| {
             let x = logits.clone().require_grad();
             let loss = if fused {
@@ -371,19 +368,17 @@ mod tests {
             (loss, x.grad(&grads).unwrap())
         };
         let ((loss, grad), (want_loss, want_grad)) = (run(true), run(false));
-        loss.into_data()
-            .assert_approx_eq::<f64>(&want_loss.into_data(), Default::default());
-        grad.into_data()
-            .assert_approx_eq::<f64>(&want_grad.into_data(), Default::default());
+        assert_same(loss, want_loss);
+        assert_same(grad, want_grad);
     }
 
     #[test]
     fn rms_norm_gradients_match_burns_autodiff() {
-        let device = Default::default();
-        let normal = Distribution::Normal(0.0, 1.5);
-        let x = Tensor::<B, 4>::random([2, 2, 3, 8], normal, &device);
-        let w = Tensor::<B, 1>::random([8], normal, &device);
-        let dy = Tensor::<B, 4>::random([2, 2, 3, 8], normal, &device);
+        let (x, w, dy) = (
+            random([2, 2, 3, 8], 1.5),
+            random([8], 1.5),
+            random([2, 2, 3, 8], 1.5),
+        );
         let eps = 1e-5;
         let grads_of = |fused: bool| {
             let (x, w) = (x.clone().require_grad(), w.clone().require_grad());
@@ -397,11 +392,7 @@ mod tests {
             (x.grad(&grads).unwrap(), w.grad(&grads).unwrap())
         };
         let (ours, burns) = (grads_of(true), grads_of(false));
-        ours.0
-            .into_data()
-            .assert_approx_eq::<f64>(&burns.0.into_data(), Default::default());
-        ours.1
-            .into_data()
-            .assert_approx_eq::<f64>(&burns.1.into_data(), Default::default());
+        assert_same(ours.0, burns.0);
+        assert_same(ours.1, burns.1);
     }
 }

@@ -13,6 +13,8 @@ pub mod matmul_op;
 pub mod primitive;
 pub mod rope;
 pub mod tensors;
+#[cfg(test)]
+mod test_f64;
 pub mod valid;
 pub mod weights;
 

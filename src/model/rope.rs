@@ -160,13 +160,11 @@ impl<B: RopeBackend, C: CheckpointStrategy> RopeBackend for Autodiff<B, C> {
 
 #[cfg(test)]
 mod tests {
-    use burn::backend::{Autodiff, NdArray};
-    use burn::tensor::{Distribution, Tensor};
+    use burn::tensor::Tensor;
 
     use super::{Rope, RopeBackend};
     use crate::model::RopeScaling;
-
-    type B = Autodiff<NdArray<f64>>;
+    use crate::model::test_f64::{B, assert_same, cast, random};
 
     /// The op's written-out backward (the rotation back) against Burn's differentiation of the
     /// slice-and-concatenate form, with Llama 3 scaled frequencies and one table per row.
@@ -182,9 +180,8 @@ mod tests {
         let rope = Rope::new(8, 500_000.0, &scaling);
         let positions: Vec<usize> = (0..10).map(|i| (i * 7) % 11).collect();
         let (cos, sin) = rope.tables::<B>(&positions, 2, &device);
-        let normal = Distribution::Normal(0.0, 1.0);
-        let x = Tensor::<B, 4>::random([2, 3, 5, 8], normal, &device);
-        let dy = Tensor::<B, 4>::random([2, 3, 5, 8], normal, &device);
+        let (cos, sin) = (cast(cos), cast(sin));
+        let (x, dy) = (random([2, 3, 5, 8], 1.0), random([2, 3, 5, 8], 1.0));
         let grads_of = |op: bool| {
             let x = x.clone().require_grad();
             let y = if op {
@@ -198,9 +195,7 @@ mod tests {
             (y.inner(), x.grad(&grads).expect("x tracked"))
         };
         let ((y, dx), (want_y, want_dx)) = (grads_of(true), grads_of(false));
-        y.into_data()
-            .assert_approx_eq::<f64>(&want_y.into_data(), Default::default());
-        dx.into_data()
-            .assert_approx_eq::<f64>(&want_dx.into_data(), Default::default());
+        assert_same(y, want_y);
+        assert_same(dx, want_dx);
     }
 }
