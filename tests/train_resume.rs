@@ -76,11 +76,9 @@ fn sigint_then_resume_equals_uninterrupted() {
         let interrupt = line.starts_with("Iter 4:");
         seen.push(line);
         if interrupt {
-            let status = Command::new("kill")
-                .args(["-INT", &child.id().to_string()])
-                .status()
-                .unwrap();
-            assert!(status.success());
+            // SAFETY: kill(2) with the pid of our own running child.
+            let sent = unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGINT) };
+            assert_eq!(sent, 0, "SIGINT to the training process");
             break;
         }
     }
@@ -119,8 +117,10 @@ fn sigint_then_resume_equals_uninterrupted() {
 
     let diff = max_diff(&run_dir(&straight), &run_dir(&split));
     println!("resumed vs uninterrupted: {diff:.2e}; uninterrupted vs uninterrupted: {noise:.2e}");
+    // Run-to-run noise is 3.5-4.6e-7 (autodiff sums in hash-map order); a resume that lost or
+    // repeated a step would move the weights by about the learning rate, 1e-3.
     assert!(
-        diff <= 1e-6_f32.max(4.0 * noise),
+        diff <= 1e-5_f32.max(4.0 * noise),
         "resumed run differs by {diff:.2e}, beyond run-to-run noise {noise:.2e}"
     );
 }

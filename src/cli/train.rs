@@ -82,6 +82,10 @@ impl BackendTask for TrainTask {
         let mut lines = Vec::new();
         let mut log_failed = false;
         let mut emit = |event: Event| {
+            // Logged before it is shown: whatever the screen has shown is in metrics.jsonl.
+            let written = metrics
+                .write(&event)
+                .and_then(|()| board.as_mut().map_or(Ok(()), |b| b.write(&event)));
             match &dashboard {
                 Some(d) => {
                     d.send(&event);
@@ -89,9 +93,6 @@ impl BackendTask for TrainTask {
                 }
                 None => println!("{}", plain_line(&event)),
             }
-            let written = metrics
-                .write(&event)
-                .and_then(|()| board.as_mut().map_or(Ok(()), |b| b.write(&event)));
             // A full disk must not stop training (checkpoints report their own errors).
             if let Err(e) = written
                 && !log_failed
