@@ -58,8 +58,26 @@ pub fn matmul_add<B: MatmulBackend, const D: usize>(
     ))
 }
 
-impl MatmulBackend for burn::backend::NdArray<f32> {}
-impl MatmulBackend for burn::backend::NdArray<f64> {}
+/// On the CPU the products go straight to `matrixmultiply` (`host_matmul.rs`): no copies of
+/// transposed operands, and the sum of `matmul_add` inside the GEMM.
+macro_rules! host_matmul_for {
+    ($($elem:ty),*) => {$(
+        impl MatmulBackend for burn::backend::NdArray<$elem> {
+            fn model_matmul(lhs: FloatTensor<Self>, rhs: FloatTensor<Self>) -> FloatTensor<Self> {
+                super::host_matmul::product(lhs, rhs, None)
+            }
+
+            fn model_matmul_add(
+                lhs: FloatTensor<Self>,
+                rhs: FloatTensor<Self>,
+                acc: FloatTensor<Self>,
+            ) -> FloatTensor<Self> {
+                super::host_matmul::product(lhs, rhs, Some(acc))
+            }
+        }
+    )*};
+}
+host_matmul_for!(f32, f64);
 
 #[cfg(feature = "metal")]
 impl MatmulBackend for burn::backend::Metal<f32> {}
