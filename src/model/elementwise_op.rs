@@ -29,6 +29,7 @@ use burn::tensor::backend::Backend;
 use burn::tensor::ops::{FloatTensor, IntTensor};
 use burn::tensor::{FloatDType, Int, Tensor};
 
+use super::host_elementwise;
 use super::matmul_op::{MatmulBackend, matmul};
 use super::primitive::{inner, primitive};
 
@@ -42,6 +43,18 @@ pub trait ElementwiseBackend: MatmulBackend {
         _grad_dtype: Option<FloatDType>,
     ) -> Tensor<Self, D> {
         cast(silu(gate) * up, dtype)
+    }
+
+    /// `[d gate, d up]` of [`ElementwiseBackend::swiglu`] from its output's gradient `dy`, in
+    /// `dtype` when given; each only when `wanted`.
+    fn swiglu_backward<const D: usize>(
+        gate: Tensor<Self, D>,
+        up: Tensor<Self, D>,
+        dy: Tensor<Self, D>,
+        wanted: [bool; 2],
+        dtype: Option<FloatDType>,
+    ) -> [Option<Tensor<Self, D>>; 2] {
+        swiglu_backward_ops(gate, up, dy, wanted, dtype)
     }
 
     /// `x` normalised over its last dimension and scaled by `weight`, in `dtype` when given.
@@ -69,7 +82,33 @@ pub trait ElementwiseBackend: MatmulBackend {
     }
 }
 
-impl ElementwiseBackend for burn::backend::NdArray<f32> {}
+/// SwiGLU as single passes on the host (`host_elementwise.rs`); other dtypes take Burn's ops.
+impl ElementwiseBackend for burn::backend::NdArray<f32> {
+    fn swiglu<const D: usize>(
+        gate: Tensor<Self, D>,
+        up: Tensor<Self, D>,
+        dtype: Option<FloatDType>,
+        _grad_dtype: Option<FloatDType>,
+    ) -> Tensor<Self, D> {
+        match host_elementwise::swiglu(&gate, &up) {
+            Some(y) => cast(y, dtype),
+            None => cast(silu(gate) * up, dtype),
+        }
+    }
+
+    fn swiglu_backward<const D: usize>(
+        gate: Tensor<Self, D>,
+        up: Tensor<Self, D>,
+        dy: Tensor<Self, D>,
+        wanted: [bool; 2],
+        dtype: Option<FloatDType>,
+    ) -> [Option<Tensor<Self, D>>; 2] {
+        match host_elementwise::swiglu_backward(&gate, &up, &dy) {
+            Some(grads) => grads.map(|grad| Some(cast(grad, dtype))),
+            None => swiglu_backward_ops(gate, up, dy, wanted, dtype),
+        }
+    }
+}
 impl ElementwiseBackend for burn::backend::NdArray<f64> {}
 
 #[cfg(feature = "cuda")]
@@ -114,7 +153,7 @@ fn logsumexp<B: Backend>(x: Tensor<B, 2>) -> Tensor<B, 2> {
 #[derive(Debug)]
 struct SwigluBackward<const D: usize>;
 
-impl<B: Backend, const D: usize> Backward<B, 2> for SwigluBackward<D> {
+impl<B: ElementwiseBackend, const D: usize> Backward<B, 2> for SwigluBackward<D> {
     /// gate, up, and the dtype of the gradients handed back.
     type State = (NodeId, NodeId, Option<FloatDType>);
 
@@ -124,18 +163,31 @@ impl<B: Backend, const D: usize> Backward<B, 2> for SwigluBackward<D> {
         let up: Tensor<B, D> = inner(ckpt.retrieve_node_output(up));
         let dy: Tensor<B, D> = inner(grads.consume::<B>(&ops.node));
         let dy = cast(dy, Some(gate.dtype().into()));
-        let s = sigmoid(gate.clone());
-        let [gate_node, up_node] = ops.parents;
-        if let Some(node) = up_node {
-            let du = dy.clone() * gate.clone() * s.clone();
-            grads.register::<B>(node.id, primitive(cast(du, dtype)));
-        }
-        if let Some(node) = gate_node {
-            let slope = (gate * s.clone().neg().add_scalar(1.0)).add_scalar(1.0);
-            let dg = dy * up * s * slope;
-            grads.register::<B>(node.id, primitive(cast(dg, dtype)));
+        let wanted = ops.parents.each_ref().map(Option::is_some);
+        let gradients = B::swiglu_backward(gate, up, dy, wanted, dtype);
+        for (node, grad) in ops.parents.into_iter().zip(gradients) {
+            if let (Some(node), Some(grad)) = (node, grad) {
+                grads.register::<B>(node.id, primitive(grad));
+            }
         }
     }
+}
+
+/// [`ElementwiseBackend::swiglu_backward`] in Burn's ops, σ recomputed from the gate.
+fn swiglu_backward_ops<B: Backend, const D: usize>(
+    gate: Tensor<B, D>,
+    up: Tensor<B, D>,
+    dy: Tensor<B, D>,
+    [want_gate, want_up]: [bool; 2],
+    dtype: Option<FloatDType>,
+) -> [Option<Tensor<B, D>>; 2] {
+    let s = sigmoid(gate.clone());
+    let du = want_up.then(|| cast(dy.clone() * gate.clone() * s.clone(), dtype));
+    let dg = want_gate.then(|| {
+        let slope = (gate * s.clone().neg().add_scalar(1.0)).add_scalar(1.0);
+        cast(dy * up * s * slope, dtype)
+    });
+    [dg, du]
 }
 
 #[derive(Debug)]

@@ -99,11 +99,7 @@ impl Rope {
 pub trait RopeBackend: Backend {
     /// `x` (`[batch, heads, seq, head_dim]`) rotated by tables from [`Rope::tables`].
     fn rope(x: Tensor<Self, 4>, cos: Tensor<Self, 4>, sin: Tensor<Self, 4>) -> Tensor<Self, 4> {
-        let half = x.dims()[3] / 2;
-        let x1 = x.clone().narrow(3, 0, half);
-        let x2 = x.clone().narrow(3, half, half);
-        let rotated = Tensor::cat(vec![x2.neg(), x1], 3);
-        x * cos + rotated * sin
+        rotate_by_slices(x, cos, sin)
     }
 
     /// The gradient of [`RopeBackend::rope`]'s input given its output's, `dy`: the rotation
@@ -117,11 +113,32 @@ pub trait RopeBackend: Backend {
     }
 }
 
-impl RopeBackend for burn::backend::NdArray<f32> {}
+/// One pass on the host (`host_elementwise.rs`); f64 tensors take the slices.
+impl RopeBackend for burn::backend::NdArray<f32> {
+    fn rope(x: Tensor<Self, 4>, cos: Tensor<Self, 4>, sin: Tensor<Self, 4>) -> Tensor<Self, 4> {
+        match super::host_elementwise::rope(&x, &cos, &sin) {
+            Some(y) => y,
+            None => rotate_by_slices(x, cos, sin),
+        }
+    }
+}
 impl RopeBackend for burn::backend::NdArray<f64> {}
 
 #[cfg(feature = "metal")]
 impl RopeBackend for burn::backend::Metal<f32> {}
+
+/// [`RopeBackend::rope`] in Burn's ops: `x ⊙ cos + [−x₂, x₁] ⊙ sin`.
+pub(crate) fn rotate_by_slices<B: Backend>(
+    x: Tensor<B, 4>,
+    cos: Tensor<B, 4>,
+    sin: Tensor<B, 4>,
+) -> Tensor<B, 4> {
+    let half = x.dims()[3] / 2;
+    let x1 = x.clone().narrow(3, 0, half);
+    let x2 = x.clone().narrow(3, half, half);
+    let rotated = Tensor::cat(vec![x2.neg(), x1], 3);
+    x * cos + rotated * sin
+}
 
 #[derive(Debug)]
 struct RopeBackward;
