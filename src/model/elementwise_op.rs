@@ -109,6 +109,7 @@ impl ElementwiseBackend for burn::backend::NdArray<f32> {
         }
     }
 }
+
 impl ElementwiseBackend for burn::backend::NdArray<f64> {}
 
 #[cfg(feature = "cuda")]
