@@ -42,7 +42,7 @@ pub trait ElementwiseBackend: MatmulBackend {
         dtype: Option<FloatDType>,
         _grad_dtype: Option<FloatDType>,
     ) -> Tensor<Self, D> {
-        cast(silu(gate) * up, dtype)
+        swiglu_ops(gate, up, dtype)
     }
 
     /// `[d gate, d up]` of [`ElementwiseBackend::swiglu`] from its output's gradient `dy`, in
@@ -92,7 +92,7 @@ impl ElementwiseBackend for burn::backend::NdArray<f32> {
     ) -> Tensor<Self, D> {
         match host_elementwise::swiglu(&gate, &up) {
             Some(y) => cast(y, dtype),
-            None => cast(silu(gate) * up, dtype),
+            None => swiglu_ops(gate, up, dtype),
         }
     }
 
@@ -104,7 +104,10 @@ impl ElementwiseBackend for burn::backend::NdArray<f32> {
         dtype: Option<FloatDType>,
     ) -> [Option<Tensor<Self, D>>; 2] {
         match host_elementwise::swiglu_backward(&gate, &up, &dy) {
-            Some(grads) => grads.map(|grad| Some(cast(grad, dtype))),
+            Some(grads) => {
+                let [dg, du] = grads.map(|grad| cast(grad, dtype));
+                [wanted[0].then_some(dg), wanted[1].then_some(du)]
+            }
             None => swiglu_backward_ops(gate, up, dy, wanted, dtype),
         }
     }
@@ -172,6 +175,15 @@ impl<B: ElementwiseBackend, const D: usize> Backward<B, 2> for SwigluBackward<D>
             }
         }
     }
+}
+
+/// [`ElementwiseBackend::swiglu`] in Burn's ops.
+fn swiglu_ops<B: Backend, const D: usize>(
+    gate: Tensor<B, D>,
+    up: Tensor<B, D>,
+    dtype: Option<FloatDType>,
+) -> Tensor<B, D> {
+    cast(silu(gate) * up, dtype)
 }
 
 /// [`ElementwiseBackend::swiglu_backward`] in Burn's ops, σ recomputed from the gate.

@@ -173,10 +173,9 @@ unsafe fn multiply<E: Gemm>(a: &ArrayViewD<E>, b: &ArrayViewD<E>, accumulate: bo
             s[rank - 1],
         )
     };
-    if let Some(rows) = one_row_range(a, b) {
+    if rows_in_one_range(a, b) {
         // SAFETY: the merged rows are `a`'s, at its row stride; `c` holds batches·m rows.
         unsafe { E::gemm(batches * m, k, n, matrix(a, 0), matrix(b, 0), accumulate, c) };
-        debug_assert_eq!(rows, batches * m);
         return;
     }
     let out = SharedOut(c);
@@ -197,27 +196,25 @@ unsafe fn multiply<E: Gemm>(a: &ArrayViewD<E>, b: &ArrayViewD<E>, accumulate: bo
     });
 }
 
-/// When every batch matrix of `a` meets the same `b` (b's leading dimensions all 1) and `a`'s
-/// rows are evenly spaced across its batches, the rows as one matrix: their count.
-fn one_row_range<E>(a: &ArrayViewD<E>, b: &ArrayViewD<E>) -> Option<usize> {
+/// Whether every batch matrix of `a` meets the same `b` (b's leading dimensions all 1) and `a`'s
+/// rows are evenly spaced across its batches, so that its rows are one matrix.
+fn rows_in_one_range<E>(a: &ArrayViewD<E>, b: &ArrayViewD<E>) -> bool {
     let rank = a.ndim();
     if b.shape()[..rank - 2].iter().any(|&size| size != 1) {
-        return None;
+        return false;
     }
     let (shape, strides) = (a.shape(), a.strides());
-    let mut rows = shape[rank - 2];
-    let mut next_stride = strides[rank - 2] * rows as isize;
+    let mut next_stride = strides[rank - 2] * shape[rank - 2] as isize;
     for i in (0..rank - 2).rev() {
         if shape[i] == 1 {
             continue;
         }
         if strides[i] != next_stride {
-            return None;
+            return false;
         }
-        rows *= shape[i];
         next_stride *= shape[i] as isize;
     }
-    Some(rows)
+    true
 }
 
 /// Where batch matrix `batch` (row-major over `lead`) starts in `a` and in `b`, a dimension of
