@@ -48,6 +48,11 @@
 
 #define D HEAD_DIM
 #define THREADS 256 // 8 warps
+// Blocks an SM should hold, so registers are capped at 65536 / (THREADS · MIN_BLOCKS). Two at
+// d <= 64, where the kernels fit 128 registers without spilling (NVRTC, sm_90) and the second
+// block hides the first's memory waits: 1B steps 3.5% faster on an H200 (bench/NOTES.md). At
+// d = 128 the same cap spills 300-1200 bytes a thread and the 8B step was 9% slower.
+#define MIN_BLOCKS (D <= 64 ? 2 : 1)
 #define ROW (D + 8) // row stride (bf16 elements) of a staged [rows][D] tile: +8 spreads the banks
 
 typedef unsigned int u32;
@@ -137,6 +142,12 @@ __device__ __forceinline__ void advance(u16* a_tiles, u16* b_tiles, const u16* a
     cp_commit();
     cp_wait<1>();
     __syncthreads();
+}
+
+// 4 bytes from global to shared memory, asynchronously; zero when !valid.
+__device__ __forceinline__ void cp_async4(float* dst, const float* src, bool valid) {
+    asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;" ::"r"(shared_address(dst)),
+                 "l"(src), "r"(valid ? 4 : 0));
 }
 
 // The A fragments of rows r, r+8 (r = a warp's first row + g) of a [n][D] f32 matrix, times
@@ -289,12 +300,20 @@ extern "C" __global__ void __launch_bounds__(THREADS)
         make_uint2(pack_bf16(x.x * mul, x.y * mul), pack_bf16(x.z * mul, x.w * mul));
 }
 
+// Blocks start in grid order, and the ones that start last should be short: otherwise a few long
+// ones run on while the rest of the card idles. Under a causal mask a query block's work grows
+// with its index (it sees more keys) and a key block's shrinks, so the row blocks are the grid's
+// slowest dimension (z), visited from the longest: the forward and dQ kernels take the last
+// query blocks first, the dK/dV kernel the first key blocks.
+__device__ __forceinline__ int query_block() { return (gridDim.z - 1 - blockIdx.z) * 128; }
+
 #define FWD_KEYS 64
 
-// Grid (⌈seq / 128⌉, heads, batch); dynamic shared memory: K and V, [2][FWD_KEYS][ROW] each.
+// Grid (heads, batch, ⌈seq / 128⌉), the last query blocks (the most keys) first; dynamic shared
+// memory: K and V, [2][FWD_KEYS][ROW] each.
 // k, v: bf16 [batch·kv_heads][keys][D], query head h reading kv head h / group (grouped-query
 // attention: kv_heads = heads / group). out: [batch, heads, seq, D]; lse: [batch, heads, seq].
-extern "C" __global__ void __launch_bounds__(THREADS)
+extern "C" __global__ void __launch_bounds__(THREADS, MIN_BLOCKS)
     attention_forward(const float* __restrict__ q, const u16* __restrict__ k,
                       const u16* __restrict__ v, const float* __restrict__ mask_values,
                       float* __restrict__ out, float* __restrict__ lse, int heads, int seq,
@@ -304,7 +323,7 @@ extern "C" __global__ void __launch_bounds__(THREADS)
     u16* k_tiles = shared;
     u16* v_tiles = shared + 2 * FWD_KEYS * ROW;
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
-    const int b = blockIdx.z, h = blockIdx.y, q0 = blockIdx.x * 128;
+    const int h = blockIdx.x, b = blockIdx.y, q0 = query_block();
     const int past = keys - seq;
     const i64 bh = (i64)b * heads + h;
     const i64 kv = (i64)b * (heads / group) + h / group;
@@ -389,10 +408,11 @@ extern "C" __global__ void __launch_bounds__(THREADS)
 
 #define DQ_KEYS 32
 
-// Grid (⌈seq / 128⌉, heads, batch); dynamic shared memory: K and V, [2][DQ_KEYS][ROW] each.
+// Grid (heads, batch, ⌈seq / 128⌉) as in the forward kernel; dynamic shared memory: K and V,
+// [2][DQ_KEYS][ROW] each.
 // k, v: bf16 [batch·kv_heads][keys][D] (as in the forward kernel); lse, delta:
 // [batch, heads, seq]; dq: [batch, heads, seq, D].
-extern "C" __global__ void __launch_bounds__(THREADS)
+extern "C" __global__ void __launch_bounds__(THREADS, MIN_BLOCKS)
     attention_backward_dq(const float* __restrict__ q, const u16* __restrict__ k,
                           const u16* __restrict__ v, const float* __restrict__ mask_values,
                           const float* __restrict__ d_out, const float* __restrict__ lse,
@@ -403,7 +423,7 @@ extern "C" __global__ void __launch_bounds__(THREADS)
     u16* k_tiles = shared;
     u16* v_tiles = shared + 2 * DQ_KEYS * ROW;
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
-    const int b = blockIdx.z, h = blockIdx.y, q0 = blockIdx.x * 128;
+    const int h = blockIdx.x, b = blockIdx.y, q0 = query_block();
     const int past = keys - seq;
     const i64 bh = (i64)b * heads + h;
     const i64 kv = (i64)b * (heads / group) + h / group;
@@ -463,12 +483,27 @@ extern "C" __global__ void __launch_bounds__(THREADS)
 
 #define KV_QUERIES 32
 
-// Grid (⌈keys / 128⌉, kv_heads, batch); dynamic shared memory: K and V [128][ROW] each, then
-// scale·Q and dO [2][KV_QUERIES][ROW] each. k, v: bf16 [batch·kv_heads][keys][D]; qs (= scale·Q),
+// The lse and D of queries c0..c0 + KV_QUERIES of one head into dst[0, KV_QUERIES) and
+// dst[KV_QUERIES, 2·KV_QUERIES), queued with cp.async (the caller commits). Past the last query
+// they are 0: those queries' rows of scale·Q and dO are 0 too, so whatever P they get (1 or 0),
+// they add nothing to dK or dV.
+__device__ __forceinline__ void load_stats(float* dst, const float* lse, const float* delta,
+                                           int c0, int seq) {
+    const int i = threadIdx.x;
+    if (i < 2 * KV_QUERIES) {
+        const int query = c0 + i % KV_QUERIES;
+        const bool valid = query < seq;
+        cp_async4(dst + i, (i < KV_QUERIES ? lse : delta) + (valid ? query : 0), valid);
+    }
+}
+
+// Grid (kv_heads, batch, ⌈keys / 128⌉), the first key blocks (the most queries) first; dynamic
+// shared memory: K and V [128][ROW] each, scale·Q and dO [2][KV_QUERIES][ROW] each, then the
+// query tile's lse and D, [2][2][KV_QUERIES] f32. k, v: bf16 [batch·kv_heads][keys][D]; qs (= scale·Q),
 // o (= dO): bf16 [batch·heads][seq][D]; lse, delta: [batch, heads, seq]; dk, dv:
 // [batch, kv_heads, keys, D]. A kv head's gradients sum over the `group` query heads that read
 // it: the block streams the query tiles of each in turn into the same accumulators.
-extern "C" __global__ void __launch_bounds__(THREADS)
+extern "C" __global__ void __launch_bounds__(THREADS, MIN_BLOCKS)
     attention_backward_dkdv(const u16* __restrict__ qs, const u16* __restrict__ k,
                             const u16* __restrict__ v, const float* __restrict__ mask_values,
                             const u16* __restrict__ o, const float* __restrict__ lse,
@@ -480,12 +515,13 @@ extern "C" __global__ void __launch_bounds__(THREADS)
     u16* v_rows = k_rows + 128 * ROW;
     u16* q_tiles = v_rows + 128 * ROW;
     u16* o_tiles = q_tiles + 2 * KV_QUERIES * ROW;
+    float* stats = reinterpret_cast<float*>(o_tiles + 2 * KV_QUERIES * ROW);
 
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
-    const int b = blockIdx.z, k0 = blockIdx.x * 128;
+    const int b = blockIdx.y, k0 = blockIdx.z * 128;
     const int past = keys - seq;
-    const i64 kv = (i64)b * gridDim.y + blockIdx.y;
-    const i64 bh = (i64)b * heads + (i64)blockIdx.y * group; // the group's first query head
+    const i64 kv = (i64)b * gridDim.x + blockIdx.x;
+    const i64 bh = (i64)b * heads + (i64)blockIdx.x * group; // the group's first query head
     qs += bh * seq * D;
     o += bh * seq * D;
     k += kv * keys * D;
@@ -504,6 +540,7 @@ extern "C" __global__ void __launch_bounds__(THREADS)
     load_tile<128>(v_rows, v, k0, keys);
     load_tile<KV_QUERIES>(q_tiles, qs, first, seq);
     load_tile<KV_QUERIES>(o_tiles, o, first, seq);
+    load_stats(stats, lse, delta, first, seq);
     cp_commit();
 
     float dk_acc[D / 8][4], dv_acc[D / 8][4];
@@ -512,25 +549,16 @@ extern "C" __global__ void __launch_bounds__(THREADS)
 
     for (int it = 0; it < steps; ++it) {
         const int c0 = first + it % tiles * KV_QUERIES;
-        const float* lse_h = lse + (i64)(it / tiles) * seq;
-        const float* delta_h = delta + (i64)(it / tiles) * seq;
         const u16* qt = q_tiles + (it & 1) * KV_QUERIES * ROW;
         const u16* ot = o_tiles + (it & 1) * KV_QUERIES * ROW;
-        // This lane's queries in the tile: c0 + j·8 + 2t + e; their −lse in log2 units, -inf
-        // past the last query (P is then 0).
-        float nl_q[KV_QUERIES / 8][2], delta_q[KV_QUERIES / 8][2];
-#pragma unroll
-        for (int j = 0; j < KV_QUERIES / 8; ++j) {
-#pragma unroll
-            for (int e = 0; e < 2; ++e) {
-                const int query = c0 + j * 8 + 2 * t + e;
-                nl_q[j][e] = query < seq ? -lse_h[query] * LOG2E : NEG_INF;
-                delta_q[j][e] = query < seq ? delta_h[query] : 0.f;
-            }
-        }
-        const i64 next_head = (i64)((it + 1) / tiles) * seq * D;
-        advance<KV_QUERIES>(q_tiles, o_tiles, qs + next_head, o + next_head, it, steps,
-                            first + (it + 1) % tiles * KV_QUERIES, seq);
+        const float* lse_q = stats + (it & 1) * 2 * KV_QUERIES;
+        const float* delta_q = lse_q + KV_QUERIES;
+        const int next = (it + 1) / tiles, next_c0 = first + (it + 1) % tiles * KV_QUERIES;
+        if (it + 1 < steps)
+            load_stats(stats + ((it + 1) & 1) * 2 * KV_QUERIES, lse + (i64)next * seq,
+                       delta + (i64)next * seq, next_c0, seq);
+        advance<KV_QUERIES>(q_tiles, o_tiles, qs + (i64)next * seq * D, o + (i64)next * seq * D,
+                            it, steps, next_c0, seq);
 
         float st[KV_QUERIES / 8][4], dpt[KV_QUERIES / 8][4];
         zero<KV_QUERIES / 8>(st);
@@ -552,12 +580,15 @@ extern "C" __global__ void __launch_bounds__(THREADS)
         for (int j = 0; j < KV_QUERIES / 8; ++j) {
 #pragma unroll
             for (int e = 0; e < 2; ++e) {
-                const float p0 = exp2_approx(fmaf(st[j][e], LOG2E, nl_q[j][e]));
-                const float p1 = exp2_approx(fmaf(st[j][2 + e], LOG2E, nl_q[j][e]));
+                // This lane's query in the tile (for both of its keys).
+                const int query = j * 8 + 2 * t + e;
+                const float lse2 = lse_q[query] * LOG2E, dl = delta_q[query];
+                const float p0 = exp2_approx(fmaf(st[j][e], LOG2E, -lse2));
+                const float p1 = exp2_approx(fmaf(st[j][2 + e], LOG2E, -lse2));
                 st[j][e] = p0;
                 st[j][2 + e] = p1;
-                dpt[j][e] = p0 * (dpt[j][e] - delta_q[j][e]);
-                dpt[j][2 + e] = p1 * (dpt[j][2 + e] - delta_q[j][e]);
+                dpt[j][e] = p0 * (dpt[j][e] - dl);
+                dpt[j][2 + e] = p1 * (dpt[j][2 + e] - dl);
             }
         }
         mul_cols<KV_QUERIES / 16>(dv_acc, st, ot, lane);

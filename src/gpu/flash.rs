@@ -179,10 +179,11 @@ impl Layout {
         Shape::new([self.batch, self.heads, self.seq, 1])
     }
 
-    /// One block per [`BLOCK_ROWS`] of `rows`, per head (of `heads` heads), per batch row.
+    /// One block per head (of `heads` heads), per batch row, per [`BLOCK_ROWS`] of `rows`: the
+    /// row blocks slowest, so the kernels can start the longest first (`attention.cu`).
     fn grid(&self, rows: usize, heads: usize) -> (u32, u32, u32) {
         let blocks = rows.div_ceil(BLOCK_ROWS);
-        (u32_of(blocks), u32_of(heads), u32_of(self.batch))
+        (u32_of(heads), u32_of(self.batch), u32_of(blocks))
     }
 }
 
@@ -271,7 +272,8 @@ impl SharedBytes {
         Self {
             forward: bytes(2 * 2 * FWD_KEYS),
             dq: bytes(2 * 2 * DQ_KEYS),
-            dkdv: bytes(2 * BLOCK_ROWS + 2 * 2 * KV_QUERIES),
+            // K and V, the double-buffered scale·Q and dO tiles, and their lse and D in f32.
+            dkdv: bytes(2 * BLOCK_ROWS + 2 * 2 * KV_QUERIES) + u32_of(2 * 2 * KV_QUERIES * 4),
         }
     }
 }
