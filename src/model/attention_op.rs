@@ -24,8 +24,9 @@ use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
 use burn::backend::autodiff::grads::Gradients;
 use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
 use burn::tensor::ops::FloatTensor;
-use burn::tensor::{Tensor, activation};
+use burn::tensor::{DType, Tensor, activation};
 
+use super::host_softmax;
 use super::matmul_op::{MatmulBackend, matmul};
 use super::primitive::{inner, primitive};
 
@@ -78,6 +79,17 @@ pub trait AttentionBackend: MatmulBackend {
         d_out: Tensor<Self, 4>,
     ) -> (Tensor<Self, 4>, Tensor<Self, 4>, Tensor<Self, 4>) {
         sliced_backward(saved, d_out)
+    }
+
+    /// The plain form's softmax of the scores over the keys (the last dimension).
+    fn attention_softmax(scores: Tensor<Self, 4>) -> Tensor<Self, 4> {
+        activation::softmax(scores, 3)
+    }
+
+    /// The scores' gradient `P ⊙ (dP − rowsum(dP ⊙ P))` from the probabilities and theirs.
+    fn attention_softmax_backward(p: Tensor<Self, 4>, dp: Tensor<Self, 4>) -> Tensor<Self, 4> {
+        let dot = (dp.clone() * p.clone()).sum_dim(3);
+        p * (dp - dot)
     }
 }
 
@@ -144,7 +156,22 @@ pub fn repeat_kv<B: burn::tensor::backend::Backend>(x: Tensor<B, 4>, group: usiz
         .reshape([b, h * group, len, d])
 }
 
-impl AttentionBackend for burn::backend::NdArray<f32> {}
+/// The plain form's softmax as single passes on the host (`host_softmax.rs`).
+impl AttentionBackend for burn::backend::NdArray<f32> {
+    fn attention_softmax(scores: Tensor<Self, 4>) -> Tensor<Self, 4> {
+        host_softmax::softmax(&scores).unwrap_or_else(|| activation::softmax(scores, 3))
+    }
+
+    fn attention_softmax_backward(p: Tensor<Self, 4>, dp: Tensor<Self, 4>) -> Tensor<Self, 4> {
+        match dp.dtype() {
+            DType::F32 => host_softmax::softmax_backward(&p, dp).expect("f32 gradients"),
+            _ => {
+                let dot = (dp.clone() * p.clone()).sum_dim(3);
+                p * (dp - dot)
+            }
+        }
+    }
+}
 impl AttentionBackend for burn::backend::NdArray<f64> {}
 
 #[cfg(feature = "metal")]
@@ -323,9 +350,44 @@ impl<B: AttentionBackend, C: CheckpointStrategy> AttentionBackend for Autodiff<B
                 inner::<Self, 4>(mask),
             );
             let scores = matmul(q.mul_scalar(scale), k.swap_dims(2, 3)) + mask;
-            return primitive(matmul(activation::softmax(scores, 3), v));
+            return primitive(matmul(Self::attention_softmax(scores), v));
         }
         tracked::<B, C>([q, k, v, mask], scale, causal, Kernel::Sliced(slice))
+    }
+
+    fn attention_softmax(scores: Tensor<Self, 4>) -> Tensor<Self, 4> {
+        let scores = primitive(scores);
+        let out = match SoftmaxBackward
+            .prepare::<C>([scores.node.clone()])
+            .compute_bound()
+            .stateful()
+        {
+            OpsKind::Tracked(prep) => {
+                let p = B::attention_softmax(inner(scores.primitive));
+                prep.finish(primitive(p.clone()), primitive(p))
+            }
+            OpsKind::UnTracked(prep) => {
+                prep.finish(primitive(B::attention_softmax(inner(scores.primitive))))
+            }
+        };
+        inner(out)
+    }
+}
+
+/// The softmax keeps its output, from which its backward is one pass.
+#[derive(Debug)]
+struct SoftmaxBackward;
+
+impl<B: AttentionBackend> Backward<B, 1> for SoftmaxBackward {
+    type State = FloatTensor<B>;
+
+    fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let [Some(node)] = ops.parents else {
+            return;
+        };
+        let dp = inner(grads.consume::<B>(&ops.node));
+        let ds = B::attention_softmax_backward(inner(ops.state), dp);
+        grads.register::<B>(node.id, primitive(ds));
     }
 }
 

@@ -29,9 +29,9 @@ use burn::tensor::backend::Backend;
 use burn::tensor::ops::{FloatTensor, IntTensor};
 use burn::tensor::{FloatDType, Int, Tensor};
 
-use super::host_elementwise;
 use super::matmul_op::{MatmulBackend, matmul};
 use super::primitive::{inner, primitive};
+use super::{host_elementwise, host_softmax};
 
 pub trait ElementwiseBackend: MatmulBackend {
     /// `silu(gate) ⊙ up`, in `dtype` when given; under autodiff the gradients of `gate` and
@@ -77,12 +77,31 @@ pub trait ElementwiseBackend: MatmulBackend {
         weights: Tensor<Self, 2>,
         _grad_dtype: Option<FloatDType>,
     ) -> Tensor<Self, 1> {
-        let lse = logsumexp(logits.clone());
+        let lse = Self::logsumexp(logits.clone());
         weighted_nll(logits, lse, targets, weights)
+    }
+
+    /// `log Σ_j exp(x_rj)` per row of `[rows, n]` → `[rows, 1]`.
+    fn logsumexp(x: Tensor<Self, 2>) -> Tensor<Self, 2> {
+        logsumexp_ops(x)
+    }
+
+    /// The logits' gradient of [`ElementwiseBackend::cross_entropy`],
+    /// `s_r · (exp(x_rj − lse_r) − [j = t_r])`, from the logits, their rows' log-sum-exp, the
+    /// targets and each row's scale `s_r` (dloss · w_r), in `dtype` when given.
+    fn cross_entropy_backward(
+        logits: Tensor<Self, 2>,
+        lse: Tensor<Self, 2>,
+        targets: Tensor<Self, 2, Int>,
+        row_scale: Tensor<Self, 2>,
+        dtype: Option<FloatDType>,
+    ) -> Tensor<Self, 2> {
+        cross_entropy_backward_ops(logits, lse, targets, row_scale, dtype)
     }
 }
 
-/// SwiGLU as single passes on the host (`host_elementwise.rs`); other dtypes take Burn's ops.
+/// SwiGLU and the cross-entropy as single passes on the host (`host_elementwise.rs`,
+/// `host_softmax.rs`); other dtypes take Burn's ops.
 impl ElementwiseBackend for burn::backend::NdArray<f32> {
     fn swiglu<const D: usize>(
         gate: Tensor<Self, D>,
@@ -109,6 +128,29 @@ impl ElementwiseBackend for burn::backend::NdArray<f32> {
                 [wanted[0].then_some(dg), wanted[1].then_some(du)]
             }
             None => swiglu_backward_ops(gate, up, dy, wanted, dtype),
+        }
+    }
+
+    fn logsumexp(x: Tensor<Self, 2>) -> Tensor<Self, 2> {
+        host_softmax::logsumexp(&x).unwrap_or_else(|| logsumexp_ops(x))
+    }
+
+    fn cross_entropy_backward(
+        logits: Tensor<Self, 2>,
+        lse: Tensor<Self, 2>,
+        targets: Tensor<Self, 2, Int>,
+        row_scale: Tensor<Self, 2>,
+        dtype: Option<FloatDType>,
+    ) -> Tensor<Self, 2> {
+        // The host pass takes the logits by value, to write the gradient over them, so the
+        // dtype decides beforehand which form runs.
+        match logits.dtype() {
+            burn::tensor::DType::F32 => {
+                let dx = host_softmax::cross_entropy_backward(logits, &lse, &targets, &row_scale)
+                    .expect("f32 logits");
+                cast(dx, dtype)
+            }
+            _ => cross_entropy_backward_ops(logits, lse, targets, row_scale, dtype),
         }
     }
 }
@@ -149,9 +191,28 @@ fn weighted_nll<B: Backend>(
 }
 
 /// `log Σ_j exp(x_rj)` per row of `[rows, n]` → `[rows, 1]`, shifted by the row's max.
-fn logsumexp<B: Backend>(x: Tensor<B, 2>) -> Tensor<B, 2> {
+fn logsumexp_ops<B: Backend>(x: Tensor<B, 2>) -> Tensor<B, 2> {
     let max = x.clone().max_dim(1);
     (x - max.clone()).exp().sum_dim(1).log() + max
+}
+
+/// [`ElementwiseBackend::cross_entropy_backward`] in Burn ops. The one-hot part only touches
+/// the targets (a scatter of `rows` values), so the pass over the logits is a single fused
+/// element-wise kernel where the backend fuses, and it writes the dtype the head's GEMM reads.
+fn cross_entropy_backward_ops<B: Backend>(
+    logits: Tensor<B, 2>,
+    lse: Tensor<B, 2>,
+    targets: Tensor<B, 2, Int>,
+    row_scale: Tensor<B, 2>,
+    dtype: Option<FloatDType>,
+) -> Tensor<B, 2> {
+    let dx = cast((logits - lse).exp() * row_scale.clone(), dtype);
+    dx.scatter(
+        1,
+        targets,
+        cast(row_scale.neg(), dtype),
+        IndexingUpdateOp::Add,
+    )
 }
 
 #[derive(Debug)]
@@ -249,7 +310,7 @@ impl<B: MatmulBackend, const D: usize> Backward<B, 2> for RmsNormBackward<D> {
 #[derive(Debug)]
 struct CrossEntropyBackward;
 
-impl<B: Backend> Backward<B, 1> for CrossEntropyBackward {
+impl<B: ElementwiseBackend> Backward<B, 1> for CrossEntropyBackward {
     /// The logits, the targets, the weights, each row's log-sum-exp (`[rows, 1]`) and the
     /// gradient's dtype.
     type State = (
@@ -268,20 +329,9 @@ impl<B: Backend> Backward<B, 1> for CrossEntropyBackward {
         let logits: Tensor<B, 2> = inner(ckpt.retrieve_node_output(logits));
         let targets = Tensor::<B, 2, Int>::from_primitive(targets);
         let scale: Tensor<B, 1> = inner(grads.consume::<B>(&ops.node));
-        // dloss · w_r, per row; the one-hot part only touches the targets (a scatter of `rows`
-        // values), so the pass over the logits is a single fused element-wise kernel, which
-        // writes the dtype the head's GEMM reads.
+        // dloss · w_r, per row.
         let row_scale = inner::<B, 2>(weights) * scale.unsqueeze::<2>();
-        let dx = cast(
-            (logits - inner::<B, 2>(lse)).exp() * row_scale.clone(),
-            dtype,
-        );
-        let dx = dx.scatter(
-            1,
-            targets,
-            cast(row_scale.neg(), dtype),
-            IndexingUpdateOp::Add,
-        );
+        let dx = B::cross_entropy_backward(logits, inner(lse), targets, row_scale, dtype);
         grads.register::<B>(node.id, primitive(dx));
     }
 }
@@ -321,7 +371,7 @@ impl<B: ElementwiseBackend, C: CheckpointStrategy> ElementwiseBackend for Autodi
         {
             OpsKind::Tracked(mut prep) => {
                 let x = inner::<B, 2>(logits.primitive.clone());
-                let lse = logsumexp(x.clone());
+                let lse = B::logsumexp(x.clone());
                 let state = (
                     prep.checkpoint(&logits),
                     targets.clone().into_primitive(),
@@ -333,7 +383,7 @@ impl<B: ElementwiseBackend, C: CheckpointStrategy> ElementwiseBackend for Autodi
             }
             OpsKind::UnTracked(prep) => {
                 let x = inner::<B, 2>(logits.primitive);
-                prep.finish(loss(x.clone(), logsumexp(x)))
+                prep.finish(loss(x.clone(), B::logsumexp(x)))
             }
         };
         inner(out)

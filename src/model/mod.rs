@@ -8,6 +8,7 @@ pub mod elementwise_op;
 pub mod frozen_op;
 pub mod host_elementwise;
 pub mod host_matmul;
+pub mod host_softmax;
 pub mod layout;
 pub mod linear;
 pub mod load;
