@@ -30,7 +30,7 @@ fn sigmoid(x: f32) -> f32 {
 /// arguments at most 0, or take `1 / (1 + eˣ)`.
 pub(super) fn exp(x: f32) -> f32 {
     const ROUND: f32 = 12_582_912.0; // 1.5·2²³
-    const LN2_HI: f32 = 0.693_359_375; // 355 / 512: n · LN2_HI is exact
+    const LN2_HI: f32 = 355.0 / 512.0; // few bits, so that n · LN2_HI is exact
     const LN2_LO: f32 = -2.121_944_4e-4;
     const MAX: f32 = 88.376;
     let clamped = x.clamp(-87.0, MAX);
@@ -42,7 +42,7 @@ pub(super) fn exp(x: f32) -> f32 {
     let p = p * r + 8.333_452e-3;
     let p = p * r + 4.166_579_6e-2;
     let p = p * r + 1.666_666_5e-1;
-    let p = p * r + 5.000_000_1e-1;
+    let p = p * r + 0.5; // Cephes' 5.0000001201e-1, which is 0.5 in f32
     let er = p * r * r + r + 1.0;
     // n sits in the low mantissa bits of `shifted`, as an offset from 1.5·2²³'s pattern.
     let n = (shifted.to_bits() as i32).wrapping_sub(ROUND.to_bits() as i32);
