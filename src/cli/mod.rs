@@ -188,7 +188,9 @@ struct GenerateArgs {
 }
 
 pub fn run() -> Result<()> {
-    match Cli::parse().command {
+    let command = Cli::parse().command;
+    crate::model::host_blas::check()?;
+    match command {
         Command::Inspect { path } => {
             print!("{}", crate::inspect::report(&path)?);
             Ok(())

@@ -15,6 +15,8 @@ use burn_ndarray::{NdArrayTensor, SharedArray};
 use ndarray::{Array, ArrayViewD, IxDyn};
 use rayon::prelude::*;
 
+use super::host_blas::{self, BlasElement};
+
 type Cpu = NdArray<f32>;
 
 /// `lhs · rhs`, plus `acc` when given. `lhs`: `[..., m, k]`, `rhs`: `[..., k, n]`, leading
@@ -48,8 +50,8 @@ pub fn product(
     }
 }
 
-/// The two element types `matrixmultiply` multiplies.
-pub trait Gemm: Copy + Send + Sync + 'static {
+/// The two element types `matrixmultiply` (and a CBLAS) multiplies.
+pub trait Gemm: BlasElement + Send + Sync + 'static {
     /// `c ← a · b + β c` for an `m × k` matrix `a` and a `k × n` matrix `b` at any strides, β 0
     /// or 1. With β = 0, `c` is never read (it may be uninitialised).
     ///
@@ -175,7 +177,7 @@ unsafe fn multiply<E: Gemm>(a: &ArrayViewD<E>, b: &ArrayViewD<E>, accumulate: bo
     };
     if rows_in_one_range(a, b) {
         // SAFETY: the merged rows are `a`'s, at its row stride; `c` holds batches·m rows.
-        unsafe { E::gemm(batches * m, k, n, matrix(a, 0), matrix(b, 0), accumulate, c) };
+        unsafe { large_gemm(batches * m, k, n, matrix(a, 0), matrix(b, 0), accumulate, c) };
         return;
     }
     let out = SharedOut(c);
@@ -194,6 +196,32 @@ unsafe fn multiply<E: Gemm>(a: &ArrayViewD<E>, b: &ArrayViewD<E>, accumulate: bo
             )
         }
     });
+}
+
+/// One product of every row against one matrix: through the CBLAS `LORAFORGE_BLAS` names when
+/// there is one and it can read these layouts (`host_blas.rs`), else matrixmultiply. The
+/// batched products (attention's, per head) are small and already run in parallel, so they stay
+/// on matrixmultiply.
+///
+/// # Safety
+/// As [`Gemm::gemm`].
+unsafe fn large_gemm<E: Gemm>(
+    m: usize,
+    k: usize,
+    n: usize,
+    a: (*const E, isize, isize),
+    b: (*const E, isize, isize),
+    accumulate: bool,
+    c: *mut E,
+) {
+    match host_blas::global() {
+        // SAFETY: the caller's contract; `c` is row-major m × n.
+        Ok(Some(blas)) if unsafe { blas.gemm(m, k, n, a, b, accumulate, (c, n)) } => {}
+        // SAFETY: the caller's contract.
+        Ok(_) => unsafe { E::gemm(m, k, n, a, b, accumulate, c) },
+        // The command line checks this at start-up (`host_blas::check`).
+        Err(error) => panic!("{error}"),
+    }
 }
 
 /// Whether every batch matrix of `a` meets the same `b` (b's leading dimensions all 1) and `a`'s

@@ -6,6 +6,7 @@ pub mod decoder;
 pub mod device_quant;
 pub mod elementwise_op;
 pub mod frozen_op;
+pub mod host_blas;
 pub mod host_elementwise;
 pub mod host_matmul;
 pub mod host_softmax;
