@@ -59,7 +59,7 @@ pub fn swiglu<const D: usize>(
     gate: &Tensor<Cpu, D>,
     up: &Tensor<Cpu, D>,
 ) -> Option<Tensor<Cpu, D>> {
-    let (g, u) = (row_major(gate)?, row_major(up)?);
+    let (g, u) = (row_major(gate.clone())?, row_major(up.clone())?);
     let (g, u) = (g.as_slice()?, u.as_slice()?);
     let mut y = vec![0.0; g.len()];
     y.par_chunks_mut(CHUNK)
@@ -78,7 +78,11 @@ pub fn swiglu_backward<const D: usize>(
     up: &Tensor<Cpu, D>,
     dy: &Tensor<Cpu, D>,
 ) -> Option<[Tensor<Cpu, D>; 2]> {
-    let (g, u, dy) = (row_major(gate)?, row_major(up)?, row_major(dy)?);
+    let (g, u, dy) = (
+        row_major(gate.clone())?,
+        row_major(up.clone())?,
+        row_major(dy.clone())?,
+    );
     let (g, u, dy) = (g.as_slice()?, u.as_slice()?, dy.as_slice()?);
     let (mut dg, mut du) = (vec![0.0; g.len()], vec![0.0; g.len()]);
     dg.par_chunks_mut(CHUNK)
@@ -102,9 +106,9 @@ pub fn rope(
     cos: &Tensor<Cpu, 4>,
     sin: &Tensor<Cpu, 4>,
 ) -> Option<Tensor<Cpu, 4>> {
-    let x = f32_array(x)?;
+    let x = f32_array(x.clone())?;
     let x = x.view().into_dimensionality::<Ix4>().ok()?;
-    let (cos, sin) = (row_major(cos)?, row_major(sin)?);
+    let (cos, sin) = (row_major(cos.clone())?, row_major(sin.clone())?);
     let &[batch, heads, seq, d] = x.shape() else {
         unreachable!("four dimensions")
     };
@@ -144,15 +148,16 @@ fn rotate(x: &[f32], cos: &[f32], sin: &[f32], out: &mut [f32]) {
 }
 
 /// `x`'s values, or `None` unless they are f32.
-fn f32_array<const D: usize>(x: &Tensor<Cpu, D>) -> Option<SharedArray<f32>> {
-    match x.clone().into_primitive().tensor() {
+fn f32_array<const D: usize>(x: Tensor<Cpu, D>) -> Option<SharedArray<f32>> {
+    match x.into_primitive().tensor() {
         NdArrayTensor::F32(storage) => Some(storage.into_shared()),
         _ => None,
     }
 }
 
-/// [`f32_array`], contiguous in row-major order (copied only when it was a strided view).
-fn row_major<const D: usize>(x: &Tensor<Cpu, D>) -> Option<SharedArray<f32>> {
+/// [`f32_array`], contiguous in row-major order (copied only when it was a strided view). Taken
+/// by value, so that a tensor nothing else holds comes back unique and can be written over.
+pub(super) fn row_major<const D: usize>(x: Tensor<Cpu, D>) -> Option<SharedArray<f32>> {
     let x = f32_array(x)?;
     Some(match x.is_standard_layout() {
         true => x,
@@ -167,23 +172,14 @@ pub(super) fn tensor<const D: usize>(values: Vec<f32>, shape: [usize; D]) -> Ten
 
 #[cfg(test)]
 mod tests {
+    use burn::tensor::Tensor;
     use burn::tensor::activation::silu;
-    use burn::tensor::{DType, Tensor, Tolerance};
 
-    use super::Cpu;
     use crate::model::rope::rotate_by_slices;
-    use crate::model::test_f64::{B, random};
+    use crate::model::test_f64::{B, assert_close_f32, f32_of, random};
 
-    /// An f64 test tensor as the f32 CPU tensor the host passes take.
-    fn f32_of<const D: usize>(x: &Tensor<B, D>) -> Tensor<Cpu, D> {
-        x.clone().inner().cast(DType::F32)
-    }
-
-    /// f32 against f64: within f32's rounding of the values involved.
-    fn assert_close<const D: usize>(ours: Tensor<Cpu, D>, want: Tensor<B, D>) {
-        ours.cast(DType::F64)
-            .into_data()
-            .assert_approx_eq::<f64>(&want.inner().into_data(), Tolerance::rel_abs(1e-5, 1e-5));
+    fn assert_close<const D: usize>(ours: Tensor<super::Cpu, D>, want: Tensor<B, D>) {
+        assert_close_f32(ours, want, 1e-5);
     }
 
     #[test]

@@ -12,11 +12,10 @@
 
 use burn::backend::NdArray;
 use burn::tensor::{Int, Tensor, TensorPrimitive};
-use burn_ndarray::NdArrayTensor;
 use ndarray::{ArcArray, IxDyn};
 use rayon::prelude::*;
 
-use super::host_elementwise::{exp, tensor};
+use super::host_elementwise::{exp, row_major, tensor};
 
 type Cpu = NdArray<f32>;
 
@@ -148,21 +147,6 @@ fn row_max(row: &[f32]) -> f32 {
         .fold(f32::NEG_INFINITY, |m, &v| m.max(v))
 }
 
-/// `x`'s values as a standard-layout array (copied only when it was a strided view), or `None`
-/// unless they are f32.
-fn row_major<const D: usize>(x: Tensor<Cpu, D>) -> Option<ArcArray<f32, IxDyn>> {
-    match x.into_primitive().tensor() {
-        NdArrayTensor::F32(storage) => {
-            let x = storage.into_shared();
-            Some(match x.is_standard_layout() {
-                true => x,
-                false => x.as_standard_layout().into_owned().into_shared(),
-            })
-        }
-        _ => None,
-    }
-}
-
 fn float<const D: usize>(x: ArcArray<f32, IxDyn>) -> Tensor<Cpu, D> {
     Tensor::from_primitive(TensorPrimitive::Float(x.into()))
 }
@@ -170,20 +154,13 @@ fn float<const D: usize>(x: ArcArray<f32, IxDyn>) -> Tensor<Cpu, D> {
 #[cfg(test)]
 mod tests {
     use burn::tensor::activation::softmax;
-    use burn::tensor::{DType, Int, Tensor, TensorData, Tolerance};
+    use burn::tensor::{Int, Tensor, TensorData};
 
     use super::Cpu;
-    use crate::model::test_f64::{B, random, tensor};
+    use crate::model::test_f64::{B, assert_close_f32, f32_of, random, tensor};
 
-    fn f32_of<const D: usize>(x: &Tensor<B, D>) -> Tensor<Cpu, D> {
-        x.clone().inner().cast(DType::F32)
-    }
-
-    /// f32 against f64: within f32's rounding of the values involved.
     fn assert_close<const D: usize>(ours: Tensor<Cpu, D>, want: Tensor<B, D>) {
-        ours.cast(DType::F64)
-            .into_data()
-            .assert_approx_eq::<f64>(&want.inner().into_data(), Tolerance::rel_abs(1e-5, 1e-6));
+        assert_close_f32(ours, want, 1e-6);
     }
 
     /// Rows longer than the lanes and not a multiple of them, large logits (an unshifted exp

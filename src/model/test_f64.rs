@@ -36,3 +36,20 @@ pub fn assert_same<Bk: Backend, const D: usize>(ours: Tensor<Bk, D>, want: Tenso
     ours.into_data()
         .assert_approx_eq::<f64>(&want.into_data(), Tolerance::absolute(1e-10));
 }
+
+/// An f64 test tensor as the f32 CPU tensor the host passes take.
+pub fn f32_of<const D: usize>(x: &Tensor<B, D>) -> Tensor<NdArray<f32>, D> {
+    x.clone().inner().cast(DType::F32)
+}
+
+/// Asserts that a host pass's f32 `ours` is the f64 `want` within f32's rounding of the values
+/// involved: 1e-5 relative, `abs` absolute.
+pub fn assert_close_f32<const D: usize>(
+    ours: Tensor<NdArray<f32>, D>,
+    want: Tensor<B, D>,
+    abs: f64,
+) {
+    ours.cast(DType::F64)
+        .into_data()
+        .assert_approx_eq::<f64>(&want.inner().into_data(), Tolerance::rel_abs(1e-5, abs));
+}
