@@ -3,8 +3,6 @@
 
 mod common;
 
-use std::process::Command;
-
 use loraforge::model::host_blas::Cblas;
 
 /// Deterministic values in [-1, 1).
@@ -98,21 +96,10 @@ fn products_match_matrixmultiply_at_every_layout_cblas_reads() {
 fn training_through_the_cblas_follows_the_built_in_losses() {
     let library = common::asset("openblas");
     let run = |blas: &str| {
-        let out = Command::new(env!("CARGO_BIN_EXE_loraforge"))
-            .args([
-                "bench", "train", "--device", "cpu", "--shape", "tiny", "--steps", "3",
-            ])
-            .args([
-                "--warmup-steps",
-                "0",
-                "--targets",
-                "all-linear",
-                "--rank",
-                "8",
-            ])
-            .env("LORAFORGE_BLAS", blas)
-            .output()
-            .expect("running loraforge");
+        let args = "bench train --device cpu --shape tiny --steps 3 --warmup-steps 0 \
+                    --targets all-linear --rank 8";
+        let args: Vec<&str> = args.split_whitespace().collect();
+        let out = common::loraforge_with_env(&args, &[("LORAFORGE_BLAS", blas)]);
         assert!(
             out.status.success(),
             "{}",
@@ -134,11 +121,10 @@ fn training_through_the_cblas_follows_the_built_in_losses() {
 
 #[test]
 fn a_library_that_does_not_load_is_an_error_naming_the_variable() {
-    let out = Command::new(env!("CARGO_BIN_EXE_loraforge"))
-        .args(["inspect", "whatever"])
-        .env("LORAFORGE_BLAS", "/nonexistent/libopenblas.so")
-        .output()
-        .expect("running loraforge");
+    let out = common::loraforge_with_env(
+        &["inspect", "whatever"],
+        &[("LORAFORGE_BLAS", "/nonexistent/libopenblas.so")],
+    );
     assert!(!out.status.success());
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(

@@ -88,9 +88,17 @@ pub trait AttentionBackend: MatmulBackend {
 
     /// The scores' gradient `P ⊙ (dP − rowsum(dP ⊙ P))` from the probabilities and theirs.
     fn attention_softmax_backward(p: Tensor<Self, 4>, dp: Tensor<Self, 4>) -> Tensor<Self, 4> {
-        let dot = (dp.clone() * p.clone()).sum_dim(3);
-        p * (dp - dot)
+        softmax_backward_ops(p, dp)
     }
+}
+
+/// [`AttentionBackend::attention_softmax_backward`] in Burn's ops.
+fn softmax_backward_ops<B: burn::tensor::backend::Backend>(
+    p: Tensor<B, 4>,
+    dp: Tensor<B, 4>,
+) -> Tensor<B, 4> {
+    let dot = (dp.clone() * p.clone()).sum_dim(3);
+    p * (dp - dot)
 }
 
 /// The default [`AttentionBackend::attention_forward`]: in slices of at most
@@ -165,10 +173,7 @@ impl AttentionBackend for burn::backend::NdArray<f32> {
     fn attention_softmax_backward(p: Tensor<Self, 4>, dp: Tensor<Self, 4>) -> Tensor<Self, 4> {
         match dp.dtype() {
             DType::F32 => host_softmax::softmax_backward(&p, dp).expect("f32 gradients"),
-            _ => {
-                let dot = (dp.clone() * p.clone()).sum_dim(3);
-                p * (dp - dot)
-            }
+            _ => softmax_backward_ops(p, dp),
         }
     }
 }

@@ -166,7 +166,11 @@ pub(super) fn row_major<const D: usize>(x: Tensor<Cpu, D>) -> Option<SharedArray
 }
 
 pub(super) fn tensor<const D: usize>(values: Vec<f32>, shape: [usize; D]) -> Tensor<Cpu, D> {
-    let array = ArcArray::from_shape_vec(IxDyn(&shape), values).expect("values fill the shape");
+    float(ArcArray::from_shape_vec(IxDyn(&shape), values).expect("values fill the shape"))
+}
+
+/// An f32 array as a tensor of its rank.
+pub(super) fn float<const D: usize>(array: SharedArray<f32>) -> Tensor<Cpu, D> {
     Tensor::from_primitive(TensorPrimitive::Float(array.into()))
 }
 

@@ -11,11 +11,10 @@
 //! take the generic ops.
 
 use burn::backend::NdArray;
-use burn::tensor::{Int, Tensor, TensorPrimitive};
-use ndarray::{ArcArray, IxDyn};
+use burn::tensor::{Int, Tensor};
 use rayon::prelude::*;
 
-use super::host_elementwise::{exp, row_major, tensor};
+use super::host_elementwise::{exp, float, row_major, tensor};
 
 type Cpu = NdArray<f32>;
 
@@ -40,16 +39,21 @@ fn row_logsumexp(row: &[f32]) -> f32 {
     if max == f32::NEG_INFINITY {
         return max;
     }
+    max + row_sum(row, |v| exp(v - max)).ln() as f32
+}
+
+/// `Σ f(v)` over a row, in [`LANES`] partial sums added up in f64 (`f` inlines, so the loop
+/// vectorises).
+fn row_sum(row: &[f32], f: impl Fn(f32) -> f32) -> f64 {
     let (chunks, rest) = row.as_chunks::<LANES>();
     let mut sums = [0.0f32; LANES];
     for chunk in chunks {
         for (sum, &v) in sums.iter_mut().zip(chunk) {
-            *sum += exp(v - max);
+            *sum += f(v);
         }
     }
-    let tail: f32 = rest.iter().map(|&v| exp(v - max)).sum();
-    let sum: f64 = sums.iter().map(|&s| f64::from(s)).sum::<f64>() + f64::from(tail);
-    max + sum.ln() as f32
+    let tail: f64 = rest.iter().map(|&v| f64::from(f(v))).sum();
+    sums.iter().map(|&s| f64::from(s)).sum::<f64>() + tail
 }
 
 /// The logits' gradient `s_r · (exp(x_rj − lse_r) − [j = t_r])` of `[rows, n]` logits, their
@@ -84,26 +88,21 @@ pub fn cross_entropy_backward(
 
 /// Softmax over the last dimension.
 pub fn softmax<const D: usize>(x: &Tensor<Cpu, D>) -> Option<Tensor<Cpu, D>> {
-    let n = x.dims()[D - 1].max(1);
+    let dims = x.dims();
+    let n = dims[D - 1].max(1);
     let x = row_major(x.clone())?;
     let mut p = vec![0.0; x.len()];
     p.par_chunks_mut(n)
         .zip(x.as_slice()?.par_chunks(n))
         .for_each(|(p, x)| {
             let max = row_max(x);
-            let mut sum = 0.0f64;
-            for (chunk_p, chunk_x) in p.chunks_mut(LANES).zip(x.chunks(LANES)) {
-                let mut lanes = [0.0f32; LANES];
-                for ((p, &x), lane) in chunk_p.iter_mut().zip(chunk_x).zip(&mut lanes) {
-                    *p = exp(x - max);
-                    *lane = *p;
-                }
-                sum += f64::from(lanes.iter().sum::<f32>());
+            for (p, &x) in p.iter_mut().zip(x) {
+                *p = exp(x - max);
             }
-            let inverse = (1.0 / sum) as f32;
+            let inverse = (1.0 / row_sum(p, |v| v)) as f32;
             p.iter_mut().for_each(|p| *p *= inverse);
         });
-    Some(tensor(p, x.shape().try_into().ok()?))
+    Some(tensor(p, dims))
 }
 
 /// The scores' gradient `P ⊙ (dP − Σ_j dP_j P_j)` (per row) from the probabilities `p` and
@@ -145,10 +144,6 @@ fn row_max(row: &[f32]) -> f32 {
     rest.iter()
         .chain(&lanes)
         .fold(f32::NEG_INFINITY, |m, &v| m.max(v))
-}
-
-fn float<const D: usize>(x: ArcArray<f32, IxDyn>) -> Tensor<Cpu, D> {
-    Tensor::from_primitive(TensorPrimitive::Float(x.into()))
 }
 
 #[cfg(test)]

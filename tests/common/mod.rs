@@ -59,8 +59,14 @@ pub fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
 
 /// Runs the loraforge binary built for these tests.
 pub fn loraforge(args: &[&str]) -> std::process::Output {
+    loraforge_with_env(args, &[])
+}
+
+/// [`loraforge`] with these environment variables set.
+pub fn loraforge_with_env(args: &[&str], env: &[(&str, &str)]) -> std::process::Output {
     Command::new(env!("CARGO_BIN_EXE_loraforge"))
         .args(args)
+        .envs(env.iter().copied())
         .output()
         .expect("running loraforge")
 }
