@@ -38,6 +38,10 @@ eval recipe *flags: build
 test:
     cargo test --release
 
+# The module-level import graph, checked against the layer order of src/lib.rs.
+layers:
+    cargo test --release --test suite layers -- --nocapture
+
 # Formatting and lints exactly as CI checks them.
 lint:
     cargo fmt --check

@@ -1,15 +1,19 @@
 #!/usr/bin/env bash
-# `just bench-gpu`, on a machine with an NVIDIA GPU: `loraforge bench train` and the reference
-# (bench/reference/peft_lora_bench.py: PyTorch + peft, bf16, SDPA) on the same card in one
-# sitting, all-linear rank 16, for the shapes issue 4 names. JSON lines go to
+# `just bench-gpu`, on a machine with an NVIDIA GPU: `loraforge bench train` and the references
+# (bench/reference/peft_lora_bench.py: PyTorch + peft, bf16, SDPA; with `--liger`, peft +
+# Liger-Kernel; with `--quant nf4`, peft + bitsandbytes) on the same card in one sitting,
+# all-linear rank 16, for the shapes of issues 4 and 17. JSON lines go to
 # ${OUT:-bench/results}/train-gpu-<card>-<date>.jsonl; our peak device memory is the highest
 # `nvidia-smi memory.used` sampled every 100 ms (CUDA context and Burn's pool included).
 #
 # LORAFORGE: the CUDA binary (default target/release/loraforge, built with --features cuda).
 # WHEELS: a folder of wheels to pip-install first (the GPU image has no peft).
-# SHAPES: which runs (default: "smollm2 1b 8b"; also "warmup", which compiles the kernels on a
-# tiny shape first, "1b-ckpt", and "8b-qlora", ours only, with the base quantized to 4 bits).
-# DTYPE: our base's compute dtype (default bf16, as the reference's); REFERENCE=0 skips peft;
+# SHAPES: which runs (default: "warmup smollm2 1b 8b 8b-nockpt 8b-qlora 8b-32k 8b-64k", the rows
+# of issue 17's table; "warmup" compiles our kernels on a tiny shape first; also "1b-ckpt").
+# Each row runs ours, then peft, then peft + Liger (QLoRA: bitsandbytes NF4), as the table has
+# them; a reference that does not fit the card says so in its line.
+# DTYPE: our base's compute dtype (default bf16, as the reference's); REFERENCE=0 skips the
+# references, LIGER=0 the Liger runs;
 # TAG: a label added to our lines' tag (to tell builds apart).
 # OUT: where the JSON lines go (default bench/results). The device tool sets it to the folder it
 # brings back, so there the lines land in $OUT directly: copying bench/results over it afterwards
@@ -54,16 +58,25 @@ reference() {
     "${common[@]}" "$@" --tag "$card" --jsonl "$out" | tail -n 3 | cut -c1-400
 }
 
+# liger SHAPE BATCH SEQ STEPS WARMUP [extra...]: the reference with Liger-Kernel.
+liger() {
+  [ "${LIGER:-1}" = 0 ] && return
+  reference "$@" --liger
+}
+
 # Our side times as many steps as the reference's (8 at 1B, 6 at 8B): with 3, our median moved
 # ±2% between sittings (session 8) and the ratio with it. One warm-up step compiles our kernels.
-for s in ${SHAPES:-smollm2 1b 8b}; do
+for s in ${SHAPES:-warmup smollm2 1b 8b 8b-nockpt 8b-qlora 8b-32k 8b-64k}; do
   case $s in
     warmup) ours tiny 4 128 2 1 ;;
-    smollm2) ours smollm2-135m 16 1024 5 2; reference smollm2-135m 16 1024 10 3 ;;
-    1b) ours llama3.2-1b 8 2048 8 1; reference llama3.2-1b 8 2048 8 3 ;;
+    smollm2) ours smollm2-135m 16 1024 5 2; reference smollm2-135m 16 1024 10 3; liger smollm2-135m 16 1024 10 3 ;;
+    1b) ours llama3.2-1b 8 2048 8 1; reference llama3.2-1b 8 2048 8 3; liger llama3.2-1b 8 2048 8 3 ;;
     1b-ckpt) ours llama3.2-1b 8 2048 8 1 --grad-checkpoint; reference llama3.2-1b 8 2048 8 3 --grad-checkpoint ;;
-    8b) ours llama3-8b 4 2048 6 1 --grad-checkpoint; reference llama3-8b 4 2048 6 2 --grad-checkpoint ;;
-    8b-qlora) ours llama3-8b 4 2048 6 1 --grad-checkpoint --quant 4 ;;
+    8b) ours llama3-8b 4 2048 6 1 --grad-checkpoint; reference llama3-8b 4 2048 6 2 --grad-checkpoint; liger llama3-8b 4 2048 6 2 --grad-checkpoint ;;
+    8b-nockpt) ours llama3-8b 4 2048 6 1; liger llama3-8b 4 2048 6 2 ;;
+    8b-qlora) ours llama3-8b 4 2048 6 1 --grad-checkpoint --quant 4; reference llama3-8b 4 2048 6 2 --grad-checkpoint --quant nf4 ;;
+    8b-32k) ours llama3-8b 1 32768 3 1 --grad-checkpoint; reference llama3-8b 1 32768 3 1 --grad-checkpoint; liger llama3-8b 1 32768 3 1 --grad-checkpoint ;;
+    8b-64k) ours llama3-8b 1 65536 2 1 --grad-checkpoint; liger llama3-8b 1 65536 2 1 --grad-checkpoint ;;
   esac
 done
 echo "results appended to $out"

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Fetch the real-world assets loraforge's tests and demos use (see DESIGN.md §5).
+# Fetch the real-world assets loraforge's tests and demos use (docs/testing.md says which test uses which).
 #
 # Usage: scripts/fetch-assets.sh smollm2|vocab|tokenizers|tensorboard|interop|openblas|mkl|all
 #
@@ -44,7 +44,7 @@ TENSORBOARD_PKGS=("tensorboard==2.20.0")
 # mlx-lm on CPU and the gguf reader (no torch), for the tests that load our exports live.
 INTEROP_PKGS=("mlx[cpu]==0.32.4" "mlx-lm==0.32.2" "gguf==0.19.0")
 
-# CBLAS libraries for `LORAFORGE_BLAS` (src/model/host_blas.rs), x86-64 Linux wheels:
+# CBLAS libraries for `LORAFORGE_BLAS` (src/backends/cpu/blas.rs), x86-64 Linux wheels:
 # "package==version|wheel sha256|library file names to extract", the first file the one to name.
 OPENBLAS_WHEELS=(
   "scipy-openblas32==0.3.34.481.3|0595f94cd58c1f8a0d90c975621f4587337a003916b1979e834ebdf2cb5d9504|libscipy_openblas.so"

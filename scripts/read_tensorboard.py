@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Prints what TensorBoard's own reader (EventAccumulator) finds in an event folder, as JSON:
 {"scalars": {tag: [[step, value], ...]}, "text": {tag: [[step, text], ...]}}. Used by
-tests/tensorboard.rs; run with the python that `scripts/fetch-assets.sh tensorboard` prints."""
+tests/suite/tensorboard.rs; run with the python that `scripts/fetch-assets.sh tensorboard` prints."""
 import json
 import sys
 

@@ -9,13 +9,17 @@ use serde::Serialize;
 /// One chat message. Extra keys (tool calls, names) pass through to the template.
 #[derive(Debug, Clone, Serialize, serde::Deserialize, PartialEq)]
 pub struct Message {
+    /// Who speaks, such as `system`, `user`, `assistant` or `tool`.
     pub role: String,
+    /// The message text.
     pub content: String,
+    /// Any other keys of the message, passed to the template as they are.
     #[serde(flatten)]
     pub extra: serde_json::Map<String, serde_json::Value>,
 }
 
 impl Message {
+    /// A message with no extra keys.
     pub fn new(role: &str, content: &str) -> Self {
         Message {
             role: role.to_string(),
@@ -25,18 +29,23 @@ impl Message {
     }
 }
 
+/// Why a chat template could not turn messages into prompt text.
 #[derive(Debug, thiserror::Error)]
 pub enum ChatError {
+    /// The model ships no chat template.
     #[error(
         "the model has no chat template; pass a plain prompt (without --chat) or use a model that ships one"
     )]
     NoTemplate,
+    /// The template stopped itself, usually through `raise_exception`; holds its message.
     #[error("the chat template raised an error: {0}")]
     Raised(String),
+    /// Any other rendering failure (a syntax error, an unknown filter), described.
     #[error("the chat template could not be rendered: {0}")]
     Render(String),
 }
 
+/// A model's Jinja chat template, with the BOS and EOS token text it may insert.
 pub struct ChatTemplate {
     source: String,
     bos_token: String,
@@ -44,6 +53,7 @@ pub struct ChatTemplate {
 }
 
 impl ChatTemplate {
+    /// A template from its Jinja source; a missing BOS or EOS token renders as empty text.
     pub fn new(source: &str, bos_token: Option<&str>, eos_token: Option<&str>) -> Self {
         ChatTemplate {
             source: source.to_string(),
@@ -52,6 +62,7 @@ impl ChatTemplate {
         }
     }
 
+    /// The chat template a tokenizer ships, with its BOS and EOS tokens; `NoTemplate` without one.
     pub fn from_tokenizer(tok: &crate::tokenizer::Tokenizer) -> Result<Self, ChatError> {
         let source = tok.chat_template.as_deref().ok_or(ChatError::NoTemplate)?;
         Ok(Self::new(source, tok.bos.as_deref(), tok.eos.as_deref()))

@@ -9,54 +9,73 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, Result};
 use serde::Serialize;
 
-use crate::heldout::Responder;
+use crate::generate::held_out::Responder;
 use crate::io::atomic;
-use crate::model::FrozenLinearBackend;
 use crate::model::load::{load_model, load_model_quantized};
+use crate::ops::ModelBackend;
 use crate::recipe::Recipe;
 
 /// One model's answer and its scores.
 #[derive(Debug, Clone, Serialize)]
 pub struct Answer {
+    /// The generated answer.
     pub text: String,
+    /// Every `expected_contains` string appears in the answer (false when there are none).
     pub contains: bool,
+    /// The answer equals `expected`, surrounding whitespace aside (false without `expected`).
     pub exact: bool,
 }
 
+/// One held-out prompt, what it expects, and each model's answer.
 #[derive(Debug, Clone, Serialize)]
 pub struct EvalRow {
+    /// The held-out prompt.
     pub prompt: String,
+    /// The exact answer expected, when the prompt gives one.
     pub expected: Option<String>,
+    /// Strings the answer should contain.
     pub expected_contains: Vec<String>,
+    /// The base model's answer.
     pub base: Answer,
+    /// The answer of the base with the adapters attached.
     pub tuned: Answer,
+    /// The fused export's answer, when one was compared.
     pub fused: Option<Answer>,
 }
 
 /// The share of rows whose answer passes, per model.
 #[derive(Debug, Clone, Serialize)]
 pub struct Rates {
+    /// Share of rows the base model passes, from 0 to 1.
     pub base: f64,
+    /// Share of rows the fine-tuned model passes.
     pub tuned: f64,
+    /// Share of rows the fused export passes; none when there was no export.
     pub fused: Option<f64>,
 }
 
+/// What `loraforge eval` found, as written to `eval.json`.
 #[derive(Debug, Clone, Serialize)]
 pub struct EvalReport {
+    /// The adapter folder evaluated.
     pub adapters: PathBuf,
+    /// The fused export compared, when there was one.
     pub fused: Option<PathBuf>,
+    /// One row per held-out prompt.
     pub rows: Vec<EvalRow>,
+    /// Pass rates for `expected_contains` over all rows (a row without any counts as a miss).
     pub contains_rate: Rates,
     /// Only over rows with an `expected` answer; `None` when none has one.
     pub exact_match_rate: Option<Rates>,
     /// The fine-tuned model's loss on the test split, from the run's metrics.jsonl.
     pub test_loss: Option<f64>,
+    /// `exp(test_loss)`.
     pub test_perplexity: Option<f64>,
 }
 
 /// Runs the comparison and writes `eval.md` / `eval.json` into `out_dir`. `fused` is an export
 /// folder (or `.gguf` file) to compare as well.
-pub fn run<B: FrozenLinearBackend>(
+pub fn run<B: ModelBackend>(
     recipe: &Recipe,
     adapters: &Path,
     fused: Option<&Path>,
@@ -68,8 +87,8 @@ pub fn run<B: FrozenLinearBackend>(
         .prompts
         .as_ref()
         .context("the recipe has no [eval] prompts file")?;
-    let prompts = crate::heldout::read(prompts_path)?;
-    let storage = crate::backend::base_storage(
+    let prompts = crate::generate::held_out::read(prompts_path)?;
+    let storage = crate::model::load::BaseStorage::for_device(
         recipe.model.dtype,
         recipe.model.quantize.map(|q| (q.bits, q.group_size)),
         recipe.device,
@@ -173,6 +192,7 @@ fn last_test_loss(metrics: &Path) -> Option<f64> {
         .find_map(|e| e["loss"].as_f64())
 }
 
+/// The report as Markdown (`eval.md`): pass rates, the test loss and a table of the answers.
 pub fn markdown(report: &EvalReport) -> String {
     let mut out = String::new();
     let fused = report.fused.is_some();

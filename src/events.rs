@@ -1,49 +1,91 @@
-//! What the trainer reports. The trainer only emits these; sinks (plain log lines, later the
-//! dashboard and TensorBoard) consume them and never drive training.
+//! The two channels between the trainer and everything watching it: [`Event`]s out (the trainer
+//! only emits them; sinks consume them and never drive training) and [`Controls`] in (requests
+//! the trainer honours between steps).
 
 use std::path::PathBuf;
+use std::sync::atomic::AtomicBool;
+
+/// Requests from outside the trainer (Ctrl-C, the dashboard's keys), honoured between steps.
+#[derive(Debug, Default)]
+pub struct Controls {
+    /// Save a checkpoint after the current step and return.
+    pub stop: AtomicBool,
+    /// Save a checkpoint after the current step and go on.
+    pub save_now: AtomicBool,
+    /// Run validation and the held-out generations after the current step.
+    pub evaluate_now: AtomicBool,
+    /// Wait before the next step until cleared (time paused is not counted in throughput).
+    pub paused: AtomicBool,
+}
 
 /// In `metrics.jsonl` each event is an object with `"event": "<variant in snake_case>"`.
 #[derive(Debug, Clone, PartialEq, serde::Serialize)]
 #[serde(tag = "event", rename_all = "snake_case")]
 pub enum Event {
+    /// The run is ready for its first step, fresh or resumed; sent once.
     Started {
+        /// The run's name.
         name: String,
+        /// Optimizer steps in the whole run, counting those done before a resume.
         total_steps: usize,
+        /// Steps already done: 0 for a fresh run, the checkpoint's step when resuming.
         start_step: usize,
+        /// Elements of the trainable adapter tensors.
         trainable_parameters: usize,
+        /// Examples in the training split.
         train_examples: usize,
     },
+    /// Loss and throughput since the last report (every `steps_per_report` steps and at the end).
     Train(TrainReport),
+    /// The validation split's loss: before a fresh run's first step, every `steps_per_eval`
+    /// steps, at the end and on request.
     Validation {
+        /// Optimizer steps done when it was measured.
         step: usize,
+        /// Mean loss per trained token over the evaluated batches (`val_batches`).
         loss: f64,
+        /// Wall time the evaluation took, in seconds.
         seconds: f64,
     },
+    /// The adapters and the resume checkpoint were written.
     Saved {
+        /// Optimizer steps done when they were saved.
         step: usize,
+        /// The `adapters/` folder written (mlx-lm layout).
         dir: PathBuf,
     },
+    /// Something worth knowing that does not stop the run.
     Warning {
+        /// What happened.
         message: String,
     },
+    /// The test split's loss once the last step is done (when the data has a test split).
     Test {
+        /// Optimizer steps done when it was measured.
         step: usize,
+        /// Mean loss per trained token over the whole test split.
         loss: f64,
+        /// `exp(loss)`.
         perplexity: f64,
     },
     /// Answers to the recipe's held-out prompts, base vs fine-tuned (on request during training,
     /// and by the evaluation at its end).
     Generations {
+        /// Optimizer steps done when the answers were generated.
         step: usize,
+        /// One row per prompt answered.
         rows: Vec<GenerationRow>,
     },
 }
 
+/// One held-out prompt with the base model's and the fine-tuned model's answers.
 #[derive(Debug, Clone, PartialEq, serde::Serialize)]
 pub struct GenerationRow {
+    /// The prompt, sent as a single user turn.
     pub prompt: String,
+    /// The base model's answer, without adapters.
     pub base: String,
+    /// The answer with the adapters applied.
     pub tuned: String,
 }
 
@@ -64,120 +106,23 @@ impl GenerationRow {
     }
 }
 
+/// Training loss and throughput over the steps since the previous report.
 #[derive(Debug, Clone, PartialEq, serde::Serialize)]
 pub struct TrainReport {
+    /// Optimizer steps done.
     pub step: usize,
+    /// Mean training loss over the steps since the previous report.
     pub loss: f64,
+    /// The learning rate of the latest step.
     pub learning_rate: f64,
+    /// Mean global gradient norm, before clipping, over the steps since the previous report.
     pub grad_norm: f64,
+    /// Optimizer steps per second, not counting pauses, validation or generations.
     pub it_per_sec: f64,
+    /// Trained tokens (positions whose loss counts) per second, over the same time.
     pub tokens_per_sec: f64,
+    /// Trained tokens so far in the run, across resumes.
     pub trained_tokens: usize,
+    /// Peak resident memory of the process in bytes (Linux `VmHWM`); none where unavailable.
     pub peak_memory_bytes: Option<u64>,
-}
-
-/// mlx-lm-style progress lines, for pipes and CI logs.
-pub fn plain_line(event: &Event) -> String {
-    match event {
-        Event::Started {
-            name,
-            total_steps,
-            start_step,
-            trainable_parameters,
-            train_examples,
-        } => format!(
-            "Training {name}: {trainable_parameters} trainable parameters, {train_examples} examples, steps {}..{total_steps}",
-            start_step + 1
-        ),
-        Event::Train(r) => format!(
-            "Iter {}: Train loss {:.3}, Learning Rate {}, Grad norm {:.3}, It/sec {:.3}, Tokens/sec {:.1}, Trained Tokens {}, Peak mem {:.3} GB",
-            r.step,
-            r.loss,
-            python_sci(r.learning_rate),
-            r.grad_norm,
-            r.it_per_sec,
-            r.tokens_per_sec,
-            r.trained_tokens,
-            r.peak_memory_bytes.unwrap_or(0) as f64 / 1e9
-        ),
-        Event::Validation {
-            step,
-            loss,
-            seconds,
-        } => {
-            format!("Iter {step}: Val loss {loss:.3}, Val took {seconds:.3}s")
-        }
-        Event::Saved { step, dir } => {
-            format!("Iter {step}: Saved adapter weights to {}", dir.display())
-        }
-        Event::Warning { message } => format!("warning: {message}"),
-        Event::Test {
-            loss, perplexity, ..
-        } => {
-            format!("Test loss {loss:.3}, Test ppl {perplexity:.3}")
-        }
-        Event::Generations { step, rows } => {
-            let mut out = format!(
-                "Iter {step}: Generations on {} held-out prompts",
-                rows.len()
-            );
-            for r in rows {
-                let one_line = |s: &str| s.replace('\n', " ");
-                out += &format!(
-                    "\n  prompt: {}\n    base:  {}\n    tuned: {}",
-                    one_line(&r.prompt),
-                    one_line(&r.base),
-                    one_line(&r.tuned)
-                );
-            }
-            out
-        }
-    }
-}
-
-/// `x` as Python's `f"{x:.3e}"` writes it (`1.000e-05`; Rust writes `1.000e-5`).
-fn python_sci(x: f64) -> String {
-    let rust = format!("{x:.3e}");
-    match rust.split_once('e') {
-        Some((mantissa, exp)) => {
-            let (sign, digits) = match exp.strip_prefix('-') {
-                Some(d) => ("-", d),
-                None => ("+", exp),
-            };
-            format!("{mantissa}e{sign}{digits:0>2}")
-        }
-        None => rust,
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn train_lines_read_like_mlx_lm() {
-        let line = plain_line(&Event::Train(TrainReport {
-            step: 10,
-            loss: 2.3454,
-            learning_rate: 1e-5,
-            grad_norm: 0.87,
-            it_per_sec: 0.46,
-            tokens_per_sec: 478.94,
-            trained_tokens: 10402,
-            peak_memory_bytes: Some(1_234_000_000),
-        }));
-        assert_eq!(
-            line,
-            "Iter 10: Train loss 2.345, Learning Rate 1.000e-05, Grad norm 0.870, It/sec 0.460, \
-             Tokens/sec 478.9, Trained Tokens 10402, Peak mem 1.234 GB"
-        );
-        let val = plain_line(&Event::Validation {
-            step: 20,
-            loss: 1.5,
-            seconds: 2.25,
-        });
-        assert_eq!(val, "Iter 20: Val loss 1.500, Val took 2.250s");
-        assert_eq!(python_sci(2e-4), "2.000e-04");
-        assert_eq!(python_sci(123456.0), "1.235e+05");
-    }
 }

@@ -6,9 +6,11 @@ use std::fmt::Write;
 use anyhow::Result;
 
 use crate::model::ModelFiles;
-use crate::model::config::RopeScaling;
 use crate::model::weights::WeightSource;
+use crate::ops::rope::RopeScaling;
 
+/// What the model at `path` holds, as text: format, architecture, parameters, RoPE, weight
+/// dtypes and quantization, tokenizer.
 pub fn report(path: &std::path::Path) -> Result<String> {
     let files = ModelFiles::open(path)?;
     let c = &files.config;

@@ -17,7 +17,7 @@ fn main() -> ExitCode {
     // Intel's OpenMP runtime (MKL named in LORAFORGE_BLAS) keeps its threads spinning for 200 ms
     // after each parallel GEMM, taking both cores from the passes between GEMMs: SmolLM2 steps
     // ran 1.1x faster with the spin off (bench/NOTES.md). An explicit setting is left alone.
-    if std::env::var_os(loraforge::model::host_blas::ENV).is_some()
+    if std::env::var_os(loraforge::backends::cpu::blas::ENV).is_some()
         && std::env::var_os("KMP_BLOCKTIME").is_none()
     {
         // SAFETY: no other thread exists yet.

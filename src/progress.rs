@@ -16,6 +16,7 @@ pub fn disable_bars() {
     BARS_OFF.store(true, Ordering::SeqCst);
 }
 
+/// Progress of one long task: a bar in a terminal, one summary line on stderr otherwise.
 pub struct Progress {
     bar: Option<ProgressBar>,
     label: String,
@@ -49,6 +50,7 @@ impl Progress {
         }
     }
 
+    /// Counts one more unit done.
     pub fn inc(&self) {
         if let Some(bar) = &self.bar {
             bar.inc(1);

@@ -7,13 +7,15 @@ use std::sync::Arc;
 
 use burn::backend::{Autodiff, NdArray};
 use burn::tensor::{Distribution, Tensor, TensorData, TensorPrimitive};
+use loraforge::data::Batch;
 use loraforge::lora::{AdapterSpec, inject};
-use loraforge::model::{Decoder, FrozenLinearBackend, load_model};
+use loraforge::model::{Decoder, load_model};
+use loraforge::ops::ModelBackend;
 use loraforge::quant::QuantizedMatrix;
 use loraforge::quant::affine::pack_codes;
 use loraforge::recipe::{AdapterKind, Layers, LoraSection, Targets};
-use loraforge::train::step::{
-    Batch, batch_loss, gradients, loss_and_gradients, parameters, set_parameters,
+use loraforge::train::trainer::{
+    batch_loss, gradients, loss_and_gradients, parameters, set_parameters,
 };
 
 type B = Autodiff<NdArray<f64>>;

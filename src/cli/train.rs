@@ -10,13 +10,14 @@ use anyhow::{Context, Result};
 use burn::backend::Autodiff;
 use clap::Args;
 
-use crate::backend::{BackendTask, DeviceMemory};
-use crate::dashboard::Dashboard;
-use crate::events::{Event, plain_line};
+use crate::backends::{BackendTask, DeviceMemory};
+use crate::events::Controls;
+use crate::events::Event;
 use crate::export::ExportOptions;
-use crate::model::frozen_op::FrozenLinearBackend;
+use crate::ops::frozen_linear::ModelBackend;
+use crate::sinks::dashboard::Dashboard;
+use crate::sinks::plain::plain_line;
 use crate::sinks::{MetricsFile, TensorBoard};
-use crate::train::run::Controls;
 
 #[derive(Args)]
 pub struct TrainArgs {
@@ -40,7 +41,7 @@ pub struct TrainTask {
 impl BackendTask for TrainTask {
     type Output = ();
 
-    fn run<B: FrozenLinearBackend + DeviceMemory>(self, device: B::Device) -> Result<()> {
+    fn run<B: ModelBackend + DeviceMemory>(self, device: B::Device) -> Result<()> {
         let controls = Arc::new(Controls::default());
         let on_signal = Arc::clone(&controls);
         ctrlc::set_handler(move || {
@@ -160,7 +161,7 @@ pub struct EvalTask {
 impl BackendTask for EvalTask {
     type Output = ();
 
-    fn run<B: FrozenLinearBackend + DeviceMemory>(self, device: B::Device) -> Result<()> {
+    fn run<B: ModelBackend + DeviceMemory>(self, device: B::Device) -> Result<()> {
         let run_dir = crate::train::run::run_dir(&self.recipe);
         let adapters = self
             .adapters
@@ -171,7 +172,7 @@ impl BackendTask for EvalTask {
 }
 
 /// Evaluates the run's adapters and, when the recipe exports and the export exists, the export.
-fn run_eval<B: FrozenLinearBackend>(
+fn run_eval<B: ModelBackend>(
     recipe: &crate::recipe::Recipe,
     adapters: &std::path::Path,
     run_dir: &std::path::Path,

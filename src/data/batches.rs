@@ -8,12 +8,15 @@ use rand::SeedableRng;
 use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
 
+use super::batch::Batch;
 use super::encode::Encoded;
 use crate::recipe::Overflow;
-use crate::train::step::Batch;
 
+/// One tokenized example with its loss mask.
 pub type Example = Encoded;
 
+/// A split's examples cut into padded batches of similar length, and the seeded order of the
+/// batches in each epoch.
 #[derive(Debug, Clone)]
 pub struct BatchPlan {
     examples: Vec<Example>,
@@ -23,8 +26,9 @@ pub struct BatchPlan {
     batches: Vec<Vec<usize>>,
     pad_id: u32,
     packed: bool,
-    /// Examples cut to `max_seq_len`, and examples dropped for being longer.
+    /// Examples cut to `max_seq_len`.
     pub truncated: usize,
+    /// Examples dropped for being longer than `max_seq_len` (`overflow = "drop"`).
     pub dropped: usize,
 }
 
@@ -96,14 +100,17 @@ impl BatchPlan {
         })
     }
 
+    /// Number of batches in an epoch.
     pub fn len(&self) -> usize {
         self.batches.len()
     }
 
+    /// Whether there are no batches (never true for a plan `new` returned).
     pub fn is_empty(&self) -> bool {
         self.batches.is_empty()
     }
 
+    /// The examples kept, after truncation and drops, in their original order.
     pub fn examples(&self) -> &[Example] {
         &self.examples
     }

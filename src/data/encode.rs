@@ -13,17 +13,25 @@ use crate::tokenizer::Tokenizer;
 /// One encoded example: `ids` and `trained[t]` (whether token `t` counts in the loss).
 #[derive(Debug, Clone, PartialEq)]
 pub struct Encoded {
+    /// Token ids of the whole example.
     pub ids: Vec<u32>,
+    /// Whether each token counts in the loss, one per id.
     pub trained: Vec<bool>,
 }
 
+/// Turns records into token ids and a loss mask for one model.
 pub struct Encoder<'a> {
+    /// The model's tokenizer.
     pub tokenizer: &'a Tokenizer,
+    /// The model's chat template; `None` when it has none or it fails to load (chat records are
+    /// then an error).
     pub template: Option<ChatTemplate>,
+    /// Train only on assistant turns of chat records; the rest of the tokens are masked out.
     pub mask_prompt: bool,
 }
 
 impl<'a> Encoder<'a> {
+    /// An encoder for the tokenizer, with its chat template if it has a usable one.
     pub fn new(tokenizer: &'a Tokenizer, mask_prompt: bool) -> Self {
         Encoder {
             tokenizer,
@@ -32,6 +40,8 @@ impl<'a> Encoder<'a> {
         }
     }
 
+    /// Encodes one record: text with what the tokenizer adds (BOS) and EOS after it, chat
+    /// through the template (with `mask_prompt`, only assistant turns are trained).
     pub fn encode(&self, record: &Record) -> Result<Encoded> {
         match record {
             Record::Text(text) => {

@@ -12,11 +12,17 @@ use serde_json::Value;
 use crate::chat::Message;
 use crate::recipe::{DataSection, FieldNames};
 
+/// One record of a split, whatever its file format.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Record {
+    /// A `{"text"}` record, trained on whole.
     Text(String),
+    /// A conversation: a `messages` record, or a prompt/completion pair as a user turn and an
+    /// assistant turn.
     Chat {
+        /// The conversation's turns.
         messages: Vec<Message>,
+        /// The `tools` field, passed to the chat template as it is.
         tools: Option<Value>,
     },
 }

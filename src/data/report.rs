@@ -15,10 +15,13 @@ use crate::tokenizer::{self, Tokenizer};
 /// How trained tokens are shown in the sample: colour in a terminal, brackets elsewhere.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum MaskStyle {
+    /// Trained spans in green (ANSI escapes).
     Color,
+    /// `⟦ ⟧` around trained spans.
     Brackets,
 }
 
+/// The data report of a recipe's splits, as `loraforge data report` prints it.
 pub fn report(recipe: &Recipe, style: MaskStyle) -> Result<String> {
     let files = ModelFiles::open(&recipe.model.path)?;
     let tokenizer = tokenizer::for_model(&files)?;

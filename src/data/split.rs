@@ -33,6 +33,8 @@ pub fn encode_split(
     Ok(Some((path, examples)))
 }
 
+/// Plans a split's encoded examples into batches with the recipe's `max_seq_len`, overflow rule
+/// and packing, padding with the EOS id (0 without one).
 pub fn plan_batches(
     data: &DataSection,
     examples: Vec<Encoded>,

@@ -5,7 +5,8 @@ use serde_json::{Value, json};
 
 use super::FloatDtype;
 use crate::model::ModelFiles;
-use crate::model::config::{Family, RopeScaling};
+use crate::model::config::Family;
+use crate::ops::rope::RopeScaling;
 use crate::tokenizer::Tokenizer;
 
 /// The exported folder's `config.json` (float weights of `dtype`; a writer that quantizes adds

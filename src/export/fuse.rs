@@ -12,22 +12,28 @@ use std::borrow::Cow;
 
 use anyhow::Result;
 
-use crate::lora::host::{HostAdapter, HostAdapters};
+use crate::lora::stored::{HostAdapter, HostAdapters};
 use crate::model::ModelFiles;
-use crate::model::tensors::{TensorSpec, tensor_specs};
+use crate::model::names::{TensorSpec, tensor_specs};
 use crate::model::weights::HostWeight;
 use crate::recipe::FloatDtype;
 
 /// A base model and, optionally, the adapters to fold into it.
 pub struct FusedModel<'a> {
+    /// The base model's files.
     pub files: &'a ModelFiles,
+    /// The adapters to fold in; `None` converts the base alone.
     pub adapters: Option<&'a HostAdapters>,
+    /// Every weight of the model, in Hugging Face naming and file order (`lm_head.weight` absent
+    /// when tied).
     pub specs: Vec<TensorSpec>,
 }
 
 /// One tensor: as the base stores it, and fused when an adapter touches it.
 pub struct FusedTensor {
+    /// The tensor as the base stores it (float, or packed quantized).
     pub base: HostWeight,
+    /// `W'` in f32 when an adapter touches the tensor; `None` otherwise.
     pub fused: Option<Vec<f32>>,
 }
 
@@ -50,6 +56,7 @@ impl FusedTensor {
 }
 
 impl<'a> FusedModel<'a> {
+    /// The base with the adapters (if any) to fold into it, over every tensor its config implies.
     pub fn new(files: &'a ModelFiles, adapters: Option<&'a HostAdapters>) -> Self {
         FusedModel {
             files,
@@ -75,6 +82,7 @@ impl<'a> FusedModel<'a> {
         crate::progress::Progress::new(what, self.specs.len() as u64, "tensors")
     }
 
+    /// The adapter of the module tensor `spec` belongs to, if any.
     pub fn adapter(&self, spec: &TensorSpec) -> Option<&'a HostAdapter> {
         self.adapters?.modules.get(spec.module())
     }
@@ -133,20 +141,22 @@ fn fold(w: &[f32], adapter: &HostAdapter) -> Vec<f32> {
     out
 }
 
-/// How much of the adapters' change an encoding kept (DESIGN §4's fuse trap), over every adapted
+/// How much of the adapters' change an encoding kept (the fuse trap in docs/formats.md), over every adapted
 /// matrix together and for the layer that kept least. With `D = W' − W` and `K = E(W') − E(W)`
 /// (`E`: the writer's encoding, read back):
 ///
 /// - `kept = ⟨K, D⟩ / ‖D‖²`: the share of the change that survives along its own direction;
 ///   1 when stored exactly, 0 when rounded away;
-/// - `norm_ratio = ‖K‖ / ‖D‖`: DESIGN's first measure, which rounding noise inflates past 1
+/// - `norm_ratio = ‖K‖ / ‖D‖`: the first measure we used, which rounding noise inflates past 1
 ///   when `D` is small against the quantization step, so it is reported beside `kept`.
 #[derive(Debug, Clone, Default)]
 pub struct Survival {
     dot: f64,
     kept_sq: f64,
     change_sq: f64,
+    /// Adapted matrices measured.
     pub layers: usize,
+    /// The module that kept least, with its share kept.
     pub worst: Option<(String, f64)>,
 }
 

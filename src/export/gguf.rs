@@ -13,9 +13,11 @@ use super::fuse::{FusedModel, Survival};
 use super::{ExportOptions, GgufType};
 use crate::io::gguf::{GgmlType, Value};
 use crate::io::gguf_write::{GgufTensor, write as write_gguf};
-use crate::model::config::{Family, RopeScaling};
-use crate::model::rope::Rope;
-use crate::model::weights::{WeightSource, gguf_name, qk_row_order};
+use crate::model::config::Family;
+use crate::model::names::{Role, gguf_name};
+use crate::model::weights::{WeightSource, qk_row_order};
+use crate::ops::rope::Rope;
+use crate::ops::rope::RopeScaling;
 use crate::quant::ggml;
 use crate::tokenizer::Tokenizer;
 
@@ -71,9 +73,8 @@ pub fn write(
             ));
         };
         let tensor = model.tensor(spec)?;
-        let heads = match spec.name.as_str() {
-            n if n.ends_with("self_attn.q_proj.weight") => Some(c.num_heads),
-            n if n.ends_with("self_attn.k_proj.weight") => Some(c.num_kv_heads),
+        let heads = match spec.role {
+            Role::Weight(w) => w.permuted_heads(c),
             _ => None,
         };
         let arrange = |values: &[f32]| match heads.filter(|_| permute) {

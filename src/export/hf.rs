@@ -11,7 +11,7 @@ use super::ExportOptions;
 use super::fuse::{FusedModel, Survival};
 use crate::io::safetensors_write::{PlannedTensor, index_json, write_shards};
 use crate::lora::files::{NamedTensors, PeftConfig, peft_config, safetensors_bytes};
-use crate::lora::host::{HostAdapters, transpose};
+use crate::lora::stored::{HostAdapters, transpose};
 use crate::tokenizer::Tokenizer;
 
 const MAX_SHARD_BYTES: usize = 5_000_000_000;

@@ -1,4 +1,4 @@
-//! The mlx-community folder (DESIGN §4): `model.safetensors` (shards past 5 GiB) with
+//! The mlx-community folder: `model.safetensors` (shards past 5 GiB) with
 //! `{"format": "mlx"}` metadata, the index always, `config.json` with `quantization` and
 //! `quantization_config`, tokenizer files and a model card.
 //!
@@ -16,7 +16,7 @@ use super::fuse::{FusedModel, Survival};
 use super::{ExportOptions, FloatDtype};
 use crate::io::RawDtype;
 use crate::io::safetensors_write::{Group, PlannedTensor, index_json, write_shards};
-use crate::model::tensors::TensorSpec;
+use crate::model::names::TensorSpec;
 use crate::model::weights::HostWeight;
 use crate::quant::QuantizedMatrix;
 use crate::quant::affine::SUPPORTED_BITS;

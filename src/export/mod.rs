@@ -18,7 +18,7 @@ use anyhow::{Context, Result, bail};
 
 use crate::io::RawDtype;
 use crate::io::gguf::GgmlType;
-use crate::lora::host::HostAdapters;
+use crate::lora::stored::HostAdapters;
 use crate::model::ModelFiles;
 pub use crate::recipe::{ExportFormat, FloatDtype, GgufType};
 use fuse::{FusedModel, Survival};
@@ -33,6 +33,7 @@ impl FloatDtype {
         }
     }
 
+    /// The safetensors element type of this float type.
     pub fn raw(self) -> RawDtype {
         match self {
             FloatDtype::F32 => RawDtype::F32,
@@ -70,6 +71,7 @@ impl FloatDtype {
 }
 
 impl GgufType {
+    /// The GGML tensor type written for this choice.
     pub fn ggml(self) -> GgmlType {
         match self {
             GgufType::F32 => GgmlType::F32,
@@ -85,7 +87,9 @@ impl GgufType {
 /// What to write, and where.
 #[derive(Debug, Clone)]
 pub struct ExportOptions {
+    /// mlx, hf or gguf.
     pub format: ExportFormat,
+    /// The folder to write; for gguf it holds the one `.gguf` file.
     pub out: PathBuf,
     /// Write every weight in float, even where the base is quantized (mlx).
     pub dequantize: bool,
@@ -93,6 +97,7 @@ pub struct ExportOptions {
     pub requant_bits: u32,
     /// Float type of the float weights; the base's own when `None`.
     pub dtype: Option<FloatDtype>,
+    /// Type of the GGUF's matrices (gguf).
     pub gguf_type: GgufType,
     /// Replace `out` if it exists.
     pub force: bool,
@@ -129,7 +134,9 @@ impl ExportOptions {
 /// What an export wrote and how much of the fine-tune its encoding kept.
 #[derive(Debug, Clone)]
 pub struct ExportReport {
+    /// The folder written.
     pub out: PathBuf,
+    /// How much of ΔW the written encoding kept, over the adapted matrices.
     pub survival: Survival,
     /// How the adapted matrices were stored, e.g. "8-bit affine, group 32" or "bf16".
     pub encoding: String,

@@ -1,5 +1,6 @@
 //! Text generation with a KV cache, streaming decoded text as it is produced.
 
+pub mod held_out;
 pub mod sampler;
 
 use std::time::Instant;
@@ -8,36 +9,46 @@ use anyhow::Result;
 
 pub use sampler::{Sampler, SamplingConfig};
 
-use crate::model::frozen_op::FrozenLinearBackend;
 use crate::model::{Decoder, KvCache};
+use crate::ops::frozen_linear::ModelBackend;
 use crate::tokenizer::Tokenizer;
 
 /// Throughput figures, as `mlx_lm.generate` prints them.
 #[derive(Debug, Clone, PartialEq)]
 pub struct GenerationStats {
+    /// Tokens in the prompt.
     pub prompt_tokens: usize,
+    /// Prompt tokens per second: the prompt's length over the time of its one forward pass.
     pub prompt_tps: f64,
+    /// Tokens generated, the stop token not counted.
     pub generated_tokens: usize,
+    /// Generated tokens per second, from sampling the first token to the last.
     pub generation_tps: f64,
+    /// Peak resident memory of the process (Linux `VmHWM`); `None` where it cannot be read.
     pub peak_memory_bytes: Option<u64>,
 }
 
+/// What one call of [`generate`] produced.
 pub struct Generation {
+    /// The generated ids, without the prompt or the stop token.
     pub ids: Vec<u32>,
+    /// The generated text, decoded whole.
     pub text: String,
+    /// Token counts and rates.
     pub stats: GenerationStats,
 }
 
 /// How much to generate and when to stop.
 #[derive(Debug, Clone, PartialEq)]
 pub struct GenerationLimits {
+    /// Most tokens to generate.
     pub max_tokens: usize,
     /// Stop at one of the tokenizer's stop ids (off for fixed-length benchmarks).
     pub stop_at_eos: bool,
 }
 
 /// Generates after `prompt_ids`, calling `on_text` with each new piece of decoded text.
-pub fn generate<B: FrozenLinearBackend>(
+pub fn generate<B: ModelBackend>(
     model: &Decoder<B>,
     tokenizer: &Tokenizer,
     prompt_ids: &[u32],
@@ -88,7 +99,7 @@ pub fn generate<B: FrozenLinearBackend>(
             prompt_tps: prompt_ids.len() as f64 / prompt_secs.max(1e-9),
             generated_tokens: generated.len(),
             generation_tps: generated.len() as f64 / gen_secs.max(1e-9),
-            peak_memory_bytes: crate::backend::peak_rss_bytes(),
+            peak_memory_bytes: crate::backends::peak_rss_bytes(),
         },
         ids: generated,
         text,

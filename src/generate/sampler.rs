@@ -3,6 +3,7 @@
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
+/// How the next token is picked from the logits; the default is greedy.
 #[derive(Debug, Clone, PartialEq)]
 pub struct SamplingConfig {
     /// 0 means greedy.
@@ -15,6 +16,7 @@ pub struct SamplingConfig {
     pub min_p: f32,
     /// 1.0 disables the penalty.
     pub repetition_penalty: f32,
+    /// Seed of the sampler's random stream; the same seed gives the same tokens.
     pub seed: u64,
 }
 
@@ -31,12 +33,14 @@ impl Default for SamplingConfig {
     }
 }
 
+/// Picks tokens from logits by a [`SamplingConfig`], with its own seeded random stream.
 pub struct Sampler {
     config: SamplingConfig,
     rng: StdRng,
 }
 
 impl Sampler {
+    /// A sampler seeded from `config.seed`.
     pub fn new(config: SamplingConfig) -> Self {
         let rng = StdRng::seed_from_u64(config.seed);
         Sampler { config, rng }

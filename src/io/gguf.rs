@@ -10,25 +10,51 @@ use std::path::{Path, PathBuf};
 
 use memmap2::Mmap;
 
+/// Why a GGUF file could not be opened.
 #[derive(Debug, thiserror::Error)]
 pub enum GgufError {
+    /// The file could not be opened or memory-mapped.
     #[error("cannot open {path}: {source}")]
     Open {
+        /// The file.
         path: PathBuf,
+        /// The I/O error.
         source: std::io::Error,
     },
+    /// The file does not start with `GGUF`.
     #[error("{path} is not a GGUF file (magic bytes are {magic:?}, expected \"GGUF\")")]
-    BadMagic { path: PathBuf, magic: [u8; 4] },
+    BadMagic {
+        /// The file.
+        path: PathBuf,
+        /// The first four bytes found.
+        magic: [u8; 4],
+    },
+    /// The header states a version other than 2 or 3.
     #[error("{path}: unsupported GGUF version {version} (supported: 2, 3)")]
-    Version { path: PathBuf, version: u32 },
+    Version {
+        /// The file.
+        path: PathBuf,
+        /// The version the header states.
+        version: u32,
+    },
+    /// The file ends early, or a tensor's row length or extent does not fit its type or the file.
     #[error("{path} is truncated or corrupt: {reason}")]
-    Corrupt { path: PathBuf, reason: String },
+    Corrupt {
+        /// The file.
+        path: PathBuf,
+        /// What was wrong, and where.
+        reason: String,
+    },
+    /// A tensor is stored in a GGML type we cannot read (K-quants, for one).
     #[error(
         "{path}: tensor `{tensor}` uses GGML type {kind}, which loraforge cannot read yet (supported: F32, F16, BF16, Q8_0, Q4_0, Q4_1); convert the model with another quantization"
     )]
     UnsupportedType {
+        /// The file.
         path: PathBuf,
+        /// The tensor's name.
         tensor: String,
+        /// The type's ggml name and id (`Q4_K (type id 12)`).
         kind: String,
     },
 }
@@ -36,22 +62,36 @@ pub enum GgufError {
 /// A metadata value.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Value {
+    /// Metadata type 0: an unsigned byte.
     U8(u8),
+    /// Metadata type 1: a signed byte.
     I8(i8),
+    /// Metadata type 2: an unsigned 16-bit integer.
     U16(u16),
+    /// Metadata type 3: a signed 16-bit integer.
     I16(i16),
+    /// Metadata type 4: an unsigned 32-bit integer.
     U32(u32),
+    /// Metadata type 5: a signed 32-bit integer.
     I32(i32),
+    /// Metadata type 10: an unsigned 64-bit integer.
     U64(u64),
+    /// Metadata type 11: a signed 64-bit integer.
     I64(i64),
+    /// Metadata type 6: a 32-bit float.
     F32(f32),
+    /// Metadata type 12: a 64-bit float.
     F64(f64),
+    /// Metadata type 7: a bool, one byte (any non-zero byte is true).
     Bool(bool),
+    /// Metadata type 8: a length-prefixed UTF-8 string (invalid bytes replaced).
     String(String),
+    /// Metadata type 9: an array whose items all have one type.
     Array(Vec<Value>),
 }
 
 impl Value {
+    /// The value as an unsigned integer: any integer type that is not negative.
     pub fn as_u64(&self) -> Option<u64> {
         match *self {
             Value::U8(v) => Some(v.into()),
@@ -66,6 +106,7 @@ impl Value {
         }
     }
 
+    /// The value as a float: a float type, or an integer [`Value::as_u64`] reads.
     pub fn as_f64(&self) -> Option<f64> {
         match *self {
             Value::F32(v) => Some(v.into()),
@@ -74,6 +115,7 @@ impl Value {
         }
     }
 
+    /// The text of a string value.
     pub fn as_str(&self) -> Option<&str> {
         match self {
             Value::String(s) => Some(s),
@@ -81,6 +123,7 @@ impl Value {
         }
     }
 
+    /// The value of a bool.
     pub fn as_bool(&self) -> Option<bool> {
         match *self {
             Value::Bool(b) => Some(b),
@@ -88,6 +131,7 @@ impl Value {
         }
     }
 
+    /// The items of an array value.
     pub fn as_array(&self) -> Option<&[Value]> {
         match self {
             Value::Array(a) => Some(a),
@@ -114,11 +158,17 @@ impl Value {
 /// The GGML tensor types we can read, with their block geometry.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum GgmlType {
+    /// 32-bit float, 4 bytes.
     F32,
+    /// IEEE half float, 2 bytes.
     F16,
+    /// bfloat16, 2 bytes.
     BF16,
+    /// Blocks of 32 4-bit codes with one f16 scale, centred on 8 (18 bytes).
     Q4_0,
+    /// Blocks of 32 4-bit codes with an f16 scale and an f16 minimum (20 bytes).
     Q4_1,
+    /// Blocks of 32 signed 8-bit codes with one f16 scale (34 bytes).
     Q8_0,
 }
 
@@ -146,6 +196,7 @@ impl GgmlType {
         }
     }
 
+    /// The type's name as ggml spells it (`Q8_0`).
     pub fn name(self) -> &'static str {
         match self {
             GgmlType::F32 => "F32",
@@ -213,28 +264,38 @@ fn ggml_type_name(id: u32) -> String {
 /// innermost-first `ne` reversed, so a Linear weight reads `[out, in]` as in safetensors.
 #[derive(Debug, Clone)]
 pub struct TensorInfo {
+    /// The name as stored, in llama.cpp's naming (`blk.0.attn_q.weight`).
     pub name: String,
+    /// Dimensions, outermost first.
     pub shape: Vec<usize>,
+    /// How the elements are encoded.
     pub kind: GgmlType,
     offset: usize,
     len: usize,
 }
 
 impl TensorInfo {
+    /// Number of elements: the product of the shape.
     pub fn numel(&self) -> usize {
         self.shape.iter().product()
     }
 }
 
+/// An open GGUF file: its metadata and tensor directory, and a read-only map of its bytes.
 pub struct GgufFile {
+    /// The file this was opened from, for messages.
     pub path: PathBuf,
+    /// The format version from the header (2 or 3).
     pub version: u32,
+    /// Every metadata key/value, by key.
     pub metadata: BTreeMap<String, Value>,
+    /// The tensor directory, in file order.
     pub tensors: Vec<TensorInfo>,
     map: Mmap,
 }
 
 impl GgufFile {
+    /// Maps the file and reads its header, checking each tensor's type, row length and extent.
     pub fn open(path: &Path) -> Result<Self, GgufError> {
         let file = File::open(path).map_err(|source| GgufError::Open {
             path: path.to_path_buf(),
@@ -334,10 +395,12 @@ impl GgufFile {
         })
     }
 
+    /// The tensor of that name, if the file has one.
     pub fn tensor(&self, name: &str) -> Option<&TensorInfo> {
         self.tensors.iter().find(|t| t.name == name)
     }
 
+    /// A tensor's bytes as stored (whole blocks for quantized types), borrowed from the map.
     pub fn data(&self, info: &TensorInfo) -> &[u8] {
         &self.map[info.offset..info.offset + info.len]
     }
@@ -347,22 +410,27 @@ impl GgufFile {
         super::release_pages(&self.map, info.offset, info.len);
     }
 
+    /// The metadata value under a key.
     pub fn get(&self, key: &str) -> Option<&Value> {
         self.metadata.get(key)
     }
 
+    /// A metadata value read as an unsigned integer (see [`Value::as_u64`]).
     pub fn get_u64(&self, key: &str) -> Option<u64> {
         self.get(key).and_then(Value::as_u64)
     }
 
+    /// A metadata value read as a float (see [`Value::as_f64`]).
     pub fn get_f64(&self, key: &str) -> Option<f64> {
         self.get(key).and_then(Value::as_f64)
     }
 
+    /// A metadata value that is a string.
     pub fn get_str(&self, key: &str) -> Option<&str> {
         self.get(key).and_then(Value::as_str)
     }
 
+    /// `general.architecture`: the model family as llama.cpp names it (`llama`, `qwen2`, ...).
     pub fn architecture(&self) -> Option<&str> {
         self.get_str("general.architecture")
     }

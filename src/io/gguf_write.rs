@@ -15,12 +15,16 @@ const ALIGNMENT: usize = 32;
 /// A tensor to be written: row-major `shape` (outermost first), as [`super::gguf::TensorInfo`].
 #[derive(Debug, Clone)]
 pub struct GgufTensor {
+    /// The name in llama.cpp's naming (`blk.0.attn_q.weight`).
     pub name: String,
+    /// Dimensions, outermost first (written innermost-first, as GGUF stores them).
     pub shape: Vec<usize>,
+    /// The encoding to write its elements in.
     pub kind: GgmlType,
 }
 
 impl GgufTensor {
+    /// Bytes of the tensor's data in its encoding, without the padding that follows it.
     pub fn byte_len(&self) -> usize {
         let (per_block, block_bytes) = self.kind.block();
         self.shape.iter().product::<usize>() / per_block * block_bytes
@@ -156,67 +160,5 @@ fn ggml_id(kind: GgmlType) -> u32 {
         GgmlType::Q4_1 => 3,
         GgmlType::Q8_0 => 8,
         GgmlType::BF16 => 30,
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::io::gguf::GgufFile;
-
-    #[test]
-    fn written_file_reads_back() {
-        let path = std::env::temp_dir().join(format!("lf-gguf-write-{}.gguf", std::process::id()));
-        let metadata = vec![
-            (
-                "general.architecture".to_string(),
-                Value::String("llama".into()),
-            ),
-            ("llama.block_count".to_string(), Value::U32(2)),
-            (
-                "tokenizer.ggml.tokens".to_string(),
-                Value::Array(vec![Value::String("a".into()), Value::String("b".into())]),
-            ),
-        ];
-        let tensors = vec![
-            GgufTensor {
-                name: "norm".into(),
-                shape: vec![3],
-                kind: GgmlType::F32,
-            },
-            GgufTensor {
-                name: "w".into(),
-                shape: vec![2, 32],
-                kind: GgmlType::Q8_0,
-            },
-        ];
-        let w: Vec<f32> = (0..64).map(|i| i as f32 / 10.0 - 3.0).collect();
-        write(&path, &metadata, &tensors, |i| {
-            Ok(match i {
-                0 => crate::quant::ggml::encode(GgmlType::F32, &[1.0, 2.0, 3.0]),
-                _ => crate::quant::ggml::encode(GgmlType::Q8_0, &w),
-            })
-        })
-        .unwrap();
-        let g = GgufFile::open(&path).unwrap();
-        assert_eq!(g.get_u64("llama.block_count"), Some(2));
-        assert_eq!(
-            g.get("tokenizer.ggml.tokens")
-                .unwrap()
-                .as_array()
-                .unwrap()
-                .len(),
-            2
-        );
-        let info = g.tensor("w").unwrap();
-        assert_eq!(info.shape, [2, 32]);
-        let back = crate::quant::ggml::decode(info.kind, 2, 32, g.data(info));
-        assert!(back.iter().zip(&w).all(|(a, b)| (a - b).abs() < 0.03));
-        let norm = g.tensor("norm").unwrap();
-        assert_eq!(
-            crate::quant::ggml::decode(norm.kind, 1, 3, g.data(norm)),
-            [1.0, 2.0, 3.0]
-        );
-        std::fs::remove_file(&path).unwrap();
     }
 }

@@ -5,17 +5,26 @@ use half::{bf16, f16};
 /// Element types as they are stored on disk (safetensors and the float GGUF types).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum RawDtype {
+    /// 32-bit float.
     F32,
+    /// IEEE half float.
     F16,
+    /// bfloat16.
     BF16,
+    /// Unsigned 32-bit integer (MLX packs its quantized codes in these).
     U32,
+    /// Signed 32-bit integer.
     I32,
+    /// Signed 64-bit integer.
     I64,
+    /// Unsigned 8-bit integer.
     U8,
+    /// Signed 8-bit integer.
     I8,
 }
 
 impl RawDtype {
+    /// Bytes per element.
     pub fn size(self) -> usize {
         match self {
             RawDtype::F32 | RawDtype::U32 | RawDtype::I32 => 4,
@@ -25,6 +34,7 @@ impl RawDtype {
         }
     }
 
+    /// The type's name as safetensors spells it (`BF16`).
     pub fn name(self) -> &'static str {
         match self {
             RawDtype::F32 => "F32",
@@ -42,13 +52,18 @@ impl RawDtype {
 /// A tensor's bytes (little-endian, row-major) with its type and shape.
 #[derive(Debug, Clone, Copy)]
 pub struct RawTensor<'a> {
+    /// The tensor's name in the file it came from.
     pub name: &'a str,
+    /// The element type as stored.
     pub dtype: RawDtype,
+    /// Dimensions, outermost first.
     pub shape: &'a [usize],
+    /// The stored bytes, `numel() * dtype.size()` of them.
     pub bytes: &'a [u8],
 }
 
 impl RawTensor<'_> {
+    /// Number of elements: the product of the shape.
     pub fn numel(&self) -> usize {
         self.shape.iter().product()
     }

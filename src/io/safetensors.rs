@@ -9,25 +9,46 @@ use safetensors::tensor::{Dtype, Metadata, SafeTensors};
 
 use super::raw::{RawDtype, RawTensor};
 
+/// Why safetensors weights could not be opened.
 #[derive(Debug, thiserror::Error)]
 pub enum SafetensorsError {
+    /// A file or folder could not be opened, listed or memory-mapped.
     #[error("cannot open {path}: {source}")]
     Open {
+        /// The file or folder.
         path: PathBuf,
+        /// The I/O error.
         source: std::io::Error,
     },
+    /// The header does not parse, or promises more tensor data than the file holds.
     #[error(
         "{path} is not a valid safetensors file ({reason}); it may be truncated or corrupt: download it again"
     )]
-    Corrupt { path: PathBuf, reason: String },
+    Corrupt {
+        /// The file.
+        path: PathBuf,
+        /// What was wrong.
+        reason: String,
+    },
+    /// A tensor's element type is not one [`RawDtype`] has (F64, F8, ...).
     #[error("{path}: tensor `{name}` has unsupported type {dtype}")]
     UnsupportedDtype {
+        /// The file.
         path: PathBuf,
+        /// The tensor's name.
         name: String,
+        /// The type as the safetensors crate names it.
         dtype: String,
     },
+    /// `model.safetensors.index.json` cannot be read, or has no `weight_map` object.
     #[error("cannot read {path}: {reason}")]
-    Index { path: PathBuf, reason: String },
+    Index {
+        /// The index file.
+        path: PathBuf,
+        /// What was wrong.
+        reason: String,
+    },
+    /// The folder has neither `model.safetensors`, an index, nor any `*.safetensors` file.
     #[error(
         "no safetensors weights in {0} (expected model.safetensors or model.safetensors.index.json)"
     )]
@@ -80,6 +101,7 @@ impl SafetensorsStore {
         Self::open_files(&files)
     }
 
+    /// Opens the given files as one store; a name found twice keeps the later file's tensor.
     pub fn open_files(files: &[PathBuf]) -> Result<Self, SafetensorsError> {
         let mut store = SafetensorsStore {
             shards: Vec::new(),
@@ -150,6 +172,7 @@ impl SafetensorsStore {
         Ok(())
     }
 
+    /// A borrowed view of tensor `name`, if the store has it.
     pub fn get(&self, name: &str) -> Option<RawTensor<'_>> {
         let (key, e) = self.entries.get_key_value(name)?;
         Some(RawTensor {
@@ -167,14 +190,17 @@ impl SafetensorsStore {
         }
     }
 
+    /// Whether a tensor of that name is in any shard.
     pub fn contains(&self, name: &str) -> bool {
         self.entries.contains_key(name)
     }
 
+    /// Every tensor name, in sorted order.
     pub fn names(&self) -> impl Iterator<Item = &str> {
         self.entries.keys().map(String::as_str)
     }
 
+    /// Every tensor, in name order.
     pub fn tensors(&self) -> impl Iterator<Item = RawTensor<'_>> {
         self.names().filter_map(|n| self.get(n))
     }

@@ -15,12 +15,16 @@ use super::RawDtype;
 /// One tensor to be written.
 #[derive(Debug, Clone, PartialEq)]
 pub struct PlannedTensor {
+    /// The name in the header.
     pub name: String,
+    /// The element type to write.
     pub dtype: RawDtype,
+    /// Dimensions, outermost first.
     pub shape: Vec<usize>,
 }
 
 impl PlannedTensor {
+    /// A tensor of this name, element type and shape (outermost first).
     pub fn new(name: impl Into<String>, dtype: RawDtype, shape: &[usize]) -> Self {
         PlannedTensor {
             name: name.into(),
@@ -29,6 +33,7 @@ impl PlannedTensor {
         }
     }
 
+    /// Bytes of the tensor's data: elements times the element size.
     pub fn byte_len(&self) -> usize {
         self.shape.iter().product::<usize>() * self.dtype.size()
     }
@@ -39,8 +44,11 @@ pub type Group = Vec<PlannedTensor>;
 
 /// Where the shards went: file names and, per tensor, its shard.
 pub struct WrittenShards {
+    /// The shard file names, in order.
     pub files: Vec<String>,
+    /// Each tensor's name to the file name of the shard it went into.
     pub weight_map: BTreeMap<String, String>,
+    /// Bytes of tensor data over all shards, headers excluded (the index's `total_size`).
     pub total_bytes: usize,
 }
 

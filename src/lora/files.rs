@@ -1,4 +1,4 @@
-//! Adapter files (DESIGN §4):
+//! Adapter files:
 //! - mlx-lm: `adapters.safetensors` with `<module>.lora_a` `[in, r]`, `.lora_b` `[r, out]`,
 //!   `.m` `[out]` (DoRA), and `adapter_config.json` (`fine_tune_type`, `num_layers`,
 //!   `lora_parameters {rank, scale, dropout, keys}`).
@@ -13,11 +13,13 @@ use anyhow::{Context, Result, anyhow, bail};
 use safetensors::tensor::{Dtype, TensorView};
 use serde_json::json;
 
-use super::adapter::{from_vec, to_vec};
-use super::host::HostAdapters;
-use super::{AdapterSpec, LoraAdapter};
+use super::AdapterSpec;
+use super::stored::HostAdapters;
 use crate::io::atomic;
-use crate::model::{Decoder, FrozenLinearBackend};
+use crate::model::Decoder;
+use crate::model::LoraAdapter;
+use crate::model::adapter::{from_vec, to_vec};
+use crate::ops::ModelBackend;
 
 /// Named f32 tensors in row-major order, ready to be written.
 pub type NamedTensors = BTreeMap<String, (Vec<usize>, Vec<f32>)>;
@@ -45,7 +47,7 @@ pub fn safetensors_bytes(tensors: &NamedTensors, metadata: &[(&str, &str)]) -> R
 }
 
 /// The adapters in mlx-lm's naming and layout.
-pub fn mlx_tensors<B: FrozenLinearBackend>(decoder: &Decoder<B>) -> NamedTensors {
+pub fn mlx_tensors<B: ModelBackend>(decoder: &Decoder<B>) -> NamedTensors {
     let mut out = NamedTensors::new();
     for (path, adapter) in decoder.adapters() {
         out.insert(
@@ -64,7 +66,7 @@ pub fn mlx_tensors<B: FrozenLinearBackend>(decoder: &Decoder<B>) -> NamedTensors
 }
 
 /// The adapters in peft's naming and layout (transposed).
-pub fn peft_tensors<B: FrozenLinearBackend>(decoder: &Decoder<B>) -> NamedTensors {
+pub fn peft_tensors<B: ModelBackend>(decoder: &Decoder<B>) -> NamedTensors {
     let mut out = NamedTensors::new();
     for (path, adapter) in decoder.adapters() {
         let [inp, r] = adapter.a.dims();
@@ -89,7 +91,7 @@ pub fn peft_tensors<B: FrozenLinearBackend>(decoder: &Decoder<B>) -> NamedTensor
 
 /// Writes `adapters.safetensors` (+ a `{step:07}_adapters.safetensors` snapshot) and
 /// `adapter_config.json` as mlx-lm reads them.
-pub fn save_mlx<B: FrozenLinearBackend>(
+pub fn save_mlx<B: ModelBackend>(
     dir: &Path,
     decoder: &Decoder<B>,
     spec: &AdapterSpec,
@@ -121,7 +123,7 @@ pub fn save_mlx<B: FrozenLinearBackend>(
 }
 
 /// Writes the peft folder (`adapter_model.safetensors` + `adapter_config.json`).
-pub fn save_peft<B: FrozenLinearBackend>(
+pub fn save_peft<B: ModelBackend>(
     dir: &Path,
     decoder: &Decoder<B>,
     spec: &AdapterSpec,
@@ -153,14 +155,21 @@ pub fn save_peft<B: FrozenLinearBackend>(
 
 /// What peft's `adapter_config.json` records.
 pub struct PeftConfig {
+    /// The adapters' rank `r`.
     pub rank: usize,
+    /// The factor the adapter's output is multiplied by; `lora_alpha` is derived from it.
     pub scale: f64,
+    /// Dropout probability on the adapter's input in training (`lora_dropout`).
     pub dropout: f64,
+    /// rsLoRA: `lora_alpha` is scale·√r rather than scale·r (`use_rslora`).
     pub rslora: bool,
+    /// DoRA adapters, with a magnitude vector per module (`use_dora`).
     pub dora: bool,
     /// Leaf names (`q_proj`), as peft's `target_modules`.
     pub modules: Vec<String>,
+    /// The decoder blocks adapted, as peft's `layers_to_transform`.
     pub layers: Vec<usize>,
+    /// `base_model_name_or_path`: the base model's path as the run or export was given it.
     pub base_model: String,
 }
 
@@ -192,12 +201,12 @@ pub fn peft_config(c: &PeftConfig) -> serde_json::Value {
 /// Loads adapter weights (mlx-lm or peft layout, detected by name) into the decoder's existing
 /// adapters, whose scale and dropout stay as they are; every adapter must be found with the
 /// shape it has.
-pub fn load_into<B: FrozenLinearBackend>(
+pub fn load_into<B: ModelBackend>(
     decoder: &mut Decoder<B>,
     file: &Path,
     device: &B::Device,
 ) -> Result<()> {
-    let modules = super::host::read_file(file)?;
+    let modules = super::stored::read_file(file)?;
     for (path, linear) in decoder.linears_mut() {
         let Some(adapter) = linear.adapter.as_mut() else {
             continue;
@@ -239,7 +248,7 @@ pub fn load_into<B: FrozenLinearBackend>(
 /// Adds the adapters saved in `dir` to a loaded model: loraforge's and `mlx_lm.lora`'s folders
 /// (mlx-lm layout) and peft's. Each adapter goes on the linear its tensor names say; a module the
 /// model lacks or a shape that does not fit is an error naming it.
-pub fn attach<B: FrozenLinearBackend>(
+pub fn attach<B: ModelBackend>(
     decoder: &mut Decoder<B>,
     dir: &Path,
     device: &B::Device,

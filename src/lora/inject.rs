@@ -3,46 +3,45 @@
 
 use anyhow::{Result, bail};
 
-use super::LoraAdapter;
-use crate::model::{Decoder, FrozenLinearBackend};
+use crate::model::Decoder;
+use crate::model::LoraAdapter;
+use crate::model::names::{BlockLinear, BlockModule};
+use crate::ops::ModelBackend;
 use crate::recipe::{AdapterKind, Layers, LoraSection, Targets};
-
-/// The seven linears of a block, by their key relative to the block.
-pub const TARGET_KEYS: [&str; 7] = [
-    "self_attn.q_proj",
-    "self_attn.k_proj",
-    "self_attn.v_proj",
-    "self_attn.o_proj",
-    "mlp.gate_proj",
-    "mlp.up_proj",
-    "mlp.down_proj",
-];
 
 /// A recipe's `[lora]` resolved against a model.
 #[derive(Debug, Clone, PartialEq)]
 pub struct AdapterSpec {
+    /// DoRA rather than plain LoRA: each adapted row also learns a magnitude.
     pub dora: bool,
+    /// The adapters' rank `r`.
     pub rank: usize,
+    /// The factor the adapter's output is multiplied by (from `scale`, or `alpha` over r or √r).
     pub scale: f64,
+    /// Dropout probability on the adapter's input in training.
     pub dropout: f64,
+    /// Module paths relative to a block (`self_attn.q_proj`), as mlx-lm's adapter `keys`.
     pub keys: Vec<String>,
+    /// The decoder blocks that get adapters, by index.
     pub layers: Vec<usize>,
     /// As written in the recipe, for adapter_config.json (`num_layers`).
     pub num_layers: i64,
+    /// rsLoRA: the scale was derived from `alpha` as alpha/√r (recorded in peft's config).
     pub rslora: bool,
 }
 
 impl AdapterSpec {
+    /// Resolves `[lora]` for a model of `num_blocks` blocks; unknown keys and blocks are errors.
     pub fn from_recipe(lora: &LoraSection, num_blocks: usize) -> Result<Self> {
         let keys: Vec<String> = match &lora.targets {
-            Targets::Named(_) => TARGET_KEYS.iter().map(|k| k.to_string()).collect(),
+            Targets::Named(_) => BlockLinear::ALL.map(|l| l.key().to_string()).to_vec(),
             Targets::Keys(keys) => keys.clone(),
         };
         for key in &keys {
-            if !TARGET_KEYS.contains(&key.as_str()) {
+            if BlockLinear::from_key(key).is_none() {
                 bail!(
                     "lora.targets: unknown key `{key}`; valid keys are {} (or \"all-linear\")",
-                    TARGET_KEYS.join(", ")
+                    BlockLinear::ALL.map(BlockLinear::key).join(", ")
                 );
             }
         }
@@ -76,11 +75,7 @@ impl AdapterSpec {
 }
 
 /// Adds a freshly initialised adapter to every targeted linear.
-pub fn inject<B: FrozenLinearBackend>(
-    decoder: &mut Decoder<B>,
-    spec: &AdapterSpec,
-    device: &B::Device,
-) {
+pub fn inject<B: ModelBackend>(decoder: &mut Decoder<B>, spec: &AdapterSpec, device: &B::Device) {
     for (path, linear) in decoder.linears_mut() {
         if spec.targets(&path) {
             linear.adapter = Some(LoraAdapter::init(

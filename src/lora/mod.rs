@@ -1,10 +1,9 @@
-//! LoRA / DoRA adapters on the frozen linears: the layer (`adapter`), which linears get one
-//! (`inject`), and the adapter files mlx-lm and peft read (`files`).
+//! LoRA / DoRA adapters on the frozen linears: which linears get one (`inject`), the adapter
+//! files mlx-lm and peft read (`files`), and adapter folders read back whoever wrote them
+//! (`stored`). The layer itself is `model::adapter`.
 
-pub mod adapter;
 pub mod files;
-pub mod host;
 pub mod inject;
+pub mod stored;
 
-pub use adapter::LoraAdapter;
-pub use inject::{AdapterSpec, TARGET_KEYS, inject};
+pub use inject::{AdapterSpec, inject};

@@ -5,19 +5,27 @@ use std::path::Path;
 use serde_json::Value;
 
 use crate::io::gguf::GgufFile;
+use crate::ops::rope::RopeScaling;
 
 /// The decoder families we implement. SmolLM is Llama.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Family {
+    /// Llama and SmolLM (`model_type` `llama` or `smollm`).
     Llama,
+    /// Mistral (`mistral`), built as Llama is.
     Mistral,
+    /// Qwen2 (`qwen2`): Llama with a bias on the q, k and v projections.
     Qwen2,
+    /// Qwen3 (`qwen3`): Llama with an RMSNorm over each head of q and k before RoPE.
     Qwen3,
 }
 
+/// The `model_type` values that errors list as supported (`smollm` is read too, as Llama).
 pub const SUPPORTED_MODEL_TYPES: &str = "llama, mistral, qwen2, qwen3";
 
 impl Family {
+    /// The family for a `config.json` `model_type` or a GGUF `general.architecture`; `None`
+    /// when unsupported.
     pub fn from_model_type(model_type: &str) -> Option<Self> {
         Some(match model_type {
             "llama" | "smollm" => Family::Llama,
@@ -28,6 +36,7 @@ impl Family {
         })
     }
 
+    /// The family's `model_type`, as `config.json` spells it.
     pub fn name(self) -> &'static str {
         match self {
             Family::Llama => "llama",
@@ -38,36 +47,34 @@ impl Family {
     }
 }
 
-#[derive(Debug, Clone, PartialEq)]
-pub enum RopeScaling {
-    None,
-    /// Positions divided by `factor`.
-    Linear {
-        factor: f64,
-    },
-    /// Llama 3.1's frequency-dependent rescaling.
-    Llama3 {
-        factor: f64,
-        low_freq_factor: f64,
-        high_freq_factor: f64,
-        original_max_position_embeddings: f64,
-    },
-}
-
+/// A decoder's architecture hyper-parameters.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ModelConfig {
+    /// Which decoder family the model is.
     pub family: Family,
+    /// Tokens in the vocabulary: rows of the embedding and of the head.
     pub vocab_size: usize,
+    /// Width of the residual stream (`hidden`).
     pub hidden_size: usize,
+    /// Width of the MLP's gate and up projections.
     pub intermediate_size: usize,
+    /// Decoder blocks (`num_hidden_layers`).
     pub num_layers: usize,
+    /// Query heads (`num_attention_heads`).
     pub num_heads: usize,
+    /// Key/value heads, dividing `num_heads` (grouped-query attention); `num_heads` when absent.
     pub num_kv_heads: usize,
+    /// Width of one attention head; `hidden_size / num_heads` when absent.
     pub head_dim: usize,
+    /// The `ε` added to the mean square in every RMSNorm (1e-6 when absent).
     pub rms_norm_eps: f64,
+    /// RoPE's base `theta` (10000 when absent).
     pub rope_theta: f64,
+    /// How RoPE's frequencies are rescaled for longer contexts.
     pub rope_scaling: RopeScaling,
+    /// The context length the model is configured for, in tokens (4096 when absent).
     pub max_position_embeddings: usize,
+    /// The head reuses the embedding matrix (no separate `lm_head` weight).
     pub tie_word_embeddings: bool,
     /// Qwen2: q/k/v projections carry a bias.
     pub attention_bias: bool,
@@ -77,25 +84,49 @@ pub struct ModelConfig {
     pub dtype: String,
 }
 
+/// Why a model's configuration can't be read.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
+    /// The file can't be read, or is not JSON.
     #[error("cannot read {path}: {reason}")]
-    Read { path: String, reason: String },
+    Read {
+        /// The file that could not be read or parsed.
+        path: String,
+        /// The I/O or JSON error.
+        reason: String,
+    },
+    /// The `model_type` (or GGUF architecture) is not one of the [`Family`] variants.
     #[error(
         "{path}: `model_type` is \"{found}\", which loraforge does not support (supported: {SUPPORTED_MODEL_TYPES})"
     )]
-    UnsupportedModelType { path: String, found: String },
+    UnsupportedModelType {
+        /// The file the configuration came from.
+        path: String,
+        /// The `model_type` (or GGUF architecture) the file gives.
+        found: String,
+    },
+    /// A required key is absent or of the wrong type.
     #[error("{path}: missing or invalid `{key}`{hint}")]
     Missing {
+        /// The file the configuration came from.
         path: String,
+        /// The key as the source spells it (`vocab_size`, `llama.block_count`).
         key: String,
+        /// Appended to the message: empty, or a note that starts with a space.
         hint: String,
     },
+    /// The values read contradict each other or the decoder's needs.
     #[error("{path}: {reason}")]
-    Invalid { path: String, reason: String },
+    Invalid {
+        /// The file the configuration came from.
+        path: String,
+        /// What is wrong.
+        reason: String,
+    },
 }
 
 impl ModelConfig {
+    /// Reads and parses the `config.json` at `path`.
     pub fn from_config_json(path: &Path) -> Result<Self, ConfigError> {
         let shown = path.display().to_string();
         let text = std::fs::read_to_string(path).map_err(|e| ConfigError::Read {
@@ -109,6 +140,7 @@ impl ModelConfig {
         Self::from_json(&json, &shown)
     }
 
+    /// The configuration from a parsed `config.json`; `path` only names the file in errors.
     pub fn from_json(json: &Value, path: &str) -> Result<Self, ConfigError> {
         let missing = |key: &str| ConfigError::Missing {
             path: path.to_string(),

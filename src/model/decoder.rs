@@ -13,23 +13,28 @@
 
 use burn::tensor::{FloatDType, Tensor};
 
-use super::attention_op::attention;
+use super::adapter::LoraAdapter;
 use super::config::ModelConfig;
-use super::frozen_op::FrozenLinearBackend;
 use super::layout::AttentionLayout;
 use super::linear::{FrozenLinear, FrozenWeight};
-use super::rope::Rope;
+use super::names::{self, BlockLinear, BlockModule};
+use crate::ops::attention::attention;
+use crate::ops::frozen_linear::ModelBackend;
+use crate::ops::rope::Rope;
 
 /// One layer's cached keys and values, `[batch, kv_heads, len, head_dim]` each.
 type LayerCache<B> = Option<(Tensor<B, 4>, Tensor<B, 4>)>;
 
+/// RMSNorm over the last dimension: `x / √(mean(x²) + ε) ⊙ weight`.
 #[derive(Debug, Clone)]
-pub struct RmsNorm<B: FrozenLinearBackend> {
+pub struct RmsNorm<B: ModelBackend> {
+    /// Per-feature gain, as long as the normalised dimension.
     pub weight: Tensor<B, 1>,
+    /// `ε`, added to the mean square before the square root.
     pub eps: f64,
 }
 
-impl<B: FrozenLinearBackend> RmsNorm<B> {
+impl<B: ModelBackend> RmsNorm<B> {
     /// Normalises over the last dimension.
     pub fn forward<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
         self.forward_as(x, None)
@@ -45,26 +50,38 @@ impl<B: FrozenLinearBackend> RmsNorm<B> {
     }
 }
 
+/// A block's self-attention: grouped-query heads with RoPE, a causal (or packed) mask and
+/// an optional KV cache.
 #[derive(Debug, Clone)]
-pub struct Attention<B: FrozenLinearBackend> {
+pub struct Attention<B: ModelBackend> {
+    /// `hidden` → `num_heads * head_dim`: the queries.
     pub q_proj: FrozenLinear<B>,
+    /// `hidden` → `num_kv_heads * head_dim`: the keys.
     pub k_proj: FrozenLinear<B>,
+    /// `hidden` → `num_kv_heads * head_dim`: the values.
     pub v_proj: FrozenLinear<B>,
+    /// `num_heads * head_dim` → `hidden`: the heads' outputs back onto the residual stream.
     pub o_proj: FrozenLinear<B>,
+    /// Qwen3's RMSNorm over each query head (`[head_dim]` weight), before RoPE.
     pub q_norm: Option<RmsNorm<B>>,
+    /// Qwen3's RMSNorm over each key head (`[head_dim]` weight), before RoPE.
     pub k_norm: Option<RmsNorm<B>>,
+    /// Query heads.
     pub num_heads: usize,
+    /// Key/value heads, each shared by `num_heads / num_kv_heads` query heads.
     pub num_kv_heads: usize,
+    /// Width of one head (queries, keys and values alike).
     pub head_dim: usize,
 }
 
 /// Keys and values of the positions seen so far, per layer: `[batch, kv_heads, len, head_dim]`.
 #[derive(Debug, Clone)]
-pub struct KvCache<B: FrozenLinearBackend> {
+pub struct KvCache<B: ModelBackend> {
     layers: Vec<LayerCache<B>>,
 }
 
-impl<B: FrozenLinearBackend> KvCache<B> {
+impl<B: ModelBackend> KvCache<B> {
+    /// An empty cache for a decoder of `num_layers` blocks.
     pub fn new(num_layers: usize) -> Self {
         KvCache {
             layers: vec![None; num_layers],
@@ -76,12 +93,13 @@ impl<B: FrozenLinearBackend> KvCache<B> {
         self.layers[0].as_ref().map_or(0, |(k, _)| k.dims()[2])
     }
 
+    /// Whether no position is cached yet.
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
 }
 
-impl<B: FrozenLinearBackend> Attention<B> {
+impl<B: ModelBackend> Attention<B> {
     /// `linear` applied to the rows `x` of `[batch, seq]` positions, as `[batch, heads, seq, d]`.
     fn heads(
         &self,
@@ -96,6 +114,8 @@ impl<B: FrozenLinearBackend> Attention<B> {
             .swap_dims(1, 2)
     }
 
+    /// `x`: `[batch, seq, hidden]` → `[batch, seq, hidden]`. With a cache slot, the queries also
+    /// attend to the cached keys, and this call's keys and values are appended to it.
     pub fn forward(
         &self,
         x: Tensor<B, 3>,
@@ -131,14 +151,19 @@ impl<B: FrozenLinearBackend> Attention<B> {
     }
 }
 
+/// A block's SwiGLU feed-forward: `down(silu(gate(x)) ⊙ up(x))`.
 #[derive(Debug, Clone)]
-pub struct Mlp<B: FrozenLinearBackend> {
+pub struct Mlp<B: ModelBackend> {
+    /// `hidden` → `intermediate`, passed through SiLU.
     pub gate_proj: FrozenLinear<B>,
+    /// `hidden` → `intermediate`, multiplied by the activated gate.
     pub up_proj: FrozenLinear<B>,
+    /// `intermediate` → `hidden`.
     pub down_proj: FrozenLinear<B>,
 }
 
-impl<B: FrozenLinearBackend> Mlp<B> {
+impl<B: ModelBackend> Mlp<B> {
+    /// `x`: `[batch, seq, hidden]` → `[batch, seq, hidden]`.
     pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
         let [batch, seq, features] = x.dims();
         // One `[n, in]` tensor for gate and up, as for q, k and v.
@@ -159,47 +184,59 @@ impl<B: FrozenLinearBackend> Mlp<B> {
     }
 }
 
+/// One decoder block: pre-norm attention, then a pre-norm MLP, each added onto the residual
+/// stream.
 #[derive(Debug, Clone)]
-pub struct Block<B: FrozenLinearBackend> {
+pub struct Block<B: ModelBackend> {
+    /// The RMSNorm before attention.
     pub input_layernorm: RmsNorm<B>,
+    /// The block's attention.
     pub self_attn: Attention<B>,
+    /// The RMSNorm before the MLP.
     pub post_attention_layernorm: RmsNorm<B>,
+    /// The block's SwiGLU feed-forward.
     pub mlp: Mlp<B>,
 }
 
-impl<B: FrozenLinearBackend> Block<B> {
-    /// The block's linears with their keys relative to the block (`self_attn.q_proj`), in the
-    /// order adapters are listed everywhere.
-    pub fn linears_mut(&mut self) -> [(&'static str, &mut FrozenLinear<B>); 7] {
+impl<B: ModelBackend> Block<B> {
+    /// The block's linears, in the order adapters are listed everywhere ([`BlockLinear::ALL`]).
+    pub fn linears_mut(&mut self) -> [(BlockLinear, &mut FrozenLinear<B>); 7] {
         let (a, m) = (&mut self.self_attn, &mut self.mlp);
         [
-            ("self_attn.q_proj", &mut a.q_proj),
-            ("self_attn.k_proj", &mut a.k_proj),
-            ("self_attn.v_proj", &mut a.v_proj),
-            ("self_attn.o_proj", &mut a.o_proj),
-            ("mlp.gate_proj", &mut m.gate_proj),
-            ("mlp.up_proj", &mut m.up_proj),
-            ("mlp.down_proj", &mut m.down_proj),
+            (BlockLinear::Q, &mut a.q_proj),
+            (BlockLinear::K, &mut a.k_proj),
+            (BlockLinear::V, &mut a.v_proj),
+            (BlockLinear::O, &mut a.o_proj),
+            (BlockLinear::Gate, &mut m.gate_proj),
+            (BlockLinear::Up, &mut m.up_proj),
+            (BlockLinear::Down, &mut m.down_proj),
         ]
     }
 
-    /// The block's adapters with their keys, in [`Block::linears_mut`] order.
-    pub fn adapters(&self) -> Vec<(&'static str, &crate::lora::LoraAdapter<B>)> {
+    /// One of the block's linears.
+    pub fn linear(&self, which: BlockLinear) -> &FrozenLinear<B> {
         let (a, m) = (&self.self_attn, &self.mlp);
-        [
-            ("self_attn.q_proj", &a.q_proj),
-            ("self_attn.k_proj", &a.k_proj),
-            ("self_attn.v_proj", &a.v_proj),
-            ("self_attn.o_proj", &a.o_proj),
-            ("mlp.gate_proj", &m.gate_proj),
-            ("mlp.up_proj", &m.up_proj),
-            ("mlp.down_proj", &m.down_proj),
-        ]
-        .into_iter()
-        .filter_map(|(key, linear)| linear.adapter.as_ref().map(|ad| (key, ad)))
-        .collect()
+        match which {
+            BlockLinear::Q => &a.q_proj,
+            BlockLinear::K => &a.k_proj,
+            BlockLinear::V => &a.v_proj,
+            BlockLinear::O => &a.o_proj,
+            BlockLinear::Gate => &m.gate_proj,
+            BlockLinear::Up => &m.up_proj,
+            BlockLinear::Down => &m.down_proj,
+        }
     }
 
+    /// The block's adapters with their linears, in [`BlockLinear::ALL`] order.
+    pub fn adapters(&self) -> Vec<(BlockLinear, &LoraAdapter<B>)> {
+        BlockLinear::ALL
+            .into_iter()
+            .filter_map(|w| self.linear(w).adapter.as_ref().map(|ad| (w, ad)))
+            .collect()
+    }
+
+    /// `h`: `[batch, seq, hidden]` → the same, after attention and the MLP; the cache slot as
+    /// in [`Attention::forward`].
     pub fn forward(
         &self,
         h: Tensor<B, 3>,
@@ -221,18 +258,24 @@ impl<B: FrozenLinearBackend> Block<B> {
     }
 }
 
+/// The decoder-only transformer: embedding, blocks, final norm and head.
 #[derive(Debug, Clone)]
-pub struct Decoder<B: FrozenLinearBackend> {
+pub struct Decoder<B: ModelBackend> {
+    /// The architecture it was built from.
     pub config: ModelConfig,
+    /// `[vocab, hidden]`: one row per token.
     pub embed_tokens: FrozenWeight<B>,
+    /// The blocks, first to last.
     pub layers: Vec<Block<B>>,
+    /// The RMSNorm after the last block, before the head.
     pub norm: RmsNorm<B>,
     /// Shares the embedding's weight when the model ties them.
     pub lm_head: FrozenLinear<B>,
+    /// RoPE frequencies, shared by every block's attention.
     pub rope: Rope,
 }
 
-impl<B: FrozenLinearBackend> Decoder<B> {
+impl<B: ModelBackend> Decoder<B> {
     /// Final hidden states `[batch, seq, hidden]` for `ids` (`batch * seq` tokens, row-major).
     /// With a cache, the tokens continue the cached positions and the cache is extended.
     pub fn forward_hidden(
@@ -280,19 +323,19 @@ impl<B: FrozenLinearBackend> Decoder<B> {
     pub fn linears_mut(&mut self) -> Vec<(String, &mut FrozenLinear<B>)> {
         let mut out = Vec::new();
         for (i, block) in self.layers.iter_mut().enumerate() {
-            for (key, linear) in block.linears_mut() {
-                out.push((format!("model.layers.{i}.{key}"), linear));
+            for (which, linear) in block.linears_mut() {
+                out.push((format!("{}.{}", names::block(i), which.key()), linear));
             }
         }
         out
     }
 
     /// The adapters, with their module paths, in a fixed order.
-    pub fn adapters(&self) -> Vec<(String, &crate::lora::LoraAdapter<B>)> {
+    pub fn adapters(&self) -> Vec<(String, &LoraAdapter<B>)> {
         let mut out = Vec::new();
         for (i, block) in self.layers.iter().enumerate() {
-            for (key, adapter) in block.adapters() {
-                out.push((format!("model.layers.{i}.{key}"), adapter));
+            for (which, adapter) in block.adapters() {
+                out.push((format!("{}.{}", names::block(i), which.key()), adapter));
             }
         }
         out

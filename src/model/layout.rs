@@ -7,12 +7,14 @@
 
 use burn::tensor::{Tensor, TensorData, backend::Backend};
 
-use super::rope::Rope;
+use crate::ops::rope::Rope;
 
+/// The RoPE tables and attention mask for one forward pass, shared by every block.
 #[derive(Debug, Clone)]
 pub struct AttentionLayout<B: Backend> {
     /// `[1 or batch, 1, seq, head_dim]`
     pub cos: Tensor<B, 4>,
+    /// `[1 or batch, 1, seq, head_dim]`, as `cos`.
     pub sin: Tensor<B, 4>,
     /// Additive, `[1 or batch, 1, seq, past + seq]`: 0 where a query sees a key, -inf elsewhere.
     pub mask: Tensor<B, 4>,
@@ -77,7 +79,7 @@ impl<B: Backend> AttentionLayout<B> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::RopeScaling;
+    use crate::ops::rope::RopeScaling;
     use burn::backend::NdArray;
 
     type B = NdArray<f32>;

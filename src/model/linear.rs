@@ -4,27 +4,28 @@ use std::sync::Arc;
 
 use burn::tensor::{DType, Distribution, FloatDType, Int, Tensor, TensorData};
 
-use super::device_quant::DeviceQuantized;
-use super::elementwise_op::cast;
-use super::frozen_op::FrozenLinearBackend;
-use super::matmul_op::{matmul, matmul_add};
-use super::primitive::{inner, primitive};
-use crate::lora::LoraAdapter;
+use crate::model::LoraAdapter;
+use crate::ops::elementwise::cast;
+use crate::ops::frozen_linear::ModelBackend;
+use crate::ops::matmul::{matmul, matmul_add};
+use crate::ops::primitive::{inner, primitive};
+use crate::ops::quantized_linear::DeviceQuantized;
 
 use crate::quant::QuantizedMatrix;
 
 /// A `[out, in]` weight as the base model holds it.
 #[derive(Debug, Clone)]
-pub enum FrozenWeight<B: FrozenLinearBackend> {
+pub enum FrozenWeight<B: ModelBackend> {
+    /// Held dense: f32, or bf16 for a base held in bf16 (`BaseStorage::bf16`).
     Dense(Tensor<B, 2>),
     /// Rows are output features; stays packed on the host until a forward pass needs it.
     Quantized(Arc<QuantizedMatrix>),
     /// Packed on the device, dequantized there per use (backends with
-    /// [`FrozenLinearBackend::DEVICE_QUANTIZED`]).
+    /// [`ModelBackend::DEVICE_QUANTIZED`]).
     DeviceQuantized(DeviceQuantized<B>),
 }
 
-impl<B: FrozenLinearBackend> FrozenWeight<B> {
+impl<B: ModelBackend> FrozenWeight<B> {
     /// A quantized matrix where this backend multiplies it from: the device if it dequantizes
     /// there (and takes the bit width), else the host.
     pub fn quantized(q: QuantizedMatrix, bf16: bool, device: &B::Device) -> Self {
@@ -46,6 +47,7 @@ impl<B: FrozenLinearBackend> FrozenWeight<B> {
         }
     }
 
+    /// `[out, in]`.
     pub fn dims(&self) -> [usize; 2] {
         match self {
             FrozenWeight::Dense(t) => t.dims(),
@@ -58,7 +60,7 @@ impl<B: FrozenLinearBackend> FrozenWeight<B> {
     pub fn to_dense(&self, device: &B::Device) -> Tensor<B, 2> {
         match self {
             FrozenWeight::Dense(t) => to_f32(t.clone()),
-            FrozenWeight::Quantized(q) => super::frozen_op::dense(q, device),
+            FrozenWeight::Quantized(q) => crate::ops::frozen_linear::dense(q, device),
             FrozenWeight::DeviceQuantized(w) => w.dequantize(),
         }
     }
@@ -85,7 +87,7 @@ impl<B: FrozenLinearBackend> FrozenWeight<B> {
 
 /// A bf16 weight's values in f32: a base held in bf16 (`BaseStorage::bf16`) computes everything
 /// but its GEMMs in f32. Other dtypes (f32, and f64 in the gradient checks) pass through.
-fn to_f32<B: FrozenLinearBackend, const D: usize>(t: Tensor<B, D>) -> Tensor<B, D> {
+fn to_f32<B: ModelBackend, const D: usize>(t: Tensor<B, D>) -> Tensor<B, D> {
     match t.dtype() {
         DType::BF16 => t.cast(FloatDType::F32),
         _ => t,
@@ -94,14 +96,17 @@ fn to_f32<B: FrozenLinearBackend, const D: usize>(t: Tensor<B, D>) -> Tensor<B, 
 
 /// `y = x Wᵀ (+ b)` with a weight that never trains.
 #[derive(Debug, Clone)]
-pub struct FrozenLinear<B: FrozenLinearBackend> {
+pub struct FrozenLinear<B: ModelBackend> {
+    /// `[out, in]`, frozen.
     pub weight: FrozenWeight<B>,
+    /// `[out]`, added to the output (on q, k and v where the config has `attention_bias`).
     pub bias: Option<Tensor<B, 1>>,
     /// The trainable part, when LoRA / DoRA targets this linear.
     pub adapter: Option<LoraAdapter<B>>,
 }
 
-impl<B: FrozenLinearBackend> FrozenLinear<B> {
+impl<B: ModelBackend> FrozenLinear<B> {
+    /// Output features: rows of the weight.
     pub fn out_features(&self) -> usize {
         self.weight.dims()[0]
     }
@@ -111,7 +116,7 @@ impl<B: FrozenLinearBackend> FrozenLinear<B> {
         match &self.weight {
             FrozenWeight::Dense(w) => matmul(x, w.clone().transpose()),
             FrozenWeight::Quantized(q) => inner(B::quantized_linear(primitive(x), q)),
-            FrozenWeight::DeviceQuantized(w) => super::device_quant::linear(x, w),
+            FrozenWeight::DeviceQuantized(w) => crate::ops::quantized_linear::linear(x, w),
         }
     }
 
@@ -146,7 +151,7 @@ impl<B: FrozenLinearBackend> FrozenLinear<B> {
 
     /// `x`: `[n, in]` → `[n, out]` in f32. Projections of one input (q, k, v; gate, up) take the
     /// same `[n, in]` tensor, so the backward pass accumulates their input gradients in one
-    /// buffer (`matmul_op::add_product`).
+    /// buffer (`ops::matmul`).
     pub fn forward_rows(&self, x: Tensor<B, 2>) -> Tensor<B, 2> {
         let x = self.gemm_input(x);
         let update = self.adapter.as_ref().map(|adapter| {

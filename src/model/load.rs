@@ -7,24 +7,29 @@ use burn::tensor::{DType, Tensor, TensorCreationOptions, TensorData};
 
 use super::config::ModelConfig;
 use super::decoder::{Attention, Block, Decoder, Mlp, RmsNorm};
-use super::frozen_op::FrozenLinearBackend;
 use super::linear::{FrozenLinear, FrozenWeight};
-use super::rope::Rope;
+use super::names::{self, BlockLinear, BlockModule, BlockNorm};
 use super::weights::{HostWeight, MlxQuantization, WeightSource};
 use crate::io::gguf::GgufFile;
 use crate::io::safetensors::SafetensorsStore;
+use crate::ops::ModelBackend;
+use crate::ops::rope::Rope;
 use crate::progress::Progress;
+use crate::recipe::{DeviceKind, Dtype};
 
+/// The kinds of model file this crate opens.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ModelFormat {
     /// A Hugging Face folder of float safetensors.
     HfSafetensors,
     /// An mlx-community folder with affine-quantized weights.
     MlxQuantized,
+    /// A single `.gguf` file (its metadata gives the architecture).
     Gguf,
 }
 
 impl ModelFormat {
+    /// The format in words, as `inspect` prints it.
     pub fn describe(self) -> &'static str {
         match self {
             ModelFormat::HfSafetensors => "Hugging Face safetensors folder",
@@ -36,15 +41,21 @@ impl ModelFormat {
 
 /// A model on disk, opened but not yet loaded onto a device.
 pub struct ModelFiles {
+    /// The folder or `.gguf` file as given.
     pub path: PathBuf,
+    /// What kind of model the path holds.
     pub format: ModelFormat,
+    /// The architecture, from `config.json` or GGUF metadata.
     pub config: ModelConfig,
+    /// Where each tensor is read from on demand.
     pub weights: WeightSource,
     /// `config.json` of a folder (None for GGUF).
     pub config_json: Option<serde_json::Value>,
 }
 
 impl ModelFiles {
+    /// Opens a model folder (`config.json` and safetensors) or a `.gguf` file, reading its
+    /// configuration; no weights are loaded yet.
     pub fn open(path: &Path) -> Result<Self> {
         if !path.exists() {
             bail!(
@@ -94,21 +105,20 @@ impl ModelFiles {
     }
 
     /// Builds the decoder on `device`. Quantized weights stay packed.
-    pub fn build<B: FrozenLinearBackend>(&self, device: &B::Device) -> Result<Decoder<B>> {
+    pub fn build<B: ModelBackend>(&self, device: &B::Device) -> Result<Decoder<B>> {
         self.build_quantized(device, BaseStorage::default())
     }
 
     /// Builds the decoder, quantizing every float matrix (linears, embedding, head) whose row
     /// length divides by the group size to `(bits, group_size)` on the way, as
     /// `mlx_lm.convert -q` does; matrices that are already quantized stay as they are.
-    pub fn build_quantized<B: FrozenLinearBackend>(
+    pub fn build_quantized<B: ModelBackend>(
         &self,
         device: &B::Device,
         storage: BaseStorage,
     ) -> Result<Decoder<B>> {
         let c = &self.config;
         let (h, hd) = (c.hidden_size, c.head_dim);
-        let (q_out, kv_out) = (c.num_heads * hd, c.num_kv_heads * hd);
         let matrix = |name: &str, rows: usize, cols: usize| -> Result<FrozenWeight<B>> {
             let weight = match (self.weights.load(name, &[rows, cols], c)?, storage.quantize) {
                 (HostWeight::Dense { values, .. }, Some((bits, group)))
@@ -133,7 +143,7 @@ impl ModelFiles {
             }
         };
         let linear =
-            |name: &str, rows: usize, cols: usize, bias: bool| -> Result<FrozenLinear<B>> {
+            |name: &str, [rows, cols]: [usize; 2], bias: bool| -> Result<FrozenLinear<B>> {
                 Ok(FrozenLinear {
                     weight: matrix(&format!("{name}.weight"), rows, cols)?,
                     bias: if bias {
@@ -161,56 +171,37 @@ impl ModelFiles {
         let mut layers = Vec::with_capacity(c.num_layers);
         for i in 0..c.num_layers {
             progress.inc();
-            let p = format!("model.layers.{i}");
-            let qk_norm = |which: &str| -> Result<Option<RmsNorm<B>>> {
-                if c.qk_norm {
-                    Ok(Some(norm(&format!("{p}.self_attn.{which}.weight"), hd)?))
-                } else {
-                    Ok(None)
-                }
-            };
+            let p = names::block(i);
+            let linear =
+                |w: BlockLinear| linear(&format!("{p}.{}", w.key()), w.shape(c), w.has_bias(c));
+            let norm = |n: BlockNorm| norm(&format!("{p}.{}.weight", n.key()), n.len(c));
+            let qk_norm = |n: BlockNorm| c.qk_norm.then(|| norm(n)).transpose();
             layers.push(Block {
-                input_layernorm: norm(&format!("{p}.input_layernorm.weight"), h)?,
+                input_layernorm: norm(BlockNorm::Input)?,
                 self_attn: Attention {
-                    q_proj: linear(&format!("{p}.self_attn.q_proj"), q_out, h, c.attention_bias)?,
-                    k_proj: linear(
-                        &format!("{p}.self_attn.k_proj"),
-                        kv_out,
-                        h,
-                        c.attention_bias,
-                    )?,
-                    v_proj: linear(
-                        &format!("{p}.self_attn.v_proj"),
-                        kv_out,
-                        h,
-                        c.attention_bias,
-                    )?,
-                    o_proj: linear(&format!("{p}.self_attn.o_proj"), h, q_out, false)?,
-                    q_norm: qk_norm("q_norm")?,
-                    k_norm: qk_norm("k_norm")?,
+                    q_proj: linear(BlockLinear::Q)?,
+                    k_proj: linear(BlockLinear::K)?,
+                    v_proj: linear(BlockLinear::V)?,
+                    o_proj: linear(BlockLinear::O)?,
+                    q_norm: qk_norm(BlockNorm::Q)?,
+                    k_norm: qk_norm(BlockNorm::K)?,
                     num_heads: c.num_heads,
                     num_kv_heads: c.num_kv_heads,
                     head_dim: hd,
                 },
-                post_attention_layernorm: norm(&format!("{p}.post_attention_layernorm.weight"), h)?,
+                post_attention_layernorm: norm(BlockNorm::PostAttention)?,
                 mlp: Mlp {
-                    gate_proj: linear(
-                        &format!("{p}.mlp.gate_proj"),
-                        c.intermediate_size,
-                        h,
-                        false,
-                    )?,
-                    up_proj: linear(&format!("{p}.mlp.up_proj"), c.intermediate_size, h, false)?,
-                    down_proj: linear(
-                        &format!("{p}.mlp.down_proj"),
-                        h,
-                        c.intermediate_size,
-                        false,
-                    )?,
+                    gate_proj: linear(BlockLinear::Gate)?,
+                    up_proj: linear(BlockLinear::Up)?,
+                    down_proj: linear(BlockLinear::Down)?,
                 },
             });
         }
-        let embed_tokens = matrix("model.embed_tokens.weight", c.vocab_size, h)?;
+        let embed_tokens = matrix(
+            &format!("{}.weight", names::EMBED_TOKENS.0),
+            c.vocab_size,
+            h,
+        )?;
         let lm_head = if c.tie_word_embeddings {
             FrozenLinear {
                 weight: embed_tokens.clone(),
@@ -218,14 +209,14 @@ impl ModelFiles {
                 adapter: None,
             }
         } else {
-            linear("lm_head", c.vocab_size, h, false)?
+            linear(names::LM_HEAD.0, [c.vocab_size, h], false)?
         };
         progress.finish();
         Ok(Decoder {
             config: c.clone(),
             embed_tokens,
             layers,
-            norm: norm("model.norm.weight", h)?,
+            norm: norm(&format!("{}.weight", names::FINAL_NORM.0), h)?,
             lm_head,
             rope: Rope::new(hd, c.rope_theta, &c.rope_scaling),
         })
@@ -242,7 +233,27 @@ pub struct BaseStorage {
     pub bf16: bool,
 }
 
-fn to_device<B: FrozenLinearBackend>(
+impl BaseStorage {
+    /// How `[model]` asks the base to be held. `dtype = "bf16"` runs the frozen GEMMs in bf16 on
+    /// CUDA; elsewhere the base computes in f32, and a bf16 or f16 request is refused rather
+    /// than silently run in f32.
+    pub fn for_device(
+        dtype: Dtype,
+        quantize: Option<(u32, usize)>,
+        device: DeviceKind,
+    ) -> Result<BaseStorage> {
+        let bf16 = match (dtype, device) {
+            (Dtype::F32, _) => false,
+            (Dtype::Bf16, DeviceKind::Cuda) => true,
+            (dtype, _) => bail!(
+                "model.dtype = {dtype:?} on device = {device:?}: only CUDA computes the base in bf16; set model.dtype = \"f32\" (or remove it), or device = \"cuda\""
+            ),
+        };
+        Ok(BaseStorage { quantize, bf16 })
+    }
+}
+
+fn to_device<B: ModelBackend>(
     weight: HostWeight,
     bf16: bool,
     device: &B::Device,
@@ -263,20 +274,21 @@ fn to_device<B: FrozenLinearBackend>(
 }
 
 /// A model ready to run, with what it was loaded from.
-pub struct LoadedModel<B: FrozenLinearBackend> {
+pub struct LoadedModel<B: ModelBackend> {
+    /// The files the model was opened from.
     pub files: ModelFiles,
+    /// The decoder built from them on the device.
     pub decoder: Decoder<B>,
 }
 
-pub fn load_model<B: FrozenLinearBackend>(
-    path: &Path,
-    device: &B::Device,
-) -> Result<LoadedModel<B>> {
+/// Opens the model at `path` and builds it on `device` with the default [`BaseStorage`]: dense
+/// weights in f32, quantized ones kept packed.
+pub fn load_model<B: ModelBackend>(path: &Path, device: &B::Device) -> Result<LoadedModel<B>> {
     load_model_quantized(path, device, BaseStorage::default())
 }
 
 /// Loads a model held as `storage` says (quantized on the way for QLoRA, or in bf16).
-pub fn load_model_quantized<B: FrozenLinearBackend>(
+pub fn load_model_quantized<B: ModelBackend>(
     path: &Path,
     device: &B::Device,
     storage: BaseStorage,

@@ -4,26 +4,14 @@
 //! not, and only frees them in a backward pass; a validation pass would otherwise keep its
 //! activations alive.)
 
-use burn::tensor::backend::AutodiffBackend;
-
 use super::decoder::{Attention, Block, Decoder, Mlp, RmsNorm};
-use super::frozen_op::FrozenLinearBackend;
 use super::layout::AttentionLayout;
 use super::linear::{FrozenLinear, FrozenWeight};
-use crate::lora::LoraAdapter;
-
-/// Backends whose inner backend can run the model too.
-pub trait TrainBackend:
-    AutodiffBackend<InnerBackend: FrozenLinearBackend> + FrozenLinearBackend
-{
-}
-
-impl<B> TrainBackend for B where
-    B: AutodiffBackend<InnerBackend: FrozenLinearBackend> + FrozenLinearBackend
-{
-}
+use crate::model::LoraAdapter;
+use crate::ops::TrainBackend;
 
 impl<B: TrainBackend> Decoder<B> {
+    /// The decoder on the inner backend, sharing these tensors: it records no autodiff steps.
     pub fn valid(&self) -> Decoder<B::InnerBackend> {
         Decoder {
             config: self.config.clone(),
@@ -37,6 +25,7 @@ impl<B: TrainBackend> Decoder<B> {
 }
 
 impl<B: TrainBackend> Block<B> {
+    /// The block on the inner backend, sharing these tensors.
     pub fn valid(&self) -> Block<B::InnerBackend> {
         let (a, m) = (&self.self_attn, &self.mlp);
         Block {
@@ -63,6 +52,7 @@ impl<B: TrainBackend> Block<B> {
 }
 
 impl<B: TrainBackend> AttentionLayout<B> {
+    /// The tables and mask on the inner backend.
     pub fn valid(&self) -> AttentionLayout<B::InnerBackend> {
         AttentionLayout {
             cos: self.cos.clone().inner(),

@@ -7,6 +7,7 @@ use std::path::PathBuf;
 use serde_json::Value;
 
 use super::config::{Family, ModelConfig};
+use super::names::{Role, gguf_name, role_of};
 use crate::io::gguf::{GgmlType, GgufFile};
 use crate::io::safetensors::SafetensorsStore;
 use crate::quant::QuantizedMatrix;
@@ -15,11 +16,20 @@ use crate::quant::ggml;
 /// One weight on the host, before it goes to a device.
 #[derive(Debug, Clone)]
 pub enum HostWeight {
-    Dense { shape: Vec<usize>, values: Vec<f32> },
+    /// Float values converted to f32.
+    Dense {
+        /// The tensor's dimensions.
+        shape: Vec<usize>,
+        /// The elements, row-major.
+        values: Vec<f32>,
+    },
+    /// Packed in MLX's affine layout (an mlx-community or GGUF weight, or one quantized on
+    /// load).
     Quantized(QuantizedMatrix),
 }
 
 impl HostWeight {
+    /// The weight's dimensions (`[rows, cols]` when quantized).
     pub fn shape(&self) -> Vec<usize> {
         match self {
             HostWeight::Dense { shape, .. } => shape.clone(),
@@ -28,23 +38,39 @@ impl HostWeight {
     }
 }
 
+/// Why a weight can't be read from its source.
 #[derive(Debug, thiserror::Error)]
 pub enum WeightError {
+    /// The source holds no tensor of that name.
     #[error("{file}: tensor `{name}` is missing")]
-    Missing { file: PathBuf, name: String },
+    Missing {
+        /// The folder or `.gguf` file looked in.
+        file: PathBuf,
+        /// The tensor's Hugging Face name, or its GGUF name (with the Hugging Face one).
+        name: String,
+    },
+    /// The tensor's shape is not the one the configuration implies.
     #[error(
         "{file}: tensor `{name}` has shape {found:?} but the model config implies {expected:?}; the weights do not belong to this config.json"
     )]
     Shape {
+        /// The file holding the tensor (or its folder).
         file: PathBuf,
+        /// The tensor's Hugging Face name.
         name: String,
+        /// The shape the configuration implies.
         expected: Vec<usize>,
+        /// The shape the source holds.
         found: Vec<usize>,
     },
+    /// The tensor is present but can't be read as a weight.
     #[error("{file}: tensor `{name}`: {reason}")]
     Invalid {
+        /// The file holding the tensor (or its folder).
         file: PathBuf,
+        /// The tensor's name (GGUF's, in a GGUF file).
         name: String,
+        /// What is wrong with it.
         reason: String,
     },
 }
@@ -52,13 +78,17 @@ pub enum WeightError {
 /// Quantization settings of an mlx-community folder (`config.json` → `quantization`).
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct MlxQuantization {
+    /// Elements along a row that share one scale and bias, unless overridden.
     pub group_size: usize,
+    /// Bits per code, unless overridden.
     pub bits: u32,
     /// Per-module overrides: `Some((group, bits))`, or `None` for a module left in float.
     pub overrides: BTreeMap<String, Option<(usize, u32)>>,
 }
 
 impl MlxQuantization {
+    /// The settings under `quantization` (or `quantization_config`) in `config.json`; `None`
+    /// for a float model.
     pub fn from_config(json: &Value) -> Option<Self> {
         let q = json
             .get("quantization")
@@ -93,15 +123,21 @@ impl MlxQuantization {
 
 /// A model's weights addressed by Hugging Face name (`model.layers.0.self_attn.q_proj.weight`).
 pub enum WeightSource {
+    /// The safetensors shards of a Hugging Face or mlx-community folder.
     Safetensors {
+        /// The folder's tensors, memory-mapped.
         store: SafetensorsStore,
+        /// The folder's MLX quantization; `None` for float weights.
         quantization: Option<MlxQuantization>,
+        /// The folder, named in errors.
         file: PathBuf,
     },
+    /// A `.gguf` file, its tensors found under GGUF's names for the Hugging Face ones.
     Gguf(GgufFile),
     /// Seeded random weights for benchmarks of a model shape (nothing read from disk): matrices
     /// uniform with standard deviation 0.02 (Hugging Face's init), norms 1, biases 0.
     Random {
+        /// Seeds every matrix's generator (with the tensor's name), so a seed fixes the weights.
         seed: u64,
     },
 }
@@ -115,6 +151,7 @@ impl WeightSource {
         }
     }
 
+    /// Whether the source holds weight `name` (always, for random weights).
     pub fn has(&self, name: &str) -> bool {
         match self {
             WeightSource::Safetensors { store, .. } => store.contains(name),
@@ -286,7 +323,7 @@ fn load_safetensors(
     .map_err(|e| invalid(e.0))
 }
 
-/// `(group_size, bits)` of a quantized `.weight` in an mlx-community folder. DESIGN §4: a module
+/// `(group_size, bits)` of a quantized `.weight` in an mlx-community folder. docs/formats.md: a module
 /// is quantized iff it has an override or a `.scales` tensor exists.
 fn mlx_setting(
     store: &SafetensorsStore,
@@ -300,38 +337,6 @@ fn mlx_setting(
         None if store.contains(&format!("{module}.scales")) => Some((q.group_size, q.bits)),
         None => None,
     }
-}
-
-/// The GGUF name of a Hugging Face tensor name (llama.cpp's naming).
-pub fn gguf_name(hf: &str) -> Option<String> {
-    let direct = [
-        ("model.embed_tokens.weight", "token_embd.weight"),
-        ("model.norm.weight", "output_norm.weight"),
-        ("lm_head.weight", "output.weight"),
-    ];
-    if let Some((_, g)) = direct.iter().find(|(h, _)| *h == hf) {
-        return Some((*g).to_string());
-    }
-    let rest = hf.strip_prefix("model.layers.")?;
-    let (layer, leaf) = rest.split_once('.')?;
-    let mapped = match leaf {
-        "self_attn.q_proj.weight" => "attn_q.weight",
-        "self_attn.k_proj.weight" => "attn_k.weight",
-        "self_attn.v_proj.weight" => "attn_v.weight",
-        "self_attn.o_proj.weight" => "attn_output.weight",
-        "self_attn.q_proj.bias" => "attn_q.bias",
-        "self_attn.k_proj.bias" => "attn_k.bias",
-        "self_attn.v_proj.bias" => "attn_v.bias",
-        "self_attn.q_norm.weight" => "attn_q_norm.weight",
-        "self_attn.k_norm.weight" => "attn_k_norm.weight",
-        "mlp.gate_proj.weight" => "ffn_gate.weight",
-        "mlp.up_proj.weight" => "ffn_up.weight",
-        "mlp.down_proj.weight" => "ffn_down.weight",
-        "input_layernorm.weight" => "attn_norm.weight",
-        "post_attention_layernorm.weight" => "ffn_norm.weight",
-        _ => return None,
-    };
-    Some(format!("blk.{layer}.{mapped}"))
 }
 
 fn load_gguf(g: &GgufFile, hf: &str, config: &ModelConfig) -> Result<HostWeight, WeightError> {
@@ -361,12 +366,9 @@ fn load_gguf(g: &GgufFile, hf: &str, config: &ModelConfig) -> Result<HostWeight,
     };
     // llama.cpp's converter permutes the rows of q and k for its RoPE kernel (Llama family
     // only); undo it so the rest of the code sees Hugging Face's layout.
-    let heads = if hf.ends_with("q_proj.weight") {
-        Some(config.num_heads)
-    } else if hf.ends_with("k_proj.weight") {
-        Some(config.num_kv_heads)
-    } else {
-        None
+    let heads = match role_of(hf) {
+        Some((_, Role::Weight(w))) => w.permuted_heads(config),
+        _ => None,
     };
     match heads {
         Some(h) if matches!(config.family, Family::Llama | Family::Mistral) => {

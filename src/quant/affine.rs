@@ -1,11 +1,13 @@
-//! MLX affine quantization (DESIGN §4): groups of `group_size` consecutive elements along a row,
+//! MLX affine quantization: groups of `group_size` consecutive elements along a row,
 //! `w = scale * q + bias` with `q` in `[0, 2^bits)`, each row packed as one little-endian,
 //! LSB-first bit stream of u32 words.
 
 use rayon::prelude::*;
 
+/// Code widths (bits per element) that can be packed and dequantized.
 pub const SUPPORTED_BITS: [u32; 6] = [2, 3, 4, 5, 6, 8];
 
+/// Parts of a quantized matrix that don't fit together as MLX lays them out.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 #[error("{0}")]
 pub struct LayoutError(pub String);
@@ -13,14 +15,19 @@ pub struct LayoutError(pub String);
 /// A `[rows, cols]` matrix held packed; dequantized on demand, row by row.
 #[derive(Debug, Clone)]
 pub struct QuantizedMatrix {
+    /// Rows of the matrix (a linear's output size).
     pub rows: usize,
+    /// Columns of the matrix (a linear's input size); a multiple of `group_size`.
     pub cols: usize,
+    /// Bits per code, one of [`SUPPORTED_BITS`].
     pub bits: u32,
+    /// Consecutive elements along a row that share one scale and bias.
     pub group_size: usize,
     /// `rows * cols * bits / 32` words.
     pub packed: Vec<u32>,
     /// `rows * cols / group_size` each.
     pub scales: Vec<f32>,
+    /// Per-group offset added after scaling; `rows * cols / group_size` of them.
     pub biases: Vec<f32>,
 }
 
@@ -69,6 +76,7 @@ impl QuantizedMatrix {
         })
     }
 
+    /// u32 words holding one packed row (`cols * bits / 32`).
     pub fn words_per_row(&self) -> usize {
         self.cols * self.bits as usize / 32
     }
@@ -118,6 +126,7 @@ impl QuantizedMatrix {
         out
     }
 
+    /// The whole matrix dequantized, `[rows, cols]` row-major f32.
     pub fn dequantize(&self) -> Vec<f32> {
         self.dequantize_rows(0, self.rows)
     }
@@ -251,7 +260,7 @@ mod tests {
 
     #[test]
     fn four_bit_element_k_sits_in_bits_4k() {
-        // DESIGN §4: for 4 bits, element k of a word sits in bits 4k..4k+3.
+        // docs/formats.md: for 4 bits, element k of a word sits in bits 4k..4k+3.
         let word = 0x7654_3210u32;
         let m =
             QuantizedMatrix::new(1, 32, 4, 32, vec![word, 0, 0, 0], vec![1.0], vec![0.0]).unwrap();

@@ -9,7 +9,7 @@
 //! ```
 //!
 //! Rounding is half away from zero as `sign(x)·floor(|x| + 0.5)`. The `q0` step makes zero exactly
-//! representable; DESIGN §4's short description leaves it out.
+//! representable; the short description in docs/formats.md leaves it out.
 
 use rayon::prelude::*;
 

@@ -8,26 +8,55 @@ use toml::Table;
 use super::schema::{Layers, Recipe, Targets};
 use crate::quant::affine::SUPPORTED_BITS;
 
+/// Why a recipe could not be loaded; every message names the file, the line and column, or the
+/// key at fault.
 #[derive(Debug, thiserror::Error)]
 pub enum RecipeError {
+    /// A recipe file could not be read.
     #[error("cannot read recipe {path}: {source}")]
     Read {
+        /// The file that could not be read.
         path: PathBuf,
+        /// The I/O error.
         source: std::io::Error,
     },
+    /// A syntax error, unknown key or wrong type at a place in one file.
     #[error("{path}:{line}:{column}: {message}")]
     At {
+        /// The file holding the mistake.
         path: PathBuf,
+        /// Line of the mistake, counted from 1.
         line: usize,
+        /// Column of the mistake, counted from 1.
         column: usize,
+        /// What is wrong, with the closest valid key when a key was misspelt.
         message: String,
     },
+    /// A mistake in a file as a whole: a bad or cyclic `extends`, or an error (a missing key,
+    /// say) in the recipe merged from its `extends` chain and overrides.
     #[error("{path}: {message}")]
-    File { path: PathBuf, message: String },
+    File {
+        /// The file at fault; for the merged recipe, the file that was loaded.
+        path: PathBuf,
+        /// What is wrong.
+        message: String,
+    },
+    /// A `--set` assignment that is malformed or names an unknown key.
     #[error("--set {assignment}: {message}")]
-    Override { assignment: String, message: String },
+    Override {
+        /// The assignment as given, `section.key=value`.
+        assignment: String,
+        /// What is wrong with it.
+        message: String,
+    },
+    /// A recipe that parses but is refused: a value out of range, keys in conflict, or no data.
     #[error("recipe key `{key}`: {message}")]
-    Invalid { key: String, message: String },
+    Invalid {
+        /// The key at fault, as `section.key`.
+        key: String,
+        /// Why the value is refused.
+        message: String,
+    },
 }
 
 /// Loads `path`, following `extends`, then applies `overrides` (`section.key=value`).

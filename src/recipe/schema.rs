@@ -5,8 +5,8 @@ use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
-use crate::backend::DeviceKind;
-
+/// A whole run as one recipe file describes it: model, adapters, data, training, evaluation
+/// and export.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct Recipe {
@@ -16,24 +16,35 @@ pub struct Recipe {
     /// Run name; defaults to the recipe's file stem.
     #[serde(default)]
     pub name: String,
+    /// Where the run computes; default `cpu`.
     #[serde(default)]
     pub device: DeviceKind,
+    /// Seeds the adapters' initialisation, dropout and the batch order; default 0.
     #[serde(default)]
     pub seed: u64,
+    /// `[model]`: the base the adapters are trained on (required).
     pub model: ModelSection,
+    /// `[lora]`: the adapters and where they go.
     #[serde(default)]
     pub lora: LoraSection,
+    /// `[data]`: the dataset and how its records become training sequences (required).
     pub data: DataSection,
+    /// `[train]`: optimizer, learning-rate schedule, run length and cadence.
     #[serde(default)]
     pub train: TrainSection,
+    /// `[output]`: where the run writes its files.
     #[serde(default)]
     pub output: OutputSection,
+    /// `[eval]`: held-out prompts and how answers to them are sampled.
     #[serde(default)]
     pub eval: EvalSection,
+    /// `[export]`: fuse the adapters into the base and write the result when `train` ends;
+    /// no export when absent.
     #[serde(default)]
     pub export: Option<ExportSection>,
 }
 
+/// `[model]`: the frozen base model.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct ModelSection {
@@ -47,29 +58,39 @@ pub struct ModelSection {
     pub dtype: Dtype,
 }
 
+/// `[model] quantize`: MLX affine quantization applied to a float base on load (QLoRA).
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct QuantizeSection {
+    /// Bits per weight: 2, 3, 4, 5, 6 or 8; default 4.
     #[serde(default = "default_bits")]
     pub bits: u32,
+    /// Consecutive weights of a row sharing one scale and bias: 32, 64 or 128; default 64.
     #[serde(default = "default_group_size")]
     pub group_size: usize,
 }
 
+/// Compute dtype of the frozen base (`[model] dtype`).
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Default, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
 pub enum Dtype {
+    /// f32 (the default); the only choice off CUDA.
     #[default]
     F32,
+    /// bf16 weights and GEMMs with f32 activations, adapters and optimizer state; CUDA only.
     Bf16,
+    /// Accepted by the schema, but refused when the model loads: no backend computes in f16.
     F16,
 }
 
+/// The kind of adapter trained on each targeted linear (`[lora] type`).
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Default)]
 #[serde(rename_all = "lowercase")]
 pub enum AdapterKind {
+    /// LoRA: the low-rank update `s · (x A) B` is added to the frozen output (the default).
     #[default]
     Lora,
+    /// DoRA: LoRA whose updated weight rows are rescaled to a trained per-row magnitude.
     Dora,
 }
 
@@ -77,7 +98,9 @@ pub enum AdapterKind {
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(untagged)]
 pub enum Targets {
+    /// `"all-linear"`: every linear of a block (the only name accepted).
     Named(String),
+    /// Linear keys relative to a block, such as `self_attn.q_proj`.
     Keys(Vec<String>),
 }
 
@@ -85,15 +108,20 @@ pub enum Targets {
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(untagged)]
 pub enum Layers {
+    /// `-1` for every block, or `N > 0` for the last N blocks.
     Last(i64),
+    /// Explicit block indices, counted from 0.
     List(Vec<usize>),
 }
 
+/// `[lora]`: the adapters' kind, rank, scale and dropout, and which linears get one.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct LoraSection {
+    /// Key `type`: `lora` (default) or `dora`.
     #[serde(default, rename = "type")]
     pub kind: AdapterKind,
+    /// Rank of the low-rank factors A and B; at least 1, default 8.
     #[serde(default = "default_rank")]
     pub rank: usize,
     /// Multiplies the adapter output directly (mlx-lm's `scale`). Mutually exclusive with `alpha`.
@@ -102,12 +130,16 @@ pub struct LoraSection {
     /// PEFT-style: scale = alpha / rank (or alpha / sqrt(rank) with `rslora`).
     #[serde(default)]
     pub alpha: Option<f64>,
+    /// With `alpha`, scale = alpha / sqrt(rank) instead of alpha / rank; default false.
     #[serde(default)]
     pub rslora: bool,
+    /// Dropout probability on the adapter's input while training, in [0, 1); default 0.
     #[serde(default)]
     pub dropout: f64,
+    /// Which linears of a block get an adapter; default `self_attn.q_proj` and `self_attn.v_proj`.
     #[serde(default = "default_targets")]
     pub targets: Targets,
+    /// Which blocks get adapters; default the last 16.
     #[serde(default = "default_layers")]
     pub layers: Layers,
 }
@@ -139,6 +171,7 @@ impl LoraSection {
     }
 }
 
+/// What happens to an example longer than `[data] max_seq_len`.
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Default)]
 #[serde(rename_all = "lowercase")]
 pub enum Overflow {
@@ -149,40 +182,54 @@ pub enum Overflow {
     Drop,
 }
 
+/// `[data] fields`: the record field names to read, for datasets that use other names.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Default)]
 #[serde(deny_unknown_fields)]
 pub struct FieldNames {
+    /// Field of a plain-text record; default `text`.
     #[serde(default)]
     pub text: Option<String>,
+    /// Field of a record's prompt; default `prompt`.
     #[serde(default)]
     pub prompt: Option<String>,
+    /// Field of the completion that follows the prompt; default `completion`.
     #[serde(default)]
     pub completion: Option<String>,
+    /// Field of a chat record's list of messages; default `messages`.
     #[serde(default)]
     pub messages: Option<String>,
+    /// Field of a chat record's tool definitions; default `tools`.
     #[serde(default)]
     pub tools: Option<String>,
 }
 
+/// `[data]`: where the splits are and how records become training sequences.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct DataSection {
     /// A folder holding `train` / `valid` / `test` files (.jsonl, .parquet or .csv).
     #[serde(default)]
     pub path: Option<PathBuf>,
+    /// Train split file; replaces the `train` file of `path`.
     #[serde(default)]
     pub train: Option<PathBuf>,
+    /// Validation split file; replaces the `valid` file of `path`.
     #[serde(default)]
     pub valid: Option<PathBuf>,
+    /// Test split file; replaces the `test` file of `path`.
     #[serde(default)]
     pub test: Option<PathBuf>,
+    /// Record field names; the standard ones (`text`, `prompt`, `messages`, ...) when unset.
     #[serde(default)]
     pub fields: FieldNames,
     /// Train on assistant tokens only (every assistant turn).
     #[serde(default)]
     pub mask_prompt: bool,
+    /// Longest sequence in tokens (and the length of a packed row); longer examples follow
+    /// `overflow`. Default 2048.
     #[serde(default = "default_max_seq_len")]
     pub max_seq_len: usize,
+    /// What happens to examples longer than `max_seq_len`; default `truncate`.
     #[serde(default)]
     pub overflow: Overflow,
     /// Pack short examples into one sequence (attention does not cross examples).
@@ -190,50 +237,72 @@ pub struct DataSection {
     pub packing: bool,
 }
 
+/// The optimizer that updates the adapters (`[train] optimizer`).
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Default)]
 #[serde(rename_all = "lowercase")]
 pub enum OptimizerKind {
+    /// AdamW, with weight decay decoupled from the gradient (the default).
     #[default]
     Adamw,
+    /// Adam, with weight decay added to the gradient.
     Adam,
+    /// Plain SGD without momentum; weight decay is added to the gradient.
     Sgd,
 }
 
+/// How the learning rate moves after warmup (`[train] schedule`).
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Default)]
 #[serde(rename_all = "lowercase")]
 pub enum ScheduleKind {
+    /// Stays at `learning_rate` (the default).
     #[default]
     Constant,
+    /// Falls linearly from `learning_rate` to `min_learning_rate` over the remaining steps.
     Linear,
+    /// Follows a half cosine from `learning_rate` to `min_learning_rate` over the remaining steps.
     Cosine,
 }
 
+/// `[train]`: optimizer, learning-rate schedule, run length and the reporting, evaluation and
+/// saving cadence.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct TrainSection {
     /// Optimizer steps; `epochs` instead counts passes over the training split.
     #[serde(default)]
     pub iters: Option<usize>,
+    /// Passes over the training split (fractions allowed), instead of `iters`; one pass when
+    /// neither is set.
     #[serde(default)]
     pub epochs: Option<f64>,
+    /// Sequences (packed rows with `packing`) per micro-batch; default 4.
     #[serde(default = "default_batch_size")]
     pub batch_size: usize,
+    /// Micro-batches whose gradients make one optimizer step; default 1.
     #[serde(default = "one")]
     pub grad_accumulation: usize,
+    /// Peak learning rate, reached after warmup; must be positive, default 1e-5.
     #[serde(default = "default_learning_rate")]
     pub learning_rate: f64,
+    /// `adamw` (default), `adam` or `sgd`.
     #[serde(default)]
     pub optimizer: OptimizerKind,
+    /// Adam's moment decay rates β1 and β2; default [0.9, 0.999].
     #[serde(default = "default_betas")]
     pub betas: [f64; 2],
+    /// Adam's ε, added to the denominator; default 1e-8.
     #[serde(default = "default_eps")]
     pub eps: f64,
+    /// Weight decay coefficient; default 0 (decoupled for AdamW, added to the gradient otherwise).
     #[serde(default)]
     pub weight_decay: f64,
+    /// Learning-rate shape after warmup: `constant` (default), `linear` or `cosine`.
     #[serde(default)]
     pub schedule: ScheduleKind,
+    /// Steps of linear warmup from `warmup_init` to `learning_rate`; default 0.
     #[serde(default)]
     pub warmup_steps: usize,
+    /// Learning rate at the first warmup step; default 0.
     #[serde(default)]
     pub warmup_init: f64,
     /// The schedule's floor.
@@ -242,15 +311,20 @@ pub struct TrainSection {
     /// Clip by the global gradient norm; none when absent.
     #[serde(default)]
     pub max_grad_norm: Option<f64>,
+    /// Recompute each block's activations in the backward pass, keeping only its input;
+    /// default false.
     #[serde(default)]
     pub grad_checkpoint: bool,
+    /// Optimizer steps between training reports (loss, learning rate, throughput); default 10.
     #[serde(default = "default_report_every")]
     pub steps_per_report: usize,
+    /// Optimizer steps between validation-loss evaluations; default 200.
     #[serde(default = "default_eval_every")]
     pub steps_per_eval: usize,
     /// Validation batches per evaluation; -1 = the whole split.
     #[serde(default = "default_val_batches")]
     pub val_batches: i64,
+    /// Optimizer steps between saves of the adapters and the resume checkpoint; default 100.
     #[serde(default = "default_save_every")]
     pub save_every: usize,
 }
@@ -261,12 +335,14 @@ impl Default for TrainSection {
     }
 }
 
+/// `[output]`: where the run writes its files.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct OutputSection {
     /// Run folder (adapters, checkpoints, logs); defaults to `runs/<name>`.
     #[serde(default)]
     pub dir: Option<PathBuf>,
+    /// Write TensorBoard event files to `<run dir>/tensorboard/`; default true.
     #[serde(default = "yes")]
     pub tensorboard: bool,
 }
@@ -280,18 +356,23 @@ impl Default for OutputSection {
     }
 }
 
+/// `[eval]`: held-out prompts and how answers to them are sampled.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct EvalSection {
     /// JSONL of held-out prompts (`prompt` or `messages`, optional `expected`).
     #[serde(default)]
     pub prompts: Option<PathBuf>,
+    /// Most tokens generated per answer; default 128.
     #[serde(default = "default_eval_tokens")]
     pub max_tokens: usize,
+    /// Sampling temperature; 0 (the default) is greedy.
     #[serde(default)]
     pub temperature: f32,
+    /// Nucleus-sampling probability mass; 1 (the default) turns it off.
     #[serde(default = "one_f32")]
     pub top_p: f32,
+    /// Seed of the sampler; default 0.
     #[serde(default)]
     pub seed: u64,
 }
@@ -302,11 +383,15 @@ impl Default for EvalSection {
     }
 }
 
+/// The layout a fused export is written in.
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
 pub enum ExportFormat {
+    /// An mlx-community folder; a quantized base stays quantized.
     Mlx,
+    /// A Hugging Face folder in one float type, with the adapters as a PEFT folder.
     Hf,
+    /// One `.gguf` file as llama.cpp's converter writes it.
     Gguf,
 }
 
@@ -314,8 +399,11 @@ pub enum ExportFormat {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
 pub enum FloatDtype {
+    /// 32-bit IEEE float.
     F32,
+    /// 16-bit IEEE half float.
     F16,
+    /// bfloat16: 16 bits with f32's exponent range.
     Bf16,
 }
 
@@ -323,20 +411,28 @@ pub enum FloatDtype {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "snake_case")]
 pub enum GgufType {
+    /// 32-bit IEEE float.
     F32,
+    /// 16-bit IEEE half float.
     F16,
+    /// bfloat16.
     Bf16,
+    /// ggml Q8_0: blocks of 32 signed 8-bit codes with an f16 scale (the `[export]` default).
     #[value(name = "q8_0")]
     Q8_0,
+    /// ggml Q4_0: blocks of 32 4-bit codes with an f16 scale.
     #[value(name = "q4_0")]
     Q4_0,
+    /// ggml Q4_1: blocks of 32 4-bit codes with an f16 scale and an f16 minimum.
     #[value(name = "q4_1")]
     Q4_1,
 }
 
+/// `[export]`: fuse the adapters into the base when `train` ends and write the result.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct ExportSection {
+    /// `mlx`, `hf` or `gguf`; required.
     pub format: ExportFormat,
     /// Output folder; defaults to `<run dir>/fused-<format>`.
     #[serde(default)]
@@ -414,4 +510,29 @@ fn default_gguf_type() -> GgufType {
 }
 fn default_requant_bits() -> u32 {
     8
+}
+
+/// Where a run computes: `device = "cpu" | "cuda" | "metal"` in a recipe, `--device` on the
+/// command line.
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    PartialEq,
+    Eq,
+    serde::Serialize,
+    serde::Deserialize,
+    clap::ValueEnum,
+    Default,
+)]
+#[serde(rename_all = "lowercase")]
+pub enum DeviceKind {
+    /// Burn's NdArray backend on the CPU (the default).
+    #[default]
+    Cpu,
+    /// An NVIDIA GPU through Burn's CUDA backend; needs the `cuda` feature.
+    Cuda,
+    /// Apple Silicon through wgpu/Metal; needs the `metal` feature. Has never run on Apple
+    /// hardware.
+    Metal,
 }

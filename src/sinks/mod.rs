@@ -1,7 +1,10 @@
-//! Consumers of training events, besides the plain log lines: `metrics.jsonl` (every event, for
-//! scripts) and TensorBoard event files. Each gets every event in order and never feeds anything
-//! back to the trainer.
+//! Consumers of training events: plain log lines (`plain`), `metrics.jsonl` (every event, for
+//! scripts), TensorBoard event files, the live dashboard and the loss plot. Each gets every event
+//! in order and never feeds anything back to the trainer.
 
+pub mod dashboard;
+pub mod plain;
+pub mod plot;
 pub mod tensorboard;
 
 use std::fs::{File, OpenOptions};
@@ -27,6 +30,7 @@ pub struct MetricsFile {
 }
 
 impl MetricsFile {
+    /// Opens `run_dir/metrics.jsonl` for appending, creating the folder and the file if needed.
     pub fn open(run_dir: &Path) -> Result<Self> {
         std::fs::create_dir_all(run_dir)
             .with_context(|| format!("creating {}", run_dir.display()))?;
@@ -39,6 +43,7 @@ impl MetricsFile {
         Ok(MetricsFile { path, file })
     }
 
+    /// Appends the event as one JSON line, with a `time` field (Unix seconds).
     pub fn write(&mut self, event: &Event) -> Result<()> {
         let mut value = serde_json::to_value(event)?;
         value["time"] = now().into();
@@ -61,6 +66,7 @@ impl TensorBoard {
         Ok(TensorBoard { writer })
     }
 
+    /// Records an event's scalars or text; `Started` and `Saved` events write nothing.
     pub fn write(&mut self, event: &Event) -> Result<()> {
         let t = now();
         let w = &mut self.writer;

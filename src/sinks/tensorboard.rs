@@ -24,6 +24,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
 
+/// One TensorBoard event file, written a flushed record at a time.
 pub struct EventFileWriter {
     path: PathBuf,
     out: BufWriter<File>,
@@ -49,10 +50,12 @@ impl EventFileWriter {
         Ok(writer)
     }
 
+    /// The event file being written.
     pub fn path(&self) -> &Path {
         &self.path
     }
 
+    /// Appends a scalar summary `tag` = `value` at `step`.
     pub fn scalar(&mut self, tag: &str, step: i64, value: f32, wall_time: f64) -> Result<()> {
         let mut v = Message::default();
         v.bytes(1, tag.as_bytes());
@@ -60,6 +63,7 @@ impl EventFileWriter {
         self.summary(step, wall_time, &v)
     }
 
+    /// Appends a text summary (Markdown, shown by TensorBoard's text plugin) at `step`.
     pub fn text(&mut self, tag: &str, step: i64, text: &str, wall_time: f64) -> Result<()> {
         let mut tensor = Message::default();
         tensor.varint(1, 7); // DT_STRING

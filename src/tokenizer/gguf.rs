@@ -36,6 +36,8 @@ fn pre_tokenizer(pre: &str) -> Option<(Vec<&'static str>, bool, bool)> {
     })
 }
 
+/// Builds a byte-level BPE tokenizer from a GGUF file's `tokenizer.ggml.*` metadata, with its
+/// special tokens, stop ids and chat template.
 pub fn from_gguf(gguf: &GgufFile) -> Result<Tokenizer> {
     let path = gguf.path.display();
     let model = gguf.get_str("tokenizer.ggml.model").unwrap_or("");

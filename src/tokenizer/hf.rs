@@ -7,6 +7,8 @@ use serde_json::Value;
 
 use super::{Tokenizer, TokenizerKind};
 
+/// Loads a model folder's tokenizer (`tokenizer.json`, or `vocab.json` + `merges.txt`) with its
+/// special tokens, stop ids and chat template from the config files beside it.
 pub fn from_folder(dir: &Path) -> Result<Tokenizer> {
     let path = dir.join("tokenizer.json");
     let inner =

@@ -12,8 +12,11 @@ pub use hf::from_folder;
 /// Which algorithm the vocabulary uses, for `inspect`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum TokenizerKind {
+    /// BPE over bytes mapped to printable characters, GPT-2 style (Llama 3, Qwen, SmolLM).
     ByteLevelBpe,
+    /// BPE without a byte-level step, as SentencePiece writes it (Llama 2, Mistral).
     SentencePieceBpe,
+    /// Any other model: the `model.type` the `tokenizers` crate reports (`Unigram`, `WordPiece`).
     Other(String),
 }
 
@@ -29,16 +32,22 @@ impl std::fmt::Display for TokenizerKind {
 
 /// A tokenizer with the model's special tokens and chat template.
 pub struct Tokenizer {
+    /// The `tokenizers` tokenizer doing the work.
     pub inner: tokenizers::Tokenizer,
+    /// Which algorithm the vocabulary uses.
     pub kind: TokenizerKind,
+    /// The beginning-of-sequence token's text, if the model names one.
     pub bos: Option<String>,
+    /// The end-of-sequence token's text, if the model names one.
     pub eos: Option<String>,
     /// Every id that ends generation (EOS plus e.g. `<|eot_id|>` from generation_config.json).
     pub stop_ids: Vec<u32>,
+    /// The chat template (Jinja source), if the model ships one.
     pub chat_template: Option<String>,
 }
 
 impl Tokenizer {
+    /// Number of ids, added tokens included.
     pub fn vocab_size(&self) -> usize {
         self.inner.get_vocab_size(true)
     }
@@ -52,12 +61,14 @@ impl Tokenizer {
         Ok(enc.get_ids().to_vec())
     }
 
+    /// Decodes ids to text, special tokens kept.
     pub fn decode(&self, ids: &[u32]) -> Result<String> {
         self.inner
             .decode(ids, false)
             .map_err(|e| anyhow!("decoding failed: {e}"))
     }
 
+    /// The id of a token given as its text, added tokens included.
     pub fn token_id(&self, token: &str) -> Option<u32> {
         self.inner.token_to_id(token)
     }

@@ -12,14 +12,14 @@
 //! logits (1,046 tokens at a 128k vocabulary), cut across batch rows where a row is longer: the
 //! logits and their gradient are 1 GB, where whole 2048-token rows made them 2 GB, beside the
 //! checkpointed block inputs. The adapter gradients are unaffected: the caller back-propagates
-//! `Σ h ⊙ ∂loss/∂h` through the blocks (the same chaining as `checkpointed.rs`). The frozen head
+//! `Σ h ⊙ ∂loss/∂h` through the blocks (the same chaining as `recompute.rs`). The frozen head
 //! gets no gradient, as always.
 
 use burn::tensor::{ElementConversion, Tensor};
 
 use super::loss::masked_cross_entropy;
 use crate::model::Decoder;
-use crate::model::valid::TrainBackend;
+use crate::ops::TrainBackend;
 
 /// Logits per slice: 2²⁷ f32 values are 512 MiB. Smaller slices save little more, and a
 /// quantized head is dequantized once per slice.

@@ -8,7 +8,7 @@
 
 use burn::tensor::{FloatDType, Int, Tensor, TensorData};
 
-use crate::model::elementwise_op::ElementwiseBackend;
+use crate::ops::elementwise::ElementwiseBackend;
 
 /// Returns the mean loss (a 1-element tensor) and the number of positions it averaged. The
 /// logits' gradient comes back in `grad_dtype` when given (the head GEMM's input dtype).

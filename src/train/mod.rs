@@ -1,12 +1,12 @@
 //! Training: the loss, the optimizer and schedule, and the loop that ties them to data,
 //! checkpoints and events.
 
-pub mod checkpoint;
-pub mod checkpointed;
+mod generations;
 mod head;
-mod held_out;
 pub mod loss;
 pub mod optimizer;
+pub mod recompute;
 pub mod run;
+pub mod run_state;
 pub mod schedule;
-pub mod step;
+pub mod trainer;

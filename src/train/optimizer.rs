@@ -13,15 +13,21 @@ use burn::tensor::{ElementConversion, Tensor, backend::Backend};
 
 use crate::recipe::{OptimizerKind, TrainSection};
 
+/// Which optimizer, with its hyperparameters (the recipe's `[train]` values).
 #[derive(Debug, Clone, PartialEq)]
 pub struct OptimizerConfig {
+    /// SGD, Adam or AdamW.
     pub kind: OptimizerKind,
+    /// Adam's β1 and β2, the decay rates of the first and second moments.
     pub betas: [f64; 2],
+    /// Added to the denominator `√v̂` of the Adam update.
     pub eps: f64,
+    /// Weight decay: decoupled in AdamW, added to the gradient in Adam and SGD.
     pub weight_decay: f64,
 }
 
 impl OptimizerConfig {
+    /// The optimizer settings of a recipe's `[train]`.
     pub fn from_recipe(train: &TrainSection) -> Self {
         OptimizerConfig {
             kind: train.optimizer,
@@ -35,14 +41,18 @@ impl OptimizerConfig {
 /// Moments for every parameter, in the adapters' fixed order.
 #[derive(Debug, Clone)]
 pub struct Optimizer<B: Backend> {
+    /// The update rule and its hyperparameters.
     pub config: OptimizerConfig,
     /// Steps taken so far (`t` of the bias correction is `step + 1` for the next one).
     pub step: usize,
+    /// First moment (`m`) of each parameter, flattened; unused by SGD.
     pub first: Vec<Tensor<B, 1>>,
+    /// Second moment (`v`) of each parameter, flattened; unused by SGD.
     pub second: Vec<Tensor<B, 1>>,
 }
 
 impl<B: Backend> Optimizer<B> {
+    /// An optimizer at step 0, its moments zeros shaped like `params`.
     pub fn new(config: OptimizerConfig, params: &[Tensor<B, 1>]) -> Self {
         let zeros = || params.iter().map(Tensor::zeros_like).collect::<Vec<_>>();
         Optimizer {

@@ -2,35 +2,41 @@
 //!
 //! ```text
 //! for step in start..total:
-//!     grads = Σ_k ∇(loss(batch_k) / accumulation)      k over `grad_accumulation` micro-batches
-//!     norm  = ‖grads‖ ; clip to max_grad_norm
-//!     optimizer.update(params, grads, schedule.lr(step))
-//!     report / validate / checkpoint / stop on Ctrl-C
+//!     trainer.step(next K micro-batches, schedule.lr(step))     (trainer.rs)
+//!     hooks: report, generations on request, validate, save, stop on Ctrl-C
 //! ```
+//!
+//! Set-up (loading, injection, data, resume) is [`Run::prepare`]; each hook is a method of
+//! [`Run`] that emits its event.
 
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::Instant;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use burn::tensor::ElementConversion;
 
-use super::checkpoint::{self, TrainState};
-use super::held_out::HeldOutGenerations;
-use super::optimizer::{Optimizer, OptimizerConfig, clip_global_norm, global_norm};
+use super::generations::HeldOutGenerations;
+use super::optimizer::OptimizerConfig;
+use super::run_state::{self, TrainState};
 use super::schedule::Schedule;
-use super::step::{Batch, batch_loss, loss_and_gradients, parameters, set_parameters};
-use crate::data::{BatchPlan, Encoder, encode_split, plan_batches};
-use crate::events::{Event, TrainReport};
+use super::trainer::{NonFiniteLoss, StepSettings, Trainer, batch_loss};
+use crate::data::{Batch, BatchPlan, Encoder, encode_split, plan_batches};
+use crate::events::{Controls, Event, TrainReport};
 use crate::lora::{AdapterSpec, files, inject};
-use crate::model::load::load_model_quantized;
-use crate::model::valid::TrainBackend;
-use crate::model::{Decoder, FrozenLinearBackend};
+use crate::model::Decoder;
+use crate::model::load::{BaseStorage, load_model_quantized};
+use crate::ops::{ModelBackend, TrainBackend};
 use crate::recipe::Recipe;
+use crate::tokenizer::Tokenizer;
 
+/// How a training run ended.
 pub struct TrainOutcome {
+    /// Where it wrote its adapters, checkpoint and logs.
     pub run_dir: PathBuf,
+    /// Optimizer steps taken, counting those before a resume.
     pub step: usize,
+    /// Stopped on request (Ctrl-C, the dashboard's `q`) before the last step.
     pub interrupted: bool,
 }
 
@@ -43,19 +49,6 @@ pub fn run_dir(recipe: &Recipe) -> PathBuf {
         .unwrap_or_else(|| PathBuf::from("runs").join(&recipe.name))
 }
 
-/// Requests from outside the trainer (Ctrl-C, the dashboard's keys), honoured between steps.
-#[derive(Debug, Default)]
-pub struct Controls {
-    /// Save a checkpoint after the current step and return.
-    pub stop: AtomicBool,
-    /// Save a checkpoint after the current step and go on.
-    pub save_now: AtomicBool,
-    /// Run validation and the held-out generations after the current step.
-    pub evaluate_now: AtomicBool,
-    /// Wait before the next step until cleared (time paused is not counted in throughput).
-    pub paused: AtomicBool,
-}
-
 /// Trains the adapters a recipe describes. `resume` continues from a checkpoint folder's run.
 pub fn train<B: TrainBackend>(
     recipe: &Recipe,
@@ -64,193 +57,252 @@ pub fn train<B: TrainBackend>(
     emit: &mut dyn FnMut(Event),
     device: &B::Device,
 ) -> Result<TrainOutcome> {
-    let storage = crate::backend::base_storage(
-        recipe.model.dtype,
-        recipe.model.quantize.map(|q| (q.bits, q.group_size)),
-        recipe.device,
-    )?;
-    let resolved = toml::to_string(recipe)?;
-    let run_dir = run_dir(recipe);
-    let loaded = load_model_quantized::<B>(&recipe.model.path, device, storage)?;
-    let tokenizer = crate::tokenizer::for_model(&loaded.files)?;
-    let mut model = loaded.decoder;
-    // The weights live in the model now; unmapping the file keeps its pages out of the peak.
-    drop(loaded.files);
-    let spec = AdapterSpec::from_recipe(&recipe.lora, model.config.num_layers)?;
-    B::seed(device, recipe.seed);
-    inject(&mut model, &spec, device);
-
-    let encoder = Encoder::new(&tokenizer, recipe.data.mask_prompt);
-    let plan = |split: &str, batch_size: usize| -> Result<Option<BatchPlan>> {
-        let Some((path, examples)) = encode_split(&recipe.data, &encoder, split)? else {
-            return Ok(None);
-        };
-        let plan = plan_batches(&recipe.data, examples, batch_size, &tokenizer, split)
-            .with_context(|| path.display().to_string())?;
-        Ok(Some(plan))
-    };
-    let train_plan =
-        plan("train", recipe.train.batch_size)?.context("the recipe's data has no train split")?;
-    let valid_plan = plan("valid", recipe.train.batch_size)?;
-    if train_plan.truncated > 0 {
-        emit(Event::Warning {
-            message: format!(
-                "{} training examples were longer than data.max_seq_len = {} and were truncated",
-                train_plan.truncated, recipe.data.max_seq_len
-            ),
-        });
-    }
-
-    let accumulation = recipe.train.grad_accumulation;
-    let total_steps = match (recipe.train.iters, recipe.train.epochs) {
-        (Some(iters), _) => iters,
-        (None, Some(epochs)) => {
-            ((epochs * train_plan.len() as f64) / accumulation as f64).ceil() as usize
-        }
-        (None, None) => train_plan.len().div_ceil(accumulation),
-    };
-    let schedule = Schedule::from_recipe(&recipe.train, total_steps);
-    let mut params = parameters(&model);
-    let mut optimizer = Optimizer::new(OptimizerConfig::from_recipe(&recipe.train), &params);
-    let mut state = TrainState {
-        step: 0,
-        consumed: 0,
-        trained_tokens: 0,
-        recipe: resolved.clone(),
-    };
-    if let Some(dir) = resume {
-        let ckpt = if dir.join("state.json").exists() {
-            dir.to_path_buf()
-        } else {
-            checkpoint::checkpoint_dir(dir)
-        };
-        state = checkpoint::load_state(&ckpt)?;
-        if let Some(diff) = checkpoint::recipe_difference(&state.recipe, &resolved) {
-            bail!(
-                "cannot resume from {}: it was trained with a different recipe ({diff})",
-                ckpt.display()
-            );
-        }
-        files::load_into(&mut model, &ckpt.join("adapters.safetensors"), device)?;
-        params = parameters(&model);
-        checkpoint::load_optimizer(&ckpt, &mut optimizer, device)?;
-        state.recipe = resolved.clone();
-    }
-    set_parameters(&mut model, &params);
-    emit(Event::Started {
-        name: recipe.name.clone(),
-        total_steps,
-        start_step: state.step,
-        trainable_parameters: params.iter().map(|p| p.dims()[0]).sum(),
-        train_examples: train_plan.examples().len(),
-    });
-
-    let base_model = recipe.model.path.display().to_string();
-    let save = |model: &Decoder<B>,
-                optimizer: &Optimizer<B::InnerBackend>,
-                state: &TrainState|
-     -> Result<PathBuf> {
-        files::save_mlx(
-            &run_dir.join("adapters"),
-            model,
-            &spec,
-            &base_model,
-            Some(state.step),
-        )?;
-        files::save_peft(&run_dir.join("peft"), model, &spec, &base_model)?;
-        checkpoint::save(&run_dir, model, optimizer, state)
-    };
-    std::fs::create_dir_all(&run_dir).with_context(|| format!("creating {}", run_dir.display()))?;
-    crate::io::atomic::write(&run_dir.join("recipe.toml"), resolved.as_bytes())?;
-
-    if let (Some(valid), 0) = (&valid_plan, state.step) {
-        // The starting point, so the curve shows how far training moved it.
-        let started = Instant::now();
-        let loss = evaluate_loss(&model.valid(), valid, recipe.train.val_batches, device);
-        emit(Event::Validation {
-            step: 0,
-            loss,
-            seconds: started.elapsed().as_secs_f64(),
-        });
-    }
-    let mut held_out = recipe
-        .eval
-        .prompts
-        .as_deref()
-        .map(HeldOutGenerations::read)
-        .transpose()?;
+    let mut run = Run::<B>::prepare(recipe, resume, emit, device)?;
+    run.validate_at_start(emit);
     let mut window = Window::start();
-    let mut last_saved: Option<usize> = resume.map(|_| state.step);
-    while state.step < total_steps {
-        let paused = Instant::now();
-        while controls.paused.load(Ordering::SeqCst) && !controls.stop.load(Ordering::SeqCst) {
-            std::thread::sleep(std::time::Duration::from_millis(50));
-        }
-        window.exclude(paused.elapsed());
-        B::seed(device, recipe.seed.wrapping_add(state.step as u64 + 1));
-        let mut accumulated: Option<Vec<_>> = None;
-        let mut loss_sum = 0.0;
-        for _ in 0..accumulation {
-            let batch = next_batch(&train_plan, recipe.seed, state.consumed);
-            state.consumed += 1;
-            let (loss, grads) = loss_and_gradients(
-                &model,
-                &batch,
-                1.0 / accumulation as f64,
-                recipe.train.grad_checkpoint,
-                device,
-            );
-            loss_sum += loss;
-            window.tokens += batch.inputs.len() - batch.mask.iter().filter(|&&m| m == 0.0).count();
-            state.trained_tokens += batch.trained_tokens();
-            accumulated = Some(match accumulated {
-                None => grads,
-                Some(acc) => acc.into_iter().zip(grads).map(|(a, g)| a + g).collect(),
-            });
-        }
-        let loss = loss_sum / accumulation as f64;
-        if !loss.is_finite() {
-            let kept = last_saved.map_or("no checkpoint was written yet".to_string(), |s| {
-                format!(
-                    "the last good checkpoint (step {s}) is in {}",
-                    checkpoint::checkpoint_dir(&run_dir).display()
-                )
-            });
-            bail!(
-                "the training loss became {loss} at step {}; stopped without saving this step, and {kept}. Lower train.learning_rate or check the data, then resume with --resume",
-                state.step + 1
-            );
-        }
-        let mut grads = accumulated.expect("at least one micro-batch");
-        let norm = global_norm(&grads);
-        if let Some(max) = recipe.train.max_grad_norm {
-            clip_global_norm(&mut grads, norm, max);
-        }
-        let lr = schedule.lr(state.step);
-        optimizer.update(&mut params, &grads, lr);
-        set_parameters(&mut model, &params);
-        state.step += 1;
-        window.add(loss, norm);
+    while run.state.step < run.total_steps {
+        window.exclude(wait_while_paused(controls));
+        B::seed(device, recipe.seed.wrapping_add(run.state.step as u64 + 1));
+        let batches = run.next_micro_batches();
+        let lr = run.schedule.lr(run.state.step);
+        let stats = run
+            .trainer
+            .step(&batches, lr)
+            .map_err(|e| run.stopped_on(e))?;
+        run.state.step += 1;
+        let tokens: usize = batches.iter().map(Batch::trained_tokens).sum();
+        run.state.trained_tokens += tokens;
+        window.add(stats.loss, stats.grad_norm, tokens);
 
-        if state.step.is_multiple_of(recipe.train.steps_per_report) || state.step == total_steps {
+        let step = run.state.step;
+        let last = step == run.total_steps;
+        if step.is_multiple_of(recipe.train.steps_per_report) || last {
             emit(Event::Train(window.report(
-                state.step,
+                step,
                 lr,
-                state.trained_tokens,
+                run.state.trained_tokens,
             )));
             window = Window::start();
         }
         let asked = controls.evaluate_now.swap(false, Ordering::SeqCst);
-        let evaluate = state.step.is_multiple_of(recipe.train.steps_per_eval)
-            || state.step == total_steps
-            || asked;
-        if let (Some(held_out), true) = (&mut held_out, asked) {
-            let started = Instant::now();
-            // A prompt the template cannot render must not end the run: it becomes a warning.
+        if asked {
+            window.exclude(run.generations(emit));
+        }
+        if step.is_multiple_of(recipe.train.steps_per_eval) || last || asked {
+            window.exclude(run.validate(emit));
+        }
+        let interrupted = controls.stop.load(Ordering::SeqCst);
+        if step.is_multiple_of(recipe.train.save_every)
+            || last
+            || interrupted
+            || controls.save_now.swap(false, Ordering::SeqCst)
+        {
+            run.save(emit)?;
+        }
+        if interrupted {
+            return Ok(run.outcome(true));
+        }
+    }
+    run.test(emit)?;
+    Ok(run.outcome(false))
+}
+
+/// Waits while the dashboard has paused training; returns the time waited.
+fn wait_while_paused(controls: &Controls) -> Duration {
+    let started = Instant::now();
+    while controls.paused.load(Ordering::SeqCst) && !controls.stop.load(Ordering::SeqCst) {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    started.elapsed()
+}
+
+/// A run in progress: the trainer, its data and where it saves.
+struct Run<'r, B: TrainBackend> {
+    recipe: &'r Recipe,
+    run_dir: PathBuf,
+    trainer: Trainer<B>,
+    tokenizer: Tokenizer,
+    spec: AdapterSpec,
+    train_plan: BatchPlan,
+    valid_plan: Option<BatchPlan>,
+    total_steps: usize,
+    schedule: Schedule,
+    state: TrainState,
+    held_out: Option<HeldOutGenerations>,
+    last_saved: Option<usize>,
+    device: B::Device,
+}
+
+impl<'r, B: TrainBackend> Run<'r, B> {
+    /// Loads the base, injects the adapters, plans the data and, with `resume`, restores the
+    /// adapters, optimizer and data cursor of a checkpoint. Emits `Started`.
+    fn prepare(
+        recipe: &'r Recipe,
+        resume: Option<&Path>,
+        emit: &mut dyn FnMut(Event),
+        device: &B::Device,
+    ) -> Result<Self> {
+        let storage = BaseStorage::for_device(
+            recipe.model.dtype,
+            recipe.model.quantize.map(|q| (q.bits, q.group_size)),
+            recipe.device,
+        )?;
+        let resolved = toml::to_string(recipe)?;
+        let run_dir = run_dir(recipe);
+        let loaded = load_model_quantized::<B>(&recipe.model.path, device, storage)?;
+        let tokenizer = crate::tokenizer::for_model(&loaded.files)?;
+        let mut model = loaded.decoder;
+        // The weights live in the model now; unmapping the file keeps its pages out of the peak.
+        drop(loaded.files);
+        let spec = AdapterSpec::from_recipe(&recipe.lora, model.config.num_layers)?;
+        B::seed(device, recipe.seed);
+        inject(&mut model, &spec, device);
+
+        let train_plan = plan_split(recipe, &tokenizer, "train")?
+            .context("the recipe's data has no train split")?;
+        let valid_plan = plan_split(recipe, &tokenizer, "valid")?;
+        if train_plan.truncated > 0 {
+            emit(Event::Warning {
+                message: format!(
+                    "{} training examples were longer than data.max_seq_len = {} and were truncated",
+                    train_plan.truncated, recipe.data.max_seq_len
+                ),
+            });
+        }
+        let accumulation = recipe.train.grad_accumulation;
+        let total_steps = match (recipe.train.iters, recipe.train.epochs) {
+            (Some(iters), _) => iters,
+            (None, Some(epochs)) => {
+                ((epochs * train_plan.len() as f64) / accumulation as f64).ceil() as usize
+            }
+            (None, None) => train_plan.len().div_ceil(accumulation),
+        };
+
+        let mut state = TrainState {
+            step: 0,
+            consumed: 0,
+            trained_tokens: 0,
+            recipe: resolved.clone(),
+        };
+        let checkpoint = resume.map(|dir| {
+            if dir.join("state.json").exists() {
+                dir.to_path_buf()
+            } else {
+                run_state::checkpoint_dir(dir)
+            }
+        });
+        if let Some(ckpt) = &checkpoint {
+            state = run_state::load_state(ckpt)?;
+            if let Some(diff) = run_state::recipe_difference(&state.recipe, &resolved) {
+                bail!(
+                    "cannot resume from {}: it was trained with a different recipe ({diff})",
+                    ckpt.display()
+                );
+            }
+            files::load_into(&mut model, &ckpt.join("adapters.safetensors"), device)?;
+            state.recipe = resolved.clone();
+        }
+        let settings = StepSettings {
+            grad_checkpoint: recipe.train.grad_checkpoint,
+            max_grad_norm: recipe.train.max_grad_norm,
+        };
+        let optimizer = OptimizerConfig::from_recipe(&recipe.train);
+        let mut trainer = Trainer::new(model, optimizer, settings, device);
+        if let Some(ckpt) = &checkpoint {
+            run_state::load_optimizer(ckpt, &mut trainer.optimizer, device)?;
+        }
+        emit(Event::Started {
+            name: recipe.name.clone(),
+            total_steps,
+            start_step: state.step,
+            trainable_parameters: trainer.parameter_count(),
+            train_examples: train_plan.examples().len(),
+        });
+        std::fs::create_dir_all(&run_dir)
+            .with_context(|| format!("creating {}", run_dir.display()))?;
+        crate::io::atomic::write(&run_dir.join("recipe.toml"), resolved.as_bytes())?;
+        let held_out = recipe
+            .eval
+            .prompts
+            .as_deref()
+            .map(HeldOutGenerations::read)
+            .transpose()?;
+        Ok(Run {
+            recipe,
+            run_dir,
+            trainer,
+            tokenizer,
+            spec,
+            train_plan,
+            valid_plan,
+            total_steps,
+            schedule: Schedule::from_recipe(&recipe.train, total_steps),
+            last_saved: resume.map(|_| state.step),
+            state,
+            held_out,
+            device: device.clone(),
+        })
+    }
+
+    /// The next step's micro-batches, advancing the data cursor.
+    fn next_micro_batches(&mut self) -> Vec<Batch> {
+        (0..self.recipe.train.grad_accumulation)
+            .map(|_| {
+                let batch = next_batch(&self.train_plan, self.recipe.seed, self.state.consumed);
+                self.state.consumed += 1;
+                batch
+            })
+            .collect()
+    }
+
+    /// The error for a step whose loss was not finite, saying what was kept.
+    fn stopped_on(&self, e: NonFiniteLoss) -> anyhow::Error {
+        let kept = self
+            .last_saved
+            .map_or("no checkpoint was written yet".to_string(), |s| {
+                format!(
+                    "the last good checkpoint (step {s}) is in {}",
+                    run_state::checkpoint_dir(&self.run_dir).display()
+                )
+            });
+        anyhow::anyhow!(
+            "{e} at step {}; stopped without saving this step, and {kept}. Lower train.learning_rate or check the data, then resume with --resume",
+            self.state.step + 1
+        )
+    }
+
+    /// The starting point's validation loss, so the curve shows how far training moved it.
+    fn validate_at_start(&self, emit: &mut dyn FnMut(Event)) {
+        if self.state.step == 0 {
+            self.validate(emit);
+        }
+    }
+
+    /// The validation loss now (when the data has a valid split); returns the time it took.
+    fn validate(&self, emit: &mut dyn FnMut(Event)) -> Duration {
+        let started = Instant::now();
+        if let Some(valid) = &self.valid_plan {
+            let model = self.trainer.model.valid();
+            let loss = evaluate_loss(&model, valid, self.recipe.train.val_batches, &self.device);
+            emit(Event::Validation {
+                step: self.state.step,
+                loss,
+                seconds: started.elapsed().as_secs_f64(),
+            });
+        }
+        started.elapsed()
+    }
+
+    /// Held-out answers, base vs now (the dashboard's `e`); returns the time it took. A prompt
+    /// the template cannot render must not end the run: it becomes a warning.
+    fn generations(&mut self, emit: &mut dyn FnMut(Event)) -> Duration {
+        let started = Instant::now();
+        if let Some(held_out) = &mut self.held_out {
+            let model = self.trainer.model.valid();
             emit(
-                match held_out.generate(&model.valid(), &tokenizer, &recipe.eval, device) {
+                match held_out.generate(&model, &self.tokenizer, &self.recipe.eval, &self.device) {
                     Ok(rows) => Event::Generations {
-                        step: state.step,
+                        step: self.state.step,
                         rows,
                     },
                     Err(e) => Event::Warning {
@@ -258,52 +310,69 @@ pub fn train<B: TrainBackend>(
                     },
                 },
             );
-            window.exclude(started.elapsed());
         }
-        if let (Some(valid), true) = (&valid_plan, evaluate) {
-            let started = Instant::now();
-            let loss = evaluate_loss(&model.valid(), valid, recipe.train.val_batches, device);
-            emit(Event::Validation {
-                step: state.step,
-                loss,
-                seconds: started.elapsed().as_secs_f64(),
-            });
-            window.exclude(started.elapsed());
-        }
-        let interrupted = controls.stop.load(Ordering::SeqCst);
-        if state.step.is_multiple_of(recipe.train.save_every)
-            || state.step == total_steps
-            || interrupted
-            || controls.save_now.swap(false, Ordering::SeqCst)
-        {
-            save(&model, &optimizer, &state)?;
-            last_saved = Some(state.step);
-            emit(Event::Saved {
-                step: state.step,
-                dir: run_dir.join("adapters"),
-            });
-        }
-        if interrupted {
-            return Ok(TrainOutcome {
-                run_dir,
-                step: state.step,
-                interrupted: true,
-            });
-        }
+        started.elapsed()
     }
-    if let Some(test) = plan("test", recipe.train.batch_size)? {
-        let loss = evaluate_loss(&model.valid(), &test, -1, device);
-        emit(Event::Test {
-            step: state.step,
-            loss,
-            perplexity: loss.exp(),
+
+    /// Writes the adapters (mlx-lm and peft layouts) and the checkpoint for resuming.
+    fn save(&mut self, emit: &mut dyn FnMut(Event)) -> Result<()> {
+        let base_model = self.recipe.model.path.display().to_string();
+        let model = &self.trainer.model;
+        let step = self.state.step;
+        files::save_mlx(
+            &self.run_dir.join("adapters"),
+            model,
+            &self.spec,
+            &base_model,
+            Some(step),
+        )?;
+        files::save_peft(&self.run_dir.join("peft"), model, &self.spec, &base_model)?;
+        run_state::save(&self.run_dir, model, &self.trainer.optimizer, &self.state)?;
+        self.last_saved = Some(step);
+        emit(Event::Saved {
+            step,
+            dir: self.run_dir.join("adapters"),
         });
+        Ok(())
     }
-    Ok(TrainOutcome {
-        run_dir,
-        step: state.step,
-        interrupted: false,
-    })
+
+    /// The test split's loss, when the data has one.
+    fn test(&self, emit: &mut dyn FnMut(Event)) -> Result<()> {
+        if let Some(test) = plan_split(self.recipe, &self.tokenizer, "test")? {
+            let loss = evaluate_loss(&self.trainer.model.valid(), &test, -1, &self.device);
+            emit(Event::Test {
+                step: self.state.step,
+                loss,
+                perplexity: loss.exp(),
+            });
+        }
+        Ok(())
+    }
+
+    fn outcome(self, interrupted: bool) -> TrainOutcome {
+        TrainOutcome {
+            run_dir: self.run_dir,
+            step: self.state.step,
+            interrupted,
+        }
+    }
+}
+
+/// A split of the recipe's data, encoded and planned into batches (`None` when absent).
+fn plan_split(recipe: &Recipe, tokenizer: &Tokenizer, split: &str) -> Result<Option<BatchPlan>> {
+    let encoder = Encoder::new(tokenizer, recipe.data.mask_prompt);
+    let Some((path, examples)) = encode_split(&recipe.data, &encoder, split)? else {
+        return Ok(None);
+    };
+    let plan = plan_batches(
+        &recipe.data,
+        examples,
+        recipe.train.batch_size,
+        tokenizer,
+        split,
+    )
+    .with_context(|| path.display().to_string())?;
+    Ok(Some(plan))
 }
 
 /// The micro-batch at cursor `consumed`: epoch `consumed / n`, position `consumed % n`.
@@ -314,7 +383,7 @@ fn next_batch(plan: &BatchPlan, seed: u64, consumed: usize) -> Batch {
 
 /// Token-weighted mean loss over the first `max_batches` batches (all when negative): a fixed
 /// subset, the same at every evaluation.
-pub fn evaluate_loss<B: FrozenLinearBackend>(
+pub fn evaluate_loss<B: ModelBackend>(
     model: &Decoder<B>,
     plan: &BatchPlan,
     max_batches: i64,
@@ -341,7 +410,7 @@ pub fn evaluate_loss<B: FrozenLinearBackend>(
 /// Throughput and loss averaged over the steps since the last report.
 struct Window {
     started: Instant,
-    excluded: std::time::Duration,
+    excluded: Duration,
     steps: usize,
     loss: f64,
     norm: f64,
@@ -360,13 +429,14 @@ impl Window {
         }
     }
 
-    fn add(&mut self, loss: f64, norm: f64) {
+    fn add(&mut self, loss: f64, norm: f64, tokens: usize) {
         self.steps += 1;
         self.loss += loss;
         self.norm += norm;
+        self.tokens += tokens;
     }
 
-    fn exclude(&mut self, d: std::time::Duration) {
+    fn exclude(&mut self, d: Duration) {
         self.excluded += d;
     }
 
@@ -383,7 +453,7 @@ impl Window {
             it_per_sec: self.steps as f64 / secs,
             tokens_per_sec: self.tokens as f64 / secs,
             trained_tokens,
-            peak_memory_bytes: crate::backend::peak_rss_bytes(),
+            peak_memory_bytes: crate::backends::peak_rss_bytes(),
         }
     }
 }

@@ -3,17 +3,25 @@
 
 use crate::recipe::{ScheduleKind, TrainSection};
 
+/// A learning-rate schedule: warmup, then decay to a floor.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Schedule {
+    /// What follows warmup: constant, linear or cosine decay.
     pub kind: ScheduleKind,
+    /// The rate after warmup (`learning_rate`).
     pub peak: f64,
+    /// Steps of linear warmup from `warmup_init` to `peak`.
     pub warmup_steps: usize,
+    /// The rate warmup starts from at step 0.
     pub warmup_init: f64,
+    /// The rate decay ends at (`min_learning_rate`); constant schedules never reach it.
     pub floor: f64,
+    /// Optimizer steps in the whole run; decay ends at the last.
     pub total_steps: usize,
 }
 
 impl Schedule {
+    /// The recipe's schedule for a run of `total_steps` optimizer steps.
     pub fn from_recipe(train: &TrainSection, total_steps: usize) -> Self {
         Schedule {
             kind: train.schedule,

@@ -1,0 +1,301 @@
+//! Flash attention on CUDA: the kernels of `attention.cu`, compiled by NVRTC once per head
+//! dimension and queued on CubeCL's stream over Burn's CUDA buffers (as `cublas.rs` does).
+//!
+//! The scores stay in registers: where the sliced Burn-op attention (`ops/attention.rs`)
+//! writes and reads `[batch, heads, slice, keys]` f32 scores about ten times per slice, these
+//! kernels read Q, K, V, dO and the mask and write only the outputs. Products run on bf16 tensor
+//! cores (`mma.sync`, f32 accumulation), as PyTorch's SDPA does in a bf16 run.
+
+use burn::tensor::{DType, FloatDType, Shape};
+use burn_cubecl::kernel::into_contiguous;
+use cudarc::driver::CudaFunction;
+
+use super::kernel::{self, Args, Tensor, cast, empty, pointer, u32_of};
+
+const SOURCE: &str = include_str!("attention.cu");
+const THREADS: u32 = 256;
+/// Queries per block of the forward and dQ kernels, keys per block of the dK/dV kernel.
+const BLOCK_ROWS: usize = 128;
+/// Key tiles of the forward and dQ kernels, query tiles of the dK/dV kernel (`FWD_KEYS`,
+/// `DQ_KEYS`, `KV_QUERIES` in the source), each double-buffered in shared memory.
+const FWD_KEYS: usize = 64;
+const DQ_KEYS: usize = 32;
+const KV_QUERIES: usize = 32;
+
+/// Whether the kernels serve this head dimension on this device: a multiple of 16 up to 128
+/// (the registers of a 16-row tile's accumulators), bf16 `mma.sync` (compute capability 8+), and
+/// the shared memory the dK/dV kernel asks for.
+pub fn supports(head_dim: usize, device: usize) -> bool {
+    head_dim.is_multiple_of(16)
+        && (16..=128).contains(&head_dim)
+        && super::compute_capability(device).0 >= 8
+        && SharedBytes::new(head_dim).dkdv <= super::max_shared_bytes(device)
+}
+
+/// `out = softmax(scale · q kᵀ + mask) v` and each query's log-sum-exp of its scores.
+/// `q`: `[batch, heads, seq, d]`; `k`, `v`: `[batch, kv_heads, keys, d]`, kv head `h / group`
+/// serving query head `h` (`group = heads / kv_heads`, grouped-query attention); `mask`: additive
+/// `[1 or batch, 1, seq, keys]` in which no query sees a key after `keys − seq + its index`
+/// (with `causal`, exactly that rule, and the mask is not read)
+/// → (`[batch, heads, seq, d]`, `[batch, heads, seq, 1]`).
+pub fn forward([q, k, v, mask]: [Tensor; 4], scale: f32, causal: bool) -> (Tensor, Tensor) {
+    let layout = Layout::new(&q, &k, &mask);
+    let [q, k, v] = [q, k, v].map(rows);
+    let mask = last_contiguous(mask);
+    let kernels = kernels(q.device.index, layout.d);
+    let (k16, v16) = (to_bf16(kernels, &k, 1.0), to_bf16(kernels, &v, 1.0));
+    let out = empty(&q, layout.q_shape(), DType::F32);
+    let lse = empty(&q, layout.lse_shape(), DType::F32);
+    let mut args = Args::default();
+    args.pointers(&[&q, &k16, &v16, &mask, &out, &lse]);
+    sizes(&mut args, &layout);
+    strides(&mut args, &[&q]);
+    mask_strides(&mut args, &mask);
+    args.int(causal.into());
+    args.float(scale);
+    let shared = kernels.shared.forward;
+    launch(
+        &kernels.forward,
+        layout.grid(layout.seq, layout.heads),
+        shared,
+        &out,
+        args,
+    );
+    (out, lse)
+}
+
+/// The gradients `(dq, dk, dv)` of [`forward`] given `d_out`, its `lse` and `delta =
+/// rowsum(d_out ⊙ out)` (`[batch, heads, seq, 1]`).
+pub fn backward(
+    [q, k, v, mask, d_out, lse, delta]: [Tensor; 7],
+    scale: f32,
+    causal: bool,
+) -> (Tensor, Tensor, Tensor) {
+    let layout = Layout::new(&q, &k, &mask);
+    let [q, k, v, d_out] = [q, k, v, d_out].map(rows);
+    let mask = last_contiguous(mask);
+    let [lse, delta] = [lse, delta].map(|t| into_contiguous(cast(t, FloatDType::F32)));
+    let kernels = kernels(q.device.index, layout.d);
+    let (k16, v16) = (to_bf16(kernels, &k, 1.0), to_bf16(kernels, &v, 1.0));
+    let dq = empty(&q, layout.q_shape(), DType::F32);
+    let dk = empty(&q, layout.kv_shape(), DType::F32);
+    let dv = empty(&q, layout.kv_shape(), DType::F32);
+
+    let mut args = Args::default();
+    args.pointers(&[&q, &k16, &v16, &mask, &d_out, &lse, &delta, &dq]);
+    sizes(&mut args, &layout);
+    strides(&mut args, &[&q]);
+    mask_strides(&mut args, &mask);
+    strides(&mut args, &[&d_out]);
+    args.int(causal.into());
+    args.float(scale);
+    let shared = kernels.shared.dq;
+    launch(
+        &kernels.dq,
+        layout.grid(layout.seq, layout.heads),
+        shared,
+        &dq,
+        args,
+    );
+
+    let (q16, o16) = (to_bf16(kernels, &q, scale), to_bf16(kernels, &d_out, 1.0));
+    let mut args = Args::default();
+    args.pointers(&[&q16, &k16, &v16, &mask, &o16, &lse, &delta, &dk, &dv]);
+    sizes(&mut args, &layout);
+    mask_strides(&mut args, &mask);
+    args.int(causal.into());
+    let shared = kernels.shared.dkdv;
+    let grid = layout.grid(layout.keys, layout.kv_heads);
+    launch(&kernels.dkdv, grid, shared, &dk, args);
+    (dq, dk, dv)
+}
+
+/// `x · mul` as contiguous bf16 `[batch · heads][rows][d]`, what the kernels stream into shared
+/// memory tile by tile.
+fn to_bf16(kernels: &Kernels, x: &Tensor, mul: f32) -> Tensor {
+    let shape = x.meta.shape();
+    let [batch, heads, n, d] = [shape[0], shape[1], shape[2], shape[3]];
+    let out = empty(x, Shape::new([batch, heads, n, d]), DType::BF16);
+    let mut args = Args::default();
+    args.pointers(&[x, &out]);
+    args.int(heads);
+    args.int(n);
+    strides(&mut args, &[x]);
+    args.float(mul);
+    let blocks = (n * d).div_ceil(4 * THREADS as usize);
+    let grid = (u32_of(blocks), u32_of(heads), u32_of(batch));
+    launch(&kernels.to_bf16, grid, 0, &out, args);
+    out
+}
+
+/// The problem's sizes, checked.
+struct Layout {
+    batch: usize,
+    heads: usize,
+    /// Heads of K and V: `heads / group` (grouped-query attention), each serving `group` query
+    /// heads.
+    kv_heads: usize,
+    seq: usize,
+    keys: usize,
+    d: usize,
+}
+
+impl Layout {
+    fn new(q: &Tensor, k: &Tensor, mask: &Tensor) -> Self {
+        let (qs, ks, ms) = (q.meta.shape(), k.meta.shape(), mask.meta.shape());
+        let [batch, heads, seq, d] = [qs[0], qs[1], qs[2], qs[3]];
+        let (kv_heads, keys) = (ks[1], ks[2]);
+        assert!(
+            ks[0] == batch
+                && kv_heads > 0
+                && heads.is_multiple_of(kv_heads)
+                && ks[3] == d
+                && keys >= seq,
+            "flash attention: k {ks:?} does not match q {qs:?}"
+        );
+        assert!(
+            (ms[0] == 1 || ms[0] == batch) && ms[1] == 1 && ms[2] == seq && ms[3] == keys,
+            "flash attention: mask {ms:?} for q {qs:?} and k {ks:?}"
+        );
+        Self {
+            batch,
+            heads,
+            kv_heads,
+            seq,
+            keys,
+            d,
+        }
+    }
+
+    fn q_shape(&self) -> Shape {
+        Shape::new([self.batch, self.heads, self.seq, self.d])
+    }
+
+    fn kv_shape(&self) -> Shape {
+        Shape::new([self.batch, self.kv_heads, self.keys, self.d])
+    }
+
+    fn lse_shape(&self) -> Shape {
+        Shape::new([self.batch, self.heads, self.seq, 1])
+    }
+
+    /// One block per head (of `heads` heads), per batch row, per [`BLOCK_ROWS`] of `rows`: the
+    /// row blocks slowest, so the kernels can start the longest first (`attention.cu`).
+    fn grid(&self, rows: usize, heads: usize) -> (u32, u32, u32) {
+        let blocks = rows.div_ceil(BLOCK_ROWS);
+        (u32_of(heads), u32_of(self.batch), u32_of(blocks))
+    }
+}
+
+/// An f32 operand the kernels read as float4s: the last dimension contiguous, the other strides
+/// and the start 16-byte aligned. Anything else is copied contiguous first.
+fn rows(t: Tensor) -> Tensor {
+    let t = last_contiguous(t);
+    let aligned = |t: &Tensor| {
+        let (shape, strides) = (t.meta.shape(), t.meta.strides());
+        let rank = shape.len();
+        let strides_aligned = shape[..rank - 1]
+            .iter()
+            .zip(&strides[..rank - 1])
+            .all(|(&size, &stride)| size == 1 || stride.is_multiple_of(4));
+        strides_aligned && pointer(t).is_multiple_of(16)
+    };
+    if aligned(&t) {
+        return t;
+    }
+    let t = into_contiguous(t);
+    assert!(aligned(&t), "a contiguous CUDA buffer is 16-byte aligned");
+    t
+}
+
+/// An f32 operand whose last dimension is contiguous (the mask, read one value at a time).
+fn last_contiguous(t: Tensor) -> Tensor {
+    let t = cast(t, FloatDType::F32);
+    let shape = t.meta.shape();
+    if shape[shape.len() - 1] > 1 && t.meta.strides()[shape.len() - 1] != 1 {
+        into_contiguous(t)
+    } else {
+        t
+    }
+}
+
+/// The sizes every kernel takes: heads, seq, keys, and the query heads per kv head.
+fn sizes(args: &mut Args, layout: &Layout) {
+    let group = layout.heads / layout.kv_heads;
+    for n in [layout.heads, layout.seq, layout.keys, group] {
+        args.int(n);
+    }
+}
+
+/// Batch, head and row strides (0 for a dimension of size 1).
+fn strides(args: &mut Args, tensors: &[&Tensor]) {
+    for tensor in tensors {
+        let (shape, strides) = (tensor.meta.shape(), tensor.meta.strides());
+        for dim in 0..3 {
+            args.long(if shape[dim] == 1 { 0 } else { strides[dim] });
+        }
+    }
+}
+
+/// The mask's batch stride (0 when one mask serves every row) and row stride.
+fn mask_strides(args: &mut Args, mask: &Tensor) {
+    let (shape, strides) = (mask.meta.shape(), mask.meta.strides());
+    args.long(if shape[0] == 1 { 0 } else { strides[0] });
+    args.long(strides[2]);
+}
+
+fn launch(function: &CudaFunction, grid: (u32, u32, u32), shared: u32, out: &Tensor, args: Args) {
+    kernel::launch(function, grid, THREADS, shared, out, args);
+}
+
+/// The kernels for one head dimension on one device.
+struct Kernels {
+    to_bf16: CudaFunction,
+    forward: CudaFunction,
+    dq: CudaFunction,
+    dkdv: CudaFunction,
+    shared: SharedBytes,
+}
+
+/// Each kernel's dynamic shared memory, in bytes: the layouts `attention.cu` describes above
+/// each kernel (bf16 tiles of `d + 8` elements a row).
+struct SharedBytes {
+    forward: u32,
+    dq: u32,
+    dkdv: u32,
+}
+
+impl SharedBytes {
+    fn new(head_dim: usize) -> Self {
+        let row = 2 * (head_dim + 8);
+        let bytes = |rows: usize| u32_of(rows * row);
+        Self {
+            forward: bytes(2 * 2 * FWD_KEYS),
+            dq: bytes(2 * 2 * DQ_KEYS),
+            // K and V, the double-buffered scale·Q and dO tiles, and their lse and D in f32.
+            dkdv: bytes(2 * BLOCK_ROWS + 2 * 2 * KV_QUERIES) + u32_of(2 * 2 * KV_QUERIES * 4),
+        }
+    }
+}
+
+fn kernels(device: usize, head_dim: usize) -> &'static Kernels {
+    static KERNELS: kernel::Cache<(usize, usize), Kernels> = kernel::Cache::new();
+    kernel::cached(&KERNELS, (device, head_dim), || compile(device, head_dim))
+}
+
+fn compile(device: usize, head_dim: usize) -> Kernels {
+    let module = kernel::module(
+        device,
+        "attention.cu",
+        SOURCE,
+        &[format!("HEAD_DIM={head_dim}")],
+    );
+    let shared = SharedBytes::new(head_dim);
+    Kernels {
+        to_bf16: kernel::function(&module, "to_bf16", 0),
+        forward: kernel::function(&module, "attention_forward", shared.forward),
+        dq: kernel::function(&module, "attention_backward_dq", shared.dq),
+        dkdv: kernel::function(&module, "attention_backward_dkdv", shared.dkdv),
+        shared,
+    }
+}

@@ -1,0 +1,312 @@
+//! The cuBLAS product, the flash-attention kernels, RoPE and the dequantization pass as ops of
+//! Burn's fusion stream.
+//!
+//! `burn::backend::Cuda` is `Fusion<CubeBackend<..>>`: ops are recorded and run lazily so
+//! element-wise chains can be fused into one kernel. A custom op joins that stream as a
+//! `CustomOpIr` (its inputs and output declared), and runs when the stream reaches it, on the
+//! `CubeTensor`s behind the fusion handles (the pattern of burn-vision's CUDA ops).
+
+use burn::tensor::ops::FloatTensor;
+use burn::tensor::{DType, Shape, Tensor};
+use burn_fusion::stream::{Operation, OperationStreams};
+use burn_fusion::{Fusion, FusionBackend, FusionRuntime};
+use burn_ir::{CustomOpIr, HandleContainer, OperationIr, OperationOutput, TensorIr};
+
+use super::kernel::Cube;
+use super::{cublas, dequant, flash, rope};
+use crate::ops::ModelBackend;
+use crate::ops::attention::{AttentionBackend, Saved, sliced_backward, sliced_forward};
+use crate::ops::elementwise::ElementwiseBackend;
+use crate::ops::matmul::MatmulBackend;
+use crate::ops::primitive::{inner, primitive};
+use crate::ops::quantized_linear::DeviceQuantized;
+use crate::ops::rope::RopeBackend;
+
+type Runtime = <Cube as FusionBackend>::FusionRuntime;
+
+/// `out = lhs · rhs`, as declared in `desc`.
+#[derive(Debug)]
+struct CublasMatmul {
+    desc: CustomOpIr,
+}
+
+impl Operation<Runtime> for CublasMatmul {
+    fn execute(&self, handles: &mut HandleContainer<<Runtime as FusionRuntime>::FusionHandle>) {
+        let ([lhs, rhs], [out]) = self.desc.as_fixed();
+        let lhs = handles.get_float_tensor::<Cube>(lhs);
+        let rhs = handles.get_float_tensor::<Cube>(rhs);
+        handles.register_float_tensor::<Cube>(&out.id, cublas::matmul(lhs, rhs));
+    }
+}
+
+/// `out = lhs · rhs + acc`, as declared in `desc`.
+#[derive(Debug)]
+struct CublasMatmulAdd {
+    desc: CustomOpIr,
+}
+
+impl Operation<Runtime> for CublasMatmulAdd {
+    fn execute(&self, handles: &mut HandleContainer<<Runtime as FusionRuntime>::FusionHandle>) {
+        let ([lhs, rhs, acc], [out]) = self.desc.as_fixed();
+        let lhs = handles.get_float_tensor::<Cube>(lhs);
+        let rhs = handles.get_float_tensor::<Cube>(rhs);
+        let acc = handles.get_float_tensor::<Cube>(acc);
+        handles.register_float_tensor::<Cube>(&out.id, cublas::matmul_add(lhs, rhs, acc));
+    }
+}
+
+impl MatmulBackend for Fusion<Cube> {
+    fn model_matmul(lhs: FloatTensor<Self>, rhs: FloatTensor<Self>) -> FloatTensor<Self> {
+        let client = lhs.client.clone();
+        let mut dims = lhs.shape.to_vec();
+        let rank = dims.len();
+        dims[rank - 1] = rhs.shape[rank - 1];
+        let streams = OperationStreams::with_inputs([&lhs, &rhs]);
+        let out = TensorIr::uninit(client.create_empty_handle(), Shape::from(dims), DType::F32);
+        let desc = CustomOpIr::new("cublas_matmul", &[lhs.into_ir(), rhs.into_ir()], &[out]);
+        client
+            .register(
+                streams,
+                OperationIr::Custom(desc.clone()),
+                CublasMatmul { desc },
+            )
+            .output()
+    }
+
+    fn model_matmul_add(
+        lhs: FloatTensor<Self>,
+        rhs: FloatTensor<Self>,
+        acc: FloatTensor<Self>,
+    ) -> FloatTensor<Self> {
+        let client = lhs.client.clone();
+        let streams = OperationStreams::with_inputs([&lhs, &rhs, &acc]);
+        let out = TensorIr::uninit(client.create_empty_handle(), acc.shape.clone(), DType::F32);
+        let desc = CustomOpIr::new(
+            "cublas_matmul_add",
+            &[lhs.into_ir(), rhs.into_ir(), acc.into_ir()],
+            &[out],
+        );
+        client
+            .register(
+                streams,
+                OperationIr::Custom(desc.clone()),
+                CublasMatmulAdd { desc },
+            )
+            .output()
+    }
+}
+
+/// `out = dequantize(words, scales, biases)`, as declared in `desc`.
+#[derive(Debug)]
+struct Dequantize {
+    desc: CustomOpIr,
+    bits: u32,
+    group: usize,
+}
+
+impl Operation<Runtime> for Dequantize {
+    fn execute(&self, handles: &mut HandleContainer<<Runtime as FusionRuntime>::FusionHandle>) {
+        let ([words, scales, biases], [out]) = self.desc.as_fixed();
+        let words = handles.get_int_tensor::<Cube>(words);
+        let scales = handles.get_float_tensor::<Cube>(scales);
+        let biases = handles.get_float_tensor::<Cube>(biases);
+        let dense = dequant::dequantize([words, scales, biases], self.bits, self.group, out.dtype);
+        handles.register_float_tensor::<Cube>(&out.id, dense);
+    }
+}
+
+/// `w` as the dense matrix its GEMM reads (bf16 for a bf16 base), in one kernel.
+pub fn dequantize(w: &DeviceQuantized<Fusion<Cube>>) -> FloatTensor<Fusion<Cube>> {
+    let words = w.words.clone().into_primitive();
+    let scales = primitive(w.scales.clone());
+    let biases = primitive(w.biases.clone());
+    let client = scales.client.clone();
+    let streams = OperationStreams::with_inputs([&words, &scales, &biases]);
+    let dtype = if w.bf16 { DType::BF16 } else { DType::F32 };
+    let out = TensorIr::uninit(
+        client.create_empty_handle(),
+        Shape::from(w.dims().to_vec()),
+        dtype,
+    );
+    let inputs = [words.into_ir(), scales.into_ir(), biases.into_ir()];
+    let desc = CustomOpIr::new("dequantize", &inputs, &[out]);
+    let op = Dequantize {
+        desc: desc.clone(),
+        bits: w.bits,
+        group: w.group,
+    };
+    client
+        .register(streams, OperationIr::Custom(desc), op)
+        .output()
+}
+
+/// `(out, lse) = attention(q, k, v, mask)`, as declared in `desc`.
+#[derive(Debug)]
+struct FlashForward {
+    desc: CustomOpIr,
+    scale: f32,
+    causal: bool,
+}
+
+impl Operation<Runtime> for FlashForward {
+    fn execute(&self, handles: &mut HandleContainer<<Runtime as FusionRuntime>::FusionHandle>) {
+        let (inputs, [out, lse]) = self.desc.as_fixed::<4, 2>();
+        let inputs = inputs
+            .each_ref()
+            .map(|ir| handles.get_float_tensor::<Cube>(ir));
+        let (o, l) = flash::forward(inputs, self.scale, self.causal);
+        handles.register_float_tensor::<Cube>(&out.id, o);
+        handles.register_float_tensor::<Cube>(&lse.id, l);
+    }
+}
+
+/// `(dq, dk, dv)` from `(q, k, v, mask, d_out, lse, delta)`, as declared in `desc`.
+#[derive(Debug)]
+struct FlashBackward {
+    desc: CustomOpIr,
+    scale: f32,
+    causal: bool,
+}
+
+impl Operation<Runtime> for FlashBackward {
+    fn execute(&self, handles: &mut HandleContainer<<Runtime as FusionRuntime>::FusionHandle>) {
+        let (inputs, [dq, dk, dv]) = self.desc.as_fixed::<7, 3>();
+        let inputs = inputs
+            .each_ref()
+            .map(|ir| handles.get_float_tensor::<Cube>(ir));
+        let (gq, gk, gv) = flash::backward(inputs, self.scale, self.causal);
+        handles.register_float_tensor::<Cube>(&dq.id, gq);
+        handles.register_float_tensor::<Cube>(&dk.id, gk);
+        handles.register_float_tensor::<Cube>(&dv.id, gv);
+    }
+}
+
+impl AttentionBackend for Fusion<Cube> {
+    fn fused_attention(head_dim: usize, device: &Self::Device) -> bool {
+        flash::supports(head_dim, device.index)
+    }
+
+    fn attention_forward(
+        q: Tensor<Self, 4>,
+        k: Tensor<Self, 4>,
+        v: Tensor<Self, 4>,
+        mask: Tensor<Self, 4>,
+        scale: f64,
+        causal: bool,
+    ) -> (Tensor<Self, 4>, Tensor<Self, 4>) {
+        if !Self::fused_attention(q.dims()[3], &q.device()) {
+            return sliced_forward(q, k, v, mask, scale);
+        }
+        let [batch, heads, seq, _] = q.dims();
+        let out_shape = Shape::from(q.dims().to_vec());
+        let [out, lse] = custom(
+            "flash_attention_forward",
+            [q, k, v, mask],
+            [out_shape, Shape::new([batch, heads, seq, 1])],
+            |desc| FlashForward {
+                desc,
+                scale: scale as f32,
+                causal,
+            },
+        );
+        (out, lse)
+    }
+
+    fn attention_backward(
+        saved: Saved<Self>,
+        d_out: Tensor<Self, 4>,
+    ) -> (Tensor<Self, 4>, Tensor<Self, 4>, Tensor<Self, 4>) {
+        if !Self::fused_attention(saved.q.dims()[3], &saved.q.device()) {
+            return sliced_backward(saved, d_out);
+        }
+        let delta = (d_out.clone() * saved.out).sum_dim(3);
+        let shapes = [&saved.q, &saved.k, &saved.v].map(|x| Shape::from(x.dims().to_vec()));
+        let [dq, dk, dv] = custom(
+            "flash_attention_backward",
+            [
+                saved.q, saved.k, saved.v, saved.mask, d_out, saved.lse, delta,
+            ],
+            shapes,
+            |desc| FlashBackward {
+                desc,
+                scale: saved.scale as f32,
+                causal: saved.causal,
+            },
+        );
+        (dq, dk, dv)
+    }
+}
+
+/// `rope(x, cos, sin)` or its backward, as declared in `desc`.
+#[derive(Debug)]
+struct Rope {
+    desc: CustomOpIr,
+    backward: bool,
+}
+
+impl Operation<Runtime> for Rope {
+    fn execute(&self, handles: &mut HandleContainer<<Runtime as FusionRuntime>::FusionHandle>) {
+        let (inputs, [out]) = self.desc.as_fixed::<3, 1>();
+        let inputs = inputs
+            .each_ref()
+            .map(|ir| handles.get_float_tensor::<Cube>(ir));
+        handles.register_float_tensor::<Cube>(&out.id, rope::rope(inputs, self.backward));
+    }
+}
+
+impl RopeBackend for Fusion<Cube> {
+    fn rope(x: Tensor<Self, 4>, cos: Tensor<Self, 4>, sin: Tensor<Self, 4>) -> Tensor<Self, 4> {
+        let shape = Shape::from(x.dims().to_vec());
+        let [out] = custom("rope", [x, cos, sin], [shape], |desc| Rope {
+            desc,
+            backward: false,
+        });
+        out
+    }
+
+    fn rope_backward(
+        dy: Tensor<Self, 4>,
+        cos: Tensor<Self, 4>,
+        sin: Tensor<Self, 4>,
+    ) -> Tensor<Self, 4> {
+        let shape = Shape::from(dy.dims().to_vec());
+        let [dx] = custom("rope_backward", [dy, cos, sin], [shape], |desc| Rope {
+            desc,
+            backward: true,
+        });
+        dx
+    }
+}
+
+/// Registers a custom op of `N` f32 inputs and `M` f32 outputs of the given shapes on the fusion
+/// stream.
+fn custom<const N: usize, const M: usize, O: Operation<Runtime> + 'static>(
+    name: &'static str,
+    inputs: [Tensor<Fusion<Cube>, 4>; N],
+    shapes: [Shape; M],
+    op: impl FnOnce(CustomOpIr) -> O,
+) -> [Tensor<Fusion<Cube>, 4>; M] {
+    let inputs = inputs.map(primitive);
+    let client = inputs[0].client.clone();
+    let streams = OperationStreams::with_inputs(inputs.iter());
+    let outputs =
+        shapes.map(|shape| TensorIr::uninit(client.create_empty_handle(), shape, DType::F32));
+    let inputs = inputs.map(|x| x.into_ir());
+    let desc = CustomOpIr::new(name, &inputs, &outputs);
+    client
+        .register(streams, OperationIr::Custom(desc.clone()), op(desc))
+        .outputs::<M>()
+        .map(inner)
+}
+
+impl ElementwiseBackend for burn::backend::Cuda<f32> {}
+
+/// On CUDA, a quantized base stays packed in device memory (QLoRA's saving) and is dequantized
+/// by device kernels per use, instead of crossing PCIe as f32 on every product.
+impl ModelBackend for burn::backend::Cuda<f32> {
+    const DEVICE_QUANTIZED: bool = true;
+
+    fn dequantize_for_gemm(w: &DeviceQuantized<Self>) -> FloatTensor<Self> {
+        dequantize(w)
+    }
+}

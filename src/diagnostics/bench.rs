@@ -1,0 +1,255 @@
+//! `loraforge bench train`: timed LoRA training steps on a randomly initialised model of a known
+//! shape (nothing is downloaded), reported as one JSON line. Flags, FLOP convention and result
+//! fields follow `bench/peft_lora_bench.py` (the PyTorch + peft reference), so the two compare
+//! one to one:
+//!
+//! ```text
+//! tokens/s     = batch · seq / median step time           (every input position counts)
+//! FLOPs/token  = 4 (N_dec + N_head) [+ 2 N_dec with activation checkpointing]
+//!              + 8 · layers · seq · heads · head_dim       (attention, no causal halving)
+//! MFU          = FLOPs/token · tokens/s / measured matmul peak of this backend
+//! ```
+//! A step is the trainer's own: forward, backward (with or without activation checkpointing),
+//! global gradient norm, AdamW update.
+
+use std::time::Instant;
+
+use anyhow::Result;
+use burn::tensor::{Distribution, FloatDType, Tensor};
+use rand::SeedableRng;
+use serde_json::json;
+
+use super::random::{Shape, plain_adamw, random_batch, random_model_files};
+use crate::lora::{AdapterSpec, inject};
+use crate::model::config::ModelConfig;
+use crate::model::load::BaseStorage;
+use crate::model::names::{BlockLinear, BlockModule};
+use crate::ops::TrainBackend;
+use crate::ops::matmul::{MatmulBackend, matmul};
+use crate::recipe::{AdapterKind, Dtype, Layers, LoraSection, Targets};
+use crate::train::trainer::{StepSettings, Trainer};
+
+/// Options of `loraforge bench train`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct BenchTrainArgs {
+    /// Model shape to build with random weights.
+    #[arg(long, value_enum, default_value_t = Shape::Tiny)]
+    pub shape: Shape,
+    /// Sequences per step.
+    #[arg(long, default_value_t = 4)]
+    pub batch: usize,
+    /// Tokens per sequence.
+    #[arg(long, default_value_t = 512)]
+    pub seq: usize,
+    /// LoRA rank.
+    #[arg(long, default_value_t = 8)]
+    pub rank: usize,
+    /// LoRA alpha; the adapter output is scaled by alpha / rank (peft's convention).
+    #[arg(long, default_value_t = 16.0)]
+    pub alpha: f64,
+    /// `all-linear`, or short names separated by commas (`q_proj,v_proj`), as peft takes them.
+    #[arg(long, default_value = "q_proj,v_proj")]
+    pub targets: String,
+    /// Adapt only the last N blocks (default: all).
+    #[arg(long)]
+    pub layers: Option<usize>,
+    /// Timed steps; the median step time is reported.
+    #[arg(long, default_value_t = 10)]
+    pub steps: usize,
+    /// Untimed steps run before the timed ones.
+    #[arg(long, default_value_t = 3)]
+    pub warmup_steps: usize,
+    /// Recompute each block's activations in the backward pass instead of keeping them.
+    #[arg(long)]
+    pub grad_checkpoint: bool,
+    /// Quantize the base to this many bits (group 64) on load: QLoRA.
+    #[arg(long)]
+    pub quant: Option<u32>,
+    /// The frozen base's compute dtype (bf16: CUDA only, as the recipe's `model.dtype`).
+    #[arg(long, value_enum, default_value_t = Dtype::F32)]
+    pub dtype: Dtype,
+    /// Learning rate of the AdamW steps.
+    #[arg(long, default_value_t = 1e-4)]
+    pub lr: f64,
+    /// Seed of the random weights, the adapters' initialisation and the batches.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Also append the JSON line to this file.
+    #[arg(long)]
+    pub jsonl: Option<std::path::PathBuf>,
+    /// A label copied into the result's `tag` field, to tell runs apart.
+    #[arg(long)]
+    pub tag: Option<String>,
+}
+
+impl BenchTrainArgs {
+    fn lora(&self) -> LoraSection {
+        let targets = if self.targets == "all-linear" {
+            Targets::Named("all-linear".into())
+        } else {
+            // peft's short names (`q_proj`) to their keys (`self_attn.q_proj`); an unknown name
+            // is refused by `AdapterSpec::from_recipe`, which lists the keys.
+            let keys = self.targets.split(',').map(|short| {
+                let short = short.trim();
+                BlockLinear::ALL
+                    .into_iter()
+                    .find(|l| l.key().rsplit('.').next() == Some(short))
+                    .map_or_else(|| short.to_string(), |l| l.key().to_string())
+            });
+            Targets::Keys(keys.collect())
+        };
+        LoraSection {
+            kind: AdapterKind::Lora,
+            rank: self.rank,
+            scale: Some(self.alpha / self.rank as f64),
+            targets,
+            layers: Layers::Last(self.layers.map_or(-1, |n| n as i64)),
+            ..Default::default()
+        }
+    }
+}
+
+/// Runs the benchmark and returns its JSON result (also printed by the caller).
+pub fn bench_train<B: TrainBackend>(
+    args: &BenchTrainArgs,
+    storage: BaseStorage,
+    device: &B::Device,
+) -> Result<serde_json::Value> {
+    let config = args.shape.config();
+    let peak = measure_matmul_peak::<B>(storage.bf16, device);
+    eprintln!("matmul peak of this backend: {:.1} GFLOP/s", peak / 1e9);
+
+    let started = Instant::now();
+    let files = random_model_files(config.clone(), args.seed);
+    let mut model = files.build_quantized::<B>(device, storage)?;
+    let spec = AdapterSpec::from_recipe(&args.lora(), config.num_layers)?;
+    B::seed(device, args.seed);
+    inject(&mut model, &spec, device);
+    let settings = StepSettings {
+        grad_checkpoint: args.grad_checkpoint,
+        max_grad_norm: None,
+    };
+    let mut trainer = Trainer::new(model, plain_adamw(), settings, device);
+    let build_s = started.elapsed().as_secs_f64();
+
+    let mut rng = rand::rngs::StdRng::seed_from_u64(args.seed + 1);
+    let mut times = Vec::new();
+    let mut losses = Vec::new();
+    for i in 0..args.warmup_steps + args.steps {
+        let batch = random_batch(&mut rng, args.batch, args.seq, config.vocab_size);
+        B::sync(device)?;
+        let t0 = Instant::now();
+        let loss = trainer
+            .step(std::slice::from_ref(&batch), args.lr)
+            .map_or_else(|e| e.loss, |stats| stats.loss);
+        B::sync(device)?;
+        let dt = t0.elapsed().as_secs_f64();
+        let phase = if i < args.warmup_steps {
+            "warm"
+        } else {
+            "meas"
+        };
+        eprintln!("step {i:3} [{phase}] {:10.2} ms  loss {loss:.4}", dt * 1e3);
+        if i >= args.warmup_steps {
+            times.push(dt);
+        }
+        losses.push(loss);
+    }
+
+    let (n_dec, n_head) = frozen_linear_params(&config);
+    let attn_width = config.num_heads * config.head_dim;
+    let linear_fpt = 4 * (n_dec + n_head) + if args.grad_checkpoint { 2 * n_dec } else { 0 };
+    let attn_fpt = 8 * config.num_layers * args.seq * attn_width;
+    let fpt = (linear_fpt + attn_fpt) as f64;
+    let median = median(&times);
+    let tokens = args.batch * args.seq;
+    let tps = tokens as f64 / median;
+    let result = json!({
+        "bench": "loraforge_bench_train",
+        "tag": args.tag,
+        "argv": std::env::args().skip(1).collect::<Vec<_>>(),
+        "settings": {
+            "shape": clap::ValueEnum::to_possible_value(&args.shape).map(|v| v.get_name().to_string()),
+            "batch": args.batch, "seq": args.seq, "rank": args.rank,
+            "alpha": args.alpha, "targets": args.targets, "layers": args.layers,
+            "steps": args.steps, "warmup_steps": args.warmup_steps,
+            "grad_checkpoint": args.grad_checkpoint, "quant": args.quant, "dtype": args.dtype, "lr": args.lr,
+            "backend": std::any::type_name::<B>(),
+            "threads": rayon::current_num_threads(),
+        },
+        "flops": {"per_token": fpt, "linear_per_token": linear_fpt, "attn_per_token": attn_fpt},
+        "matmul_peak_gflops": peak / 1e9,
+        "results": {
+            "step_ms_median": median * 1e3,
+            "step_ms_all": times.iter().map(|t| t * 1e3).collect::<Vec<_>>(),
+            "tokens_per_step": tokens,
+            "tokens_per_s": tps,
+            "loss_first": losses.first(),
+            "loss_last": losses.last(),
+            "losses_finite": losses.iter().all(|l| l.is_finite()),
+            "build_s": build_s,
+            "achieved_tflops": fpt * tps / 1e12,
+            "mfu": fpt * tps / peak,
+            "peak_mem_bytes": crate::backends::peak_rss_bytes(),
+            "peak_mem_kind": "peak RSS of the process (whole lifetime)",
+        },
+    });
+    Ok(result)
+}
+
+/// Frozen weights of the seven linears of every block, and of the head (counted even when tied).
+fn frozen_linear_params(c: &ModelConfig) -> (usize, usize) {
+    let (h, kv) = (c.hidden_size, c.num_kv_heads * c.head_dim);
+    let q = c.num_heads * c.head_dim;
+    let per_block = h * q + 2 * h * kv + q * h + 3 * h * c.intermediate_size;
+    (per_block * c.num_layers, c.vocab_size * h)
+}
+
+/// Median FLOP/s of square matmuls through the model's GEMM path (2n³ per product, after a
+/// warm-up), with bf16 operands when the base is held in bf16: the peak MFU is quoted against,
+/// measured the way the reference measures its own.
+fn measure_matmul_peak<B: MatmulBackend>(bf16: bool, device: &B::Device) -> f64 {
+    let n = if std::any::type_name::<B>().contains("NdArray") {
+        1024
+    } else {
+        8192
+    };
+    let operand = || {
+        let t = Tensor::<B, 2>::random([n, n], Distribution::Default, device);
+        if bf16 { t.cast(FloatDType::BF16) } else { t }
+    };
+    let (a, b) = (operand(), operand());
+    let mut times = Vec::new();
+    for i in 0..6 {
+        let _ = B::sync(device);
+        let t0 = Instant::now();
+        let c = matmul(a.clone(), b.clone());
+        let _ = B::sync(device);
+        drop(c);
+        if i > 0 {
+            times.push(t0.elapsed().as_secs_f64());
+        }
+    }
+    2.0 * (n as f64).powi(3) / median(&times)
+}
+
+fn median(values: &[f64]) -> f64 {
+    let mut v = values.to_vec();
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn frozen_parameter_counts_match_the_reference_presets() {
+        // As bench/reference/peft_lora_bench.py counted them on the same presets
+        // (bench/results/train-cpu-vm-2026-11-27.jsonl): frozen decoder linears, head.
+        let (dec, head) = frozen_linear_params(&Shape::Tiny.config());
+        assert_eq!((dec, head), (3_162_112, 8_192_000));
+        let (dec, head) = frozen_linear_params(&Shape::Smollm2_135m.config());
+        assert_eq!((dec, head), (106_168_320, 28_311_552));
+    }
+}

@@ -1,0 +1,314 @@
+//! `attention` (the tiny shape's first attention layer against f64) and `attention_grad` (the
+//! attention op, sliced and through the model's dispatch, against the naive form under the CPU's
+//! f32 autodiff): see the list in `mod.rs`.
+
+use anyhow::{Result, bail};
+use burn::backend::Autodiff;
+use burn::tensor::Tensor;
+use rand::SeedableRng;
+use serde_json::json;
+
+use super::{BF16_TOLERANCE, CpuTrain, KERNEL_TOLERANCE, gemm, scaled_error, tensor, uniform};
+use crate::diagnostics::random::{Shape, random_model_files};
+use crate::model::names::{self, BlockLinear, BlockModule};
+use crate::model::weights::HostWeight;
+use crate::ops::ModelBackend;
+use crate::ops::attention::repeat_kv;
+use crate::ops::primitive::{inner, primitive};
+
+/// The tiny shape's first attention layer on random hidden states: the model's `Attention` on
+/// the device against the same math written out in f64 here (projections, Hugging Face RoPE,
+/// causal softmax, output projection), independent of Burn.
+pub(super) fn attention<B: ModelBackend>(
+    device: &B::Device,
+    seq: usize,
+) -> Result<serde_json::Value> {
+    let config = Shape::Tiny.config();
+    let files = random_model_files(config.clone(), 0);
+    let dev = files.build::<B>(device)?;
+    let batch = 2;
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seq as u64);
+    let h = uniform(&mut rng, batch * seq * config.hidden_size, 1.0);
+    let shape = [batch, seq, config.hidden_size];
+    let got: Vec<f32> = dev.layers[0]
+        .self_attn
+        .forward(
+            tensor(&h, shape, device),
+            &dev.layout(None, batch, seq, device),
+            None,
+        )
+        .into_data()
+        .convert::<f32>()
+        .into_vec()
+        .expect("f32");
+    let weight = |w: BlockLinear| -> Result<Vec<f64>> {
+        let name = format!("{}.{}.weight", names::block(0), w.key());
+        match files.weights.load(&name, &w.shape(&config), &config)? {
+            HostWeight::Dense { values, .. } => Ok(values.into_iter().map(f64::from).collect()),
+            HostWeight::Quantized(_) => bail!("random weights are dense"),
+        }
+    };
+    let (wq, wk, wv, wo) = (
+        weight(BlockLinear::Q)?,
+        weight(BlockLinear::K)?,
+        weight(BlockLinear::V)?,
+        weight(BlockLinear::O)?,
+    );
+    let want = attention_f64(&h, batch, seq, &config, [&wq, &wk, &wv, &wo]);
+    let error = scaled_error(&got, &want);
+    let tolerance = attention_tolerance::<B>(config.head_dim, device);
+    Ok(json!({
+        "check": "attention", "shape": "tiny", "batch": batch, "seq": seq,
+        "error": error, "tolerance": tolerance, "pass": error <= tolerance,
+    }))
+}
+
+/// Where the backend's fused attention kernel serves this head dimension, its products are bf16
+/// (as PyTorch's SDPA in a bf16 run): the bf16 tolerance.
+fn attention_tolerance<B: ModelBackend>(head_dim: usize, device: &B::Device) -> f64 {
+    if B::fused_attention(head_dim, device) {
+        BF16_TOLERANCE
+    } else {
+        KERNEL_TOLERANCE
+    }
+}
+
+/// One `attention_grad` check.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct AttentionCase {
+    heads: usize,
+    /// Query heads per key/value head (grouped-query attention; 1: every head its own).
+    group: usize,
+    past: usize,
+    seq: usize,
+    head_dim: usize,
+    /// Each row packs examples that must not see each other (a `[batch, 1, seq, seq]` mask).
+    packed: bool,
+    /// Tell the op the mask is causal (a fused kernel then applies the rule and skips the mask).
+    causal: bool,
+    /// The sliced op in slices of 64 queries, else the dispatch the model uses.
+    sliced: bool,
+}
+
+impl AttentionCase {
+    const fn new(heads: usize, past: usize, seq: usize, head_dim: usize) -> Self {
+        Self {
+            heads,
+            group: 1,
+            past,
+            seq,
+            head_dim,
+            packed: false,
+            causal: true,
+            sliced: false,
+        }
+    }
+
+    pub(super) const ALL: [Self; 12] = [
+        Self {
+            sliced: true,
+            ..Self::new(4, 0, 64, 32)
+        },
+        Self {
+            sliced: true,
+            ..Self::new(8, 3, 300, 32)
+        },
+        Self::new(4, 0, 64, 64),
+        Self::new(8, 3, 300, 64),
+        Self {
+            causal: false,
+            ..Self::new(8, 3, 300, 64)
+        },
+        Self::new(4, 0, 200, 128),
+        Self::new(2, 0, 100, 16),
+        Self::new(4, 37, 1, 64),
+        Self {
+            packed: true,
+            causal: false,
+            ..Self::new(4, 0, 200, 64)
+        },
+        Self {
+            group: 4,
+            ..Self::new(8, 3, 300, 64)
+        },
+        Self {
+            group: 2,
+            ..Self::new(4, 0, 200, 128)
+        },
+        Self {
+            group: 4,
+            causal: false,
+            ..Self::new(8, 37, 1, 64)
+        },
+    ];
+
+    /// Additive, `[1 or batch, 1, seq, past + seq]`.
+    fn mask(&self, batch: usize) -> (Vec<f64>, [usize; 4]) {
+        let (seq, keys) = (self.seq, self.past + self.seq);
+        if !self.packed {
+            let mut mask = vec![0f64; seq * keys];
+            for (i, row) in mask.chunks_exact_mut(keys).enumerate() {
+                row[self.past + i + 1..].fill(f64::NEG_INFINITY);
+            }
+            return (mask, [1, 1, seq, keys]);
+        }
+        // Row b holds two examples, the second starting at (b + 1) · seq / (batch + 1).
+        let mut mask = vec![f64::NEG_INFINITY; batch * seq * seq];
+        for b in 0..batch {
+            let split = (b + 1) * seq / (batch + 1);
+            for i in 0..seq {
+                let start = if i < split { 0 } else { split };
+                mask[(b * seq + i) * seq..][start..=i].fill(0.0);
+            }
+        }
+        (mask, [batch, 1, seq, seq])
+    }
+}
+
+/// The attention op's output and its q, k, v gradients (of `Σ r ⊙ out`) on the device, against
+/// the naive form differentiated by Burn's autodiff on the CPU in f32 (errors ~1e-6, far below
+/// the tolerance).
+pub(super) fn attention_grad<B: ModelBackend>(
+    device: &B::Device,
+    case: AttentionCase,
+) -> serde_json::Value {
+    let AttentionCase {
+        heads,
+        group,
+        past,
+        seq,
+        head_dim: d,
+        ..
+    } = case;
+    let batch = 2;
+    let mut rng = rand::rngs::StdRng::seed_from_u64((heads * 1000 + seq * 10 + d) as u64);
+    let q = uniform(&mut rng, batch * heads * seq * d, 1.0);
+    let kv_heads = heads / group;
+    let k = uniform(&mut rng, batch * kv_heads * (past + seq) * d, 1.0);
+    let v = uniform(&mut rng, batch * kv_heads * (past + seq) * d, 1.0);
+    let r = uniform(&mut rng, batch * heads * seq * d, 1.0);
+    let (mask, mask_shape) = case.mask(batch);
+    let scale = 1.0 / (d as f64).sqrt();
+    let q_shape = [batch, heads, seq, d];
+    let kv_shape = [batch, kv_heads, past + seq, d];
+
+    fn run<T: crate::ops::TrainBackend>(
+        inputs: [(&[f64], [usize; 4]); 5],
+        device: &T::Device,
+        op: impl Fn([Tensor<T, 4>; 4]) -> Tensor<T, 4>,
+    ) -> [Vec<f32>; 4] {
+        let [q, k, v, mask, r] =
+            inputs.map(|(values, shape)| tensor::<T, 4>(values, shape, device));
+        let (q, k, v) = (q.require_grad(), k.require_grad(), v.require_grad());
+        let out = op([q.clone(), k.clone(), v.clone(), mask]);
+        let grads = (out.clone() * r).sum().backward();
+        let host =
+            |t: Tensor<T::InnerBackend, 4>| t.into_data().convert::<f32>().into_vec().expect("f32");
+        [
+            host(out.inner()),
+            host(q.grad(&grads).expect("q tracked")),
+            host(k.grad(&grads).expect("k tracked")),
+            host(v.grad(&grads).expect("v tracked")),
+        ]
+    }
+    let inputs = [
+        (&q[..], q_shape),
+        (&k[..], kv_shape),
+        (&v[..], kv_shape),
+        (&mask[..], mask_shape),
+        (&r[..], q_shape),
+    ];
+    let got = run::<Autodiff<B>>(inputs, device, |[q, k, v, m]| {
+        if !case.sliced {
+            return crate::ops::attention::attention(q, k, v, m, scale, case.causal);
+        }
+        let p = primitive::<Autodiff<B>, 4>;
+        inner(crate::ops::attention::sliced::<
+            B,
+            burn::backend::autodiff::checkpoint::strategy::NoCheckpointing,
+        >(p(q), p(k), p(v), p(m), scale, 64))
+    });
+    let want = run::<CpuTrain>(inputs, &Default::default(), |[q, k, v, m]| {
+        let (k, v) = (repeat_kv(k, group), repeat_kv(v, group));
+        burn::tensor::activation::softmax(q.matmul(k.swap_dims(2, 3)).mul_scalar(scale) + m, 3)
+            .matmul(v)
+    });
+    let errors: Vec<f64> = got
+        .iter()
+        .zip(&want)
+        .map(|(g, w)| scaled_error(g, &w.iter().map(|&x| f64::from(x)).collect::<Vec<_>>()))
+        .collect();
+    let worst = errors.iter().copied().fold(0f64, f64::max);
+    let tolerance = if case.sliced {
+        KERNEL_TOLERANCE
+    } else {
+        attention_tolerance::<B>(d, device)
+    };
+    json!({
+        "check": "attention_grad", "op": if case.sliced { "sliced" } else { "dispatch" },
+        "batch": batch, "heads": heads, "kv_heads": kv_heads, "past": past, "seq": seq, "head_dim": d,
+        "packed": case.packed, "causal": case.causal, "output_error": errors[0], "dq_error": errors[1],
+        "dk_error": errors[2], "dv_error": errors[3], "tolerance": tolerance,
+        "pass": worst <= tolerance,
+    })
+}
+
+/// `softmax(rope(q) rope(k)ᵀ / √d + causal) v Woᵀ` for `h [batch, seq, hidden]`, in f64.
+fn attention_f64(
+    h: &[f64],
+    batch: usize,
+    seq: usize,
+    c: &crate::model::ModelConfig,
+    [wq, wk, wv, wo]: [&[f64]; 4],
+) -> Vec<f64> {
+    let (heads, kv_heads, hd, hidden) = (c.num_heads, c.num_kv_heads, c.head_dim, c.hidden_size);
+    let rows = batch * seq;
+    let q = gemm(h, wq, rows, hidden, heads * hd, true);
+    let k = gemm(h, wk, rows, hidden, kv_heads * hd, true);
+    let v = gemm(h, wv, rows, hidden, kv_heads * hd, true);
+    // Rotate-half RoPE: pairs (i, i + d/2) turn by position · θ^(−2i/d).
+    let half = hd / 2;
+    let rope = |x: &mut [f64], pos: usize| {
+        for i in 0..half {
+            let angle = pos as f64 * c.rope_theta.powf(-2.0 * i as f64 / hd as f64);
+            let (x1, x2) = (x[i], x[i + half]);
+            x[i] = x1 * angle.cos() - x2 * angle.sin();
+            x[i + half] = x2 * angle.cos() + x1 * angle.sin();
+        }
+    };
+    let (mut q, mut k) = (q, k);
+    for row in 0..rows {
+        let pos = row % seq;
+        q[row * heads * hd..(row + 1) * heads * hd]
+            .chunks_mut(hd)
+            .for_each(|x| rope(x, pos));
+        k[row * kv_heads * hd..(row + 1) * kv_heads * hd]
+            .chunks_mut(hd)
+            .for_each(|x| rope(x, pos));
+    }
+    let group = heads / kv_heads;
+    let mut out = vec![0f64; rows * heads * hd];
+    for b in 0..batch {
+        for head in 0..heads {
+            let kv = head / group;
+            for i in 0..seq {
+                let qi = &q[((b * seq + i) * heads + head) * hd..][..hd];
+                let scores: Vec<f64> = (0..=i)
+                    .map(|j| {
+                        let kj = &k[((b * seq + j) * kv_heads + kv) * hd..][..hd];
+                        qi.iter().zip(kj).map(|(a, b)| a * b).sum::<f64>() / (hd as f64).sqrt()
+                    })
+                    .collect();
+                let max = scores.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+                let weights: Vec<f64> = scores.iter().map(|s| (s - max).exp()).collect();
+                let total: f64 = weights.iter().sum();
+                let o = &mut out[((b * seq + i) * heads + head) * hd..][..hd];
+                for (j, w) in weights.iter().enumerate() {
+                    let vj = &v[((b * seq + j) * kv_heads + kv) * hd..][..hd];
+                    o.iter_mut().zip(vj).for_each(|(o, v)| *o += w / total * v);
+                }
+            }
+        }
+    }
+    gemm(&out, wo, rows, heads * hd, hidden, true)
+}

@@ -1,0 +1,324 @@
+//! `loraforge bench check --device cuda`: is a device backend computing what the CPU computes?
+//! One command to run on a GPU machine (issue 4, acceptance 5). It prints one JSON line per check
+//! and fails if any is off:
+//!
+//! - `trajectory`: the tiny shape trained for 20 steps on the device follows the CPU f32 run's
+//!   losses within 1e-2 relative. Same random weights (seeded on the host), the CPU run's initial
+//!   adapters copied to the device, the same batches.
+//! - `linear_dense`, `linear_q4` (and `_bf16` where the device holds a bf16 base): the frozen
+//!   linear (float, and 4-bit quantized, dequantized on the device) against float64 on the CPU,
+//!   on random inputs (never zeros) at several shapes: `y = x Wᵀ` and the input gradient
+//!   `dx = r W` of `Σ r ⊙ y`.
+//! - `attention`: the first attention layer of the tiny shape (projections, RoPE, causal
+//!   softmax, output projection) on random hidden states, device against float64.
+//! - `attention_grad`: the attention op on the device against the naive softmax form under the
+//!   CPU's f32 autodiff (the output and the gradients of q, k and v): the sliced op (its own
+//!   backward, slices of 64 queries) and the dispatch the model uses (the flash-attention kernels
+//!   on CUDA, `backends/cuda/attention.cu`) at head dimensions 16 to 128, with cached keys, with grouped
+//!   keys and values (fewer heads than the queries, read in place by the kernels), and with a packed
+//!   mask that differs per row.
+//! - `rope_grad`: the rotary embedding's output and input gradient against float64 (`rope.rs`).
+//!
+//! The attention checks live in `attention.rs`, RoPE's in `rope.rs`; `tests/suite/device_check_cpu.rs`
+//! runs them all on the CPU backend in CI.
+//!
+//! Errors are `max |device − reference| / max |reference|`, so one number per check reads the
+//! same whatever the scale of the values.
+
+mod attention;
+mod rope;
+
+use attention::{AttentionCase, attention, attention_grad};
+
+use std::sync::Arc;
+
+use anyhow::{Result, bail};
+use burn::backend::{Autodiff, NdArray};
+use burn::tensor::{DType, Tensor, TensorCreationOptions, TensorData};
+use rand::{Rng, SeedableRng};
+use serde_json::json;
+
+use super::random::{Shape, plain_adamw, random_batch, random_model_files};
+use crate::lora::{AdapterSpec, inject};
+use crate::model::Decoder;
+use crate::model::adapter::{from_vec, to_vec};
+use crate::model::linear::{FrozenLinear, FrozenWeight};
+use crate::ops::ModelBackend;
+use crate::ops::TrainBackend;
+use crate::recipe::{AdapterKind, Layers, LoraSection, Targets};
+use crate::train::trainer::{StepSettings, Trainer};
+
+type CpuTrain = Autodiff<NdArray<f32>>;
+
+const STEPS: usize = 20;
+const TRAJECTORY_TOLERANCE: f64 = 1e-2;
+/// AdamW's step for the trajectory. Adam moves every weight by about the learning rate whatever
+/// its gradient's size, so a gradient component that rounding flips changes the path by a full
+/// step: at 1e-2 the H200 run (TF32-level products) drifted 1.6% from the CPU by step 20 while
+/// agreeing to 1e-5 over the first five steps.
+const LEARNING_RATE: f64 = 5e-3;
+/// The CPU run's loss must fall at least this much, or the trajectory proves nothing.
+const MIN_LOSS_FALL: f64 = 0.5;
+/// f32 storage with tensor-core products (TF32 rounds inputs to 10 mantissa bits): errors of a
+/// few 1e-4 of the largest value are expected; 2e-3 leaves room and still catches a wrong
+/// kernel (a bad offset or a missed transpose gives errors of order 1).
+const KERNEL_TOLERANCE: f64 = 2e-3;
+/// A bf16 weight multiplies bf16-rounded activations (8 mantissa bits: 4e-3 relative each); the
+/// reference uses the same rounded weight, so what remains is the activations' rounding.
+const BF16_TOLERANCE: f64 = 1e-2;
+
+/// How the frozen linear's weight is held.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Weight {
+    Dense,
+    DenseBf16,
+    Q4,
+    /// Dequantized to bf16 for the GEMM, as a bf16 base's quantized weights are.
+    Q4Bf16,
+}
+
+impl Weight {
+    fn bf16(self) -> bool {
+        matches!(self, Weight::DenseBf16 | Weight::Q4Bf16)
+    }
+}
+
+/// Runs every check with `B` the device's backend (the bf16 weight only where the device holds
+/// a bf16 base: `bf16`); returns the JSON lines, or fails listing those that missed their
+/// tolerance.
+pub fn run<B: ModelBackend>(device: &B::Device, bf16: bool) -> Result<Vec<serde_json::Value>> {
+    let mut lines = vec![trajectory::<Autodiff<B>>(device)?];
+    let weights = [Weight::Dense, Weight::DenseBf16, Weight::Q4, Weight::Q4Bf16]
+        .into_iter()
+        .filter(|&w| bf16 || !w.bf16());
+    for (n, inp, out) in [(7, 64, 96), (256, 576, 1536), (1000, 2048, 512)] {
+        for weight in weights.clone() {
+            lines.push(linear::<B>(device, n, inp, out, weight));
+        }
+    }
+    for seq in [16, 128, 512] {
+        lines.push(attention::<B>(device, seq)?);
+    }
+    for case in AttentionCase::ALL {
+        lines.push(attention_grad::<B>(device, case));
+    }
+    for per_row_tables in [false, true] {
+        lines.push(rope::rope_grad::<B>(device, per_row_tables));
+    }
+    let failed: Vec<String> = lines
+        .iter()
+        .filter(|l| l["pass"] == false)
+        .map(|l| l.to_string())
+        .collect();
+    for line in &lines {
+        println!("{line}");
+    }
+    if !failed.is_empty() {
+        bail!(
+            "{} device checks failed:\n{}",
+            failed.len(),
+            failed.join("\n")
+        );
+    }
+    Ok(lines)
+}
+
+fn lora() -> LoraSection {
+    LoraSection {
+        kind: AdapterKind::Lora,
+        rank: 8,
+        scale: Some(2.0),
+        targets: Targets::Named("all-linear".into()),
+        layers: Layers::Last(-1),
+        ..Default::default()
+    }
+}
+
+/// The tiny shape's losses over 20 AdamW steps, on the CPU and on the device.
+fn trajectory<D: TrainBackend>(device: &D::Device) -> Result<serde_json::Value> {
+    let config = Shape::Tiny.config();
+    let files = random_model_files(config.clone(), 0);
+    let spec = AdapterSpec::from_recipe(&lora(), config.num_layers)?;
+    let cpu_device = Default::default();
+    let mut cpu = files.build::<CpuTrain>(&cpu_device)?;
+    <CpuTrain as burn::tensor::backend::Backend>::seed(&cpu_device, 1);
+    inject(&mut cpu, &spec, &cpu_device);
+    let mut dev = files.build::<D>(device)?;
+    inject(&mut dev, &spec, device);
+    copy_adapters(&cpu, &mut dev, device);
+    let cpu_losses = train_steps(cpu, &cpu_device);
+    let dev_losses = train_steps(dev, device);
+    let worst = cpu_losses
+        .iter()
+        .zip(&dev_losses)
+        .map(|(c, d)| ((c - d) / c).abs())
+        .fold(0.0, f64::max);
+    let fall = cpu_losses[0] - cpu_losses[STEPS - 1];
+    Ok(json!({
+        "check": "trajectory", "shape": "tiny", "steps": STEPS,
+        "cpu_losses": cpu_losses, "device_losses": dev_losses,
+        "loss_fall": fall, "max_relative_diff": worst, "tolerance": TRAJECTORY_TOLERANCE,
+        "pass": worst <= TRAJECTORY_TOLERANCE && fall > MIN_LOSS_FALL,
+    }))
+}
+
+fn copy_adapters<A: ModelBackend, D: ModelBackend>(
+    from: &Decoder<A>,
+    to: &mut Decoder<D>,
+    device: &D::Device,
+) {
+    let source = from.adapters();
+    for ((_, linear), (_, adapter)) in to
+        .linears_mut()
+        .into_iter()
+        .filter(|(_, l)| l.adapter.is_some())
+        .zip(source)
+    {
+        let target = linear.adapter.as_mut().expect("filtered");
+        target.a = from_vec(to_vec(&adapter.a), adapter.a.dims(), device);
+        target.b = from_vec(to_vec(&adapter.b), adapter.b.dims(), device);
+    }
+}
+
+fn train_steps<D: TrainBackend>(model: Decoder<D>, device: &D::Device) -> Vec<f64> {
+    let mut trainer = Trainer::new(model, plain_adamw(), StepSettings::default(), device);
+    // One batch, seen every step: the adapters memorise it, so the loss falls steeply and a
+    // wrong gradient anywhere shows in the trajectory (random batches would keep it flat at
+    // ln(vocab), where any two backends agree).
+    let mut rng = rand::rngs::StdRng::seed_from_u64(2);
+    let batch = random_batch(&mut rng, 4, 128, trainer.model.config.vocab_size);
+    (0..STEPS)
+        .map(|_| {
+            trainer
+                .step(std::slice::from_ref(&batch), LEARNING_RATE)
+                .map_or_else(|e| e.loss, |stats| stats.loss)
+        })
+        .collect()
+}
+
+fn uniform(rng: &mut impl Rng, len: usize, bound: f64) -> Vec<f64> {
+    // Never zero: |v| ≥ bound/100, so a kernel that drops values cannot hide behind zeros.
+    (0..len)
+        .map(|_| {
+            let v: f64 = rng.random_range(bound / 100.0..bound);
+            if rng.random_bool(0.5) { v } else { -v }
+        })
+        .collect()
+}
+
+fn scaled_error(got: &[f32], want: &[f64]) -> f64 {
+    let scale = want.iter().fold(0f64, |m, v| m.max(v.abs()));
+    let worst = got
+        .iter()
+        .zip(want)
+        .map(|(g, w)| (f64::from(*g) - w).abs())
+        .fold(0f64, f64::max);
+    worst / scale
+}
+
+fn tensor<B: burn::tensor::backend::Backend, const D: usize>(
+    values: &[f64],
+    shape: [usize; D],
+    device: &B::Device,
+) -> Tensor<B, D> {
+    Tensor::from_data(TensorData::new(values.to_vec(), shape), device)
+}
+
+/// `y = x Wᵀ` and `dx` on the device against f64, for a dense (f32 or bf16) or a 4-bit weight.
+fn linear<B: ModelBackend>(
+    device: &B::Device,
+    n: usize,
+    inp: usize,
+    out: usize,
+    kind: Weight,
+) -> serde_json::Value {
+    let mut rng = rand::rngs::StdRng::seed_from_u64((n * 31 + inp * 7 + out) as u64);
+    let x = uniform(&mut rng, n * inp, 1.0);
+    let mut w = uniform(&mut rng, out * inp, 0.05);
+    let r = uniform(&mut rng, n * out, 1.0);
+    let weight = if matches!(kind, Weight::Q4 | Weight::Q4Bf16) {
+        let w32: Vec<f32> = w.iter().map(|&v| v as f32).collect();
+        let q = crate::quant::quantize::quantize(&w32, out, inp, 4, 64).expect("valid geometry");
+        w = q.dequantize().into_iter().map(f64::from).collect();
+        Some(Arc::new(q))
+    } else {
+        None
+    };
+    if kind.bf16() {
+        w = w
+            .iter()
+            .map(|&v| f64::from(half::bf16::from_f64(v)))
+            .collect();
+    }
+    let frozen = |device: &B::Device| -> FrozenLinear<Autodiff<B>> {
+        FrozenLinear {
+            weight: match &weight {
+                Some(q) => FrozenWeight::quantized((**q).clone(), kind.bf16(), device),
+                None if kind == Weight::DenseBf16 => FrozenWeight::Dense(Tensor::from_data(
+                    TensorData::new(w.clone(), [out, inp]),
+                    TensorCreationOptions::new(device.clone()).with_dtype(DType::BF16),
+                )),
+                None => FrozenWeight::Dense(tensor(&w, [out, inp], device)),
+            },
+            bias: None,
+            adapter: None,
+        }
+    };
+    let xd = tensor::<Autodiff<B>, 3>(&x, [1, n, inp], device).require_grad();
+    let y = frozen(device).forward(xd.clone());
+    let loss = (y.clone() * tensor::<Autodiff<B>, 3>(&r, [1, n, out], device)).sum();
+    let grads = loss.backward();
+    let dx: Vec<f32> = xd
+        .grad(&grads)
+        .expect("x is tracked")
+        .into_data()
+        .convert::<f32>()
+        .into_vec()
+        .expect("f32");
+    let y: Vec<f32> = y.into_data().convert::<f32>().into_vec().expect("f32");
+
+    let y_ref = gemm(&x, &w, n, inp, out, true);
+    let dx_ref = gemm(&r, &w, n, out, inp, false);
+    let (fwd, bwd) = (scaled_error(&y, &y_ref), scaled_error(&dx, &dx_ref));
+    let (check, tolerance) = match kind {
+        Weight::Dense => ("linear_dense", KERNEL_TOLERANCE),
+        Weight::DenseBf16 => ("linear_dense_bf16", BF16_TOLERANCE),
+        Weight::Q4 => ("linear_q4", KERNEL_TOLERANCE),
+        Weight::Q4Bf16 => ("linear_q4_bf16", BF16_TOLERANCE),
+    };
+    json!({
+        "check": check, "n": n, "in": inp, "out": out,
+        "forward_error": fwd, "input_grad_error": bwd, "tolerance": tolerance,
+        "pass": fwd <= tolerance && bwd <= tolerance,
+    })
+}
+
+/// `a [m, k] · b` in f64, with `b` given as `[n, k]` (`transposed`, i.e. `a bᵀ`) or `[k, n]`.
+fn gemm(a: &[f64], b: &[f64], m: usize, k: usize, n: usize, transposed: bool) -> Vec<f64> {
+    let mut c = vec![0f64; m * n];
+    let (rsb, csb) = if transposed {
+        (1, k as isize)
+    } else {
+        (n as isize, 1)
+    };
+    // SAFETY: the strides describe the row-major buffers, whose lengths are m·k, k·n and m·n.
+    unsafe {
+        matrixmultiply::dgemm(
+            m,
+            k,
+            n,
+            1.0,
+            a.as_ptr(),
+            k as isize,
+            1,
+            b.as_ptr(),
+            rsb,
+            csb,
+            0.0,
+            c.as_mut_ptr(),
+            n as isize,
+            1,
+        );
+    }
+    c
+}

@@ -1,0 +1,7 @@
+//! Programs that measure and check the trainer rather than run it: `bench train` (timed steps on
+//! random models of known shapes, against the PyTorch + peft reference) and `bench check` (a
+//! device backend against the CPU).
+
+pub mod bench;
+pub mod device_check;
+pub mod random;

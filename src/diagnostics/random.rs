@@ -1,0 +1,104 @@
+//! Random models of known shapes and random batches, generated on the host from a seed so that
+//! every backend gets the same values: what `bench train` times and `bench check` compares.
+
+use rand::Rng;
+
+use crate::data::Batch;
+use crate::model::config::{Family, ModelConfig};
+use crate::model::load::{ModelFiles, ModelFormat};
+use crate::model::weights::WeightSource;
+use crate::ops::rope::RopeScaling;
+use crate::recipe::OptimizerKind;
+use crate::train::optimizer::OptimizerConfig;
+
+/// The model shapes of the reference benchmark's presets (`bench/reference/peft_lora_bench.py`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Shape {
+    /// The smallest preset: 4 layers, hidden 256, 4 heads, vocabulary 32000.
+    Tiny,
+    /// SmolLM2-135M: 30 layers, hidden 576, 9 heads (3 kv), tied embeddings.
+    #[value(name = "smollm2-135m")]
+    Smollm2_135m,
+    /// Llama 3.2 1B: 16 layers, hidden 2048, 32 heads (8 kv), tied embeddings.
+    #[value(name = "llama3.2-1b")]
+    Llama3_2_1b,
+    /// Llama 3 8B: 32 layers, hidden 4096, 32 heads (8 kv), vocabulary 128256.
+    #[value(name = "llama3-8b")]
+    Llama3_8b,
+}
+
+impl Shape {
+    /// The reference script's presets: (hidden, layers, heads, kv heads, ffn, vocab, tied, θ).
+    pub fn config(self) -> ModelConfig {
+        let (hidden, layers, heads, kv_heads, ffn, vocab, tied, theta) = match self {
+            Shape::Tiny => (256, 4, 4, 4, 688, 32000, false, 10000.0),
+            Shape::Smollm2_135m => (576, 30, 9, 3, 1536, 49152, true, 100000.0),
+            Shape::Llama3_2_1b => (2048, 16, 32, 8, 8192, 128256, true, 500000.0),
+            Shape::Llama3_8b => (4096, 32, 32, 8, 14336, 128256, false, 500000.0),
+        };
+        ModelConfig {
+            family: Family::Llama,
+            vocab_size: vocab,
+            hidden_size: hidden,
+            intermediate_size: ffn,
+            num_layers: layers,
+            num_heads: heads,
+            num_kv_heads: kv_heads,
+            head_dim: hidden / heads,
+            rms_norm_eps: 1e-5,
+            rope_theta: theta,
+            rope_scaling: RopeScaling::None,
+            max_position_embeddings: 131072,
+            tie_word_embeddings: tied,
+            attention_bias: false,
+            qk_norm: false,
+            dtype: "float32".into(),
+        }
+    }
+}
+
+/// AdamW with PyTorch's defaults and no weight decay, as the reference benchmark uses.
+pub fn plain_adamw() -> OptimizerConfig {
+    OptimizerConfig {
+        kind: OptimizerKind::Adamw,
+        betas: [0.9, 0.999],
+        eps: 1e-8,
+        weight_decay: 0.0,
+    }
+}
+
+/// A model of `config` with seeded random weights (generated on the host, so every backend
+/// gets the same values).
+pub fn random_model_files(config: ModelConfig, seed: u64) -> ModelFiles {
+    ModelFiles {
+        path: "<random weights>".into(),
+        format: ModelFormat::HfSafetensors,
+        config,
+        weights: WeightSource::Random { seed },
+        config_json: None,
+    }
+}
+
+/// `batch` rows of `seq` random token ids, `labels = inputs` as the reference passes them:
+/// position t predicts t + 1, and the last position has no target.
+pub fn random_batch(rng: &mut impl Rng, batch: usize, seq: usize, vocab: usize) -> Batch {
+    let ids: Vec<u32> = (0..batch * seq)
+        .map(|_| rng.random_range(0..vocab as u32))
+        .collect();
+    let mut targets = Vec::with_capacity(ids.len());
+    let mut mask = Vec::with_capacity(ids.len());
+    for row in ids.chunks_exact(seq) {
+        targets.extend(&row[1..]);
+        targets.push(0);
+        mask.extend(std::iter::repeat_n(1.0, seq - 1));
+        mask.push(0.0);
+    }
+    Batch {
+        batch,
+        seq,
+        inputs: ids,
+        targets,
+        mask,
+        segments: None,
+    }
+}

@@ -1,0 +1,99 @@
+//! The recipe's held-out prompts (`[eval] prompts`, JSON lines with `prompt` and optionally
+//! `expected` / `expected_contains`) and answering one with a model, the way `eval` and the
+//! trainer's on-demand generations both do: chat template, then the recipe's seeded sampling.
+
+use std::path::Path;
+
+use anyhow::{Context, Result};
+use serde::Deserialize;
+
+use crate::chat::{ChatTemplate, Message};
+use crate::generate::{GenerationLimits, SamplingConfig, generate};
+use crate::model::Decoder;
+use crate::ops::ModelBackend;
+use crate::recipe::EvalSection;
+use crate::tokenizer::Tokenizer;
+
+/// One held-out prompt, with what its answer is checked against.
+#[derive(Debug, Clone, Deserialize)]
+pub struct HeldOut {
+    /// The question, sent as a single user turn.
+    pub prompt: String,
+    /// The whole answer expected (exact match after trimming).
+    #[serde(default)]
+    pub expected: Option<String>,
+    /// Texts the answer must contain.
+    #[serde(default)]
+    pub expected_contains: Vec<String>,
+}
+
+/// Reads a held-out file; a bad line is named by number.
+pub fn read(path: &Path) -> Result<Vec<HeldOut>> {
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    text.lines()
+        .enumerate()
+        .filter(|(_, l)| !l.trim().is_empty())
+        .map(|(i, l)| {
+            serde_json::from_str(l).with_context(|| {
+                format!(
+                    "{}:{}: expected {{\"prompt\": ..., \"expected_contains\"?: [...]}}",
+                    path.display(),
+                    i + 1
+                )
+            })
+        })
+        .collect()
+}
+
+/// Renders prompts through the chat template and generates with the recipe's settings.
+pub struct Responder<'a> {
+    tokenizer: &'a Tokenizer,
+    template: ChatTemplate,
+    limits: GenerationLimits,
+    sampling: SamplingConfig,
+}
+
+impl<'a> Responder<'a> {
+    /// A responder with the recipe's `[eval]` limit and sampling; errors when the model has no
+    /// chat template.
+    pub fn new(tokenizer: &'a Tokenizer, eval: &EvalSection) -> Result<Self> {
+        Ok(Responder {
+            tokenizer,
+            template: ChatTemplate::from_tokenizer(tokenizer)?,
+            limits: GenerationLimits {
+                max_tokens: eval.max_tokens,
+                stop_at_eos: true,
+            },
+            sampling: SamplingConfig {
+                temperature: eval.temperature,
+                top_p: eval.top_p,
+                seed: eval.seed,
+                ..Default::default()
+            },
+        })
+    }
+
+    /// The model's answer to `prompt` as a single user turn.
+    pub fn answer<B: ModelBackend>(
+        &self,
+        model: &Decoder<B>,
+        prompt: &str,
+        device: &B::Device,
+    ) -> Result<String> {
+        let text = self
+            .template
+            .render(&[Message::new("user", prompt)], true, None)?;
+        let ids = self.tokenizer.encode(&text, false)?;
+        Ok(generate(
+            model,
+            self.tokenizer,
+            &ids,
+            self.limits.clone(),
+            self.sampling.clone(),
+            device,
+            |_| {},
+        )?
+        .text)
+    }
+}

@@ -1,0 +1,347 @@
+//! Adapter folders read onto the host, whoever wrote them: loraforge, `mlx_lm.lora` (mlx-lm
+//! layout) or peft. Where the adapters sit is read from the tensor names, not from the config's
+//! `keys` / `num_layers` (mlx-lm leaves `keys` out when it used its defaults); the config gives
+//! the scale and the adapter kind.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result, bail};
+use serde_json::Value;
+
+use crate::io::safetensors::SafetensorsStore;
+
+/// Which tool's layout a folder holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AdapterLayout {
+    /// `adapters.safetensors` (`<module>.lora_a` `[in, r]`, `.lora_b` `[r, out]`, `.m`).
+    Mlx,
+    /// `adapter_model.safetensors` (`base_model.model.<module>.lora_A.weight` `[r, in]`, ...).
+    Peft,
+}
+
+/// One linear's adapter in mlx-lm's orientation.
+#[derive(Debug, Clone)]
+pub struct HostAdapter {
+    /// `[in, r]`, row-major.
+    pub a: Vec<f32>,
+    /// `[r, out]`, row-major.
+    pub b: Vec<f32>,
+    /// DoRA magnitude `[out]`.
+    pub magnitude: Option<Vec<f32>>,
+    /// Columns of the adapted linear's `[out, in]` weight.
+    pub in_features: usize,
+    /// Rows of the adapted linear's `[out, in]` weight.
+    pub out_features: usize,
+    /// The rank `r`.
+    pub rank: usize,
+    /// The factor the adapter's output is multiplied by, from the folder's config.
+    pub scale: f64,
+}
+
+impl HostAdapter {
+    /// `ΔW = s · (A B)ᵀ` as a row-major `[out, in]` matrix. Each element is a plain f64 sum
+    /// rounded once to f32, so an export is the same bytes on every machine (a SIMD GEMM would
+    /// pick FMA or not by CPU, and the files would differ in their last bits).
+    pub fn delta(&self) -> Vec<f32> {
+        use rayon::prelude::*;
+        let (inp, out, r) = (self.in_features, self.out_features, self.rank);
+        let mut delta = vec![0f32; out * inp];
+        delta.par_chunks_mut(inp).enumerate().for_each(|(o, row)| {
+            let b_col: Vec<f64> = (0..r).map(|k| f64::from(self.b[k * out + o])).collect();
+            for (i, value) in row.iter_mut().enumerate() {
+                let a_row = &self.a[i * r..(i + 1) * r];
+                let sum: f64 = a_row
+                    .iter()
+                    .zip(&b_col)
+                    .map(|(a, b)| f64::from(*a) * b)
+                    .sum();
+                *value = (self.scale * sum) as f32;
+            }
+        });
+        delta
+    }
+}
+
+/// Every adapter of a folder, by module path (`model.layers.3.self_attn.q_proj`).
+#[derive(Debug, Clone)]
+pub struct HostAdapters {
+    /// The folder read.
+    pub dir: PathBuf,
+    /// Which tool's layout the folder holds.
+    pub layout: AdapterLayout,
+    /// Whether any module carries a DoRA magnitude.
+    pub dora: bool,
+    /// The adapters, by module path.
+    pub modules: BTreeMap<String, HostAdapter>,
+    /// The base the config names (`model` / `base_model_name_or_path`), if any.
+    pub base_model: Option<String>,
+}
+
+impl HostAdapters {
+    /// Reads an mlx-lm or peft adapter folder.
+    pub fn read(dir: &Path) -> Result<Self> {
+        let config_path = dir.join("adapter_config.json");
+        if !dir.is_dir() {
+            bail!(
+                "{} is not an adapter folder (it should hold adapter_config.json and adapters.safetensors or adapter_model.safetensors)",
+                dir.display()
+            );
+        }
+        let text = std::fs::read_to_string(&config_path)
+            .with_context(|| format!("reading {}", config_path.display()))?;
+        let config: Value = serde_json::from_str(&text)
+            .with_context(|| format!("{} is not valid JSON", config_path.display()))?;
+        let (layout, file) = if dir.join("adapters.safetensors").exists() {
+            (AdapterLayout::Mlx, dir.join("adapters.safetensors"))
+        } else if dir.join("adapter_model.safetensors").exists() {
+            (AdapterLayout::Peft, dir.join("adapter_model.safetensors"))
+        } else {
+            bail!(
+                "{} has neither adapters.safetensors (mlx-lm) nor adapter_model.safetensors (peft)",
+                dir.display()
+            );
+        };
+        let scale = match layout {
+            AdapterLayout::Mlx => mlx_scale(&config, &config_path)?,
+            AdapterLayout::Peft => peft_scale(&config, &config_path)?,
+        };
+        let mut modules = read_file(&file)?;
+        for adapter in modules.values_mut() {
+            adapter.scale = scale;
+        }
+        let dora = modules.values().any(|m| m.magnitude.is_some());
+        let base_model = config
+            .get("model")
+            .or_else(|| config.get("base_model_name_or_path"))
+            .and_then(Value::as_str)
+            .map(str::to_string);
+        Ok(HostAdapters {
+            dir: dir.to_path_buf(),
+            layout,
+            dora,
+            modules,
+            base_model,
+        })
+    }
+
+    /// Checks every adapter against the base's linear shapes (`[out, in]` by module path).
+    pub fn check_against(&self, linears: &BTreeMap<String, [usize; 2]>) -> Result<()> {
+        for (path, adapter) in &self.modules {
+            let Some(&[out, inp]) = linears.get(path) else {
+                bail!(
+                    "{}: the adapters have a module `{path}` that the base model does not have (adapters for a different base?)",
+                    self.dir.display()
+                );
+            };
+            if (out, inp) != (adapter.out_features, adapter.in_features) {
+                bail!(
+                    "{}: `{path}` is adapted as a [{}, {}] (out, in) linear, but the base model's is [{out}, {inp}] (adapters for a different base?)",
+                    self.dir.display(),
+                    adapter.out_features,
+                    adapter.in_features
+                );
+            }
+        }
+        Ok(())
+    }
+}
+
+fn matrix(store: &SafetensorsStore, file: &Path, name: &str) -> Result<(Vec<usize>, Vec<f32>)> {
+    let raw = store
+        .get(name)
+        .with_context(|| format!("{}: adapter tensor `{name}` is missing", file.display()))?;
+    if raw.shape.len() != 2 {
+        bail!(
+            "{}: `{name}` must be 2-D, found shape {:?}",
+            file.display(),
+            raw.shape
+        );
+    }
+    let values = raw
+        .to_f32()
+        .map_err(|e| anyhow::anyhow!("{}: `{name}`: {e}", file.display()))?;
+    Ok((raw.shape.to_vec(), values))
+}
+
+fn vector(store: &SafetensorsStore, file: &Path, name: &str, len: usize) -> Result<Vec<f32>> {
+    let raw = store
+        .get(name)
+        .with_context(|| format!("{}: `{name}` is missing", file.display()))?;
+    if raw.shape != [len] {
+        bail!(
+            "{}: `{name}` has shape {:?}, its adapter needs [{len}]",
+            file.display(),
+            raw.shape
+        );
+    }
+    raw.to_f32()
+        .map_err(|e| anyhow::anyhow!("{}: `{name}`: {e}", file.display()))
+}
+
+/// A row-major `[rows, cols]` matrix transposed.
+pub fn transpose(values: &[f32], rows: usize, cols: usize) -> Vec<f32> {
+    let mut out = vec![0f32; values.len()];
+    for r in 0..rows {
+        for c in 0..cols {
+            out[c * rows + r] = values[r * cols + c];
+        }
+    }
+    out
+}
+
+/// The tensors of an adapter file in either layout (told apart by name), with `scale` 1: the
+/// scale lives in the folder's config, which [`HostAdapters::read`] applies.
+pub fn read_file(file: &Path) -> Result<BTreeMap<String, HostAdapter>> {
+    let store = SafetensorsStore::open_files(&[file.to_path_buf()])?;
+    let peft = store.names().any(|n| n.starts_with("base_model.model."));
+    let modules = if peft {
+        read_peft(&store, file)?
+    } else {
+        read_mlx(&store, file)?
+    };
+    if modules.is_empty() {
+        bail!("{}: no adapter tensors found", file.display());
+    }
+    Ok(modules)
+}
+
+/// mlx-lm's `lora_parameters.scale` (20 when left out).
+fn mlx_scale(config: &Value, config_path: &Path) -> Result<f64> {
+    if config["fine_tune_type"].as_str() == Some("full") {
+        bail!(
+            "{}: fine_tune_type \"full\" holds whole weights, not adapters",
+            config_path.display()
+        );
+    }
+    Ok(config["lora_parameters"]["scale"].as_f64().unwrap_or(20.0))
+}
+
+/// peft's `lora_alpha / r`, or `lora_alpha / √r` with rsLoRA.
+fn peft_scale(config: &Value, config_path: &Path) -> Result<f64> {
+    if let Some(kind) = config["peft_type"].as_str()
+        && kind != "LORA"
+    {
+        bail!(
+            "{}: peft_type \"{kind}\" is not LoRA; only LoRA and DoRA adapters can be loaded",
+            config_path.display()
+        );
+    }
+    let r = config["r"]
+        .as_f64()
+        .with_context(|| format!("{}: no `r`", config_path.display()))?;
+    let alpha = config["lora_alpha"].as_f64().unwrap_or(8.0);
+    Ok(if config["use_rslora"].as_bool() == Some(true) {
+        alpha / r.sqrt()
+    } else {
+        alpha / r
+    })
+}
+
+fn read_mlx(store: &SafetensorsStore, file: &Path) -> Result<BTreeMap<String, HostAdapter>> {
+    let mut out = BTreeMap::new();
+    for name in store.names() {
+        let Some(path) = name.strip_suffix(".lora_a") else {
+            continue;
+        };
+        let (a_shape, a) = matrix(store, file, name)?;
+        let (b_shape, b) = matrix(store, file, &format!("{path}.lora_b"))?;
+        let (inp, r, out_f) = (a_shape[0], a_shape[1], b_shape[1]);
+        if b_shape[0] != r {
+            bail!(
+                "{}: `{path}.lora_a` has rank {r} but `{path}.lora_b` has {} rows",
+                file.display(),
+                b_shape[0]
+            );
+        }
+        let magnitude = store
+            .contains(&format!("{path}.m"))
+            .then(|| vector(store, file, &format!("{path}.m"), out_f))
+            .transpose()?;
+        out.insert(
+            path.to_string(),
+            HostAdapter {
+                a,
+                b,
+                magnitude,
+                in_features: inp,
+                out_features: out_f,
+                rank: r,
+                scale: 1.0,
+            },
+        );
+    }
+    Ok(out)
+}
+
+fn read_peft(store: &SafetensorsStore, file: &Path) -> Result<BTreeMap<String, HostAdapter>> {
+    let mut out = BTreeMap::new();
+    for name in store.names() {
+        let Some(path) = name
+            .strip_prefix("base_model.model.")
+            .and_then(|n| n.strip_suffix(".lora_A.weight"))
+        else {
+            continue;
+        };
+        let (a_shape, a_t) = matrix(store, file, name)?;
+        let (b_shape, b_t) = matrix(
+            store,
+            file,
+            &format!("base_model.model.{path}.lora_B.weight"),
+        )?;
+        let (rank, inp, out_f) = (a_shape[0], a_shape[1], b_shape[0]);
+        if b_shape[1] != rank {
+            bail!(
+                "{}: `{path}` lora_A has rank {rank} but lora_B has {} columns",
+                file.display(),
+                b_shape[1]
+            );
+        }
+        let m_name = format!("base_model.model.{path}.lora_magnitude_vector");
+        let magnitude = store
+            .contains(&m_name)
+            .then(|| vector(store, file, &m_name, out_f))
+            .transpose()?;
+        out.insert(
+            path.to_string(),
+            HostAdapter {
+                a: transpose(&a_t, rank, inp),
+                b: transpose(&b_t, out_f, rank),
+                magnitude,
+                in_features: inp,
+                out_features: out_f,
+                rank,
+                scale: 1.0,
+            },
+        );
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn delta_is_scale_times_a_b_transposed() {
+        // in = 3, r = 2, out = 2
+        let adapter = HostAdapter {
+            a: vec![1.0, 2.0, 3.0, 4.0, 5.0, 6.0],
+            b: vec![1.0, 0.5, -1.0, 2.0],
+            magnitude: None,
+            in_features: 3,
+            out_features: 2,
+            rank: 2,
+            scale: 2.0,
+        };
+        let delta = adapter.delta();
+        for o in 0..2 {
+            for i in 0..3 {
+                let want: f32 = (0..2)
+                    .map(|k| adapter.a[i * 2 + k] * adapter.b[k * 2 + o])
+                    .sum();
+                assert_eq!(delta[o * 3 + i], 2.0 * want, "[{o}, {i}]");
+            }
+        }
+    }
+}

@@ -1,0 +1,147 @@
+//! The frozen quantized linear as its own autodiff op.
+//!
+//! Forward: `y = x · deq(W)ᵀ`. Backward: only `dx = dy · deq(W)`, re-dequantizing from the
+//! packed weight; no weight gradient is ever computed and no dense copy of `W` is kept between
+//! forward and backward. Training memory therefore scales with the packed size.
+//!
+//! Backends opt in by implementing [`ModelBackend`]; the default methods work on any
+//! backend (dequantize on the host, then the backend's matmul), and `Autodiff<B>` wraps them
+//! with the backward above.
+
+use std::sync::Arc;
+
+use burn::backend::Autodiff;
+use burn::backend::autodiff::checkpoint::base::Checkpointer;
+use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
+use burn::backend::autodiff::grads::Gradients;
+use burn::backend::autodiff::ops::{Backward, Ops, OpsKind, unary};
+use burn::tensor::backend::Backend;
+use burn::tensor::ops::FloatTensor;
+use burn::tensor::{Tensor, TensorData};
+
+use super::attention::AttentionBackend;
+use super::elementwise::ElementwiseBackend;
+use super::primitive::{inner, primitive};
+use super::quantized_linear::DeviceQuantized;
+use super::rope::RopeBackend;
+use crate::quant::QuantizedMatrix;
+use crate::quant::packed_matmul::matmul_transposed;
+use crate::quant::tiled_matmul;
+
+/// Up to this many rows, the product runs from the packed codes on the host (measured on
+/// SmolLM2, 2 cores: 22-token prompts 43 → 82 tokens/s); beyond it, dequantizing once and
+/// running the backend's GEMM is faster.
+const PACKED_MATMUL_MAX_ROWS: usize = 32;
+
+/// Backends that run the whole model: attention, the element-wise ops, RoPE, and the frozen
+/// quantized linears (by default dequantized on the host).
+pub trait ModelBackend: AttentionBackend + ElementwiseBackend + RopeBackend {
+    /// Quantized weights live on the device and are dequantized there per use
+    /// (`quantized_linear.rs`); otherwise they stay on the host, multiplied by host kernels.
+    const DEVICE_QUANTIZED: bool = false;
+
+    /// A device-held quantized weight as the dense `[out, in]` matrix its GEMM reads (bf16 for
+    /// a bf16 base).
+    fn dequantize_for_gemm(w: &DeviceQuantized<Self>) -> FloatTensor<Self> {
+        primitive(w.for_gemm())
+    }
+
+    /// `x`: `[n, in]` → `x · deq(W)ᵀ` for a device-held quantized weight.
+    fn device_quantized_linear(
+        x: FloatTensor<Self>,
+        w: &DeviceQuantized<Self>,
+    ) -> FloatTensor<Self> {
+        super::quantized_linear::forward(x, w)
+    }
+
+    /// `x`: `[n, in]` → `[n, out]`.
+    fn quantized_linear(x: FloatTensor<Self>, w: &Arc<QuantizedMatrix>) -> FloatTensor<Self> {
+        let x = inner::<Self, 2>(x);
+        let [n, _] = x.dims();
+        let device = x.device();
+        let y = if n <= PACKED_MATMUL_MAX_ROWS {
+            on_host(x, w.rows, |xs| host_linear(w, xs, n))
+        } else {
+            let wt = TensorData::new(w.dequantize_transposed(), [w.cols, w.rows]);
+            x.matmul(Tensor::from_data(wt, &device))
+        };
+        primitive(y)
+    }
+
+    /// `dy`: `[n, out]` → `dx = dy · deq(W)`: `[n, in]`.
+    fn quantized_linear_input_grad(
+        dy: FloatTensor<Self>,
+        w: &Arc<QuantizedMatrix>,
+    ) -> FloatTensor<Self> {
+        let dy = inner::<Self, 2>(dy);
+        let device = dy.device();
+        primitive(dy.matmul(dense(w, &device)))
+    }
+}
+
+/// `f` applied to the rows of `x` on the host, giving `[n, cols]`.
+pub fn on_host<B: Backend>(
+    x: Tensor<B, 2>,
+    cols: usize,
+    f: impl FnOnce(&[f32]) -> Vec<f32>,
+) -> Tensor<B, 2> {
+    let [n, _] = x.dims();
+    let device = x.device();
+    let xs: Vec<f32> = x
+        .into_data()
+        .convert::<f32>()
+        .into_vec()
+        .expect("float activations");
+    Tensor::from_data(TensorData::new(f(&xs), [n, cols]), &device)
+}
+
+/// `x · deq(W)ᵀ` on the host for `n` rows of `x`: from the packed codes row by row for a few
+/// rows, tile by tile through sgemm for many.
+pub fn host_linear(w: &QuantizedMatrix, xs: &[f32], n: usize) -> Vec<f32> {
+    if n <= PACKED_MATMUL_MAX_ROWS {
+        matmul_transposed(w, xs, n)
+    } else {
+        tiled_matmul::forward(w, xs, n)
+    }
+}
+
+/// The dequantized weight as a dense `[out, in]` tensor.
+pub fn dense<B: Backend>(w: &QuantizedMatrix, device: &B::Device) -> Tensor<B, 2> {
+    Tensor::from_data(TensorData::new(w.dequantize(), [w.rows, w.cols]), device)
+}
+
+#[derive(Debug)]
+struct QuantizedLinearBackward;
+
+impl<B: ModelBackend> Backward<B, 1> for QuantizedLinearBackward {
+    type State = Arc<QuantizedMatrix>;
+
+    fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let w = ops.state;
+        unary::<B, _>(ops.parents, ops.node, grads, |dy| {
+            B::quantized_linear_input_grad(dy, &w)
+        });
+    }
+}
+
+impl<B: ModelBackend, C: CheckpointStrategy> ModelBackend for Autodiff<B, C> {
+    fn quantized_linear(x: FloatTensor<Self>, w: &Arc<QuantizedMatrix>) -> FloatTensor<Self> {
+        match QuantizedLinearBackward
+            .prepare::<C>([x.node.clone()])
+            .compute_bound()
+            .stateful()
+        {
+            OpsKind::Tracked(prep) => prep.finish(w.clone(), B::quantized_linear(x.primitive, w)),
+            OpsKind::UnTracked(prep) => prep.finish(B::quantized_linear(x.primitive, w)),
+        }
+    }
+
+    const DEVICE_QUANTIZED: bool = B::DEVICE_QUANTIZED;
+
+    fn device_quantized_linear(
+        x: FloatTensor<Self>,
+        w: &DeviceQuantized<Self>,
+    ) -> FloatTensor<Self> {
+        super::quantized_linear::autodiff_forward::<B, C>(x, w)
+    }
+}

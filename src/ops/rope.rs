@@ -1,0 +1,232 @@
+//! Rotary position embeddings, Hugging Face layout (`rotate_half`, not interleaved), with the
+//! `linear` and `llama3` frequency scalings.
+//!
+//! ```text
+//! rope(x)  = x ⊙ cos + rotate_half(x) ⊙ sin,   rotate_half([x₁, x₂]) = [−x₂, x₁]
+//! ∂x       = dy ⊙ cos + rotate_halfᵀ(dy ⊙ sin) = rope(dy) with sin negated
+//! ```
+//!
+//! The rotation is one autodiff op ([`RopeBackend`]): its backward keeps only the tables, where
+//! Burn's chain of slices, concatenation and products kept x and its rotated copy for q and k.
+
+use burn::backend::Autodiff;
+use burn::backend::autodiff::checkpoint::base::Checkpointer;
+use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
+use burn::backend::autodiff::grads::Gradients;
+use burn::backend::autodiff::ops::{Backward, Ops, OpsKind, unary};
+use burn::tensor::ops::FloatTensor;
+use burn::tensor::{Tensor, TensorData, backend::Backend};
+
+use super::primitive::{inner, primitive};
+
+#[derive(Debug, Clone, PartialEq)]
+/// How a family rescales RoPE's frequencies for longer contexts (`rope_scaling` in config.json).
+pub enum RopeScaling {
+    /// The frequencies `theta^(−2i / head_dim)` as they are.
+    None,
+    /// Positions divided by `factor`.
+    Linear {
+        /// What every frequency is divided by.
+        factor: f64,
+    },
+    /// Llama 3.1's frequency-dependent rescaling.
+    Llama3 {
+        /// What the low frequencies (long wavelengths) are divided by.
+        factor: f64,
+        /// Wavelengths above `original_max_position_embeddings / low_freq_factor` take the full
+        /// `factor`.
+        low_freq_factor: f64,
+        /// Wavelengths below `original_max_position_embeddings / high_freq_factor` stay unscaled;
+        /// those between the two bounds are interpolated.
+        high_freq_factor: f64,
+        /// The context length the model was pretrained at, in tokens.
+        original_max_position_embeddings: f64,
+    },
+}
+
+/// RoPE's per-pair frequencies for one head size, from which position tables are built.
+#[derive(Debug, Clone)]
+pub struct Rope {
+    /// One frequency per pair of dimensions (`head_dim / 2`).
+    inv_freq: Vec<f32>,
+}
+
+impl Rope {
+    /// Frequencies `theta^(−2i / head_dim)` for each pair of dimensions, rescaled by `scaling`.
+    pub fn new(head_dim: usize, theta: f64, scaling: &RopeScaling) -> Self {
+        let half = head_dim / 2;
+        let base: Vec<f64> = (0..half)
+            .map(|i| 1.0 / theta.powf((2 * i) as f64 / head_dim as f64))
+            .collect();
+        let inv_freq = match *scaling {
+            RopeScaling::None => base,
+            RopeScaling::Linear { factor } => base.iter().map(|f| f / factor).collect(),
+            RopeScaling::Llama3 {
+                factor,
+                low_freq_factor,
+                high_freq_factor,
+                original_max_position_embeddings: old_len,
+            } => {
+                let low_freq_wavelen = old_len / low_freq_factor;
+                let high_freq_wavelen = old_len / high_freq_factor;
+                base.iter()
+                    .map(|&f| {
+                        let wavelen = 2.0 * std::f64::consts::PI / f;
+                        if wavelen < high_freq_wavelen {
+                            f
+                        } else if wavelen > low_freq_wavelen {
+                            f / factor
+                        } else {
+                            let smooth = (old_len / wavelen - low_freq_factor)
+                                / (high_freq_factor - low_freq_factor);
+                            (1.0 - smooth) * f / factor + smooth * f
+                        }
+                    })
+                    .collect()
+            }
+        };
+        Rope {
+            inv_freq: inv_freq.into_iter().map(|f| f as f32).collect(),
+        }
+    }
+
+    /// The (scaled) frequency of each pair of dimensions.
+    pub fn inv_freq(&self) -> &[f32] {
+        &self.inv_freq
+    }
+
+    /// `(cos, sin)`, each `[rows, 1, seq, head_dim]`, for `positions` (`rows * seq` of them,
+    /// row-major): one row broadcasts over the batch, or one row per batch row when positions
+    /// differ between rows (packed examples restart at 0).
+    pub fn tables<B: Backend>(
+        &self,
+        positions: &[usize],
+        rows: usize,
+        device: &B::Device,
+    ) -> (Tensor<B, 4>, Tensor<B, 4>) {
+        let half = self.inv_freq.len();
+        let mut cos = Vec::with_capacity(positions.len() * half * 2);
+        let mut sin = Vec::with_capacity(positions.len() * half * 2);
+        for &pos in positions {
+            let angles: Vec<f32> = self.inv_freq.iter().map(|f| pos as f32 * f).collect();
+            for _ in 0..2 {
+                cos.extend(angles.iter().map(|a| a.cos()));
+                sin.extend(angles.iter().map(|a| a.sin()));
+            }
+        }
+        let shape = [rows, 1, positions.len() / rows, half * 2];
+        (
+            Tensor::from_data(TensorData::new(cos, shape), device),
+            Tensor::from_data(TensorData::new(sin, shape), device),
+        )
+    }
+}
+
+/// Backends that apply RoPE; the default is Burn's slices and products, which a backend may
+/// replace with one pass of its own.
+pub trait RopeBackend: Backend {
+    /// `x` (`[batch, heads, seq, head_dim]`) rotated by tables from [`Rope::tables`].
+    fn rope(x: Tensor<Self, 4>, cos: Tensor<Self, 4>, sin: Tensor<Self, 4>) -> Tensor<Self, 4> {
+        rotate_by_slices(x, cos, sin)
+    }
+
+    /// The gradient of [`RopeBackend::rope`]'s input given its output's, `dy`: the rotation
+    /// back.
+    fn rope_backward(
+        dy: Tensor<Self, 4>,
+        cos: Tensor<Self, 4>,
+        sin: Tensor<Self, 4>,
+    ) -> Tensor<Self, 4> {
+        Self::rope(dy, cos, sin.neg())
+    }
+}
+
+/// [`RopeBackend::rope`] in Burn's ops: `x ⊙ cos + [−x₂, x₁] ⊙ sin`.
+pub fn rotate_by_slices<B: Backend>(
+    x: Tensor<B, 4>,
+    cos: Tensor<B, 4>,
+    sin: Tensor<B, 4>,
+) -> Tensor<B, 4> {
+    let half = x.dims()[3] / 2;
+    let x1 = x.clone().narrow(3, 0, half);
+    let x2 = x.clone().narrow(3, half, half);
+    let rotated = Tensor::cat(vec![x2.neg(), x1], 3);
+    x * cos + rotated * sin
+}
+
+#[derive(Debug)]
+struct RopeBackward;
+
+impl<B: RopeBackend> Backward<B, 1> for RopeBackward {
+    /// The tables.
+    type State = (FloatTensor<B>, FloatTensor<B>);
+
+    fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let (cos, sin) = ops.state;
+        unary::<B, _>(ops.parents, ops.node, grads, |dy| {
+            primitive(B::rope_backward(inner(dy), inner(cos), inner(sin)))
+        });
+    }
+}
+
+impl<B: RopeBackend, C: CheckpointStrategy> RopeBackend for Autodiff<B, C> {
+    fn rope(x: Tensor<Self, 4>, cos: Tensor<Self, 4>, sin: Tensor<Self, 4>) -> Tensor<Self, 4> {
+        let (cos, sin) = (cos.inner(), sin.inner());
+        let x = primitive(x);
+        let rotate = |x| primitive(B::rope(inner(x), cos.clone(), sin.clone()));
+        let out = match RopeBackward
+            .prepare::<C>([x.node.clone()])
+            .compute_bound()
+            .stateful()
+        {
+            OpsKind::Tracked(prep) => {
+                let tables = (primitive(cos.clone()), primitive(sin.clone()));
+                prep.finish(tables, rotate(x.primitive))
+            }
+            OpsKind::UnTracked(prep) => prep.finish(rotate(x.primitive)),
+        };
+        inner(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use burn::tensor::Tensor;
+
+    use super::RopeScaling;
+    use super::{Rope, RopeBackend};
+    use crate::ops::test_f64::{B, assert_same, cast, random};
+
+    /// The op's written-out backward (the rotation back) against Burn's differentiation of the
+    /// slice-and-concatenate form, with Llama 3 scaled frequencies and one table per row.
+    #[test]
+    fn rope_gradient_matches_burns_autodiff() {
+        let device = Default::default();
+        let scaling = RopeScaling::Llama3 {
+            factor: 8.0,
+            low_freq_factor: 1.0,
+            high_freq_factor: 4.0,
+            original_max_position_embeddings: 16.0,
+        };
+        let rope = Rope::new(8, 500_000.0, &scaling);
+        let positions: Vec<usize> = (0..10).map(|i| (i * 7) % 11).collect();
+        let (cos, sin) = rope.tables::<B>(&positions, 2, &device);
+        let (cos, sin) = (cast(cos), cast(sin));
+        let (x, dy) = (random([2, 3, 5, 8], 1.0), random([2, 3, 5, 8], 1.0));
+        let grads_of = |op: bool| {
+            let x = x.clone().require_grad();
+            let y = if op {
+                B::rope(x.clone(), cos.clone(), sin.clone())
+            } else {
+                let x1 = x.clone().narrow(3, 0, 4);
+                let x2 = x.clone().narrow(3, 4, 4);
+                x.clone() * cos.clone() + Tensor::cat(vec![x2.neg(), x1], 3) * sin.clone()
+            };
+            let grads = (y.clone() * dy.clone()).sum().backward();
+            (y.inner(), x.grad(&grads).expect("x tracked"))
+        };
+        let ((y, dx), (want_y, want_dx)) = (grads_of(true), grads_of(false));
+        assert_same(y, want_y);
+        assert_same(dx, want_dx);
+    }
+}

@@ -1,0 +1,243 @@
+//! One training step, the only one: the training loop, `bench train`, `bench check` and the
+//! peft parity test all call [`Trainer::step`].
+//!
+//! ```text
+//! step(micro_batches, lr):
+//!     grads = Σ_k ∇ loss(batch_k) / K           K micro-batches (gradient accumulation)
+//!     norm  = ‖grads‖ ; clip to max_grad_norm
+//!     optimizer.update(params, grads, lr) ; write the adapters back into the model
+//! ```
+//!
+//! The adapter tensors travel as flat lists in `Decoder::adapters` order between the model and
+//! the optimizer; that order is private to this file.
+
+use burn::tensor::Tensor;
+use burn::tensor::backend::AutodiffBackend;
+
+use super::loss::masked_cross_entropy;
+use super::optimizer::{Optimizer, OptimizerConfig, clip_global_norm, global_norm};
+use crate::data::Batch;
+use crate::model::{Decoder, LoraAdapter};
+use crate::ops::{ModelBackend, TrainBackend};
+
+/// How a step treats its gradients and activations.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct StepSettings {
+    /// Recompute each block's activations in the backward pass instead of keeping them.
+    pub grad_checkpoint: bool,
+    /// Clip the global gradient norm to this.
+    pub max_grad_norm: Option<f64>,
+}
+
+/// What one step measured.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct StepStats {
+    /// Mean loss over the micro-batches.
+    pub loss: f64,
+    /// Global gradient norm before clipping.
+    pub grad_norm: f64,
+}
+
+/// A step whose loss was not finite: the adapters were not updated.
+#[derive(Debug, Clone, Copy, PartialEq, thiserror::Error)]
+#[error("the training loss became {loss}")]
+pub struct NonFiniteLoss {
+    /// The mean loss of the step's micro-batches.
+    pub loss: f64,
+}
+
+/// The model being trained, with its optimizer.
+pub struct Trainer<B: TrainBackend> {
+    /// The model with its adapters, tracked for autodiff.
+    pub model: Decoder<B>,
+    /// The optimizer's state, one entry per adapter tensor.
+    pub optimizer: Optimizer<B::InnerBackend>,
+    params: Vec<Tensor<B::InnerBackend, 1>>,
+    settings: StepSettings,
+    device: B::Device,
+}
+
+impl<B: TrainBackend> Trainer<B> {
+    /// Trains `model`'s adapters (injected, and loaded when resuming) from their current values
+    /// with a fresh optimizer.
+    pub fn new(
+        mut model: Decoder<B>,
+        optimizer: OptimizerConfig,
+        settings: StepSettings,
+        device: &B::Device,
+    ) -> Self {
+        let params = parameters(&model);
+        let optimizer = Optimizer::new(optimizer, &params);
+        // Tracks the adapters for autodiff; without it the first step gets no gradients.
+        set_parameters(&mut model, &params);
+        Trainer {
+            model,
+            optimizer,
+            params,
+            settings,
+            device: device.clone(),
+        }
+    }
+
+    /// Trainable parameters (elements).
+    pub fn parameter_count(&self) -> usize {
+        self.params.iter().map(|p| p.dims()[0]).sum()
+    }
+
+    /// One optimizer update over `micro_batches` at learning rate `lr`. A non-finite loss
+    /// leaves the adapters and the optimizer as they were.
+    pub fn step(&mut self, micro_batches: &[Batch], lr: f64) -> Result<StepStats, NonFiniteLoss> {
+        let scale = 1.0 / micro_batches.len() as f64;
+        let mut accumulated: Option<Vec<_>> = None;
+        let mut loss_sum = 0.0;
+        for batch in micro_batches {
+            let (loss, grads) = loss_and_gradients(
+                &self.model,
+                batch,
+                scale,
+                self.settings.grad_checkpoint,
+                &self.device,
+            );
+            loss_sum += loss;
+            accumulated = Some(match accumulated {
+                None => grads,
+                Some(acc) => acc.into_iter().zip(grads).map(|(a, g)| a + g).collect(),
+            });
+        }
+        let loss = loss_sum / micro_batches.len() as f64;
+        if !loss.is_finite() {
+            return Err(NonFiniteLoss { loss });
+        }
+        let mut grads = accumulated.unwrap_or_default();
+        let grad_norm = global_norm(&grads);
+        if let Some(max) = self.settings.max_grad_norm {
+            clip_global_norm(&mut grads, grad_norm, max);
+        }
+        self.optimizer.update(&mut self.params, &grads, lr);
+        set_parameters(&mut self.model, &self.params);
+        Ok(StepStats { loss, grad_norm })
+    }
+}
+
+/// Mean loss over the batch's trained positions.
+pub fn batch_loss<B: ModelBackend>(
+    decoder: &Decoder<B>,
+    batch: &Batch,
+    device: &B::Device,
+) -> Tensor<B, 1> {
+    let logits = decoder.forward_with_segments(
+        &batch.inputs,
+        batch.segments.as_deref(),
+        batch.batch,
+        device,
+    );
+    let grad_dtype = decoder.lm_head.output_grad_dtype();
+    masked_cross_entropy(logits, &batch.targets, &batch.mask, grad_dtype).0
+}
+
+/// The batch's mean loss and the gradients of `scale ×` that loss (`scale` = 1 / accumulation
+/// steps), flattened in [`parameters`] order. With `grad_checkpoint`, block activations are
+/// recomputed in the backward pass instead of kept (see [`super::recompute`]).
+pub fn loss_and_gradients<B: TrainBackend>(
+    decoder: &Decoder<B>,
+    batch: &Batch,
+    scale: f64,
+    grad_checkpoint: bool,
+    device: &B::Device,
+) -> (f64, Vec<Tensor<B::InnerBackend, 1>>) {
+    if grad_checkpoint {
+        return super::recompute::loss_and_gradients(decoder, batch, scale, device);
+    }
+    // The head runs a slice at a time (`head.rs`); its gradient then flows through the blocks.
+    let top = decoder.forward_blocks(
+        &batch.inputs,
+        batch.segments.as_deref(),
+        batch.batch,
+        device,
+    );
+    let (value, upstream) = super::head::loss_and_input_grad(
+        decoder,
+        top.clone().inner(),
+        &batch.targets,
+        &batch.mask,
+        scale,
+    );
+    let grads = (top * Tensor::from_inner(upstream)).sum().backward();
+    (value, gradients(decoder, &grads))
+}
+
+/// The trainable tensors (without autodiff), flattened.
+pub fn parameters<B: AutodiffBackend + ModelBackend>(
+    decoder: &Decoder<B>,
+) -> Vec<Tensor<B::InnerBackend, 1>> {
+    decoder
+        .adapters()
+        .iter()
+        .flat_map(|(_, a)| a.parameters())
+        .map(|p| p.inner())
+        .collect()
+}
+
+/// The gradients of the trainable tensors, flattened; zeros where a tensor got none.
+pub fn gradients<B: AutodiffBackend + ModelBackend>(
+    decoder: &Decoder<B>,
+    grads: &B::Gradients,
+) -> Vec<Tensor<B::InnerBackend, 1>> {
+    adapter_gradients(decoder.adapters().into_iter().map(|(_, a)| a), grads)
+}
+
+/// [`gradients`] for some of the adapters, in the order given.
+pub fn adapter_gradients<'a, B: AutodiffBackend + ModelBackend>(
+    adapters: impl IntoIterator<Item = &'a LoraAdapter<B>>,
+    grads: &B::Gradients,
+) -> Vec<Tensor<B::InnerBackend, 1>> {
+    let mut out = Vec::new();
+    for adapter in adapters {
+        let mut push = |t: Tensor<B, 1>, g: Option<Tensor<B::InnerBackend, 1>>| {
+            out.push(g.unwrap_or_else(|| t.inner().zeros_like()));
+        };
+        push(
+            adapter.a.clone().flatten(0, 1),
+            adapter.a.grad(grads).map(|g| g.flatten(0, 1)),
+        );
+        push(
+            adapter.b.clone().flatten(0, 1),
+            adapter.b.grad(grads).map(|g| g.flatten(0, 1)),
+        );
+        if let Some(m) = &adapter.magnitude {
+            push(m.clone(), m.grad(grads));
+        }
+    }
+    out
+}
+
+/// Writes updated trainable tensors back into the model, tracked for the next step.
+pub fn set_parameters<B: AutodiffBackend + ModelBackend>(
+    decoder: &mut Decoder<B>,
+    params: &[Tensor<B::InnerBackend, 1>],
+) {
+    let mut next = params.iter();
+    let mut take = |shape: &[usize]| -> Tensor<B::InnerBackend, 1> {
+        let t = next
+            .next()
+            .expect("one tensor per trainable parameter")
+            .clone();
+        debug_assert_eq!(t.dims()[0], shape.iter().product::<usize>());
+        t
+    };
+    for (_, linear) in decoder.linears_mut() {
+        let Some(adapter) = linear.adapter.as_mut() else {
+            continue;
+        };
+        let a = take(&adapter.a.dims()).reshape(adapter.a.dims());
+        let b = take(&adapter.b.dims()).reshape(adapter.b.dims());
+        let magnitude = adapter.magnitude.as_ref().map(|m| take(&m.dims()));
+        *adapter = LoraAdapter {
+            a: Tensor::from_inner(a),
+            b: Tensor::from_inner(b),
+            magnitude: magnitude.map(Tensor::from_inner),
+            ..adapter.clone()
+        }
+        .require_grad();
+    }
+}

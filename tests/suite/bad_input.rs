@@ -1,0 +1,191 @@
+//! Bad input gets a clear error that names the file, key or tensor and says what to do.
+
+use crate::common;
+
+use std::path::{Path, PathBuf};
+
+use burn::backend::NdArray;
+use loraforge::model::load_model;
+
+/// A scratch copy of a fixture model folder.
+fn scratch_copy(fixture: &str, tag: &str) -> PathBuf {
+    let src = common::fixture(&format!("models/{fixture}"));
+    let dir = std::env::temp_dir().join(format!("lf-bad-{tag}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    for entry in std::fs::read_dir(&src).unwrap() {
+        let entry = entry.unwrap();
+        std::fs::copy(entry.path(), dir.join(entry.file_name())).unwrap();
+    }
+    dir
+}
+
+fn load_error(path: &Path) -> String {
+    match load_model::<NdArray<f32>>(path, &Default::default()) {
+        Ok(_) => panic!("{} loaded but should not have", path.display()),
+        Err(e) => format!("{e:#}"),
+    }
+}
+
+fn edit_config(dir: &Path, edit: impl FnOnce(&mut serde_json::Value)) {
+    let path = dir.join("config.json");
+    let mut json = common::read_json(&path);
+    edit(&mut json);
+    std::fs::write(path, serde_json::to_string_pretty(&json).unwrap()).unwrap();
+}
+
+#[test]
+fn missing_config_json() {
+    let dir = scratch_copy("qwen2", "noconfig");
+    std::fs::remove_file(dir.join("config.json")).unwrap();
+    let err = load_error(&dir);
+    assert!(err.contains("has no config.json"), "{err}");
+}
+
+#[test]
+fn malformed_config_json() {
+    let dir = scratch_copy("qwen2", "badjson");
+    std::fs::write(dir.join("config.json"), "{\"model_type\": \"qwen2\",").unwrap();
+    let err = load_error(&dir);
+    assert!(
+        err.contains("config.json") && err.contains("invalid JSON"),
+        "{err}"
+    );
+}
+
+#[test]
+fn config_missing_a_dimension() {
+    let dir = scratch_copy("qwen2", "nohidden");
+    edit_config(&dir, |c| {
+        c.as_object_mut().unwrap().remove("hidden_size");
+    });
+    let err = load_error(&dir);
+    assert!(err.contains("missing or invalid `hidden_size`"), "{err}");
+}
+
+#[test]
+fn unsupported_model_type_lists_the_supported_ones() {
+    let dir = scratch_copy("qwen2", "neox");
+    edit_config(&dir, |c| c["model_type"] = "gpt_neox".into());
+    let err = load_error(&dir);
+    assert!(err.contains("\"gpt_neox\""), "{err}");
+    assert!(
+        err.contains("supported: llama, mistral, qwen2, qwen3"),
+        "{err}"
+    );
+}
+
+#[test]
+fn truncated_safetensors() {
+    let dir = scratch_copy("mistral", "trunc");
+    let file = dir.join("model.safetensors");
+    let bytes = std::fs::read(&file).unwrap();
+    std::fs::write(&file, &bytes[..bytes.len() - 1000]).unwrap();
+    let err = load_error(&dir);
+    assert!(
+        err.contains("model.safetensors") && err.contains("truncated or corrupt"),
+        "{err}"
+    );
+}
+
+#[test]
+fn corrupt_safetensors_header() {
+    let dir = scratch_copy("mistral", "corrupt");
+    let file = dir.join("model.safetensors");
+    let mut bytes = std::fs::read(&file).unwrap();
+    bytes[8..24].copy_from_slice(b"not json at all!");
+    std::fs::write(&file, bytes).unwrap();
+    let err = load_error(&dir);
+    assert!(
+        err.contains("model.safetensors") && err.contains("not a valid safetensors file"),
+        "{err}"
+    );
+}
+
+#[test]
+fn shape_mismatch_names_the_tensor() {
+    let dir = scratch_copy("llama-linearrope-untied", "shape");
+    edit_config(&dir, |c| c["intermediate_size"] = 96.into());
+    let err = load_error(&dir);
+    assert!(err.contains("model.layers.0.mlp.gate_proj.weight"), "{err}");
+    assert!(
+        err.contains("[128, 64]") && err.contains("[96, 64]"),
+        "{err}"
+    );
+}
+
+#[test]
+fn missing_tensor_is_named() {
+    let dir = scratch_copy("qwen3", "missing");
+    // A config that claims a layer more than the weights hold.
+    edit_config(&dir, |c| c["num_hidden_layers"] = 3.into());
+    let err = load_error(&dir);
+    assert!(
+        err.contains("model.layers.2.") && err.contains("is missing"),
+        "{err}"
+    );
+}
+
+/// A minimal GGUF v3 file: llama metadata and one tensor of the given ggml type.
+fn tiny_gguf(path: &Path, tensor: &str, ggml_type: u32, block_bytes: usize) {
+    fn string(out: &mut Vec<u8>, s: &str) {
+        out.extend((s.len() as u64).to_le_bytes());
+        out.extend(s.as_bytes());
+    }
+    let mut out = b"GGUF".to_vec();
+    out.extend(3u32.to_le_bytes());
+    out.extend(1u64.to_le_bytes()); // tensors
+    out.extend(1u64.to_le_bytes()); // metadata
+    string(&mut out, "general.architecture");
+    out.extend(8u32.to_le_bytes());
+    string(&mut out, "llama");
+    string(&mut out, tensor);
+    out.extend(2u32.to_le_bytes());
+    out.extend(256u64.to_le_bytes());
+    out.extend(2u64.to_le_bytes());
+    out.extend(ggml_type.to_le_bytes());
+    out.extend(0u64.to_le_bytes());
+    while !out.len().is_multiple_of(32) {
+        out.push(0);
+    }
+    out.extend(vec![0u8; 2 * block_bytes]);
+    std::fs::write(path, out).unwrap();
+}
+
+#[test]
+fn gguf_with_unsupported_tensor_type_names_type_and_tensor() {
+    let path = std::env::temp_dir().join(format!("lf-bad-q4k-{}.gguf", std::process::id()));
+    tiny_gguf(&path, "blk.0.attn_q.weight", 12, 144);
+    let err = load_error(&path);
+    assert!(
+        err.contains("Q4_K") && err.contains("blk.0.attn_q.weight"),
+        "{err}"
+    );
+}
+
+#[test]
+fn not_a_gguf_file() {
+    let path = std::env::temp_dir().join(format!("lf-bad-magic-{}.gguf", std::process::id()));
+    std::fs::write(&path, b"PK\x03\x04 this is a zip").unwrap();
+    let err = load_error(&path);
+    assert!(err.contains("is not a GGUF file"), "{err}");
+}
+
+#[test]
+fn truncated_gguf() {
+    let path = std::env::temp_dir().join(format!("lf-bad-trunc-{}.gguf", std::process::id()));
+    tiny_gguf(&path, "blk.0.attn_q.weight", 3, 20);
+    let bytes = std::fs::read(&path).unwrap();
+    std::fs::write(&path, &bytes[..bytes.len() - 10]).unwrap();
+    let err = load_error(&path);
+    assert!(
+        err.contains("truncated or corrupt") && err.contains("blk.0.attn_q.weight"),
+        "{err}"
+    );
+}
+
+#[test]
+fn missing_model_path() {
+    let err = load_error(Path::new("/nonexistent/model"));
+    assert!(err.contains("/nonexistent/model does not exist"), "{err}");
+}

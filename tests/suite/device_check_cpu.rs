@@ -1,0 +1,35 @@
+//! `loraforge bench check --device cpu`: the device checks a GPU machine runs (frozen linears,
+//! the attention layer, the attention op's gradients, RoPE's gradient, the trajectory), run on the
+//! CPU backend against their float64 references, so CI keeps the check code itself working
+//! between GPU sittings.
+
+use crate::common;
+
+#[test]
+fn every_device_check_passes_on_the_cpu() {
+    let out = common::loraforge(&["bench", "check", "--device", "cpu"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let lines: Vec<serde_json::Value> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter(|l| l.starts_with('{'))
+        .map(|l| serde_json::from_str(l).expect("one JSON object per line"))
+        .collect();
+    for kind in [
+        "trajectory",
+        "linear_dense",
+        "linear_q4",
+        "attention",
+        "attention_grad",
+        "rope_grad",
+    ] {
+        assert!(
+            lines.iter().any(|l| l["check"] == kind),
+            "no {kind} check in {lines:?}"
+        );
+    }
+    assert!(lines.iter().all(|l| l["pass"] == true), "{lines:?}");
+}

@@ -1,0 +1,236 @@
+//! `loraforge fuse`: exports that the reference tools load with our numbers, and bad input.
+//!
+//! - transformers / peft / transformers' GGUF loader (F16, Q8_0, Q4_0, Q4_1): their logits on
+//!   our exports of the tiny Llama fixture are committed (made by
+//!   scripts/fixtures/make_export_interop.py, which needs torch); this test re-exports, checks
+//!   the files are byte-identical to the ones those tools read (SHA-256), and compares our
+//!   logits on them.
+//! - mlx-lm runs live (`scripts/fetch-assets.sh interop`, mlx[cpu] without torch): see
+//!   tests/suite/export_mlx.rs.
+
+use crate::common;
+
+use std::path::{Path, PathBuf};
+
+use burn::backend::NdArray;
+use loraforge::model::load_model;
+
+type B = NdArray<f32>;
+
+const BASE: &str = "models/llama-llama3rope-tied";
+const ADAPTERS: &str = "adapter-interop/llama-llama3rope-tied/mlx";
+
+fn fuse(out: &Path, flags: &[&str]) -> std::process::Output {
+    common::fuse(
+        &common::fixture(BASE),
+        &common::fixture(ADAPTERS),
+        out,
+        flags,
+    )
+}
+
+fn fuse_ok(out: &Path, flags: &[&str]) -> String {
+    let result = fuse(out, flags);
+    assert!(
+        result.status.success(),
+        "fuse {flags:?} failed:\n{}",
+        String::from_utf8_lossy(&result.stderr)
+    );
+    String::from_utf8(result.stdout).unwrap()
+}
+
+/// Our logits, every position of every prompt, flattened.
+fn our_logits(model: &Path, adapters: Option<&Path>, prompts: &[Vec<u32>]) -> Vec<f32> {
+    let device = Default::default();
+    let mut model = load_model::<B>(model, &device).unwrap().decoder;
+    if let Some(dir) = adapters {
+        loraforge::lora::files::attach(&mut model, dir, &device).unwrap();
+    }
+    prompts
+        .iter()
+        .flat_map(|ids| {
+            model
+                .forward(ids, 1, &device)
+                .into_data()
+                .into_vec::<f32>()
+                .unwrap()
+        })
+        .collect()
+}
+
+fn sha256(path: &Path) -> String {
+    let out = std::process::Command::new("sha256sum")
+        .arg(path)
+        .output()
+        .expect("sha256sum");
+    String::from_utf8(out.stdout).unwrap()[..64].to_string()
+}
+
+fn gguf_in(dir: &Path) -> PathBuf {
+    std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| p.extension().is_some_and(|e| e == "gguf"))
+        .expect("a .gguf file in the export")
+}
+
+#[test]
+fn exports_match_transformers_peft_and_gguf_references() {
+    let reference = common::read_json(&common::fixture("export-interop/reference.json"));
+    let prompts: Vec<Vec<u32>> = serde_json::from_value(reference["ids"].clone()).unwrap();
+    let tmp = common::temp_dir("export-ref");
+    let exports: [(&str, &[&str], f32); 5] = [
+        ("hf", &["--format", "hf", "--dtype", "f32"], 1e-3),
+        (
+            "gguf-f16",
+            &["--format", "gguf", "--gguf-type", "f16"],
+            1e-3,
+        ),
+        (
+            "gguf-q8_0",
+            &["--format", "gguf", "--gguf-type", "q8_0"],
+            1e-2,
+        ),
+        (
+            "gguf-q4_0",
+            &["--format", "gguf", "--gguf-type", "q4_0"],
+            1e-2,
+        ),
+        (
+            "gguf-q4_1",
+            &["--format", "gguf", "--gguf-type", "q4_1"],
+            1e-2,
+        ),
+    ];
+    for (name, flags, tolerance) in exports {
+        let out = tmp.join(name);
+        let printed = fuse_ok(&out, flags);
+        assert!(printed.contains("ΔW survival"), "{printed}");
+        for (file, want) in reference["sha256"].as_object().unwrap() {
+            if let Some(rel) = file.strip_prefix(&format!("{name}/")) {
+                assert_eq!(
+                    &sha256(&out.join(rel)),
+                    want.as_str().unwrap(),
+                    "{file} differs from the file the references were computed on; rerun scripts/fixtures/make_export_interop.py"
+                );
+            }
+        }
+        let path = if name == "hf" {
+            out.clone()
+        } else {
+            gguf_in(&out)
+        };
+        if let Some(read) = reference.get(format!("gguf_read_{name}")) {
+            // The gguf package lists the same tensors, types and shapes (innermost first).
+            let file = loraforge::io::gguf::GgufFile::open(&path).unwrap();
+            let ours: Vec<serde_json::Value> = file
+                .tensors
+                .iter()
+                .map(|t| {
+                    let shape: Vec<usize> = t.shape.iter().rev().copied().collect();
+                    serde_json::json!({"name": t.name, "type": t.kind.name(), "shape": shape})
+                })
+                .collect();
+            assert_eq!(&serde_json::Value::Array(ours), &read["tensors"], "{name}");
+            assert_eq!(read["architecture"], "llama");
+        }
+        let ours = our_logits(&path, None, &prompts);
+        let theirs = common::flatten(&reference["logits"][name]);
+        let diff = common::max_abs_diff(&ours, &theirs);
+        println!("{name}: our logits vs the reference tool's: max abs diff {diff:.2e}");
+        assert!(diff <= tolerance, "{name}: max abs diff {diff}");
+    }
+
+    // The PEFT adapter beside the HF export, on the base, in peft.
+    let ours = our_logits(
+        &common::fixture(BASE),
+        Some(&tmp.join("hf/adapter")),
+        &prompts,
+    );
+    let diff = common::max_abs_diff(&ours, &common::flatten(&reference["logits"]["peft"]));
+    println!("base + our PEFT adapter in peft: max abs diff {diff:.2e}");
+    assert!(diff <= 1e-3, "peft: max abs diff {diff}");
+
+    // The fused float export equals base + adapters in our own runtime too.
+    let fused = our_logits(&tmp.join("hf"), None, &prompts);
+    let diff = common::max_abs_diff(&fused, &ours);
+    assert!(diff <= 1e-4, "fused vs base + adapters: {diff}");
+    std::fs::remove_dir_all(&tmp).unwrap();
+}
+
+#[test]
+fn adapters_for_another_base_are_refused_by_name() {
+    let tmp = common::temp_dir("export-mismatch");
+    let result = common::loraforge(&[
+        "fuse",
+        "--model",
+        common::fixture("models/mistral").to_str().unwrap(),
+        "--adapters",
+        common::fixture(ADAPTERS).to_str().unwrap(),
+        "--out",
+        tmp.join("out").to_str().unwrap(),
+    ]);
+    let stderr = String::from_utf8_lossy(&result.stderr);
+    assert!(!result.status.success());
+    assert!(
+        stderr.contains("model.layers.") && stderr.contains("different base"),
+        "{stderr}"
+    );
+    assert!(!tmp.join("out").exists(), "a refused export left a folder");
+    std::fs::remove_dir_all(&tmp).unwrap();
+}
+
+#[test]
+fn an_existing_output_folder_is_refused_unless_forced() {
+    let tmp = common::temp_dir("export-exists");
+    let out = tmp.join("out");
+    std::fs::create_dir_all(&out).unwrap();
+    std::fs::write(out.join("keep.txt"), "mine").unwrap();
+    let refused = fuse(&out, &["--format", "hf"]);
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(!refused.status.success());
+    assert!(
+        stderr.contains("already exists") && stderr.contains("--force"),
+        "{stderr}"
+    );
+    assert_eq!(
+        std::fs::read_to_string(out.join("keep.txt")).unwrap(),
+        "mine"
+    );
+
+    fuse_ok(&out, &["--format", "hf", "--force"]);
+    assert!(out.join("model.safetensors").exists());
+    assert!(
+        !out.join("keep.txt").exists(),
+        "--force replaces the folder"
+    );
+    std::fs::remove_dir_all(&tmp).unwrap();
+}
+
+#[test]
+fn a_write_that_fails_midway_leaves_no_folder_behind() {
+    let tmp = common::temp_dir("export-full");
+    let out = tmp.join("out");
+    // A file-size limit of 64 KiB (`ulimit -f` counts 1 KiB blocks) makes the 360 KB weights
+    // file fail part-way with EFBIG, as a full disk fails with ENOSPC.
+    let script = format!(
+        "ulimit -f 64; exec '{}' fuse --model '{}' --adapters '{}' --out '{}' --format hf --dtype f32",
+        env!("CARGO_BIN_EXE_loraforge"),
+        common::fixture(BASE).display(),
+        common::fixture(ADAPTERS).display(),
+        out.display()
+    );
+    let result = std::process::Command::new("sh")
+        .args(["-c", &script])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&result.stderr);
+    assert!(!result.status.success(), "the export should have failed");
+    assert!(
+        stderr.contains("model.safetensors") && stderr.contains("nothing was left there"),
+        "{stderr}"
+    );
+    let left: Vec<_> = std::fs::read_dir(&tmp).unwrap().collect();
+    assert!(left.is_empty(), "left behind: {left:?}");
+    std::fs::remove_dir_all(&tmp).unwrap();
+}

@@ -1,0 +1,178 @@
+//! Our mlx-community exports of a fine-tuned SmolLM2-135M (the demo's base, a Q4_1 GGUF) load in
+//! mlx-lm, live (`scripts/fetch-assets.sh interop`: mlx[cpu] + mlx-lm, no torch), and its greedy
+//! generation of 32 tokens on 5 held-out prompts gives the token ids ours gives on the same
+//! folder: both with the adapted matrices requantized at 8 bits (untouched ones copied from the
+//! base's 4-bit blocks) and fully dequantized. The exports use `--dtype f32` because mlx
+//! computes in the dtype of the weights, and token-exact agreement needs both sides in f32.
+//!
+//! The adapters are random (B ≠ 0) on the last 4 blocks; `LORAFORGE_EXPORT_ADAPTERS=DIR` runs
+//! the same check on a fine-tune of SmolLM2-135M instead (e.g. `runs/smollm2-demo/adapters`
+//! after `just demo`).
+
+use crate::common;
+
+use std::path::Path;
+use std::process::Command;
+
+use burn::backend::NdArray;
+use burn::tensor::{Distribution, Tensor};
+use loraforge::chat::{ChatTemplate, Message};
+use loraforge::generate::{GenerationLimits, SamplingConfig, generate};
+use loraforge::lora::{AdapterSpec, files, inject};
+use loraforge::model::load_model;
+use loraforge::model::names::{BlockLinear, BlockModule};
+
+type B = NdArray<f32>;
+
+const TOKENS: usize = 32;
+
+/// An adapter on every linear of the last 4 blocks with B ≠ 0, saved in mlx-lm's layout.
+fn make_adapters(base: &Path, dir: &Path) {
+    let device = Default::default();
+    let mut decoder = load_model::<B>(base, &device).unwrap().decoder;
+    let blocks = decoder.config.num_layers;
+    let spec = AdapterSpec {
+        dora: false,
+        rank: 8,
+        scale: 20.0,
+        dropout: 0.0,
+        keys: BlockLinear::ALL.map(|l| l.key().to_string()).to_vec(),
+        layers: (blocks - 4..blocks).collect(),
+        num_layers: 4,
+        rslora: false,
+    };
+    <B as burn::tensor::backend::Backend>::seed(&device, 7);
+    inject(&mut decoder, &spec, &device);
+    for (_, linear) in decoder.linears_mut() {
+        if let Some(adapter) = linear.adapter.as_mut() {
+            adapter.b = Tensor::random(
+                adapter.b.dims(),
+                Distribution::Uniform(-0.003, 0.003),
+                &device,
+            );
+        }
+    }
+    files::save_mlx(dir, &decoder, &spec, &base.display().to_string(), None).unwrap();
+}
+
+/// The first 5 held-out prompts of the demo, as the chat template renders them.
+fn prompts(model: &Path) -> Vec<Vec<u32>> {
+    let loaded = load_model::<B>(model, &Default::default()).unwrap();
+    let tokenizer = loraforge::tokenizer::for_model(&loaded.files).unwrap();
+    let template = ChatTemplate::from_tokenizer(&tokenizer).unwrap();
+    let text =
+        std::fs::read_to_string(common::root().join("datasets/persona/heldout.jsonl")).unwrap();
+    text.lines()
+        .take(5)
+        .map(|line| {
+            let row: serde_json::Value = serde_json::from_str(line).unwrap();
+            let chat = [Message::new("user", row["prompt"].as_str().unwrap())];
+            let rendered = template.render(&chat, true, None).unwrap();
+            tokenizer.encode(&rendered, false).unwrap()
+        })
+        .collect()
+}
+
+fn our_greedy(model: &Path, adapters: Option<&Path>, prompts: &[Vec<u32>]) -> Vec<Vec<u32>> {
+    let device = Default::default();
+    let loaded = load_model::<B>(model, &device).unwrap();
+    let tokenizer = loraforge::tokenizer::for_model(&loaded.files).unwrap();
+    let mut decoder = loaded.decoder;
+    if let Some(dir) = adapters {
+        files::attach(&mut decoder, dir, &device).unwrap();
+    }
+    prompts
+        .iter()
+        .map(|ids| {
+            let limits = GenerationLimits {
+                max_tokens: TOKENS,
+                stop_at_eos: false,
+            };
+            let greedy = SamplingConfig::default();
+            generate(&decoder, &tokenizer, ids, limits, greedy, &device, |_| {})
+                .unwrap()
+                .ids
+        })
+        .collect()
+}
+
+fn mlx_greedy(python: &Path, model: &Path, prompts_file: &Path) -> Vec<Vec<u32>> {
+    let out = Command::new(python)
+        .arg(common::root().join("scripts/interop/check_export.py"))
+        .arg("mlx-generate")
+        .arg(model)
+        .arg(prompts_file)
+        .arg(TOKENS.to_string())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "mlx-lm failed on {}:\n{}",
+        model.display(),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+#[test]
+fn mlx_lm_generates_our_tokens_from_our_mlx_exports() {
+    let base = common::asset("smollm2");
+    let python = common::asset("interop");
+    let tmp = common::temp_dir("export-mlx");
+    let adapters = match std::env::var_os("LORAFORGE_EXPORT_ADAPTERS") {
+        Some(dir) => std::path::PathBuf::from(dir),
+        None => {
+            let dir = tmp.join("adapters");
+            make_adapters(&base, &dir);
+            dir
+        }
+    };
+    let prompts = prompts(&base);
+    let prompts_file = tmp.join("prompts.json");
+    std::fs::write(&prompts_file, serde_json::to_string(&prompts).unwrap()).unwrap();
+    let tuned = our_greedy(&base, Some(&adapters), &prompts);
+
+    for (name, flags) in [
+        ("requant8", &["--dtype", "f32"][..]),
+        ("dequantized", &["--dtype", "f32", "--dequantize"][..]),
+    ] {
+        let out = tmp.join(name);
+        let fused = common::fuse(&base, &adapters, &out, flags);
+        let printed = String::from_utf8_lossy(&fused.stdout);
+        assert!(
+            fused.status.success(),
+            "{}",
+            String::from_utf8_lossy(&fused.stderr)
+        );
+        println!("{name}: {printed}");
+        assert!(printed.contains("ΔW survival"));
+        let config = common::read_json(&out.join("config.json"));
+        assert!(out.join("model.safetensors.index.json").exists());
+        let readme = std::fs::read_to_string(out.join("README.md")).unwrap();
+        assert!(readme.contains("library_name: mlx") && readme.contains("base_model:"));
+        if name == "requant8" {
+            // Untouched matrices keep the base's 4-bit groups of 32; adapted ones are 8-bit.
+            let q = &config["quantization"];
+            assert_eq!(
+                (q["bits"].as_u64(), q["group_size"].as_u64()),
+                (Some(4), Some(32))
+            );
+            assert_eq!(q["model.layers.29.self_attn.q_proj"]["bits"], 8);
+            assert_eq!(q, &config["quantization_config"]);
+        } else {
+            assert!(config.get("quantization").is_none());
+        }
+
+        let ours = our_greedy(&out, None, &prompts);
+        let theirs = mlx_greedy(&python, &out, &prompts_file);
+        assert_eq!(
+            ours, theirs,
+            "{name}: mlx-lm's greedy tokens differ from ours"
+        );
+        let same_as_unfused = ours.iter().zip(&tuned).filter(|(a, b)| a == b).count();
+        println!(
+            "{name}: mlx-lm = ours on 5/5 prompts; equal to base + adapters on {same_as_unfused}/5"
+        );
+    }
+    std::fs::remove_dir_all(&tmp).unwrap();
+}

@@ -1,0 +1,31 @@
+//! Every integration test in one binary (one link of Burn, polars and tokenizers instead of one per
+//! file). The f64 finite-difference checks stay apart in `tests/gradients.rs`: Burn fixes a
+//! device's default dtype at the first tensor made on it, and in this process that is f32.
+
+#[path = "../common/mod.rs"]
+mod common;
+
+mod adapter_interop;
+mod bad_input;
+mod cpu_blas;
+mod dashboard;
+mod data_report;
+mod device_check_cpu;
+mod export;
+mod export_mlx;
+mod foreign_adapters;
+mod layers;
+mod logit_parity;
+mod mlx_lora_parity;
+mod packing;
+mod peft_parity;
+mod plot;
+mod quantize_mlx;
+mod recipes_check;
+mod smollm2;
+mod table_datasets;
+mod tensorboard;
+mod tokenizer_conformance;
+mod train_bad_input;
+mod train_qlora;
+mod train_resume;

@@ -1,0 +1,131 @@
+//! Training refuses bad input with a message that names the file, line or key.
+
+use crate::common;
+
+use common::tiny_run::tiny_run;
+
+fn train_err(recipe: &std::path::Path, extra: &[&str]) -> String {
+    let mut args = vec!["train", recipe.to_str().unwrap()];
+    args.extend_from_slice(extra);
+    let out = common::loraforge(&args);
+    assert!(
+        !out.status.success(),
+        "expected failure, got:\n{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+#[test]
+fn dataset_row_missing_its_field_names_file_and_line() {
+    let run = tiny_run("missing-field", "");
+    let train = run.dir.join("train.jsonl");
+    let mut text = std::fs::read_to_string(&train).unwrap();
+    text.push_str("{\"txet\": \"typo in the field name\"}\n");
+    std::fs::write(&train, text).unwrap();
+    let err = train_err(&run.recipe, &[]);
+    assert!(
+        err.contains("train.jsonl:25") && err.contains("no `text` field"),
+        "{err}"
+    );
+}
+
+#[test]
+fn empty_split() {
+    let run = tiny_run("empty", "");
+    std::fs::write(run.dir.join("valid.jsonl"), "\n").unwrap();
+    let err = train_err(&run.recipe, &[]);
+    assert!(err.contains("valid.jsonl has no records"), "{err}");
+}
+
+#[test]
+fn batch_larger_than_the_dataset() {
+    let run = tiny_run("big-batch", "");
+    let err = train_err(&run.recipe, &["--set", "train.batch_size=100"]);
+    assert!(
+        err.contains("batch_size 100 is larger than the 24 examples"),
+        "{err}"
+    );
+}
+
+#[test]
+fn rank_zero() {
+    let run = tiny_run("rank0", "");
+    let err = train_err(&run.recipe, &["--set", "lora.rank=0"]);
+    assert!(
+        err.contains("lora.rank") && err.contains("at least 1"),
+        "{err}"
+    );
+}
+
+#[test]
+fn unknown_target_key_lists_the_valid_ones() {
+    let run = tiny_run("target", "");
+    let err = train_err(
+        &run.recipe,
+        &["--set", "lora.targets=[\"self_attn.qproj\"]"],
+    );
+    assert!(err.contains("unknown key `self_attn.qproj`"), "{err}");
+    assert!(err.contains("self_attn.q_proj, self_attn.k_proj"), "{err}");
+}
+
+#[test]
+fn chat_template_that_raises() {
+    let run = tiny_run("raises", "");
+    // A copy of the model whose chat template refuses a conversation that starts with the assistant.
+    let model = run.dir.join("model");
+    std::fs::create_dir_all(&model).unwrap();
+    for entry in std::fs::read_dir(common::fixture("models/llama-linearrope-untied")).unwrap() {
+        let entry = entry.unwrap();
+        std::fs::copy(entry.path(), model.join(entry.file_name())).unwrap();
+    }
+    let config_path = model.join("tokenizer_config.json");
+    let mut config = common::read_json(&config_path);
+    config["chat_template"] = "{% if messages[0]['role'] != 'user' %}{{ raise_exception('Conversations must start with a user message') }}{% endif %}{% for m in messages %}{{ m['content'] }}{% endfor %}".into();
+    std::fs::write(&config_path, config.to_string()).unwrap();
+    std::fs::write(
+        run.dir.join("train.jsonl"),
+        "{\"messages\": [{\"role\": \"assistant\", \"content\": \"hello\"}, {\"role\": \"user\", \"content\": \"hi\"}]}\n",
+    )
+    .unwrap();
+    let err = train_err(
+        &run.recipe,
+        &["--set", &format!("model.path=\"{}\"", model.display())],
+    );
+    assert!(
+        err.contains("train.jsonl: record 1")
+            && err.contains("Conversations must start with a user message"),
+        "{err}"
+    );
+}
+
+#[test]
+fn nan_loss_stops_and_keeps_the_last_good_checkpoint() {
+    let run = tiny_run("nan", "");
+    // A learning rate this large overflows the adapters within a few steps.
+    let err = train_err(
+        &run.recipe,
+        &[
+            "--set",
+            "train.learning_rate=1e30",
+            "--set",
+            "train.max_grad_norm=1e30",
+            "--set",
+            "train.save_every=1",
+        ],
+    );
+    assert!(err.contains("the training loss became"), "{err}");
+    assert!(err.contains("the last good checkpoint (step"), "{err}");
+    let state = common::read_json(&common::tiny_run::run_dir(&run).join("checkpoint/state.json"));
+    assert!(state["step"].as_u64().unwrap() >= 1);
+}
+
+#[test]
+fn a_compute_dtype_we_cannot_run_is_refused() {
+    let run = tiny_run("dtype", "");
+    let err = train_err(&run.recipe, &["--set", "model.dtype=\"bf16\""]);
+    assert!(
+        err.contains("model.dtype = Bf16") && err.contains("f32"),
+        "{err}"
+    );
+}
