@@ -144,7 +144,7 @@ impl<B: ModelBackend> Attention<B> {
             *slot = Some((k.clone(), v.clone()));
         }
         let scale = 1.0 / (self.head_dim as f64).sqrt();
-        let out = attention(q, k, v, layout.mask.clone(), scale, layout.causal)
+        let out = attention(q, k, v, &layout.visibility, scale)
             .swap_dims(1, 2)
             .reshape([batch, seq, self.num_heads * self.head_dim]);
         self.o_proj.forward(out)

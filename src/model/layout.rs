@@ -1,44 +1,35 @@
-//! Where each token sits and what it may attend to: the RoPE tables and the additive attention
-//! mask, built once per forward pass and shared by every block.
+//! Where each token sits and what it may attend to: the RoPE tables and the attention's
+//! [`Visibility`] rule, built once per forward pass and shared by every block.
 //!
 //! Two layouts: one sequence per row (causal, continuing any cached positions), and packed rows
 //! that hold several examples back to back, where positions restart at each example and
 //! attention never crosses from one example into another.
 
-use burn::tensor::{Tensor, TensorData, backend::Backend};
+use burn::tensor::{Tensor, backend::Backend};
 
 use crate::ops::rope::Rope;
+use crate::ops::visibility::Visibility;
 
-/// The RoPE tables and attention mask for one forward pass, shared by every block.
+/// The RoPE tables and attention rule for one forward pass, shared by every block.
 #[derive(Debug, Clone)]
 pub struct AttentionLayout<B: Backend> {
     /// `[1 or batch, 1, seq, head_dim]`
     pub cos: Tensor<B, 4>,
     /// `[1 or batch, 1, seq, head_dim]`, as `cos`.
     pub sin: Tensor<B, 4>,
-    /// Additive, `[1 or batch, 1, seq, past + seq]`: 0 where a query sees a key, -inf elsewhere.
-    pub mask: Tensor<B, 4>,
-    /// The mask is exactly "query `i` sees keys `0..=past + i`" (a fused kernel may apply that
-    /// rule instead of reading the mask).
-    pub causal: bool,
+    /// Which keys each query sees.
+    pub visibility: Visibility<B>,
 }
 
 impl<B: Backend> AttentionLayout<B> {
     /// `seq` new tokens per row after `past` cached ones: query `i` sees keys `0..=past + i`.
     pub fn causal(rope: &Rope, past: usize, seq: usize, device: &B::Device) -> Self {
-        let total = past + seq;
-        let positions: Vec<usize> = (past..total).collect();
+        let positions: Vec<usize> = (past..past + seq).collect();
         let (cos, sin) = rope.tables(&positions, 1, device);
-        let mut mask = vec![0f32; seq * total];
-        for i in 0..seq {
-            mask[i * total + past + i + 1..(i + 1) * total].fill(f32::NEG_INFINITY);
-        }
-        let mask = Tensor::from_data(TensorData::new(mask, [1, 1, seq, total]), device);
         AttentionLayout {
             cos,
             sin,
-            mask,
-            causal: true,
+            visibility: Visibility::causal(past),
         }
     }
 
@@ -53,25 +44,22 @@ impl<B: Backend> AttentionLayout<B> {
         device: &B::Device,
     ) -> Self {
         let mut positions = Vec::with_capacity(segments.len());
-        let mut mask = vec![f32::NEG_INFINITY; batch * seq * seq];
-        for (b, row) in segments.chunks_exact(seq).enumerate() {
+        let mut starts = Vec::with_capacity(segments.len());
+        for row in segments.chunks_exact(seq) {
             let mut start = 0;
             for t in 0..seq {
                 if t > 0 && row[t] != row[t - 1] {
                     start = t;
                 }
                 positions.push(t - start);
-                let base = (b * seq + t) * seq;
-                mask[base + start..=base + t].fill(0.0);
+                starts.push(start as u32);
             }
         }
         let (cos, sin) = rope.tables(&positions, batch, device);
-        let mask = Tensor::from_data(TensorData::new(mask, [batch, 1, seq, seq]), device);
         AttentionLayout {
             cos,
             sin,
-            mask,
-            causal: false,
+            visibility: Visibility::packed(starts, batch, device),
         }
     }
 }
@@ -81,6 +69,7 @@ mod tests {
     use super::*;
     use crate::ops::rope::RopeScaling;
     use burn::backend::NdArray;
+    use burn::tensor::DType;
 
     type B = NdArray<f32>;
 
@@ -94,9 +83,15 @@ mod tests {
         let device = Default::default();
         // One row: example 7 (3 tokens), then example 9 (2 tokens).
         let packed = AttentionLayout::<B>::packed(&rope, &[7, 7, 7, 9, 9], 1, 5, &device);
-        // Not the causal rule: a fused kernel must read this mask.
-        assert!(!packed.causal);
-        let mask = values(packed.mask);
+        // Each query's first key: its example's first position.
+        let starts = packed
+            .visibility
+            .starts
+            .as_ref()
+            .expect("packed rows have starts");
+        assert_eq!(starts.host.as_slice(), &[0, 0, 0, 3, 3]);
+        assert_eq!(values(starts.device.clone()), [0.0, 0.0, 0.0, 3.0, 3.0]);
+        let mask = values(packed.visibility.additive(0..5, 5, DType::F32, &device));
         let sees = |q: usize, k: usize| mask[q * 5 + k] == 0.0;
         assert!(sees(2, 0) && sees(2, 2) && !sees(2, 3));
         assert!(sees(4, 3) && !sees(4, 2) && !sees(3, 4));
@@ -109,10 +104,12 @@ mod tests {
     #[test]
     fn causal_after_a_cache_sees_every_past_key() {
         let rope = Rope::new(4, 10000.0, &RopeScaling::None);
-        let layout = AttentionLayout::<B>::causal(&rope, 3, 2, &Default::default());
-        assert_eq!(layout.mask.dims(), [1, 1, 2, 5]);
-        assert!(layout.causal);
-        let mask = values(layout.mask);
+        let device = Default::default();
+        let layout = AttentionLayout::<B>::causal(&rope, 3, 2, &device);
+        assert!(layout.visibility.starts.is_none());
+        let mask = layout.visibility.additive(0..2, 5, DType::F32, &device);
+        assert_eq!(mask.dims(), [1, 1, 2, 5]);
+        let mask = values(mask);
         assert_eq!(&mask[..5], &[0.0, 0.0, 0.0, 0.0, f32::NEG_INFINITY]);
         assert_eq!(&mask[5..], &[0.0; 5]);
     }

@@ -52,13 +52,12 @@ impl<B: TrainBackend> Block<B> {
 }
 
 impl<B: TrainBackend> AttentionLayout<B> {
-    /// The tables and mask on the inner backend.
+    /// The tables and the attention rule on the inner backend.
     pub fn valid(&self) -> AttentionLayout<B::InnerBackend> {
         AttentionLayout {
             cos: self.cos.clone().inner(),
             sin: self.sin.clone().inner(),
-            mask: self.mask.clone().inner(),
-            causal: self.causal,
+            visibility: self.visibility.inner(),
         }
     }
 }

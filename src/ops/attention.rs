@@ -8,6 +8,7 @@
 //! ```text
 //! forward, per query slice c (keys 0..end(c): a causal query never sees later keys):
 //!     S = (Q_c · scale) Kᵀ + mask_c      P = softmax(S)        O_c = P V
+//!     (mask_c: the slice's additive mask, built from the [`Visibility`] rule)
 //!     keep only O and lse_c = log Σ exp S  (per query)
 //! backward, per slice, recomputing P = exp(S − lse_c):
 //!     dV += Pᵀ dO_c          dP = dO_c Vᵀ          D_c = rowsum(dO_c ⊙ O_c)
@@ -28,6 +29,7 @@ use burn::tensor::{Tensor, activation};
 
 use super::matmul::{MatmulBackend, matmul};
 use super::primitive::{inner, primitive};
+use super::visibility::Visibility;
 
 /// Scores per slice: 2²⁶ f32 values are 256 MiB. Smaller slices also skip more of the causal
 /// mask's empty upper triangle (n slices compute (n+1)/2n of the scores).
@@ -37,21 +39,16 @@ const MAX_SLICE_ELEMENTS: usize = 1 << 26;
 /// a backend overrides them with a fused kernel or faster passes of its own.
 pub trait AttentionBackend: MatmulBackend {
     /// `q`: `[batch, heads, seq, d]`; `k`, `v`: `[batch, heads, past + seq, d]` (fewer heads,
-    /// dividing `heads`, where [`AttentionBackend::fused_attention`]); `mask`:
-    /// additive `[1 or batch, 1, seq, past + seq]`, each query seeing at least one key and no
-    /// key after `past + its index`; `causal`: the mask is exactly that rule (a fused kernel need
-    /// not read it) → `[batch, heads, seq, d]`.
+    /// dividing `heads`, where [`AttentionBackend::fused_attention`]); which keys each query
+    /// sees: `visibility` → `[batch, heads, seq, d]`.
     fn model_attention(
         q: FloatTensor<Self>,
         k: FloatTensor<Self>,
         v: FloatTensor<Self>,
-        mask: FloatTensor<Self>,
+        visibility: &Visibility<Self>,
         scale: f64,
-        causal: bool,
     ) -> FloatTensor<Self> {
-        primitive(
-            Self::attention_forward(inner(q), inner(k), inner(v), inner(mask), scale, causal).0,
-        )
+        primitive(Self::attention_forward(inner(q), inner(k), inner(v), visibility, scale).0)
     }
 
     /// Whether [`AttentionBackend::attention_forward`] and `attention_backward` are a fused
@@ -67,11 +64,10 @@ pub trait AttentionBackend: MatmulBackend {
         q: Tensor<Self, 4>,
         k: Tensor<Self, 4>,
         v: Tensor<Self, 4>,
-        mask: Tensor<Self, 4>,
+        visibility: &Visibility<Self>,
         scale: f64,
-        _causal: bool,
     ) -> (Tensor<Self, 4>, Tensor<Self, 4>) {
-        sliced_forward(q, k, v, mask, scale)
+        sliced_forward(q, k, v, visibility, scale)
     }
 
     /// `(dQ, dK, dV)` from `dO`. By default the sliced form.
@@ -108,11 +104,11 @@ pub fn sliced_forward<B: MatmulBackend>(
     q: Tensor<B, 4>,
     k: Tensor<B, 4>,
     v: Tensor<B, 4>,
-    mask: Tensor<B, 4>,
+    visibility: &Visibility<B>,
     scale: f64,
 ) -> (Tensor<B, 4>, Tensor<B, 4>) {
     let slice = slice_len(&q, &k);
-    forward(q, k, v, mask, scale, slice)
+    forward(q, k, v, visibility, scale, slice)
 }
 
 /// The default [`AttentionBackend::attention_backward`].
@@ -132,9 +128,8 @@ pub fn attention<B: AttentionBackend>(
     q: Tensor<B, 4>,
     k: Tensor<B, 4>,
     v: Tensor<B, 4>,
-    mask: Tensor<B, 4>,
+    visibility: &Visibility<B>,
     scale: f64,
-    causal: bool,
 ) -> Tensor<B, 4> {
     let [_, heads, _, d] = q.dims();
     let group = heads / k.dims()[1];
@@ -147,9 +142,8 @@ pub fn attention<B: AttentionBackend>(
         primitive(q),
         primitive(k),
         primitive(v),
-        primitive(mask),
+        visibility,
         scale,
-        causal,
     ))
 }
 
@@ -186,13 +180,13 @@ fn slices(seq: usize, keys: usize, slice: usize) -> impl Iterator<Item = (usize,
 fn scores<B: MatmulBackend>(
     q: &Tensor<B, 4>,
     k: &Tensor<B, 4>,
-    mask: &Tensor<B, 4>,
+    visibility: &Visibility<B>,
     (c0, c1, end): (usize, usize, usize),
     scale: f64,
 ) -> Tensor<B, 4> {
     let qc = q.clone().narrow(2, c0, c1 - c0);
     let kc = k.clone().narrow(2, 0, end);
-    let mc = mask.clone().narrow(2, c0, c1 - c0).narrow(3, 0, end);
+    let mc = visibility.additive(c0..c1, end, q.dtype(), &q.device());
     matmul(qc.mul_scalar(scale), kc.swap_dims(2, 3)) + mc
 }
 
@@ -201,7 +195,7 @@ fn forward<B: MatmulBackend>(
     q: Tensor<B, 4>,
     k: Tensor<B, 4>,
     v: Tensor<B, 4>,
-    mask: Tensor<B, 4>,
+    visibility: &Visibility<B>,
     scale: f64,
     slice: usize,
 ) -> (Tensor<B, 4>, Tensor<B, 4>) {
@@ -209,7 +203,7 @@ fn forward<B: MatmulBackend>(
     let keys = k.dims()[2];
     let (mut outs, mut lses) = (Vec::new(), Vec::new());
     for range in slices(seq, keys, slice) {
-        let s = scores(&q, &k, &mask, range, scale);
+        let s = scores(&q, &k, visibility, range, scale);
         let max = s.clone().max_dim(3);
         let e = (s - max.clone()).exp();
         let sum = e.clone().sum_dim(3);
@@ -228,16 +222,14 @@ pub struct Saved<B: burn::tensor::backend::Backend> {
     pub k: Tensor<B, 4>,
     /// The values, shaped as `k`.
     pub v: Tensor<B, 4>,
-    /// The additive mask, `[1 or batch, 1, seq, past + seq]`.
-    pub mask: Tensor<B, 4>,
+    /// Which keys each query sees.
+    pub visibility: Visibility<B>,
     /// The forward's output `O`, `[batch, heads, seq, d]` (for `D = rowsum(dO ⊙ O)`).
     pub out: Tensor<B, 4>,
     /// `[batch, heads, seq, 1]`
     pub lse: Tensor<B, 4>,
     /// The factor the scores `Q Kᵀ` are multiplied by.
     pub scale: f64,
-    /// Whether `mask` is exactly the causal rule (a fused kernel need not read it).
-    pub causal: bool,
 }
 
 /// `(dQ, dK, dV)` from `dO`, `slice` queries at a time.
@@ -254,8 +246,9 @@ fn backward<B: MatmulBackend>(
     let mut dv = s.v.zeros_like();
     for range @ (c0, c1, end) in slices(seq, keys, slice) {
         let rows = c1 - c0;
-        let prob =
-            (scores(&s.q, &s.k, &s.mask, range, s.scale) - s.lse.clone().narrow(2, c0, rows)).exp();
+        let prob = (scores(&s.q, &s.k, &s.visibility, range, s.scale)
+            - s.lse.clone().narrow(2, c0, rows))
+        .exp();
         let d_oc = d_out.clone().narrow(2, c0, rows);
         let (kc, vc) = (s.k.clone().narrow(2, 0, end), s.v.clone().narrow(2, 0, end));
         let dv_c = matmul(prob.clone().swap_dims(2, 3), d_oc.clone());
@@ -325,29 +318,29 @@ impl<B: AttentionBackend, C: CheckpointStrategy> AttentionBackend for Autodiff<B
         q: FloatTensor<Self>,
         k: FloatTensor<Self>,
         v: FloatTensor<Self>,
-        mask: FloatTensor<Self>,
+        visibility: &Visibility<Self>,
         scale: f64,
-        causal: bool,
     ) -> FloatTensor<Self> {
         let (q_in, k_in) = (
             inner::<B, 4>(q.primitive.clone()),
             inner::<B, 4>(k.primitive.clone()),
         );
         if B::fused_attention(q_in.dims()[3], &q_in.device()) {
-            return tracked::<B, C>([q, k, v, mask], scale, causal, Kernel::Backend);
+            return tracked::<B, C>([q, k, v], visibility.inner(), scale, Kernel::Backend);
         }
         let slice = slice_len(&q_in, &k_in);
-        if slice >= q_in.dims()[2] {
-            let (q, k, v, mask) = (
+        let [_, _, seq, _] = q_in.dims();
+        if slice >= seq {
+            let (q, k, v) = (
                 inner::<Self, 4>(q),
                 inner::<Self, 4>(k),
                 inner::<Self, 4>(v),
-                inner::<Self, 4>(mask),
             );
+            let mask = visibility.additive(0..seq, k_in.dims()[2], q.dtype(), &q.device());
             let scores = matmul(q.mul_scalar(scale), k.swap_dims(2, 3)) + mask;
             return primitive(matmul(Self::attention_softmax(scores), v));
         }
-        tracked::<B, C>([q, k, v, mask], scale, causal, Kernel::Sliced(slice))
+        tracked::<B, C>([q, k, v], visibility.inner(), scale, Kernel::Sliced(slice))
     }
 
     fn attention_softmax(scores: Tensor<Self, 4>) -> Tensor<Self, 4> {
@@ -392,29 +385,28 @@ pub fn sliced<B: AttentionBackend, C: CheckpointStrategy>(
     q: FloatTensor<Autodiff<B, C>>,
     k: FloatTensor<Autodiff<B, C>>,
     v: FloatTensor<Autodiff<B, C>>,
-    mask: FloatTensor<Autodiff<B, C>>,
+    visibility: &Visibility<Autodiff<B, C>>,
     scale: f64,
     slice: usize,
 ) -> FloatTensor<Autodiff<B, C>> {
-    tracked::<B, C>([q, k, v, mask], scale, false, Kernel::Sliced(slice))
+    tracked::<B, C>([q, k, v], visibility.inner(), scale, Kernel::Sliced(slice))
 }
 
 /// Attention as one autodiff op of q, k and v, running `kernel`.
 fn tracked<B: AttentionBackend, C: CheckpointStrategy>(
-    [q, k, v, mask]: [FloatTensor<Autodiff<B, C>>; 4],
+    [q, k, v]: [FloatTensor<Autodiff<B, C>>; 3],
+    visibility: Visibility<B>,
     scale: f64,
-    causal: bool,
     kernel: Kernel,
 ) -> FloatTensor<Autodiff<B, C>> {
-    let (q_in, k_in, v_in, mask) = (
+    let (q_in, k_in, v_in) = (
         inner(q.primitive.clone()),
         inner(k.primitive.clone()),
         inner(v.primitive.clone()),
-        inner(mask.primitive),
     );
-    let run = |q, k, v, mask| match kernel {
-        Kernel::Backend => B::attention_forward(q, k, v, mask, scale, causal),
-        Kernel::Sliced(slice) => forward(q, k, v, mask, scale, slice),
+    let run = |q, k, v| match kernel {
+        Kernel::Backend => B::attention_forward(q, k, v, &visibility, scale),
+        Kernel::Sliced(slice) => forward(q, k, v, &visibility, scale, slice),
     };
     match AttentionBackward
         .prepare::<C>([q.node, k.node, v.node])
@@ -422,20 +414,19 @@ fn tracked<B: AttentionBackend, C: CheckpointStrategy>(
         .stateful()
     {
         OpsKind::Tracked(prep) => {
-            let (out, lse) = run(q_in.clone(), k_in.clone(), v_in.clone(), mask.clone());
+            let (out, lse) = run(q_in.clone(), k_in.clone(), v_in.clone());
             let saved = Saved {
                 q: q_in,
                 k: k_in,
                 v: v_in,
-                mask,
+                visibility: visibility.clone(),
                 out: out.clone(),
                 lse,
                 scale,
-                causal,
             };
             prep.finish((saved, kernel), primitive(out))
         }
-        OpsKind::UnTracked(prep) => prep.finish(primitive(run(q_in, k_in, v_in, mask).0)),
+        OpsKind::UnTracked(prep) => prep.finish(primitive(run(q_in, k_in, v_in).0)),
     }
 }
 
@@ -483,11 +474,12 @@ mod tests {
         let weights = random([2, 3, seq, d], 1.0);
         let scale = 0.25;
 
+        let visibility = Visibility::<Inner>::causal(past);
         let (out, lse) = forward(
             q.clone().inner(),
             k.clone().inner(),
             v.clone().inner(),
-            mask.clone().inner(),
+            &visibility,
             scale,
             8,
         );
@@ -496,17 +488,16 @@ mod tests {
                 q: q.clone().inner(),
                 k: k.clone().inner(),
                 v: v.clone().inner(),
-                mask: mask.clone().inner(),
+                visibility,
                 out: out.clone(),
                 lse,
                 scale,
-                causal: true,
             },
             weights.clone().inner(),
             8,
         );
 
-        let reference = naive(q.clone(), k.clone(), v.clone(), mask.clone(), scale);
+        let reference = naive(q.clone(), k.clone(), v.clone(), mask, scale);
         let grads = (reference.clone() * weights.clone()).sum().backward();
         let grad = |x: &Tensor<B, 4>, grads| x.grad(grads).unwrap();
         assert_same(out, reference.clone().inner());
@@ -523,12 +514,18 @@ mod tests {
             primitive(q.clone()),
             primitive(k.clone()),
             primitive(v.clone()),
-            primitive(mask.clone()),
+            &Visibility::causal(past),
             scale,
             8,
         ));
         let grads_op = (out.clone() * weights.clone()).sum().backward();
-        let plain = attention(q.clone(), k.clone(), v.clone(), mask, scale, true);
+        let plain = attention(
+            q.clone(),
+            k.clone(),
+            v.clone(),
+            &Visibility::causal(past),
+            scale,
+        );
         let grads_plain = (plain.clone() * weights).sum().backward();
         assert_same(out, reference.clone());
         assert_same(plain, reference);

@@ -11,6 +11,7 @@ pub mod quantized_linear;
 pub mod rope;
 #[cfg(test)]
 pub(crate) mod test_f64;
+pub mod visibility;
 
 use burn::tensor::backend::AutodiffBackend;
 

@@ -8,9 +8,12 @@
 // dO in the dQ kernel), read once per block, come straight from the f32 tensors. Outputs are
 // contiguous f32.
 //
-// The math, per (batch, head), with S = scale · Q Kᵀ + mask (mask additive, shared by the heads,
-// -inf where a query must not see a key, no query seeing a key after `past + its index`; with
-// `causal`, exactly that rule and no mask tensor):
+// The math, per (batch, head), with S = scale · Q Kᵀ + mask, the mask -inf where a query does not
+// see a key. Query i sees keys start(i) ..= past + i: the causal rule (past = keys − seq cached
+// keys), and for packed rows, which hold several examples back to back, nothing before its own
+// example's first position start(i) (FlashAttention's varlen). No mask tensor exists: the rule is
+// applied to the tiles that need it, from `starts` ([batch][seq], f32; null for plain rows,
+// where start(i) = 0).
 //
 //   forward   (one block per 128 queries, keys in tiles of 64):
 //               m = running row max, l = running Σ exp(S − m), O = running Σ exp(S − m) V
@@ -23,9 +26,11 @@
 //               dPᵀ = V dOᵀ          dSᵀ = Pᵀ ⊙ (dPᵀ − D)   dK = dSᵀ (scale·Q)
 //
 // Every exp(S − c) (c = m or lse, once per row) is 2^(S·log2 e − c·log2 e): one FFMA and one ex2
-// per score, as FlashAttention 2 does; S, m and lse themselves stay in natural units. With
-// `causal`, most tiles see no mask at all (every key of the tile at or before every query of the
-// warp): those skip it, and only the tiles on the diagonal or past the last key or query add it.
+// per score, as FlashAttention 2 does; S, m and lse themselves stay in natural units. Most tiles
+// see no mask at all (every key of the tile visible to every query of the warp): those skip it,
+// and only the tiles on the diagonal, at an example's start or past the last key or query add
+// it. Tiles that no query of a block sees (before its first query's example, after its last
+// query) are not visited at all.
 //
 // Each warp owns 16 rows (queries, or keys in dkdv); the scores never leave its registers. Every
 // product is `mma.sync.m16n8k16` (bf16 in, f32 out), whose fragments are (g = lane / 4,
@@ -220,33 +225,61 @@ __device__ __forceinline__ void mul_cols(float (*acc)[4], const float (*x)[4], c
     }
 }
 
-// The mask of one batch row: the tensor `at` ([seq][keys], row stride `stride`), or with
-// `causal` the rule alone (no query sees a key after `past + its index`, past = keys − seq).
+// What the queries of one batch row see: keys start(query) ..= past + query, where start is 0 for
+// plain rows (`starts` null) and the first position of the query's example for packed rows
+// (non-decreasing along the row; past = 0 there).
 struct Mask {
-    const float* at;
-    i64 stride;
-    int causal, past, seq, keys;
+    const float* starts;
+    int past, seq, keys;
 
-    // What it adds at (query, key): -inf past the last key; 0 on rows past the last query.
-    // CAUSAL is `causal`, known at compile time.
-    template <bool CAUSAL>
+    __device__ __forceinline__ int start(int query) const {
+        return starts ? (int)starts[query] : 0;
+    }
+
+    // What it adds at (query, key): -inf where the query does not see the key or past the last
+    // key; 0 on rows past the last query. PACKED is `starts != null`, known at compile time.
+    template <bool PACKED>
     __device__ __forceinline__ float bias(int query, int key) const {
         if (key >= keys) return NEG_INF;
         if (query >= seq) return 0.f;
-        if (CAUSAL) return key <= past + query ? 0.f : NEG_INF;
-        return at[(i64)query * stride + key];
+        const bool seen = key <= past + query && (!PACKED || key >= (int)starts[query]);
+        return seen ? 0.f : NEG_INF;
     }
 
-    // Whether it adds 0 at every query q_lo..q_hi and key up to k_hi, all of them real: the
-    // causal rule lets q_lo see k_hi, and q_hi < seq (so k_hi ≤ past + q_lo < keys too).
-    __device__ __forceinline__ bool none(int q_lo, int q_hi, int k_hi) const {
-        return causal && q_hi < seq && k_hi <= past + q_lo;
+    // Whether it adds 0 at every query q_lo..q_hi and key k_lo..k_hi, all of them real: q_lo sees
+    // k_hi by the causal rule, q_hi < seq (so k_hi ≤ past + q_lo < keys too), and q_hi's example
+    // starts at or before k_lo (starts grow along the row, so every query's does).
+    __device__ __forceinline__ bool none(int q_lo, int q_hi, int k_lo, int k_hi) const {
+        return q_hi < seq && k_hi <= past + q_lo && start(q_hi) <= k_lo;
+    }
+
+    // The key tiles (of TILE keys) that the 128 queries from q0 may see: from the first query's
+    // example start to the last query's causal end. Returns the first; `tiles` gets the count.
+    template <int TILE>
+    __device__ __forceinline__ int key_tiles(int q0, int& tiles) const {
+        const int first = start(q0) / TILE;
+        const int end = min(keys, past + min(q0 + 128, seq));
+        tiles = (end + TILE - 1) / TILE - first;
+        return first;
+    }
+
+    // The first query at or after `from` whose example starts after key `key` (seq if none):
+    // the end of the queries that may see `key`.
+    __device__ __forceinline__ int queries_seeing(int from, int key) const {
+        if (!starts) return seq;
+        int lo = from, hi = seq;
+        while (lo < hi) {
+            const int mid = (lo + hi) / 2;
+            if ((int)starts[mid] <= key) lo = mid + 1;
+            else hi = mid;
+        }
+        return lo;
     }
 };
 
 // s += the mask on a warp's C fragments s[j] (rows r and r + 8, columns c0 + j·8 + 2t, +1):
 // rows are queries and columns keys, or with KEY_ROWS (the dK/dV kernel's Sᵀ) the other way.
-template <int TILES, bool KEY_ROWS, bool CAUSAL>
+template <int TILES, bool KEY_ROWS, bool PACKED>
 __device__ __forceinline__ void add_mask_as(float (*s)[4], const Mask& mask, int r, int c0,
                                             int t) {
 #pragma unroll
@@ -254,16 +287,16 @@ __device__ __forceinline__ void add_mask_as(float (*s)[4], const Mask& mask, int
 #pragma unroll
         for (int e = 0; e < 2; ++e) {
             const int c = c0 + j * 8 + 2 * t + e;
-            s[j][e] += KEY_ROWS ? mask.bias<CAUSAL>(c, r) : mask.bias<CAUSAL>(r, c);
-            s[j][2 + e] += KEY_ROWS ? mask.bias<CAUSAL>(c, r + 8) : mask.bias<CAUSAL>(r + 8, c);
+            s[j][e] += KEY_ROWS ? mask.bias<PACKED>(c, r) : mask.bias<PACKED>(r, c);
+            s[j][2 + e] += KEY_ROWS ? mask.bias<PACKED>(c, r + 8) : mask.bias<PACKED>(r + 8, c);
         }
     }
 }
 
-// One branch on `causal` per tile, not one per score (which also keeps the registers down).
+// One branch on packing per tile, not one per score (which also keeps the registers down).
 template <int TILES, bool KEY_ROWS>
 __device__ __forceinline__ void add_mask(float (*s)[4], const Mask& mask, int r, int c0, int t) {
-    if (mask.causal) add_mask_as<TILES, KEY_ROWS, true>(s, mask, r, c0, t);
+    if (mask.starts) add_mask_as<TILES, KEY_ROWS, true>(s, mask, r, c0, t);
     else add_mask_as<TILES, KEY_ROWS, false>(s, mask, r, c0, t);
 }
 
@@ -307,6 +340,20 @@ extern "C" __global__ void __launch_bounds__(THREADS)
 // query blocks first, the dK/dV kernel the first key blocks.
 __device__ __forceinline__ int query_block() { return (gridDim.z - 1 - blockIdx.z) * 128; }
 
+// What a forward or dQ block works on: query head h of batch row b, its 128 queries from q0, the
+// kv head they read (grouped-query attention), and the row's mask. Grid (heads, batch, blocks).
+struct QueryBlock {
+    int b, h, q0;
+    i64 bh, kv; // (batch, head) and (batch, kv head) indices
+    Mask mask;
+
+    __device__ __forceinline__ QueryBlock(const float* starts, int heads, int seq, int keys,
+                                          int group)
+        : b(blockIdx.y), h(blockIdx.x), q0(query_block()), bh((i64)b * heads + h),
+          kv((i64)b * (heads / group) + h / group),
+          mask{starts ? starts + (i64)b * seq : nullptr, keys - seq, seq, keys} {}
+};
+
 #define FWD_KEYS 64
 
 // Grid (heads, batch, ⌈seq / 128⌉), the last query blocks (the most keys) first; dynamic shared
@@ -315,29 +362,27 @@ __device__ __forceinline__ int query_block() { return (gridDim.z - 1 - blockIdx.
 // attention: kv_heads = heads / group). out: [batch, heads, seq, D]; lse: [batch, heads, seq].
 extern "C" __global__ void __launch_bounds__(THREADS, MIN_BLOCKS)
     attention_forward(const float* __restrict__ q, const u16* __restrict__ k,
-                      const u16* __restrict__ v, const float* __restrict__ mask_values,
+                      const u16* __restrict__ v, const float* __restrict__ starts,
                       float* __restrict__ out, float* __restrict__ lse, int heads, int seq,
-                      int keys, int group, i64 qb, i64 qh, i64 qt, i64 mb, i64 mt, int causal,
-                      float scale) {
+                      int keys, int group, i64 qb, i64 qh, i64 qt, float scale) {
     extern __shared__ __align__(16) u16 shared[];
     u16* k_tiles = shared;
     u16* v_tiles = shared + 2 * FWD_KEYS * ROW;
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
-    const int h = blockIdx.x, b = blockIdx.y, q0 = query_block();
-    const int past = keys - seq;
-    const i64 bh = (i64)b * heads + h;
-    const i64 kv = (i64)b * (heads / group) + h / group;
-    q += b * qb + h * qh;
-    k += kv * keys * D;
-    v += kv * keys * D;
-    const Mask mask{mask_values + b * mb, mt, causal, past, seq, keys};
+    const QueryBlock blk(starts, heads, seq, keys, group);
+    const int q0 = blk.q0;
+    const i64 bh = blk.bh;
+    const Mask& mask = blk.mask;
+    q += blk.b * qb + blk.h * qh;
+    k += blk.kv * keys * D;
+    v += blk.kv * keys * D;
     const int w0 = q0 + warp * 16; // this warp's first query
     const int r0 = w0 + g, r1 = r0 + 8;
 
-    const int key_end = min(keys, past + min(q0 + 128, seq));
-    const int tiles = (key_end + FWD_KEYS - 1) / FWD_KEYS;
-    load_tile<FWD_KEYS>(k_tiles, k, 0, keys);
-    load_tile<FWD_KEYS>(v_tiles, v, 0, keys);
+    int tiles;
+    const int first = mask.key_tiles<FWD_KEYS>(q0, tiles);
+    load_tile<FWD_KEYS>(k_tiles, k, first * FWD_KEYS, keys);
+    load_tile<FWD_KEYS>(v_tiles, v, first * FWD_KEYS, keys);
     cp_commit();
 
     u32 qa[D / 16][4];
@@ -347,7 +392,7 @@ extern "C" __global__ void __launch_bounds__(THREADS, MIN_BLOCKS)
     float m0 = NEG_INF, m1 = NEG_INF, l0 = 0.f, l1 = 0.f;
 
     for (int it = 0; it < tiles; ++it) {
-        const int k0 = it * FWD_KEYS;
+        const int k0 = (first + it) * FWD_KEYS;
         const u16* ks = k_tiles + (it & 1) * FWD_KEYS * ROW;
         const u16* vs = v_tiles + (it & 1) * FWD_KEYS * ROW;
         advance<FWD_KEYS>(k_tiles, v_tiles, k, v, it, tiles, k0 + FWD_KEYS, keys);
@@ -356,7 +401,7 @@ extern "C" __global__ void __launch_bounds__(THREADS, MIN_BLOCKS)
         zero<FWD_KEYS / 8>(s);
         // The mask goes in first, as the products' starting value: its loads are in flight
         // under the tensor-core work, and the rest of the tile is one run of code.
-        if (!mask.none(w0, w0 + 15, k0 + FWD_KEYS - 1))
+        if (!mask.none(w0, w0 + 15, k0, k0 + FWD_KEYS - 1))
             add_mask<FWD_KEYS / 8, false>(s, mask, r0, k0, t);
         mul_rows<FWD_KEYS / 8>(s, qa, ks, g, t);
 
@@ -414,33 +459,32 @@ extern "C" __global__ void __launch_bounds__(THREADS, MIN_BLOCKS)
 // [batch, heads, seq]; dq: [batch, heads, seq, D].
 extern "C" __global__ void __launch_bounds__(THREADS, MIN_BLOCKS)
     attention_backward_dq(const float* __restrict__ q, const u16* __restrict__ k,
-                          const u16* __restrict__ v, const float* __restrict__ mask_values,
+                          const u16* __restrict__ v, const float* __restrict__ starts,
                           const float* __restrict__ d_out, const float* __restrict__ lse,
                           const float* __restrict__ delta, float* __restrict__ dq, int heads,
-                          int seq, int keys, int group, i64 qb, i64 qh, i64 qt, i64 mb, i64 mt,
-                          i64 ob, i64 oh, i64 ot, int causal, float scale) {
+                          int seq, int keys, int group, i64 qb, i64 qh, i64 qt, i64 ob, i64 oh,
+                          i64 ot, float scale) {
     extern __shared__ __align__(16) u16 shared[];
     u16* k_tiles = shared;
     u16* v_tiles = shared + 2 * DQ_KEYS * ROW;
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
-    const int h = blockIdx.x, b = blockIdx.y, q0 = query_block();
-    const int past = keys - seq;
-    const i64 bh = (i64)b * heads + h;
-    const i64 kv = (i64)b * (heads / group) + h / group;
-    q += b * qb + h * qh;
-    d_out += b * ob + h * oh;
-    k += kv * keys * D;
-    v += kv * keys * D;
-    const Mask mask{mask_values + b * mb, mt, causal, past, seq, keys};
+    const QueryBlock blk(starts, heads, seq, keys, group);
+    const int q0 = blk.q0;
+    const i64 bh = blk.bh;
+    const Mask& mask = blk.mask;
+    q += blk.b * qb + blk.h * qh;
+    d_out += blk.b * ob + blk.h * oh;
+    k += blk.kv * keys * D;
+    v += blk.kv * keys * D;
     lse += bh * seq;
     delta += bh * seq;
     const int w0 = q0 + warp * 16; // this warp's first query
     const int r0 = w0 + g, r1 = r0 + 8;
 
-    const int key_end = min(keys, past + min(q0 + 128, seq));
-    const int tiles = (key_end + DQ_KEYS - 1) / DQ_KEYS;
-    load_tile<DQ_KEYS>(k_tiles, k, 0, keys);
-    load_tile<DQ_KEYS>(v_tiles, v, 0, keys);
+    int tiles;
+    const int first = mask.key_tiles<DQ_KEYS>(q0, tiles);
+    load_tile<DQ_KEYS>(k_tiles, k, first * DQ_KEYS, keys);
+    load_tile<DQ_KEYS>(v_tiles, v, first * DQ_KEYS, keys);
     cp_commit();
 
     u32 qa[D / 16][4], da[D / 16][4];
@@ -454,7 +498,7 @@ extern "C" __global__ void __launch_bounds__(THREADS, MIN_BLOCKS)
     zero<D / 8>(acc);
 
     for (int it = 0; it < tiles; ++it) {
-        const int k0 = it * DQ_KEYS;
+        const int k0 = (first + it) * DQ_KEYS;
         const u16* ks = k_tiles + (it & 1) * DQ_KEYS * ROW;
         const u16* vs = v_tiles + (it & 1) * DQ_KEYS * ROW;
         advance<DQ_KEYS>(k_tiles, v_tiles, k, v, it, tiles, k0 + DQ_KEYS, keys);
@@ -464,7 +508,7 @@ extern "C" __global__ void __launch_bounds__(THREADS, MIN_BLOCKS)
         zero<DQ_KEYS / 8>(dp);
         mul_rows<DQ_KEYS / 8>(s, qa, ks, g, t);
         // Masked before dP exists: fewer registers live.
-        if (!mask.none(w0, w0 + 15, k0 + DQ_KEYS - 1))
+        if (!mask.none(w0, w0 + 15, k0, k0 + DQ_KEYS - 1))
             add_mask<DQ_KEYS / 8, false>(s, mask, r0, k0, t);
         mul_rows<DQ_KEYS / 8>(dp, da, vs, g, t);
 #pragma unroll
@@ -505,11 +549,10 @@ __device__ __forceinline__ void load_stats(float* dst, const float* lse, const f
 // it: the block streams the query tiles of each in turn into the same accumulators.
 extern "C" __global__ void __launch_bounds__(THREADS, MIN_BLOCKS)
     attention_backward_dkdv(const u16* __restrict__ qs, const u16* __restrict__ k,
-                            const u16* __restrict__ v, const float* __restrict__ mask_values,
+                            const u16* __restrict__ v, const float* __restrict__ starts,
                             const u16* __restrict__ o, const float* __restrict__ lse,
                             const float* __restrict__ delta, float* __restrict__ dk,
-                            float* __restrict__ dv, int heads, int seq, int keys, int group,
-                            i64 mb, i64 mt, int causal) {
+                            float* __restrict__ dv, int heads, int seq, int keys, int group) {
     extern __shared__ __align__(16) u16 shared[];
     u16* k_rows = shared;
     u16* v_rows = k_rows + 128 * ROW;
@@ -526,15 +569,17 @@ extern "C" __global__ void __launch_bounds__(THREADS, MIN_BLOCKS)
     o += bh * seq * D;
     k += kv * keys * D;
     v += kv * keys * D;
-    const Mask mask{mask_values + b * mb, mt, causal, past, seq, keys};
+    const Mask mask{starts ? starts + (i64)b * seq : nullptr, past, seq, keys};
     lse += bh * seq;
     delta += bh * seq;
     const int w0 = warp * 16; // this warp's first key row within the block
     const int key0 = k0 + w0 + g; // this lane's keys: key0, key0 + 8
 
-    // The first query that may see key k0 is k0 - past.
+    // The first query that may see key k0 is k0 - past; the last, the last one whose example
+    // starts at or before the block's last key.
     const int first = max(0, k0 - past) / KV_QUERIES * KV_QUERIES;
-    const int tiles = first < seq ? (seq - first + KV_QUERIES - 1) / KV_QUERIES : 0;
+    const int end = mask.queries_seeing(first, k0 + 127);
+    const int tiles = first < end ? (end - first + KV_QUERIES - 1) / KV_QUERIES : 0;
     const int steps = tiles * group; // tile it % tiles of query head it / tiles
     load_tile<128>(k_rows, k, k0, keys);
     load_tile<128>(v_rows, v, k0, keys);
@@ -569,7 +614,7 @@ extern "C" __global__ void __launch_bounds__(THREADS, MIN_BLOCKS)
             mul_rows<KV_QUERIES / 8>(st, ka, qt, g, t);
         }
         // Masked before dPᵀ exists: fewer registers live.
-        if (!mask.none(c0, c0 + KV_QUERIES - 1, k0 + w0 + 15))
+        if (!mask.none(c0, c0 + KV_QUERIES - 1, k0 + w0, k0 + w0 + 15))
             add_mask<KV_QUERIES / 8, true>(st, mask, key0, c0, t);
         {
             u32 va[D / 16][4];

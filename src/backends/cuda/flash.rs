@@ -3,7 +3,8 @@
 //!
 //! The scores stay in registers: where the sliced Burn-op attention (`ops/attention.rs`)
 //! writes and reads `[batch, heads, slice, keys]` f32 scores about ten times per slice, these
-//! kernels read Q, K, V, dO and the mask and write only the outputs. Products run on bf16 tensor
+//! kernels read Q, K, V and dO and write only the outputs. No mask exists: the kernels apply the
+//! causal rule, and for packed rows each query's first key (`starts`, O(seq) floats). Products run on bf16 tensor
 //! cores (`mma.sync`, f32 accumulation), as PyTorch's SDPA does in a bf16 run.
 
 use burn::tensor::{DType, FloatDType, Shape};
@@ -34,24 +35,23 @@ pub fn supports(head_dim: usize, device: usize) -> bool {
 
 /// `out = softmax(scale · q kᵀ + mask) v` and each query's log-sum-exp of its scores.
 /// `q`: `[batch, heads, seq, d]`; `k`, `v`: `[batch, kv_heads, keys, d]`, kv head `h / group`
-/// serving query head `h` (`group = heads / kv_heads`, grouped-query attention); `mask`: additive
-/// `[1 or batch, 1, seq, keys]` in which no query sees a key after `keys − seq + its index`
-/// (with `causal`, exactly that rule, and the mask is not read)
-/// → (`[batch, heads, seq, d]`, `[batch, heads, seq, 1]`).
-pub fn forward([q, k, v, mask]: [Tensor; 4], scale: f32, causal: bool) -> (Tensor, Tensor) {
-    let layout = Layout::new(&q, &k, &mask);
+/// serving query head `h` (`group = heads / kv_heads`, grouped-query attention). Query `i` sees
+/// keys `start(i) ..= keys − seq + i`, where `starts` (`[batch, 1, 1, seq]`, packed rows only)
+/// gives `start(i)`, else 0 → (`[batch, heads, seq, d]`, `[batch, heads, seq, 1]`).
+pub fn forward([q, k, v]: [Tensor; 3], starts: Option<Tensor>, scale: f32) -> (Tensor, Tensor) {
+    let layout = Layout::new(&q, &k, starts.as_ref());
     let [q, k, v] = [q, k, v].map(rows);
-    let mask = last_contiguous(mask);
+    let starts = starts.map(contiguous_f32);
     let kernels = kernels(q.device.index, layout.d);
     let (k16, v16) = (to_bf16(kernels, &k, 1.0), to_bf16(kernels, &v, 1.0));
     let out = empty(&q, layout.q_shape(), DType::F32);
     let lse = empty(&q, layout.lse_shape(), DType::F32);
     let mut args = Args::default();
-    args.pointers(&[&q, &k16, &v16, &mask, &out, &lse]);
+    args.pointers(&[&q, &k16, &v16]);
+    args.optional_pointer(starts.as_ref());
+    args.pointers(&[&out, &lse]);
     sizes(&mut args, &layout);
     strides(&mut args, &[&q]);
-    mask_strides(&mut args, &mask);
-    args.int(causal.into());
     args.float(scale);
     let shared = kernels.shared.forward;
     launch(
@@ -67,13 +67,13 @@ pub fn forward([q, k, v, mask]: [Tensor; 4], scale: f32, causal: bool) -> (Tenso
 /// The gradients `(dq, dk, dv)` of [`forward`] given `d_out`, its `lse` and `delta =
 /// rowsum(d_out ⊙ out)` (`[batch, heads, seq, 1]`).
 pub fn backward(
-    [q, k, v, mask, d_out, lse, delta]: [Tensor; 7],
+    [q, k, v, d_out, lse, delta]: [Tensor; 6],
+    starts: Option<Tensor>,
     scale: f32,
-    causal: bool,
 ) -> (Tensor, Tensor, Tensor) {
-    let layout = Layout::new(&q, &k, &mask);
+    let layout = Layout::new(&q, &k, starts.as_ref());
     let [q, k, v, d_out] = [q, k, v, d_out].map(rows);
-    let mask = last_contiguous(mask);
+    let starts = starts.map(contiguous_f32);
     let [lse, delta] = [lse, delta].map(|t| into_contiguous(cast(t, FloatDType::F32)));
     let kernels = kernels(q.device.index, layout.d);
     let (k16, v16) = (to_bf16(kernels, &k, 1.0), to_bf16(kernels, &v, 1.0));
@@ -82,12 +82,12 @@ pub fn backward(
     let dv = empty(&q, layout.kv_shape(), DType::F32);
 
     let mut args = Args::default();
-    args.pointers(&[&q, &k16, &v16, &mask, &d_out, &lse, &delta, &dq]);
+    args.pointers(&[&q, &k16, &v16]);
+    args.optional_pointer(starts.as_ref());
+    args.pointers(&[&d_out, &lse, &delta, &dq]);
     sizes(&mut args, &layout);
     strides(&mut args, &[&q]);
-    mask_strides(&mut args, &mask);
     strides(&mut args, &[&d_out]);
-    args.int(causal.into());
     args.float(scale);
     let shared = kernels.shared.dq;
     launch(
@@ -100,10 +100,10 @@ pub fn backward(
 
     let (q16, o16) = (to_bf16(kernels, &q, scale), to_bf16(kernels, &d_out, 1.0));
     let mut args = Args::default();
-    args.pointers(&[&q16, &k16, &v16, &mask, &o16, &lse, &delta, &dk, &dv]);
+    args.pointers(&[&q16, &k16, &v16]);
+    args.optional_pointer(starts.as_ref());
+    args.pointers(&[&o16, &lse, &delta, &dk, &dv]);
     sizes(&mut args, &layout);
-    mask_strides(&mut args, &mask);
-    args.int(causal.into());
     let shared = kernels.shared.dkdv;
     let grid = layout.grid(layout.keys, layout.kv_heads);
     launch(&kernels.dkdv, grid, shared, &dk, args);
@@ -141,8 +141,8 @@ struct Layout {
 }
 
 impl Layout {
-    fn new(q: &Tensor, k: &Tensor, mask: &Tensor) -> Self {
-        let (qs, ks, ms) = (q.meta.shape(), k.meta.shape(), mask.meta.shape());
+    fn new(q: &Tensor, k: &Tensor, starts: Option<&Tensor>) -> Self {
+        let (qs, ks) = (q.meta.shape(), k.meta.shape());
         let [batch, heads, seq, d] = [qs[0], qs[1], qs[2], qs[3]];
         let (kv_heads, keys) = (ks[1], ks[2]);
         assert!(
@@ -153,10 +153,13 @@ impl Layout {
                 && keys >= seq,
             "flash attention: k {ks:?} does not match q {qs:?}"
         );
-        assert!(
-            (ms[0] == 1 || ms[0] == batch) && ms[1] == 1 && ms[2] == seq && ms[3] == keys,
-            "flash attention: mask {ms:?} for q {qs:?} and k {ks:?}"
-        );
+        if let Some(starts) = starts {
+            let ss = starts.meta.shape();
+            assert!(
+                ss.num_elements() == batch * seq && keys == seq,
+                "flash attention: starts {ss:?} for q {qs:?} and k {ks:?} (packed rows have no cache)"
+            );
+        }
         Self {
             batch,
             heads,
@@ -208,7 +211,7 @@ fn rows(t: Tensor) -> Tensor {
     t
 }
 
-/// An f32 operand whose last dimension is contiguous (the mask, read one value at a time).
+/// An f32 operand whose last dimension is contiguous.
 fn last_contiguous(t: Tensor) -> Tensor {
     let t = cast(t, FloatDType::F32);
     let shape = t.meta.shape();
@@ -217,6 +220,11 @@ fn last_contiguous(t: Tensor) -> Tensor {
     } else {
         t
     }
+}
+
+/// A contiguous f32 tensor (each packed row's `starts`, read one value at a time).
+fn contiguous_f32(t: Tensor) -> Tensor {
+    into_contiguous(cast(t, FloatDType::F32))
 }
 
 /// The sizes every kernel takes: heads, seq, keys, and the query heads per kv head.
@@ -235,13 +243,6 @@ fn strides(args: &mut Args, tensors: &[&Tensor]) {
             args.long(if shape[dim] == 1 { 0 } else { strides[dim] });
         }
     }
-}
-
-/// The mask's batch stride (0 when one mask serves every row) and row stride.
-fn mask_strides(args: &mut Args, mask: &Tensor) {
-    let (shape, strides) = (mask.meta.shape(), mask.meta.strides());
-    args.long(if shape[0] == 1 { 0 } else { strides[0] });
-    args.long(strides[2]);
 }
 
 fn launch(function: &CudaFunction, grid: (u32, u32, u32), shared: u32, out: &Tensor, args: Args) {

@@ -21,6 +21,7 @@ use crate::ops::matmul::MatmulBackend;
 use crate::ops::primitive::{inner, primitive};
 use crate::ops::quantized_linear::DeviceQuantized;
 use crate::ops::rope::RopeBackend;
+use crate::ops::visibility::Visibility;
 
 type Runtime = <Cube as FusionBackend>::FusionRuntime;
 
@@ -140,45 +141,60 @@ pub fn dequantize(w: &DeviceQuantized<Fusion<Cube>>) -> FloatTensor<Fusion<Cube>
         .output()
 }
 
-/// `(out, lse) = attention(q, k, v, mask)`, as declared in `desc`.
+/// `(out, lse) = attention(q, k, v)` under the causal rule, and for packed rows each query's
+/// first key (a fourth input, `starts`), as declared in `desc`.
 #[derive(Debug)]
 struct FlashForward {
     desc: CustomOpIr,
     scale: f32,
-    causal: bool,
 }
 
 impl Operation<Runtime> for FlashForward {
     fn execute(&self, handles: &mut HandleContainer<<Runtime as FusionRuntime>::FusionHandle>) {
-        let (inputs, [out, lse]) = self.desc.as_fixed::<4, 2>();
-        let inputs = inputs
-            .each_ref()
-            .map(|ir| handles.get_float_tensor::<Cube>(ir));
-        let (o, l) = flash::forward(inputs, self.scale, self.causal);
+        let mut inputs = float_inputs(&self.desc, handles);
+        let starts = (inputs.len() == 4).then(|| inputs.remove(3));
+        let [q, k, v]: [_; 3] = inputs.try_into().expect("q, k and v");
+        let (o, l) = flash::forward([q, k, v], starts, self.scale);
+        let [out, lse] = &self.desc.outputs[..] else {
+            unreachable!("declared with two outputs")
+        };
         handles.register_float_tensor::<Cube>(&out.id, o);
         handles.register_float_tensor::<Cube>(&lse.id, l);
     }
 }
 
-/// `(dq, dk, dv)` from `(q, k, v, mask, d_out, lse, delta)`, as declared in `desc`.
+/// `(dq, dk, dv)` from `(q, k, v, d_out, lse, delta)` and, for packed rows, `starts`, as
+/// declared in `desc`.
 #[derive(Debug)]
 struct FlashBackward {
     desc: CustomOpIr,
     scale: f32,
-    causal: bool,
 }
 
 impl Operation<Runtime> for FlashBackward {
     fn execute(&self, handles: &mut HandleContainer<<Runtime as FusionRuntime>::FusionHandle>) {
-        let (inputs, [dq, dk, dv]) = self.desc.as_fixed::<7, 3>();
-        let inputs = inputs
-            .each_ref()
-            .map(|ir| handles.get_float_tensor::<Cube>(ir));
-        let (gq, gk, gv) = flash::backward(inputs, self.scale, self.causal);
+        let mut inputs = float_inputs(&self.desc, handles);
+        let starts = (inputs.len() == 7).then(|| inputs.remove(6));
+        let six: [_; 6] = inputs.try_into().expect("q, k, v, d_out, lse and delta");
+        let (gq, gk, gv) = flash::backward(six, starts, self.scale);
+        let [dq, dk, dv] = &self.desc.outputs[..] else {
+            unreachable!("declared with three outputs")
+        };
         handles.register_float_tensor::<Cube>(&dq.id, gq);
         handles.register_float_tensor::<Cube>(&dk.id, gk);
         handles.register_float_tensor::<Cube>(&dv.id, gv);
     }
+}
+
+/// The op's inputs as the CUDA tensors behind them.
+fn float_inputs(
+    desc: &CustomOpIr,
+    handles: &mut HandleContainer<<Runtime as FusionRuntime>::FusionHandle>,
+) -> Vec<super::kernel::Tensor> {
+    desc.inputs
+        .iter()
+        .map(|ir| handles.get_float_tensor::<Cube>(ir))
+        .collect()
 }
 
 impl AttentionBackend for Fusion<Cube> {
@@ -190,23 +206,23 @@ impl AttentionBackend for Fusion<Cube> {
         q: Tensor<Self, 4>,
         k: Tensor<Self, 4>,
         v: Tensor<Self, 4>,
-        mask: Tensor<Self, 4>,
+        visibility: &Visibility<Self>,
         scale: f64,
-        causal: bool,
     ) -> (Tensor<Self, 4>, Tensor<Self, 4>) {
         if !Self::fused_attention(q.dims()[3], &q.device()) {
-            return sliced_forward(q, k, v, mask, scale);
+            return sliced_forward(q, k, v, visibility, scale);
         }
         let [batch, heads, seq, _] = q.dims();
         let out_shape = Shape::from(q.dims().to_vec());
+        let mut inputs = vec![q, k, v];
+        inputs.extend(visibility.starts.as_ref().map(|s| s.device.clone()));
         let [out, lse] = custom(
             "flash_attention_forward",
-            [q, k, v, mask],
+            inputs,
             [out_shape, Shape::new([batch, heads, seq, 1])],
             |desc| FlashForward {
                 desc,
                 scale: scale as f32,
-                causal,
             },
         );
         (out, lse)
@@ -221,18 +237,14 @@ impl AttentionBackend for Fusion<Cube> {
         }
         let delta = (d_out.clone() * saved.out).sum_dim(3);
         let shapes = [&saved.q, &saved.k, &saved.v].map(|x| Shape::from(x.dims().to_vec()));
-        let [dq, dk, dv] = custom(
-            "flash_attention_backward",
-            [
-                saved.q, saved.k, saved.v, saved.mask, d_out, saved.lse, delta,
-            ],
-            shapes,
-            |desc| FlashBackward {
+        let mut inputs = vec![saved.q, saved.k, saved.v, d_out, saved.lse, delta];
+        inputs.extend(saved.visibility.starts.map(|s| s.device));
+        let [dq, dk, dv] = custom("flash_attention_backward", inputs, shapes, |desc| {
+            FlashBackward {
                 desc,
                 scale: saved.scale as f32,
-                causal: saved.causal,
-            },
-        );
+            }
+        });
         (dq, dk, dv)
     }
 }
@@ -278,20 +290,20 @@ impl RopeBackend for Fusion<Cube> {
     }
 }
 
-/// Registers a custom op of `N` f32 inputs and `M` f32 outputs of the given shapes on the fusion
+/// Registers a custom op of f32 inputs and `M` f32 outputs of the given shapes on the fusion
 /// stream.
-fn custom<const N: usize, const M: usize, O: Operation<Runtime> + 'static>(
+fn custom<const M: usize, O: Operation<Runtime> + 'static>(
     name: &'static str,
-    inputs: [Tensor<Fusion<Cube>, 4>; N],
+    inputs: impl IntoIterator<Item = Tensor<Fusion<Cube>, 4>>,
     shapes: [Shape; M],
     op: impl FnOnce(CustomOpIr) -> O,
 ) -> [Tensor<Fusion<Cube>, 4>; M] {
-    let inputs = inputs.map(primitive);
+    let inputs: Vec<_> = inputs.into_iter().map(primitive).collect();
     let client = inputs[0].client.clone();
     let streams = OperationStreams::with_inputs(inputs.iter());
     let outputs =
         shapes.map(|shape| TensorIr::uninit(client.create_empty_handle(), shape, DType::F32));
-    let inputs = inputs.map(|x| x.into_ir());
+    let inputs: Vec<_> = inputs.into_iter().map(|x| x.into_ir()).collect();
     let desc = CustomOpIr::new(name, &inputs, &outputs);
     client
         .register(streams, OperationIr::Custom(desc.clone()), op(desc))

@@ -115,6 +115,11 @@ impl Args {
         }
     }
 
+    /// A device pointer, or null for `None` (an operand the kernel may go without).
+    pub fn optional_pointer(&mut self, tensor: Option<&Tensor>) {
+        self.0.push(Arg::Pointer(tensor.map_or(0, pointer)));
+    }
+
     /// An `int`.
     pub fn int(&mut self, n: usize) {
         self.0

@@ -15,6 +15,7 @@ use crate::model::weights::HostWeight;
 use crate::ops::ModelBackend;
 use crate::ops::attention::repeat_kv;
 use crate::ops::primitive::{inner, primitive};
+use crate::ops::visibility::Visibility;
 
 /// The tiny shape's first attention layer on random hidden states: the model's `Attention` on
 /// the device against the same math written out in f64 here (projections, Hugging Face RoPE,
@@ -82,10 +83,8 @@ pub(super) struct AttentionCase {
     past: usize,
     seq: usize,
     head_dim: usize,
-    /// Each row packs examples that must not see each other (a `[batch, 1, seq, seq]` mask).
-    packed: bool,
-    /// Tell the op the mask is causal (a fused kernel then applies the rule and skips the mask).
-    causal: bool,
+    /// Examples packed into each row, which must not see each other (1: one sequence a row).
+    examples: usize,
     /// The sliced op in slices of 64 queries, else the dispatch the model uses.
     sliced: bool,
 }
@@ -98,13 +97,12 @@ impl AttentionCase {
             past,
             seq,
             head_dim,
-            packed: false,
-            causal: true,
+            examples: 1,
             sliced: false,
         }
     }
 
-    pub(super) const ALL: [Self; 12] = [
+    pub(super) const ALL: [Self; 13] = [
         Self {
             sliced: true,
             ..Self::new(4, 0, 64, 32)
@@ -113,19 +111,23 @@ impl AttentionCase {
             sliced: true,
             ..Self::new(8, 3, 300, 32)
         },
+        Self {
+            sliced: true,
+            examples: 4,
+            ..Self::new(4, 0, 300, 32)
+        },
         Self::new(4, 0, 64, 64),
         Self::new(8, 3, 300, 64),
-        Self {
-            causal: false,
-            ..Self::new(8, 3, 300, 64)
-        },
         Self::new(4, 0, 200, 128),
         Self::new(2, 0, 100, 16),
         Self::new(4, 37, 1, 64),
         Self {
-            packed: true,
-            causal: false,
+            examples: 2,
             ..Self::new(4, 0, 200, 64)
+        },
+        Self {
+            examples: 5,
+            ..Self::new(4, 0, 700, 64)
         },
         Self {
             group: 4,
@@ -136,38 +138,70 @@ impl AttentionCase {
             ..Self::new(4, 0, 200, 128)
         },
         Self {
-            group: 4,
-            causal: false,
-            ..Self::new(8, 37, 1, 64)
+            group: 2,
+            examples: 3,
+            ..Self::new(4, 0, 520, 128)
         },
     ];
 
-    /// Additive, `[1 or batch, 1, seq, past + seq]`.
+    /// Each query's first key, `[batch, seq]`, for packed rows: row `b`'s examples start at
+    /// `e · seq / examples` shifted by a few positions that differ per row and per example, so
+    /// that boundaries fall inside the kernels' tiles.
+    fn starts(&self, batch: usize) -> Option<Vec<u32>> {
+        if self.examples == 1 {
+            return None;
+        }
+        let seq = self.seq;
+        let mut starts = Vec::with_capacity(batch * seq);
+        for b in 0..batch {
+            let bounds: Vec<usize> = (1..self.examples)
+                .map(|e| e * seq / self.examples + (b * 13 + e * 29) % 17)
+                .collect();
+            for i in 0..seq {
+                starts.push(
+                    bounds
+                        .iter()
+                        .rev()
+                        .find(|&&x| x <= i)
+                        .map_or(0, |&x| x as u32),
+                );
+            }
+        }
+        Some(starts)
+    }
+
+    /// The reference's additive mask, `[1 or batch, 1, seq, past + seq]`: −∞ after `past + i`
+    /// and, for packed rows, before the query's example.
     fn mask(&self, batch: usize) -> (Vec<f64>, [usize; 4]) {
         let (seq, keys) = (self.seq, self.past + self.seq);
-        if !self.packed {
-            let mut mask = vec![0f64; seq * keys];
-            for (i, row) in mask.chunks_exact_mut(keys).enumerate() {
-                row[self.past + i + 1..].fill(f64::NEG_INFINITY);
-            }
-            return (mask, [1, 1, seq, keys]);
-        }
-        // Row b holds two examples, the second starting at (b + 1) · seq / (batch + 1).
-        let mut mask = vec![f64::NEG_INFINITY; batch * seq * seq];
-        for b in 0..batch {
-            let split = (b + 1) * seq / (batch + 1);
+        let starts = self.starts(batch);
+        let rows = if starts.is_some() { batch } else { 1 };
+        let mut mask = vec![f64::NEG_INFINITY; rows * seq * keys];
+        for b in 0..rows {
             for i in 0..seq {
-                let start = if i < split { 0 } else { split };
-                mask[(b * seq + i) * seq..][start..=i].fill(0.0);
+                let first = starts.as_ref().map_or(0, |s| s[b * seq + i] as usize);
+                mask[(b * seq + i) * keys..][first..=self.past + i].fill(0.0);
             }
         }
-        (mask, [batch, 1, seq, seq])
+        (mask, [rows, 1, seq, keys])
+    }
+
+    /// The rule the op is given.
+    fn visibility<T: burn::tensor::backend::Backend>(
+        &self,
+        batch: usize,
+        device: &T::Device,
+    ) -> Visibility<T> {
+        match self.starts(batch) {
+            Some(starts) => Visibility::packed(starts, batch, device),
+            None => Visibility::causal(self.past),
+        }
     }
 }
 
 /// The attention op's output and its q, k, v gradients (of `Σ r ⊙ out`) on the device, against
-/// the naive form differentiated by Burn's autodiff on the CPU in f32 (errors ~1e-6, far below
-/// the tolerance).
+/// the naive form with an additive mask, differentiated by Burn's autodiff on the CPU in f32
+/// (errors ~1e-6, far below the tolerance).
 pub(super) fn attention_grad<B: ModelBackend>(
     device: &B::Device,
     case: AttentionCase,
@@ -218,15 +252,16 @@ pub(super) fn attention_grad<B: ModelBackend>(
         (&mask[..], mask_shape),
         (&r[..], q_shape),
     ];
-    let got = run::<Autodiff<B>>(inputs, device, |[q, k, v, m]| {
+    let visibility = case.visibility::<Autodiff<B>>(batch, device);
+    let got = run::<Autodiff<B>>(inputs, device, |[q, k, v, _mask]| {
         if !case.sliced {
-            return crate::ops::attention::attention(q, k, v, m, scale, case.causal);
+            return crate::ops::attention::attention(q, k, v, &visibility, scale);
         }
         let p = primitive::<Autodiff<B>, 4>;
         inner(crate::ops::attention::sliced::<
             B,
             burn::backend::autodiff::checkpoint::strategy::NoCheckpointing,
-        >(p(q), p(k), p(v), p(m), scale, 64))
+        >(p(q), p(k), p(v), &visibility, scale, 64))
     });
     let want = run::<CpuTrain>(inputs, &Default::default(), |[q, k, v, m]| {
         let (k, v) = (repeat_kv(k, group), repeat_kv(v, group));
@@ -247,9 +282,126 @@ pub(super) fn attention_grad<B: ModelBackend>(
     json!({
         "check": "attention_grad", "op": if case.sliced { "sliced" } else { "dispatch" },
         "batch": batch, "heads": heads, "kv_heads": kv_heads, "past": past, "seq": seq, "head_dim": d,
-        "packed": case.packed, "causal": case.causal, "output_error": errors[0], "dq_error": errors[1],
+        "examples_per_row": case.examples, "output_error": errors[0], "dq_error": errors[1],
         "dk_error": errors[2], "dv_error": errors[3], "tolerance": tolerance,
         "pass": worst <= tolerance,
+    })
+}
+
+/// Queries (and keys) the long-row check compares: the first and the last few.
+const LONG_ROW_SAMPLE: usize = 16;
+
+/// One long row through the attention the model uses (65,536 tokens where the backend has a fused
+/// kernel, 4,096 through the sliced form elsewhere), forward and backward, against f64 on the
+/// host at sampled positions: the output and dQ of the first and last queries (the last see every
+/// key), and dK and dV of the last keys (which only the last queries see). What it proves: no
+/// buffer grows with the square of the row, and the kernels index past 2³¹ score positions right.
+pub(super) fn long_row<B: ModelBackend>(device: &B::Device) -> serde_json::Value {
+    let (heads, d) = (2, 64);
+    let seq = if B::fused_attention(d, device) {
+        65536
+    } else {
+        4096
+    };
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seq as u64);
+    let [q, k, v, r] = [(); 4].map(|_| uniform(&mut rng, heads * seq * d, 1.0));
+    let scale = 1.0 / (d as f64).sqrt();
+    let shape = [1, heads, seq, d];
+    let [tq, tk, tv, tr] =
+        [&q, &k, &v, &r].map(|x| tensor::<Autodiff<B>, 4>(x, shape, device).require_grad());
+    let out = crate::ops::attention::attention(
+        tq.clone(),
+        tk.clone(),
+        tv.clone(),
+        &Visibility::causal(0),
+        scale,
+    );
+    let grads = (out.clone() * tr).sum().backward();
+    let host =
+        |t: Tensor<B, 4>| -> Vec<f32> { t.into_data().convert::<f32>().into_vec().expect("f32") };
+    let got = [
+        host(out.inner()),
+        host(tq.grad(&grads).expect("q tracked")),
+        host(tk.grad(&grads).expect("k tracked")),
+        host(tv.grad(&grads).expect("v tracked")),
+    ];
+    fn at(x: &[f64], h: usize, i: usize, seq: usize, d: usize) -> &[f64] {
+        &x[(h * seq + i) * d..(h * seq + i + 1) * d]
+    }
+    let dot = |a: &[f64], b: &[f64]| a.iter().zip(b).map(|(x, y)| x * y).sum::<f64>();
+    let queries: Vec<usize> = (0..LONG_ROW_SAMPLE)
+        .chain(seq - LONG_ROW_SAMPLE..seq)
+        .collect();
+    let (mut want, mut found) = (
+        [vec![], vec![], vec![], vec![]],
+        [vec![], vec![], vec![], vec![]],
+    );
+    for h in 0..heads {
+        // Per sampled query: its probabilities over keys 0..=i, output, lse and dO·O.
+        let mut lse_last = vec![0f64; seq];
+        let mut delta_last = vec![0f64; seq];
+        for &i in &queries {
+            let s: Vec<f64> = (0..=i)
+                .map(|j| scale * dot(at(&q, h, i, seq, d), at(&k, h, j, seq, d)))
+                .collect();
+            let max = s.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+            let sum: f64 = s.iter().map(|x| (x - max).exp()).sum();
+            let lse = max + sum.ln();
+            let p: Vec<f64> = s.iter().map(|x| (x - lse).exp()).collect();
+            let mut o = vec![0f64; d];
+            for (j, pj) in p.iter().enumerate() {
+                o.iter_mut()
+                    .zip(at(&v, h, j, seq, d))
+                    .for_each(|(o, v)| *o += pj * v);
+            }
+            let delta = dot(at(&r, h, i, seq, d), &o);
+            let mut dq = vec![0f64; d];
+            for (j, pj) in p.iter().enumerate() {
+                let ds = pj * (dot(at(&r, h, i, seq, d), at(&v, h, j, seq, d)) - delta);
+                dq.iter_mut()
+                    .zip(at(&k, h, j, seq, d))
+                    .for_each(|(g, k)| *g += scale * ds * k);
+            }
+            (lse_last[i], delta_last[i]) = (lse, delta);
+            let row = (h * seq + i) * d;
+            want[0].extend(o);
+            want[1].extend(dq);
+            found[0].extend(&got[0][row..row + d]);
+            found[1].extend(&got[1][row..row + d]);
+        }
+        // dK and dV of the last keys: only the last queries, all sampled, see them.
+        for j in seq - LONG_ROW_SAMPLE..seq {
+            let (mut dk, mut dv) = (vec![0f64; d], vec![0f64; d]);
+            for i in j..seq {
+                let p =
+                    (scale * dot(at(&q, h, i, seq, d), at(&k, h, j, seq, d)) - lse_last[i]).exp();
+                let ds = p * (dot(at(&r, h, i, seq, d), at(&v, h, j, seq, d)) - delta_last[i]);
+                dv.iter_mut()
+                    .zip(at(&r, h, i, seq, d))
+                    .for_each(|(g, r)| *g += p * r);
+                dk.iter_mut()
+                    .zip(at(&q, h, i, seq, d))
+                    .for_each(|(g, q)| *g += scale * ds * q);
+            }
+            let row = (h * seq + j) * d;
+            want[2].extend(dk);
+            want[3].extend(dv);
+            found[2].extend(&got[2][row..row + d]);
+            found[3].extend(&got[3][row..row + d]);
+        }
+    }
+    let errors: Vec<f64> = found
+        .iter()
+        .zip(&want)
+        .map(|(g, w)| scaled_error(g, w))
+        .collect();
+    let worst = errors.iter().copied().fold(0f64, f64::max);
+    let tolerance = attention_tolerance::<B>(d, device);
+    json!({
+        "check": "attention_long_row", "heads": heads, "seq": seq, "head_dim": d,
+        "sampled_queries": queries.len(), "sampled_keys": LONG_ROW_SAMPLE,
+        "output_error": errors[0], "dq_error": errors[1], "dk_error": errors[2],
+        "dv_error": errors[3], "tolerance": tolerance, "pass": worst <= tolerance,
     })
 }
 

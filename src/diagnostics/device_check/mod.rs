@@ -14,13 +14,17 @@
 //! - `attention_grad`: the attention op on the device against the naive softmax form under the
 //!   CPU's f32 autodiff (the output and the gradients of q, k and v): the sliced op (its own
 //!   backward, slices of 64 queries) and the dispatch the model uses (the flash-attention kernels
-//!   on CUDA, `backends/cuda/attention.cu`) at head dimensions 16 to 128, with cached keys, with grouped
-//!   keys and values (fewer heads than the queries, read in place by the kernels), and with a packed
-//!   mask that differs per row.
+//!   on CUDA, `backends/cuda/attention.cu`) at head dimensions 16 to 128, with cached keys, with
+//!   grouped keys and values (fewer heads than the queries, read in place by the kernels), and
+//!   with packed rows (varlen: 2 to 5 examples a row, boundaries differing per row and falling
+//!   inside the kernels' tiles), against the masked reference.
+//! - `attention_long_row`: one row of 65,536 tokens (4,096 where no fused kernel serves it)
+//!   forward and backward, against float64 at sampled queries and keys: nothing the size of the
+//!   row squared is allocated, and indices past 2³¹ score positions stay right.
 //! - `rope_grad`: the rotary embedding's output and input gradient against float64 (`rope.rs`).
 //!
-//! The attention checks live in `attention.rs`, RoPE's in `rope.rs`; `tests/suite/device_check_cpu.rs`
-//! runs them all on the CPU backend in CI.
+//! The attention checks live in `attention.rs`, RoPE's in `rope.rs`;
+//! `tests/suite/device_check_cpu.rs` runs them all on the CPU backend in CI.
 //!
 //! Errors are `max |device − reference| / max |reference|`, so one number per check reads the
 //! same whatever the scale of the values.
@@ -28,7 +32,7 @@
 mod attention;
 mod rope;
 
-use attention::{AttentionCase, attention, attention_grad};
+use attention::{AttentionCase, attention, attention_grad, long_row};
 
 use std::sync::Arc;
 
@@ -102,6 +106,7 @@ pub fn run<B: ModelBackend>(device: &B::Device, bf16: bool) -> Result<Vec<serde_
     for case in AttentionCase::ALL {
         lines.push(attention_grad::<B>(device, case));
     }
+    lines.push(long_row::<B>(device));
     for per_row_tables in [false, true] {
         lines.push(rope::rope_grad::<B>(device, per_row_tables));
     }
