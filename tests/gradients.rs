@@ -53,7 +53,7 @@ fn adapted_model(kind: AdapterKind, targets: Targets) -> Decoder<B> {
         layers: Layers::Last(-1),
         ..Default::default()
     };
-    let spec = AdapterSpec::from_recipe(&lora, model.config.num_layers).unwrap();
+    let spec = AdapterSpec::from_recipe(&lora, &model.config).unwrap();
     <B as burn::tensor::backend::Backend>::seed(&device, 7);
     inject(&mut model, &spec, &device);
     let mut params = parameters(&model);

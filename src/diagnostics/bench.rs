@@ -122,7 +122,7 @@ pub fn bench_train<B: TrainBackend>(
     let started = Instant::now();
     let files = random_model_files(config.clone(), args.seed);
     let mut model = files.build_quantized::<B>(device, storage)?;
-    let spec = AdapterSpec::from_recipe(&args.lora(), config.num_layers)?;
+    let spec = AdapterSpec::from_recipe(&args.lora(), &config)?;
     B::seed(device, args.seed);
     inject(&mut model, &spec, device);
     let settings = StepSettings {

@@ -5,6 +5,7 @@ use anyhow::{Result, bail};
 
 use crate::model::Decoder;
 use crate::model::LoraAdapter;
+use crate::model::config::ModelConfig;
 use crate::model::names::{BlockLinear, BlockModule};
 use crate::ops::ModelBackend;
 use crate::recipe::{AdapterKind, Layers, LoraSection, Targets};
@@ -31,17 +32,29 @@ pub struct AdapterSpec {
 }
 
 impl AdapterSpec {
-    /// Resolves `[lora]` for a model of `num_blocks` blocks; unknown keys and blocks are errors.
-    pub fn from_recipe(lora: &LoraSection, num_blocks: usize) -> Result<Self> {
+    /// Resolves `[lora]` for a model of this configuration; unknown keys and blocks, and a rank
+    /// above a targeted matrix's smaller side, are errors.
+    pub fn from_recipe(lora: &LoraSection, config: &ModelConfig) -> Result<Self> {
+        let num_blocks = config.num_layers;
         let keys: Vec<String> = match &lora.targets {
             Targets::Named(_) => BlockLinear::ALL.map(|l| l.key().to_string()).to_vec(),
             Targets::Keys(keys) => keys.clone(),
         };
         for key in &keys {
-            if BlockLinear::from_key(key).is_none() {
+            let Some(linear) = BlockLinear::from_key(key) else {
                 bail!(
                     "lora.targets: unknown key `{key}`; valid keys are {} (or \"all-linear\")",
                     BlockLinear::ALL.map(BlockLinear::key).join(", ")
+                );
+            };
+            // A × B of rank r on an [out, in] weight has rank at most min(out, in): past that
+            // the adapter only adds parameters (and memory) that cannot change the product.
+            let [out, inp] = linear.shape(config);
+            if lora.rank > out.min(inp) {
+                bail!(
+                    "lora.rank = {} is larger than `{key}`'s smaller side ({out} x {inp}): use at most {}",
+                    lora.rank,
+                    out.min(inp)
                 );
             }
         }

@@ -341,10 +341,59 @@ fn validate(r: &Recipe) -> Result<(), RecipeError> {
             "steps_per_report, steps_per_eval and save_every must be at least 1".into(),
         );
     }
-    if t.max_grad_norm.is_some_and(|n| n <= 0.0) {
+    if t.max_grad_norm.is_some_and(|n| !(n > 0.0 && n.is_finite())) {
         return invalid(
             "train.max_grad_norm",
-            "must be positive (leave it out to disable clipping)".into(),
+            "must be a positive number (leave it out to disable clipping)".into(),
+        );
+    }
+    // Each of these reaches every parameter through the update: a NaN or an eps of 0 (which
+    // divides by zero wherever a gradient is zero) would turn the adapters into NaN.
+    if !(t.eps > 0.0 && t.eps.is_finite()) {
+        return invalid(
+            "train.eps",
+            format!(
+                "{} must be a positive number (AdamW's default is 1e-8)",
+                t.eps
+            ),
+        );
+    }
+    for (key, value) in [
+        ("train.weight_decay", t.weight_decay),
+        ("train.warmup_init", t.warmup_init),
+        ("train.min_learning_rate", t.min_learning_rate),
+    ] {
+        if !(value >= 0.0 && value.is_finite()) {
+            return invalid(key, format!("{value} must be a finite number, 0 or more"));
+        }
+    }
+    if let Some(b) = t.betas.iter().find(|b| !(0.0..1.0).contains(*b)) {
+        return invalid(
+            "train.betas",
+            format!("{b} is outside [0, 1) (AdamW's defaults are [0.9, 0.999])"),
+        );
+    }
+    if t.val_batches == 0 || t.val_batches < -1 {
+        return invalid(
+            "train.val_batches",
+            format!(
+                "{}: use -1 for the whole split or N > 0 for the first N batches",
+                t.val_batches
+            ),
+        );
+    }
+    for (key, value) in [("lora.scale", r.lora.scale), ("lora.alpha", r.lora.alpha)] {
+        if value.is_some_and(|v| !v.is_finite()) {
+            return invalid(key, "must be a finite number".into());
+        }
+    }
+    if r.name.is_empty() || r.name == "." || r.name == ".." || r.name.contains(['/', '\\']) {
+        return invalid(
+            "name",
+            format!(
+                "\"{}\" is not a plain name: the run is written to runs/<name>; use letters, digits, '-', '_' or '.' (set [output] dir for another folder)",
+                r.name
+            ),
         );
     }
     Ok(())

@@ -154,7 +154,7 @@ impl<'r, B: TrainBackend> Run<'r, B> {
         let mut model = loaded.decoder;
         // The weights live in the model now; unmapping the file keeps its pages out of the peak.
         drop(loaded.files);
-        let spec = AdapterSpec::from_recipe(&recipe.lora, model.config.num_layers)?;
+        let spec = AdapterSpec::from_recipe(&recipe.lora, &model.config)?;
         B::seed(device, recipe.seed);
         inject(&mut model, &spec, device);
 
@@ -257,18 +257,22 @@ impl<'r, B: TrainBackend> Run<'r, B> {
 
     /// The error for a step whose loss was not finite, saying what was kept.
     fn stopped_on(&self, e: NonFiniteLoss) -> anyhow::Error {
-        let kept = self
-            .last_saved
+        anyhow::anyhow!(
+            "{e} at step {}; stopped without saving this step, and {}. Lower train.learning_rate or check the data, then resume with --resume",
+            self.state.step + 1,
+            self.kept()
+        )
+    }
+
+    /// What a run that stops now keeps: its last checkpoint, if any.
+    fn kept(&self) -> String {
+        self.last_saved
             .map_or("no checkpoint was written yet".to_string(), |s| {
                 format!(
                     "the last good checkpoint (step {s}) is in {}",
                     run_state::checkpoint_dir(&self.run_dir).display()
                 )
-            });
-        anyhow::anyhow!(
-            "{e} at step {}; stopped without saving this step, and {kept}. Lower train.learning_rate or check the data, then resume with --resume",
-            self.state.step + 1
-        )
+            })
     }
 
     /// The starting point's validation loss, so the curve shows how far training moved it.
@@ -314,8 +318,16 @@ impl<'r, B: TrainBackend> Run<'r, B> {
         started.elapsed()
     }
 
-    /// Writes the adapters (mlx-lm and peft layouts) and the checkpoint for resuming.
+    /// Writes the adapters (mlx-lm and peft layouts) and the checkpoint for resuming; refuses
+    /// (keeping the last checkpoint) when the update left a non-finite value.
     fn save(&mut self, emit: &mut dyn FnMut(Event)) -> Result<()> {
+        if !self.trainer.state_is_finite() {
+            bail!(
+                "the update of step {} left non-finite values in the adapters or AdamW's moments; stopped without saving, and {}. Lower train.learning_rate (check train.eps and train.weight_decay too), then resume with --resume",
+                self.state.step,
+                self.kept()
+            );
+        }
         let base_model = self.recipe.model.path.display().to_string();
         let model = &self.trainer.model;
         let step = self.state.step;

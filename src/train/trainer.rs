@@ -11,8 +11,8 @@
 //! The adapter tensors travel as flat lists in `Decoder::adapters` order between the model and
 //! the optimizer; that order is private to this file.
 
-use burn::tensor::Tensor;
 use burn::tensor::backend::AutodiffBackend;
+use burn::tensor::{ElementConversion, Tensor};
 
 use super::loss::masked_cross_entropy;
 use super::optimizer::{Optimizer, OptimizerConfig, clip_global_norm, global_norm};
@@ -82,6 +82,22 @@ impl<B: TrainBackend> Trainer<B> {
     /// Trainable parameters (elements).
     pub fn parameter_count(&self) -> usize {
         self.params.iter().map(|p| p.dims()[0]).sum()
+    }
+
+    /// Whether every adapter value and optimizer moment is finite: one reduction read back, for
+    /// before a save (a NaN would otherwise be written as the last good checkpoint). `Σ 0·x` is 0
+    /// exactly when every `x` is finite (0·∞ and 0·NaN are NaN), and cannot overflow.
+    pub fn state_is_finite(&self) -> bool {
+        let tensors = self.params.iter().chain(&self.optimizer.first);
+        let sums: Vec<_> = tensors
+            .chain(&self.optimizer.second)
+            .map(|t| t.clone().mul_scalar(0.0).sum())
+            .collect();
+        if sums.is_empty() {
+            return true;
+        }
+        let total: f64 = Tensor::cat(sums, 0).sum().into_scalar().elem();
+        total.is_finite()
     }
 
     /// One optimizer update over `micro_batches` at learning rate `lr`. A non-finite loss

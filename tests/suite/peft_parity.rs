@@ -80,7 +80,7 @@ fn ten_adamw_steps_match_peft() {
         layers: loraforge::recipe::Layers::Last(-1),
         ..Default::default()
     };
-    let spec = AdapterSpec::from_recipe(&lora, model.config.num_layers).unwrap();
+    let spec = AdapterSpec::from_recipe(&lora, &model.config).unwrap();
     assert_eq!(spec.scale, 2.0);
     inject(&mut model, &spec, &device);
     files::load_into(

@@ -132,3 +132,32 @@ fn cli_prints_the_resolved_recipe() {
         "{text}"
     );
 }
+
+#[test]
+fn settings_that_would_turn_the_adapters_into_nan_are_refused() {
+    let path = write_recipe("optim.toml", MINIMAL);
+    for (set, key) in [
+        ("train.eps=0", "train.eps"),
+        ("train.eps=nan", "train.eps"),
+        ("train.weight_decay=nan", "train.weight_decay"),
+        ("train.weight_decay=-0.1", "train.weight_decay"),
+        ("train.warmup_init=inf", "train.warmup_init"),
+        ("train.min_learning_rate=nan", "train.min_learning_rate"),
+        ("train.betas=[1.0, 0.999]", "train.betas"),
+        ("train.max_grad_norm=nan", "train.max_grad_norm"),
+        ("lora.alpha=inf", "lora.alpha"),
+        ("train.val_batches=0", "train.val_batches"),
+    ] {
+        let err = error(&path, &[set]);
+        assert!(err.contains(key), "--set {set}: {err}");
+    }
+}
+
+#[test]
+fn a_run_name_that_is_a_path_is_refused() {
+    let path = write_recipe("name.toml", MINIMAL);
+    for name in ["../../x", "a/b", ".."] {
+        let err = error(&path, &[&format!("name=\"{name}\"")]);
+        assert!(err.contains("is not a plain name"), "name {name:?}: {err}");
+    }
+}

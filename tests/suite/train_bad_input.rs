@@ -129,3 +129,38 @@ fn a_compute_dtype_we_cannot_run_is_refused() {
         "{err}"
     );
 }
+
+#[test]
+fn an_update_that_overflows_is_not_saved() {
+    // The step's loss is finite (it is computed before the update); a learning rate past f32's
+    // range then turns the adapters into inf and NaN. With one step, that update would have been
+    // written as the final adapters.
+    let run = tiny_run("overflow", "");
+    let err = train_err(
+        &run.recipe,
+        &[
+            "--set",
+            "train.iters=1",
+            "--set",
+            "train.learning_rate=1e39",
+        ],
+    );
+    assert!(
+        err.contains("the update of step 1 left non-finite values")
+            && err.contains("no checkpoint was written yet"),
+        "{err}"
+    );
+    let dir = common::tiny_run::run_dir(&run);
+    assert!(!dir.join("checkpoint").exists() && !dir.join("adapters").exists());
+}
+
+#[test]
+fn a_rank_above_a_matrix_side_is_refused() {
+    let run = tiny_run("rank-big", "");
+    let err = train_err(&run.recipe, &["--set", "lora.rank=100000"]);
+    assert!(
+        err.contains("lora.rank = 100000 is larger than `self_attn.q_proj`'s smaller side")
+            && err.contains("use at most"),
+        "{err}"
+    );
+}

@@ -143,7 +143,7 @@ fn lora() -> LoraSection {
 fn trajectory<D: TrainBackend>(device: &D::Device) -> Result<serde_json::Value> {
     let config = Shape::Tiny.config();
     let files = random_model_files(config.clone(), 0);
-    let spec = AdapterSpec::from_recipe(&lora(), config.num_layers)?;
+    let spec = AdapterSpec::from_recipe(&lora(), &config)?;
     let cpu_device = Default::default();
     let mut cpu = files.build::<CpuTrain>(&cpu_device)?;
     <CpuTrain as burn::tensor::backend::Backend>::seed(&cpu_device, 1);
