@@ -184,13 +184,21 @@ impl<'r, B: TrainBackend> Run<'r, B> {
             trained_tokens: 0,
             recipe: resolved.clone(),
         };
-        let checkpoint = resume.map(|dir| {
-            if dir.join("state.json").exists() {
-                dir.to_path_buf()
-            } else {
-                run_state::checkpoint_dir(dir)
+        let checkpoint = match resume {
+            Some(dir) if dir.join("state.json").exists() => Some(dir.to_path_buf()),
+            Some(dir) => {
+                if let Some(from) = run_state::recover(dir)? {
+                    emit(Event::Warning {
+                        message: format!(
+                            "a checkpoint save was interrupted; resuming from {}, moved into place",
+                            from.display()
+                        ),
+                    });
+                }
+                Some(run_state::checkpoint_dir(dir))
             }
-        });
+            None => None,
+        };
         if let Some(ckpt) = &checkpoint {
             state = run_state::load_state(ckpt)?;
             if let Some(diff) = run_state::recipe_difference(&state.recipe, &resolved) {

@@ -37,6 +37,34 @@ pub fn checkpoint_dir(run_dir: &Path) -> PathBuf {
     run_dir.join("checkpoint")
 }
 
+/// Finishes a swap that a crash interrupted: with no `<run>/checkpoint/` but a complete
+/// `.checkpoint-new/` (its `state.json` is written last) or `.checkpoint-old/` (complete until the
+/// swap removes it), renames the newer of them into place and removes what is left of the other
+/// (older, or unfinished). Returns what it recovered.
+pub fn recover(run_dir: &Path) -> Result<Option<PathBuf>> {
+    let dir = checkpoint_dir(run_dir);
+    if dir.exists() {
+        return Ok(None);
+    }
+    let new = run_dir.join(".checkpoint-new");
+    let old = run_dir.join(".checkpoint-old");
+    for (candidate, other) in [(&new, &old), (&old, &new)] {
+        if candidate.join("state.json").is_file() {
+            std::fs::rename(candidate, &dir).with_context(|| {
+                format!(
+                    "recovering the interrupted checkpoint {} as {}",
+                    candidate.display(),
+                    dir.display()
+                )
+            })?;
+            atomic::sync_dir(run_dir).with_context(|| format!("syncing {}", run_dir.display()))?;
+            let _ = std::fs::remove_dir_all(other);
+            return Ok(Some(candidate.clone()));
+        }
+    }
+    Ok(None)
+}
+
 /// Writes a checkpoint (adapters, optimizer moments, state) beside the old one, then swaps it
 /// into `<run>/checkpoint/`; returns that folder.
 pub fn save<B: ModelBackend + AutodiffBackend>(
@@ -48,6 +76,8 @@ pub fn save<B: ModelBackend + AutodiffBackend>(
     let new = run_dir.join(".checkpoint-new");
     let old = run_dir.join(".checkpoint-old");
     let dir = checkpoint_dir(run_dir);
+    // A swap a crash interrupted is finished first, so the folders below hold no finished work.
+    recover(run_dir)?;
     let _ = std::fs::remove_dir_all(&new);
     std::fs::create_dir_all(&new).with_context(|| format!("creating {}", new.display()))?;
     atomic::write(
@@ -75,6 +105,7 @@ pub fn save<B: ModelBackend + AutodiffBackend>(
     }
     std::fs::rename(&new, &dir)
         .with_context(|| format!("moving the new checkpoint to {}", dir.display()))?;
+    atomic::sync_dir(run_dir).with_context(|| format!("syncing {}", run_dir.display()))?;
     let _ = std::fs::remove_dir_all(&old);
     Ok(dir)
 }
@@ -195,6 +226,38 @@ fn flatten(prefix: &str, v: &toml::Value, out: &mut Vec<String>) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A checkpoint folder whose `state.json` says `step`.
+    fn checkpoint(dir: &Path, step: &str) {
+        std::fs::create_dir_all(dir).unwrap();
+        std::fs::write(dir.join("state.json"), step).unwrap();
+    }
+
+    /// A crash between the swap's two renames leaves both copies and no `checkpoint/`; a crash
+    /// while the new one is written leaves it without `state.json`.
+    #[test]
+    fn an_interrupted_swap_is_finished_from_the_newer_complete_copy() {
+        let run = std::env::temp_dir().join(format!("lf-recover-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&run);
+        let read = || std::fs::read_to_string(checkpoint_dir(&run).join("state.json")).unwrap();
+        // Between the renames: the new copy wins.
+        checkpoint(&run.join(".checkpoint-old"), "old");
+        checkpoint(&run.join(".checkpoint-new"), "new");
+        assert_eq!(recover(&run).unwrap(), Some(run.join(".checkpoint-new")));
+        assert_eq!(read(), "new");
+        // Nothing to do while checkpoint/ exists.
+        assert_eq!(recover(&run).unwrap(), None);
+        // A new copy cut off before its state.json: the old one is taken.
+        std::fs::rename(checkpoint_dir(&run), run.join(".checkpoint-old")).unwrap();
+        std::fs::create_dir_all(run.join(".checkpoint-new")).unwrap();
+        assert_eq!(recover(&run).unwrap(), Some(run.join(".checkpoint-old")));
+        assert_eq!(read(), "new");
+        // No copy at all: nothing recovered, and resume reports the missing checkpoint.
+        std::fs::remove_dir_all(&run).unwrap();
+        std::fs::create_dir_all(&run).unwrap();
+        assert_eq!(recover(&run).unwrap(), None);
+        std::fs::remove_dir_all(&run).unwrap();
+    }
 
     #[test]
     fn recipe_difference_names_the_key_and_ignores_run_length() {

@@ -151,3 +151,43 @@ fn resume_refuses_a_checkpoint_from_another_recipe() {
         "{err}"
     );
 }
+
+/// A kill between the two renames of a checkpoint save leaves `.checkpoint-old` and
+/// `.checkpoint-new`, both complete, and no `checkpoint/` (the state after the first rename, set up
+/// here by hand rather than by timing luck): `--resume` finishes the swap and continues from the
+/// new one.
+#[test]
+fn resume_finishes_a_checkpoint_swap_that_a_kill_interrupted() {
+    let run = tiny_run("swap", "");
+    let out = train(&run.recipe, &["--set", "train.iters=10"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let dir = run_dir(&run);
+    let copy = |from: &std::path::Path, to: &std::path::Path| {
+        std::fs::create_dir_all(to).unwrap();
+        for entry in std::fs::read_dir(from).unwrap() {
+            let entry = entry.unwrap();
+            std::fs::copy(entry.path(), to.join(entry.file_name())).unwrap();
+        }
+    };
+    copy(&dir.join("checkpoint"), &dir.join(".checkpoint-new"));
+    std::fs::rename(dir.join("checkpoint"), dir.join(".checkpoint-old")).unwrap();
+
+    let out = train(&run.recipe, &["--resume", "--set", "train.iters=12"]);
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+    );
+    assert!(out.status.success(), "{stderr}");
+    assert!(
+        format!("{stdout}{stderr}").contains("a checkpoint save was interrupted; resuming from"),
+        "{stdout}{stderr}"
+    );
+    assert!(stdout.contains("steps 11..12"), "{stdout}");
+    let state = common::read_json(&dir.join("checkpoint/state.json"));
+    assert_eq!(state["step"].as_u64(), Some(12));
+    assert!(!dir.join(".checkpoint-new").exists() && !dir.join(".checkpoint-old").exists());
+}
