@@ -46,14 +46,14 @@ impl BackendTask for TrainTask {
         let on_signal = Arc::clone(&controls);
         ctrlc::set_handler(move || {
             if on_signal.stop.swap(true, Ordering::SeqCst) {
-                eprintln!("\nsecond Ctrl-C: aborting without saving");
+                eprintln!("\nsecond interrupt: aborting without saving");
                 std::process::exit(130);
             }
             eprintln!(
-                "\nCtrl-C: finishing this step and saving a checkpoint (Ctrl-C again aborts)"
+                "\ninterrupted (Ctrl-C or SIGTERM): finishing this step and saving a checkpoint (a second one aborts)"
             );
         })
-        .context("installing the Ctrl-C handler")?;
+        .context("installing the Ctrl-C / SIGTERM handler")?;
         let resume = self.args.resume.as_ref().map(|dir| {
             dir.clone()
                 .unwrap_or_else(|| crate::train::run::run_dir(&self.recipe))

@@ -44,6 +44,36 @@ fn max_diff(a: &std::path::Path, b: &std::path::Path) -> f32 {
     worst
 }
 
+/// Runs `train RECIPE`, sends `signal` once a stdout line starts with `at`, and returns the exit
+/// status and every stdout line.
+fn interrupt_at(
+    recipe: &std::path::Path,
+    at: &str,
+    signal: libc::c_int,
+) -> (std::process::ExitStatus, Vec<String>) {
+    let mut child = loraforge()
+        .args(["train", recipe.to_str().unwrap()])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let mut seen = Vec::new();
+    for line in lines.by_ref() {
+        let line = line.unwrap();
+        let interrupt = line.starts_with(at);
+        seen.push(line);
+        if interrupt {
+            // SAFETY: kill(2) with the pid of our own running child.
+            let sent = unsafe { libc::kill(child.id() as libc::pid_t, signal) };
+            assert_eq!(sent, 0, "signal {signal} to the training process");
+            break;
+        }
+    }
+    seen.extend(lines.map(|l| l.unwrap()));
+    (child.wait().unwrap(), seen)
+}
+
 #[test]
 fn sigint_then_resume_equals_uninterrupted() {
     // The reference: 30 steps in one go, twice. Burn 0.21's autodiff adds the gradient
@@ -63,27 +93,7 @@ fn sigint_then_resume_equals_uninterrupted() {
 
     // The same recipe, interrupted for real once a few steps are done.
     let split = tiny_run("split", "");
-    let mut child = loraforge()
-        .args(["train", split.recipe.to_str().unwrap()])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
-    let mut seen = Vec::new();
-    for line in lines.by_ref() {
-        let line = line.unwrap();
-        let interrupt = line.starts_with("Iter 4:");
-        seen.push(line);
-        if interrupt {
-            // SAFETY: kill(2) with the pid of our own running child.
-            let sent = unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGINT) };
-            assert_eq!(sent, 0, "SIGINT to the training process");
-            break;
-        }
-    }
-    seen.extend(lines.map(|l| l.unwrap()));
-    let status = child.wait().unwrap();
+    let (status, seen) = interrupt_at(&split.recipe, "Iter 4:", libc::SIGINT);
     let text = seen.join("\n");
     assert!(status.success(), "Ctrl-C must exit 0 after saving:\n{text}");
     let stopped_line = seen
@@ -190,4 +200,26 @@ fn resume_finishes_a_checkpoint_swap_that_a_kill_interrupted() {
     let state = common::read_json(&dir.join("checkpoint/state.json"));
     assert_eq!(state["step"].as_u64(), Some(12));
     assert!(!dir.join(".checkpoint-new").exists() && !dir.join(".checkpoint-old").exists());
+}
+
+/// Schedulers stop jobs with SIGTERM: it saves a checkpoint and exits 0 as Ctrl-C does.
+#[test]
+fn sigterm_saves_a_checkpoint_like_ctrl_c() {
+    let run = tiny_run("sigterm", "");
+    let (status, seen) = interrupt_at(&run.recipe, "Iter 2:", libc::SIGTERM);
+    let text = seen.join("\n");
+    assert!(
+        status.success(),
+        "SIGTERM must exit 0 after saving:\n{text}"
+    );
+    let stopped = seen
+        .iter()
+        .find(|l| l.starts_with("Interrupted at step"))
+        .unwrap_or_else(|| panic!("{text}"));
+    let state = common::read_json(&run_dir(&run).join("checkpoint/state.json"));
+    let step = state["step"].as_u64().unwrap();
+    assert!(
+        stopped.contains(&format!("step {step};")),
+        "{stopped} vs state step {step}"
+    );
 }
