@@ -93,12 +93,28 @@ impl Tokenizer {
 }
 
 /// The tokenizer that belongs to a model: its folder's `tokenizer.json`, or its GGUF metadata.
+/// Refused when it can produce an id past the model's embedding (an added token the embedding
+/// lacks would otherwise stop training at the first batch that holds it, hours in).
 pub fn for_model(files: &crate::model::ModelFiles) -> Result<Tokenizer> {
-    match &files.weights {
-        crate::model::weights::WeightSource::Gguf(g) => from_gguf(g),
-        crate::model::weights::WeightSource::Safetensors { .. } => from_folder(&files.path),
+    let tokenizer = match &files.weights {
+        crate::model::weights::WeightSource::Gguf(g) => from_gguf(g)?,
+        crate::model::weights::WeightSource::Safetensors { .. } => from_folder(&files.path)?,
         crate::model::weights::WeightSource::Random { .. } => {
             anyhow::bail!("a model with random weights has no tokenizer")
         }
+    };
+    let rows = files.config.vocab_size;
+    if let Some((token, id)) = tokenizer
+        .inner
+        .get_vocab(true)
+        .into_iter()
+        .max_by_key(|&(_, id)| id)
+        .filter(|&(_, id)| id as usize >= rows)
+    {
+        anyhow::bail!(
+            "{}: the tokenizer can produce id {id} ({token:?}), but the model's embedding has {rows} rows (vocab_size); use the tokenizer that came with the model, or resize the embedding",
+            files.path.display()
+        );
     }
+    Ok(tokenizer)
 }

@@ -189,3 +189,36 @@ fn missing_model_path() {
     let err = load_error(Path::new("/nonexistent/model"));
     assert!(err.contains("/nonexistent/model does not exist"), "{err}");
 }
+
+/// An added token past the embedding used to panic inside burn-ndarray at the first batch that
+/// held it; now the model refuses to load with that tokenizer, naming the token.
+#[test]
+fn a_tokenizer_with_ids_past_the_embedding_is_refused() {
+    let dir = scratch_copy("llama-linearrope-untied", "added-token");
+    let path = dir.join("tokenizer.json");
+    let mut tokenizer = common::read_json(&path);
+    tokenizer["added_tokens"]
+        .as_array_mut()
+        .unwrap()
+        .push(serde_json::json!({
+            "id": 256, "content": "<|tool|>", "single_word": false, "lstrip": false,
+            "rstrip": false, "normalized": false, "special": true
+        }));
+    std::fs::write(&path, tokenizer.to_string()).unwrap();
+    let out = common::loraforge(&[
+        "generate",
+        "--model",
+        dir.to_str().unwrap(),
+        "--prompt",
+        "hi",
+        "--max-tokens",
+        "1",
+    ]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    assert!(
+        err.contains("the tokenizer can produce id 256 (\"<|tool|>\")")
+            && err.contains("embedding has 256 rows"),
+        "{err}"
+    );
+}
