@@ -332,26 +332,42 @@ impl GgufFile {
             let key = r.string().map_err(&corrupt)?;
             let ty = r.u32().map_err(&corrupt)?;
             let value = r
-                .value(ty)
+                .value(ty, 0)
                 .map_err(|e| corrupt(format!("metadata `{key}`: {e}")))?;
-            metadata.insert(key, value);
+            if metadata.insert(key.clone(), value).is_some() {
+                return Err(corrupt(format!(
+                    "metadata `{key}` appears twice (which one a reader takes is not defined)"
+                )));
+            }
         }
         let mut raw_infos = Vec::new();
         for _ in 0..n_tensors {
             let name = r.string().map_err(&corrupt)?;
             let n_dims = r.u32().map_err(&corrupt)?;
+            if !(1..=MAX_DIMS).contains(&n_dims) {
+                return Err(corrupt(format!(
+                    "tensor `{name}` has {n_dims} dimensions (ggml tensors have 1 to {MAX_DIMS})"
+                )));
+            }
             let mut ne = Vec::with_capacity(n_dims as usize);
             for _ in 0..n_dims {
-                ne.push(r.u64().map_err(&corrupt)? as usize);
+                ne.push(r.u64().map_err(&corrupt)?);
             }
             let ty = r.u32().map_err(&corrupt)?;
-            let offset = r.u64().map_err(&corrupt)? as usize;
+            let offset = r.u64().map_err(&corrupt)?;
             raw_infos.push((name, ne, ty, offset));
         }
-        let alignment = metadata
-            .get("general.alignment")
-            .and_then(Value::as_u64)
-            .unwrap_or(32) as usize;
+        let alignment = match metadata.get("general.alignment") {
+            None => 32,
+            Some(v) => match v.as_u64() {
+                Some(a) if a.is_power_of_two() && a <= 1 << 20 => a as usize,
+                _ => {
+                    return Err(corrupt(format!(
+                        "general.alignment is {v:?}; it must be a power of two (32 by default)"
+                    )));
+                }
+            },
+        };
         let data_start = r.pos.div_ceil(alignment) * alignment;
         let mut tensors = Vec::with_capacity(raw_infos.len());
         for (name, ne, ty, offset) in raw_infos {
@@ -360,31 +376,52 @@ impl GgufFile {
                 tensor: name.clone(),
                 kind,
             })?;
-            let numel: usize = ne.iter().product();
             let (per_block, block_bytes) = kind.block();
-            if ne.first().is_some_and(|&inner| inner % per_block != 0) {
+            if ne[0] % per_block as u64 != 0 {
                 return Err(corrupt(format!(
                     "tensor `{name}`: row length {} is not a multiple of the {} block size {per_block}",
                     ne[0],
                     kind.name()
                 )));
             }
-            let len = numel / per_block * block_bytes;
-            let start = data_start + offset;
-            if start + len > map.len() {
+            // Every size is checked against the file before it is used: a shape whose product
+            // wraps, or an offset near 2⁶⁴, must not pass as a small tensor.
+            let bytes = ne
+                .iter()
+                .try_fold(1u64, |n, &d| n.checked_mul(d))
+                .and_then(|numel| (numel / per_block as u64).checked_mul(block_bytes as u64));
+            let end = bytes.and_then(|b| (data_start as u64).checked_add(offset)?.checked_add(b));
+            let (Some(len), Some(end)) = (bytes, end) else {
                 return Err(corrupt(format!(
-                    "tensor `{name}` needs bytes {start}..{} but the file is {} bytes long",
-                    start + len,
+                    "tensor `{name}`: shape {ne:?} at offset {offset} overflows 64 bits"
+                )));
+            };
+            if end > map.len() as u64 {
+                return Err(corrupt(format!(
+                    "tensor `{name}` needs bytes {}..{end} but the file is {} bytes long",
+                    end - len,
                     map.len()
                 )));
             }
             tensors.push(TensorInfo {
                 name,
-                shape: ne.into_iter().rev().collect(),
+                shape: ne.into_iter().rev().map(|d| d as usize).collect(),
                 kind,
-                offset: start,
-                len,
+                offset: (end - len) as usize,
+                len: len as usize,
             });
+        }
+        // Two tensors must not share bytes: one would read the other's data as its own.
+        let mut spans: Vec<&TensorInfo> = tensors.iter().collect();
+        spans.sort_by_key(|t| t.offset);
+        if let Some(pair) = spans
+            .windows(2)
+            .find(|w| w[0].offset + w[0].len > w[1].offset)
+        {
+            return Err(corrupt(format!(
+                "the data of tensors `{}` and `{}` overlap",
+                pair[0].name, pair[1].name
+            )));
         }
         Ok(GgufFile {
             path: path.to_path_buf(),
@@ -436,6 +473,12 @@ impl GgufFile {
     }
 }
 
+/// ggml's `GGML_MAX_DIMS`.
+const MAX_DIMS: u32 = 4;
+/// Metadata arrays hold scalars or strings, or arrays of them; deeper nesting is refused rather
+/// than followed until the stack runs out.
+const MAX_ARRAY_DEPTH: usize = 4;
+
 struct Reader<'a> {
     buf: &'a [u8],
     pos: usize,
@@ -476,7 +519,8 @@ impl<'a> Reader<'a> {
         Ok(String::from_utf8_lossy(bytes).into_owned())
     }
 
-    fn value(&mut self, ty: u32) -> Result<Value, String> {
+    /// A metadata value of type `ty`, `depth` arrays deep.
+    fn value(&mut self, ty: u32, depth: usize) -> Result<Value, String> {
         Ok(match ty {
             0 => Value::U8(self.array::<1>()?[0]),
             1 => Value::I8(self.array::<1>()?[0] as i8),
@@ -488,14 +532,27 @@ impl<'a> Reader<'a> {
             7 => Value::Bool(self.array::<1>()?[0] != 0),
             8 => Value::String(self.string()?),
             9 => {
-                let item_ty = self.u32()?;
-                let n = self.u64()? as usize;
-                if n > self.buf.len() {
-                    return Err(format!("array length {n} exceeds the file size"));
+                if depth >= MAX_ARRAY_DEPTH {
+                    return Err(format!("arrays nested more than {MAX_ARRAY_DEPTH} deep"));
                 }
-                let mut items = Vec::with_capacity(n);
+                let item_ty = self.u32()?;
+                let n = self.u64()?;
+                // Each item takes at least this many bytes of what is left of the file.
+                let least = match item_ty {
+                    0 | 1 | 7 => 1,
+                    2 | 3 => 2,
+                    4..=6 => 4,
+                    _ => 8,
+                };
+                let left = (self.buf.len() - self.pos) as u64;
+                if n > left / least {
+                    return Err(format!(
+                        "array length {n} needs more than the {left} bytes left in the file"
+                    ));
+                }
+                let mut items = Vec::with_capacity(n as usize);
                 for _ in 0..n {
-                    items.push(self.value(item_ty)?);
+                    items.push(self.value(item_ty, depth + 1)?);
                 }
                 Value::Array(items)
             }

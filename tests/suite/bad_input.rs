@@ -222,3 +222,140 @@ fn a_tokenizer_with_ids_past_the_embedding_is_refused() {
         "{err}"
     );
 }
+
+/// GGUF bytes: `metadata` as (key, type, value bytes), then tensor infos as (name, dims, ggml
+/// type, offset), aligned data of `data` zero bytes.
+fn gguf_bytes(
+    metadata: &[(&str, u32, Vec<u8>)],
+    tensors: &[(&str, Vec<u64>, u32, u64)],
+    data: usize,
+) -> Vec<u8> {
+    fn string(out: &mut Vec<u8>, s: &str) {
+        out.extend((s.len() as u64).to_le_bytes());
+        out.extend(s.as_bytes());
+    }
+    let mut out = b"GGUF".to_vec();
+    out.extend(3u32.to_le_bytes());
+    out.extend((tensors.len() as u64).to_le_bytes());
+    out.extend((metadata.len() as u64).to_le_bytes());
+    for (key, ty, value) in metadata {
+        string(&mut out, key);
+        out.extend(ty.to_le_bytes());
+        out.extend(value);
+    }
+    for (name, dims, ty, offset) in tensors {
+        string(&mut out, name);
+        out.extend((dims.len() as u32).to_le_bytes());
+        for d in dims {
+            out.extend(d.to_le_bytes());
+        }
+        out.extend(ty.to_le_bytes());
+        out.extend(offset.to_le_bytes());
+    }
+    while !out.len().is_multiple_of(32) {
+        out.push(0);
+    }
+    out.extend(vec![0u8; data]);
+    out
+}
+
+/// `GgufFile::open`'s error for these bytes.
+fn gguf_error(tag: &str, bytes: Vec<u8>) -> String {
+    let path = std::env::temp_dir().join(format!("lf-gguf-{tag}-{}.gguf", std::process::id()));
+    std::fs::write(&path, bytes).unwrap();
+    let err = match loraforge::io::gguf::GgufFile::open(&path) {
+        Ok(_) => panic!("{tag}: a hostile GGUF opened"),
+        Err(e) => e.to_string(),
+    };
+    std::fs::remove_file(&path).unwrap();
+    assert!(
+        err.contains(&format!("lf-gguf-{tag}")),
+        "{tag}: the error names no file: {err}"
+    );
+    err
+}
+
+/// Each of these crashed, aborted or over-allocated the reader (issue 18's list); each is now an
+/// error that names the file and what is wrong.
+#[test]
+fn hostile_gguf_headers_are_errors_not_crashes() {
+    let f32_tensor = |name, offset| (name, vec![32u64], 0u32, offset);
+    let u32_value = |v: u32| v.to_le_bytes().to_vec();
+    let cases: Vec<(&str, Vec<u8>, &str)> = vec![
+        (
+            "align0",
+            gguf_bytes(
+                &[("general.alignment", 4, u32_value(0))],
+                &[f32_tensor("w", 0)],
+                128,
+            ),
+            "general.alignment is U32(0); it must be a power of two",
+        ),
+        (
+            "offset",
+            gguf_bytes(&[], &[f32_tensor("w", u64::MAX - 8)], 128),
+            "tensor `w`: shape [32] at offset 18446744073709551607 overflows 64 bits",
+        ),
+        (
+            "dims",
+            gguf_bytes(&[], &[("w", vec![1u64 << 62, 8], 0, 0)], 128),
+            "overflows 64 bits",
+        ),
+        (
+            "ndims",
+            {
+                let mut b = gguf_bytes(&[], &[f32_tensor("w", 0)], 128);
+                // n_dims of the only tensor: after magic, version, counts and its name.
+                let at = 4 + 4 + 8 + 8 + 8 + 1;
+                b[at..at + 4].copy_from_slice(&u32::MAX.to_le_bytes());
+                b
+            },
+            "tensor `w` has 4294967295 dimensions",
+        ),
+        (
+            "nested",
+            {
+                // An array of arrays of arrays ... 64 deep.
+                let mut value = Vec::new();
+                for _ in 0..64 {
+                    value.extend(9u32.to_le_bytes());
+                    value.extend(1u64.to_le_bytes());
+                }
+                value.extend(4u32.to_le_bytes());
+                value.extend(0u64.to_le_bytes());
+                gguf_bytes(&[("x", 9, value)], &[], 0)
+            },
+            "metadata `x`: arrays nested more than 4 deep",
+        ),
+        (
+            "arraylen",
+            {
+                let mut value = 10u32.to_le_bytes().to_vec(); // u64 items
+                value.extend((1u64 << 40).to_le_bytes());
+                gguf_bytes(&[("tokenizer.ggml.scores", 9, value)], &[], 64)
+            },
+            "array length 1099511627776 needs more than the",
+        ),
+        (
+            "duplicate",
+            gguf_bytes(
+                &[
+                    ("general.architecture", 4, u32_value(1)),
+                    ("general.architecture", 4, u32_value(2)),
+                ],
+                &[],
+                0,
+            ),
+            "metadata `general.architecture` appears twice",
+        ),
+        (
+            "overlap",
+            gguf_bytes(&[], &[f32_tensor("a", 0), f32_tensor("b", 64)], 256),
+            "the data of tensors `a` and `b` overlap",
+        ),
+    ];
+    for (tag, bytes, want) in cases {
+        let err = gguf_error(tag, bytes);
+        assert!(err.contains(want), "{tag}: {err}");
+    }
+}
