@@ -85,6 +85,9 @@ impl ModelFiles {
         let json: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&config_path)?)
             .with_context(|| format!("reading {}", config_path.display()))?;
         let quantization = MlxQuantization::from_config(&json);
+        if let Some(q) = &quantization {
+            q.check(&config_path)?;
+        }
         let store = SafetensorsStore::open_folder(path)?;
         let format = if quantization.is_some() {
             ModelFormat::MlxQuantized

@@ -94,8 +94,18 @@ impl MlxQuantization {
             .get("quantization")
             .or_else(|| json.get("quantization_config"))?
             .as_object()?;
-        let group_size = q.get("group_size")?.as_u64()? as usize;
-        let bits = q.get("bits")?.as_u64()? as u32;
+        // Missing, negative or out-of-range values become 0, which `check` refuses (a cast would
+        // truncate 2³² + 4 to 4, and a negative group size had turned quantization off).
+        let group_size = q
+            .get("group_size")
+            .and_then(Value::as_u64)
+            .and_then(|g| usize::try_from(g).ok())
+            .unwrap_or(0);
+        let bits = q
+            .get("bits")
+            .and_then(Value::as_u64)
+            .and_then(|b| u32::try_from(b).ok())
+            .unwrap_or(0);
         let mut overrides = BTreeMap::new();
         for (key, v) in q {
             match v {
@@ -105,10 +115,15 @@ impl MlxQuantization {
                 Value::Object(o) => {
                     let g = o
                         .get("group_size")
-                        .and_then(Value::as_u64)
-                        .unwrap_or(group_size as u64);
-                    let b = o.get("bits").and_then(Value::as_u64).unwrap_or(bits as u64);
-                    overrides.insert(key.clone(), Some((g as usize, b as u32)));
+                        .map_or(Some(group_size), |v| {
+                            v.as_u64().and_then(|g| g.try_into().ok())
+                        })
+                        .unwrap_or(0);
+                    let b = o
+                        .get("bits")
+                        .map_or(Some(bits), |v| v.as_u64().and_then(|b| b.try_into().ok()))
+                        .unwrap_or(0);
+                    overrides.insert(key.clone(), Some((g, b)));
                 }
                 _ => {}
             }
@@ -118,6 +133,33 @@ impl MlxQuantization {
             bits,
             overrides,
         })
+    }
+
+    /// Refuses settings no quantized matrix can have: bits outside MLX's set (0 divided by zero,
+    /// 7 met a shape mismatch) and group sizes other than 32, 64 and 128, for the default and
+    /// every override. `config` names the file in the error.
+    pub fn check(&self, config: &std::path::Path) -> anyhow::Result<()> {
+        let settings = std::iter::once(("quantization", Some((self.group_size, self.bits))))
+            .chain(self.overrides.iter().map(|(k, v)| (k.as_str(), *v)));
+        for (key, setting) in settings {
+            let Some((group, bits)) = setting else {
+                continue;
+            };
+            if !crate::quant::affine::SUPPORTED_BITS.contains(&bits) {
+                anyhow::bail!(
+                    "{}: `{key}` has bits = {bits}; MLX quantizes to {:?} bits",
+                    config.display(),
+                    crate::quant::affine::SUPPORTED_BITS
+                );
+            }
+            if ![32, 64, 128].contains(&group) {
+                anyhow::bail!(
+                    "{}: `{key}` has group_size = {group}; MLX groups are 32, 64 or 128",
+                    config.display()
+                );
+            }
+        }
+        Ok(())
     }
 }
 

@@ -218,10 +218,20 @@ fn apply_override(table: &mut Table, assignment: &str) -> Result<(), RecipeError
     let (key, raw) = assignment
         .split_once('=')
         .ok_or_else(|| err("expected KEY=VALUE, e.g. train.learning_rate=2e-4".into()))?;
-    let value = toml::from_str::<Table>(&format!("v = {raw}"))
+    let parsed = toml::from_str::<Table>(&format!("v = {raw}"))
         .ok()
-        .and_then(|mut t| t.remove("v"))
-        .unwrap_or_else(|| toml::Value::String(raw.to_string()));
+        .and_then(|mut t| t.remove("v"));
+    // A bare word (`model.path=/x/y`) is taken as a string; something that starts like a TOML
+    // string, array or table but does not parse is a mistake, not a string.
+    let value = match parsed {
+        Some(value) => value,
+        None if raw.trim_start().starts_with(['"', '\'', '[', '{']) => {
+            return Err(err(format!(
+                "`{raw}` is not a TOML value (an unterminated quote or bracket?)"
+            )));
+        }
+        None => toml::Value::String(raw.to_string()),
+    };
     let parts: Vec<&str> = key.trim().split('.').collect();
     let (last, parents) = parts.split_last().ok_or_else(|| err("empty key".into()))?;
     let mut current = &mut *table;
@@ -232,7 +242,9 @@ fn apply_override(table: &mut Table, assignment: &str) -> Result<(), RecipeError
             .as_table_mut()
             .ok_or_else(|| err(format!("`{part}` is not a section")))?;
     }
-    current.insert(last.to_string(), value);
+    // A table merges into the one there (`--set 'train={iters=1}'` sets one key, it does not
+    // reset the rest of [train]).
+    merge(current, Table::from_iter([(last.to_string(), value)]));
     // Check the key exists, so a typo in --set is caught like one in a file.
     let probe = toml::to_string(&*table).unwrap_or_default();
     if let Err(e) = toml::from_str::<Recipe>(&probe)
@@ -327,6 +339,12 @@ fn validate(r: &Recipe) -> Result<(), RecipeError> {
         return invalid(
             "train.learning_rate",
             format!("{} must be a positive number", t.learning_rate),
+        );
+    }
+    if t.iters == Some(0) || t.epochs.is_some_and(|e| !(e > 0.0 && e.is_finite())) {
+        return invalid(
+            "train.iters",
+            "iters must be at least 1 and epochs a positive number".into(),
         );
     }
     if t.iters.is_some() && t.epochs.is_some() {

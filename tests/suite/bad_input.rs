@@ -359,3 +359,36 @@ fn hostile_gguf_headers_are_errors_not_crashes() {
         assert!(err.contains(want), "{tag}: {err}");
     }
 }
+
+/// mlx `quantization` settings no matrix can have: 0 bits divided by zero, 7 bits met a shape
+/// mismatch, 2³² + 4 bits was read as 4, and a negative group size turned quantization off.
+#[test]
+fn impossible_mlx_quantization_settings_name_the_key() {
+    for (tag, key, value, want) in [
+        ("bits0", "bits", serde_json::json!(0), "has bits = 0"),
+        ("bits7", "bits", serde_json::json!(7), "has bits = 7"),
+        (
+            "bitsbig",
+            "bits",
+            serde_json::json!(4_294_967_300u64),
+            "has bits = 0",
+        ),
+        (
+            "groupneg",
+            "group_size",
+            serde_json::json!(-64),
+            "has group_size = 0",
+        ),
+    ] {
+        let dir = scratch_copy("mlx-q4-g64", tag);
+        edit_config(&dir, |json| {
+            json["quantization"][key] = value.clone();
+            json["quantization_config"][key] = value.clone();
+        });
+        let err = load_error(&dir);
+        assert!(
+            err.contains("config.json: `quantization`") && err.contains(want),
+            "{tag}: {err}"
+        );
+    }
+}

@@ -161,3 +161,24 @@ fn a_run_name_that_is_a_path_is_refused() {
         assert!(err.contains("is not a plain name"), "name {name:?}: {err}");
     }
 }
+
+#[test]
+fn a_table_in_set_merges_and_a_broken_value_is_an_error() {
+    let base = write_recipe(
+        "merge.toml",
+        &format!("{MINIMAL}\n[train]\nbatch_size = 8\nlearning_rate = 3e-4\n"),
+    );
+    let r = recipe::load(&base, &["train={iters=7}".into()]).unwrap();
+    assert_eq!(
+        (r.train.iters, r.train.batch_size, r.train.learning_rate),
+        (Some(7), 8, 3e-4)
+    );
+    let err = error(&base, &["model.path=\"unterminated"]);
+    assert!(err.contains("is not a TOML value"), "{err}");
+    // A bare word is still a string.
+    let r = recipe::load(&base, &["model.path=/models/x".into()]).unwrap();
+    assert_eq!(r.model.path, Path::new("/models/x"));
+    for set in ["train.iters=0", "train.epochs=0", "train.epochs=nan"] {
+        assert!(error(&base, &[set]).contains("train.iters"), "{set}");
+    }
+}
