@@ -43,53 +43,161 @@ pub enum ChatError {
     /// Any other rendering failure (a syntax error, an unknown filter), described.
     #[error("the chat template could not be rendered: {0}")]
     Render(String),
+    /// The template ran past a limit (steps, output size, memory or time): it came from a model
+    /// file, so it is untrusted code and is stopped.
+    #[error(
+        "the chat template of {origin} was stopped: {why}; it is untrusted code from the model's files, so fix or replace that template"
+    )]
+    Limit {
+        /// Where the template came from.
+        origin: String,
+        /// Which limit it ran past.
+        why: String,
+    },
 }
+
+/// Template instructions one rendering may execute, plus [`FUEL_PER_BYTE`] for each byte of
+/// its input: real templates take a few thousand for a conversation.
+const FUEL: u64 = 1_000_000;
+/// Extra instructions allowed per byte of messages and tools.
+const FUEL_PER_BYTE: u64 = 16;
+/// Rendered text may be this many bytes, plus [`OUTPUT_PER_BYTE`] for each byte of input.
+const OUTPUT: usize = 1 << 20;
+/// Extra output allowed per byte of messages and tools (a template wraps each message in a
+/// few markers; none writes sixteen times its input).
+const OUTPUT_PER_BYTE: usize = 16;
+/// Memory one rendering may allocate, plus 64 bytes per byte of input.
+const MEMORY: usize = 256 << 20;
+/// Wall-clock time one rendering may take.
+const TIME: std::time::Duration = std::time::Duration::from_secs(20);
 
 /// A model's Jinja chat template, with the BOS and EOS token text it may insert.
 pub struct ChatTemplate {
     source: String,
     bos_token: String,
     eos_token: String,
+    origin: String,
 }
 
 impl ChatTemplate {
     /// A template from its Jinja source; a missing BOS or EOS token renders as empty text.
-    pub fn new(source: &str, bos_token: Option<&str>, eos_token: Option<&str>) -> Self {
+    /// `origin` names where the source came from, for errors.
+    pub fn new(
+        source: &str,
+        bos_token: Option<&str>,
+        eos_token: Option<&str>,
+        origin: &str,
+    ) -> Self {
         ChatTemplate {
             source: source.to_string(),
             bos_token: bos_token.unwrap_or_default().to_string(),
             eos_token: eos_token.unwrap_or_default().to_string(),
+            origin: origin.to_string(),
         }
     }
 
     /// The chat template a tokenizer ships, with its BOS and EOS tokens; `NoTemplate` without one.
     pub fn from_tokenizer(tok: &crate::tokenizer::Tokenizer) -> Result<Self, ChatError> {
         let source = tok.chat_template.as_deref().ok_or(ChatError::NoTemplate)?;
-        Ok(Self::new(source, tok.bos.as_deref(), tok.eos.as_deref()))
+        Ok(Self::new(
+            source,
+            tok.bos.as_deref(),
+            tok.eos.as_deref(),
+            &tok.chat_template_origin,
+        ))
     }
 
-    /// Renders `messages` (and `tools`, when given) to the prompt text.
+    /// Renders `messages` (and `tools`, when given) to the prompt text, within limits on the
+    /// template's steps, output, memory and time that grow with the input's size.
     pub fn render(
         &self,
         messages: &[Message],
         add_generation_prompt: bool,
         tools: Option<&serde_json::Value>,
     ) -> Result<String, ChatError> {
-        let env = environment();
-        let ctx = minijinja::context! {
-            messages => Value::from_serialize(messages),
-            add_generation_prompt => add_generation_prompt,
-            bos_token => &self.bos_token,
-            eos_token => &self.eos_token,
-            tools => tools.map(Value::from_serialize),
+        let input: usize = messages
+            .iter()
+            .map(|m| m.role.len() + m.content.len() + 16)
+            .sum::<usize>()
+            + tools.map_or(0, |t| t.to_string().len());
+        let (source, bos, eos) = (
+            self.source.clone(),
+            self.bos_token.clone(),
+            self.eos_token.clone(),
+        );
+        let (messages, tools) = (messages.to_vec(), tools.cloned());
+        let max_output = OUTPUT.saturating_add(input.saturating_mul(OUTPUT_PER_BYTE));
+        let fuel = FUEL.saturating_add((input as u64).saturating_mul(FUEL_PER_BYTE));
+        let memory = MEMORY.saturating_add(input.saturating_mul(64));
+        let limit = |why: String| ChatError::Limit {
+            origin: self.origin.clone(),
+            why,
         };
-        env.render_str(&self.source, ctx).map_err(|e| {
-            if e.kind() == ErrorKind::InvalidOperation {
-                ChatError::Raised(e.detail().unwrap_or_default().to_string())
-            } else {
-                ChatError::Render(format!("{e:#}"))
+        let rendered = crate::memory_budget::run_bounded(memory, TIME, move || {
+            let mut env = environment();
+            env.set_fuel(Some(fuel));
+            let ctx = minijinja::context! {
+                messages => Value::from_serialize(&messages),
+                add_generation_prompt => add_generation_prompt,
+                bos_token => bos,
+                eos_token => eos,
+                tools => tools.as_ref().map(Value::from_serialize),
+            };
+            let template = env.template_from_str(&source)?;
+            let mut out = Capped::new(max_output);
+            let result = template.render_captured_to(ctx, &mut out);
+            match (result, out.over) {
+                (_, true) => Err(Error::new(ErrorKind::WriteFailure, "output limit")),
+                (Ok(_), false) => Ok(out.text),
+                (Err(e), false) => Err(e),
             }
         })
+        .map_err(|e| limit(e.to_string()))?;
+        rendered.map_err(|e| match e.kind() {
+            ErrorKind::InvalidOperation => {
+                ChatError::Raised(e.detail().unwrap_or_default().to_string())
+            }
+            ErrorKind::OutOfFuel => limit(format!(
+                "it ran more than {fuel} steps for {input} bytes of messages"
+            )),
+            ErrorKind::WriteFailure => limit(format!(
+                "it wrote more than {max_output} bytes for {input} bytes of messages"
+            )),
+            _ => ChatError::Render(format!("{e:#}")),
+        })
+    }
+}
+
+/// Rendered text, refusing to grow past a limit.
+struct Capped {
+    text: String,
+    limit: usize,
+    over: bool,
+}
+
+impl Capped {
+    fn new(limit: usize) -> Self {
+        Capped {
+            text: String::new(),
+            limit,
+            over: false,
+        }
+    }
+}
+
+impl std::io::Write for Capped {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        if self.text.len() + buf.len() > self.limit {
+            self.over = true;
+            return Err(std::io::Error::other("output limit"));
+        }
+        // minijinja writes whole UTF-8 strings through `write_all`.
+        self.text.push_str(&String::from_utf8_lossy(buf));
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
     }
 }
 
@@ -228,6 +336,7 @@ mod tests {
             "{% if messages[0]['role'] != 'user' %}{{ raise_exception('Conversation must start with user') }}{% endif %}",
             None,
             None,
+            "test",
         );
         let err = t
             .render(&[Message::new("assistant", "hi")], false, None)
@@ -238,12 +347,44 @@ mod tests {
         );
     }
 
+    /// Templates are untrusted: a loop that never ends and output that doubles are stopped
+    /// with an error naming where the template came from.
+    #[test]
+    fn runaway_templates_are_stopped_naming_their_origin() {
+        let hang = ChatTemplate::new(
+            "{% for a in range(100000) %}{% for b in range(100000) %}x{% endfor %}{% endfor %}",
+            None,
+            None,
+            "models/evil/tokenizer_config.json",
+        );
+        let err = hang
+            .render(&[Message::new("user", "hi")], false, None)
+            .unwrap_err();
+        let text = err.to_string();
+        assert!(
+            text.contains("models/evil/tokenizer_config.json") && text.contains("steps"),
+            "{text}"
+        );
+        let wide = ChatTemplate::new(
+            "{% set ns = namespace(s='xxxxxxxx') %}{% for i in range(40) %}{% set ns.s = ns.s ~ ns.s %}{{ ns.s }}{% endfor %}",
+            None,
+            None,
+            "evil.gguf (tokenizer.chat_template)",
+        );
+        let text = wide.render(&[], false, None).unwrap_err().to_string();
+        assert!(
+            text.contains("evil.gguf") && text.contains("wrote more than"),
+            "{text}"
+        );
+    }
+
     #[test]
     fn tojson_matches_python_json_dumps() {
         let t = ChatTemplate::new(
             "{{ tools | tojson }}|{{ tools | tojson(indent=2) }}",
             None,
             None,
+            "test",
         );
         let tools = serde_json::json!([{"name": "f", "args": {"x": "é<"}}]);
         let out = t.render(&[], false, Some(&tools)).unwrap();

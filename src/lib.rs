@@ -9,6 +9,8 @@
 
 /// Progress bars for long work outside training.
 pub mod progress;
+/// Untrusted code (chat templates) run under a memory budget and a time limit.
+pub mod memory_budget;
 /// The trainer's two channels: events out, controls in.
 pub mod events;
 /// File formats: safetensors, GGUF, atomic writes.

@@ -4,7 +4,8 @@ use std::process::ExitCode;
 /// per-thread arenas; training allocates and frees many such activation buffers from several
 /// threads, which inflated peak RSS by ~10% on SmolLM2 (bench/NOTES.md). mimalloc returns them.
 #[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+static ALLOCATOR: loraforge::memory_budget::Budgeted<mimalloc::MiMalloc> =
+    loraforge::memory_budget::Budgeted(mimalloc::MiMalloc);
 
 fn main() -> ExitCode {
     // A write past a file-size limit (RLIMIT_FSIZE) then fails with EFBIG, an error that is

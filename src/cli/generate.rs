@@ -81,6 +81,14 @@ impl BackendTask for GenerateArgs {
         } else {
             tokenizer.encode(&self.prompt, true)?
         };
+        let context = model.decoder.config.max_position_embeddings;
+        if prompt_ids.len() + self.max_tokens > context {
+            eprintln!(
+                "warning: the prompt is {} tokens and --max-tokens {}, past the model's context of {context} tokens (max_position_embeddings); text past it is unreliable, so shorten the prompt or lower --max-tokens",
+                prompt_ids.len(),
+                self.max_tokens
+            );
+        }
         let sampling = SamplingConfig {
             temperature: self.temperature,
             top_p: self.top_p,

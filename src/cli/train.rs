@@ -18,6 +18,7 @@ use crate::ops::frozen_linear::ModelBackend;
 use crate::sinks::dashboard::Dashboard;
 use crate::sinks::plain::plain_line;
 use crate::sinks::{MetricsFile, TensorBoard};
+use crate::train::run_folder::{self, Existing};
 
 #[derive(Args)]
 pub struct TrainArgs {
@@ -28,6 +29,10 @@ pub struct TrainArgs {
     /// Continue from the run's last checkpoint (or from the given run / checkpoint folder).
     #[arg(long, num_args = 0..=1, value_name = "DIR")]
     pub resume: Option<Option<PathBuf>>,
+    /// Start over in a run folder that holds an earlier run: its checkpoint, adapters and logs
+    /// are deleted first.
+    #[arg(long, conflicts_with = "resume")]
+    pub force: bool,
     /// Override a recipe key, e.g. --set train.iters=50 (repeatable).
     #[arg(long = "set", value_name = "KEY=VALUE")]
     pub overrides: Vec<String>,
@@ -59,6 +64,20 @@ impl BackendTask for TrainTask {
                 .unwrap_or_else(|| crate::train::run::run_dir(&self.recipe))
         });
         let run_dir = crate::train::run::run_dir(&self.recipe);
+        let existing = match (&resume, self.args.force) {
+            (Some(_), _) => Existing::Resume,
+            (None, true) => Existing::Replace,
+            (None, false) => Existing::Refuse,
+        };
+        // Held until this function returns: the export and evaluation write into the folder too.
+        let (_claim, removed) = run_folder::claim(&run_dir, existing)?;
+        if !removed.is_empty() {
+            eprintln!(
+                "--force: removed the earlier run's {} from {}",
+                removed.join(", "),
+                run_dir.display()
+            );
+        }
         let mut metrics = MetricsFile::open(&run_dir)?;
         let mut board = match self.recipe.output.tensorboard {
             true => Some(TensorBoard::create(

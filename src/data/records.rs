@@ -74,11 +74,15 @@ pub fn split_path(data: &DataSection, name: &str) -> Option<PathBuf> {
 /// Reads every record of a split file; errors name the file and line (or row).
 pub fn load_split(path: &Path, fields: &FieldNames) -> Result<Vec<Record>> {
     // `file:line` for text files (editors jump there), `file: row N` for tables.
+    let meta = std::fs::metadata(path).with_context(|| format!("reading {}", path.display()))?;
+    if !meta.is_file() {
+        bail!(
+            "{} is not a regular file (a folder, FIFO or device); point the split at a .jsonl, .parquet or .csv file",
+            path.display()
+        );
+    }
     let (lines, unit) = match path.extension().and_then(|e| e.to_str()) {
-        Some("jsonl") | Some("json") => (
-            std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?,
-            ":",
-        ),
+        Some("jsonl") | Some("json") => (read_utf8(path)?, ":"),
         Some("parquet") | Some("csv") => (table_as_json_lines(path)?, ": row "),
         _ => bail!(
             "{}: unknown dataset format; use .jsonl (JSON Lines), .parquet or .csv",
@@ -107,8 +111,31 @@ pub fn load_split(path: &Path, fields: &FieldNames) -> Result<Vec<Record>> {
     Ok(records)
 }
 
+/// A text file's contents; invalid UTF-8 is an error naming the line it is on.
+fn read_utf8(path: &Path) -> Result<String> {
+    let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+    String::from_utf8(bytes).map_err(|e| {
+        let at = e.utf8_error().valid_up_to();
+        let line = e.as_bytes()[..at].iter().filter(|&&b| b == b'\n').count() + 1;
+        anyhow::anyhow!(
+            "{}:{line}: not valid UTF-8 (byte {at} of the file); save the file as UTF-8",
+            path.display()
+        )
+    })
+}
+
+/// Without the `tables` feature, tables are refused.
+#[cfg(not(feature = "tables"))]
+fn table_as_json_lines(path: &Path) -> Result<String> {
+    bail!(
+        "{}: this build reads no Parquet or CSV (built without the `tables` feature); convert the file to .jsonl or use a default build",
+        path.display()
+    )
+}
+
 /// A Parquet or CSV table as JSON Lines, one object per row (nested Parquet columns, such as a
 /// list of `{role, content}` structs, become nested JSON).
+#[cfg(feature = "tables")]
 fn table_as_json_lines(path: &Path) -> Result<String> {
     use polars::prelude::{
         CsvReadOptions, DataFrame, JsonFormat, JsonWriter, ParquetReader, PolarsResult, SerReader,

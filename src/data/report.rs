@@ -25,7 +25,8 @@ pub enum MaskStyle {
 pub fn report(recipe: &Recipe, style: MaskStyle) -> Result<String> {
     let files = ModelFiles::open(&recipe.model.path)?;
     let tokenizer = tokenizer::for_model(&files)?;
-    let encoder = Encoder::new(&tokenizer, recipe.data.mask_prompt);
+    let encoder =
+        Encoder::new(&tokenizer, recipe.data.mask_prompt).keeping(recipe.data.max_seq_len);
     let data = &recipe.data;
     let mut out = String::new();
     writeln!(

@@ -4,4 +4,5 @@
 
 pub mod bench;
 pub mod device_check;
+pub mod fuzz;
 pub mod random;

@@ -16,8 +16,8 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, bail};
 
-use crate::io::RawDtype;
 use crate::io::gguf::GgmlType;
+use crate::io::{RawDtype, atomic};
 use crate::lora::stored::HostAdapters;
 use crate::model::ModelFiles;
 pub use crate::recipe::{ExportFormat, FloatDtype, GgufType};
@@ -173,12 +173,8 @@ pub const SURVIVAL_WARNING: f64 = 0.8;
 
 /// Fuses `adapters` (mlx-lm or peft folder) into `base` and writes the result.
 pub fn export(base: &Path, adapters: Option<&Path>, opts: &ExportOptions) -> Result<ExportReport> {
-    if opts.out.exists() && !opts.force {
-        bail!(
-            "{} already exists; choose another --out or pass --force to replace it",
-            opts.out.display()
-        );
-    }
+    clean_stale_siblings(&opts.out)?;
+    check_replaceable(&opts.out, opts.force)?;
     let files = ModelFiles::open(base)?;
     let host = adapters.map(HostAdapters::read).transpose()?;
     let model = FusedModel::new(&files, host.as_ref());
@@ -208,12 +204,7 @@ pub fn export(base: &Path, adapters: Option<&Path>, opts: &ExportOptions) -> Res
             )));
         }
     };
-    if opts.out.exists() {
-        std::fs::remove_dir_all(&opts.out)
-            .with_context(|| format!("replacing {}", opts.out.display()))?;
-    }
-    std::fs::rename(&staging, &opts.out)
-        .with_context(|| format!("moving the export into {}", opts.out.display()))?;
+    publish(&staging, &opts.out)?;
     Ok(ExportReport {
         out: opts.out.clone(),
         survival,
@@ -231,19 +222,137 @@ pub fn model_path(out: &Path) -> PathBuf {
         .unwrap_or_else(|| out.to_path_buf())
 }
 
+/// Refuses an `out` that exists, unless `force` and it is an export this tool could have
+/// written (a folder holding `config.json` or one `.gguf` file, or an empty folder): `--force`
+/// never replaces a file or a folder of something else.
+fn check_replaceable(out: &Path, force: bool) -> Result<()> {
+    let Ok(meta) = std::fs::symlink_metadata(out) else {
+        return Ok(());
+    };
+    if !meta.is_dir() {
+        bail!(
+            "{} exists and is not a folder; an export is a folder, so choose another --out (--force replaces only an earlier export)",
+            out.display()
+        );
+    }
+    if !force {
+        bail!(
+            "{} already exists; choose another --out or pass --force to replace it",
+            out.display()
+        );
+    }
+    let names: Vec<String> = std::fs::read_dir(out)
+        .with_context(|| format!("reading {}", out.display()))?
+        .filter_map(|e| e.ok().map(|e| e.file_name().to_string_lossy().into_owned()))
+        .collect();
+    let is_export = names.is_empty()
+        || names.iter().any(|n| n == "config.json")
+        || (names.len() == 1 && names[0].ends_with(".gguf"));
+    if !is_export {
+        bail!(
+            "{} is not an export (no config.json or .gguf file in it); --force replaces only an earlier export, so choose another --out",
+            out.display()
+        );
+    }
+    Ok(())
+}
+
 /// A fresh hidden folder next to `out`, on the same filesystem so the final rename is atomic.
 fn staging_dir(out: &Path) -> Result<PathBuf> {
+    let staging = sibling(out, "partial")?;
+    let _ = std::fs::remove_dir_all(&staging);
+    std::fs::create_dir_all(&staging).with_context(|| format!("creating {}", staging.display()))?;
+    Ok(staging)
+}
+
+/// `.<out name>.<what>-<pid>` next to `out`.
+fn sibling(out: &Path, what: &str) -> Result<PathBuf> {
     let name = out
         .file_name()
         .with_context(|| format!("{} is not a folder name", out.display()))?
         .to_string_lossy();
     let parent = out.parent().filter(|p| !p.as_os_str().is_empty());
-    let staging = parent
+    Ok(parent
         .unwrap_or(Path::new("."))
-        .join(format!(".{name}.partial-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&staging);
-    std::fs::create_dir_all(&staging).with_context(|| format!("creating {}", staging.display()))?;
-    Ok(staging)
+        .join(format!(".{name}.{what}-{}", std::process::id())))
+}
+
+/// Cleans what killed exports left next to `out`: removes `.<name>.partial-<pid>` staging
+/// folders of processes no longer running, and puts a `.<name>.old-<pid>` set-aside export back
+/// when no new one arrived (removes it when one did).
+fn clean_stale_siblings(out: &Path) -> Result<()> {
+    let Some(name) = out.file_name().map(|n| n.to_string_lossy().into_owned()) else {
+        return Ok(());
+    };
+    let parent = out
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    let Ok(entries) = std::fs::read_dir(parent) else {
+        return Ok(());
+    };
+    for entry in entries.flatten() {
+        let file = entry.file_name().to_string_lossy().into_owned();
+        let Some(rest) = file.strip_prefix(&format!(".{name}.")) else {
+            continue;
+        };
+        let Some((what, pid)) = rest.rsplit_once('-') else {
+            continue;
+        };
+        let Ok(pid) = pid.parse::<u32>() else {
+            continue;
+        };
+        if process_is_alive(pid) {
+            continue;
+        }
+        match what {
+            "partial" => {
+                let _ = std::fs::remove_dir_all(entry.path());
+            }
+            "old" if !out.exists() => atomic::rename(&entry.path(), out)
+                .context("restoring an export that an interrupted --force had set aside")?,
+            "old" => {
+                let _ = std::fs::remove_dir_all(entry.path());
+            }
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
+/// Whether a process with this pid exists (on Unix; elsewhere every pid counts as alive, so
+/// nothing is cleaned).
+fn process_is_alive(pid: u32) -> bool {
+    #[cfg(unix)]
+    {
+        if pid == std::process::id() {
+            return false;
+        }
+        // SAFETY: kill(2) with signal 0 only checks that the process exists.
+        let r = unsafe { libc::kill(pid as libc::pid_t, 0) };
+        r == 0 || std::io::Error::last_os_error().raw_os_error() == Some(libc::EPERM)
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = pid;
+        true
+    }
+}
+
+/// Moves the finished `staging` folder to `out`. An earlier export there is renamed aside
+/// first and deleted only once the new one is in place, so a kill at any point leaves one of
+/// them whole (the next export puts a set-aside one back if the new one never arrived).
+fn publish(staging: &Path, out: &Path) -> Result<()> {
+    let aside = sibling(out, "old")?;
+    let replacing = out.exists();
+    if replacing {
+        atomic::rename(out, &aside).context("setting the earlier export aside")?;
+    }
+    atomic::rename(staging, out).context("moving the export into place")?;
+    if replacing {
+        let _ = std::fs::remove_dir_all(&aside);
+    }
+    Ok(())
 }
 
 /// Where a model came from, for model cards and GGUF `general.name`.

@@ -174,11 +174,10 @@ impl ModelConfig {
             .and_then(Value::as_u64)
             .map(|v| v as usize)
             .unwrap_or(num_heads);
-        let head_dim = json
-            .get("head_dim")
-            .and_then(Value::as_u64)
-            .map(|v| v as usize)
-            .unwrap_or(hidden_size / num_heads.max(1));
+        let head_dim = match json.get("head_dim").and_then(Value::as_u64) {
+            Some(d) => d as usize,
+            None => width_per_head(hidden_size, num_heads, path)?,
+        };
         // transformers >= 5 writes rope settings under `rope_parameters`; older files use
         // `rope_theta` and `rope_scaling`.
         let rope_params = json
@@ -265,10 +264,10 @@ impl ModelConfig {
         };
         let hidden_size = req("embedding_length")?;
         let num_heads = req("attention.head_count")?;
-        let head_dim = gguf
-            .get_u64(&key("attention.key_length"))
-            .map(|v| v as usize)
-            .unwrap_or(hidden_size / num_heads.max(1));
+        let head_dim = match gguf.get_u64(&key("attention.key_length")) {
+            Some(d) => d as usize,
+            None => width_per_head(hidden_size, num_heads, &path)?,
+        };
         let vocab_size = gguf
             .get_u64(&key("vocab_size"))
             .map(|v| v as usize)
@@ -335,6 +334,38 @@ impl ModelConfig {
                 self.head_dim
             )));
         }
+        // Far past any real model, and small enough that the sizes below cannot overflow.
+        let limits = [
+            (
+                "num_hidden_layers (GGUF: block_count)",
+                self.num_layers,
+                1024,
+            ),
+            (
+                "hidden_size (GGUF: embedding_length)",
+                self.hidden_size,
+                1 << 17,
+            ),
+            (
+                "intermediate_size (GGUF: feed_forward_length)",
+                self.intermediate_size,
+                1 << 20,
+            ),
+            ("vocab_size", self.vocab_size, 1 << 24),
+            (
+                "num_attention_heads (GGUF: attention.head_count)",
+                self.num_heads,
+                1024,
+            ),
+            ("head_dim (GGUF: attention.key_length)", self.head_dim, 1024),
+        ];
+        for (key, value, max) in limits {
+            if value == 0 || value > max {
+                return Err(invalid(format!(
+                    "{key} is {value}; it must be between 1 and {max}"
+                )));
+            }
+        }
         Ok(())
     }
 
@@ -350,6 +381,20 @@ impl ModelConfig {
         let head = if self.tie_word_embeddings { 0 } else { embed };
         self.num_layers * block + embed + head + h
     }
+}
+
+/// `hidden / heads`, the head width when the file does not give it; an error when the heads do
+/// not divide the width.
+fn width_per_head(hidden: usize, heads: usize, path: &str) -> Result<usize, ConfigError> {
+    if heads == 0 || !hidden.is_multiple_of(heads) {
+        return Err(ConfigError::Invalid {
+            path: path.to_string(),
+            reason: format!(
+                "the attention heads ({heads}) do not divide the hidden size ({hidden}), and no head_dim (GGUF: attention.key_length) says how wide a head is"
+            ),
+        });
+    }
+    Ok(hidden / heads)
 }
 
 fn rope_scaling_from_json(p: &Value, path: &str) -> Result<RopeScaling, ConfigError> {

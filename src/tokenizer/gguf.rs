@@ -140,5 +140,6 @@ pub fn from_gguf(gguf: &GgufFile) -> Result<Tokenizer> {
         eos,
         stop_ids,
         chat_template: gguf.get_str("tokenizer.chat_template").map(str::to_string),
+        chat_template_origin: format!("{path} (tokenizer.chat_template)"),
     })
 }

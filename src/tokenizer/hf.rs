@@ -28,11 +28,18 @@ pub fn from_folder(dir: &Path) -> Result<Tokenizer> {
     };
     let bos = token("bos_token");
     let eos = token("eos_token");
-    let chat_template = config
+    let in_config = config
         .as_ref()
         .and_then(|c| c.get("chat_template"))
-        .and_then(chat_template_from_json)
-        .or_else(|| std::fs::read_to_string(dir.join("chat_template.jinja")).ok());
+        .and_then(chat_template_from_json);
+    let chat_template_origin = match in_config {
+        Some(_) => dir.join("tokenizer_config.json"),
+        None => dir.join("chat_template.jinja"),
+    }
+    .display()
+    .to_string();
+    let chat_template =
+        in_config.or_else(|| std::fs::read_to_string(dir.join("chat_template.jinja")).ok());
     let mut stop_ids: Vec<u32> = eos.iter().filter_map(|e| inner.token_to_id(e)).collect();
     if let Some(gen_config) = read_json(&dir.join("generation_config.json"))? {
         match gen_config.get("eos_token_id") {
@@ -52,6 +59,7 @@ pub fn from_folder(dir: &Path) -> Result<Tokenizer> {
         eos,
         stop_ids,
         chat_template,
+        chat_template_origin,
     })
 }
 

@@ -44,12 +44,26 @@ pub struct Tokenizer {
     pub stop_ids: Vec<u32>,
     /// The chat template (Jinja source), if the model ships one.
     pub chat_template: Option<String>,
+    /// Where the chat template was read from, for errors.
+    pub chat_template_origin: String,
 }
 
 impl Tokenizer {
     /// Number of ids, added tokens included.
     pub fn vocab_size(&self) -> usize {
         self.inner.get_vocab_size(true)
+    }
+
+    /// The most bytes of text one token can stand for: the longest vocabulary entry's spelling
+    /// (at least as long as the bytes it decodes to, in byte-level and SentencePiece vocabularies).
+    pub fn longest_token_bytes(&self) -> usize {
+        self.inner
+            .get_vocab(true)
+            .keys()
+            .map(String::len)
+            .max()
+            .unwrap_or(1)
+            .max(1)
     }
 
     /// Encodes text; `add_special` adds what the tokenizer's post-processor adds (e.g. BOS).

@@ -7,6 +7,7 @@ pub mod loss;
 pub mod optimizer;
 pub mod recompute;
 pub mod run;
+pub mod run_folder;
 pub mod run_state;
 pub mod schedule;
 pub mod trainer;

@@ -380,7 +380,7 @@ impl<'r, B: TrainBackend> Run<'r, B> {
 
 /// A split of the recipe's data, encoded and planned into batches (`None` when absent).
 fn plan_split(recipe: &Recipe, tokenizer: &Tokenizer, split: &str) -> Result<Option<BatchPlan>> {
-    let encoder = Encoder::new(tokenizer, recipe.data.mask_prompt);
+    let encoder = Encoder::new(tokenizer, recipe.data.mask_prompt).keeping(recipe.data.max_seq_len);
     let Some((path, examples)) = encode_split(&recipe.data, &encoder, split)? else {
         return Ok(None);
     };

@@ -50,14 +50,7 @@ pub fn recover(run_dir: &Path) -> Result<Option<PathBuf>> {
     let old = run_dir.join(".checkpoint-old");
     for (candidate, other) in [(&new, &old), (&old, &new)] {
         if candidate.join("state.json").is_file() {
-            std::fs::rename(candidate, &dir).with_context(|| {
-                format!(
-                    "recovering the interrupted checkpoint {} as {}",
-                    candidate.display(),
-                    dir.display()
-                )
-            })?;
-            atomic::sync_dir(run_dir).with_context(|| format!("syncing {}", run_dir.display()))?;
+            atomic::rename(candidate, &dir).context("recovering an interrupted checkpoint")?;
             let _ = std::fs::remove_dir_all(other);
             return Ok(Some(candidate.clone()));
         }
@@ -101,11 +94,9 @@ pub fn save<B: ModelBackend + AutodiffBackend>(
     // Swap: the old checkpoint stays complete until the new one is in place.
     let _ = std::fs::remove_dir_all(&old);
     if dir.exists() {
-        std::fs::rename(&dir, &old).with_context(|| format!("moving {} aside", dir.display()))?;
+        atomic::rename(&dir, &old).context("moving the previous checkpoint aside")?;
     }
-    std::fs::rename(&new, &dir)
-        .with_context(|| format!("moving the new checkpoint to {}", dir.display()))?;
-    atomic::sync_dir(run_dir).with_context(|| format!("syncing {}", run_dir.display()))?;
+    atomic::rename(&new, &dir).context("moving the new checkpoint into place")?;
     let _ = std::fs::remove_dir_all(&old);
     Ok(dir)
 }

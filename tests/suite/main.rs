@@ -2,17 +2,23 @@
 //! file). The f64 finite-difference checks stay apart in `tests/gradients.rs`: Burn fixes a
 //! device's default dtype at the first tensor made on it, and in this process that is f32.
 
+/// As in the binary: chat templates render under a memory budget (the fault and fuzz tests
+/// rely on it).
+#[global_allocator]
+static ALLOCATOR: loraforge::memory_budget::Budgeted<std::alloc::System> =
+    loraforge::memory_budget::Budgeted(std::alloc::System);
+
 #[path = "../common/mod.rs"]
 mod common;
 
 mod adapter_interop;
-mod bad_input;
 mod cpu_blas;
 mod dashboard;
 mod data_report;
 mod device_check_cpu;
 mod export;
 mod export_mlx;
+mod faults;
 mod foreign_adapters;
 mod layers;
 mod logit_parity;
@@ -26,6 +32,5 @@ mod smollm2;
 mod table_datasets;
 mod tensorboard;
 mod tokenizer_conformance;
-mod train_bad_input;
 mod train_qlora;
 mod train_resume;

@@ -392,3 +392,93 @@ fn impossible_mlx_quantization_settings_name_the_key() {
         );
     }
 }
+
+/// Model shapes no file can have: zero or 2⁴⁰ blocks (a loop or an allocation that size), head
+/// counts that do not divide the width. In config.json and in GGUF metadata, each is an error
+/// naming the file and the key.
+#[test]
+fn impossible_model_shapes_name_the_key() {
+    for (tag, edit, want) in [
+        (
+            "layers0",
+            serde_json::json!({"num_hidden_layers": 0}),
+            "num_hidden_layers (GGUF: block_count) is 0; it must be between 1 and 1024",
+        ),
+        (
+            "layers2e40",
+            serde_json::json!({"num_hidden_layers": 1u64 << 40}),
+            "num_hidden_layers (GGUF: block_count) is 1099511627776",
+        ),
+        (
+            "vocab0",
+            serde_json::json!({"vocab_size": 0}),
+            "vocab_size is 0",
+        ),
+        (
+            "heads7",
+            serde_json::json!({"num_attention_heads": 7, "num_key_value_heads": 7, "head_dim": null}),
+            "the attention heads (7) do not divide the hidden size (64)",
+        ),
+    ] {
+        let dir = scratch_copy("llama-linearrope-untied", tag);
+        edit_config(&dir, |json| {
+            for (k, v) in edit.as_object().unwrap() {
+                match v.is_null() {
+                    true => json.as_object_mut().unwrap().remove(k),
+                    false => json.as_object_mut().unwrap().insert(k.clone(), v.clone()),
+                };
+            }
+        });
+        let err = load_error(&dir);
+        assert!(
+            err.contains("config.json") && err.contains(want),
+            "{tag}: {err}"
+        );
+    }
+
+    let text = |s: &str| {
+        let mut v = (s.len() as u64).to_le_bytes().to_vec();
+        v.extend(s.as_bytes());
+        v
+    };
+    let u64_value = |v: u64| v.to_le_bytes().to_vec();
+    let gguf = |blocks: u64, heads: u64| {
+        gguf_bytes(
+            &[
+                ("general.architecture", 8, text("llama")),
+                ("llama.embedding_length", 10, u64_value(64)),
+                ("llama.attention.head_count", 10, u64_value(heads)),
+                ("llama.block_count", 10, u64_value(blocks)),
+                ("llama.feed_forward_length", 10, u64_value(128)),
+                ("llama.vocab_size", 10, u64_value(256)),
+            ],
+            &[],
+            0,
+        )
+    };
+    for (tag, bytes, want) in [
+        ("blocks0", gguf(0, 4), "block_count) is 0"),
+        (
+            "blocks2e40",
+            gguf(1 << 40, 4),
+            "block_count) is 1099511627776",
+        ),
+        (
+            "heads7",
+            gguf(2, 7),
+            "the attention heads (7) do not divide the hidden size (64)",
+        ),
+    ] {
+        let path = std::env::temp_dir().join(format!("lf-shape-{tag}-{}.gguf", std::process::id()));
+        std::fs::write(&path, bytes).unwrap();
+        let err = match loraforge::model::ModelFiles::open(&path) {
+            Ok(_) => panic!("{tag}: opened"),
+            Err(e) => format!("{e:#}"),
+        };
+        std::fs::remove_file(&path).unwrap();
+        assert!(
+            err.contains(&format!("lf-shape-{tag}")) && err.contains(want),
+            "{tag}: {err}"
+        );
+    }
+}
