@@ -42,6 +42,14 @@ test:
 layers:
     cargo test --release --test suite layers -- --nocapture
 
+# libFuzzer on the readers of untrusted input, e.g. `just fuzz gguf 600` (all five by default).
+fuzz target="all" seconds="60" runs="-1":
+    scripts/fuzz.sh {{target}} {{seconds}} {{runs}}
+
+# Fold the inputs fuzzing found (fuzz/new/) into the committed corpus, minimised.
+fuzz-merge target:
+    RUSTC_BOOTSTRAP=1 cargo fuzz run --fuzz-dir fuzz --sanitizer "${FUZZ_SANITIZER:-none}" {{target}} fuzz/corpus/{{target}} fuzz/new/{{target}} -- -merge=1
+
 # Formatting and lints exactly as CI checks them.
 lint:
     cargo fmt --check

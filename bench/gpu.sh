@@ -9,7 +9,8 @@
 # LORAFORGE: the CUDA binary (default target/release/loraforge, built with --features cuda).
 # WHEELS: a folder of wheels to pip-install first (the GPU image has no peft).
 # SHAPES: which runs (default: "warmup smollm2 1b 8b 8b-nockpt 8b-qlora 8b-32k 8b-64k", the rows
-# of issue 17's table; "warmup" compiles our kernels on a tiny shape first; also "1b-ckpt").
+# of issue 17's table; "warmup" compiles our kernels on a tiny shape first; also "1b-ckpt",
+# and "8b-128k", "8b-256k" for the longest context each side trains).
 # Each row runs ours, then peft, then peft + Liger (QLoRA: bitsandbytes NF4), as the table has
 # them; a reference that does not fit the card says so in its line.
 # DTYPE: our base's compute dtype (default bf16, as the reference's); REFERENCE=0 skips the
@@ -77,6 +78,9 @@ for s in ${SHAPES:-warmup smollm2 1b 8b 8b-nockpt 8b-qlora 8b-32k 8b-64k}; do
     8b-qlora) ours llama3-8b 4 2048 6 1 --grad-checkpoint --quant 4; reference llama3-8b 4 2048 6 2 --grad-checkpoint --quant nf4 ;;
     8b-32k) ours llama3-8b 1 32768 3 1 --grad-checkpoint; reference llama3-8b 1 32768 3 1 --grad-checkpoint; liger llama3-8b 1 32768 3 1 --grad-checkpoint ;;
     8b-64k) ours llama3-8b 1 65536 2 1 --grad-checkpoint; liger llama3-8b 1 65536 2 1 --grad-checkpoint ;;
+    # Goal 4's doubling: one timed step after one warm-up, both sides, until each fails.
+    8b-128k) ours llama3-8b 1 131072 1 1 --grad-checkpoint; liger llama3-8b 1 131072 1 1 --grad-checkpoint ;;
+    8b-256k) ours llama3-8b 1 262144 1 1 --grad-checkpoint; liger llama3-8b 1 262144 1 1 --grad-checkpoint ;;
   esac
 done
 echo "results appended to $out"

@@ -98,23 +98,26 @@ fn split_at_nul(bytes: &[u8]) -> (&[u8], &[u8]) {
     }
 }
 
-/// This process's scratch folder `name` (in memory where `/dev/shm` exists), emptied.
+/// This process's scratch folder (in memory where `/dev/shm` exists), made once.
 fn scratch_dir(name: &str) -> PathBuf {
-    let shm = Path::new("/dev/shm");
-    let base = if shm.is_dir() {
-        shm.to_path_buf()
-    } else {
-        std::env::temp_dir()
-    };
-    let dir = base
-        .join(format!("loraforge-fuzz-{}", std::process::id()))
-        .join(name);
-    let _ = std::fs::remove_dir_all(&dir);
-    let _ = std::fs::create_dir_all(&dir);
+    static BASE: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    let base = BASE.get_or_init(|| {
+        let shm = Path::new("/dev/shm");
+        let root = if shm.is_dir() {
+            shm.to_path_buf()
+        } else {
+            std::env::temp_dir()
+        };
+        root.join(format!("loraforge-fuzz-{}", std::process::id()))
+    });
+    let dir = base.join(name);
+    if !dir.is_dir() {
+        let _ = std::fs::create_dir_all(&dir);
+    }
     dir
 }
 
-/// `bytes` written to `name` in a fresh scratch folder; returns its path.
+/// `bytes` written to `name` in its scratch folder; returns its path.
 fn scratch(name: &str, bytes: &[u8]) -> PathBuf {
     let path = scratch_dir(name).join(name);
     let _ = write(&path, bytes);

@@ -99,3 +99,26 @@ fn a_50_mb_line_is_cut_before_it_is_tokenised() {
     // longer scales with the line (it was 3.4 GB).
     assert!(peak < 600 << 20, "peak RSS {} MiB", peak >> 20);
 }
+
+/// A prompt longer than the model's context ran on without a word.
+#[test]
+fn a_prompt_past_the_context_is_warned_about() {
+    let model = common::fixture("models/llama-linearrope-untied");
+    let prompt = "forge anvil hammer tongs ".repeat(40);
+    let out = common::loraforge(&[
+        "generate",
+        "--model",
+        model.to_str().unwrap(),
+        "--prompt",
+        &prompt,
+        "--max-tokens",
+        "200",
+        "--ignore-eos",
+    ]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert!(
+        err.contains("past the model's context of 256 tokens (max_position_embeddings)"),
+        "{err}"
+    );
+}

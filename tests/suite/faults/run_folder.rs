@@ -233,3 +233,29 @@ fn a_rerun_over_a_finished_run_needs_resume_or_force() {
         "the earlier run's log was kept: {metrics}"
     );
 }
+
+/// A save that fails (here a file-size limit, EFBIG, as a full disk fails with ENOSPC) used to
+/// say "No such file or directory" naming nothing; now the error names the file it was writing.
+#[test]
+fn a_save_that_fails_names_the_file() {
+    let run = tiny_run("save-fails", "");
+    let script = format!(
+        "ulimit -f 32; exec '{}' train '{}'",
+        env!("CARGO_BIN_EXE_loraforge"),
+        run.recipe.display()
+    );
+    let out = Command::new("sh").args(["-c", &script]).output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    let adapters = run_dir(&run).join("adapters");
+    assert!(
+        !out.status.success()
+            && err.contains(&format!("writing {}", adapters.display()))
+            && err.contains("File too large"),
+        "{err}"
+    );
+    let left: Vec<_> = std::fs::read_dir(&adapters)
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert!(left.is_empty(), "a failed save left {left:?}");
+}
