@@ -32,10 +32,12 @@ for t in "${targets[@]}"; do
     mkdir -p "fuzz/new/$t"
     started=$(date +%s)
     # -rss_limit_mb: a chat template over its memory budget is parked, not freed (memory_budget.rs).
+    set +e
     cargo fuzz run --fuzz-dir fuzz --sanitizer "${FUZZ_SANITIZER:-none}" "$t" "fuzz/new/$t" "fuzz/corpus/$t" -- \
         -max_total_time="$seconds" -runs="$runs" -timeout=30 -rss_limit_mb=8192 \
-        -print_final_stats=1 2>&1 | tee "/tmp/loraforge-fuzz-$t.log" | grep -E '^(#[0-9]+ +(DONE|INITED)|==|stat::number_of_executed_units|stat::peak_rss_mb|SUMMARY|Done)' || true
+        -print_final_stats=1 2>&1 | tee "/tmp/loraforge-fuzz-$t.log" | grep -E '^(#[0-9]+ +(DONE|INITED)|==|stat::number_of_executed_units|stat::peak_rss_mb|SUMMARY|Done)'
     status=${PIPESTATUS[0]}
+    set -e
     execs=$(grep -o 'stat::number_of_executed_units: *[0-9]*' "/tmp/loraforge-fuzz-$t.log" | grep -o '[0-9]*$' || echo 0)
     corpus=$(( $(ls "fuzz/corpus/$t" | wc -l) + $(ls "fuzz/new/$t" | wc -l) ))
     echo "$(date -u +%FT%TZ) $t: exit $status, $execs executions, corpus $corpus inputs, $(( $(date +%s) - started )) s" | tee -a "$log"
