@@ -148,7 +148,9 @@ impl ChatTemplate {
             let result = template.render_captured_to(ctx, &mut out);
             match (result, out.over) {
                 (_, true) => Err(Error::new(ErrorKind::WriteFailure, "output limit")),
-                (Ok(_), false) => Ok(out.text),
+                (Ok(_), false) => String::from_utf8(out.bytes).map_err(|e| {
+                    Error::new(ErrorKind::BadSerialization, format!("rendered text: {e}"))
+                }),
                 (Err(e), false) => Err(e),
             }
         })
@@ -168,9 +170,9 @@ impl ChatTemplate {
     }
 }
 
-/// Rendered text, refusing to grow past a limit.
+/// Rendered bytes, refusing to grow past a limit.
 struct Capped {
-    text: String,
+    bytes: Vec<u8>,
     limit: usize,
     over: bool,
 }
@@ -178,7 +180,7 @@ struct Capped {
 impl Capped {
     fn new(limit: usize) -> Self {
         Capped {
-            text: String::new(),
+            bytes: Vec::new(),
             limit,
             over: false,
         }
@@ -187,12 +189,11 @@ impl Capped {
 
 impl std::io::Write for Capped {
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        if self.text.len() + buf.len() > self.limit {
+        if self.bytes.len() + buf.len() > self.limit {
             self.over = true;
             return Err(std::io::Error::other("output limit"));
         }
-        // minijinja writes whole UTF-8 strings through `write_all`.
-        self.text.push_str(&String::from_utf8_lossy(buf));
+        self.bytes.extend_from_slice(buf);
         Ok(buf.len())
     }
 

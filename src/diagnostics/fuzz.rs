@@ -43,8 +43,8 @@ pub fn gguf(bytes: &[u8]) {
 pub fn model_folder(bytes: &[u8]) {
     let (config, weights) = split_at_nul(bytes);
     let dir = scratch_dir("folder");
-    if write(&dir.join("config.json"), config).is_err()
-        || write(&dir.join("model.safetensors"), weights).is_err()
+    if std::fs::write(dir.join("config.json"), config).is_err()
+        || std::fs::write(dir.join("model.safetensors"), weights).is_err()
     {
         return;
     }
@@ -120,10 +120,6 @@ fn scratch_dir(name: &str) -> PathBuf {
 /// `bytes` written to `name` in its scratch folder; returns its path.
 fn scratch(name: &str, bytes: &[u8]) -> PathBuf {
     let path = scratch_dir(name).join(name);
-    let _ = write(&path, bytes);
+    let _ = std::fs::write(&path, bytes);
     path
-}
-
-fn write(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
-    std::fs::write(path, bytes)
 }

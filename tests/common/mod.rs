@@ -106,6 +106,17 @@ pub fn flatten(v: &serde_json::Value) -> Vec<f32> {
 
 /// Runs `loraforge fuse --model MODEL --adapters ADAPTERS --out OUT FLAGS...`.
 pub fn fuse(model: &Path, adapters: &Path, out: &Path, flags: &[&str]) -> std::process::Output {
+    fuse_with_env(model, adapters, out, flags, &[])
+}
+
+/// [`fuse`] with these environment variables set.
+pub fn fuse_with_env(
+    model: &Path,
+    adapters: &Path,
+    out: &Path,
+    flags: &[&str],
+    env: &[(&str, &str)],
+) -> std::process::Output {
     let mut args = vec![
         "fuse",
         "--model",
@@ -116,5 +127,5 @@ pub fn fuse(model: &Path, adapters: &Path, out: &Path, flags: &[&str]) -> std::p
         out.to_str().unwrap(),
     ];
     args.extend_from_slice(flags);
-    loraforge(&args)
+    loraforge_with_env(&args, env)
 }

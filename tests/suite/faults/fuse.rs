@@ -8,20 +8,9 @@ const BASE: &str = "models/llama-llama3rope-tied";
 const ADAPTERS: &str = "adapter-interop/llama-llama3rope-tied/mlx";
 
 fn fuse(out: &Path, flags: &[&str], env: &[(&str, &str)]) -> std::process::Output {
+    let flags = [&["--format", "hf"][..], flags].concat();
     let (base, adapters) = (common::fixture(BASE), common::fixture(ADAPTERS));
-    let mut args = vec![
-        "fuse",
-        "--model",
-        base.to_str().unwrap(),
-        "--adapters",
-        adapters.to_str().unwrap(),
-        "--out",
-        out.to_str().unwrap(),
-        "--format",
-        "hf",
-    ];
-    args.extend_from_slice(flags);
-    common::loraforge_with_env(&args, env)
+    common::fuse_with_env(&base, &adapters, out, &flags, env)
 }
 
 fn stderr(out: &std::process::Output) -> String {
