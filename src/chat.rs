@@ -56,20 +56,40 @@ pub enum ChatError {
     },
 }
 
-/// Template instructions one rendering may execute, plus [`FUEL_PER_BYTE`] for each byte of
-/// its input: real templates take a few thousand for a conversation.
-const FUEL: u64 = 1_000_000;
-/// Extra instructions allowed per byte of messages and tools.
-const FUEL_PER_BYTE: u64 = 16;
-/// Rendered text may be this many bytes, plus [`OUTPUT_PER_BYTE`] for each byte of input.
-const OUTPUT: usize = 1 << 20;
-/// Extra output allowed per byte of messages and tools (a template wraps each message in a
-/// few markers; none writes sixteen times its input).
-const OUTPUT_PER_BYTE: usize = 16;
-/// Memory one rendering may allocate, plus 64 bytes per byte of input.
-const MEMORY: usize = 256 << 20;
-/// Wall-clock time one rendering may take.
-const TIME: std::time::Duration = std::time::Duration::from_secs(20);
+/// How much one rendering may do: a chat template comes from a model file, so it is untrusted
+/// code. Each limit is a base plus an allowance per byte of input (messages and tools).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Limits {
+    /// Template instructions (minijinja fuel); real templates take a few thousand a conversation.
+    pub fuel: u64,
+    /// Extra instructions per byte of input.
+    pub fuel_per_byte: u64,
+    /// Bytes of rendered text, and of any one string the template builds.
+    pub output: usize,
+    /// Extra bytes per byte of input (a template wraps each message in a few markers; none
+    /// writes sixteen times its input).
+    pub output_per_byte: usize,
+    /// Bytes the rendering thread may allocate.
+    pub memory: usize,
+    /// Extra bytes of memory per byte of input.
+    pub memory_per_byte: usize,
+    /// Wall-clock time.
+    pub time: std::time::Duration,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            fuel: 1_000_000,
+            fuel_per_byte: 16,
+            output: 1 << 20,
+            output_per_byte: 16,
+            memory: 256 << 20,
+            memory_per_byte: 64,
+            time: std::time::Duration::from_secs(20),
+        }
+    }
+}
 
 /// A model's Jinja chat template, with the BOS and EOS token text it may insert.
 pub struct ChatTemplate {
@@ -77,6 +97,7 @@ pub struct ChatTemplate {
     bos_token: String,
     eos_token: String,
     origin: String,
+    limits: Limits,
 }
 
 impl ChatTemplate {
@@ -93,7 +114,13 @@ impl ChatTemplate {
             bos_token: bos_token.unwrap_or_default().to_string(),
             eos_token: eos_token.unwrap_or_default().to_string(),
             origin: origin.to_string(),
+            limits: Limits::default(),
         }
+    }
+
+    /// The same template rendered under other limits.
+    pub fn with_limits(self, limits: Limits) -> Self {
+        ChatTemplate { limits, ..self }
     }
 
     /// The chat template a tokenizer ships, with its BOS and EOS tokens; `NoTemplate` without one.
@@ -126,15 +153,22 @@ impl ChatTemplate {
             self.eos_token.clone(),
         );
         let (messages, tools) = (messages.to_vec(), tools.cloned());
-        let max_output = OUTPUT.saturating_add(input.saturating_mul(OUTPUT_PER_BYTE));
-        let fuel = FUEL.saturating_add((input as u64).saturating_mul(FUEL_PER_BYTE));
-        let memory = MEMORY.saturating_add(input.saturating_mul(64));
+        let l = self.limits;
+        let max_output = l
+            .output
+            .saturating_add(input.saturating_mul(l.output_per_byte));
+        let fuel = l
+            .fuel
+            .saturating_add((input as u64).saturating_mul(l.fuel_per_byte));
+        let memory = l
+            .memory
+            .saturating_add(input.saturating_mul(l.memory_per_byte));
         let limit = |why: String| ChatError::Limit {
             origin: self.origin.clone(),
             why,
         };
-        let rendered = crate::memory_budget::run_bounded(memory, TIME, move || {
-            let mut env = environment();
+        let rendered = crate::memory_budget::run_bounded(memory, l.time, move || {
+            let mut env = environment(max_output);
             env.set_fuel(Some(fuel));
             let ctx = minijinja::context! {
                 messages => Value::from_serialize(&messages),
@@ -147,7 +181,10 @@ impl ChatTemplate {
             let mut out = Capped::new(max_output);
             let result = template.render_captured_to(ctx, &mut out);
             match (result, out.over) {
-                (_, true) => Err(Error::new(ErrorKind::WriteFailure, "output limit")),
+                (_, true) => Err(Error::new(
+                    ErrorKind::WriteFailure,
+                    format!("it wrote more than {max_output} bytes"),
+                )),
                 (Ok(_), false) => String::from_utf8(out.bytes).map_err(|e| {
                     Error::new(ErrorKind::BadSerialization, format!("rendered text: {e}"))
                 }),
@@ -163,7 +200,8 @@ impl ChatTemplate {
                 "it ran more than {fuel} steps for {input} bytes of messages"
             )),
             ErrorKind::WriteFailure => limit(format!(
-                "it wrote more than {max_output} bytes for {input} bytes of messages"
+                "{} for {input} bytes of messages",
+                e.detail().unwrap_or("it wrote too much")
             )),
             _ => ChatError::Render(format!("{e:#}")),
         })
@@ -202,7 +240,9 @@ impl std::io::Write for Capped {
     }
 }
 
-fn environment() -> Environment<'static> {
+/// The environment transformers renders with, where no string the template builds through
+/// `replace` may pass `max_string` bytes.
+fn environment(max_string: usize) -> Environment<'static> {
     let mut env = Environment::new();
     // Off in every build: minijinja 2.24's source excerpt for an error (on by default where
     // debug assertions are) underflows on some malformed templates (found by fuzzing;
@@ -211,13 +251,58 @@ fn environment() -> Environment<'static> {
     env.set_trim_blocks(true);
     env.set_lstrip_blocks(true);
     minijinja_contrib::add_to_environment(&mut env);
-    env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
+    env.set_unknown_method_callback(move |state, value, method, args| {
+        if let ("replace", Some(s)) = (method, value.as_str()) {
+            let (old, new, count): (&str, &str, Option<i64>) = minijinja::value::from_args(args)?;
+            check_replace(s, old, new, count, max_string)?;
+        }
+        minijinja_contrib::pycompat::unknown_method_callback(state, value, method, args)
+    });
+    env.add_filter(
+        "replace",
+        move |state: &minijinja::State,
+              value: minijinja::value::StringInput,
+              old: minijinja::value::StringInput,
+              new: minijinja::value::StringInput| {
+            check_replace(value.as_str(), old.as_str(), new.as_str(), None, max_string)?;
+            minijinja::filters::replace(state, value, old, new)
+        },
+    );
     env.add_function("raise_exception", |msg: String| -> Result<Value, Error> {
         Err(Error::new(ErrorKind::InvalidOperation, msg))
     });
     env.add_function("strftime_now", |format: String| strftime_now(&format));
     env.add_filter("tojson", tojson);
     env
+}
+
+/// Refuses a `replace` whose result would pass `max` bytes, before building it: with an empty
+/// `old` (which matches between every character), one call multiplies a string's length.
+fn check_replace(
+    s: &str,
+    old: &str,
+    new: &str,
+    count: Option<i64>,
+    max: usize,
+) -> Result<(), Error> {
+    let matches = if old.is_empty() {
+        s.chars().count() + 1
+    } else {
+        s.matches(old).count()
+    };
+    let matches = match count {
+        Some(n) if n >= 0 => matches.min(usize::try_from(n).unwrap_or(usize::MAX)),
+        _ => matches,
+    };
+    let grows = new.len().saturating_sub(old.len());
+    let len = s.len().saturating_add(matches.saturating_mul(grows));
+    if len > max {
+        return Err(Error::new(
+            ErrorKind::WriteFailure,
+            format!("a replace() would build a string of {len} bytes, past the limit of {max}"),
+        ));
+    }
+    Ok(())
 }
 
 /// `json.dumps(value, ensure_ascii=False, indent=indent)`, the filter transformers installs.
@@ -381,6 +466,19 @@ mod tests {
             text.contains("evil.gguf") && text.contains("wrote more than"),
             "{text}"
         );
+        // An empty pattern matches between every character: one call multiplies the length.
+        for source in [
+            "{{ ('x' * 1000).replace('', 'y' * 2000) }}",
+            "{{ ('x' * 1000) | replace('', 'y' * 2000) }}",
+        ] {
+            let grow = ChatTemplate::new(source, None, None, "grow.jinja");
+            let text = grow.render(&[], false, None).unwrap_err().to_string();
+            assert!(
+                text.contains("grow.jinja")
+                    && text.contains("would build a string of 2003000 bytes"),
+                "{source}: {text}"
+            );
+        }
     }
 
     #[test]

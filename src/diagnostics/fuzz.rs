@@ -21,8 +21,9 @@ pub const TARGETS: [(&str, Target); 5] = [
     ("chat_template", chat_template),
 ];
 
-/// A GGUF file: header, metadata, tensor table, then the configuration, the tokenizer and every
-/// tensor's bytes, as loading a model reads them.
+/// A GGUF file: header, metadata, tensor table, then every tensor's bytes, the configuration
+/// and the tokenizer, as loading a model reads them (all but compiling the pre-tokenizer's
+/// fixed regexes, which reads nothing from the file and would take 80% of the time).
 pub fn gguf(bytes: &[u8]) {
     let path = scratch("model.gguf", bytes);
     let Ok(file) = GgufFile::open(&path) else {
@@ -31,9 +32,9 @@ pub fn gguf(bytes: &[u8]) {
     for info in &file.tensors {
         let _ = file.data(info).len();
     }
-    drop(file);
-    if let Ok(files) = ModelFiles::open(&path) {
-        let _ = crate::tokenizer::for_model(&files);
+    let tokenizer = crate::tokenizer::from_gguf_without_regexes(&file);
+    if let (Ok((tokenizer, _)), Ok(files)) = (tokenizer, ModelFiles::open(&path)) {
+        let _ = crate::tokenizer::fits_embedding(&tokenizer, &files);
     }
 }
 
@@ -86,9 +87,24 @@ pub fn chat_template(bytes: &[u8]) {
             Message::new("assistant", "Hi"),
         ]
     });
-    let template = ChatTemplate::new(&source, Some("<s>"), Some("</s>"), "fuzz input");
+    let template = ChatTemplate::new(&source, Some("<s>"), Some("</s>"), "fuzz input")
+        .with_limits(FUZZ_LIMITS);
     let _ = template.render(&messages, true, None);
 }
+
+/// The chat template limits for fuzzing: the same checks as the defaults with smaller numbers.
+/// A render stopped for memory leaves its thread parked, holding its budget, until the process
+/// ends (`memory_budget`); the program ends after such an error, but a fuzzer renders millions
+/// of templates in one process, and 256 MiB each would pass libFuzzer's memory limit after 32.
+const FUZZ_LIMITS: crate::chat::Limits = crate::chat::Limits {
+    fuel: 100_000,
+    fuel_per_byte: 16,
+    output: 64 << 10,
+    output_per_byte: 16,
+    memory: 4 << 20,
+    memory_per_byte: 64,
+    time: std::time::Duration::from_secs(5),
+};
 
 /// Bytes before the first NUL, and after it (empty when there is none).
 fn split_at_nul(bytes: &[u8]) -> (&[u8], &[u8]) {

@@ -271,10 +271,7 @@ fn sibling(out: &Path, what: &str) -> Result<PathBuf> {
         .file_name()
         .with_context(|| format!("{} is not a folder name", out.display()))?
         .to_string_lossy();
-    let parent = out.parent().filter(|p| !p.as_os_str().is_empty());
-    Ok(parent
-        .unwrap_or(Path::new("."))
-        .join(format!(".{name}.{what}-{}", std::process::id())))
+    Ok(crate::io::atomic::folder_of(out).join(format!(".{name}.{what}-{}", std::process::id())))
 }
 
 /// Cleans what killed exports left next to `out`: removes `.<name>.partial-<pid>` staging
@@ -284,11 +281,7 @@ fn clean_stale_siblings(out: &Path) -> Result<()> {
     let Some(name) = out.file_name().map(|n| n.to_string_lossy().into_owned()) else {
         return Ok(());
     };
-    let parent = out
-        .parent()
-        .filter(|p| !p.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
-    let Ok(entries) = std::fs::read_dir(parent) else {
+    let Ok(entries) = std::fs::read_dir(crate::io::atomic::folder_of(out)) else {
         return Ok(());
     };
     for entry in entries.flatten() {

@@ -43,11 +43,15 @@ pub fn rename(from: &Path, to: &Path) -> io::Result<()> {
             &format!("renaming {} to {}", from.display(), to.display()),
         )
     })?;
-    let parent = to
-        .parent()
-        .filter(|p| !p.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
+    let parent = folder_of(to);
     sync_dir(parent).map_err(|e| naming(e, &format!("syncing {}", parent.display())))
+}
+
+/// The folder that holds `path` (`.` for a bare name, where `Path::parent` gives "").
+pub fn folder_of(path: &Path) -> &Path {
+    path.parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."))
 }
 
 /// The error with what was being done (and to which path) in front of its message.

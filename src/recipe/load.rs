@@ -210,6 +210,9 @@ fn merge(base: &mut Table, over: Table) {
     }
 }
 
+/// Parts a `--set` key may have; recipes nest three deep, one spare.
+const MAX_KEY_PARTS: usize = 4;
+
 fn apply_override(table: &mut Table, assignment: &str) -> Result<(), RecipeError> {
     let err = |message: String| RecipeError::Override {
         assignment: assignment.to_string(),
@@ -233,6 +236,15 @@ fn apply_override(table: &mut Table, assignment: &str) -> Result<(), RecipeError
         None => toml::Value::String(raw.to_string()),
     };
     let parts: Vec<&str> = key.trim().split('.').collect();
+    // The deepest recipe key has three parts (`model.quantize.bits`); a key of thousands
+    // would nest as many tables, and dropping or printing them recurses once a level
+    // (found by fuzzing: a stack overflow).
+    if parts.len() > MAX_KEY_PARTS {
+        return Err(err(format!(
+            "a recipe key has at most {MAX_KEY_PARTS} dot-separated parts (section.key or section.table.key); this one has {}",
+            parts.len()
+        )));
+    }
     let (last, parents) = parts.split_last().ok_or_else(|| err("empty key".into()))?;
     let mut current = &mut *table;
     for part in parents {
@@ -357,6 +369,13 @@ fn validate(r: &Recipe) -> Result<(), RecipeError> {
         return invalid(
             "train.steps_per_report",
             "steps_per_report, steps_per_eval and save_every must be at least 1".into(),
+        );
+    }
+    if t.offload_checkpoints && !t.grad_checkpoint {
+        return invalid(
+            "train.offload_checkpoints",
+            "offloads the checkpoints of `grad_checkpoint`: set `grad_checkpoint = true` too"
+                .into(),
         );
     }
     if t.max_grad_norm.is_some_and(|n| !(n > 0.0 && n.is_finite())) {

@@ -315,6 +315,14 @@ pub struct TrainSection {
     /// default false.
     #[serde(default)]
     pub grad_checkpoint: bool,
+    /// With `grad_checkpoint`, keep each block's input in host memory instead of on the device
+    /// (long context: 2 GiB a layer at llama3-8b's 256k); default false.
+    #[serde(default)]
+    pub offload_checkpoints: bool,
+    /// With `grad_checkpoint`, a micro-batch of more tokens runs each block's MLP this many
+    /// tokens at a time (0: never); default 16384.
+    #[serde(default = "default_mlp_chunk_tokens")]
+    pub mlp_chunk_tokens: usize,
     /// Optimizer steps between training reports (loss, learning rate, throughput); default 10.
     #[serde(default = "default_report_every")]
     pub steps_per_report: usize,
@@ -327,6 +335,14 @@ pub struct TrainSection {
     /// Optimizer steps between saves of the adapters and the resume checkpoint; default 100.
     #[serde(default = "default_save_every")]
     pub save_every: usize,
+}
+
+/// `train.mlp_chunk_tokens`'s default: llama3-8b's chunk activations are then under 1 GiB
+/// each, and the chunk's GEMMs still fill an H200.
+pub const DEFAULT_MLP_CHUNK_TOKENS: usize = 16_384;
+
+fn default_mlp_chunk_tokens() -> usize {
+    DEFAULT_MLP_CHUNK_TOKENS
 }
 
 impl Default for TrainSection {

@@ -7,6 +7,11 @@
 
 use anyhow::{Result, anyhow, bail};
 use serde_json::{Value as J, json};
+use tokenizers::SplitDelimiterBehavior::Isolated;
+use tokenizers::pre_tokenizers::PreTokenizerWrapper;
+use tokenizers::pre_tokenizers::byte_level::ByteLevel;
+use tokenizers::pre_tokenizers::sequence::Sequence;
+use tokenizers::pre_tokenizers::split::{Split, SplitPattern};
 
 use super::{Tokenizer, TokenizerKind};
 use crate::io::gguf::{GgufFile, Value};
@@ -37,8 +42,28 @@ fn pre_tokenizer(pre: &str) -> Option<(Vec<&'static str>, bool, bool)> {
 }
 
 /// Builds a byte-level BPE tokenizer from a GGUF file's `tokenizer.ggml.*` metadata, with its
-/// special tokens, stop ids and chat template.
+/// special tokens, stop ids, chat template and llama.cpp's pre-tokenizer regexes.
 pub fn from_gguf(gguf: &GgufFile) -> Result<Tokenizer> {
+    let (mut tokenizer, regexes) = from_gguf_without_regexes(gguf)?;
+    let mut steps = Vec::with_capacity(regexes.len() + 1);
+    for r in regexes {
+        let split = Split::new(SplitPattern::Regex(r.to_string()), Isolated, false)
+            .map_err(|e| anyhow!("compiling the pre-tokenizer regex {r:?}: {e}"))?;
+        steps.push(PreTokenizerWrapper::Split(split));
+    }
+    steps.push(PreTokenizerWrapper::ByteLevel(ByteLevel::new(
+        false, false, false,
+    )));
+    tokenizer
+        .inner
+        .with_pre_tokenizer(Some(PreTokenizerWrapper::Sequence(Sequence::new(steps))));
+    Ok(tokenizer)
+}
+
+/// Everything [`from_gguf`] reads from the file, without the pre-tokenizer: that is a fixed
+/// regex list chosen by `tokenizer.ggml.pre` (returned), whose compilation takes most of the
+/// time and reads nothing from the file (the GGUF fuzz target skips it).
+pub fn from_gguf_without_regexes(gguf: &GgufFile) -> Result<(Tokenizer, Vec<&'static str>)> {
     let path = gguf.path.display();
     let model = gguf.get_str("tokenizer.ggml.model").unwrap_or("");
     if model != "gpt2" {
@@ -95,11 +120,6 @@ pub fn from_gguf(gguf: &GgufFile) -> Result<Tokenizer> {
                    "normalized": false, "special": *ty != 4})
         })
         .collect();
-    let mut pretokenizers: Vec<J> = regexes
-        .iter()
-        .map(|r| json!({"type": "Split", "pattern": {"Regex": r}, "behavior": "Isolated", "invert": false}))
-        .collect();
-    pretokenizers.push(json!({"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": false, "use_regex": false}));
     let post_processor = match (&bos, add_bos) {
         (Some(b), true) => json!({
             "type": "TemplateProcessing",
@@ -116,7 +136,7 @@ pub fn from_gguf(gguf: &GgufFile) -> Result<Tokenizer> {
         "padding": null,
         "added_tokens": added,
         "normalizer": null,
-        "pre_tokenizer": {"type": "Sequence", "pretokenizers": pretokenizers},
+        "pre_tokenizer": null,
         "post_processor": post_processor,
         "decoder": {"type": "ByteLevel", "add_prefix_space": true, "trim_offsets": true, "use_regex": true},
         "model": {"type": "BPE", "dropout": null, "unk_token": null, "continuing_subword_prefix": null,
@@ -133,7 +153,7 @@ pub fn from_gguf(gguf: &GgufFile) -> Result<Tokenizer> {
         .collect::<std::collections::BTreeSet<_>>()
         .into_iter()
         .collect();
-    Ok(Tokenizer {
+    let tokenizer = Tokenizer {
         inner,
         kind: TokenizerKind::ByteLevelBpe,
         bos,
@@ -141,5 +161,6 @@ pub fn from_gguf(gguf: &GgufFile) -> Result<Tokenizer> {
         stop_ids,
         chat_template: gguf.get_str("tokenizer.chat_template").map(str::to_string),
         chat_template_origin: format!("{path} (tokenizer.chat_template)"),
-    })
+    };
+    Ok((tokenizer, regexes))
 }

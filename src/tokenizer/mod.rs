@@ -6,7 +6,7 @@ mod hf;
 
 use anyhow::{Result, anyhow};
 
-pub use gguf::from_gguf;
+pub use gguf::{from_gguf, from_gguf_without_regexes};
 pub use hf::from_folder;
 
 /// Which algorithm the vocabulary uses, for `inspect`.
@@ -117,6 +117,12 @@ pub fn for_model(files: &crate::model::ModelFiles) -> Result<Tokenizer> {
             anyhow::bail!("a model with random weights has no tokenizer")
         }
     };
+    fits_embedding(&tokenizer, files)?;
+    Ok(tokenizer)
+}
+
+/// Refuses a tokenizer that can produce an id past the model's embedding rows.
+pub fn fits_embedding(tokenizer: &Tokenizer, files: &crate::model::ModelFiles) -> Result<()> {
     let rows = files.config.vocab_size;
     if let Some((token, id)) = tokenizer
         .inner
@@ -130,5 +136,5 @@ pub fn for_model(files: &crate::model::ModelFiles) -> Result<Tokenizer> {
             files.path.display()
         );
     }
-    Ok(tokenizer)
+    Ok(())
 }

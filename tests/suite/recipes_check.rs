@@ -175,6 +175,13 @@ fn a_table_in_set_merges_and_a_broken_value_is_an_error() {
     );
     let err = error(&base, &["model.path=\"unterminated"]);
     assert!(err.contains("is not a TOML value"), "{err}");
+    // A key of thousands of parts would nest as many tables (a stack overflow, found by
+    // fuzzing); the deepest real key, three parts, still works.
+    let deep = format!("a{}=1", ".a".repeat(3000));
+    let err = error(&base, &[&deep]);
+    assert!(err.contains("at most 4 dot-separated parts"), "{err}");
+    let r = recipe::load(&base, &["model.quantize.bits=8".into()]).unwrap();
+    assert_eq!(r.model.quantize.map(|q| q.bits), Some(8));
     // A bare word is still a string.
     let r = recipe::load(&base, &["model.path=/models/x".into()]).unwrap();
     assert_eq!(r.model.path, Path::new("/models/x"));

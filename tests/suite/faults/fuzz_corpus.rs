@@ -43,10 +43,11 @@ fn mutations(input: &[u8], count: usize) -> Vec<Vec<u8>> {
 
 #[test]
 fn every_fuzz_target_survives_its_corpus_and_mutations() {
-    let per_input = if std::env::var("CI").is_ok() {
-        100
+    // Mutations a target, spread over its corpus: the corpora grow with each long run.
+    let budget = if std::env::var("CI").is_ok() {
+        10_000
     } else {
-        300
+        30_000
     };
     for (name, target) in loraforge::diagnostics::fuzz::TARGETS {
         let dir = common::root().join("fuzz/corpus").join(name);
@@ -55,6 +56,8 @@ fn every_fuzz_target_survives_its_corpus_and_mutations() {
             .map(|e| std::fs::read(e.unwrap().path()).unwrap())
             .collect();
         assert!(!inputs.is_empty(), "{} is empty", dir.display());
+        let per_input = (budget / inputs.len()).max(1);
+        let started = std::time::Instant::now();
         let mut runs = 0;
         for input in &inputs {
             target(input);
@@ -63,6 +66,10 @@ fn every_fuzz_target_survives_its_corpus_and_mutations() {
                 runs += 1;
             }
         }
-        println!("{name}: {} corpus inputs, {runs} mutations", inputs.len());
+        println!(
+            "{name}: {} corpus inputs, {runs} mutations, {:.1} s",
+            inputs.len(),
+            started.elapsed().as_secs_f64()
+        );
     }
 }
