@@ -10,12 +10,14 @@
 # WHEELS: a folder of wheels to pip-install first (the GPU image has no peft).
 # SHAPES: which runs (default: "warmup smollm2 1b 8b 8b-nockpt 8b-qlora 8b-32k 8b-64k", the rows
 # of issue 17's table; "warmup" compiles our kernels on a tiny shape first; also "1b-ckpt",
-# and "8b-128k", "8b-256k" for the longest context each side trains).
+# and "8b-128k", "8b-256k", "8b-256k-liger" for the longest context each side trains).
 # Each row runs ours, then peft, then peft + Liger (QLoRA: bitsandbytes NF4), as the table has
 # them; a reference that does not fit the card says so in its line.
 # DTYPE: our base's compute dtype (default bf16, as the reference's); REFERENCE=0 skips the
 # references, LIGER=0 the Liger runs;
-# TAG: a label added to our lines' tag (to tell builds apart).
+# TAG: a label added to our lines' tag (to tell builds apart). OURS_TIMEOUT: seconds our run may
+# take (default 400; a 256k step takes about 470); REFERENCE_TIMEOUT the same for each reference
+# run (default 300).
 # OUT: where the JSON lines go (default bench/results). The device tool sets it to the folder it
 # brings back, so there the lines land in $OUT directly: copying bench/results over it afterwards
 # replaces them with the old file (session 8 lost a call's lines that way).
@@ -36,7 +38,7 @@ ours() {
   local shape=$1 batch=$2 seq=$3 steps=$4 warm=$5; shift 5
   nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits -lms 100 >/tmp/gpu-mem.log &
   local sampler=$!
-  timeout 400 "$bin" bench train --device cuda --shape "$shape" --batch "$batch" --seq "$seq" \
+  timeout "${OURS_TIMEOUT:-400}" "$bin" bench train --device cuda --shape "$shape" --batch "$batch" --seq "$seq" \
     --steps "$steps" --warmup-steps "$warm" --dtype "${DTYPE:-bf16}" "${common[@]}" "$@" \
     --tag "$card${TAG:+ $TAG}" >/tmp/ours.json
   local rc=$?
@@ -54,7 +56,7 @@ ours() {
 reference() {
   local shape=$1 batch=$2 seq=$3 steps=$4 warm=$5; shift 5
   [ "${REFERENCE:-1}" = 0 ] && return
-  timeout 300 $py bench/reference/peft_lora_bench.py --device cuda --dtype bf16 --attn sdpa \
+  timeout "${REFERENCE_TIMEOUT:-300}" $py bench/reference/peft_lora_bench.py --device cuda --dtype bf16 --attn sdpa \
     --preset "$shape" --batch "$batch" --seq "$seq" --steps "$steps" --warmup-steps "$warm" \
     "${common[@]}" "$@" --tag "$card" --jsonl "$out" | tail -n 3 | cut -c1-400
 }
@@ -80,7 +82,10 @@ for s in ${SHAPES:-warmup smollm2 1b 8b 8b-nockpt 8b-qlora 8b-32k 8b-64k}; do
     8b-64k) ours llama3-8b 1 65536 2 1 --grad-checkpoint; liger llama3-8b 1 65536 2 1 --grad-checkpoint ;;
     # Goal 4's doubling: one timed step after one warm-up, both sides, until each fails.
     8b-128k) ours llama3-8b 1 131072 1 1 --grad-checkpoint; liger llama3-8b 1 131072 1 1 --grad-checkpoint ;;
-    8b-256k) ours llama3-8b 1 262144 1 1 --grad-checkpoint; liger llama3-8b 1 262144 1 1 --grad-checkpoint ;;
+    # 256k: no warm-up step (one step is ~7 minutes; a call has 10), the kept block inputs in host
+    # memory; Liger apart (8b-256k-liger), as the two do not fit one call.
+    8b-256k) ours llama3-8b 1 262144 1 0 --grad-checkpoint --offload-checkpoints ;;
+    8b-256k-liger) liger llama3-8b 1 262144 1 0 --grad-checkpoint ;;
   esac
 done
 echo "results appended to $out"

@@ -14,6 +14,7 @@ use loraforge::ops::ModelBackend;
 use loraforge::quant::QuantizedMatrix;
 use loraforge::quant::affine::pack_codes;
 use loraforge::recipe::{AdapterKind, Layers, LoraSection, Targets};
+use loraforge::train::recompute::Checkpointing;
 use loraforge::train::trainer::{
     batch_loss, gradients, loss_and_gradients, parameters, set_parameters,
 };
@@ -166,7 +167,9 @@ fn quantized_linear_input_gradient_matches_dense() {
 }
 
 /// Activation checkpointing recomputes each block in the backward pass; the loss and every
-/// gradient must come out as without it, for plain and packed rows.
+/// gradient must come out as without it, for plain and packed rows, with the block inputs on
+/// the device or in host memory, and with the MLP run whole or in chunks of 5 rows (12 rows a
+/// batch: chunks of 5, 5 and 2, one crossing from the first sequence into the second).
 #[test]
 fn activation_checkpointing_gives_the_plain_gradients() {
     let device = Default::default();
@@ -177,25 +180,33 @@ fn activation_checkpointing_gives_the_plain_gradients() {
             ..batch()
         };
         for batch in [batch(), packed] {
-            let (plain_loss, plain) = loss_and_gradients(&model, &batch, 0.5, false, &device);
-            let (ckpt_loss, ckpt) = loss_and_gradients(&model, &batch, 0.5, true, &device);
-            assert!(
-                (plain_loss - ckpt_loss).abs() < 1e-12,
-                "{plain_loss} vs {ckpt_loss}"
-            );
-            assert_eq!(plain.len(), ckpt.len());
-            for (i, (p, c)) in plain.iter().zip(&ckpt).enumerate() {
-                let p: Vec<f64> = p.to_data().into_vec().unwrap();
-                let c: Vec<f64> = c.to_data().into_vec().unwrap();
-                let scale = p.iter().fold(0f64, |m, v| m.max(v.abs())).max(1e-3);
-                let diff = p
-                    .iter()
-                    .zip(&c)
-                    .fold(0f64, |m, (a, b)| m.max((a - b).abs()));
+            let (plain_loss, plain) = loss_and_gradients(&model, &batch, 0.5, None, &device);
+            for how in [
+                Checkpointing::default(),
+                Checkpointing {
+                    mlp_chunk_tokens: 5,
+                    offload: true,
+                },
+            ] {
+                let (ckpt_loss, ckpt) = loss_and_gradients(&model, &batch, 0.5, Some(how), &device);
                 assert!(
-                    diff / scale < 1e-9,
-                    "{kind:?} parameter {i}: {diff:e} of {scale:e}"
+                    (plain_loss - ckpt_loss).abs() < 1e-12,
+                    "{plain_loss} vs {ckpt_loss}"
                 );
+                assert_eq!(plain.len(), ckpt.len());
+                for (i, (p, c)) in plain.iter().zip(&ckpt).enumerate() {
+                    let p: Vec<f64> = p.to_data().into_vec().unwrap();
+                    let c: Vec<f64> = c.to_data().into_vec().unwrap();
+                    let scale = p.iter().fold(0f64, |m, v| m.max(v.abs())).max(1e-3);
+                    let diff = p
+                        .iter()
+                        .zip(&c)
+                        .fold(0f64, |m, (a, b)| m.max((a - b).abs()));
+                    assert!(
+                        diff / scale < 1e-9,
+                        "{kind:?} {how:?} parameter {i}: {diff:e} of {scale:e}"
+                    );
+                }
             }
         }
     }

@@ -27,6 +27,7 @@ use crate::model::names::{BlockLinear, BlockModule};
 use crate::ops::TrainBackend;
 use crate::ops::matmul::{MatmulBackend, matmul};
 use crate::recipe::{AdapterKind, Dtype, Layers, LoraSection, Targets};
+use crate::train::recompute::Checkpointing;
 use crate::train::trainer::{StepSettings, Trainer};
 
 /// Options of `loraforge bench train`.
@@ -62,6 +63,13 @@ pub struct BenchTrainArgs {
     /// Recompute each block's activations in the backward pass instead of keeping them.
     #[arg(long)]
     pub grad_checkpoint: bool,
+    /// With --grad-checkpoint: keep the block inputs in host memory.
+    #[arg(long)]
+    pub offload_checkpoints: bool,
+    /// With --grad-checkpoint: run each block's MLP this many tokens at a time when a batch
+    /// holds more (0: never).
+    #[arg(long, default_value_t = crate::recipe::DEFAULT_MLP_CHUNK_TOKENS)]
+    pub mlp_chunk_tokens: usize,
     /// Quantize the base to this many bits (group 64) on load: QLoRA.
     #[arg(long)]
     pub quant: Option<u32>,
@@ -126,7 +134,10 @@ pub fn bench_train<B: TrainBackend>(
     B::seed(device, args.seed);
     inject(&mut model, &spec, device);
     let settings = StepSettings {
-        grad_checkpoint: args.grad_checkpoint,
+        grad_checkpoint: args.grad_checkpoint.then_some(Checkpointing {
+            mlp_chunk_tokens: args.mlp_chunk_tokens,
+            offload: args.offload_checkpoints,
+        }),
         max_grad_norm: None,
     };
     let mut trainer = Trainer::new(model, plain_adamw(), settings, device);
@@ -173,7 +184,8 @@ pub fn bench_train<B: TrainBackend>(
             "batch": args.batch, "seq": args.seq, "rank": args.rank,
             "alpha": args.alpha, "targets": args.targets, "layers": args.layers,
             "steps": args.steps, "warmup_steps": args.warmup_steps,
-            "grad_checkpoint": args.grad_checkpoint, "quant": args.quant, "dtype": args.dtype, "lr": args.lr,
+            "grad_checkpoint": args.grad_checkpoint, "offload_checkpoints": args.offload_checkpoints,
+            "mlp_chunk_tokens": args.mlp_chunk_tokens, "quant": args.quant, "dtype": args.dtype, "lr": args.lr,
             "backend": std::any::type_name::<B>(),
             "threads": rayon::current_num_threads(),
         },

@@ -243,13 +243,28 @@ impl<B: ModelBackend> Block<B> {
         layout: &AttentionLayout<B>,
         cache: Option<&mut LayerCache<B>>,
     ) -> Tensor<B, 3> {
+        self.mlp_part(self.attention_part(h, layout, cache))
+    }
+
+    /// The block's first half, `h + attention(norm(h))`.
+    pub fn attention_part(
+        &self,
+        h: Tensor<B, 3>,
+        layout: &AttentionLayout<B>,
+        cache: Option<&mut LayerCache<B>>,
+    ) -> Tensor<B, 3> {
         let attn_dtype = self.self_attn.q_proj.input_dtype();
-        let h = h.clone()
+        h.clone()
             + self.self_attn.forward(
                 self.input_layernorm.forward_as(h, attn_dtype),
                 layout,
                 cache,
-            );
+            )
+    }
+
+    /// The block's second half, `h + mlp(norm(h))`: position by position, so any rows of
+    /// `[batch, seq, hidden]` can go through it apart.
+    pub fn mlp_part(&self, h: Tensor<B, 3>) -> Tensor<B, 3> {
         let mlp_dtype = self.mlp.gate_proj.input_dtype();
         h.clone()
             + self

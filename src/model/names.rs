@@ -56,6 +56,14 @@ impl BlockLinear {
         }
     }
 
+    /// Whether it belongs to the MLP (gate, up, down) rather than attention.
+    pub fn in_mlp(self) -> bool {
+        matches!(
+            self,
+            BlockLinear::Gate | BlockLinear::Up | BlockLinear::Down
+        )
+    }
+
     /// Whether the family stores a bias for it (Qwen2's q, k and v).
     pub fn has_bias(self, c: &ModelConfig) -> bool {
         c.attention_bias && matches!(self, BlockLinear::Q | BlockLinear::K | BlockLinear::V)

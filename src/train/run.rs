@@ -18,6 +18,7 @@ use burn::tensor::ElementConversion;
 
 use super::generations::HeldOutGenerations;
 use super::optimizer::OptimizerConfig;
+use super::recompute::Checkpointing;
 use super::run_state::{self, TrainState};
 use super::schedule::Schedule;
 use super::trainer::{NonFiniteLoss, StepSettings, Trainer, batch_loss};
@@ -211,7 +212,10 @@ impl<'r, B: TrainBackend> Run<'r, B> {
             state.recipe = resolved.clone();
         }
         let settings = StepSettings {
-            grad_checkpoint: recipe.train.grad_checkpoint,
+            grad_checkpoint: recipe.train.grad_checkpoint.then_some(Checkpointing {
+                mlp_chunk_tokens: recipe.train.mlp_chunk_tokens,
+                offload: recipe.train.offload_checkpoints,
+            }),
             max_grad_norm: recipe.train.max_grad_norm,
         };
         let optimizer = OptimizerConfig::from_recipe(&recipe.train);

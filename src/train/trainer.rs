@@ -16,6 +16,7 @@ use burn::tensor::{ElementConversion, Tensor};
 
 use super::loss::masked_cross_entropy;
 use super::optimizer::{Optimizer, OptimizerConfig, clip_global_norm, global_norm};
+use super::recompute::Checkpointing;
 use crate::data::Batch;
 use crate::model::{Decoder, LoraAdapter};
 use crate::ops::{ModelBackend, TrainBackend};
@@ -23,8 +24,9 @@ use crate::ops::{ModelBackend, TrainBackend};
 /// How a step treats its gradients and activations.
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
 pub struct StepSettings {
-    /// Recompute each block's activations in the backward pass instead of keeping them.
-    pub grad_checkpoint: bool,
+    /// Recompute each block's activations in the backward pass instead of keeping them, as
+    /// described.
+    pub grad_checkpoint: Option<Checkpointing>,
     /// Clip the global gradient norm to this.
     pub max_grad_norm: Option<f64>,
 }
@@ -158,11 +160,11 @@ pub fn loss_and_gradients<B: TrainBackend>(
     decoder: &Decoder<B>,
     batch: &Batch,
     scale: f64,
-    grad_checkpoint: bool,
+    grad_checkpoint: Option<Checkpointing>,
     device: &B::Device,
 ) -> (f64, Vec<Tensor<B::InnerBackend, 1>>) {
-    if grad_checkpoint {
-        return super::recompute::loss_and_gradients(decoder, batch, scale, device);
+    if let Some(how) = grad_checkpoint {
+        return super::recompute::loss_and_gradients(decoder, batch, scale, how, device);
     }
     // The head runs a slice at a time (`head.rs`); its gradient then flows through the blocks.
     let top = decoder.forward_blocks(

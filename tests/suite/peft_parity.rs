@@ -133,7 +133,7 @@ fn ten_adamw_steps_match_peft() {
         weight_decay: 0.01,
     };
     let settings = StepSettings {
-        grad_checkpoint: false,
+        grad_checkpoint: None,
         max_grad_norm: Some(1.0),
     };
     let mut trainer = Trainer::new(model, config, settings, &device);
