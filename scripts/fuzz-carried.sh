@@ -28,7 +28,7 @@ done
 wait || true
 for spec in "$@"; do
     t=${spec%%:*}
-    execs=$(cat "$out/logs/$t"/fuzz-*.log | grep -o 'stat::number_of_executed_units: *[0-9]*' |
+    execs=$({ grep -ho 'stat::number_of_executed_units: *[0-9]*' "$out/logs/$t"/fuzz-*.log 2>/dev/null || true; } |
         awk '{ n += $2 } END { print n + 0 }')
     crashes=$(ls "$out/artifacts/$t" | wc -l)
     echo "$(date -u +%FT%TZ) $t: ${execs:-0} executions over ${spec##*:} workers x ${seconds} s, $crashes crash inputs, $(ls "$out/new/$t" | wc -l) new inputs"

@@ -64,7 +64,8 @@ pub struct Limits {
     pub fuel: u64,
     /// Extra instructions per byte of input.
     pub fuel_per_byte: u64,
-    /// Bytes of rendered text, and of any one string the template builds.
+    /// Bytes of rendered text, and of any string a `replace` would build (other string
+    /// growth, such as `join`, is bounded by `memory`).
     pub output: usize,
     /// Extra bytes per byte of input (a template wraps each message in a few markers; none
     /// writes sixteen times its input).
@@ -253,7 +254,7 @@ fn environment(max_string: usize) -> Environment<'static> {
     minijinja_contrib::add_to_environment(&mut env);
     env.set_unknown_method_callback(move |state, value, method, args| {
         if let ("replace", Some(s)) = (method, value.as_str()) {
-            let (old, new, count): (&str, &str, Option<i64>) = minijinja::value::from_args(args)?;
+            let (old, new, count): (&str, &str, Option<i32>) = minijinja::value::from_args(args)?;
             check_replace(s, old, new, count, max_string)?;
         }
         minijinja_contrib::pycompat::unknown_method_callback(state, value, method, args)
@@ -282,7 +283,7 @@ fn check_replace(
     s: &str,
     old: &str,
     new: &str,
-    count: Option<i64>,
+    count: Option<i32>,
     max: usize,
 ) -> Result<(), Error> {
     let matches = if old.is_empty() {

@@ -15,11 +15,16 @@ use loraforge::quant::QuantizedMatrix;
 use loraforge::quant::affine::pack_codes;
 use loraforge::recipe::{AdapterKind, Layers, LoraSection, Targets};
 use loraforge::train::recompute::Checkpointing;
-use loraforge::train::trainer::{
-    batch_loss, gradients, loss_and_gradients, parameters, set_parameters,
-};
+use loraforge::train::trainer::{loss_and_gradients, parameters, set_parameters};
 
 type B = Autodiff<NdArray<f64>>;
+
+/// Holds the backend's one random generator for a whole test: the dropout check seeds it and
+/// expects the same masks on every evaluation, which another test drawing in parallel breaks.
+fn serial() -> std::sync::MutexGuard<'static, ()> {
+    static RNG: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    RNG.lock().unwrap_or_else(|e| e.into_inner())
+}
 
 fn batch() -> Batch {
     let inputs: Vec<u32> = vec![5, 77, 12, 200, 31, 9, 140, 66, 3, 250, 18, 42];
@@ -33,10 +38,6 @@ fn batch() -> Batch {
         mask,
         segments: None,
     }
-}
-
-fn loss_at(model: &Decoder<B>, device: &burn::backend::ndarray::NdArrayDevice) -> f64 {
-    batch_loss(model, &batch(), device).into_scalar()
 }
 
 /// The qwen2 fixture with adapters on `targets`, parameters moved off their initial values
@@ -65,14 +66,26 @@ fn adapted_model(kind: AdapterKind, targets: Targets) -> Decoder<B> {
     model
 }
 
-fn check(kind: AdapterKind) {
+/// Autodiff against finite differences of the same loss, with LoRA `dropout` and the given
+/// checkpointing. The backend is seeded before each evaluation, so the dropout masks are the
+/// same every time and the loss is a smooth function of the parameters.
+fn check(kind: AdapterKind, dropout: f64, checkpointing: Option<Checkpointing>) {
     let device = Default::default();
-    let model = adapted_model(
+    let mut model = adapted_model(
         kind,
         Targets::Keys(vec!["self_attn.q_proj".into(), "mlp.down_proj".into()]),
     );
+    for (_, linear) in model.linears_mut() {
+        if let Some(adapter) = &mut linear.adapter {
+            adapter.dropout = dropout;
+        }
+    }
+    let seeded = |m: &Decoder<B>| {
+        <B as burn::tensor::backend::Backend>::seed(&device, 3);
+        loss_and_gradients(m, &batch(), 1.0, checkpointing, &device)
+    };
     let params = parameters(&model);
-    let analytic = gradients(&model, &batch_loss(&model, &batch(), &device).backward());
+    let analytic = seeded(&model).1;
 
     // The loss carries rounding noise of about 1e-8 (some constants, such as the RoPE tables, are
     // computed in f32), so h is large enough for that noise to stay below the tolerance.
@@ -95,7 +108,7 @@ fn check(kind: AdapterKind) {
                 moved[i] = Tensor::from_data(TensorData::new(values, [n]), &device);
                 let mut m = model.clone();
                 set_parameters(&mut m, &moved);
-                loss_at(&m, &device)
+                seeded(&m).0
             };
             // Central differences at h and 2h, Richardson-extrapolated (error O(h⁴)).
             let central = |h: f64| (bump(h) - bump(-h)) / (2.0 * h);
@@ -105,7 +118,7 @@ fn check(kind: AdapterKind) {
             let err = (got - numeric).abs() / numeric.abs().max(0.1);
             assert!(
                 err < 1e-4,
-                "{kind:?} parameter {i}[{j}]: autodiff {got} vs finite difference {numeric}"
+                "{kind:?} dropout {dropout} {checkpointing:?} parameter {i}[{j}]: autodiff {got} vs finite difference {numeric}"
             );
             checked += 1;
         }
@@ -118,16 +131,34 @@ fn check(kind: AdapterKind) {
 
 #[test]
 fn lora_gradients_match_finite_differences() {
-    check(AdapterKind::Lora);
+    let _serial = serial();
+    check(AdapterKind::Lora, 0.0, None);
+}
+
+/// With dropout, checkpointing's no-grad forward pass must drop what its recomputation drops
+/// (it once drew no masks, so its loss and the recomputed gradients were of two functions),
+/// with the MLP whole and in chunks.
+#[test]
+fn lora_gradients_with_dropout_and_checkpointing_match_finite_differences() {
+    let _serial = serial();
+    check(AdapterKind::Lora, 0.3, None);
+    check(AdapterKind::Lora, 0.3, Some(Checkpointing::default()));
+    let chunked = Checkpointing {
+        mlp_chunk_tokens: 5,
+        offload: false,
+    };
+    check(AdapterKind::Lora, 0.3, Some(chunked));
 }
 
 #[test]
 fn dora_gradients_match_finite_differences() {
-    check(AdapterKind::Dora);
+    let _serial = serial();
+    check(AdapterKind::Dora, 0.0, None);
 }
 
 #[test]
 fn quantized_linear_input_gradient_matches_dense() {
+    let _serial = serial();
     let device = Default::default();
     for (bits, rows, cols, n) in [(4, 24, 64, 3), (8, 16, 128, 40), (3, 8, 64, 5)] {
         let codes: Vec<u32> = (0..rows * cols)
@@ -172,6 +203,7 @@ fn quantized_linear_input_gradient_matches_dense() {
 /// batch: chunks of 5, 5 and 2, one crossing from the first sequence into the second).
 #[test]
 fn activation_checkpointing_gives_the_plain_gradients() {
+    let _serial = serial();
     let device = Default::default();
     for kind in [AdapterKind::Lora, AdapterKind::Dora] {
         let model = adapted_model(kind, Targets::Named("all-linear".into()));

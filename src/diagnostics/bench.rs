@@ -64,7 +64,7 @@ pub struct BenchTrainArgs {
     #[arg(long)]
     pub grad_checkpoint: bool,
     /// With --grad-checkpoint: keep the block inputs in host memory.
-    #[arg(long)]
+    #[arg(long, requires = "grad_checkpoint")]
     pub offload_checkpoints: bool,
     /// With --grad-checkpoint: run each block's MLP this many tokens at a time when a batch
     /// holds more (0: never).

@@ -273,6 +273,7 @@ pub fn attach<B: ModelBackend>(
                 .map(|m| from_vec(m, [h.out_features], device)),
             scale: h.scale,
             dropout: 0.0,
+            dropout_without_autodiff: false,
         });
     }
     Ok(host)

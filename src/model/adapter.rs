@@ -25,6 +25,9 @@ pub struct LoraAdapter<B: Backend> {
     pub scale: f64,
     /// Probability of zeroing each input element of the update while training (0 for none).
     pub dropout: f64,
+    /// Draw dropout masks on a backend without autodiff too: checkpointing's no-grad forward
+    /// pass must drop what its recomputation (on the autodiff backend) drops.
+    pub dropout_without_autodiff: bool,
 }
 
 impl<B: ModelBackend> LoraAdapter<B> {
@@ -49,6 +52,7 @@ impl<B: ModelBackend> LoraAdapter<B> {
             magnitude,
             scale,
             dropout,
+            dropout_without_autodiff: false,
         }
     }
 

@@ -155,7 +155,8 @@ impl<B: ModelBackend> FrozenLinear<B> {
     pub fn forward_rows(&self, x: Tensor<B, 2>) -> Tensor<B, 2> {
         let x = self.gemm_input(x);
         let update = self.adapter.as_ref().map(|adapter| {
-            let mask = (adapter.dropout > 0.0 && B::ad_enabled(&x.device())).then(|| {
+            let training = adapter.dropout_without_autodiff || B::ad_enabled(&x.device());
+            let mask = (adapter.dropout > 0.0 && training).then(|| {
                 let keep = 1.0 - adapter.dropout;
                 x.random_like(Distribution::Bernoulli(keep))
                     .div_scalar(keep)

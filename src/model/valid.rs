@@ -51,6 +51,20 @@ impl<B: TrainBackend> Block<B> {
     }
 }
 
+impl<B: TrainBackend> Block<B> {
+    /// [`Block::valid`] that still draws the adapters' dropout masks: checkpointing's forward
+    /// pass, whose recomputation on the autodiff backend draws them.
+    pub fn valid_training(&self) -> Block<B::InnerBackend> {
+        let mut block = self.valid();
+        for (_, linear) in block.linears_mut() {
+            if let Some(adapter) = &mut linear.adapter {
+                adapter.dropout_without_autodiff = true;
+            }
+        }
+        block
+    }
+}
+
 impl<B: TrainBackend> AttentionLayout<B> {
     /// The tables and the attention rule on the inner backend.
     pub fn valid(&self) -> AttentionLayout<B::InnerBackend> {
@@ -99,6 +113,7 @@ impl<B: TrainBackend> LoraAdapter<B> {
             magnitude: self.magnitude.clone().map(|m| m.inner()),
             scale: self.scale,
             dropout: self.dropout,
+            dropout_without_autodiff: self.dropout_without_autodiff,
         }
     }
 }

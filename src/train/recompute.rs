@@ -113,7 +113,7 @@ pub fn loss_and_gradients<B: TrainBackend>(
     let activations_dtype = Some(h.dtype().into());
     for (l, block) in decoder.layers.iter().enumerate() {
         inputs.push(Kept::new(cast(h.clone(), kept_dtype), how.offload));
-        let block = block.valid();
+        let block = block.valid_training();
         B::seed(device, seeds.block(l));
         h = match chunk {
             None => block.forward(h, &inner_layout, None),

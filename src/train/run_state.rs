@@ -157,8 +157,12 @@ pub fn load_optimizer<B: Backend>(
 /// The first key whose value differs between two resolved recipes, ignoring keys that may change
 /// on resume (length of the run, reporting cadence, output and export settings).
 pub fn recipe_difference(saved: &str, current: &str) -> Option<String> {
-    const MAY_CHANGE: [&str; 8] = [
+    const MAY_CHANGE: [&str; 10] = [
         "train.iters",
+        // Where checkpoints wait and how the MLP is chunked: memory, not math (absent from
+        // checkpoints saved before they existed).
+        "train.offload_checkpoints",
+        "train.mlp_chunk_tokens",
         "train.epochs",
         "train.steps_per_report",
         "train.steps_per_eval",
@@ -260,5 +264,12 @@ mod tests {
             recipe_difference(a, c).unwrap(),
             "`lora.rank` was 8 and is now 16"
         );
+        // A checkpoint saved before the long-context keys existed resumes with them, and
+        // offloading may be switched on to resume a run that ran out of device memory.
+        let d = "[train]\niters = 10\nlearning_rate = 1e-4\ngrad_checkpoint = true\n\
+                 offload_checkpoints = true\nmlp_chunk_tokens = 16384\n[lora]\nrank = 8\n";
+        let e =
+            "[train]\niters = 10\nlearning_rate = 1e-4\ngrad_checkpoint = true\n[lora]\nrank = 8\n";
+        assert_eq!(recipe_difference(e, d), None);
     }
 }

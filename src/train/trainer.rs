@@ -24,8 +24,8 @@ use crate::ops::{ModelBackend, TrainBackend};
 /// How a step treats its gradients and activations.
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
 pub struct StepSettings {
-    /// Recompute each block's activations in the backward pass instead of keeping them, as
-    /// described.
+    /// Recompute each block's activations in the backward pass instead of keeping them; how:
+    /// see [`Checkpointing`].
     pub grad_checkpoint: Option<Checkpointing>,
     /// Clip the global gradient norm to this.
     pub max_grad_norm: Option<f64>,
