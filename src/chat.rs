@@ -297,7 +297,7 @@ fn check_replace(
     };
     let grows = new.len().saturating_sub(old.len());
     let len = s.len().saturating_add(matches.saturating_mul(grows));
-    if len > max {
+    if grows > 0 && len > max {
         return Err(Error::new(
             ErrorKind::WriteFailure,
             format!("a replace() would build a string of {len} bytes, past the limit of {max}"),

@@ -63,7 +63,7 @@ pub fn from_gguf(gguf: &GgufFile) -> Result<Tokenizer> {
 /// Everything [`from_gguf`] reads from the file, without the pre-tokenizer: that is a fixed
 /// regex list chosen by `tokenizer.ggml.pre` (returned), whose compilation takes most of the
 /// time and reads nothing from the file (the GGUF fuzz target skips it).
-pub fn from_gguf_without_regexes(gguf: &GgufFile) -> Result<(Tokenizer, Vec<&'static str>)> {
+pub(crate) fn from_gguf_without_regexes(gguf: &GgufFile) -> Result<(Tokenizer, Vec<&'static str>)> {
     let path = gguf.path.display();
     let model = gguf.get_str("tokenizer.ggml.model").unwrap_or("");
     if model != "gpt2" {

@@ -6,7 +6,8 @@ mod hf;
 
 use anyhow::{Result, anyhow};
 
-pub use gguf::{from_gguf, from_gguf_without_regexes};
+pub use gguf::from_gguf;
+pub(crate) use gguf::from_gguf_without_regexes;
 pub use hf::from_folder;
 
 /// Which algorithm the vocabulary uses, for `inspect`.
@@ -122,7 +123,10 @@ pub fn for_model(files: &crate::model::ModelFiles) -> Result<Tokenizer> {
 }
 
 /// Refuses a tokenizer that can produce an id past the model's embedding rows.
-pub fn fits_embedding(tokenizer: &Tokenizer, files: &crate::model::ModelFiles) -> Result<()> {
+pub(crate) fn fits_embedding(
+    tokenizer: &Tokenizer,
+    files: &crate::model::ModelFiles,
+) -> Result<()> {
     let rows = files.config.vocab_size;
     if let Some((token, id)) = tokenizer
         .inner

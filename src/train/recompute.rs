@@ -27,9 +27,9 @@
 //! - **Offload.** The kept hₗ can wait in host memory (`Checkpointing::offload`): at 256k they are
 //!   2 GiB a layer in bf16, 64 GiB for llama3-8b, which would otherwise stay on the card.
 
-use burn::tensor::{Distribution, ElementConversion, Tensor, TensorCreationOptions, TensorData};
+use burn::tensor::{Distribution, ElementConversion, Tensor, TensorData};
 
-use super::trainer::adapter_gradients;
+use super::trainer::{adapter_gradients, add_gradients};
 use crate::data::Batch;
 use crate::model::Decoder;
 use crate::model::decoder::Block;
@@ -74,13 +74,7 @@ impl<B: ModelBackend> Kept<B> {
             Kept::Device(h) => h,
             Kept::Host(data) => {
                 let dtype = data.dtype;
-                Tensor::from_data(
-                    data,
-                    TensorCreationOptions {
-                        device: device.clone(),
-                        dtype: Some(dtype),
-                    },
-                )
+                Tensor::from_data(data, (device, dtype))
             }
         }
     }
@@ -101,7 +95,7 @@ pub fn loss_and_gradients<B: TrainBackend>(
         .elem::<f64>() as u64;
     let seeds = Seeds(seed);
     let tokens = batch.batch * batch.seq;
-    let chunk =
+    let mlp_rows =
         (how.mlp_chunk_tokens > 0 && tokens > how.mlp_chunk_tokens).then_some(how.mlp_chunk_tokens);
 
     // The forward pass runs on the inner backend: on the autodiff one, Burn would record (and
@@ -115,7 +109,7 @@ pub fn loss_and_gradients<B: TrainBackend>(
         inputs.push(Kept::new(cast(h.clone(), kept_dtype), how.offload));
         let block = block.valid_training();
         B::seed(device, seeds.block(l));
-        h = match chunk {
+        h = match mlp_rows {
             None => block.forward(h, &inner_layout, None),
             Some(rows) => {
                 let m = block.attention_part(h, &inner_layout, None);
@@ -141,7 +135,7 @@ pub fn loss_and_gradients<B: TrainBackend>(
             .restore(device);
         let x = Tensor::<B, 3>::from_inner(cast(kept, activations_dtype)).require_grad();
         B::seed(device, seeds.block(l));
-        let grads = match chunk {
+        let grads = match mlp_rows {
             None => {
                 let y = block.forward(x.clone(), &layout, None);
                 let grads = (y * Tensor::from_inner(upstream.clone())).sum().backward();
@@ -156,6 +150,8 @@ pub fn loss_and_gradients<B: TrainBackend>(
                         B::seed(device, seeds.chunk(l, c))
                     });
                 let grads = (m * Tensor::from_inner(m_grad)).sum().backward();
+                // Attention's adapters, then the MLP's: `Block::adapters` lists them in
+                // `BlockLinear::ALL` order, where q, k, v and o come before gate, up and down.
                 let attention = block.adapters().into_iter().filter(|(w, _)| !w.in_mlp());
                 let mut both = adapter_gradients(attention.map(|(_, a)| a), &grads);
                 both.extend(mlp);
@@ -196,11 +192,8 @@ fn mlp_backward_in_chunks<B: TrainBackend>(
                 .expect("the MLP half depends on its input"),
         );
         let mlp = block.adapters().into_iter().filter(|(w, _)| w.in_mlp());
-        let chunk = adapter_gradients(mlp.map(|(_, a)| a), &grads);
-        adapter_sums = Some(match adapter_sums {
-            None => chunk,
-            Some(sum) => sum.into_iter().zip(chunk).map(|(s, g)| s + g).collect(),
-        });
+        let chunk_grads = adapter_gradients(mlp.map(|(_, a)| a), &grads);
+        adapter_sums = Some(add_gradients(adapter_sums, chunk_grads));
     }
     (
         Tensor::cat(m_grads, 1).reshape(dims),

@@ -117,10 +117,7 @@ impl<B: TrainBackend> Trainer<B> {
                 &self.device,
             );
             loss_sum += loss;
-            accumulated = Some(match accumulated {
-                None => grads,
-                Some(acc) => acc.into_iter().zip(grads).map(|(a, g)| a + g).collect(),
-            });
+            accumulated = Some(add_gradients(accumulated, grads));
         }
         let loss = loss_sum / micro_batches.len() as f64;
         if !loss.is_finite() {
@@ -202,6 +199,17 @@ pub fn gradients<B: AutodiffBackend + ModelBackend>(
     grads: &B::Gradients,
 ) -> Vec<Tensor<B::InnerBackend, 1>> {
     adapter_gradients(decoder.adapters().into_iter().map(|(_, a)| a), grads)
+}
+
+/// `sum + grads`, tensor by tensor; `grads` alone when there is no sum yet.
+pub fn add_gradients<B: burn::tensor::backend::Backend>(
+    sum: Option<Vec<Tensor<B, 1>>>,
+    grads: Vec<Tensor<B, 1>>,
+) -> Vec<Tensor<B, 1>> {
+    match sum {
+        None => grads,
+        Some(sum) => sum.into_iter().zip(grads).map(|(s, g)| s + g).collect(),
+    }
 }
 
 /// [`gradients`] for some of the adapters, in the order given.
