@@ -49,9 +49,7 @@ impl<B: TrainBackend> Block<B> {
             },
         }
     }
-}
 
-impl<B: TrainBackend> Block<B> {
     /// [`Block::valid`] that still draws the adapters' dropout masks: checkpointing's forward
     /// pass, whose recomputation on the autodiff backend draws them.
     pub fn valid_training(&self) -> Block<B::InnerBackend> {
