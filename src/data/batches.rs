@@ -120,6 +120,14 @@ impl BatchPlan {
         self.rows.iter().map(|row| self.width(row)).collect()
     }
 
+    /// Input positions of batch `index` that are not padding.
+    pub fn positions(&self, index: usize) -> usize {
+        self.batches[index]
+            .iter()
+            .map(|&r| self.width(&self.rows[r]))
+            .sum()
+    }
+
     fn width(&self, row: &[usize]) -> usize {
         row.iter().map(|&i| self.examples[i].ids.len() - 1).sum()
     }

@@ -1,14 +1,14 @@
 //! A split as training sees it: its file found, its records read and encoded, then planned into
 //! batches with the recipe's length limit, overflow rule and packing.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
 
 use super::batches::BatchPlan;
 use super::encode::{Encoded, Encoder};
 use super::records::{load_split, split_path};
-use crate::recipe::DataSection;
+use crate::recipe::{DataSection, FieldNames};
 use crate::tokenizer::Tokenizer;
 
 /// The file of `split` and its encoded records, or `None` when the recipe has no such split.
@@ -20,8 +20,13 @@ pub fn encode_split(
     let Some(path) = split_path(data, split) else {
         return Ok(None);
     };
-    let records = load_split(&path, &data.fields)?;
-    let examples = records
+    let examples = encode_file(&path, &data.fields, encoder)?;
+    Ok(Some((path, examples)))
+}
+
+/// The records of a data file (JSON Lines, Parquet or CSV) encoded; an error names the record.
+pub fn encode_file(path: &Path, fields: &FieldNames, encoder: &Encoder) -> Result<Vec<Encoded>> {
+    load_split(path, fields)?
         .iter()
         .enumerate()
         .map(|(i, r)| {
@@ -29,8 +34,7 @@ pub fn encode_split(
                 .encode(r)
                 .with_context(|| format!("{}: record {}", path.display(), i + 1))
         })
-        .collect::<Result<Vec<_>>>()?;
-    Ok(Some((path, examples)))
+        .collect()
 }
 
 /// Plans a split's encoded examples into batches with the recipe's `max_seq_len`, overflow rule
@@ -53,8 +57,9 @@ pub fn plan_batches(
     )
 }
 
-/// Padding is never trained or attended to, so any id serves; EOS is what transformers uses.
-fn pad_id(tokenizer: &Tokenizer) -> u32 {
+/// The id that pads a batch: padding is never trained or attended to, so any id serves; EOS is
+/// what transformers uses.
+pub fn pad_id(tokenizer: &Tokenizer) -> u32 {
     tokenizer
         .eos
         .as_deref()

@@ -10,7 +10,9 @@
 //! MFU          = FLOPs/token · tokens/s / measured matmul peak of this backend
 //! ```
 //! A step is the trainer's own: forward, backward (with or without activation checkpointing),
-//! global gradient norm, AdamW update.
+//! global gradient norm, AdamW update. With `--data` the batches are a real dataset's
+//! (`bench_data.rs`), padded or packed, and tokens/s counts the positions that are not padding
+//! over all timed steps (no FLOPs or MFU: rows are not full).
 
 use std::time::Instant;
 
@@ -19,6 +21,7 @@ use burn::tensor::{Distribution, FloatDType, Tensor};
 use rand::SeedableRng;
 use serde_json::json;
 
+use super::bench_data::DataBatches;
 use super::random::{Shape, plain_adamw, random_batch, random_model_files};
 use crate::lora::{AdapterSpec, inject};
 use crate::model::config::ModelConfig;
@@ -55,7 +58,7 @@ pub struct BenchTrainArgs {
     #[arg(long)]
     pub layers: Option<usize>,
     /// Timed steps; the median step time is reported.
-    #[arg(long, default_value_t = 10)]
+    #[arg(long, default_value_t = 10, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..))]
     pub steps: usize,
     /// Untimed steps run before the timed ones.
     #[arg(long, default_value_t = 3)]
@@ -82,6 +85,25 @@ pub struct BenchTrainArgs {
     /// Seed of the random weights, the adapters' initialisation and the batches.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
+    /// Train on this dataset (JSON Lines, Parquet or CSV rows, as a recipe's data file) instead
+    /// of random tokens: --seq is then its max_seq_len and --batch its rows per step.
+    #[arg(long, requires = "tokenizer")]
+    pub data: Option<std::path::PathBuf>,
+    /// With --data: the tokenizer (a folder with tokenizer.json and its chat template, or a
+    /// .gguf file).
+    #[arg(long, requires = "data")]
+    pub tokenizer: Option<std::path::PathBuf>,
+    /// With --data: pack several examples into each row (attention stays inside each one).
+    #[arg(long, requires = "data")]
+    pub pack: bool,
+    /// With --data: the first examples whose loss is computed both padded and packed at the
+    /// initial weights (they must agree).
+    #[arg(long, default_value_t = 48, requires = "data")]
+    pub loss_check_examples: usize,
+    /// With --data: write the encoded examples here (JSON Lines of ids and loss masks), the
+    /// input of bench/reference/peft_data_bench.py.
+    #[arg(long, requires = "data")]
+    pub examples_out: Option<std::path::PathBuf>,
     /// Also append the JSON line to this file.
     #[arg(long)]
     pub jsonl: Option<std::path::PathBuf>,
@@ -141,13 +163,56 @@ pub fn bench_train<B: TrainBackend>(
         max_grad_norm: None,
     };
     let mut trainer = Trainer::new(model, plain_adamw(), settings, device);
+    let data = match (&args.data, &args.tokenizer) {
+        (Some(rows), Some(tokenizer)) => {
+            let encoding = Instant::now();
+            let data = DataBatches::load(
+                rows,
+                tokenizer,
+                args.batch,
+                args.seq,
+                args.pack,
+                config.vocab_size,
+                args.seed,
+            )?;
+            eprintln!(
+                "{}: {} examples in {} batches, encoded in {:.1} s",
+                rows.display(),
+                data.examples().len(),
+                data.len(),
+                encoding.elapsed().as_secs_f64()
+            );
+            if let Some(path) = &args.examples_out {
+                data.write_examples(path)?;
+            }
+            Some(data)
+        }
+        _ => None,
+    };
     let build_s = started.elapsed().as_secs_f64();
+    // Packing must leave the loss as it is: both layouts at the initial weights.
+    let packing_losses = match &data {
+        Some(data) => {
+            let losses =
+                data.packing_loss_check(&trainer.model.valid(), args.loss_check_examples, device)?;
+            eprintln!("loss of the first examples padded and packed: {losses:?}");
+            Some(losses)
+        }
+        None => None,
+    };
 
     let mut rng = rand::rngs::StdRng::seed_from_u64(args.seed + 1);
     let mut times = Vec::new();
     let mut losses = Vec::new();
+    let (mut timed_tokens, mut timed_trained) = (0, 0);
     for i in 0..args.warmup_steps + args.steps {
-        let batch = random_batch(&mut rng, args.batch, args.seq, config.vocab_size);
+        let (batch, tokens) = match &data {
+            Some(data) => data.batch(i),
+            None => (
+                random_batch(&mut rng, args.batch, args.seq, config.vocab_size),
+                args.batch * args.seq,
+            ),
+        };
         B::sync(device)?;
         let t0 = Instant::now();
         let loss = trainer
@@ -163,6 +228,8 @@ pub fn bench_train<B: TrainBackend>(
         eprintln!("step {i:3} [{phase}] {:10.2} ms  loss {loss:.4}", dt * 1e3);
         if i >= args.warmup_steps {
             times.push(dt);
+            timed_tokens += tokens;
+            timed_trained += batch.trained_tokens();
         }
         losses.push(loss);
     }
@@ -174,7 +241,29 @@ pub fn bench_train<B: TrainBackend>(
     let fpt = (linear_fpt + attn_fpt) as f64;
     let median = median(&times);
     let tokens = args.batch * args.seq;
-    let tps = tokens as f64 / median;
+    let timed_s: f64 = times.iter().sum();
+    // Random batches are all alike: the median step. Real batches differ: all timed steps.
+    let tps = match data {
+        None => tokens as f64 / median,
+        Some(_) => timed_tokens as f64 / timed_s,
+    };
+    let data_fields = data.as_ref().map(|d| {
+        let (padded, packed) = packing_losses.unwrap_or_default();
+        json!({
+            "rows": args.data, "tokenizer": args.tokenizer, "pack": args.pack,
+            "examples": d.examples().len(), "batches_per_epoch": d.len(),
+            "padding_fraction_of_epoch": d.padding_fraction(),
+            "timed_tokens": timed_tokens, "timed_trained_tokens": timed_trained,
+            "trained_tokens_per_s": timed_trained as f64 / timed_s,
+            "tokens_kind": "input positions that are not padding, over all timed steps",
+            "loss_check": {"padded": padded, "packed": packed,
+                           "relative_difference": (packed - padded).abs() / padded.abs(),
+                           "examples": args.loss_check_examples,
+                           "what": "mean loss over the first examples at the initial weights"},
+        })
+    });
+    // FLOPs per token assume full rows of --seq: not what real rows are.
+    let fpt_known = data.is_none().then_some(fpt);
     let result = json!({
         "bench": "loraforge_bench_train",
         "tag": args.tag,
@@ -189,7 +278,8 @@ pub fn bench_train<B: TrainBackend>(
             "backend": std::any::type_name::<B>(),
             "threads": rayon::current_num_threads(),
         },
-        "flops": {"per_token": fpt, "linear_per_token": linear_fpt, "attn_per_token": attn_fpt},
+        "flops": fpt_known.map(|fpt| json!({"per_token": fpt, "linear_per_token": linear_fpt, "attn_per_token": attn_fpt})),
+        "data": data_fields,
         "matmul_peak_gflops": peak / 1e9,
         "results": {
             "step_ms_median": median * 1e3,
@@ -200,8 +290,8 @@ pub fn bench_train<B: TrainBackend>(
             "loss_last": losses.last(),
             "losses_finite": losses.iter().all(|l| l.is_finite()),
             "build_s": build_s,
-            "achieved_tflops": fpt * tps / 1e12,
-            "mfu": fpt * tps / peak,
+            "achieved_tflops": fpt_known.map(|fpt| fpt * tps / 1e12),
+            "mfu": fpt_known.map(|fpt| fpt * tps / peak),
             "peak_mem_bytes": crate::backends::peak_rss_bytes(),
             "peak_mem_kind": "peak RSS of the process (whole lifetime)",
         },

@@ -3,6 +3,7 @@
 //! device backend against the CPU).
 
 pub mod bench;
+pub mod bench_data;
 pub mod device_check;
 pub mod fuzz;
 pub mod random;

@@ -20,6 +20,7 @@ fn every_device_check_passes_on_the_cpu() {
         .collect();
     for kind in [
         "trajectory",
+        "trajectory_chunked_offloaded",
         "linear_dense",
         "linear_q4",
         "attention",

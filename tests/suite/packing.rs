@@ -69,3 +69,72 @@ fn training_with_packing_and_activation_checkpointing_learns() {
         "validation loss {val:?}"
     );
 }
+
+#[test]
+fn bench_on_real_chat_data_packs_rows_without_changing_the_loss() {
+    // LLaMA-Factory's demo sets through SmolLM2's real tokenizer and chat template.
+    let rows = common::asset("chat-mix");
+    let smollm2 = common::asset("smollm2");
+    let examples = common::temp_dir("bench-data").join("examples.jsonl");
+    let out = common::loraforge(&[
+        "bench",
+        "train",
+        "--shape",
+        "smollm2-135m",
+        "--data",
+        rows.to_str().unwrap(),
+        "--tokenizer",
+        smollm2.to_str().unwrap(),
+        "--pack",
+        "--seq",
+        "128",
+        "--batch",
+        "2",
+        "--steps",
+        "1",
+        "--warmup-steps",
+        "0",
+        "--loss-check-examples",
+        "12",
+        "--examples-out",
+        examples.to_str().unwrap(),
+    ]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let result: serde_json::Value = serde_json::from_str(stdout.lines().last().unwrap()).unwrap();
+    let data = &result["data"];
+    let check = &data["loss_check"];
+    println!("{check}");
+    let relative = check["relative_difference"].as_f64().unwrap();
+    assert!(
+        relative < 1e-5 && check["padded"].as_f64().unwrap() > 1.0,
+        "{check}"
+    );
+    // Examples cut to 128 tokens; those left with no assistant token are dropped (2,105 of the
+    // 2,599 rows remain).
+    let lines: Vec<serde_json::Value> = std::fs::read_to_string(&examples)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 2105);
+    assert_eq!(data["examples"], 2105);
+    for e in &lines {
+        let (ids, trained) = (
+            e["ids"].as_array().unwrap(),
+            e["trained"].as_array().unwrap(),
+        );
+        assert!(ids.len() == trained.len() && ids.len() <= 128, "{e}");
+    }
+    // Packed rows of 128 leave little padding; a step's tokens are the rows' real positions.
+    assert!(
+        data["padding_fraction_of_epoch"].as_f64().unwrap() < 0.05,
+        "{data}"
+    );
+    let tokens = data["timed_tokens"].as_u64().unwrap();
+    assert!(tokens > 200 && tokens <= 256, "{data}");
+}

@@ -4,7 +4,10 @@
 //!
 //! - `trajectory`: the tiny shape trained for 20 steps on the device follows the CPU f32 run's
 //!   losses within 1e-2 relative. Same random weights (seeded on the host), the CPU run's initial
-//!   adapters copied to the device, the same batches.
+//!   adapters copied to the device, the same batches. `trajectory_chunked_offloaded`: the same
+//!   on the device with activation checkpointing, the MLP run 128 tokens at a time (4 chunks a
+//!   batch) and the block inputs kept in host memory (`train/recompute.rs`), against the CPU's
+//!   plain run.
 //! - `linear_dense`, `linear_q4` (and `_bf16` where the device holds a bf16 base): the frozen
 //!   linear (float, and 4-bit quantized, dequantized on the device) against float64 on the CPU,
 //!   on random inputs (never zeros) at several shapes: `y = x Wᵀ` and the input gradient
@@ -50,6 +53,7 @@ use crate::model::linear::{FrozenLinear, FrozenWeight};
 use crate::ops::ModelBackend;
 use crate::ops::TrainBackend;
 use crate::recipe::{AdapterKind, Layers, LoraSection, Targets};
+use crate::train::recompute::Checkpointing;
 use crate::train::trainer::{StepSettings, Trainer};
 
 type CpuTrain = Autodiff<NdArray<f32>>;
@@ -91,7 +95,17 @@ impl Weight {
 /// a bf16 base: `bf16`); returns the JSON lines, or fails listing those that missed their
 /// tolerance.
 pub fn run<B: ModelBackend>(device: &B::Device, bf16: bool) -> Result<Vec<serde_json::Value>> {
-    let mut lines = vec![trajectory::<Autodiff<B>>(device)?];
+    let chunked = StepSettings {
+        grad_checkpoint: Some(Checkpointing {
+            mlp_chunk_tokens: 128,
+            offload: true,
+        }),
+        max_grad_norm: None,
+    };
+    let mut lines = vec![
+        trajectory::<Autodiff<B>>(device, "trajectory", StepSettings::default())?,
+        trajectory::<Autodiff<B>>(device, "trajectory_chunked_offloaded", chunked)?,
+    ];
     let weights = [Weight::Dense, Weight::DenseBf16, Weight::Q4, Weight::Q4Bf16]
         .into_iter()
         .filter(|&w| bf16 || !w.bf16());
@@ -139,8 +153,13 @@ fn lora() -> LoraSection {
     }
 }
 
-/// The tiny shape's losses over 20 AdamW steps, on the CPU and on the device.
-fn trajectory<D: TrainBackend>(device: &D::Device) -> Result<serde_json::Value> {
+/// The tiny shape's losses over 20 AdamW steps, on the CPU (plain steps) and on the device
+/// (steps with `settings`).
+fn trajectory<D: TrainBackend>(
+    device: &D::Device,
+    name: &str,
+    settings: StepSettings,
+) -> Result<serde_json::Value> {
     let config = Shape::Tiny.config();
     let files = random_model_files(config.clone(), 0);
     let spec = AdapterSpec::from_recipe(&lora(), &config)?;
@@ -151,8 +170,8 @@ fn trajectory<D: TrainBackend>(device: &D::Device) -> Result<serde_json::Value> 
     let mut dev = files.build::<D>(device)?;
     inject(&mut dev, &spec, device);
     copy_adapters(&cpu, &mut dev, device);
-    let cpu_losses = train_steps(cpu, &cpu_device);
-    let dev_losses = train_steps(dev, device);
+    let cpu_losses = train_steps(cpu, StepSettings::default(), &cpu_device);
+    let dev_losses = train_steps(dev, settings, device);
     let worst = cpu_losses
         .iter()
         .zip(&dev_losses)
@@ -160,7 +179,7 @@ fn trajectory<D: TrainBackend>(device: &D::Device) -> Result<serde_json::Value> 
         .fold(0.0, f64::max);
     let fall = cpu_losses[0] - cpu_losses[STEPS - 1];
     Ok(json!({
-        "check": "trajectory", "shape": "tiny", "steps": STEPS,
+        "check": name, "shape": "tiny", "steps": STEPS,
         "cpu_losses": cpu_losses, "device_losses": dev_losses,
         "loss_fall": fall, "max_relative_diff": worst, "tolerance": TRAJECTORY_TOLERANCE,
         "pass": worst <= TRAJECTORY_TOLERANCE && fall > MIN_LOSS_FALL,
@@ -185,8 +204,12 @@ fn copy_adapters<A: ModelBackend, D: ModelBackend>(
     }
 }
 
-fn train_steps<D: TrainBackend>(model: Decoder<D>, device: &D::Device) -> Vec<f64> {
-    let mut trainer = Trainer::new(model, plain_adamw(), StepSettings::default(), device);
+fn train_steps<D: TrainBackend>(
+    model: Decoder<D>,
+    settings: StepSettings,
+    device: &D::Device,
+) -> Vec<f64> {
+    let mut trainer = Trainer::new(model, plain_adamw(), settings, device);
     // One batch, seen every step: the adapters memorise it, so the loss falls steeply and a
     // wrong gradient anywhere shows in the trajectory (random batches would keep it flat at
     // ln(vocab), where any two backends agree).
