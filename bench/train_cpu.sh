@@ -12,6 +12,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 [ "${REFERENCE:-1}" = 0 ] || bash scripts/setup-reference-venv.sh >&2
 cargo build --release --quiet
+current=${CARGO_TARGET_DIR:-target}/release/loraforge
 out="bench/results/train-cpu-$(hostname -s)-$(date +%Y-%m-%d).jsonl"
 flags=(--batch 4 --seq 128 --rank 16 --alpha 32 --targets all-linear --steps 5 --warmup-steps 2)
 blas=${LORAFORGE_BLAS:+ blas=$(basename "$LORAFORGE_BLAS")}
@@ -25,10 +26,10 @@ for shape in tiny smollm2-135m; do
     if [ -n "${BASELINE:-}" ]; then
       for _ in $(seq "${ROUNDS:-2}"); do
         ours "$BASELINE" " baseline" "$shape" "$threads"
-        ours ./target/release/loraforge " current" "$shape" "$threads"
+        ours "$current" " current" "$shape" "$threads"
       done
     else
-      ours ./target/release/loraforge "" "$shape" "$threads"
+      ours "$current" "" "$shape" "$threads"
     fi
     [ "${REFERENCE:-1}" = 0 ] && continue
     .venv-ref/bin/python bench/reference/peft_lora_bench.py --preset "$shape" "${flags[@]}" \
