@@ -1,13 +1,13 @@
 //! The backends and their implementations of the model's ops (`crate::ops`): `cpu` (burn-ndarray
-//! with our own host passes), `cuda` (cuBLAS and our kernels), `metal` (Burn's generic ops).
-//! Model code is generic over `B: Backend`; this is the one place that names concrete backends,
-//! chosen by `device = "cpu" | "cuda" | "metal"`.
+//! with our own host passes), `cuda` (cuBLAS and our kernels), `metal` and `vulkan` (one portable
+//! wgpu backend, Burn's generic ops). Model code is generic over `B: Backend`; this is the one
+//! place that names concrete backends, chosen by `device = "cpu" | "cuda" | "metal" | "vulkan"`.
 
 pub mod cpu;
 #[cfg(feature = "cuda")]
 pub mod cuda;
-#[cfg(feature = "metal")]
-mod metal;
+#[cfg(any(feature = "metal", feature = "vulkan"))]
+mod wgpu;
 
 use anyhow::{Result, bail};
 
@@ -35,9 +35,6 @@ pub trait DeviceMemory: burn::tensor::backend::Backend {
 
 impl DeviceMemory for Cpu {}
 
-#[cfg(feature = "metal")]
-impl DeviceMemory for burn::backend::Metal<f32> {}
-
 #[cfg(feature = "cuda")]
 impl DeviceMemory for burn::backend::Cuda<f32> {
     fn reserved_bytes(device: &Self::Device) -> Option<u64> {
@@ -53,6 +50,7 @@ pub fn run_on<T: BackendTask>(kind: DeviceKind, task: T) -> Result<T::Output> {
         DeviceKind::Cpu => task.run::<Cpu>(Default::default()),
         DeviceKind::Cuda => cuda(task),
         DeviceKind::Metal => metal(task),
+        DeviceKind::Vulkan => vulkan(task),
     }
 }
 
@@ -70,13 +68,32 @@ fn cuda<T: BackendTask>(_task: T) -> Result<T::Output> {
 
 #[cfg(feature = "metal")]
 fn metal<T: BackendTask>(task: T) -> Result<T::Output> {
-    task.run::<burn::backend::Metal<f32>>(Default::default())
+    use burn::backend::wgpu::graphics::Metal;
+    task.run::<wgpu::Portable>(wgpu::device::<Metal>("Metal")?)
 }
 
 #[cfg(not(feature = "metal"))]
 fn metal<T: BackendTask>(_task: T) -> Result<T::Output> {
     bail!(
         "this binary was built without Metal support: rebuild with `cargo build --release --features metal`"
+    )
+}
+
+#[cfg(feature = "vulkan")]
+fn vulkan<T: BackendTask>(task: T) -> Result<T::Output> {
+    use burn::backend::wgpu::graphics::Vulkan;
+    let device = wgpu::device::<Vulkan>("Vulkan").map_err(|e| {
+        e.context(
+            "install a Vulkan driver (without a GPU on Linux, Mesa's CPU driver: apt install mesa-vulkan-drivers)",
+        )
+    })?;
+    task.run::<wgpu::Portable>(device)
+}
+
+#[cfg(not(feature = "vulkan"))]
+fn vulkan<T: BackendTask>(_task: T) -> Result<T::Output> {
+    bail!(
+        "this binary was built without Vulkan support: rebuild with `cargo build --release --features vulkan`"
     )
 }
 

@@ -528,7 +528,7 @@ fn default_requant_bits() -> u32 {
     8
 }
 
-/// Where a run computes: `device = "cpu" | "cuda" | "metal"` in a recipe, `--device` on the
+/// Where a run computes: `device = "cpu" | "cuda" | "metal" | "vulkan"` in a recipe, `--device` on the
 /// command line.
 #[derive(
     Debug,
@@ -551,4 +551,7 @@ pub enum DeviceKind {
     /// Apple Silicon through wgpu/Metal; needs the `metal` feature. Has never run on Apple
     /// hardware.
     Metal,
+    /// Any Vulkan device through wgpu (the same portable backend as Metal); needs the `vulkan`
+    /// feature.
+    Vulkan,
 }
