@@ -1,7 +1,8 @@
 //! The backends and their implementations of the model's ops (`crate::ops`): `cpu` (burn-ndarray
 //! with our own host passes), `cuda` (cuBLAS and our kernels), `metal` and `vulkan` (one portable
 //! wgpu backend, Burn's generic ops). Model code is generic over `B: Backend`; this is the one
-//! place that names concrete backends, chosen by `device = "cpu" | "cuda" | "metal" | "vulkan"`.
+//! place that names concrete backends, chosen by `device = "auto" | "cpu" | "cuda" | "metal" |
+//! "vulkan"` (`resolve` says what `auto` means).
 
 pub mod cpu;
 #[cfg(feature = "cuda")]
@@ -44,9 +45,45 @@ impl DeviceMemory for burn::backend::Cuda<f32> {
     }
 }
 
-/// Runs `task` on the backend for `kind`; an error where this binary was built without it.
+/// The device `device = "auto"` stands for here (printed): CUDA if this binary has it and a GPU
+/// answers, Metal on macOS if this binary has it, else the CPU. Vulkan is never guessed (a CPU's
+/// Vulkan driver would be slower than the CPU backend). Other kinds come back as they are.
+pub fn resolve(kind: DeviceKind) -> DeviceKind {
+    if kind != DeviceKind::Auto {
+        return kind;
+    }
+    let chosen = if cuda_answers() {
+        DeviceKind::Cuda
+    } else if cfg!(all(feature = "metal", target_os = "macos")) {
+        DeviceKind::Metal
+    } else {
+        DeviceKind::Cpu
+    };
+    eprintln!("device = \"auto\": running on {chosen:?}");
+    chosen
+}
+
+/// Whether a CUDA device answers. The driver library is loaded on first use, and its absence is
+/// a panic inside cudarc: caught here, quietly, since a machine without one is no error.
+#[cfg(feature = "cuda")]
+fn cuda_answers() -> bool {
+    let hook = std::panic::take_hook();
+    std::panic::set_hook(Box::new(|_| {}));
+    let count = std::panic::catch_unwind(cudarc::driver::CudaContext::device_count);
+    std::panic::set_hook(hook);
+    matches!(count, Ok(Ok(n)) if n > 0)
+}
+
+#[cfg(not(feature = "cuda"))]
+fn cuda_answers() -> bool {
+    false
+}
+
+/// Runs `task` on the backend for `kind` (`auto` resolved); an error where this binary was built
+/// without it.
 pub fn run_on<T: BackendTask>(kind: DeviceKind, task: T) -> Result<T::Output> {
     match kind {
+        DeviceKind::Auto => run_on(resolve(kind), task),
         DeviceKind::Cpu => task.run::<Cpu>(Default::default()),
         DeviceKind::Cuda => cuda(task),
         DeviceKind::Metal => metal(task),
@@ -56,6 +93,11 @@ pub fn run_on<T: BackendTask>(kind: DeviceKind, task: T) -> Result<T::Output> {
 
 #[cfg(feature = "cuda")]
 fn cuda<T: BackendTask>(task: T) -> Result<T::Output> {
+    if !cuda_answers() {
+        bail!(
+            "device = \"cuda\" but no CUDA device answered (no NVIDIA driver's libcuda, or no GPU): run on a machine with one, or set device = \"cpu\" (or \"auto\")"
+        );
+    }
     task.run::<burn::backend::Cuda<f32>>(Default::default())
 }
 
@@ -103,4 +145,22 @@ pub fn peak_rss_bytes() -> Option<u64> {
     let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
     let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
     Some(kb * 1024)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn auto_resolves_to_a_concrete_device_and_others_stay() {
+        let chosen = resolve(DeviceKind::Auto);
+        assert_ne!(chosen, DeviceKind::Auto);
+        assert_ne!(chosen, DeviceKind::Vulkan, "Vulkan is never guessed");
+        if cfg!(not(any(feature = "cuda", feature = "metal"))) {
+            assert_eq!(chosen, DeviceKind::Cpu);
+        }
+        for kind in [DeviceKind::Cpu, DeviceKind::Cuda, DeviceKind::Vulkan] {
+            assert_eq!(resolve(kind), kind);
+        }
+    }
 }

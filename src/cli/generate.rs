@@ -46,7 +46,8 @@ pub struct GenerateArgs {
     repetition_penalty: f32,
     #[arg(long, default_value_t = 0)]
     seed: u64,
-    #[arg(long, value_enum, default_value_t = DeviceKind::Cpu)]
+    /// Where to run: `auto` (the default) picks CUDA when a GPU answers, else the CPU.
+    #[arg(long, value_enum, default_value_t = DeviceKind::Auto)]
     pub device: DeviceKind,
     /// Print the generated token ids after the text.
     #[arg(long)]

@@ -86,23 +86,23 @@ pub fn run() -> Result<()> {
             print!("{}", crate::inspect::report(&path)?);
             Ok(())
         }
-        Command::Generate(args) => {
-            let device = args.device;
-            run_on(device, args)
+        Command::Generate(mut args) => {
+            args.device = crate::backends::resolve(args.device);
+            run_on(args.device, args)
         }
         Command::Eval {
             recipe,
             adapters,
             overrides,
         } => {
-            let recipe = crate::recipe::load(&recipe, &overrides)?;
-            let device = recipe.device;
-            run_on(device, EvalTask { recipe, adapters })
+            let mut recipe = crate::recipe::load(&recipe, &overrides)?;
+            recipe.device = crate::backends::resolve(recipe.device);
+            run_on(recipe.device, EvalTask { recipe, adapters })
         }
         Command::Train(args) => {
-            let recipe = crate::recipe::load(&args.recipe, &args.overrides)?;
-            let device = recipe.device;
-            run_on(device, TrainTask { args, recipe })
+            let mut recipe = crate::recipe::load(&args.recipe, &args.overrides)?;
+            recipe.device = crate::backends::resolve(recipe.device);
+            run_on(recipe.device, TrainTask { args, recipe })
         }
         Command::Fuse(args) => fuse::run(args),
         Command::Bench { command } => bench::run(command),

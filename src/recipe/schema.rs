@@ -16,7 +16,7 @@ pub struct Recipe {
     /// Run name; defaults to the recipe's file stem.
     #[serde(default)]
     pub name: String,
-    /// Where the run computes; default `cpu`.
+    /// Where the run computes; default `auto`.
     #[serde(default)]
     pub device: DeviceKind,
     /// Seeds the adapters' initialisation, dropout and the batch order; default 0.
@@ -528,7 +528,7 @@ fn default_requant_bits() -> u32 {
     8
 }
 
-/// Where a run computes: `device = "cpu" | "cuda" | "metal" | "vulkan"` in a recipe, `--device` on the
+/// Where a run computes: `device = "auto" | "cpu" | "cuda" | "metal" | "vulkan"` in a recipe, `--device` on the
 /// command line.
 #[derive(
     Debug,
@@ -543,8 +543,11 @@ fn default_requant_bits() -> u32 {
 )]
 #[serde(rename_all = "lowercase")]
 pub enum DeviceKind {
-    /// Burn's NdArray backend on the CPU (the default).
+    /// The default: CUDA if this binary has it and a GPU answers, else Metal on macOS if this
+    /// binary has it, else the CPU (Vulkan only when asked); the choice is printed at start.
     #[default]
+    Auto,
+    /// Burn's NdArray backend on the CPU.
     Cpu,
     /// An NVIDIA GPU through Burn's CUDA backend; needs the `cuda` feature.
     Cuda,
