@@ -63,15 +63,27 @@ pub fn resolve(kind: DeviceKind) -> DeviceKind {
     chosen
 }
 
-/// Whether a CUDA device answers. The driver library is loaded on first use, and its absence is
-/// a panic inside cudarc: caught here, quietly, since a machine without one is no error.
-#[cfg(feature = "cuda")]
-fn cuda_answers() -> bool {
+/// `probe()`, or `None` where it panics, without the panic's message: for the libraries that
+/// panic when a device or its driver is missing (cudarc's dynamic loading, wgpu's adapter
+/// lookup), where a missing device is an answer, not a crash. Call it before other threads run:
+/// the panic hook is process-wide.
+#[cfg(any(feature = "cuda", feature = "metal", feature = "vulkan"))]
+fn quietly<R>(probe: impl FnOnce() -> R + std::panic::UnwindSafe) -> Option<R> {
     let hook = std::panic::take_hook();
     std::panic::set_hook(Box::new(|_| {}));
-    let count = std::panic::catch_unwind(cudarc::driver::CudaContext::device_count);
+    let result = std::panic::catch_unwind(probe).ok();
     std::panic::set_hook(hook);
-    matches!(count, Ok(Ok(n)) if n > 0)
+    result
+}
+
+/// Whether a CUDA device answers (the driver library is loaded on first use; without one cudarc
+/// panics).
+#[cfg(feature = "cuda")]
+fn cuda_answers() -> bool {
+    matches!(
+        quietly(cudarc::driver::CudaContext::device_count),
+        Some(Ok(n)) if n > 0
+    )
 }
 
 #[cfg(not(feature = "cuda"))]

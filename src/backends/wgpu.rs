@@ -33,9 +33,9 @@ pub fn device<G: burn::backend::wgpu::graphics::GraphicsApi>(
 ) -> Result<burn::backend::wgpu::WgpuDevice> {
     use burn::backend::wgpu::{RuntimeOptions, WgpuDevice, init_setup};
     let device = WgpuDevice::DefaultDevice;
-    std::panic::catch_unwind(|| {
+    super::quietly(|| {
         init_setup::<G>(&device, RuntimeOptions::default());
     })
-    .map_err(|_| anyhow!("no {what} device answered (wgpu found no adapter)"))?;
+    .ok_or_else(|| anyhow!("no {what} device answered (wgpu found no adapter)"))?;
     Ok(device)
 }

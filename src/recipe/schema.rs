@@ -528,8 +528,8 @@ fn default_requant_bits() -> u32 {
     8
 }
 
-/// Where a run computes: `device = "auto" | "cpu" | "cuda" | "metal" | "vulkan"` in a recipe, `--device` on the
-/// command line.
+/// Where a run computes: `device = "auto" | "cpu" | "cuda" | "metal" | "vulkan"` in a recipe,
+/// `--device` on the command line.
 #[derive(
     Debug,
     Clone,
