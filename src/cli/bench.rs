@@ -34,11 +34,14 @@ pub enum BenchCommand {
 pub fn run(command: BenchCommand) -> Result<()> {
     match command {
         BenchCommand::Train { args, device } => {
+            // `auto` resolved before the storage rule reads it (bf16 is CUDA's only).
+            let device = crate::backends::resolve(device);
             let quantize = args.quant.map(|bits| (bits, 64));
             let storage = BaseStorage::for_device(args.dtype, quantize, device)?;
             run_on(device, BenchTask(*args, storage))
         }
         BenchCommand::Check { device } => {
+            let device = crate::backends::resolve(device);
             // The bf16 linear check runs where a bf16 base can: the same rule `model.dtype` obeys.
             let bf16 = BaseStorage::for_device(crate::recipe::Dtype::Bf16, None, device).is_ok();
             run_on(device, DeviceCheckTask { bf16 }).map(|_| ())
