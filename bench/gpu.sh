@@ -11,11 +11,13 @@
 # SHAPES: which runs (default: "warmup smollm2 1b 8b 8b-nockpt 8b-qlora 8b-32k 8b-64k", the rows
 # of issue 17's table; "warmup" compiles our kernels on a tiny shape first; also "1b-ckpt",
 # and "8b-128k", "8b-256k", "8b-256k-liger" for the longest context each side trains; "1b-data"
-# and "8b-data" for real data, issue 17's goal 5).
+# and "8b-data" for real data, issue 17's goal 5; "vk-check", "vk-tiny", "vk-smollm2", "vk-1b"
+# for issue 19's portable path through Vulkan, with LORAFORGE_VULKAN the binary built with
+# --features vulkan and the Vulkan loader installed).
 # Each row runs ours, then peft, then peft + Liger (QLoRA: bitsandbytes NF4), as the table has
-# them; a reference that does not fit the card says so in its line.
+# them, then unsloth with UNSLOTH=1; a reference that does not fit the card says so in its line.
 # DTYPE: our base's compute dtype (default bf16, as the reference's); REFERENCE=0 skips the
-# references, LIGER=0 the Liger runs;
+# references, LIGER=0 the Liger runs, PEFT=0 plain peft's (not Liger's, not bitsandbytes');
 # TAG: a label added to our lines' tag (to tell builds apart). OURS_TIMEOUT: seconds our run may
 # take (default 400; a 256k step takes about 470); REFERENCE_TIMEOUT the same for each reference
 # run (default 300).
@@ -41,7 +43,7 @@ ours() {
   local shape=$1 batch=$2 seq=$3 steps=$4 warm=$5; shift 5
   nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits -lms 100 >/tmp/gpu-mem.log &
   local sampler=$!
-  timeout "${OURS_TIMEOUT:-400}" "$bin" bench train --device cuda --shape "$shape" --batch "$batch" --seq "$seq" \
+  timeout "${OURS_TIMEOUT:-400}" "${ours_bin:-$bin}" bench train --device "${ours_device:-cuda}" --shape "$shape" --batch "$batch" --seq "$seq" \
     --steps "$steps" --warmup-steps "$warm" --dtype "${DTYPE:-bf16}" "${common[@]}" "$@" \
     --tag "$card${TAG:+ $TAG}" >/tmp/ours.json
   local rc=$?
@@ -59,6 +61,7 @@ ours() {
 reference() {
   local shape=$1 batch=$2 seq=$3 steps=$4 warm=$5; shift 5
   [ "${REFERENCE:-1}" = 0 ] && return
+  [[ "${PEFT:-1}" = 0 && " $* " != *" --liger "* && " $* " != *" nf4 "* ]] && return
   timeout "${REFERENCE_TIMEOUT:-300}" $py bench/reference/peft_lora_bench.py --device cuda --dtype bf16 --attn sdpa \
     --preset "$shape" --batch "$batch" --seq "$seq" --steps "$steps" --warmup-steps "$warm" \
     "${common[@]}" "$@" --tag "$card" --jsonl "$out" | tail -n 3 | cut -c1-400
@@ -68,6 +71,16 @@ reference() {
 liger() {
   [ "${LIGER:-1}" = 0 ] && return
   reference "$@" --liger
+}
+
+# unsloth SHAPE BATCH SEQ STEPS WARMUP [extra...]: unsloth (bench/reference/unsloth_bench.py) when
+# UNSLOTH=1 (its wheels are not on the GPU image: see bench/NOTES.md for the set that is carried).
+unsloth() {
+  [ "${UNSLOTH:-0}" = 1 ] || return 0
+  local shape=$1 batch=$2 seq=$3 steps=$4 warm=$5; shift 5
+  timeout "${REFERENCE_TIMEOUT:-300}" $py bench/reference/unsloth_bench.py --preset "$shape" \
+    --batch "$batch" --seq "$seq" --steps "$steps" --warmup-steps "$warm" "${common[@]}" "$@" \
+    --tag "$card" --jsonl "$out" 2>&1 | grep -v "^   step" | tail -n 4 | cut -c1-600
 }
 
 # data SHAPE BATCH STEPS WARMUP [extra...]: the chat mix at max_seq_len 2048, ours packed (which
@@ -90,18 +103,24 @@ data() {
   done
 }
 
+# portable SHAPE BATCH SEQ STEPS WARMUP [extra...]: ours on the portable backend through Vulkan
+# (issue 19), LORAFORGE_VULKAN's binary (built with --features vulkan); f32, its only dtype.
+portable() {
+  ours_bin=${LORAFORGE_VULKAN:-$bin} ours_device=vulkan DTYPE=f32 ours "$@"
+}
+
 # Our side times as many steps as the reference's (8 at 1B, 6 at 8B): with 3, our median moved
 # ±2% between sittings (session 8) and the ratio with it. One warm-up step compiles our kernels.
 for s in ${SHAPES:-warmup smollm2 1b 8b 8b-nockpt 8b-qlora 8b-32k 8b-64k}; do
   case $s in
     warmup) ours tiny 4 128 2 1 ;;
-    smollm2) ours smollm2-135m 16 1024 5 2; reference smollm2-135m 16 1024 10 3; liger smollm2-135m 16 1024 10 3 ;;
-    1b) ours llama3.2-1b 8 2048 8 1; reference llama3.2-1b 8 2048 8 3; liger llama3.2-1b 8 2048 8 3 ;;
+    smollm2) ours smollm2-135m 16 1024 5 2; reference smollm2-135m 16 1024 10 3; liger smollm2-135m 16 1024 10 3; unsloth smollm2-135m 16 1024 10 3 ;;
+    1b) ours llama3.2-1b 8 2048 8 1; reference llama3.2-1b 8 2048 8 3; liger llama3.2-1b 8 2048 8 3; unsloth llama3.2-1b 8 2048 8 3 ;;
     1b-ckpt) ours llama3.2-1b 8 2048 8 1 --grad-checkpoint; reference llama3.2-1b 8 2048 8 3 --grad-checkpoint ;;
-    8b) ours llama3-8b 4 2048 6 1 --grad-checkpoint; reference llama3-8b 4 2048 6 2 --grad-checkpoint; liger llama3-8b 4 2048 6 2 --grad-checkpoint ;;
-    8b-nockpt) ours llama3-8b 4 2048 6 1; liger llama3-8b 4 2048 6 2 ;;
-    8b-qlora) ours llama3-8b 4 2048 6 1 --grad-checkpoint --quant 4; reference llama3-8b 4 2048 6 2 --grad-checkpoint --quant nf4 ;;
-    8b-32k) ours llama3-8b 1 32768 3 1 --grad-checkpoint; reference llama3-8b 1 32768 3 1 --grad-checkpoint; liger llama3-8b 1 32768 3 1 --grad-checkpoint ;;
+    8b) ours llama3-8b 4 2048 6 1 --grad-checkpoint; reference llama3-8b 4 2048 6 2 --grad-checkpoint; liger llama3-8b 4 2048 6 2 --grad-checkpoint; unsloth llama3-8b 4 2048 6 2 --grad-checkpoint ;;
+    8b-nockpt) ours llama3-8b 4 2048 6 1; liger llama3-8b 4 2048 6 2; unsloth llama3-8b 4 2048 6 2 ;;
+    8b-qlora) ours llama3-8b 4 2048 6 1 --grad-checkpoint --quant 4; reference llama3-8b 4 2048 6 2 --grad-checkpoint --quant nf4; unsloth llama3-8b 4 2048 6 2 --grad-checkpoint --quant nf4 ;;
+    8b-32k) ours llama3-8b 1 32768 3 1 --grad-checkpoint; reference llama3-8b 1 32768 3 1 --grad-checkpoint; liger llama3-8b 1 32768 3 1 --grad-checkpoint; unsloth llama3-8b 1 32768 3 1 --grad-checkpoint ;;
     8b-64k) ours llama3-8b 1 65536 2 1 --grad-checkpoint; liger llama3-8b 1 65536 2 1 --grad-checkpoint ;;
     # Goal 4's doubling: one timed step after one warm-up, both sides, until each fails.
     8b-128k) ours llama3-8b 1 131072 1 1 --grad-checkpoint; liger llama3-8b 1 131072 1 1 --grad-checkpoint ;;
@@ -110,6 +129,11 @@ for s in ${SHAPES:-warmup smollm2 1b 8b 8b-nockpt 8b-qlora 8b-32k 8b-64k}; do
     8b-256k) ours llama3-8b 1 262144 1 0 --grad-checkpoint --offload-checkpoints ;;
     8b-256k-liger) liger llama3-8b 1 262144 1 0 --grad-checkpoint ;;
     1b-data) data llama3.2-1b 8 30 5 ;;
+    # Issue 19: the device checks and the portable path's rows beside ours on CUDA and peft.
+    vk-check) "${LORAFORGE_VULKAN:-$bin}" bench check --device vulkan | tee -a "$outdir/device-check-vulkan-$card-$(date +%Y-%m-%d).jsonl" | cut -c1-200 ;;
+    vk-tiny) portable tiny 4 128 3 1 ;;
+    vk-smollm2) portable smollm2-135m 16 1024 3 1; ours smollm2-135m 16 1024 5 2; reference smollm2-135m 16 1024 10 3 ;;
+    vk-1b) portable llama3.2-1b 8 2048 3 1; ours llama3.2-1b 8 2048 8 1; reference llama3.2-1b 8 2048 8 3 ;;
     8b-data) data llama3-8b 4 12 3 --grad-checkpoint ;;
   esac
 done

@@ -8,7 +8,7 @@ pub mod cpu;
 #[cfg(feature = "cuda")]
 pub mod cuda;
 #[cfg(any(feature = "metal", feature = "vulkan"))]
-mod wgpu;
+mod portable;
 
 use anyhow::{Result, bail};
 
@@ -123,7 +123,7 @@ fn cuda<T: BackendTask>(_task: T) -> Result<T::Output> {
 #[cfg(feature = "metal")]
 fn metal<T: BackendTask>(task: T) -> Result<T::Output> {
     use burn::backend::wgpu::graphics::Metal;
-    task.run::<wgpu::Portable>(wgpu::device::<Metal>("Metal")?)
+    task.run::<portable::Portable>(portable::device::<Metal>("Metal")?)
 }
 
 #[cfg(not(feature = "metal"))]
@@ -136,12 +136,12 @@ fn metal<T: BackendTask>(_task: T) -> Result<T::Output> {
 #[cfg(feature = "vulkan")]
 fn vulkan<T: BackendTask>(task: T) -> Result<T::Output> {
     use burn::backend::wgpu::graphics::Vulkan;
-    let device = wgpu::device::<Vulkan>("Vulkan").map_err(|e| {
+    let device = portable::device::<Vulkan>("Vulkan").map_err(|e| {
         e.context(
             "install a Vulkan driver (without a GPU on Linux, Mesa's CPU driver: apt install mesa-vulkan-drivers)",
         )
     })?;
-    task.run::<wgpu::Portable>(device)
+    task.run::<portable::Portable>(device)
 }
 
 #[cfg(not(feature = "vulkan"))]

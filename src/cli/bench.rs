@@ -19,6 +19,10 @@ pub enum BenchCommand {
     Check {
         #[arg(long, value_enum, default_value_t = DeviceKind::Cpu)]
         device: DeviceKind,
+        /// Tokens of the long-row attention check where a fused kernel serves it (4,096 where
+        /// none does); a CPU's Vulkan driver (lavapipe) takes hours at the default.
+        #[arg(long, default_value_t = 65_536, value_parser = clap::value_parser!(u32).range(64..))]
+        long_row: u32,
     },
     /// Timed LoRA training steps on a random model of a known shape; prints one JSON line with
     /// the fields of bench/peft_lora_bench.py.
@@ -40,11 +44,12 @@ pub fn run(command: BenchCommand) -> Result<()> {
             let storage = BaseStorage::for_device(args.dtype, quantize, device)?;
             run_on(device, BenchTask(*args, storage))
         }
-        BenchCommand::Check { device } => {
+        BenchCommand::Check { device, long_row } => {
             let device = crate::backends::resolve(device);
             // The bf16 linear check runs where a bf16 base can: the same rule `model.dtype` obeys.
             let bf16 = BaseStorage::for_device(crate::recipe::Dtype::Bf16, None, device).is_ok();
-            run_on(device, DeviceCheckTask { bf16 }).map(|_| ())
+            let long_row = long_row as usize;
+            run_on(device, DeviceCheckTask { bf16, long_row }).map(|_| ())
         }
     }
 }
@@ -81,12 +86,14 @@ impl BackendTask for BenchTask {
 struct DeviceCheckTask {
     /// The device holds a bf16 base.
     bf16: bool,
+    /// Tokens of the long-row check where attention is fused.
+    long_row: usize,
 }
 
 impl BackendTask for DeviceCheckTask {
     type Output = Vec<serde_json::Value>;
 
     fn run<B: ModelBackend + DeviceMemory>(self, device: B::Device) -> Result<Self::Output> {
-        crate::diagnostics::device_check::run::<B>(&device, self.bf16)
+        crate::diagnostics::device_check::run::<B>(&device, self.bf16, self.long_row)
     }
 }

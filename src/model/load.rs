@@ -247,7 +247,8 @@ impl BaseStorage {
     ) -> Result<BaseStorage> {
         let bf16 = match (dtype, device) {
             (Dtype::F32, _) => false,
-            (Dtype::Bf16, DeviceKind::Cuda) => true,
+            (Dtype::Bf16 | Dtype::Auto, DeviceKind::Cuda) => true,
+            (Dtype::Auto, _) => false,
             (dtype, _) => bail!(
                 "model.dtype = {dtype:?} on device = {device:?}: only CUDA computes the base in bf16; set model.dtype = \"f32\" (or remove it), or device = \"cuda\""
             ),
@@ -301,4 +302,20 @@ pub fn load_model_quantized<B: ModelBackend>(
         .build_quantized(device, storage)
         .with_context(|| format!("loading weights from {}", path.display()))?;
     Ok(LoadedModel { files, decoder })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dtype_auto_is_bf16_on_cuda_only_and_bf16_elsewhere_is_refused() {
+        let bf16 = |dtype, device| BaseStorage::for_device(dtype, None, device).map(|s| s.bf16);
+        assert!(bf16(Dtype::Auto, DeviceKind::Cuda).unwrap());
+        for device in [DeviceKind::Cpu, DeviceKind::Metal, DeviceKind::Vulkan] {
+            assert!(!bf16(Dtype::Auto, device).unwrap());
+            let err = bf16(Dtype::Bf16, device).unwrap_err().to_string();
+            assert!(err.contains("only CUDA computes the base in bf16"), "{err}");
+        }
+    }
 }

@@ -81,6 +81,8 @@ pub enum Dtype {
     Bf16,
     /// Accepted by the schema, but refused when the model loads: no backend computes in f16.
     F16,
+    /// bf16 where the device is CUDA, else f32: one recipe for an NVIDIA box and a Mac.
+    Auto,
 }
 
 /// The kind of adapter trained on each targeted linear (`[lora] type`).

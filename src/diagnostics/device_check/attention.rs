@@ -296,12 +296,12 @@ const LONG_ROW_SAMPLE: usize = 16;
 /// host at sampled positions: the output and dQ of the first and last queries (the last see every
 /// key), and dK and dV of the last keys (which only the last queries see). What it proves: no
 /// buffer grows with the square of the row, and the kernels index past 2³¹ score positions right.
-pub(super) fn long_row<B: ModelBackend>(device: &B::Device) -> serde_json::Value {
+pub(super) fn long_row<B: ModelBackend>(device: &B::Device, tokens: usize) -> serde_json::Value {
     let (heads, d) = (2, 64);
     let seq = if B::fused_attention(d, device) {
-        65536
+        tokens
     } else {
-        4096
+        tokens.min(4096)
     };
     let mut rng = rand::rngs::StdRng::seed_from_u64(seq as u64);
     let [q, k, v, r] = [(); 4].map(|_| uniform(&mut rng, heads * seq * d, 1.0));

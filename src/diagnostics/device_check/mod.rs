@@ -21,7 +21,8 @@
 //!   grouped keys and values (fewer heads than the queries, read in place by the kernels), and
 //!   with packed rows (varlen: 2 to 5 examples a row, boundaries differing per row and falling
 //!   inside the kernels' tiles), against the masked reference.
-//! - `attention_long_row`: one row of 65,536 tokens (4,096 where no fused kernel serves it)
+//! - `attention_long_row`: one row of 65,536 tokens (`--long-row`; 4,096 where no fused kernel
+//!   serves it)
 //!   forward and backward, against float64 at sampled queries and keys: nothing the size of the
 //!   row squared is allocated, and indices past 2³¹ score positions stay right.
 //! - `rope_grad`: the rotary embedding's output and input gradient against float64 (`rope.rs`).
@@ -35,7 +36,7 @@
 mod attention;
 mod rope;
 
-use attention::{AttentionCase, attention, attention_grad, long_row};
+use attention::{AttentionCase, attention, attention_grad};
 
 use std::sync::Arc;
 
@@ -92,9 +93,13 @@ impl Weight {
 }
 
 /// Runs every check with `B` the device's backend (the bf16 weight only where the device holds
-/// a bf16 base: `bf16`); returns the JSON lines, or fails listing those that missed their
-/// tolerance.
-pub fn run<B: ModelBackend>(device: &B::Device, bf16: bool) -> Result<Vec<serde_json::Value>> {
+/// a bf16 base: `bf16`; the long row `long_row` tokens where attention is fused); returns the
+/// JSON lines, or fails listing those that missed their tolerance.
+pub fn run<B: ModelBackend>(
+    device: &B::Device,
+    bf16: bool,
+    long_row: usize,
+) -> Result<Vec<serde_json::Value>> {
     let chunked = StepSettings {
         grad_checkpoint: Some(Checkpointing {
             mlp_chunk_tokens: 128,
@@ -120,7 +125,7 @@ pub fn run<B: ModelBackend>(device: &B::Device, bf16: bool) -> Result<Vec<serde_
     for case in AttentionCase::ALL {
         lines.push(attention_grad::<B>(device, case));
     }
-    lines.push(long_row::<B>(device));
+    lines.push(attention::long_row::<B>(device, long_row));
     for per_row_tables in [false, true] {
         lines.push(rope::rope_grad::<B>(device, per_row_tables));
     }
