@@ -129,12 +129,12 @@ for s in ${SHAPES:-warmup smollm2 1b 8b 8b-nockpt 8b-qlora 8b-32k 8b-64k}; do
     8b-256k) ours llama3-8b 1 262144 1 0 --grad-checkpoint --offload-checkpoints ;;
     8b-256k-liger) liger llama3-8b 1 262144 1 0 --grad-checkpoint ;;
     1b-data) data llama3.2-1b 8 30 5 ;;
+    8b-data) data llama3-8b 4 12 3 --grad-checkpoint ;;
     # Issue 19: the device checks and the portable path's rows beside ours on CUDA and peft.
     vk-check) "${LORAFORGE_VULKAN:-$bin}" bench check --device vulkan | tee -a "$outdir/device-check-vulkan-$card-$(date +%Y-%m-%d).jsonl" | cut -c1-200 ;;
     vk-tiny) portable tiny 4 128 3 1 ;;
     vk-smollm2) portable smollm2-135m 16 1024 3 1; ours smollm2-135m 16 1024 5 2; reference smollm2-135m 16 1024 10 3 ;;
     vk-1b) portable llama3.2-1b 8 2048 3 1; ours llama3.2-1b 8 2048 8 1; reference llama3.2-1b 8 2048 8 3 ;;
-    8b-data) data llama3-8b 4 12 3 --grad-checkpoint ;;
   esac
 done
 echo "results appended to $out"

@@ -5,8 +5,9 @@ chunked cross-entropy, and its own gradient checkpointing, which keeps the layer
 memory).
 
 unsloth loads models from a folder, not a config, so the random model (peft_lora_bench.py's
-build_model, seeded) is first saved in bf16 to --model-dir/<preset> (reused when present) with a
-small word-level tokenizer (no tokenizer travels; the ids are random, as the reference's). Then
+build_model, seeded) is first saved in bf16 to --model-dir/<preset>-<hash of its config and seed>
+(reused when present) with a small word-level tokenizer (no tokenizer travels; the ids are
+random, as the reference's). Then
 `FastLanguageModel.from_pretrained` (bf16, or its bitsandbytes NF4 with --quant nf4) and
 `FastLanguageModel.get_peft_model` (rank, alpha, the seven Llama linears, dropout 0,
 use_gradient_checkpointing "unsloth" with --grad-checkpoint, else False), fused AdamW on the
@@ -19,6 +20,7 @@ in it). The last line printed is one JSON object.
         --steps 8 --warmup-steps 3 --targets all-linear --rank 16 --alpha 32 --jsonl out.jsonl
 """
 import argparse
+import hashlib
 import json
 import math
 import os
@@ -79,7 +81,11 @@ def main():
         from unsloth import FastLanguageModel
         import transformers
         phase = "save"
-        folder = os.path.join(ours.model_dir, args.preset)
+        # Keyed by what the model is made of, so no run loads another's (a seq past the
+        # preset's positions, explicit sizes, another seed).
+        key = json.dumps([base.resolve_model_cfg(args), args.seed], sort_keys=True)
+        folder = os.path.join(ours.model_dir,
+                              f"{args.preset}-{hashlib.sha256(key.encode()).hexdigest()[:12]}")
         os.makedirs(ours.model_dir, exist_ok=True)
         save_random_model(args, folder)
         phase = "build"

@@ -1,6 +1,6 @@
 //! The backends and their implementations of the model's ops (`crate::ops`): `cpu` (burn-ndarray
 //! with our own host passes), `cuda` (cuBLAS and our kernels), `metal` and `vulkan` (one portable
-//! wgpu backend, Burn's generic ops). Model code is generic over `B: Backend`; this is the one
+//! wgpu backend: our CubeCL attention kernels, Burn's generic ops for the rest). Model code is generic over `B: Backend`; this is the one
 //! place that names concrete backends, chosen by `device = "auto" | "cpu" | "cuda" | "metal" |
 //! "vulkan"` (`resolve` says what `auto` means).
 

@@ -248,6 +248,17 @@ fn add_scaled(
     }
 }
 
+/// `d` zeros, an accumulator in registers.
+#[cube]
+fn zeros(#[comptime] d: usize) -> Array<f32> {
+    let mut row = Array::<f32>::new(d);
+    #[unroll]
+    for c in 0..d {
+        row[c] = 0.0;
+    }
+    row
+}
+
 /// `d` floats of `src` from `offset` times `mul` (zeros where `active` is false).
 #[cube]
 fn load_row(
@@ -388,11 +399,7 @@ fn forward_kernel(
 ) {
     let block = query_block(starts, seq, keys, heads, kv_heads, d, tile_keys, packed);
     let query = load_row(q, block.q_row, scale, block.active, d);
-    let mut acc = Array::<f32>::new(d);
-    #[unroll]
-    for c in 0..d {
-        acc[c] = 0.0;
-    }
+    let mut acc = zeros(d);
     let mut m = f32::new(FLOOR);
     let mut l = 0.0f32;
     let mut scores = Array::<f32>::new(tile_keys);
@@ -472,11 +479,7 @@ fn dq_kernel(
         row_lse = lse[block.row];
         row_delta = delta[block.row];
     }
-    let mut acc = Array::<f32>::new(d);
-    #[unroll]
-    for c in 0..d {
-        acc[c] = 0.0;
-    }
+    let mut acc = zeros(d);
     let mut k_tile = SharedMemory::<f32>::new(tile_keys * d);
     let mut v_tile = SharedMemory::<f32>::new(tile_keys * d);
 
@@ -539,13 +542,8 @@ fn dkdv_kernel(
     let k_row = (kv * keys + j) * d;
     let key = load_row(k, k_row, 1.0, active, d);
     let value = load_row(v, k_row, 1.0, active, d);
-    let mut dk_acc = Array::<f32>::new(d);
-    let mut dv_acc = Array::<f32>::new(d);
-    #[unroll]
-    for c in 0..d {
-        dk_acc[c] = 0.0;
-        dv_acc[c] = 0.0;
-    }
+    let mut dk_acc = zeros(d);
+    let mut dv_acc = zeros(d);
     let mut q_tile = SharedMemory::<f32>::new(tile_queries * d);
     let mut o_tile = SharedMemory::<f32>::new(tile_queries * d);
 
