@@ -34,9 +34,10 @@ train recipe *flags: build
 eval recipe *flags: build
     ./target/release/loraforge eval {{recipe}} {{flags}}
 
-# Every test, in the release profile (one build serves the binary, unit and integration tests).
+# Every test, in the release profile (one build serves the binary, unit and integration tests),
+# with the portable Vulkan backend, whose tests run on Mesa's lavapipe where it is installed.
 test:
-    cargo test --release
+    cargo test --release --features vulkan
 
 # The module-level import graph, checked against the layer order of src/lib.rs.
 layers:
@@ -67,6 +68,8 @@ fixtures:
     .venv-ref/bin/python scripts/fixtures/make_smollm2_reference.py "$(scripts/fetch-assets.sh smollm2 | tail -n 1)"
     .venv-ref/bin/python scripts/fixtures/make_peft_parity.py
     .venv-ref/bin/python scripts/fixtures/make_adapter_interop.py
+    .venv-ref/bin/python scripts/fixtures/make_kquant_blocks.py
+    .venv-ref/bin/python scripts/fixtures/make_kquant_model.py
     .venv-ref/bin/python scripts/fixtures/make_mlx_lora_parity.py
     .venv-ref/bin/python scripts/fixtures/make_table_datasets.py
     .venv-ref/bin/python scripts/fixtures/make_foreign_adapters.py

@@ -13,7 +13,9 @@
 # and "8b-128k", "8b-256k", "8b-256k-liger" for the longest context each side trains; "1b-data"
 # and "8b-data" for real data, issue 17's goal 5; "vk-check", "vk-tiny", "vk-smollm2", "vk-1b"
 # for issue 19's portable path through Vulkan, with LORAFORGE_VULKAN the binary built with
-# --features vulkan and the Vulkan loader installed).
+# --features vulkan and the Vulkan loader installed, each portable row once per dtype of
+# VK_DTYPES (default "f32 f16"); "vk-demo" the QLoRA demo recipe on Vulkan with DEMO_MODEL the
+# SmolLM2 GGUF, its run folder's small files copied to $outdir/vk-demo).
 # Each row runs ours, then peft, then peft + Liger (QLoRA: bitsandbytes NF4), as the table has
 # them, then unsloth with UNSLOTH=1; a reference that does not fit the card says so in its line.
 # DTYPE: our base's compute dtype (default bf16, as the reference's); REFERENCE=0 skips the
@@ -104,9 +106,21 @@ data() {
 }
 
 # portable SHAPE BATCH SEQ STEPS WARMUP [extra...]: ours on the portable backend through Vulkan
-# (issue 19), LORAFORGE_VULKAN's binary (built with --features vulkan); f32, its only dtype.
+# (issue 19), LORAFORGE_VULKAN's binary (built with --features vulkan), once per VK_DTYPES.
 portable() {
-  ours_bin=${LORAFORGE_VULKAN:-$bin} ours_device=vulkan DTYPE=f32 ours "$@"
+  for dtype in ${VK_DTYPES:-f32 f16}; do
+    ours_bin=${LORAFORGE_VULKAN:-$bin} ours_device=vulkan DTYPE=$dtype ours "$@"
+  done
+}
+
+# vk_demo: `just demo`'s recipe (QLoRA on SmolLM2's Q4_1 GGUF: train, export, eval) on Vulkan.
+vk_demo() {
+  local run=runs/smollm2-demo
+  rm -rf "$run"
+  timeout "${OURS_TIMEOUT:-400}" "${LORAFORGE_VULKAN:-$bin}" train recipes/smollm2-demo.toml --no-tui \
+    --set device='"vulkan"' --set model.path="\"$DEMO_MODEL\"" 2>&1 | tail -n 40
+  mkdir -p "$outdir/vk-demo"
+  find "$run" -maxdepth 2 -type f -size -2M -exec cp --parents {} "$outdir/vk-demo" \;
 }
 
 # Our side times as many steps as the reference's (8 at 1B, 6 at 8B): with 3, our median moved
@@ -135,6 +149,7 @@ for s in ${SHAPES:-warmup smollm2 1b 8b 8b-nockpt 8b-qlora 8b-32k 8b-64k}; do
     vk-tiny) portable tiny 4 128 3 1 ;;
     vk-smollm2) portable smollm2-135m 16 1024 3 1; ours smollm2-135m 16 1024 5 2; reference smollm2-135m 16 1024 10 3 ;;
     vk-1b) portable llama3.2-1b 8 2048 3 1; ours llama3.2-1b 8 2048 8 1; reference llama3.2-1b 8 2048 8 3 ;;
+    vk-demo) vk_demo ;;
   esac
 done
 echo "results appended to $out"

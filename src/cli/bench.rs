@@ -6,6 +6,9 @@ use anyhow::{Context, Result};
 use burn::backend::Autodiff;
 use clap::Subcommand;
 
+use crate::diagnostics::device_check::CheckOptions;
+use crate::recipe::Dtype;
+
 use crate::backends::{BackendTask, DeviceMemory, run_on};
 use crate::model::load::BaseStorage;
 use crate::ops::ModelBackend;
@@ -23,6 +26,10 @@ pub enum BenchCommand {
         /// none does); a CPU's Vulkan driver (lavapipe) takes hours at the default.
         #[arg(long, default_value_t = 65_536, value_parser = clap::value_parser!(u32).range(64..))]
         long_row: u32,
+        /// Skips the attention cases with wider heads (16, 32, 64 or 128): lavapipe's LLVM
+        /// takes many minutes over the 128-wide kernels.
+        #[arg(long, default_value_t = 128, value_parser = clap::value_parser!(u32).range(16..=128))]
+        max_head_dim: u32,
     },
     /// Timed LoRA training steps on a random model of a known shape; prints one JSON line with
     /// the fields of bench/peft_lora_bench.py.
@@ -44,12 +51,22 @@ pub fn run(command: BenchCommand) -> Result<()> {
             let storage = BaseStorage::for_device(args.dtype, quantize, device)?;
             run_on(device, BenchTask(*args, storage))
         }
-        BenchCommand::Check { device, long_row } => {
+        BenchCommand::Check {
+            device,
+            long_row,
+            max_head_dim,
+        } => {
             let device = crate::backends::resolve(device);
-            // The bf16 linear check runs where a bf16 base can: the same rule `model.dtype` obeys.
-            let bf16 = BaseStorage::for_device(crate::recipe::Dtype::Bf16, None, device).is_ok();
-            let long_row = long_row as usize;
-            run_on(device, DeviceCheckTask { bf16, long_row }).map(|_| ())
+            let options = CheckOptions {
+                // 16-bit weights are checked where a base can be held so: bf16 on CUDA, f16 (which
+                // Vulkan and Metal devices compute in) on the portable backend, if the device does.
+                half: [Dtype::F16, Dtype::Bf16]
+                    .into_iter()
+                    .find_map(|d| BaseStorage::for_device(d, None, device).ok()?.half),
+                long_row: long_row as usize,
+                max_head_dim: max_head_dim as usize,
+            };
+            run_on(device, DeviceCheckTask(options)).map(|_| ())
         }
     }
 }
@@ -83,17 +100,14 @@ impl BackendTask for BenchTask {
     }
 }
 
-struct DeviceCheckTask {
-    /// The device holds a bf16 base.
-    bf16: bool,
-    /// Tokens of the long-row check where attention is fused.
-    long_row: usize,
-}
+struct DeviceCheckTask(CheckOptions);
 
 impl BackendTask for DeviceCheckTask {
     type Output = Vec<serde_json::Value>;
 
     fn run<B: ModelBackend + DeviceMemory>(self, device: B::Device) -> Result<Self::Output> {
-        crate::diagnostics::device_check::run::<B>(&device, self.bf16, self.long_row)
+        let mut options = self.0;
+        options.half = options.half.filter(|&h| B::check_half(h, &device).is_ok());
+        crate::diagnostics::device_check::run::<B>(&device, options)
     }
 }

@@ -28,6 +28,7 @@ use crate::model::config::ModelConfig;
 use crate::model::load::BaseStorage;
 use crate::model::names::{BlockLinear, BlockModule};
 use crate::ops::TrainBackend;
+use crate::ops::elementwise::cast;
 use crate::ops::matmul::{MatmulBackend, matmul};
 use crate::recipe::{AdapterKind, Dtype, Layers, LoraSection, Targets};
 use crate::train::recompute::Checkpointing;
@@ -76,7 +77,8 @@ pub struct BenchTrainArgs {
     /// Quantize the base to this many bits (group 64) on load: QLoRA.
     #[arg(long)]
     pub quant: Option<u32>,
-    /// The frozen base's compute dtype (bf16: CUDA only, as the recipe's `model.dtype`).
+    /// The frozen base's compute dtype, as the recipe's `model.dtype` (bf16 on CUDA, Metal or
+    /// Vulkan; f16 on Metal or Vulkan).
     #[arg(long, value_enum, default_value_t = Dtype::F32)]
     pub dtype: Dtype,
     /// Learning rate of the AdamW steps.
@@ -146,7 +148,10 @@ pub fn bench_train<B: TrainBackend>(
     device: &B::Device,
 ) -> Result<serde_json::Value> {
     let config = args.shape.config();
-    let peak = measure_matmul_peak::<B>(storage.bf16, device);
+    if let Some(half) = storage.half {
+        B::check_half(half, device)?;
+    }
+    let peak = measure_matmul_peak::<B>(storage.half, device);
     eprintln!("matmul peak of this backend: {:.1} GFLOP/s", peak / 1e9);
 
     let started = Instant::now();
@@ -308,9 +313,9 @@ fn frozen_linear_params(c: &ModelConfig) -> (usize, usize) {
 }
 
 /// Median FLOP/s of square matmuls through the model's GEMM path (2n³ per product, after a
-/// warm-up), with bf16 operands when the base is held in bf16: the peak MFU is quoted against,
+/// warm-up), with 16-bit operands when the base is held so: the peak MFU is quoted against,
 /// measured the way the reference measures its own.
-fn measure_matmul_peak<B: MatmulBackend>(bf16: bool, device: &B::Device) -> f64 {
+fn measure_matmul_peak<B: MatmulBackend>(half: Option<FloatDType>, device: &B::Device) -> f64 {
     // wgpu caps a buffer at 256 MiB (Mesa's lavapipe allocates less): 8192² f32 is exactly that.
     let name = std::any::type_name::<B>();
     let n = if name.contains("NdArray") {
@@ -322,7 +327,7 @@ fn measure_matmul_peak<B: MatmulBackend>(bf16: bool, device: &B::Device) -> f64 
     };
     let operand = || {
         let t = Tensor::<B, 2>::random([n, n], Distribution::Default, device);
-        if bf16 { t.cast(FloatDType::BF16) } else { t }
+        cast(t, half)
     };
     let (a, b) = (operand(), operand());
     let mut times = Vec::new();

@@ -157,6 +157,7 @@ impl Value {
 
 /// The GGML tensor types we can read, with their block geometry.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[allow(non_camel_case_types)] // ggml's own spelling: Q4_K is not Q4K
 pub enum GgmlType {
     /// 32-bit float, 4 bytes.
     F32,
@@ -170,6 +171,16 @@ pub enum GgmlType {
     Q4_1,
     /// Blocks of 32 signed 8-bit codes with one f16 scale (34 bytes).
     Q8_0,
+    /// Super-blocks of 256 2-bit codes, 16 groups with 4-bit scales and minimums (84 bytes).
+    Q2_K,
+    /// Super-blocks of 256 3-bit codes, 16 groups with 6-bit signed scales (110 bytes).
+    Q3_K,
+    /// Super-blocks of 256 4-bit codes, 8 groups with 6-bit scales and minimums (144 bytes).
+    Q4_K,
+    /// Super-blocks of 256 5-bit codes, 8 groups with 6-bit scales and minimums (176 bytes).
+    Q5_K,
+    /// Super-blocks of 256 6-bit codes, 16 groups with 8-bit signed scales (210 bytes).
+    Q6_K,
 }
 
 impl GgmlType {
@@ -180,6 +191,11 @@ impl GgmlType {
             2 => GgmlType::Q4_0,
             3 => GgmlType::Q4_1,
             8 => GgmlType::Q8_0,
+            10 => GgmlType::Q2_K,
+            11 => GgmlType::Q3_K,
+            12 => GgmlType::Q4_K,
+            13 => GgmlType::Q5_K,
+            14 => GgmlType::Q6_K,
             30 => GgmlType::BF16,
             other => return Err(ggml_type_name(other)),
         })
@@ -193,6 +209,11 @@ impl GgmlType {
             GgmlType::Q4_0 => (32, 18),
             GgmlType::Q4_1 => (32, 20),
             GgmlType::Q8_0 => (32, 34),
+            GgmlType::Q2_K => (256, 84),
+            GgmlType::Q3_K => (256, 110),
+            GgmlType::Q4_K => (256, 144),
+            GgmlType::Q5_K => (256, 176),
+            GgmlType::Q6_K => (256, 210),
         }
     }
 
@@ -205,6 +226,11 @@ impl GgmlType {
             GgmlType::Q4_0 => "Q4_0",
             GgmlType::Q4_1 => "Q4_1",
             GgmlType::Q8_0 => "Q8_0",
+            GgmlType::Q2_K => "Q2_K",
+            GgmlType::Q3_K => "Q3_K",
+            GgmlType::Q4_K => "Q4_K",
+            GgmlType::Q5_K => "Q5_K",
+            GgmlType::Q6_K => "Q6_K",
         }
     }
 }

@@ -159,6 +159,11 @@ fn ggml_id(kind: GgmlType) -> u32 {
         GgmlType::Q4_0 => 2,
         GgmlType::Q4_1 => 3,
         GgmlType::Q8_0 => 8,
+        GgmlType::Q2_K => 10,
+        GgmlType::Q3_K => 11,
+        GgmlType::Q4_K => 12,
+        GgmlType::Q5_K => 13,
+        GgmlType::Q6_K => 14,
         GgmlType::BF16 => 30,
     }
 }

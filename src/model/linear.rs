@@ -16,7 +16,7 @@ use crate::quant::QuantizedMatrix;
 /// A `[out, in]` weight as the base model holds it.
 #[derive(Debug, Clone)]
 pub enum FrozenWeight<B: ModelBackend> {
-    /// Held dense: f32, or bf16 for a base held in bf16 (`BaseStorage::bf16`).
+    /// Held dense: f32, or 16-bit for a base held so (`BaseStorage::half`).
     Dense(Tensor<B, 2>),
     /// Rows are output features; stays packed on the host until a forward pass needs it.
     Quantized(Arc<QuantizedMatrix>),
@@ -28,9 +28,9 @@ pub enum FrozenWeight<B: ModelBackend> {
 impl<B: ModelBackend> FrozenWeight<B> {
     /// A quantized matrix where this backend multiplies it from: the device if it dequantizes
     /// there (and takes the bit width), else the host.
-    pub fn quantized(q: QuantizedMatrix, bf16: bool, device: &B::Device) -> Self {
+    pub fn quantized(q: QuantizedMatrix, half: Option<FloatDType>, device: &B::Device) -> Self {
         let on_device = B::DEVICE_QUANTIZED
-            .then(|| DeviceQuantized::upload(&q, bf16, device))
+            .then(|| DeviceQuantized::upload(&q, half, device))
             .flatten();
         match on_device {
             Some(w) => FrozenWeight::DeviceQuantized(w),
@@ -38,12 +38,17 @@ impl<B: ModelBackend> FrozenWeight<B> {
         }
     }
 
-    /// Whether the GEMM multiplies in bf16 (a bf16 base), so it takes its activations in bf16.
-    fn multiplies_bf16(&self) -> bool {
+    /// The 16-bit float the GEMM multiplies in (a base held so), which its activations are
+    /// cast to; `None` for f32.
+    fn gemm_dtype(&self) -> Option<FloatDType> {
         match self {
-            FrozenWeight::Dense(t) => t.dtype() == DType::BF16,
-            FrozenWeight::DeviceQuantized(w) => w.bf16,
-            FrozenWeight::Quantized(_) => false,
+            FrozenWeight::Dense(t) => match t.dtype() {
+                DType::BF16 => Some(FloatDType::BF16),
+                DType::F16 => Some(FloatDType::F16),
+                _ => None,
+            },
+            FrozenWeight::DeviceQuantized(w) => w.half,
+            FrozenWeight::Quantized(_) => None,
         }
     }
 
@@ -85,11 +90,11 @@ impl<B: ModelBackend> FrozenWeight<B> {
     }
 }
 
-/// A bf16 weight's values in f32: a base held in bf16 (`BaseStorage::bf16`) computes everything
+/// A 16-bit weight's values in f32: a base held so (`BaseStorage::half`) computes everything
 /// but its GEMMs in f32. Other dtypes (f32, and f64 in the gradient checks) pass through.
 fn to_f32<B: ModelBackend, const D: usize>(t: Tensor<B, D>) -> Tensor<B, D> {
     match t.dtype() {
-        DType::BF16 => t.cast(FloatDType::F32),
+        DType::BF16 | DType::F16 => t.cast(FloatDType::F32),
         _ => t,
     }
 }
@@ -123,7 +128,7 @@ impl<B: ModelBackend> FrozenLinear<B> {
     /// The dtype this linear's GEMM reads its input in, when it is not the activations' own:
     /// bf16 for a bf16 base. The ops that feed a projection (RMSNorm, SwiGLU) write it.
     pub fn input_dtype(&self) -> Option<FloatDType> {
-        self.weight.multiplies_bf16().then_some(FloatDType::BF16)
+        self.weight.gemm_dtype()
     }
 
     /// `x` in the precision this linear's GEMM takes it (a no-op when the op that made `x`

@@ -3,7 +3,7 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, bail};
-use burn::tensor::{DType, Tensor, TensorCreationOptions, TensorData};
+use burn::tensor::{DType, FloatDType, Tensor, TensorCreationOptions, TensorData};
 
 use super::config::ModelConfig;
 use super::decoder::{Attention, Block, Decoder, Mlp, RmsNorm};
@@ -120,6 +120,9 @@ impl ModelFiles {
         device: &B::Device,
         storage: BaseStorage,
     ) -> Result<Decoder<B>> {
+        if let Some(half) = storage.half {
+            B::check_half(half, device)?;
+        }
         let c = &self.config;
         let (h, hd) = (c.hidden_size, c.head_dim);
         let matrix = |name: &str, rows: usize, cols: usize| -> Result<FrozenWeight<B>> {
@@ -133,7 +136,7 @@ impl ModelFiles {
                 }
                 (weight, _) => weight,
             };
-            Ok(to_device(weight, storage.bf16, device))
+            Ok(to_device(weight, storage.half, device))
         };
         let vector = |name: &str, len: usize| -> Result<Tensor<B, 1>> {
             match self.weights.load(name, &[len], c)? {
@@ -231,49 +234,54 @@ impl ModelFiles {
 pub struct BaseStorage {
     /// Quantize float matrices on load (QLoRA): `(bits, group_size)`.
     pub quantize: Option<(u32, usize)>,
-    /// Hold dense matrices in bf16: half the memory, and their GEMMs run on bf16 tensor cores
-    /// with f32 accumulation (CUDA). Activations, adapters and optimizer state stay f32.
-    pub bf16: bool,
+    /// Hold dense matrices in a 16-bit float (bf16 on CUDA; f16 or bf16 on the portable
+    /// backend): half the memory, and their GEMMs run on tensor cores (cooperative matrices)
+    /// with f32 accumulation. Activations, adapters and optimizer state stay f32.
+    pub half: Option<FloatDType>,
 }
 
 impl BaseStorage {
     /// How `[model]` asks the base to be held. `dtype = "bf16"` runs the frozen GEMMs in bf16 on
-    /// CUDA; elsewhere the base computes in f32, and a bf16 or f16 request is refused rather
-    /// than silently run in f32.
+    /// CUDA, Metal or Vulkan, `"f16"` in f16 on Metal or Vulkan (the trainer then scales the loss
+    /// so that gradients stay in f16's range); the CPU computes in f32, and a 16-bit request
+    /// there is refused rather than silently run in f32.
     pub fn for_device(
         dtype: Dtype,
         quantize: Option<(u32, usize)>,
         device: DeviceKind,
     ) -> Result<BaseStorage> {
-        let bf16 = match (dtype, device) {
-            (Dtype::F32, _) => false,
-            (Dtype::Bf16 | Dtype::Auto, DeviceKind::Cuda) => true,
-            (Dtype::Auto, _) => false,
+        let portable = matches!(device, DeviceKind::Metal | DeviceKind::Vulkan);
+        let half = match (dtype, device) {
+            (Dtype::F32, _) => None,
+            (Dtype::Bf16 | Dtype::Auto, DeviceKind::Cuda) => Some(FloatDType::BF16),
+            (Dtype::Auto, _) => None,
+            (Dtype::Bf16, _) if portable => Some(FloatDType::BF16),
+            (Dtype::F16, _) if portable => Some(FloatDType::F16),
             (dtype, _) => bail!(
-                "model.dtype = {dtype:?} on device = {device:?}: only CUDA computes the base in bf16; set model.dtype = \"f32\" (or remove it), or device = \"cuda\""
+                "model.dtype = {dtype:?} on device = {device:?}: the CPU computes in f32 and CUDA in f32 or bf16; set model.dtype = \"f32\" (or remove it), or pick a GPU device"
             ),
         };
-        Ok(BaseStorage { quantize, bf16 })
+        Ok(BaseStorage { quantize, half })
     }
 }
 
 fn to_device<B: ModelBackend>(
     weight: HostWeight,
-    bf16: bool,
+    half: Option<FloatDType>,
     device: &B::Device,
 ) -> FrozenWeight<B> {
     match weight {
         HostWeight::Dense { shape, values } => {
             let mut options = TensorCreationOptions::new(device.clone());
-            if bf16 {
-                options = options.with_dtype(DType::BF16);
+            if let Some(half) = half {
+                options = options.with_dtype(DType::from(half));
             }
             FrozenWeight::Dense(Tensor::from_data(
                 TensorData::new(values, [shape[0], shape[1]]),
                 options,
             ))
         }
-        HostWeight::Quantized(q) => FrozenWeight::quantized(q, bf16, device),
+        HostWeight::Quantized(q) => FrozenWeight::quantized(q, half, device),
     }
 }
 
@@ -309,13 +317,24 @@ mod tests {
     use super::*;
 
     #[test]
-    fn dtype_auto_is_bf16_on_cuda_only_and_bf16_elsewhere_is_refused() {
-        let bf16 = |dtype, device| BaseStorage::for_device(dtype, None, device).map(|s| s.bf16);
-        assert!(bf16(Dtype::Auto, DeviceKind::Cuda).unwrap());
+    fn dtype_auto_is_bf16_on_cuda_only_and_half_off_the_gpus_is_refused() {
+        let half = |dtype, device| BaseStorage::for_device(dtype, None, device).map(|s| s.half);
+        let (bf16, f16) = (Some(FloatDType::BF16), Some(FloatDType::F16));
+        assert_eq!(half(Dtype::Auto, DeviceKind::Cuda).unwrap(), bf16);
         for device in [DeviceKind::Cpu, DeviceKind::Metal, DeviceKind::Vulkan] {
-            assert!(!bf16(Dtype::Auto, device).unwrap());
-            let err = bf16(Dtype::Bf16, device).unwrap_err().to_string();
-            assert!(err.contains("only CUDA computes the base in bf16"), "{err}");
+            assert_eq!(half(Dtype::Auto, device).unwrap(), None);
+        }
+        for device in [DeviceKind::Metal, DeviceKind::Vulkan] {
+            assert_eq!(half(Dtype::Bf16, device).unwrap(), bf16);
+            assert_eq!(half(Dtype::F16, device).unwrap(), f16);
+        }
+        for (dtype, device) in [
+            (Dtype::Bf16, DeviceKind::Cpu),
+            (Dtype::F16, DeviceKind::Cpu),
+            (Dtype::F16, DeviceKind::Cuda),
+        ] {
+            let err = half(dtype, device).unwrap_err().to_string();
+            assert!(err.contains("the CPU computes in f32"), "{err}");
         }
     }
 }

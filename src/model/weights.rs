@@ -217,6 +217,7 @@ impl WeightSource {
                     GgmlType::Q4_0 | GgmlType::Q4_1 => Some((4, 32)),
                     GgmlType::Q8_0 => Some((8, 32)),
                     GgmlType::F32 | GgmlType::F16 | GgmlType::BF16 => None,
+                    k => crate::quant::ggml_k::layout(k),
                 }
             }
             WeightSource::Random { .. } => None,

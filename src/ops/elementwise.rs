@@ -69,6 +69,17 @@ pub trait ElementwiseBackend: MatmulBackend {
         cast(x.div(rms) * weight.unsqueeze::<D>(), dtype)
     }
 
+    /// `dx` of [`ElementwiseBackend::rms_norm`] given its output's gradient `dy` (in `x`'s
+    /// dtype).
+    fn rms_norm_input_grad<const D: usize>(
+        x: Tensor<Self, D>,
+        weight: Tensor<Self, 1>,
+        dy: Tensor<Self, D>,
+        eps: f64,
+    ) -> Tensor<Self, D> {
+        rms_norm_input_grad_ops(x, weight, dy, eps)
+    }
+
     /// `Σ_r weights_r · (logsumexp(logits_r) − logits_r[targets_r])` for `logits`
     /// `[rows, vocab]`, `targets` and `weights` `[rows, 1]` → `[1]`. Under autodiff the logits'
     /// gradient comes back in `grad_dtype` when given (the head GEMM's input dtype).
@@ -153,6 +164,30 @@ pub fn cross_entropy_backward_ops<B: Backend>(
     )
 }
 
+/// [`ElementwiseBackend::rms_norm_input_grad`] in Burn's ops.
+pub fn rms_norm_input_grad_ops<B: MatmulBackend, const D: usize>(
+    x: Tensor<B, D>,
+    weight: Tensor<B, 1>,
+    dy: Tensor<B, D>,
+    eps: f64,
+) -> Tensor<B, D> {
+    let features = weight.dims()[0];
+    let rms = rms(x.clone(), eps);
+    // mean(a ⊙ x) = ((dy ⊙ x) · w) / features, a matrix-vector product: as a reduction whose
+    // input broadcasts w, Burn's fusion ran it on 64 blocks (1.3 ms a call at Llama 3.2 1B's
+    // shape, 20x its bandwidth bound).
+    let mut row_shape = x.dims();
+    row_shape[D - 1] = 1;
+    let mean_ax = matmul(
+        (dy.clone() * x.clone()).reshape([-1, features as i32]),
+        weight.clone().reshape([features, 1]),
+    )
+    .reshape(row_shape)
+    .div_scalar(features as f64);
+    let a = dy * weight.unsqueeze::<D>();
+    (a - x * mean_ax.div(rms.clone().square())).div(rms)
+}
+
 #[derive(Debug)]
 struct SwigluBackward<const D: usize>;
 
@@ -205,7 +240,7 @@ pub fn swiglu_backward_ops<B: Backend, const D: usize>(
 #[derive(Debug)]
 struct RmsNormBackward<const D: usize>;
 
-impl<B: MatmulBackend, const D: usize> Backward<B, 2> for RmsNormBackward<D> {
+impl<B: ElementwiseBackend, const D: usize> Backward<B, 2> for RmsNormBackward<D> {
     /// x, the weight, and ε.
     type State = (NodeId, NodeId, f64);
 
@@ -215,31 +250,17 @@ impl<B: MatmulBackend, const D: usize> Backward<B, 2> for RmsNormBackward<D> {
         let weight: Tensor<B, 1> = inner(ckpt.retrieve_node_output(weight));
         let dy: Tensor<B, D> = inner(grads.consume::<B>(&ops.node));
         let dy = cast(dy, Some(x.dtype().into()));
-        let rms = rms(x.clone(), eps);
         let [x_node, weight_node] = ops.parents;
         if let Some(node) = weight_node {
             let features = weight.dims()[0];
-            let dw = (dy.clone() * x.clone().div(rms.clone()))
+            let dw = (dy.clone() * x.clone().div(rms(x.clone(), eps)))
                 .reshape([-1, features as i32])
                 .sum_dim(0)
                 .reshape([features]);
             grads.register::<B>(node.id, primitive(dw));
         }
         if let Some(node) = x_node {
-            let features = weight.dims()[0];
-            // mean(a ⊙ x) = ((dy ⊙ x) · w) / features, a matrix-vector product: as a reduction
-            // whose input broadcasts w, Burn's fusion ran it on 64 blocks (1.3 ms a call at
-            // Llama 3.2 1B's shape, 20x its bandwidth bound).
-            let mut row_shape = x.dims();
-            row_shape[D - 1] = 1;
-            let mean_ax = matmul(
-                (dy.clone() * x.clone()).reshape([-1, features as i32]),
-                weight.clone().reshape([features, 1]),
-            )
-            .reshape(row_shape)
-            .div_scalar(features as f64);
-            let a = dy * weight.unsqueeze::<D>();
-            let dx = (a - x * mean_ax.div(rms.clone().square())).div(rms);
+            let dx = B::rms_norm_input_grad(x, weight, dy, eps);
             grads.register::<B>(node.id, primitive(dx));
         }
     }

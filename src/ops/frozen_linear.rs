@@ -17,7 +17,7 @@ use burn::backend::autodiff::grads::Gradients;
 use burn::backend::autodiff::ops::{Backward, Ops, OpsKind, unary};
 use burn::tensor::backend::Backend;
 use burn::tensor::ops::FloatTensor;
-use burn::tensor::{Tensor, TensorData};
+use burn::tensor::{FloatDType, Tensor, TensorData};
 
 use super::attention::AttentionBackend;
 use super::elementwise::ElementwiseBackend;
@@ -39,6 +39,12 @@ pub trait ModelBackend: AttentionBackend + ElementwiseBackend + RopeBackend {
     /// Quantized weights live on the device and are dequantized there per use
     /// (`quantized_linear.rs`); otherwise they stay on the host, multiplied by host kernels.
     const DEVICE_QUANTIZED: bool = false;
+
+    /// Whether this device computes a base held in `half` (its GEMMs and casts); an error saying
+    /// what to set instead where it does not.
+    fn check_half(_half: FloatDType, _device: &Self::Device) -> anyhow::Result<()> {
+        Ok(())
+    }
 
     /// A device-held quantized weight as the dense `[out, in]` matrix its GEMM reads (bf16 for
     /// a bf16 base).
@@ -137,6 +143,10 @@ impl<B: ModelBackend, C: CheckpointStrategy> ModelBackend for Autodiff<B, C> {
     }
 
     const DEVICE_QUANTIZED: bool = B::DEVICE_QUANTIZED;
+
+    fn check_half(half: FloatDType, device: &Self::Device) -> anyhow::Result<()> {
+        B::check_half(half, device)
+    }
 
     fn device_quantized_linear(
         x: FloatTensor<Self>,

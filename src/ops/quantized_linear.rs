@@ -2,7 +2,7 @@
 //! product needs it (QLoRA on a GPU).
 //!
 //! The MLX affine layout (`quant/affine.rs`) stays as it is: the packed u32 words go up as i32
-//! bit patterns, the scales and biases as f32, or as bf16 for a bf16 base (as MLX stores them:
+//! bit patterns, the scales and biases as f32, or in the base's 16-bit float (as MLX stores them:
 //! half the bytes, 0.5 GB at 8B). Dequantizing `[rows, cols]` at `bits` (2, 4 or 8,
 //! so that codes never straddle words) is
 //!
@@ -43,27 +43,31 @@ pub const DEVICE_BITS: [u32; 3] = [2, 4, 8];
 pub struct DeviceQuantized<B: Backend> {
     /// `[rows, cols · bits / 32]`, the packed words as i32.
     pub words: Tensor<B, 2, Int>,
-    /// `[rows, cols / group]` each, bf16 when [`Self::bf16`].
+    /// `[rows, cols / group]` each, in [`Self::half`] when given.
     pub scales: Tensor<B, 2>,
-    /// `[rows, cols / group]`, added after scaling; bf16 when [`Self::bf16`].
+    /// `[rows, cols / group]`, added after scaling; in [`Self::half`] when given.
     pub biases: Tensor<B, 2>,
     /// Bits per code, one of [`DEVICE_BITS`].
     pub bits: u32,
     /// Consecutive elements along a row that share one scale and bias.
     pub group: usize,
-    /// Hand the GEMM a bf16 matrix (`BaseStorage::bf16`).
-    pub bf16: bool,
+    /// Hand the GEMM a matrix in this 16-bit float (`BaseStorage::half`), else f32.
+    pub half: Option<FloatDType>,
 }
 
 impl<B: Backend> DeviceQuantized<B> {
     /// Uploads `q`; `None` for a bit width the device path does not take.
-    pub fn upload(q: &QuantizedMatrix, bf16: bool, device: &B::Device) -> Option<Self> {
+    pub fn upload(
+        q: &QuantizedMatrix,
+        half: Option<FloatDType>,
+        device: &B::Device,
+    ) -> Option<Self> {
         if !DEVICE_BITS.contains(&q.bits) {
             return None;
         }
         let (rows, groups) = (q.rows, q.cols / q.group_size);
         let words: Vec<i32> = q.packed.iter().map(|&w| w as i32).collect();
-        let dtype = if bf16 { DType::BF16 } else { DType::F32 };
+        let dtype = half.map_or(DType::F32, DType::from);
         let per_group = |values: &[f32]| {
             let data = TensorData::new(values.to_vec(), [rows, groups]);
             Tensor::from_data(
@@ -77,7 +81,7 @@ impl<B: Backend> DeviceQuantized<B> {
             biases: per_group(&q.biases),
             bits: q.bits,
             group: q.group_size,
-            bf16,
+            half,
         })
     }
 
@@ -123,15 +127,15 @@ impl<B: Backend> DeviceQuantized<B> {
         (codes * scales + biases).reshape([rows, cols])
     }
 
-    /// The matrix as the GEMM takes it: f32, or bf16 (a backend may do this in one pass:
-    /// [`ModelBackend::dequantize_for_gemm`]).
+    /// The matrix as the GEMM takes it: f32, or [`Self::half`] (a backend may do this in one
+    /// pass: [`ModelBackend::dequantize_for_gemm`]).
     pub fn for_gemm(&self) -> Tensor<B, 2> {
-        let w = self.dequantize();
-        if self.bf16 {
-            w.cast(FloatDType::BF16)
-        } else {
-            w
-        }
+        cast(self.dequantize(), self.half)
+    }
+
+    /// The dense matrix's dtype: [`Self::half`] or f32.
+    pub fn gemm_dtype(&self) -> DType {
+        self.half.map_or(DType::F32, DType::from)
     }
 
     /// The same weight on the autodiff backend's inner backend (its tensors untracked).
@@ -145,7 +149,7 @@ impl<B: Backend> DeviceQuantized<B> {
             biases: self.biases.clone().inner(),
             bits: self.bits,
             group: self.group,
-            bf16: self.bf16,
+            half: self.half,
         }
     }
 }
@@ -211,7 +215,7 @@ mod tests {
             .collect();
         for bits in DEVICE_BITS {
             let q = crate::quant::quantize::quantize(&values, rows, cols, bits, 32).unwrap();
-            let on_device = DeviceQuantized::<NdArray<f32>>::upload(&q, false, &device).unwrap();
+            let on_device = DeviceQuantized::<NdArray<f32>>::upload(&q, None, &device).unwrap();
             let got: Vec<f32> = on_device.dequantize().into_data().into_vec().unwrap();
             assert_eq!(got, q.dequantize(), "{bits} bits");
             let ids = Tensor::from_data(TensorData::new(vec![2i64, 0], [2]), &device);

@@ -16,14 +16,16 @@ use crate::io::gguf::GgmlType;
 
 const GROUP: usize = 32;
 
-/// Converts a quantized GGUF tensor of shape `[rows, cols]` into the affine layout.
-/// Returns `None` for the float types, which are read densely instead.
+/// Converts a quantized GGUF tensor of shape `[rows, cols]` into the affine layout (the
+/// K-quants through `ggml_k.rs`). Returns `None` for the float types, which are read densely
+/// instead.
 pub fn to_affine(kind: GgmlType, rows: usize, cols: usize, data: &[u8]) -> Option<QuantizedMatrix> {
     let (bits, block_bytes) = match kind {
         GgmlType::Q4_0 => (4u32, 18),
         GgmlType::Q4_1 => (4, 20),
         GgmlType::Q8_0 => (8, 34),
         GgmlType::F32 | GgmlType::F16 | GgmlType::BF16 => return None,
+        k => return super::ggml_k::to_affine(k, rows, cols, data),
     };
     let n_blocks = rows * cols / GROUP;
     let mut packed = vec![0u32; rows * cols * bits as usize / 32];
@@ -103,6 +105,7 @@ pub fn encode(kind: GgmlType, values: &[f32]) -> Vec<u8> {
             }
             out
         }
+        k => unreachable!("{k:?} is read, never written (export::GgufType has no K-quant)"),
     }
 }
 
@@ -140,7 +143,7 @@ fn encode_block(kind: GgmlType, x: &[f32], out: &mut Vec<u8>) {
             let q = |v: f32| (((v - min) * id + 0.5) as i8).min(15) as u8;
             out.extend((0..16).map(|j| q(x[j]) | (q(x[j + 16]) << 4)));
         }
-        GgmlType::F32 | GgmlType::F16 | GgmlType::BF16 => unreachable!("not a block type"),
+        _ => unreachable!("{kind:?} is not a block type encode() writes"),
     }
 }
 

@@ -1,8 +1,9 @@
 //! Quantized weights: the MLX affine layout every quantized base is held in, and the mapping of
-//! GGUF blocks onto it.
+//! GGUF blocks (and K-quant super-blocks) onto it.
 
 pub mod affine;
 pub mod ggml;
+pub mod ggml_k;
 pub mod packed_matmul;
 pub mod quantize;
 pub mod tiled_matmul;

@@ -16,10 +16,13 @@ mod cpu_blas;
 mod dashboard;
 mod data_report;
 mod device_check_cpu;
+#[cfg(feature = "vulkan")]
+mod device_check_vulkan;
 mod export;
 mod export_mlx;
 mod faults;
 mod foreign_adapters;
+mod gguf_kquants;
 mod layers;
 mod logit_parity;
 mod mlx_lora_parity;

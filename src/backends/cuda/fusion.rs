@@ -123,7 +123,7 @@ pub fn dequantize(w: &DeviceQuantized<Fusion<Cube>>) -> FloatTensor<Fusion<Cube>
     let biases = primitive(w.biases.clone());
     let client = scales.client.clone();
     let streams = OperationStreams::with_inputs([&words, &scales, &biases]);
-    let dtype = if w.bf16 { DType::BF16 } else { DType::F32 };
+    let dtype = w.gemm_dtype();
     let out = TensorIr::uninit(
         client.create_empty_handle(),
         Shape::from(w.dims().to_vec()),

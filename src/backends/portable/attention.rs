@@ -21,9 +21,11 @@
 use burn::tensor::{DType, Shape};
 use burn_cubecl::CubeRuntime;
 use burn_cubecl::kernel::into_contiguous;
-use burn_cubecl::ops::numeric::{empty_device_dtype, zeros_client};
+use burn_cubecl::ops::numeric::zeros_client;
 use burn_cubecl::tensor::CubeTensor;
 use cubecl::prelude::*;
+
+use super::empty;
 
 /// Floats of one shared-memory tile (16 KiB); two tiles a cube.
 const TILE_FLOATS: usize = 4096;
@@ -86,8 +88,8 @@ pub fn forward<R: CubeRuntime>(
     let [q, k, v] = [q, k, v].map(into_contiguous);
     let packed = starts.is_some();
     let starts = starts_or_placeholder(starts, &q);
-    let out = empty_like(&q, Shape::new([l.batch, l.heads, l.seq, l.d]));
-    let lse = empty_like(&q, Shape::new([l.batch, l.heads, l.seq, 1]));
+    let out = empty(&q, Shape::new([l.batch, l.heads, l.seq, l.d]), DType::F32);
+    let lse = empty(&q, Shape::new([l.batch, l.heads, l.seq, 1]), DType::F32);
     let cubes = l.cubes(l.seq, l.heads);
     forward_kernel::launch::<R>(
         &q.client.clone(),
@@ -123,9 +125,17 @@ pub fn backward<R: CubeRuntime>(
     let packed = starts.is_some();
     let starts = starts_or_placeholder(starts, &q);
     let client = q.client.clone();
-    let dq = empty_like(&q, Shape::new([l.batch, l.heads, l.seq, l.d]));
-    let dk = empty_like(&q, Shape::new([l.batch, l.kv_heads, l.keys, l.d]));
-    let dv = empty_like(&q, Shape::new([l.batch, l.kv_heads, l.keys, l.d]));
+    let dq = empty(&q, Shape::new([l.batch, l.heads, l.seq, l.d]), DType::F32);
+    let dk = empty(
+        &q,
+        Shape::new([l.batch, l.kv_heads, l.keys, l.d]),
+        DType::F32,
+    );
+    let dv = empty(
+        &q,
+        Shape::new([l.batch, l.kv_heads, l.keys, l.d]),
+        DType::F32,
+    );
     let args = || [&q, &k, &v, &starts, &d_out, &lse, &delta].map(|t| t.clone().into_tensor_arg());
     let [qa, ka, va, sa, oa, la, da] = args();
     dq_kernel::launch::<R>(
@@ -173,11 +183,6 @@ pub fn backward<R: CubeRuntime>(
         packed,
     );
     (dq, dk, dv)
-}
-
-/// An uninitialised f32 tensor of `shape` on `like`'s device.
-fn empty_like<R: CubeRuntime>(like: &CubeTensor<R>, shape: Shape) -> CubeTensor<R> {
-    empty_device_dtype(like.client.clone(), like.device.clone(), shape, DType::F32)
 }
 
 /// `starts` contiguous, or one zero the kernels never read (a launch needs every argument).

@@ -1,20 +1,36 @@
 //! The portable backend: Burn's CubeCL backend on the wgpu runtime, through Metal (MSL) on Apple
 //! Silicon (`metal` feature) or Vulkan (SPIR-V) elsewhere (`vulkan` feature): one type for both.
-//! The fast ops are CubeCL kernels of our own (`#[cube]`, one file each), which run on every
-//! CubeCL runtime; the others take their reference form in Burn's ops (the traits' defaults).
-//! Metal compiles here and has never run on Apple hardware.
+//! The model's own ops are CubeCL kernels of ours (`#[cube]`, one file each), which run on every
+//! CubeCL runtime: flash attention, RMSNorm, SwiGLU, RoPE, the loss's passes and the 4-bit
+//! dequantization; the matrix products are Burn's (CubeCL's matmul). Metal compiles here and has
+//! never run on Apple hardware.
 
 mod attention;
+mod cross_entropy;
+mod dequant;
+mod reduce;
+mod rms_norm;
+mod rope;
+mod swiglu;
 
 use anyhow::{Result, anyhow};
 use burn::backend::wgpu::{CubeBackend, WgpuRuntime};
-use burn::tensor::Tensor;
+use burn::tensor::ops::FloatTensor;
+use burn::tensor::ops::FloatTensorOps;
+use burn::tensor::{DType, FloatDType, Int, Shape, Tensor};
+use burn_cubecl::CubeRuntime;
+use burn_cubecl::kernel::matmul::{MatmulStrategy, matmul};
+use burn_cubecl::kernel::{cast, into_contiguous};
+use burn_cubecl::ops::numeric::empty_device_dtype;
+use burn_cubecl::tensor::CubeTensor;
+use cubecl::prelude::{CubeCount, CubeDim};
 
 use crate::ops::ModelBackend;
 use crate::ops::attention::{AttentionBackend, Saved};
 use crate::ops::elementwise::ElementwiseBackend;
 use crate::ops::matmul::MatmulBackend;
 use crate::ops::primitive::{inner, primitive};
+use crate::ops::quantized_linear::DeviceQuantized;
 use crate::ops::rope::RopeBackend;
 use crate::ops::visibility::Visibility;
 
@@ -22,7 +38,31 @@ use crate::ops::visibility::Visibility;
 /// with `cuda` switches on for every backend): our kernels take the buffers directly.
 pub type Portable = CubeBackend<WgpuRuntime, f32, i32, u8>;
 
-impl MatmulBackend for Portable {}
+/// Products on CubeCL's matmul. One with a 16-bit operand (the weight of a base held so) runs
+/// with both operands in that type, on the device's cooperative matrices (tensor cores) where it
+/// has them, accumulating and writing f32: what cuBLAS does on CUDA (`backends/cuda/cublas.rs`).
+impl MatmulBackend for Portable {
+    fn model_matmul(lhs: FloatTensor<Self>, rhs: FloatTensor<Self>) -> FloatTensor<Self> {
+        let half = [lhs.dtype, rhs.dtype]
+            .into_iter()
+            .find(|d| matches!(d, DType::F16 | DType::BF16));
+        let (lhs, rhs) = match half {
+            Some(half) => (to_dtype(lhs, half), to_dtype(rhs, half)),
+            None => (lhs, rhs),
+        };
+        let strategy = MatmulStrategy::default();
+        matmul(lhs, rhs, None, strategy, DType::F32)
+            .unwrap_or_else(|e| panic!("a {half:?} matrix product on this device: {e:?}"))
+    }
+
+    fn model_matmul_add(
+        lhs: FloatTensor<Self>,
+        rhs: FloatTensor<Self>,
+        acc: FloatTensor<Self>,
+    ) -> FloatTensor<Self> {
+        Self::float_add(Self::model_matmul(lhs, rhs), f32_of(acc))
+    }
+}
 
 /// Flash attention in CubeCL (`attention.rs`), for head dimensions up to
 /// [`attention::MAX_HEAD_DIM`].
@@ -58,11 +98,169 @@ impl AttentionBackend for Portable {
     }
 }
 
-impl ElementwiseBackend for Portable {}
+/// SwiGLU, RMSNorm and the loss's two passes as our kernels (`swiglu.rs`, `rms_norm.rs`,
+/// `cross_entropy.rs`).
+impl ElementwiseBackend for Portable {
+    fn swiglu<const D: usize>(
+        gate: Tensor<Self, D>,
+        up: Tensor<Self, D>,
+        dtype: Option<FloatDType>,
+        _grad_dtype: Option<FloatDType>,
+    ) -> Tensor<Self, D> {
+        inner(swiglu::forward(
+            primitive(gate),
+            primitive(up),
+            f32_or(dtype),
+        ))
+    }
 
-impl RopeBackend for Portable {}
+    fn swiglu_backward<const D: usize>(
+        gate: Tensor<Self, D>,
+        up: Tensor<Self, D>,
+        dy: Tensor<Self, D>,
+        wanted: [bool; 2],
+        dtype: Option<FloatDType>,
+    ) -> [Option<Tensor<Self, D>>; 2] {
+        let [gate, up, dy] = [gate, up, dy].map(primitive);
+        swiglu::backward(gate, up, dy, wanted, f32_or(dtype)).map(|g| g.map(inner))
+    }
 
-impl ModelBackend for Portable {}
+    fn rms_norm<const D: usize>(
+        x: Tensor<Self, D>,
+        weight: Tensor<Self, 1>,
+        eps: f64,
+        dtype: Option<FloatDType>,
+    ) -> Tensor<Self, D> {
+        let out = rms_norm::forward(primitive(x), primitive(weight), eps as f32, f32_or(dtype));
+        inner(out)
+    }
+
+    fn rms_norm_input_grad<const D: usize>(
+        x: Tensor<Self, D>,
+        weight: Tensor<Self, 1>,
+        dy: Tensor<Self, D>,
+        eps: f64,
+    ) -> Tensor<Self, D> {
+        let [x, dy] = [x, dy].map(primitive);
+        inner(rms_norm::input_grad(x, primitive(weight), dy, eps as f32))
+    }
+
+    fn logsumexp(x: Tensor<Self, 2>) -> Tensor<Self, 2> {
+        inner(cross_entropy::logsumexp(primitive(x)))
+    }
+
+    fn cross_entropy_backward(
+        logits: Tensor<Self, 2>,
+        lse: Tensor<Self, 2>,
+        targets: Tensor<Self, 2, Int>,
+        row_scale: Tensor<Self, 2>,
+        dtype: Option<FloatDType>,
+    ) -> Tensor<Self, 2> {
+        let [logits, lse, row_scale] = [logits, lse, row_scale].map(primitive);
+        let targets = targets.into_primitive();
+        inner(cross_entropy::backward(
+            logits,
+            lse,
+            targets,
+            row_scale,
+            f32_or(dtype),
+        ))
+    }
+}
+
+/// RoPE in one pass each way (`rope.rs`).
+impl RopeBackend for Portable {
+    fn rope(x: Tensor<Self, 4>, cos: Tensor<Self, 4>, sin: Tensor<Self, 4>) -> Tensor<Self, 4> {
+        inner(rope::rope([x, cos, sin].map(primitive), false))
+    }
+
+    fn rope_backward(
+        dy: Tensor<Self, 4>,
+        cos: Tensor<Self, 4>,
+        sin: Tensor<Self, 4>,
+    ) -> Tensor<Self, 4> {
+        inner(rope::rope([dy, cos, sin].map(primitive), true))
+    }
+}
+
+/// Quantized weights stay packed on the device and are dequantized by `dequant.rs` per use.
+impl ModelBackend for Portable {
+    const DEVICE_QUANTIZED: bool = true;
+
+    /// The device must store and convert the type, and either compute in it or multiply it on
+    /// its cooperative matrices (NVIDIA's Vulkan driver has bf16 only there; lavapipe has none).
+    fn check_half(half: FloatDType, device: &Self::Device) -> Result<()> {
+        use cubecl::Runtime;
+        use cubecl::ir::features::TypeUsage;
+        use cubecl::ir::{ElemType, FloatKind, StorageType};
+        let kind = match half {
+            FloatDType::BF16 => FloatKind::BF16,
+            _ => FloatKind::F16,
+        };
+        let elem = ElemType::Float(kind);
+        let client = WgpuRuntime::client(device);
+        let props = client.properties();
+        let usage = props.type_usage(StorageType::Scalar(elem));
+        let stored = usage.contains(TypeUsage::Buffer) && usage.contains(TypeUsage::Conversion);
+        let multiplied = usage.contains(TypeUsage::Arithmetic)
+            || props
+                .features
+                .matmul
+                .cmma
+                .iter()
+                .any(|c| c.a_type == elem.into());
+        if stored && multiplied {
+            return Ok(());
+        }
+        let name = if kind == FloatKind::BF16 {
+            "bf16"
+        } else {
+            "f16"
+        };
+        Err(anyhow!(
+            "model.dtype = \"{name}\": this GPU's driver does not compute in {name} (usage {usage:?}); set model.dtype = \"f16\" or \"f32\""
+        ))
+    }
+
+    fn dequantize_for_gemm(w: &DeviceQuantized<Self>) -> FloatTensor<Self> {
+        let words = w.words.clone().into_primitive();
+        let [scales, biases] = [&w.scales, &w.biases].map(|t| primitive(t.clone()));
+        dequant::dequantize([words, scales, biases], w.bits, w.group, w.gemm_dtype())
+    }
+}
+
+/// `dtype`, or f32 when none is asked.
+fn f32_or(dtype: Option<FloatDType>) -> DType {
+    dtype.map_or(DType::F32, Into::into)
+}
+
+/// An uninitialised tensor of `shape` and `dtype` on `like`'s device.
+fn empty<R: CubeRuntime>(like: &CubeTensor<R>, shape: Shape, dtype: DType) -> CubeTensor<R> {
+    empty_device_dtype(like.client.clone(), like.device.clone(), shape, dtype)
+}
+
+/// `t` in `dtype` (a copy only when it is in another).
+fn to_dtype<R: CubeRuntime>(t: CubeTensor<R>, dtype: DType) -> CubeTensor<R> {
+    if t.dtype == dtype { t } else { cast(t, dtype) }
+}
+
+/// `t` in f32 (the kernels read f32 inputs).
+fn f32_of<R: CubeRuntime>(t: CubeTensor<R>) -> CubeTensor<R> {
+    to_dtype(t, DType::F32)
+}
+
+/// `t` in f32 and contiguous, as the element-wise kernels index it.
+fn contiguous_f32<R: CubeRuntime>(t: CubeTensor<R>) -> CubeTensor<R> {
+    into_contiguous(f32_of(t))
+}
+
+/// Cubes of 256 units covering `n` elements (over two dimensions past 65,535 cubes); the
+/// kernels loop while their index is under `n`, so extra units do nothing.
+fn elementwise_cubes<R: CubeRuntime>(like: &CubeTensor<R>, n: usize) -> (CubeCount, CubeDim) {
+    let dim = CubeDim::new_1d(256);
+    let cubes = cubecl::calculate_cube_count_elemwise(&like.client, n.max(1), dim);
+    (cubes, dim)
+}
 
 impl super::DeviceMemory for Portable {}
 

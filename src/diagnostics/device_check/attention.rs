@@ -8,7 +8,7 @@ use burn::tensor::Tensor;
 use rand::SeedableRng;
 use serde_json::json;
 
-use super::{BF16_TOLERANCE, CpuTrain, KERNEL_TOLERANCE, gemm, scaled_error, tensor, uniform};
+use super::{CpuTrain, HALF_TOLERANCE, KERNEL_TOLERANCE, gemm, scaled_error, tensor, uniform};
 use crate::diagnostics::random::{Shape, random_model_files};
 use crate::model::names::{self, BlockLinear, BlockModule};
 use crate::model::weights::HostWeight;
@@ -68,7 +68,7 @@ pub(super) fn attention<B: ModelBackend>(
 /// (as PyTorch's SDPA in a bf16 run): the bf16 tolerance.
 fn attention_tolerance<B: ModelBackend>(head_dim: usize, device: &B::Device) -> f64 {
     if B::fused_attention(head_dim, device) {
-        BF16_TOLERANCE
+        HALF_TOLERANCE
     } else {
         KERNEL_TOLERANCE
     }
@@ -82,7 +82,7 @@ pub(super) struct AttentionCase {
     group: usize,
     past: usize,
     seq: usize,
-    head_dim: usize,
+    pub(super) head_dim: usize,
     /// Examples packed into each row, which must not see each other (1: one sequence a row).
     examples: usize,
     /// The sliced op in slices of 64 queries, else the dispatch the model uses.

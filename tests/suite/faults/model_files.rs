@@ -154,11 +154,12 @@ fn tiny_gguf(path: &Path, tensor: &str, ggml_type: u32, block_bytes: usize) {
 
 #[test]
 fn gguf_with_unsupported_tensor_type_names_type_and_tensor() {
-    let path = std::env::temp_dir().join(format!("lf-bad-q4k-{}.gguf", std::process::id()));
-    tiny_gguf(&path, "blk.0.attn_q.weight", 12, 144);
+    // IQ4_NL (type 20): an i-quant, which we do not read (the K-quants we do).
+    let path = std::env::temp_dir().join(format!("lf-bad-iq4nl-{}.gguf", std::process::id()));
+    tiny_gguf(&path, "blk.0.attn_q.weight", 20, 18);
     let err = load_error(&path);
     assert!(
-        err.contains("Q4_K") && err.contains("blk.0.attn_q.weight"),
+        err.contains("IQ4_NL") && err.contains("blk.0.attn_q.weight"),
         "{err}"
     );
 }
