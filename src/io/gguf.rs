@@ -45,9 +45,9 @@ pub enum GgufError {
         /// What was wrong, and where.
         reason: String,
     },
-    /// A tensor is stored in a GGML type we cannot read (K-quants, for one).
+    /// A tensor is stored in a GGML type we cannot read (the i-quants, for one).
     #[error(
-        "{path}: tensor `{tensor}` uses GGML type {kind}, which loraforge cannot read yet (supported: F32, F16, BF16, Q8_0, Q4_0, Q4_1); convert the model with another quantization"
+        "{path}: tensor `{tensor}` uses GGML type {kind}, which loraforge cannot read yet (supported: F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K); convert the model with another quantization"
     )]
     UnsupportedType {
         /// The file.

@@ -27,6 +27,7 @@ use super::loss::masked_cross_entropy;
 use super::optimizer::{Optimizer, OptimizerConfig, clip_global_norm, global_norm};
 use super::recompute::Checkpointing;
 use crate::data::Batch;
+use crate::model::names::BlockLinear;
 use crate::model::{Decoder, LoraAdapter};
 use crate::ops::{ModelBackend, TrainBackend};
 
@@ -71,6 +72,8 @@ pub struct Trainer<B: TrainBackend> {
     pub optimizer: Optimizer<B::InnerBackend>,
     params: Vec<Tensor<B::InnerBackend, 1>>,
     settings: StepSettings,
+    /// Some frozen linear multiplies in f16: the loss is scaled (module docs).
+    f16_base: bool,
     device: B::Device,
 }
 
@@ -85,6 +88,15 @@ impl<B: TrainBackend> Trainer<B> {
     ) -> Self {
         let params = parameters(&model);
         let optimizer = Optimizer::new(optimizer, &params);
+        // Any linear, not only the head: a head quantized at 3, 5 or 6 bits stays on the host in
+        // f32 while the blocks multiply in f16.
+        let f16 =
+            |l: &crate::model::linear::FrozenLinear<B>| l.input_dtype() == Some(FloatDType::F16);
+        let f16_base = f16(&model.lm_head)
+            || model
+                .layers
+                .iter()
+                .any(|b| BlockLinear::ALL.into_iter().any(|w| f16(b.linear(w))));
         // Tracks the adapters for autodiff; without it the first step gets no gradients.
         set_parameters(&mut model, &params);
         Trainer {
@@ -92,6 +104,7 @@ impl<B: TrainBackend> Trainer<B> {
             optimizer,
             params,
             settings,
+            f16_base,
             device: device.clone(),
         }
     }
@@ -99,7 +112,7 @@ impl<B: TrainBackend> Trainer<B> {
     /// What `batch`'s loss is differentiated times (one of `micro_batches`): `S` of the module
     /// docs with an f16 base, else 1.
     fn gradient_scale(&self, batch: &Batch, micro_batches: usize) -> f64 {
-        if self.model.lm_head.input_dtype() != Some(FloatDType::F16) {
+        if !self.f16_base {
             return 1.0;
         }
         (batch.trained_tokens().max(1) * micro_batches).next_power_of_two() as f64

@@ -44,6 +44,7 @@ pub fn backward<R: CubeRuntime>(
 ) -> CubeTensor<R> {
     let [logits, lse, row_scale] = [logits, lse, row_scale].map(contiguous_f32);
     let targets = into_contiguous(targets);
+    assert_eq!(targets.dtype, DType::I32, "the kernel reads i32 targets");
     let [_, n] = logits.meta.shape().dims::<2>();
     let dx = empty(&logits, logits.meta.shape().clone(), dtype);
     let (cubes, dim) = elementwise_cubes(&logits, dx.meta.num_elements());

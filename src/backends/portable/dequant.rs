@@ -29,6 +29,10 @@ pub fn dequantize<R: CubeRuntime>(
     let [scales, biases] = [scales, biases].map(contiguous_f32);
     let [rows, per_row] = words.meta.shape().dims::<2>();
     let cols = per_row * 32 / bits as usize;
+    assert!(
+        (group * bits as usize).is_multiple_of(32),
+        "groups of {group} at {bits} bits are not whole words"
+    );
     let out = empty(&words, Shape::new([rows, cols]), dtype);
     let (cubes, dim) = elementwise_cubes(&words, rows * per_row);
     kernel::launch::<R>(

@@ -187,8 +187,9 @@ impl RopeBackend for Portable {
 impl ModelBackend for Portable {
     const DEVICE_QUANTIZED: bool = true;
 
-    /// The device must store and convert the type, and either compute in it or multiply it on
-    /// its cooperative matrices (NVIDIA's Vulkan driver has bf16 only there; lavapipe has none).
+    /// The device must store, convert and compute in the type (LoRA's dropout multiplies the
+    /// GEMM's input in it). NVIDIA's Vulkan driver lists bf16 for cooperative matrices but not
+    /// arithmetic, lavapipe not at all: bf16 is refused on both, f16 taken.
     fn check_half(half: FloatDType, device: &Self::Device) -> Result<()> {
         use cubecl::Runtime;
         use cubecl::ir::features::TypeUsage;
@@ -201,15 +202,8 @@ impl ModelBackend for Portable {
         let client = WgpuRuntime::client(device);
         let props = client.properties();
         let usage = props.type_usage(StorageType::Scalar(elem));
-        let stored = usage.contains(TypeUsage::Buffer) && usage.contains(TypeUsage::Conversion);
-        let multiplied = usage.contains(TypeUsage::Arithmetic)
-            || props
-                .features
-                .matmul
-                .cmma
-                .iter()
-                .any(|c| c.a_type == elem.into());
-        if stored && multiplied {
+        let needed = TypeUsage::Buffer | TypeUsage::Conversion | TypeUsage::Arithmetic;
+        if usage.is_superset(needed) {
             return Ok(());
         }
         let name = if kind == FloatKind::BF16 {
@@ -255,8 +249,13 @@ fn contiguous_f32<R: CubeRuntime>(t: CubeTensor<R>) -> CubeTensor<R> {
 }
 
 /// Cubes of 256 units covering `n` elements (over two dimensions past 65,535 cubes); the
-/// kernels loop while their index is under `n`, so extra units do nothing.
+/// kernels loop while their index is under `n`, so extra units do nothing. Their indices are
+/// 32-bit: `n` must fit (Vulkan's buffers are capped at 4 GiB anyway).
 fn elementwise_cubes<R: CubeRuntime>(like: &CubeTensor<R>, n: usize) -> (CubeCount, CubeDim) {
+    assert!(
+        u32::try_from(n).is_ok(),
+        "{n} elements: over 32-bit indexing"
+    );
     let dim = CubeDim::new_1d(256);
     let cubes = cubecl::calculate_cube_count_elemwise(&like.client, n.max(1), dim);
     (cubes, dim)

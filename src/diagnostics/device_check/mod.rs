@@ -8,7 +8,9 @@
 //!   on the device with activation checkpointing, the MLP run 128 tokens at a time (4 chunks a
 //!   batch) and the block inputs kept in host memory (`train/recompute.rs`), against the CPU's
 //!   plain run. `trajectory_half`: the base held in the device's 16-bit float (bf16 on CUDA,
-//!   f16 on the portable backend, whose runs scale the loss), against the CPU's f32 run.
+//!   f16 on the portable backend, whose runs scale the loss), against the CPU's f32 run. Each
+//!   also compares the first step's gradient norm (Adam's path alone would not show a gradient
+//!   off by a constant factor).
 //! - `linear_dense`, `linear_q4` (and `_bf16` / `_f16` where the device holds such a base): the frozen
 //!   linear (float, and 4-bit quantized, dequantized on the device) against float64 on the CPU,
 //!   on random inputs (never zeros) at several shapes: `y = x Wᵀ` and the input gradient
@@ -262,8 +264,12 @@ fn trajectory<D: TrainBackend>(
     let mut dev = files.build_quantized::<D>(device, storage)?;
     inject(&mut dev, &spec, device);
     copy_adapters(&cpu, &mut dev, device);
-    let cpu_losses = train_steps(cpu, StepSettings::default(), &cpu_device);
-    let dev_losses = train_steps(dev, settings, device);
+    let (cpu_losses, cpu_norm) = train_steps(cpu, StepSettings::default(), &cpu_device);
+    let (dev_losses, dev_norm) = train_steps(dev, settings, device);
+    // The first step's gradient norm, from identical weights: Adam's steps hardly depend on the
+    // gradients' overall size, so the losses alone would not see a gradient off by a factor
+    // (an f16 run's loss scale not undone).
+    let norm_diff = ((dev_norm - cpu_norm) / cpu_norm).abs();
     let worst = cpu_losses
         .iter()
         .zip(&dev_losses)
@@ -278,7 +284,9 @@ fn trajectory<D: TrainBackend>(
         "check": name, "shape": "tiny", "steps": STEPS,
         "cpu_losses": cpu_losses, "device_losses": dev_losses,
         "loss_fall": fall, "max_relative_diff": worst, "tolerance": tolerance,
-        "pass": worst <= tolerance && fall > MIN_LOSS_FALL,
+        "cpu_first_grad_norm": cpu_norm, "device_first_grad_norm": dev_norm,
+        "grad_norm_relative_diff": norm_diff,
+        "pass": worst <= tolerance && norm_diff <= tolerance && fall > MIN_LOSS_FALL,
     }))
 }
 
@@ -300,24 +308,26 @@ fn copy_adapters<A: ModelBackend, D: ModelBackend>(
     }
 }
 
+/// The losses of `STEPS` steps, and the first step's gradient norm.
 fn train_steps<D: TrainBackend>(
     model: Decoder<D>,
     settings: StepSettings,
     device: &D::Device,
-) -> Vec<f64> {
+) -> (Vec<f64>, f64) {
     let mut trainer = Trainer::new(model, plain_adamw(), settings, device);
     // One batch, seen every step: the adapters memorise it, so the loss falls steeply and a
     // wrong gradient anywhere shows in the trajectory (random batches would keep it flat at
     // ln(vocab), where any two backends agree).
     let mut rng = rand::rngs::StdRng::seed_from_u64(2);
     let batch = random_batch(&mut rng, 4, 128, trainer.model.config.vocab_size);
-    (0..STEPS)
+    let steps: Vec<(f64, f64)> = (0..STEPS)
         .map(|_| {
             trainer
                 .step(std::slice::from_ref(&batch), LEARNING_RATE)
-                .map_or_else(|e| e.loss, |stats| stats.loss)
+                .map_or_else(|e| (e.loss, e.grad_norm), |s| (s.loss, s.grad_norm))
         })
-        .collect()
+        .collect();
+    (steps.iter().map(|s| s.0).collect(), steps[0].1)
 }
 
 fn uniform(rng: &mut impl Rng, len: usize, bound: f64) -> Vec<f64> {
