@@ -184,21 +184,44 @@ pub enum GgmlType {
 }
 
 impl GgmlType {
+    /// Every type we read.
+    const ALL: [GgmlType; 11] = [
+        GgmlType::F32,
+        GgmlType::F16,
+        GgmlType::BF16,
+        GgmlType::Q4_0,
+        GgmlType::Q4_1,
+        GgmlType::Q8_0,
+        GgmlType::Q2_K,
+        GgmlType::Q3_K,
+        GgmlType::Q4_K,
+        GgmlType::Q5_K,
+        GgmlType::Q6_K,
+    ];
+
+    /// The type stored under ggml's `id`, or its name for a type we do not read.
     fn from_id(id: u32) -> Result<Self, String> {
-        Ok(match id {
-            0 => GgmlType::F32,
-            1 => GgmlType::F16,
-            2 => GgmlType::Q4_0,
-            3 => GgmlType::Q4_1,
-            8 => GgmlType::Q8_0,
-            10 => GgmlType::Q2_K,
-            11 => GgmlType::Q3_K,
-            12 => GgmlType::Q4_K,
-            13 => GgmlType::Q5_K,
-            14 => GgmlType::Q6_K,
-            30 => GgmlType::BF16,
-            other => return Err(ggml_type_name(other)),
-        })
+        Self::ALL
+            .into_iter()
+            .find(|t| t.id() == id)
+            .ok_or_else(|| ggml_type_name(id))
+    }
+
+    /// ggml's id of the type (`enum ggml_type`), as a GGUF tensor record stores it.
+    pub fn id(self) -> u32 {
+        match self {
+            GgmlType::F32 => 0,
+            GgmlType::F16 => 1,
+            GgmlType::Q4_0 => 2,
+            GgmlType::Q4_1 => 3,
+            GgmlType::Q8_0 => 8,
+            GgmlType::Q2_K => 10,
+            GgmlType::Q3_K => 11,
+            GgmlType::Q4_K => 12,
+            GgmlType::Q5_K => 13,
+            GgmlType::Q6_K => 14,
+            GgmlType::BF16 => 30,
+        }
     }
 
     /// (elements per block, bytes per block)
@@ -219,68 +242,59 @@ impl GgmlType {
 
     /// The type's name as ggml spells it (`Q8_0`).
     pub fn name(self) -> &'static str {
-        match self {
-            GgmlType::F32 => "F32",
-            GgmlType::F16 => "F16",
-            GgmlType::BF16 => "BF16",
-            GgmlType::Q4_0 => "Q4_0",
-            GgmlType::Q4_1 => "Q4_1",
-            GgmlType::Q8_0 => "Q8_0",
-            GgmlType::Q2_K => "Q2_K",
-            GgmlType::Q3_K => "Q3_K",
-            GgmlType::Q4_K => "Q4_K",
-            GgmlType::Q5_K => "Q5_K",
-            GgmlType::Q6_K => "Q6_K",
-        }
+        GGML_TYPE_NAMES[self.id() as usize]
     }
 }
 
+/// ggml's type names, indexed by id.
+const GGML_TYPE_NAMES: [&str; 42] = [
+    "F32",
+    "F16",
+    "Q4_0",
+    "Q4_1",
+    "Q4_2",
+    "Q4_3",
+    "Q5_0",
+    "Q5_1",
+    "Q8_0",
+    "Q8_1",
+    "Q2_K",
+    "Q3_K",
+    "Q4_K",
+    "Q5_K",
+    "Q6_K",
+    "Q8_K",
+    "IQ2_XXS",
+    "IQ2_XS",
+    "IQ3_XXS",
+    "IQ1_S",
+    "IQ4_NL",
+    "IQ3_S",
+    "IQ2_S",
+    "IQ4_XS",
+    "I8",
+    "I16",
+    "I32",
+    "I64",
+    "F64",
+    "IQ1_M",
+    "BF16",
+    "Q4_0_4_4",
+    "Q4_0_4_8",
+    "Q4_0_8_8",
+    "TQ1_0",
+    "TQ2_0",
+    "IQ4_NL_4_4",
+    "IQ4_NL_4_8",
+    "IQ4_NL_8_8",
+    "MXFP4",
+    "NVFP4",
+    "?",
+];
+
+/// A type id's name, for a type we do not read.
 fn ggml_type_name(id: u32) -> String {
-    const NAMES: [&str; 42] = [
-        "F32",
-        "F16",
-        "Q4_0",
-        "Q4_1",
-        "Q4_2",
-        "Q4_3",
-        "Q5_0",
-        "Q5_1",
-        "Q8_0",
-        "Q8_1",
-        "Q2_K",
-        "Q3_K",
-        "Q4_K",
-        "Q5_K",
-        "Q6_K",
-        "Q8_K",
-        "IQ2_XXS",
-        "IQ2_XS",
-        "IQ3_XXS",
-        "IQ1_S",
-        "IQ4_NL",
-        "IQ3_S",
-        "IQ2_S",
-        "IQ4_XS",
-        "I8",
-        "I16",
-        "I32",
-        "I64",
-        "F64",
-        "IQ1_M",
-        "BF16",
-        "Q4_0_4_4",
-        "Q4_0_4_8",
-        "Q4_0_8_8",
-        "TQ1_0",
-        "TQ2_0",
-        "IQ4_NL_4_4",
-        "IQ4_NL_4_8",
-        "IQ4_NL_8_8",
-        "MXFP4",
-        "NVFP4",
-        "?",
-    ];
-    NAMES
+    GGML_TYPE_NAMES
         .get(id as usize)
         .map(|n| format!("{n} (type id {id})"))
         .unwrap_or_else(|| format!("unknown (type id {id})"))
@@ -587,5 +601,26 @@ impl<'a> Reader<'a> {
             12 => Value::F64(f64::from_le_bytes(self.array()?)),
             other => return Err(format!("unknown metadata value type {other}")),
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_type_reads_back_from_its_id_under_ggmls_name() {
+        for t in GgmlType::ALL {
+            assert_eq!(GgmlType::from_id(t.id()), Ok(t));
+        }
+        let names: Vec<&str> = GgmlType::ALL.iter().map(|t| t.name()).collect();
+        assert_eq!(
+            names,
+            [
+                "F32", "F16", "BF16", "Q4_0", "Q4_1", "Q8_0", "Q2_K", "Q3_K", "Q4_K", "Q5_K",
+                "Q6_K"
+            ]
+        );
+        assert_eq!(GgmlType::from_id(20), Err("IQ4_NL (type id 20)".into()));
     }
 }

@@ -56,7 +56,7 @@ pub fn write(
             for &d in t.shape.iter().rev() {
                 out.put(&(d as u64).to_le_bytes())?;
             }
-            out.put(&ggml_id(t.kind).to_le_bytes())?;
+            out.put(&t.kind.id().to_le_bytes())?;
             out.put(&(offset as u64).to_le_bytes())?;
             offset = (offset + t.byte_len()).next_multiple_of(ALIGNMENT);
         }
@@ -149,21 +149,5 @@ fn put_value<W: Write>(out: &mut Counting<W>, v: &Value) -> std::io::Result<()> 
             out.put(&(items.len() as u64).to_le_bytes())?;
             items.iter().try_for_each(|item| put_value(out, item))
         }
-    }
-}
-
-fn ggml_id(kind: GgmlType) -> u32 {
-    match kind {
-        GgmlType::F32 => 0,
-        GgmlType::F16 => 1,
-        GgmlType::Q4_0 => 2,
-        GgmlType::Q4_1 => 3,
-        GgmlType::Q8_0 => 8,
-        GgmlType::Q2_K => 10,
-        GgmlType::Q3_K => 11,
-        GgmlType::Q4_K => 12,
-        GgmlType::Q5_K => 13,
-        GgmlType::Q6_K => 14,
-        GgmlType::BF16 => 30,
     }
 }

@@ -27,7 +27,7 @@ use burn::tensor::IndexingUpdateOp;
 use burn::tensor::activation::{sigmoid, silu};
 use burn::tensor::backend::Backend;
 use burn::tensor::ops::{FloatTensor, IntTensor};
-use burn::tensor::{FloatDType, Int, Tensor};
+use burn::tensor::{DType, FloatDType, Int, Tensor};
 
 use super::matmul::{MatmulBackend, matmul};
 use super::primitive::{inner, primitive};
@@ -110,6 +110,11 @@ pub trait ElementwiseBackend: MatmulBackend {
     ) -> Tensor<Self, 2> {
         cross_entropy_backward_ops(logits, lse, targets, row_scale, dtype)
     }
+}
+
+/// `dtype`, or f32 when none is given (a 16-bit base's GEMM dtype, or the activations' own).
+pub fn dtype_or_f32(dtype: Option<FloatDType>) -> DType {
+    dtype.map_or(DType::F32, DType::from)
 }
 
 /// `x` in `dtype` when given (and not already in it).

@@ -29,7 +29,7 @@ use burn::tensor::{
     DType, ElementConversion, FloatDType, Int, Tensor, TensorCreationOptions, TensorData,
 };
 
-use super::elementwise::cast;
+use super::elementwise::{cast, dtype_or_f32};
 use super::frozen_linear::ModelBackend;
 use super::matmul::matmul;
 use super::primitive::{inner, primitive};
@@ -67,7 +67,7 @@ impl<B: Backend> DeviceQuantized<B> {
         }
         let (rows, groups) = (q.rows, q.cols / q.group_size);
         let words: Vec<i32> = q.packed.iter().map(|&w| w as i32).collect();
-        let dtype = half.map_or(DType::F32, DType::from);
+        let dtype = dtype_or_f32(half);
         let per_group = |values: &[f32]| {
             let data = TensorData::new(values.to_vec(), [rows, groups]);
             Tensor::from_data(
@@ -135,7 +135,7 @@ impl<B: Backend> DeviceQuantized<B> {
 
     /// The dense matrix's dtype: [`Self::half`] or f32.
     pub fn gemm_dtype(&self) -> DType {
-        self.half.map_or(DType::F32, DType::from)
+        dtype_or_f32(self.half)
     }
 
     /// The same weight on the autodiff backend's inner backend (its tensors untracked).

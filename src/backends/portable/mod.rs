@@ -27,7 +27,7 @@ use cubecl::prelude::{CubeCount, CubeDim};
 
 use crate::ops::ModelBackend;
 use crate::ops::attention::{AttentionBackend, Saved};
-use crate::ops::elementwise::ElementwiseBackend;
+use crate::ops::elementwise::{ElementwiseBackend, dtype_or_f32};
 use crate::ops::matmul::MatmulBackend;
 use crate::ops::primitive::{inner, primitive};
 use crate::ops::quantized_linear::DeviceQuantized;
@@ -110,7 +110,7 @@ impl ElementwiseBackend for Portable {
         inner(swiglu::forward(
             primitive(gate),
             primitive(up),
-            f32_or(dtype),
+            dtype_or_f32(dtype),
         ))
     }
 
@@ -122,7 +122,7 @@ impl ElementwiseBackend for Portable {
         dtype: Option<FloatDType>,
     ) -> [Option<Tensor<Self, D>>; 2] {
         let [gate, up, dy] = [gate, up, dy].map(primitive);
-        swiglu::backward(gate, up, dy, wanted, f32_or(dtype)).map(|g| g.map(inner))
+        swiglu::backward(gate, up, dy, wanted, dtype_or_f32(dtype)).map(|g| g.map(inner))
     }
 
     fn rms_norm<const D: usize>(
@@ -131,7 +131,12 @@ impl ElementwiseBackend for Portable {
         eps: f64,
         dtype: Option<FloatDType>,
     ) -> Tensor<Self, D> {
-        let out = rms_norm::forward(primitive(x), primitive(weight), eps as f32, f32_or(dtype));
+        let out = rms_norm::forward(
+            primitive(x),
+            primitive(weight),
+            eps as f32,
+            dtype_or_f32(dtype),
+        );
         inner(out)
     }
 
@@ -163,7 +168,7 @@ impl ElementwiseBackend for Portable {
             lse,
             targets,
             row_scale,
-            f32_or(dtype),
+            dtype_or_f32(dtype),
         ))
     }
 }
@@ -221,11 +226,6 @@ impl ModelBackend for Portable {
         let [scales, biases] = [&w.scales, &w.biases].map(|t| primitive(t.clone()));
         dequant::dequantize([words, scales, biases], w.bits, w.group, w.gemm_dtype())
     }
-}
-
-/// `dtype`, or f32 when none is asked.
-fn f32_or(dtype: Option<FloatDType>) -> DType {
-    dtype.map_or(DType::F32, Into::into)
 }
 
 /// An uninitialised tensor of `shape` and `dtype` on `like`'s device.
