@@ -66,7 +66,11 @@ fixtures:
     .venv-ref/bin/python scripts/fixtures/make_tiny_models.py
     .venv-ref/bin/python scripts/fixtures/make_mlx_quantized.py
     .venv-ref/bin/python scripts/fixtures/make_smollm2_reference.py "$(scripts/fetch-assets.sh smollm2 | tail -n 1)"
+    .venv-ref/bin/python scripts/fixtures/make_family_models.py
+    .venv-ref/bin/python scripts/fixtures/make_family_gguf.py
+    .venv-ref/bin/python scripts/fixtures/make_family_mlx.py
     .venv-ref/bin/python scripts/fixtures/make_peft_parity.py
+    .venv-ref/bin/python scripts/fixtures/make_peft_parity.py gemma2
     .venv-ref/bin/python scripts/fixtures/make_adapter_interop.py
     .venv-ref/bin/python scripts/fixtures/make_kquant_blocks.py
     .venv-ref/bin/python scripts/fixtures/make_kquant_model.py

@@ -54,12 +54,45 @@ pub fn report(path: &std::path::Path) -> Result<String> {
             "separate lm_head"
         }
     )?;
-    let mut quirks = Vec::new();
+    let mut quirks: Vec<String> = Vec::new();
     if c.attention_bias {
-        quirks.push("q/k/v bias");
+        quirks.push("q/k/v bias".into());
     }
     if c.qk_norm {
-        quirks.push("q/k RMSNorm");
+        quirks.push("q/k RMSNorm".into());
+    }
+    let q = &c.quirks;
+    if q.norm_plus_one {
+        quirks.push("norms scale by 1 + w".into());
+    }
+    if q.sandwich_norms {
+        quirks.push("norms after attention and MLP".into());
+    }
+    if q.activation == crate::ops::elementwise::Activation::GeluTanh {
+        quirks.push("GeGLU (gelu tanh)".into());
+    }
+    if q.scale_embedding {
+        quirks.push("embedding × √hidden".into());
+    }
+    if let Some(s) = q.query_pre_attn_scalar {
+        // GGUF stores the scale in f32: 24 reads back as 23.999998.
+        quirks.push(format!("scores / √{}", (s * 1e4).round() / 1e4));
+    }
+    if let Some(cap) = q.attn_softcap {
+        quirks.push(format!("score soft-cap {cap}"));
+    }
+    if let Some(cap) = q.final_softcap {
+        quirks.push(format!("logit soft-cap {cap}"));
+    }
+    if let Some(window) = q.sliding_window {
+        let sliding = (0..c.num_layers).filter(|&i| q.slides(i)).count();
+        quirks.push(format!(
+            "sliding window {window} in {sliding} of {} layers",
+            c.num_layers
+        ));
+    }
+    if let Some((theta, _)) = q.local_rope {
+        quirks.push(format!("sliding layers' rope theta {theta}"));
     }
     if !quirks.is_empty() {
         writeln!(w, "quirks        {}", quirks.join(", "))?;

@@ -35,6 +35,8 @@ pub mod chat;
 pub mod data;
 /// Sampling and generation with a KV cache.
 pub mod generate;
+/// Data-parallel workers' gradient all-reduce.
+pub mod distributed;
 /// The trainer: one step, the loop, optimizer, checkpoints.
 pub mod train;
 /// Consumers of events: log lines, metrics, TensorBoard, dashboard, plot.

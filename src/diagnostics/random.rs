@@ -4,9 +4,10 @@
 use rand::Rng;
 
 use crate::data::Batch;
-use crate::model::config::{Family, ModelConfig};
+use crate::model::config::{Family, ModelConfig, Quirks};
 use crate::model::load::{ModelFiles, ModelFormat};
 use crate::model::weights::WeightSource;
+use crate::ops::elementwise::Activation;
 use crate::ops::rope::RopeScaling;
 use crate::recipe::OptimizerKind;
 use crate::train::optimizer::OptimizerConfig;
@@ -25,6 +26,10 @@ pub enum Shape {
     /// Llama 3 8B: 32 layers, hidden 4096, 32 heads (8 kv), vocabulary 128256.
     #[value(name = "llama3-8b")]
     Llama3_8b,
+    /// Gemma 2 9B: 42 layers, hidden 3584, 16 heads (8 kv) of 256, ffn 14336, vocabulary
+    /// 256000, tied; soft-caps 50 and 30, every other layer a 4096-key window.
+    #[value(name = "gemma2-9b")]
+    Gemma2_9b,
 }
 
 impl Shape {
@@ -35,23 +40,44 @@ impl Shape {
             Shape::Smollm2_135m => (576, 30, 9, 3, 1536, 49152, true, 100000.0),
             Shape::Llama3_2_1b => (2048, 16, 32, 8, 8192, 128256, true, 500000.0),
             Shape::Llama3_8b => (4096, 32, 32, 8, 14336, 128256, false, 500000.0),
+            Shape::Gemma2_9b => (3584, 42, 16, 8, 14336, 256000, true, 10000.0),
+        };
+        let (family, head_dim, quirks) = match self {
+            Shape::Gemma2_9b => (
+                Family::Gemma2,
+                256,
+                Quirks {
+                    activation: Activation::GeluTanh,
+                    norm_plus_one: true,
+                    scale_embedding: true,
+                    sandwich_norms: true,
+                    query_pre_attn_scalar: Some(256.0),
+                    attn_softcap: Some(50.0),
+                    final_softcap: Some(30.0),
+                    sliding_window: Some(4096),
+                    sliding_layers: (0..layers).map(|i| i % 2 == 0).collect(),
+                    local_rope: None,
+                },
+            ),
+            _ => (Family::Llama, hidden / heads, Quirks::default()),
         };
         ModelConfig {
-            family: Family::Llama,
+            family,
             vocab_size: vocab,
             hidden_size: hidden,
             intermediate_size: ffn,
             num_layers: layers,
             num_heads: heads,
             num_kv_heads: kv_heads,
-            head_dim: hidden / heads,
-            rms_norm_eps: 1e-5,
+            head_dim,
+            rms_norm_eps: if family.is_gemma() { 1e-6 } else { 1e-5 },
             rope_theta: theta,
             rope_scaling: RopeScaling::None,
             max_position_embeddings: 131072,
             tie_word_embeddings: tied,
             attention_bias: false,
             qk_norm: false,
+            quirks,
             dtype: "float32".into(),
         }
     }

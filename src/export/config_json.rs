@@ -5,7 +5,6 @@ use serde_json::{Value, json};
 
 use super::FloatDtype;
 use crate::model::ModelFiles;
-use crate::model::config::Family;
 use crate::ops::rope::RopeScaling;
 use crate::tokenizer::Tokenizer;
 
@@ -29,15 +28,9 @@ pub fn config_json(files: &ModelFiles, tokenizer: &Tokenizer, dtype: FloatDtype)
 
 fn from_architecture(files: &ModelFiles, tokenizer: &Tokenizer) -> Value {
     let c = &files.config;
-    let architecture = match c.family {
-        Family::Llama => "LlamaForCausalLM",
-        Family::Mistral => "MistralForCausalLM",
-        Family::Qwen2 => "Qwen2ForCausalLM",
-        Family::Qwen3 => "Qwen3ForCausalLM",
-    };
     let id = |token: &Option<String>| token.as_deref().and_then(|t| tokenizer.token_id(t));
     let mut config = json!({
-        "architectures": [architecture],
+        "architectures": [c.family.hf_class()],
         "model_type": c.family.name(),
         "vocab_size": c.vocab_size,
         "hidden_size": c.hidden_size,
@@ -71,8 +64,36 @@ fn from_architecture(files: &ModelFiles, tokenizer: &Tokenizer) -> Value {
             "original_max_position_embeddings": original_max_position_embeddings,
         })),
     };
-    if let (Some(s), Some(map)) = (scaling, config.as_object_mut()) {
+    let Some(map) = config.as_object_mut() else {
+        return config;
+    };
+    if let Some(s) = scaling {
         map.insert("rope_scaling".into(), s);
+    }
+    if c.family.is_gemma() {
+        let q = &c.quirks;
+        map.remove("hidden_act");
+        map.insert("hidden_activation".into(), json!("gelu_pytorch_tanh"));
+        map.insert(
+            "query_pre_attn_scalar".into(),
+            json!(q.query_pre_attn_scalar),
+        );
+        map.insert("attn_logit_softcapping".into(), json!(q.attn_softcap));
+        map.insert("final_logit_softcapping".into(), json!(q.final_softcap));
+        map.insert("sliding_window".into(), json!(q.sliding_window));
+        let types: Vec<&str> = (0..c.num_layers)
+            .map(|i| match q.slides(i) {
+                true => "sliding_attention",
+                false => "full_attention",
+            })
+            .collect();
+        map.insert("layer_types".into(), json!(types));
+        if let Some(period) = q.sliding_period() {
+            map.insert("sliding_window_pattern".into(), json!(period));
+        }
+        if let Some((theta, _)) = q.local_rope {
+            map.insert("rope_local_base_freq".into(), json!(theta));
+        }
     }
     config
 }

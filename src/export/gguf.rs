@@ -13,7 +13,6 @@ use super::fuse::{FusedModel, Survival};
 use super::{ExportOptions, GgufType};
 use crate::io::gguf::{GgmlType, Value};
 use crate::io::gguf_write::{GgufTensor, write as write_gguf};
-use crate::model::config::Family;
 use crate::model::names::{Role, gguf_name};
 use crate::model::weights::{WeightSource, qk_row_order};
 use crate::ops::rope::Rope;
@@ -28,16 +27,12 @@ pub fn write(
     dir: &Path,
 ) -> Result<(Survival, String)> {
     let c = &model.files.config;
-    let arch = match c.family {
-        Family::Llama | Family::Mistral => "llama",
-        Family::Qwen2 => "qwen2",
-        Family::Qwen3 => "qwen3",
-    };
+    let arch = c.family.gguf_arch();
     let kind = opts.gguf_type.ggml();
     let mut tensors = Vec::new();
     for spec in &model.specs {
-        let name =
-            gguf_name(&spec.name).with_context(|| format!("no GGUF name for `{}`", spec.name))?;
+        let name = gguf_name(&spec.name, c.family)
+            .with_context(|| format!("no GGUF name for `{}`", spec.name))?;
         let blocks_fit = spec.shape.last().is_some_and(|&n| n.is_multiple_of(32));
         let tensor_kind = match (spec.is_matrix(), kind.block().0 > 1 && !blocks_fit) {
             (false, _) => GgmlType::F32,
@@ -59,7 +54,9 @@ pub fn write(
         });
     }
     let metadata = metadata(model, tokenizer, arch, opts.gguf_type)?;
-    let permute = matches!(c.family, Family::Llama | Family::Mistral);
+    let permute = c.family.gguf_permutes_qk();
+    // llama.cpp stores Gemma's norms as the gain `1 + w`.
+    let plus_one = c.quirks.norm_plus_one;
 
     let mut survival = Survival::default();
     let progress = model.progress();
@@ -77,8 +74,10 @@ pub fn write(
             Role::Weight(w) => w.permuted_heads(c),
             _ => None,
         };
+        let is_norm = matches!(spec.role, Role::Norm(_) | Role::FinalNorm);
         let arrange = |values: &[f32]| match heads.filter(|_| permute) {
             Some(h) => permute_rows(values, spec.shape[0], h),
+            None if is_norm && plus_one => values.iter().map(|v| v + 1.0).collect(),
             None => values.to_vec(),
         };
         let (rows, cols) = (spec.shape[0], spec.shape.iter().skip(1).product());
@@ -174,6 +173,27 @@ fn metadata(
     if let RopeScaling::Linear { factor } = c.rope_scaling {
         arch_key("rope.scaling.type", Value::String("linear".into()));
         arch_key("rope.scaling.factor", Value::F32(factor as f32));
+    }
+    let q = &c.quirks;
+    if let Some(w) = q.sliding_window {
+        arch_key("attention.sliding_window", u32_of(w));
+        // What llama.cpp infers for Gemma when absent; our reader takes these keys first.
+        let period = q.sliding_period().with_context(|| {
+            "the sliding layers follow no `(i + 1) % p` pattern, which GGUF cannot store; export --format hf or mlx"
+        })?;
+        arch_key("attention.sliding_window_pattern", u32_of(period));
+    }
+    if let Some(scalar) = q.query_pre_attn_scalar {
+        arch_key("attention.scale", Value::F32((1.0 / scalar.sqrt()) as f32));
+    }
+    if let Some(cap) = q.attn_softcap {
+        arch_key("attn_logit_softcapping", Value::F32(cap as f32));
+    }
+    if let Some(cap) = q.final_softcap {
+        arch_key("final_logit_softcapping", Value::F32(cap as f32));
+    }
+    if let Some((theta, _)) = q.local_rope {
+        arch_key("rope.freq_base_swa", Value::F32(theta as f32));
     }
     match &model.files.weights {
         WeightSource::Gguf(g) => m.extend(

@@ -5,6 +5,7 @@ use std::path::Path;
 use serde_json::Value;
 
 use crate::io::gguf::GgufFile;
+use crate::ops::elementwise::Activation;
 use crate::ops::rope::RopeScaling;
 
 /// The decoder families we implement. SmolLM is Llama.
@@ -18,10 +19,16 @@ pub enum Family {
     Qwen2,
     /// Qwen3 (`qwen3`): Llama with an RMSNorm over each head of q and k before RoPE.
     Qwen3,
+    /// Gemma 2 (`gemma2`): see [`Quirks`]: norms of `1 + w` around attention and the MLP, GeGLU,
+    /// a scaled embedding, soft-capped scores and logits, sliding and global layers alternating.
+    Gemma2,
+    /// Gemma 3's text model (`gemma3_text`): Gemma 2 without the soft-caps, with q/k norms, and
+    /// five sliding layers (with their own RoPE base) to each global one.
+    Gemma3,
 }
 
 /// The `model_type` values that errors list as supported (`smollm` is read too, as Llama).
-pub const SUPPORTED_MODEL_TYPES: &str = "llama, mistral, qwen2, qwen3";
+pub const SUPPORTED_MODEL_TYPES: &str = "llama, mistral, qwen2, qwen3, gemma2, gemma3_text";
 
 impl Family {
     /// The family for a `config.json` `model_type` or a GGUF `general.architecture`; `None`
@@ -32,6 +39,8 @@ impl Family {
             "mistral" => Family::Mistral,
             "qwen2" => Family::Qwen2,
             "qwen3" => Family::Qwen3,
+            "gemma2" => Family::Gemma2,
+            "gemma3_text" | "gemma3" => Family::Gemma3,
             _ => return None,
         })
     }
@@ -43,7 +52,108 @@ impl Family {
             Family::Mistral => "mistral",
             Family::Qwen2 => "qwen2",
             Family::Qwen3 => "qwen3",
+            Family::Gemma2 => "gemma2",
+            Family::Gemma3 => "gemma3_text",
         }
+    }
+
+    /// llama.cpp's `general.architecture` for the family.
+    pub fn gguf_arch(self) -> &'static str {
+        match self {
+            Family::Llama | Family::Mistral => "llama",
+            Family::Gemma3 => "gemma3",
+            other => other.name(),
+        }
+    }
+
+    /// The transformers class that loads the family (`architectures` in `config.json`).
+    pub fn hf_class(self) -> &'static str {
+        match self {
+            Family::Llama => "LlamaForCausalLM",
+            Family::Mistral => "MistralForCausalLM",
+            Family::Qwen2 => "Qwen2ForCausalLM",
+            Family::Qwen3 => "Qwen3ForCausalLM",
+            Family::Gemma2 => "Gemma2ForCausalLM",
+            Family::Gemma3 => "Gemma3ForCausalLM",
+        }
+    }
+
+    /// Gemma's block: `1 + w` norms, GeGLU, the embedding scaled by √hidden, norms after
+    /// attention and after the MLP as well as before.
+    pub fn is_gemma(self) -> bool {
+        matches!(self, Family::Gemma2 | Family::Gemma3)
+    }
+
+    /// llama.cpp permutes the rows of q and k for its interleaved RoPE (the Llama family);
+    /// others run NeoX's rotate-half RoPE, as Hugging Face stores them.
+    pub fn gguf_permutes_qk(self) -> bool {
+        matches!(self, Family::Llama | Family::Mistral)
+    }
+}
+
+/// What a family changes in the Llama block; Llama's values by default.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Quirks {
+    /// The MLP gate's activation (SiLU; Gemma's gelu with the tanh approximation).
+    pub activation: Activation,
+    /// Gemma: every RMSNorm multiplies by `1 + w`; files store `w` (llama.cpp's GGUF stores
+    /// `1 + w`, which the reader turns back into `w`).
+    pub norm_plus_one: bool,
+    /// Gemma: the embedding's rows are multiplied by √hidden (rounded to the weights' dtype).
+    pub scale_embedding: bool,
+    /// Gemma: an RMSNorm after attention and one after the MLP, each before its residual add.
+    pub sandwich_norms: bool,
+    /// Scores are `q·k / √query_pre_attn_scalar` (Gemma); `/ √head_dim` when `None`.
+    pub query_pre_attn_scalar: Option<f64>,
+    /// Gemma 2: scores are soft-capped, `cap · tanh(s / cap)`, before the mask.
+    pub attn_softcap: Option<f64>,
+    /// Gemma 2: logits are soft-capped the same way.
+    pub final_softcap: Option<f64>,
+    /// A sliding layer's query sees itself and the `window − 1` positions before it.
+    pub sliding_window: Option<usize>,
+    /// Per layer, whether it slides (needs `sliding_window`); empty when none does.
+    pub sliding_layers: Vec<bool>,
+    /// Gemma 3: the sliding layers' RoPE `(theta, scaling)`, apart from the global layers'.
+    pub local_rope: Option<(f64, RopeScaling)>,
+}
+
+impl Default for Quirks {
+    fn default() -> Self {
+        Quirks {
+            activation: Activation::Silu,
+            norm_plus_one: false,
+            scale_embedding: false,
+            sandwich_norms: false,
+            query_pre_attn_scalar: None,
+            attn_softcap: None,
+            final_softcap: None,
+            sliding_window: None,
+            sliding_layers: Vec::new(),
+            local_rope: None,
+        }
+    }
+}
+
+impl Quirks {
+    /// Whether layer `i` slides.
+    pub fn slides(&self, layer: usize) -> bool {
+        self.sliding_window.is_some() && self.sliding_layers.get(layer).copied().unwrap_or(false)
+    }
+
+    /// The family's default layer pattern: Gemma 2 alternates sliding and global from a sliding
+    /// first layer, Gemma 3 puts a global layer after every five sliding ones (`pattern` = 6),
+    /// Mistral slides everywhere.
+    fn pattern(layers: usize, period: usize) -> Vec<bool> {
+        (0..layers)
+            .map(|i| !(i + 1).is_multiple_of(period))
+            .collect()
+    }
+
+    /// `Some(p)` when layer `i` is global exactly where `(i + 1) % p == 0` (what GGUF stores as
+    /// `sliding_window_pattern`).
+    pub fn sliding_period(&self) -> Option<usize> {
+        let n = self.sliding_layers.len();
+        (1..=n.max(1) + 1).find(|&p| Self::pattern(n, p) == self.sliding_layers)
     }
 }
 
@@ -78,8 +188,10 @@ pub struct ModelConfig {
     pub tie_word_embeddings: bool,
     /// Qwen2: q/k/v projections carry a bias.
     pub attention_bias: bool,
-    /// Qwen3: RMSNorm over each head of q and k before RoPE.
+    /// Qwen3 and Gemma 3: RMSNorm over each head of q and k before RoPE.
     pub qk_norm: bool,
+    /// What the family changes beyond the fields above.
+    pub quirks: Quirks,
     /// The dtype the weights were stored in (`torch_dtype` / `dtype`), for `inspect`.
     pub dtype: String,
 }
@@ -178,12 +290,19 @@ impl ModelConfig {
             Some(d) => d as usize,
             None => width_per_head(hidden_size, num_heads, path)?,
         };
-        // transformers >= 5 writes rope settings under `rope_parameters`; older files use
-        // `rope_theta` and `rope_scaling`.
-        let rope_params = json
-            .get("rope_parameters")
-            .filter(|v| v.is_object())
-            .or_else(|| json.get("rope_scaling").filter(|v| v.is_object()));
+        if model_type == "gemma3" {
+            return Err(ConfigError::Invalid {
+                path: path.to_string(),
+                reason: "model_type \"gemma3\" is Gemma 3's vision-language checkpoint; loraforge trains the text model (model_type \"gemma3_text\", e.g. google/gemma-3-1b-it)".into(),
+            });
+        }
+        // transformers >= 5 writes rope settings under `rope_parameters` (Gemma 3: one set per
+        // layer type); older files use `rope_theta` and `rope_scaling`.
+        let rope_sets = json.get("rope_parameters").filter(|v| v.is_object());
+        let global_set = rope_sets
+            .and_then(|p| p.get("full_attention"))
+            .or(rope_sets);
+        let rope_params = global_set.or_else(|| json.get("rope_scaling").filter(|v| v.is_object()));
         let rope_theta = json
             .get("rope_theta")
             .and_then(Value::as_f64)
@@ -192,11 +311,16 @@ impl ModelConfig {
                     .and_then(|p| p.get("rope_theta"))
                     .and_then(Value::as_f64)
             })
-            .unwrap_or(10000.0);
+            .unwrap_or(if family == Family::Gemma3 {
+                1e6
+            } else {
+                10000.0
+            });
         let rope_scaling = match rope_params {
             None => RopeScaling::None,
             Some(p) => rope_scaling_from_json(p, path)?,
         };
+        let quirks = quirks_from_json(json, family, rope_sets, path)?;
         let config = ModelConfig {
             family,
             vocab_size: usize_key("vocab_size")?,
@@ -219,7 +343,7 @@ impl ModelConfig {
             tie_word_embeddings: json
                 .get("tie_word_embeddings")
                 .and_then(Value::as_bool)
-                .unwrap_or(false),
+                .unwrap_or(family.is_gemma()),
             attention_bias: match family {
                 Family::Qwen2 => true,
                 _ => json
@@ -227,7 +351,8 @@ impl ModelConfig {
                     .and_then(Value::as_bool)
                     .unwrap_or(false),
             },
-            qk_norm: family == Family::Qwen3,
+            qk_norm: matches!(family, Family::Qwen3 | Family::Gemma3),
+            quirks,
             dtype: json
                 .get("dtype")
                 .or_else(|| json.get("torch_dtype"))
@@ -287,12 +412,14 @@ impl ModelConfig {
             },
             _ => RopeScaling::None,
         };
+        let num_layers = req("block_count")?;
+        let quirks = quirks_from_gguf(gguf, family, hidden_size, num_heads, head_dim, num_layers);
         let config = ModelConfig {
             family,
             vocab_size,
             hidden_size,
             intermediate_size: req("feed_forward_length")?,
-            num_layers: req("block_count")?,
+            num_layers,
             num_heads,
             num_kv_heads: gguf
                 .get_u64(&key("attention.head_count_kv"))
@@ -308,6 +435,7 @@ impl ModelConfig {
             tie_word_embeddings: gguf.tensor("output.weight").is_none(),
             attention_bias: gguf.tensor("blk.0.attn_q.bias").is_some(),
             qk_norm: gguf.tensor("blk.0.attn_q_norm.weight").is_some(),
+            quirks,
             dtype: "gguf".into(),
         };
         config.validate(&path)?;
@@ -327,6 +455,11 @@ impl ModelConfig {
                 "num_attention_heads ({}) must be a positive multiple of num_key_value_heads ({})",
                 self.num_heads, self.num_kv_heads
             )));
+        }
+        if self.quirks.sliding_window == Some(0) {
+            return Err(invalid(
+                "sliding_window is 0; a query must see at least itself".into(),
+            ));
         }
         if !self.head_dim.is_multiple_of(2) {
             return Err(invalid(format!(
@@ -375,7 +508,8 @@ impl ModelConfig {
         let q = self.num_heads * self.head_dim;
         let kv = self.num_kv_heads * self.head_dim;
         let attn = h * q + 2 * h * kv + q * h + if self.attention_bias { q + 2 * kv } else { 0 };
-        let norms = 2 * h + if self.qk_norm { 2 * self.head_dim } else { 0 };
+        let sandwich = if self.quirks.sandwich_norms { 2 * h } else { 0 };
+        let norms = 2 * h + sandwich + if self.qk_norm { 2 * self.head_dim } else { 0 };
         let block = attn + 3 * h * i + norms;
         let embed = self.vocab_size * h;
         let head = if self.tie_word_embeddings { 0 } else { embed };
@@ -395,6 +529,167 @@ fn width_per_head(hidden: usize, heads: usize, path: &str) -> Result<usize, Conf
         });
     }
     Ok(hidden / heads)
+}
+
+/// The family's departures from Llama, from GGUF metadata. llama.cpp does not store Gemma's
+/// `query_pre_attn_scalar`, nor Gemma 3's local RoPE base or layer pattern: where the keys
+/// (`attention.scale`, `rope.freq_base_swa`, `attention.sliding_window_pattern`, which our
+/// writer adds) are absent, its own rules apply: `head_dim`, or `hidden / heads` for the 27B
+/// shapes (hidden 4608 or 5376); 10000; every 2nd (Gemma 2) or 6th (Gemma 3) layer global.
+fn quirks_from_gguf(
+    gguf: &GgufFile,
+    family: Family,
+    hidden: usize,
+    heads: usize,
+    head_dim: usize,
+    layers: usize,
+) -> Quirks {
+    if !family.is_gemma() {
+        return Quirks::default();
+    }
+    let arch = family.gguf_arch();
+    let get = |k: &str| gguf.get_f64(&format!("{arch}.{k}"));
+    let query_pre_attn_scalar = match get("attention.scale") {
+        Some(scale) if scale > 0.0 => 1.0 / (scale * scale),
+        _ if matches!(hidden, 4608 | 5376) => (hidden / heads) as f64,
+        _ => head_dim as f64,
+    };
+    let default_period = if family == Family::Gemma2 { 2 } else { 6 };
+    let period = gguf
+        .get_u64(&format!("{arch}.attention.sliding_window_pattern"))
+        .map_or(default_period, |p| p.max(1) as usize);
+    Quirks {
+        activation: Activation::GeluTanh,
+        norm_plus_one: true,
+        scale_embedding: true,
+        sandwich_norms: true,
+        query_pre_attn_scalar: Some(query_pre_attn_scalar),
+        attn_softcap: get("attn_logit_softcapping"),
+        final_softcap: get("final_logit_softcapping"),
+        sliding_window: gguf
+            .get_u64(&format!("{arch}.attention.sliding_window"))
+            .map(|w| w as usize),
+        sliding_layers: Quirks::pattern(layers, period),
+        local_rope: (family == Family::Gemma3).then(|| {
+            (
+                get("rope.freq_base_swa").unwrap_or(10000.0),
+                RopeScaling::None,
+            )
+        }),
+    }
+}
+
+/// The family's departures from Llama, from `config.json`. `rope_sets` is `rope_parameters`
+/// when given (Gemma 3's holds one set per layer type).
+fn quirks_from_json(
+    json: &Value,
+    family: Family,
+    rope_sets: Option<&Value>,
+    path: &str,
+) -> Result<Quirks, ConfigError> {
+    let f64_key = |key: &str| json.get(key).and_then(Value::as_f64);
+    let layers = json
+        .get("num_hidden_layers")
+        .and_then(Value::as_u64)
+        .unwrap_or(0) as usize;
+    let activation = match json
+        .get("hidden_activation")
+        .or_else(|| json.get("hidden_act"))
+        .and_then(Value::as_str)
+    {
+        None | Some("silu") if !family.is_gemma() => Activation::Silu,
+        None | Some("gelu_pytorch_tanh") => Activation::GeluTanh,
+        Some(other) => {
+            return Err(ConfigError::Invalid {
+                path: path.to_string(),
+                reason: format!(
+                    "hidden activation \"{other}\" is not supported for {} (supported: {})",
+                    family.name(),
+                    if family.is_gemma() {
+                        "gelu_pytorch_tanh"
+                    } else {
+                        "silu"
+                    }
+                ),
+            });
+        }
+    };
+    let sliding_window = json
+        .get("sliding_window")
+        .and_then(Value::as_u64)
+        .map(|w| w as usize)
+        .filter(|_| family.is_gemma() || family == Family::Mistral);
+    let sliding_layers = match json.get("layer_types").and_then(Value::as_array) {
+        Some(types) if family.is_gemma() => {
+            let mut out = Vec::with_capacity(types.len());
+            for t in types {
+                out.push(match t.as_str() {
+                    Some("sliding_attention") => true,
+                    Some("full_attention") => false,
+                    _ => {
+                        return Err(ConfigError::Invalid {
+                            path: path.to_string(),
+                            reason: format!(
+                                "layer_types holds {t}; each must be \"sliding_attention\" or \"full_attention\""
+                            ),
+                        });
+                    }
+                });
+            }
+            out
+        }
+        _ => match family {
+            Family::Gemma2 => Quirks::pattern(layers, 2),
+            Family::Gemma3 => {
+                let period = json
+                    .get("sliding_window_pattern")
+                    .or_else(|| json.get("_sliding_window_pattern"))
+                    .and_then(Value::as_u64)
+                    .unwrap_or(6) as usize;
+                Quirks::pattern(layers, period.max(1))
+            }
+            Family::Mistral if sliding_window.is_some() => vec![true; layers],
+            _ => Vec::new(),
+        },
+    };
+    if !sliding_layers.is_empty() && sliding_layers.len() != layers {
+        return Err(ConfigError::Invalid {
+            path: path.to_string(),
+            reason: format!(
+                "layer_types lists {} layers but num_hidden_layers is {layers}",
+                sliding_layers.len()
+            ),
+        });
+    }
+    let local_rope = match family {
+        Family::Gemma3 => {
+            let local = rope_sets.and_then(|p| p.get("sliding_attention"));
+            let theta = local
+                .and_then(|p| p.get("rope_theta"))
+                .and_then(Value::as_f64)
+                .or_else(|| f64_key("rope_local_base_freq"))
+                .unwrap_or(10000.0);
+            let scaling = match local {
+                Some(p) => rope_scaling_from_json(p, path)?,
+                None => RopeScaling::None,
+            };
+            Some((theta, scaling))
+        }
+        _ => None,
+    };
+    let softcap = |key: &str| f64_key(key).filter(|_| family.is_gemma());
+    Ok(Quirks {
+        activation,
+        norm_plus_one: family.is_gemma(),
+        scale_embedding: family.is_gemma(),
+        sandwich_norms: family.is_gemma(),
+        query_pre_attn_scalar: f64_key("query_pre_attn_scalar").filter(|_| family.is_gemma()),
+        attn_softcap: softcap("attn_logit_softcapping"),
+        final_softcap: softcap("final_logit_softcapping"),
+        sliding_window,
+        sliding_layers,
+        local_rope,
+    })
 }
 
 fn rope_scaling_from_json(p: &Value, path: &str) -> Result<RopeScaling, ConfigError> {

@@ -1,37 +1,42 @@
-//! The decoder-only transformer shared by Llama, Mistral, Qwen2 and Qwen3, generic over the Burn
-//! backend. Each piece is written to be checked against the reference math:
+//! The decoder-only transformer shared by Llama, Mistral, Qwen2, Qwen3, Gemma 2 and Gemma 3,
+//! generic over the Burn backend. Each piece is written to be checked against the reference math:
 //!
 //! ```text
-//! h   = embed(ids)
+//! h   = embed(ids)                                        (Gemma: · √hidden)
 //! for each block:
 //!   a = rmsnorm(h) ; q,k,v = a Wqᵀ (+bq), a Wkᵀ (+bk), a Wvᵀ (+bv)
-//!   q,k = rmsnorm_head(q,k) (Qwen3) ; q,k = rope(q,k)
-//!   h  += softmax(q kᵀ / √d + causal) v Woᵀ
-//!   h  += W_down (silu(rmsnorm(h) W_gateᵀ) ⊙ rmsnorm(h) W_upᵀ)
-//! logits = rmsnorm(h) W_headᵀ            (W_head = embedding when tied)
+//!   q,k = rmsnorm_head(q,k) (Qwen3, Gemma 3) ; q,k = rope(q,k)   (sliding layers: local rope)
+//!   s = q kᵀ · scale ; s = cap · tanh(s / cap) (Gemma 2) ; + causal or sliding-window mask
+//!   h  += post(softmax(s) v Woᵀ)                          (post = rmsnorm in Gemma, else identity)
+//!   h  += post(W_down (act(rmsnorm(h) W_gateᵀ) ⊙ rmsnorm(h) W_upᵀ))   (act: silu, Gemma gelu_tanh)
+//! logits = rmsnorm(h) W_headᵀ            (W_head = embedding when tied; Gemma 2: soft-capped)
 //! ```
+//! Gemma's norms multiply by `1 + w`.
 
 use burn::tensor::{FloatDType, Tensor};
 
 use super::adapter::LoraAdapter;
 use super::config::ModelConfig;
-use super::layout::AttentionLayout;
+use super::layout::{AttentionLayout, Layouts};
 use super::linear::{FrozenLinear, FrozenWeight};
 use super::names::{self, BlockLinear, BlockModule};
-use crate::ops::attention::attention;
+use crate::ops::attention::{Scores, attention};
+use crate::ops::elementwise::{Activation, gated};
 use crate::ops::frozen_linear::ModelBackend;
 use crate::ops::rope::Rope;
 
 /// One layer's cached keys and values, `[batch, kv_heads, len, head_dim]` each.
 type LayerCache<B> = Option<(Tensor<B, 4>, Tensor<B, 4>)>;
 
-/// RMSNorm over the last dimension: `x / √(mean(x²) + ε) ⊙ weight`.
+/// RMSNorm over the last dimension: `x / √(mean(x²) + ε) ⊙ weight` (Gemma: `⊙ (1 + weight)`).
 #[derive(Debug, Clone)]
 pub struct RmsNorm<B: ModelBackend> {
-    /// Per-feature gain, as long as the normalised dimension.
+    /// Per-feature gain, as long as the normalised dimension (Gemma: the gain minus one).
     pub weight: Tensor<B, 1>,
     /// `ε`, added to the mean square before the square root.
     pub eps: f64,
+    /// Gemma: the gain is `1 + weight`.
+    pub plus_one: bool,
 }
 
 impl<B: ModelBackend> RmsNorm<B> {
@@ -46,7 +51,11 @@ impl<B: ModelBackend> RmsNorm<B> {
         x: Tensor<B, D>,
         dtype: Option<FloatDType>,
     ) -> Tensor<B, D> {
-        B::rms_norm(x, self.weight.clone(), self.eps, dtype)
+        let gain = match self.plus_one {
+            true => self.weight.clone().add_scalar(1.0),
+            false => self.weight.clone(),
+        };
+        B::rms_norm(x, gain, self.eps, dtype)
     }
 }
 
@@ -72,6 +81,8 @@ pub struct Attention<B: ModelBackend> {
     pub num_kv_heads: usize,
     /// Width of one head (queries, keys and values alike).
     pub head_dim: usize,
+    /// How `q·k` becomes a score (scale, Gemma 2's soft-cap).
+    pub scores: Scores,
 }
 
 /// Keys and values of the positions seen so far, per layer: `[batch, kv_heads, len, head_dim]`.
@@ -143,17 +154,18 @@ impl<B: ModelBackend> Attention<B> {
             }
             *slot = Some((k.clone(), v.clone()));
         }
-        let scale = 1.0 / (self.head_dim as f64).sqrt();
-        let out = attention(q, k, v, &layout.visibility, scale)
+        let out = attention(q, k, v, &layout.visibility, self.scores)
             .swap_dims(1, 2)
             .reshape([batch, seq, self.num_heads * self.head_dim]);
         self.o_proj.forward(out)
     }
 }
 
-/// A block's SwiGLU feed-forward: `down(silu(gate(x)) ⊙ up(x))`.
+/// A block's gated feed-forward: `down(act(gate(x)) ⊙ up(x))` (SwiGLU, or Gemma's GeGLU).
 #[derive(Debug, Clone)]
 pub struct Mlp<B: ModelBackend> {
+    /// The gate's activation.
+    pub activation: Activation,
     /// `hidden` → `intermediate`, passed through SiLU.
     pub gate_proj: FrozenLinear<B>,
     /// `hidden` → `intermediate`, multiplied by the activated gate.
@@ -177,7 +189,8 @@ impl<B: ModelBackend> Mlp<B> {
             .gate_proj
             .output_grad_dtype()
             .and(self.up_proj.output_grad_dtype());
-        let hidden = B::swiglu(gate, up, self.down_proj.input_dtype(), grad_dtype);
+        let dtype = self.down_proj.input_dtype();
+        let hidden = gated(self.activation, gate, up, dtype, grad_dtype);
         self.down_proj
             .forward_rows(hidden)
             .reshape([batch, seq, self.down_proj.out_features()])
@@ -185,17 +198,24 @@ impl<B: ModelBackend> Mlp<B> {
 }
 
 /// One decoder block: pre-norm attention, then a pre-norm MLP, each added onto the residual
-/// stream.
+/// stream (Gemma also normalises each one's output before adding it).
 #[derive(Debug, Clone)]
 pub struct Block<B: ModelBackend> {
-    /// The RMSNorm before attention.
+    /// The RMSNorm before attention (`input_layernorm`).
     pub input_layernorm: RmsNorm<B>,
     /// The block's attention.
     pub self_attn: Attention<B>,
-    /// The RMSNorm before the MLP.
-    pub post_attention_layernorm: RmsNorm<B>,
-    /// The block's SwiGLU feed-forward.
+    /// Gemma: the RMSNorm of attention's output (`post_attention_layernorm`).
+    pub post_attention_norm: Option<RmsNorm<B>>,
+    /// The RMSNorm before the MLP (Llama's `post_attention_layernorm`, Gemma's
+    /// `pre_feedforward_layernorm`).
+    pub pre_mlp_norm: RmsNorm<B>,
+    /// The block's gated feed-forward.
     pub mlp: Mlp<B>,
+    /// Gemma: the RMSNorm of the MLP's output (`post_feedforward_layernorm`).
+    pub post_mlp_norm: Option<RmsNorm<B>>,
+    /// Whether attention sees a sliding window (and its layout's RoPE) rather than the past.
+    pub sliding: bool,
 }
 
 impl<B: ModelBackend> Block<B> {
@@ -240,36 +260,45 @@ impl<B: ModelBackend> Block<B> {
     pub fn forward(
         &self,
         h: Tensor<B, 3>,
-        layout: &AttentionLayout<B>,
+        layouts: &Layouts<B>,
         cache: Option<&mut LayerCache<B>>,
     ) -> Tensor<B, 3> {
-        self.mlp_part(self.attention_part(h, layout, cache))
+        self.mlp_part(self.attention_part(h, layouts, cache))
     }
 
-    /// The block's first half, `h + attention(norm(h))`.
+    /// The block's first half, `h + attention(norm(h))` (Gemma: `h + norm(attention(norm(h)))`),
+    /// attention laid out as `layouts` says for a sliding or a global layer.
     pub fn attention_part(
         &self,
         h: Tensor<B, 3>,
-        layout: &AttentionLayout<B>,
+        layouts: &Layouts<B>,
         cache: Option<&mut LayerCache<B>>,
     ) -> Tensor<B, 3> {
         let attn_dtype = self.self_attn.q_proj.input_dtype();
-        h.clone()
-            + self.self_attn.forward(
-                self.input_layernorm.forward_as(h, attn_dtype),
-                layout,
-                cache,
-            )
+        let out = self.self_attn.forward(
+            self.input_layernorm.forward_as(h.clone(), attn_dtype),
+            layouts.get(self.sliding),
+            cache,
+        );
+        h + post_norm(&self.post_attention_norm, out)
     }
 
-    /// The block's second half, `h + mlp(norm(h))`: position by position, so any rows of
-    /// `[batch, seq, hidden]` can go through it apart.
+    /// The block's second half, `h + mlp(norm(h))` (Gemma: `h + norm(mlp(norm(h)))`): position
+    /// by position, so any rows of `[batch, seq, hidden]` can go through it apart.
     pub fn mlp_part(&self, h: Tensor<B, 3>) -> Tensor<B, 3> {
         let mlp_dtype = self.mlp.gate_proj.input_dtype();
-        h.clone()
-            + self
-                .mlp
-                .forward(self.post_attention_layernorm.forward_as(h, mlp_dtype))
+        let out = self
+            .mlp
+            .forward(self.pre_mlp_norm.forward_as(h.clone(), mlp_dtype));
+        h + post_norm(&self.post_mlp_norm, out)
+    }
+}
+
+/// `x` through Gemma's norm of a sublayer's output, where the block has one.
+fn post_norm<B: ModelBackend>(norm: &Option<RmsNorm<B>>, x: Tensor<B, 3>) -> Tensor<B, 3> {
+    match norm {
+        Some(norm) => norm.forward(x),
+        None => x,
     }
 }
 
@@ -286,8 +315,10 @@ pub struct Decoder<B: ModelBackend> {
     pub norm: RmsNorm<B>,
     /// Shares the embedding's weight when the model ties them.
     pub lm_head: FrozenLinear<B>,
-    /// RoPE frequencies, shared by every block's attention.
+    /// RoPE frequencies, shared by every global block's attention.
     pub rope: Rope,
+    /// Gemma 3: the sliding blocks' RoPE frequencies, when they differ from the global ones.
+    pub local_rope: Option<Rope>,
 }
 
 impl<B: ModelBackend> Decoder<B> {
@@ -302,24 +333,29 @@ impl<B: ModelBackend> Decoder<B> {
     ) -> Tensor<B, 3> {
         let seq = ids.len() / batch;
         let past = cache.as_ref().map_or(0, |c| c.len());
-        let layout = AttentionLayout::causal(&self.rope, past, seq, device);
+        let layouts = self.layouts_with(|rope| AttentionLayout::causal(rope, past, seq, device));
         let mut slots = cache.map(|c| c.layers.iter_mut());
         let mut h = self.embed(ids, batch, device);
         for block in &self.layers {
-            h = block.forward(h, &layout, slots.as_mut().and_then(Iterator::next));
+            h = block.forward(h, &layouts, slots.as_mut().and_then(Iterator::next));
         }
         self.norm.forward(h)
     }
 
-    /// Token embeddings `[batch, seq, hidden]`.
+    /// Token embeddings `[batch, seq, hidden]` (Gemma: times √hidden).
     pub fn embed(&self, ids: &[u32], batch: usize, device: &B::Device) -> Tensor<B, 3> {
         let seq = ids.len() / batch;
-        self.embed_tokens
+        let h = self
+            .embed_tokens
             .rows(ids, device)
-            .reshape([batch, seq, self.config.hidden_size])
+            .reshape([batch, seq, self.config.hidden_size]);
+        match self.config.quirks.scale_embedding {
+            true => h.mul_scalar((self.config.hidden_size as f64).sqrt()),
+            false => h,
+        }
     }
 
-    /// The layout of `batch` rows of `seq` tokens: causal rows, or packed rows when `segments`
+    /// The layouts of `batch` rows of `seq` tokens: causal rows, or packed rows when `segments`
     /// names each token's example (see [`AttentionLayout::packed`]).
     pub fn layout(
         &self,
@@ -327,11 +363,31 @@ impl<B: ModelBackend> Decoder<B> {
         batch: usize,
         seq: usize,
         device: &B::Device,
-    ) -> AttentionLayout<B> {
-        match segments {
-            Some(segments) => AttentionLayout::packed(&self.rope, segments, batch, seq, device),
-            None => AttentionLayout::causal(&self.rope, 0, seq, device),
-        }
+    ) -> Layouts<B> {
+        self.layouts_with(|rope| match segments {
+            Some(segments) => AttentionLayout::packed(rope, segments, batch, seq, device),
+            None => AttentionLayout::causal(rope, 0, seq, device),
+        })
+    }
+
+    /// The global layers' layout from `make(rope)`, and the sliding layers' where there are
+    /// any: their window, and their own RoPE (Gemma 3) or the global tables.
+    fn layouts_with(&self, make: impl Fn(&Rope) -> AttentionLayout<B>) -> Layouts<B> {
+        let global = make(&self.rope);
+        let window = self.config.quirks.sliding_window;
+        let sliding = window
+            .filter(|_| self.layers.iter().any(|b| b.sliding))
+            .map(|w| {
+                let local = match &self.local_rope {
+                    Some(rope) => make(rope),
+                    None => global.clone(),
+                };
+                AttentionLayout {
+                    visibility: local.visibility.with_window(Some(w)),
+                    ..local
+                }
+            });
+        Layouts { global, sliding }
     }
 
     /// Every decoder linear with its Hugging Face module path (`model.layers.0.self_attn.q_proj`).
@@ -356,9 +412,14 @@ impl<B: ModelBackend> Decoder<B> {
         out
     }
 
-    /// Logits `[batch, seq, vocab]` from final hidden states.
+    /// Logits `[batch, seq, vocab]` from final hidden states (Gemma 2: soft-capped,
+    /// `cap · tanh(z / cap)`).
     pub fn logits(&self, hidden: Tensor<B, 3>) -> Tensor<B, 3> {
-        self.lm_head.forward(hidden)
+        let z = self.lm_head.forward(hidden);
+        match self.config.quirks.final_softcap {
+            Some(cap) => z.div_scalar(cap).tanh().mul_scalar(cap),
+            None => z,
+        }
     }
 
     /// The logits of the last hidden states `h`: the final norm (written in the head's GEMM
@@ -393,10 +454,10 @@ impl<B: ModelBackend> Decoder<B> {
         batch: usize,
         device: &B::Device,
     ) -> Tensor<B, 3> {
-        let layout = self.layout(segments, batch, ids.len() / batch, device);
+        let layouts = self.layout(segments, batch, ids.len() / batch, device);
         let mut h = self.embed(ids, batch, device);
         for block in &self.layers {
-            h = block.forward(h, &layout, None);
+            h = block.forward(h, &layouts, None);
         }
         h
     }

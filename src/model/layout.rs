@@ -1,6 +1,9 @@
 //! Where each token sits and what it may attend to: the RoPE tables and the attention's
 //! [`Visibility`] rule, built once per forward pass and shared by every block.
 //!
+//! Sliding layers (Mistral's, Gemma's) see a window of the keys, with their own RoPE tables in
+//! Gemma 3: [`Layouts`] holds one layout per kind of layer.
+//!
 //! Two layouts: one sequence per row (causal, continuing any cached positions), and packed rows
 //! that hold several examples back to back, where positions restart at each example and
 //! attention never crosses from one example into another.
@@ -60,6 +63,26 @@ impl<B: Backend> AttentionLayout<B> {
             cos,
             sin,
             visibility: Visibility::packed(starts, batch, device),
+        }
+    }
+}
+
+/// The layouts of one forward pass: the global layers', and the sliding layers' (their window,
+/// and Gemma 3's local RoPE) where the model has any.
+#[derive(Debug, Clone)]
+pub struct Layouts<B: Backend> {
+    /// What a global layer sees.
+    pub global: AttentionLayout<B>,
+    /// What a sliding layer sees.
+    pub sliding: Option<AttentionLayout<B>>,
+}
+
+impl<B: Backend> Layouts<B> {
+    /// The layout of a sliding (`true`) or a global layer.
+    pub fn get(&self, sliding: bool) -> &AttentionLayout<B> {
+        match (&self.sliding, sliding) {
+            (Some(local), true) => local,
+            _ => &self.global,
         }
     }
 }

@@ -13,6 +13,7 @@ use super::weights::{HostWeight, MlxQuantization, WeightSource};
 use crate::io::gguf::GgufFile;
 use crate::io::safetensors::SafetensorsStore;
 use crate::ops::ModelBackend;
+use crate::ops::attention::Scores;
 use crate::ops::rope::Rope;
 use crate::progress::Progress;
 use crate::recipe::{DeviceKind, Dtype};
@@ -164,7 +165,12 @@ impl ModelFiles {
             Ok(RmsNorm {
                 weight: vector(name, len)?,
                 eps: c.rms_norm_eps,
+                plus_one: c.quirks.norm_plus_one,
             })
+        };
+        let scores = Scores {
+            scale: 1.0 / c.quirks.query_pre_attn_scalar.unwrap_or(hd as f64).sqrt(),
+            softcap: c.quirks.attn_softcap,
         };
         let what = match storage.quantize {
             Some((bits, _)) => format!(
@@ -180,8 +186,8 @@ impl ModelFiles {
             let p = names::block(i);
             let linear =
                 |w: BlockLinear| linear(&format!("{p}.{}", w.key()), w.shape(c), w.has_bias(c));
-            let norm = |n: BlockNorm| norm(&format!("{p}.{}.weight", n.key()), n.len(c));
-            let qk_norm = |n: BlockNorm| c.qk_norm.then(|| norm(n)).transpose();
+            let norm = |n: BlockNorm| norm(&format!("{p}.{}.weight", n.key(c.family)), n.len(c));
+            let optional = |n: BlockNorm| n.exists(c).then(|| norm(n)).transpose();
             layers.push(Block {
                 input_layernorm: norm(BlockNorm::Input)?,
                 self_attn: Attention {
@@ -189,18 +195,23 @@ impl ModelFiles {
                     k_proj: linear(BlockLinear::K)?,
                     v_proj: linear(BlockLinear::V)?,
                     o_proj: linear(BlockLinear::O)?,
-                    q_norm: qk_norm(BlockNorm::Q)?,
-                    k_norm: qk_norm(BlockNorm::K)?,
+                    q_norm: optional(BlockNorm::Q)?,
+                    k_norm: optional(BlockNorm::K)?,
                     num_heads: c.num_heads,
                     num_kv_heads: c.num_kv_heads,
                     head_dim: hd,
+                    scores,
                 },
-                post_attention_layernorm: norm(BlockNorm::PostAttention)?,
+                post_attention_norm: optional(BlockNorm::PostAttention)?,
+                pre_mlp_norm: norm(BlockNorm::PreMlp)?,
                 mlp: Mlp {
+                    activation: c.quirks.activation,
                     gate_proj: linear(BlockLinear::Gate)?,
                     up_proj: linear(BlockLinear::Up)?,
                     down_proj: linear(BlockLinear::Down)?,
                 },
+                post_mlp_norm: optional(BlockNorm::PostMlp)?,
+                sliding: c.quirks.slides(i),
             });
         }
         let embed_tokens = matrix(
@@ -225,6 +236,11 @@ impl ModelFiles {
             norm: norm(&format!("{}.weight", names::FINAL_NORM.0), h)?,
             lm_head,
             rope: Rope::new(hd, c.rope_theta, &c.rope_scaling),
+            local_rope: c
+                .quirks
+                .local_rope
+                .as_ref()
+                .map(|(theta, scaling)| Rope::new(hd, *theta, scaling)),
         })
     }
 }

@@ -2,7 +2,7 @@
 //! llama.cpp's GGUF name), with its shape, in file order. Loading, LoRA injection, adapter files
 //! and export all name tensors through it, so a name is written once.
 
-use super::config::ModelConfig;
+use super::config::{Family, ModelConfig};
 
 /// A linear of a decoder block.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -79,34 +79,85 @@ impl BlockLinear {
     }
 }
 
-/// An RMSNorm of a decoder block.
+/// An RMSNorm of a decoder block, by what it normalises.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum BlockNorm {
-    /// Before attention.
+    /// Before attention (`input_layernorm`).
     Input,
-    /// Before the MLP.
+    /// Gemma: attention's output, before the residual add (`post_attention_layernorm`).
     PostAttention,
-    /// Qwen3's per-head norm of the queries.
+    /// Before the MLP: `post_attention_layernorm` in Llama, `pre_feedforward_layernorm` in Gemma.
+    PreMlp,
+    /// Gemma: the MLP's output, before the residual add (`post_feedforward_layernorm`).
+    PostMlp,
+    /// Qwen3's and Gemma 3's per-head norm of the queries.
     Q,
-    /// Qwen3's per-head norm of the keys.
+    /// Qwen3's and Gemma 3's per-head norm of the keys.
     K,
 }
 
 impl BlockNorm {
-    /// The four; the q/k norms exist only where `qk_norm` is set.
-    pub const ALL: [BlockNorm; 4] = [
+    /// The six; which a block has depends on its family ([`BlockNorm::exists`]).
+    pub const ALL: [BlockNorm; 6] = [
         BlockNorm::Input,
         BlockNorm::PostAttention,
+        BlockNorm::PreMlp,
+        BlockNorm::PostMlp,
         BlockNorm::Q,
         BlockNorm::K,
     ];
 
+    /// Whether blocks of this configuration have it.
+    pub fn exists(self, c: &ModelConfig) -> bool {
+        match self {
+            BlockNorm::Input | BlockNorm::PreMlp => true,
+            BlockNorm::PostAttention | BlockNorm::PostMlp => c.quirks.sandwich_norms,
+            BlockNorm::Q | BlockNorm::K => c.qk_norm,
+        }
+    }
+
     /// Its length.
     pub fn len(self, c: &ModelConfig) -> usize {
         match self {
-            BlockNorm::Input | BlockNorm::PostAttention => c.hidden_size,
             BlockNorm::Q | BlockNorm::K => c.head_dim,
+            _ => c.hidden_size,
         }
+    }
+
+    /// Its Hugging Face module path relative to the block (Llama names its pre-MLP norm
+    /// `post_attention_layernorm`; Gemma uses that name for the norm after attention).
+    pub fn key(self, family: Family) -> &'static str {
+        match self {
+            BlockNorm::Input => "input_layernorm",
+            BlockNorm::PostAttention => "post_attention_layernorm",
+            BlockNorm::PreMlp if family.is_gemma() => "pre_feedforward_layernorm",
+            BlockNorm::PreMlp => "post_attention_layernorm",
+            BlockNorm::PostMlp => "post_feedforward_layernorm",
+            BlockNorm::Q => "self_attn.q_norm",
+            BlockNorm::K => "self_attn.k_norm",
+        }
+    }
+
+    /// llama.cpp's name for it inside a block.
+    pub fn gguf(self) -> &'static str {
+        match self {
+            BlockNorm::Input => "attn_norm",
+            BlockNorm::PostAttention => "post_attention_norm",
+            BlockNorm::PreMlp => "ffn_norm",
+            BlockNorm::PostMlp => "post_ffw_norm",
+            BlockNorm::Q => "attn_q_norm",
+            BlockNorm::K => "attn_k_norm",
+        }
+    }
+
+    /// The norm whose Hugging Face key (relative to the block) is `key` in this family (Llama's
+    /// `post_attention_layernorm` is its pre-MLP norm, Gemma's the norm after attention).
+    fn from_key(key: &str, family: Family) -> Option<Self> {
+        let sandwich = |n: &BlockNorm| matches!(n, BlockNorm::PostAttention | BlockNorm::PostMlp);
+        Self::ALL
+            .into_iter()
+            .filter(|n| family.is_gemma() || !sandwich(n))
+            .find(|n| n.key(family) == key)
     }
 }
 
@@ -137,17 +188,6 @@ impl BlockModule for BlockLinear {
             BlockLinear::Gate => ("mlp.gate_proj", "ffn_gate"),
             BlockLinear::Up => ("mlp.up_proj", "ffn_up"),
             BlockLinear::Down => ("mlp.down_proj", "ffn_down"),
-        }
-    }
-}
-
-impl BlockModule for BlockNorm {
-    fn names(self) -> (&'static str, &'static str) {
-        match self {
-            BlockNorm::Input => ("input_layernorm", "attn_norm"),
-            BlockNorm::PostAttention => ("post_attention_layernorm", "ffn_norm"),
-            BlockNorm::Q => ("self_attn.q_norm", "attn_q_norm"),
-            BlockNorm::K => ("self_attn.k_norm", "attn_k_norm"),
         }
     }
 }
@@ -229,20 +269,24 @@ pub fn tensor_specs(c: &ModelConfig) -> Vec<TensorSpec> {
             let name = format!("{p}.{}.bias", w.key());
             TensorSpec::new(name, &[w.shape(c)[0]], Role::Bias(w))
         };
-        let norm = |n: BlockNorm| {
-            let name = format!("{p}.{}.weight", n.key());
-            TensorSpec::new(name, &[n.len(c)], Role::Norm(n))
+        let norms = |ns: &[BlockNorm]| -> Vec<TensorSpec> {
+            ns.iter()
+                .filter(|n| n.exists(c))
+                .map(|&n| {
+                    let name = format!("{p}.{}.weight", n.key(c.family));
+                    TensorSpec::new(name, &[n.len(c)], Role::Norm(n))
+                })
+                .collect()
         };
         let qkv = [BlockLinear::Q, BlockLinear::K, BlockLinear::V];
-        out.push(norm(BlockNorm::Input));
+        out.extend(norms(&[BlockNorm::Input]));
         out.extend(qkv.map(weight));
         out.extend(qkv.into_iter().filter(|w| w.has_bias(c)).map(bias));
-        if c.qk_norm {
-            out.extend([BlockNorm::Q, BlockNorm::K].map(norm));
-        }
+        out.extend(norms(&[BlockNorm::Q, BlockNorm::K]));
         out.push(weight(BlockLinear::O));
-        out.push(norm(BlockNorm::PostAttention));
+        out.extend(norms(&[BlockNorm::PostAttention, BlockNorm::PreMlp]));
         out.extend([BlockLinear::Gate, BlockLinear::Up, BlockLinear::Down].map(weight));
+        out.extend(norms(&[BlockNorm::PostMlp]));
     }
     out.push(TensorSpec::new(top(FINAL_NORM), &[h], Role::FinalNorm));
     if !c.tie_word_embeddings {
@@ -251,8 +295,8 @@ pub fn tensor_specs(c: &ModelConfig) -> Vec<TensorSpec> {
     out
 }
 
-/// What the tensor under a Hugging Face name is, and in which block.
-pub fn role_of(hf: &str) -> Option<(Option<usize>, Role)> {
+/// What the tensor under a Hugging Face name is in a model of `family`, and in which block.
+pub fn role_of(hf: &str, family: Family) -> Option<(Option<usize>, Role)> {
     for (module, role) in [
         (EMBED_TOKENS.0, Role::Embedding),
         (FINAL_NORM.0, Role::FinalNorm),
@@ -268,15 +312,15 @@ pub fn role_of(hf: &str) -> Option<(Option<usize>, Role)> {
     let role = match (BlockLinear::from_key(module), suffix) {
         (Some(w), "weight") => Role::Weight(w),
         (Some(w), "bias") => Role::Bias(w),
-        (None, "weight") => Role::Norm(BlockNorm::ALL.into_iter().find(|n| n.key() == module)?),
+        (None, "weight") => Role::Norm(BlockNorm::from_key(module, family)?),
         _ => return None,
     };
     Some((Some(layer), role))
 }
 
-/// The GGUF name of a Hugging Face tensor name (llama.cpp's naming).
-pub fn gguf_name(hf: &str) -> Option<String> {
-    let (layer, role) = role_of(hf)?;
+/// The GGUF name of a Hugging Face tensor name in a model of `family` (llama.cpp's naming).
+pub fn gguf_name(hf: &str, family: Family) -> Option<String> {
+    let (layer, role) = role_of(hf, family)?;
     let leaf = match role {
         Role::Embedding => return Some(format!("{}.weight", EMBED_TOKENS.1)),
         Role::FinalNorm => return Some(format!("{}.weight", FINAL_NORM.1)),
@@ -291,18 +335,22 @@ pub fn gguf_name(hf: &str) -> Option<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::config::Family;
     use crate::ops::rope::RopeScaling;
 
     #[test]
     fn specs_count_every_parameter_once() {
-        for (tied, bias, qk_norm) in [
-            (true, false, false),
-            (false, true, false),
-            (false, false, true),
+        for (tied, bias, qk_norm, family) in [
+            (true, false, false, Family::Qwen3),
+            (false, true, false, Family::Qwen3),
+            (false, false, true, Family::Qwen3),
+            (true, false, true, Family::Gemma3),
         ] {
+            let quirks = crate::model::config::Quirks {
+                sandwich_norms: family.is_gemma(),
+                ..Default::default()
+            };
             let config = ModelConfig {
-                family: Family::Qwen3,
+                family,
                 vocab_size: 100,
                 hidden_size: 32,
                 intermediate_size: 48,
@@ -317,6 +365,7 @@ mod tests {
                 tie_word_embeddings: tied,
                 attention_bias: bias,
                 qk_norm,
+                quirks,
                 dtype: "float32".into(),
             };
             let specs = tensor_specs(&config);
@@ -326,6 +375,12 @@ mod tests {
                 .sum();
             assert_eq!(total, config.parameter_count(), "{tied} {bias} {qk_norm}");
             assert_eq!(specs.iter().any(|s| s.name == "lm_head.weight"), !tied);
+            // Every name reads back as its role, and has a GGUF name.
+            for spec in &specs {
+                let (_, role) = role_of(&spec.name, family).unwrap();
+                assert_eq!(role, spec.role, "{}", spec.name);
+                assert!(gguf_name(&spec.name, family).is_some(), "{}", spec.name);
+            }
         }
     }
 }

@@ -5,7 +5,7 @@
 //! activations alive.)
 
 use super::decoder::{Attention, Block, Decoder, Mlp, RmsNorm};
-use super::layout::AttentionLayout;
+use super::layout::{AttentionLayout, Layouts};
 use super::linear::{FrozenLinear, FrozenWeight};
 use crate::model::LoraAdapter;
 use crate::ops::TrainBackend;
@@ -20,6 +20,7 @@ impl<B: TrainBackend> Decoder<B> {
             norm: self.norm.valid(),
             lm_head: self.lm_head.valid(),
             rope: self.rope.clone(),
+            local_rope: self.local_rope.clone(),
         }
     }
 }
@@ -40,13 +41,18 @@ impl<B: TrainBackend> Block<B> {
                 num_heads: a.num_heads,
                 num_kv_heads: a.num_kv_heads,
                 head_dim: a.head_dim,
+                scores: a.scores,
             },
-            post_attention_layernorm: self.post_attention_layernorm.valid(),
+            post_attention_norm: self.post_attention_norm.as_ref().map(RmsNorm::valid),
+            pre_mlp_norm: self.pre_mlp_norm.valid(),
             mlp: Mlp {
+                activation: m.activation,
                 gate_proj: m.gate_proj.valid(),
                 up_proj: m.up_proj.valid(),
                 down_proj: m.down_proj.valid(),
             },
+            post_mlp_norm: self.post_mlp_norm.as_ref().map(RmsNorm::valid),
+            sliding: self.sliding,
         }
     }
 
@@ -60,6 +66,16 @@ impl<B: TrainBackend> Block<B> {
             }
         }
         block
+    }
+}
+
+impl<B: TrainBackend> Layouts<B> {
+    /// Both layouts on the inner backend.
+    pub fn valid(&self) -> Layouts<B::InnerBackend> {
+        Layouts {
+            global: self.global.valid(),
+            sliding: self.sliding.as_ref().map(AttentionLayout::valid),
+        }
     }
 }
 
@@ -79,6 +95,7 @@ impl<B: TrainBackend> RmsNorm<B> {
         RmsNorm {
             weight: self.weight.clone().inner(),
             eps: self.eps,
+            plus_one: self.plus_one,
         }
     }
 }

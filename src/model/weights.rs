@@ -8,7 +8,7 @@ use serde_json::Value;
 
 use super::config::{Family, ModelConfig};
 use super::names::{Role, gguf_name, role_of};
-use crate::io::gguf::{GgmlType, GgufFile};
+use crate::io::gguf::{GgmlType, GgufFile, TensorInfo};
 use crate::io::safetensors::SafetensorsStore;
 use crate::quant::QuantizedMatrix;
 use crate::quant::ggml;
@@ -177,7 +177,7 @@ pub enum WeightSource {
     /// A `.gguf` file, its tensors found under GGUF's names for the Hugging Face ones.
     Gguf(GgufFile),
     /// Seeded random weights for benchmarks of a model shape (nothing read from disk): matrices
-    /// uniform with standard deviation 0.02 (Hugging Face's init), norms 1, biases 0.
+    /// uniform with standard deviation 0.02 (Hugging Face's init), norms the identity, biases 0.
     Random {
         /// Seeds every matrix's generator (with the tensor's name), so a seed fixes the weights.
         seed: u64,
@@ -197,7 +197,7 @@ impl WeightSource {
     pub fn has(&self, name: &str) -> bool {
         match self {
             WeightSource::Safetensors { store, .. } => store.contains(name),
-            WeightSource::Gguf(g) => gguf_name(name).is_some_and(|n| g.tensor(&n).is_some()),
+            WeightSource::Gguf(g) => gguf_tensor(g, name).is_some(),
             WeightSource::Random { .. } => true,
         }
     }
@@ -212,7 +212,7 @@ impl WeightSource {
                 ..
             } => mlx_setting(store, quantization.as_ref(), name).map(|(g, b)| (b, g)),
             WeightSource::Gguf(g) => {
-                let info = gguf_name(name).and_then(|n| g.tensor(&n))?;
+                let info = gguf_tensor(g, name)?;
                 match info.kind {
                     GgmlType::Q4_0 | GgmlType::Q4_1 => Some((4, 32)),
                     GgmlType::Q8_0 => Some((8, 32)),
@@ -234,7 +234,7 @@ impl WeightSource {
                 store.release(&format!("{module}.biases"));
             }
             WeightSource::Gguf(g) => {
-                if let Some(info) = gguf_name(name).and_then(|n| g.tensor(&n)) {
+                if let Some(info) = gguf_tensor(g, name) {
                     g.release(info);
                 }
             }
@@ -256,7 +256,9 @@ impl WeightSource {
                 file,
             } => load_safetensors(store, quantization.as_ref(), file, name, expected)?,
             WeightSource::Gguf(g) => load_gguf(g, name, config)?,
-            WeightSource::Random { seed } => random_weight(*seed, name, expected),
+            WeightSource::Random { seed } => {
+                random_weight(*seed, name, expected, config.quirks.norm_plus_one)
+            }
         };
         self.release(name);
         let found = weight.shape();
@@ -272,12 +274,13 @@ impl WeightSource {
     }
 }
 
-fn random_weight(seed: u64, name: &str, shape: &[usize]) -> HostWeight {
+/// Norms are the identity: 1, or 0 where the model multiplies by `1 + w`.
+fn random_weight(seed: u64, name: &str, shape: &[usize], norm_plus_one: bool) -> HostWeight {
     use rand::{Rng, SeedableRng};
     use rayon::prelude::*;
     let len: usize = shape.iter().product();
     let values = if name.ends_with("norm.weight") {
-        vec![1.0; len]
+        vec![if norm_plus_one { 0.0 } else { 1.0 }; len]
     } else if name.ends_with(".bias") {
         vec![0.0; len]
     } else {
@@ -382,8 +385,21 @@ fn mlx_setting(
     }
 }
 
+/// The family a GGUF file's `general.architecture` names (Llama when it names none we read: the
+/// config reader has refused those already).
+fn gguf_family(g: &GgufFile) -> Family {
+    g.architecture()
+        .and_then(Family::from_model_type)
+        .unwrap_or(Family::Llama)
+}
+
+/// The GGUF tensor holding the Hugging Face weight `hf`.
+fn gguf_tensor<'a>(g: &'a GgufFile, hf: &str) -> Option<&'a TensorInfo> {
+    gguf_name(hf, gguf_family(g)).and_then(|n| g.tensor(&n))
+}
+
 fn load_gguf(g: &GgufFile, hf: &str, config: &ModelConfig) -> Result<HostWeight, WeightError> {
-    let name = gguf_name(hf).ok_or_else(|| WeightError::Missing {
+    let name = gguf_name(hf, config.family).ok_or_else(|| WeightError::Missing {
         file: g.path.clone(),
         name: hf.to_string(),
     })?;
@@ -408,16 +424,31 @@ fn load_gguf(g: &GgufFile, hf: &str, config: &ModelConfig) -> Result<HostWeight,
         HostWeight::Quantized(ggml::to_affine(info.kind, rows, cols, data).expect("quantized kind"))
     };
     // llama.cpp's converter permutes the rows of q and k for its RoPE kernel (Llama family
-    // only); undo it so the rest of the code sees Hugging Face's layout.
-    let heads = match role_of(hf) {
-        Some((_, Role::Weight(w))) => w.permuted_heads(config),
-        _ => None,
-    };
-    match heads {
-        Some(h) if matches!(config.family, Family::Llama | Family::Mistral) => {
-            Ok(unpermute_qk(weight, h))
+    // only), and stores Gemma's norms as `1 + w`; undo both so the rest of the code sees Hugging
+    // Face's layout.
+    match role_of(hf, config.family) {
+        Some((_, Role::Weight(w))) if config.family.gguf_permutes_qk() => {
+            match w.permuted_heads(config) {
+                Some(h) => Ok(unpermute_qk(weight, h)),
+                None => Ok(weight),
+            }
+        }
+        Some((_, Role::Norm(_) | Role::FinalNorm)) if config.quirks.norm_plus_one => {
+            Ok(minus_one(weight))
         }
         _ => Ok(weight),
+    }
+}
+
+/// A Gemma norm as llama.cpp stores it (`1 + w`) back to `w`. Exact for stored values of at
+/// least 0.5 (Sterbenz), so the forward's `1 + w` gives the stored value back.
+fn minus_one(weight: HostWeight) -> HostWeight {
+    match weight {
+        HostWeight::Dense { shape, values } => HostWeight::Dense {
+            shape,
+            values: values.into_iter().map(|v| v - 1.0).collect(),
+        },
+        quantized => quantized,
     }
 }
 

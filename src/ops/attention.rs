@@ -15,6 +15,9 @@
 //!     dS = P ⊙ (dP − D_c)          dQ_c = (dS K) · scale          dK += (dSᵀ Q_c) · scale
 //! ```
 //!
+//! Gemma 2's soft-cap replaces the scores by `S = cap · tanh(S₀ / cap)` (`S₀ = (Q_c · scale) Kᵀ`),
+//! before the mask; the backward then multiplies `dS` by `dS/dS₀ = 1 − (S / cap)²`.
+//!
 //! Memory grows with `seq × slice` instead of `seq²`, and a causal mask skips the keys after a
 //! slice's last query (about 40% of the score FLOPs at 4 slices). The products go through
 //! [`MatmulBackend::model_matmul`] (cuBLAS on CUDA).
@@ -35,6 +38,35 @@ use super::visibility::Visibility;
 /// mask's empty upper triangle (n slices compute (n+1)/2n of the scores).
 const MAX_SLICE_ELEMENTS: usize = 1 << 26;
 
+/// How `Q Kᵀ` becomes the scores the softmax sees: multiplied by `scale`, then soft-capped when
+/// `softcap` is set (Gemma 2: `cap · tanh(s / cap)`).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Scores {
+    /// The factor `Q Kᵀ` is multiplied by (`1/√head_dim`, or Gemma's `1/√query_pre_attn_scalar`).
+    pub scale: f64,
+    /// Gemma 2's soft-cap of the scaled scores.
+    pub softcap: Option<f64>,
+}
+
+impl Scores {
+    /// `scale`, without a soft-cap.
+    pub fn scaled(scale: f64) -> Self {
+        Scores {
+            scale,
+            softcap: None,
+        }
+    }
+}
+
+/// Whether a backend's fused kernel covers this call: they apply the causal and packed rules
+/// but not (yet) a sliding window or a soft-cap, which take the sliced form.
+pub fn kernel_covers<B: burn::tensor::backend::Backend>(
+    visibility: &Visibility<B>,
+    scores: Scores,
+) -> bool {
+    visibility.window.is_none() && scores.softcap.is_none()
+}
+
 /// Backends that run the model's attention: the defaults are the sliced forms in Burn's ops;
 /// a backend overrides them with a fused kernel or faster passes of its own.
 pub trait AttentionBackend: MatmulBackend {
@@ -46,9 +78,9 @@ pub trait AttentionBackend: MatmulBackend {
         k: FloatTensor<Self>,
         v: FloatTensor<Self>,
         visibility: &Visibility<Self>,
-        scale: f64,
+        scores: Scores,
     ) -> FloatTensor<Self> {
-        primitive(Self::attention_forward(inner(q), inner(k), inner(v), visibility, scale).0)
+        primitive(Self::attention_forward(inner(q), inner(k), inner(v), visibility, scores).0)
     }
 
     /// Whether [`AttentionBackend::attention_forward`] and `attention_backward` are a fused
@@ -65,9 +97,9 @@ pub trait AttentionBackend: MatmulBackend {
         k: Tensor<Self, 4>,
         v: Tensor<Self, 4>,
         visibility: &Visibility<Self>,
-        scale: f64,
+        scores: Scores,
     ) -> (Tensor<Self, 4>, Tensor<Self, 4>) {
-        sliced_forward(q, k, v, visibility, scale)
+        sliced_forward(q, k, v, visibility, scores)
     }
 
     /// `(dQ, dK, dV)` from `dO`. By default the sliced form.
@@ -105,10 +137,10 @@ pub fn sliced_forward<B: MatmulBackend>(
     k: Tensor<B, 4>,
     v: Tensor<B, 4>,
     visibility: &Visibility<B>,
-    scale: f64,
+    scores: Scores,
 ) -> (Tensor<B, 4>, Tensor<B, 4>) {
     let slice = slice_len(&q, &k);
-    forward(q, k, v, visibility, scale, slice)
+    forward(q, k, v, visibility, scores, slice)
 }
 
 /// The default [`AttentionBackend::attention_backward`].
@@ -129,11 +161,11 @@ pub fn attention<B: AttentionBackend>(
     k: Tensor<B, 4>,
     v: Tensor<B, 4>,
     visibility: &Visibility<B>,
-    scale: f64,
+    scores: Scores,
 ) -> Tensor<B, 4> {
     let [_, heads, _, d] = q.dims();
     let group = heads / k.dims()[1];
-    let (k, v) = if B::fused_attention(d, &q.device()) {
+    let (k, v) = if B::fused_attention(d, &q.device()) && kernel_covers(visibility, scores) {
         (k, v)
     } else {
         (repeat_kv(k, group), repeat_kv(v, group))
@@ -143,7 +175,7 @@ pub fn attention<B: AttentionBackend>(
         primitive(k),
         primitive(v),
         visibility,
-        scale,
+        scores,
     ))
 }
 
@@ -175,19 +207,38 @@ fn slices(seq: usize, keys: usize, slice: usize) -> impl Iterator<Item = (usize,
     })
 }
 
-/// `S = (Q_c · scale) K[..end]ᵀ + mask_c` for one slice (scaling the `d`-wide queries rather than
-/// the `end`-wide scores).
+/// `S = (Q_c · scale) K[..end]ᵀ + mask_c` for one slice (scaling the `d`-wide queries rather
+/// than the `end`-wide scores), soft-capped before the mask where asked; with a soft-cap, also
+/// `tanh(S₀ / cap)`, from which the backward's `1 − t²` comes.
 fn scores<B: MatmulBackend>(
     q: &Tensor<B, 4>,
     k: &Tensor<B, 4>,
     visibility: &Visibility<B>,
     (c0, c1, end): (usize, usize, usize),
-    scale: f64,
-) -> Tensor<B, 4> {
+    scores: Scores,
+) -> (Tensor<B, 4>, Option<Tensor<B, 4>>) {
     let qc = q.clone().narrow(2, c0, c1 - c0);
     let kc = k.clone().narrow(2, 0, end);
     let mc = visibility.additive(c0..c1, end, q.dtype(), &q.device());
-    matmul(qc.mul_scalar(scale), kc.swap_dims(2, 3)) + mc
+    let (s, t) = softcapped(
+        matmul(qc.mul_scalar(scores.scale), kc.swap_dims(2, 3)),
+        scores,
+    );
+    (s + mc, t)
+}
+
+/// `cap · tanh(s / cap)` and the `tanh` when soft-capped; `s` as it is otherwise.
+fn softcapped<B: burn::tensor::backend::Backend>(
+    s: Tensor<B, 4>,
+    scores: Scores,
+) -> (Tensor<B, 4>, Option<Tensor<B, 4>>) {
+    match scores.softcap {
+        Some(cap) => {
+            let t = s.div_scalar(cap).tanh();
+            (t.clone().mul_scalar(cap), Some(t))
+        }
+        None => (s, None),
+    }
 }
 
 /// The output and the log-sum-exp of each query's scores (`[batch, heads, seq, 1]`).
@@ -196,14 +247,14 @@ fn forward<B: MatmulBackend>(
     k: Tensor<B, 4>,
     v: Tensor<B, 4>,
     visibility: &Visibility<B>,
-    scale: f64,
+    scores_rule: Scores,
     slice: usize,
 ) -> (Tensor<B, 4>, Tensor<B, 4>) {
     let [_, _, seq, _] = q.dims();
     let keys = k.dims()[2];
     let (mut outs, mut lses) = (Vec::new(), Vec::new());
     for range in slices(seq, keys, slice) {
-        let s = scores(&q, &k, visibility, range, scale);
+        let (s, _) = scores(&q, &k, visibility, range, scores_rule);
         let max = s.clone().max_dim(3);
         let e = (s - max.clone()).exp();
         let sum = e.clone().sum_dim(3);
@@ -228,8 +279,8 @@ pub struct Saved<B: burn::tensor::backend::Backend> {
     pub out: Tensor<B, 4>,
     /// `[batch, heads, seq, 1]`
     pub lse: Tensor<B, 4>,
-    /// The factor the scores `Q Kᵀ` are multiplied by.
-    pub scale: f64,
+    /// How `Q Kᵀ` became the scores.
+    pub scores: Scores,
 }
 
 /// `(dQ, dK, dV)` from `dO`, `slice` queries at a time.
@@ -246,16 +297,20 @@ fn backward<B: MatmulBackend>(
     let mut dv = s.v.zeros_like();
     for range @ (c0, c1, end) in slices(seq, keys, slice) {
         let rows = c1 - c0;
-        let prob = (scores(&s.q, &s.k, &s.visibility, range, s.scale)
-            - s.lse.clone().narrow(2, c0, rows))
-        .exp();
+        let (scores_c, tanh) = scores(&s.q, &s.k, &s.visibility, range, s.scores);
+        let prob = (scores_c - s.lse.clone().narrow(2, c0, rows)).exp();
         let d_oc = d_out.clone().narrow(2, c0, rows);
         let (kc, vc) = (s.k.clone().narrow(2, 0, end), s.v.clone().narrow(2, 0, end));
         let dv_c = matmul(prob.clone().swap_dims(2, 3), d_oc.clone());
         let dp = matmul(d_oc, vc.swap_dims(2, 3));
         let ds = prob * (dp - delta.clone().narrow(2, c0, rows));
-        dq.push(matmul(ds.clone(), kc).mul_scalar(s.scale));
-        let dk_c = matmul(ds.swap_dims(2, 3), s.q.clone().narrow(2, c0, rows)).mul_scalar(s.scale);
+        let ds = match tanh {
+            Some(t) => ds * t.square().neg().add_scalar(1.0),
+            None => ds,
+        };
+        let scale = s.scores.scale;
+        dq.push(matmul(ds.clone(), kc).mul_scalar(scale));
+        let dk_c = matmul(ds.swap_dims(2, 3), s.q.clone().narrow(2, c0, rows)).mul_scalar(scale);
         dk = add_into_prefix(dk, dk_c);
         dv = add_into_prefix(dv, dv_c);
     }
@@ -319,14 +374,14 @@ impl<B: AttentionBackend, C: CheckpointStrategy> AttentionBackend for Autodiff<B
         k: FloatTensor<Self>,
         v: FloatTensor<Self>,
         visibility: &Visibility<Self>,
-        scale: f64,
+        scores: Scores,
     ) -> FloatTensor<Self> {
         let (q_in, k_in) = (
             inner::<B, 4>(q.primitive.clone()),
             inner::<B, 4>(k.primitive.clone()),
         );
-        if B::fused_attention(q_in.dims()[3], &q_in.device()) {
-            return tracked::<B, C>([q, k, v], visibility.inner(), scale, Kernel::Backend);
+        if B::fused_attention(q_in.dims()[3], &q_in.device()) && kernel_covers(visibility, scores) {
+            return tracked::<B, C>([q, k, v], visibility.inner(), scores, Kernel::Backend);
         }
         let slice = slice_len(&q_in, &k_in);
         let [_, _, seq, _] = q_in.dims();
@@ -337,10 +392,13 @@ impl<B: AttentionBackend, C: CheckpointStrategy> AttentionBackend for Autodiff<B
                 inner::<Self, 4>(v),
             );
             let mask = visibility.additive(0..seq, k_in.dims()[2], q.dtype(), &q.device());
-            let scores = matmul(q.mul_scalar(scale), k.swap_dims(2, 3)) + mask;
-            return primitive(matmul(Self::attention_softmax(scores), v));
+            let (s, _) = softcapped(
+                matmul(q.mul_scalar(scores.scale), k.swap_dims(2, 3)),
+                scores,
+            );
+            return primitive(matmul(Self::attention_softmax(s + mask), v));
         }
-        tracked::<B, C>([q, k, v], visibility.inner(), scale, Kernel::Sliced(slice))
+        tracked::<B, C>([q, k, v], visibility.inner(), scores, Kernel::Sliced(slice))
     }
 
     fn attention_softmax(scores: Tensor<Self, 4>) -> Tensor<Self, 4> {
@@ -386,17 +444,17 @@ pub fn sliced<B: AttentionBackend, C: CheckpointStrategy>(
     k: FloatTensor<Autodiff<B, C>>,
     v: FloatTensor<Autodiff<B, C>>,
     visibility: &Visibility<Autodiff<B, C>>,
-    scale: f64,
+    scores: Scores,
     slice: usize,
 ) -> FloatTensor<Autodiff<B, C>> {
-    tracked::<B, C>([q, k, v], visibility.inner(), scale, Kernel::Sliced(slice))
+    tracked::<B, C>([q, k, v], visibility.inner(), scores, Kernel::Sliced(slice))
 }
 
 /// Attention as one autodiff op of q, k and v, running `kernel`.
 fn tracked<B: AttentionBackend, C: CheckpointStrategy>(
     [q, k, v]: [FloatTensor<Autodiff<B, C>>; 3],
     visibility: Visibility<B>,
-    scale: f64,
+    scores: Scores,
     kernel: Kernel,
 ) -> FloatTensor<Autodiff<B, C>> {
     let (q_in, k_in, v_in) = (
@@ -405,8 +463,8 @@ fn tracked<B: AttentionBackend, C: CheckpointStrategy>(
         inner(v.primitive.clone()),
     );
     let run = |q, k, v| match kernel {
-        Kernel::Backend => B::attention_forward(q, k, v, &visibility, scale),
-        Kernel::Sliced(slice) => forward(q, k, v, &visibility, scale, slice),
+        Kernel::Backend => B::attention_forward(q, k, v, &visibility, scores),
+        Kernel::Sliced(slice) => forward(q, k, v, &visibility, scores, slice),
     };
     match AttentionBackward
         .prepare::<C>([q.node, k.node, v.node])
@@ -422,7 +480,7 @@ fn tracked<B: AttentionBackend, C: CheckpointStrategy>(
                 visibility: visibility.clone(),
                 out: out.clone(),
                 lse,
-                scale,
+                scores,
             };
             prep.finish((saved, kernel), primitive(out))
         }
@@ -444,16 +502,22 @@ mod tests {
         k: Tensor<Bk, 4>,
         v: Tensor<Bk, 4>,
         mask: Tensor<Bk, 4>,
-        scale: f64,
+        scores: Scores,
     ) -> Tensor<Bk, 4> {
-        softmax(q.matmul(k.swap_dims(2, 3)).mul_scalar(scale) + mask, 3).matmul(v)
+        let mut s = q.matmul(k.swap_dims(2, 3)).mul_scalar(scores.scale);
+        if let Some(cap) = scores.softcap {
+            s = s.div_scalar(cap).tanh().mul_scalar(cap);
+        }
+        softmax(s + mask, 3).matmul(v)
     }
 
-    fn causal_mask(past: usize, seq: usize) -> Tensor<B, 4> {
+    /// Query `i` sees keys `past + i + 1 − window ..= past + i`.
+    fn causal_mask(past: usize, seq: usize, window: Option<usize>) -> Tensor<B, 4> {
         let total = past + seq;
-        let mut mask = vec![0.0; seq * total];
+        let mut mask = vec![f64::NEG_INFINITY; seq * total];
         for i in 0..seq {
-            mask[i * total + past + i + 1..(i + 1) * total].fill(f64::NEG_INFINITY);
+            let first = window.map_or(0, |w| (past + i + 1).saturating_sub(w));
+            mask[i * total + first..i * total + past + i + 1].fill(0.0);
         }
         tensor(mask, [1, 1, seq, total])
     }
@@ -463,6 +527,23 @@ mod tests {
     /// the sliced form, which made a 1e-4 tolerance fail one CI run in a few hundred.)
     #[test]
     fn slices_match_the_naive_form_forward_and_backward() {
+        slices_match_the_naive_form(Scores::scaled(0.25), None);
+    }
+
+    /// Gemma 2's attention: scores soft-capped at 2 (they reach ±3 here), a 6-key window. (A cap
+    /// whose inverse is not an f32, 1.5, leaves the two sides 3e-8 apart: Burn turns an f64
+    /// tensor's `div_scalar` into a product with the reciprocal rounded to the backend's f32
+    /// element on one path and not the other.)
+    #[test]
+    fn slices_match_the_naive_form_with_a_softcap_and_a_window() {
+        let scores = Scores {
+            scale: 0.25,
+            softcap: Some(2.0),
+        };
+        slices_match_the_naive_form(scores, Some(6));
+    }
+
+    fn slices_match_the_naive_form(scores: Scores, window: Option<usize>) {
         // 37 queries in slices of 8 (the last one short), after 5 cached keys.
         let (past, seq, d) = (5, 37, 16);
         let (q, k, v) = (
@@ -470,17 +551,16 @@ mod tests {
             random([2, 3, past + seq, d], 1.0).require_grad(),
             random([2, 3, past + seq, d], 1.0).require_grad(),
         );
-        let mask = causal_mask(past, seq);
+        let mask = causal_mask(past, seq, window);
         let weights = random([2, 3, seq, d], 1.0);
-        let scale = 0.25;
 
-        let visibility = Visibility::<Inner>::causal(past);
+        let visibility = Visibility::<Inner>::causal(past).with_window(window);
         let (out, lse) = forward(
             q.clone().inner(),
             k.clone().inner(),
             v.clone().inner(),
             &visibility,
-            scale,
+            scores,
             8,
         );
         let (dq, dk, dv) = backward(
@@ -491,13 +571,13 @@ mod tests {
                 visibility,
                 out: out.clone(),
                 lse,
-                scale,
+                scores,
             },
             weights.clone().inner(),
             8,
         );
 
-        let reference = naive(q.clone(), k.clone(), v.clone(), mask, scale);
+        let reference = naive(q.clone(), k.clone(), v.clone(), mask, scores);
         let grads = (reference.clone() * weights.clone()).sum().backward();
         let grad = |x: &Tensor<B, 4>, grads| x.grad(grads).unwrap();
         assert_same(out, reference.clone().inner());
@@ -514,8 +594,8 @@ mod tests {
             primitive(q.clone()),
             primitive(k.clone()),
             primitive(v.clone()),
-            &Visibility::causal(past),
-            scale,
+            &Visibility::causal(past).with_window(window),
+            scores,
             8,
         ));
         let grads_op = (out.clone() * weights.clone()).sum().backward();
@@ -523,8 +603,8 @@ mod tests {
             q.clone(),
             k.clone(),
             v.clone(),
-            &Visibility::causal(past),
-            scale,
+            &Visibility::causal(past).with_window(window),
+            scores,
         );
         let grads_plain = (plain.clone() * weights).sum().backward();
         assert_same(out, reference.clone());

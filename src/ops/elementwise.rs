@@ -6,6 +6,8 @@
 //! ```text
 //! swiglu:   y = silu(g) ⊙ u,  σ = sigmoid(g)
 //!           du = dy ⊙ g ⊙ σ          dg = dy ⊙ u ⊙ σ ⊙ (1 + g ⊙ (1 − σ))
+//! geglu:    y = gelu(g) ⊙ u,  gelu(g) = g/2 (1 + t),  t = tanh(c (g + 0.044715 g³)),  c = √(2/π)
+//!           du = dy ⊙ gelu(g)        dg = dy ⊙ u ⊙ ((1 + t)/2 + g/2 (1 − t²) c (1 + 3·0.044715 g²))
 //! rms_norm: y = x / r ⊙ w,  r = √(mean(x²) + ε)  (over the last dimension)
 //!           dx = (a − x ⊙ mean(a ⊙ x) / r²) / r,  a = dy ⊙ w        dw = Σ_rows dy ⊙ x / r
 //! cross_entropy: loss = Σ_r w_r (lse_r − x_r[t_r]),  lse_r = log Σ_j exp(x_rj)
@@ -32,6 +34,29 @@ use burn::tensor::{DType, FloatDType, Int, Tensor};
 use super::matmul::{MatmulBackend, matmul};
 use super::primitive::{inner, primitive};
 
+/// The activation of a gated MLP's gate: `down(act(gate(x)) ⊙ up(x))`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Activation {
+    /// `g · sigmoid(g)` (SwiGLU: Llama, Mistral, Qwen).
+    Silu,
+    /// Gelu with the tanh approximation (GeGLU: Gemma's `gelu_pytorch_tanh`).
+    GeluTanh,
+}
+
+/// `act(gate) ⊙ up` for either activation (see [`ElementwiseBackend::swiglu`]).
+pub fn gated<B: ElementwiseBackend, const D: usize>(
+    activation: Activation,
+    gate: Tensor<B, D>,
+    up: Tensor<B, D>,
+    dtype: Option<FloatDType>,
+    grad_dtype: Option<FloatDType>,
+) -> Tensor<B, D> {
+    match activation {
+        Activation::Silu => B::swiglu(gate, up, dtype, grad_dtype),
+        Activation::GeluTanh => B::geglu(gate, up, dtype, grad_dtype),
+    }
+}
+
 /// Backends that run SwiGLU, RMSNorm and the cross-entropy loss; the defaults are Burn's ops,
 /// which a backend overrides with its own kernels or host passes.
 pub trait ElementwiseBackend: MatmulBackend {
@@ -56,6 +81,41 @@ pub trait ElementwiseBackend: MatmulBackend {
         dtype: Option<FloatDType>,
     ) -> [Option<Tensor<Self, D>>; 2] {
         swiglu_backward_ops(gate, up, dy, wanted, dtype)
+    }
+
+    /// `gelu_tanh(gate) ⊙ up`, as [`ElementwiseBackend::swiglu`] (Burn's ops on every backend
+    /// for now).
+    fn geglu<const D: usize>(
+        gate: Tensor<Self, D>,
+        up: Tensor<Self, D>,
+        dtype: Option<FloatDType>,
+        _grad_dtype: Option<FloatDType>,
+    ) -> Tensor<Self, D> {
+        cast(gelu_tanh(gate).0 * up, dtype)
+    }
+
+    /// `[d gate, d up]` of [`ElementwiseBackend::geglu`], as
+    /// [`ElementwiseBackend::swiglu_backward`].
+    fn geglu_backward<const D: usize>(
+        gate: Tensor<Self, D>,
+        up: Tensor<Self, D>,
+        dy: Tensor<Self, D>,
+        [want_gate, want_up]: [bool; 2],
+        dtype: Option<FloatDType>,
+    ) -> [Option<Tensor<Self, D>>; 2] {
+        let (gelu, t) = gelu_tanh(gate.clone());
+        let du = want_up.then(|| cast(dy.clone() * gelu, dtype));
+        let dg = want_gate.then(|| {
+            let g2 = gate.clone().square();
+            let inner = g2
+                .mul_scalar(3.0 * GELU_CUBIC)
+                .add_scalar(1.0)
+                .mul_scalar(GELU_C);
+            let slope = t.clone().add_scalar(1.0).mul_scalar(0.5)
+                + gate.mul_scalar(0.5) * t.square().neg().add_scalar(1.0) * inner;
+            cast(dy * up * slope, dtype)
+        });
+        [dg, du]
     }
 
     /// `x` normalised over its last dimension and scaled by `weight`, in `dtype` when given.
@@ -110,6 +170,18 @@ pub trait ElementwiseBackend: MatmulBackend {
     ) -> Tensor<Self, 2> {
         cross_entropy_backward_ops(logits, lse, targets, row_scale, dtype)
     }
+}
+
+/// √(2/π), gelu's tanh approximation's factor.
+const GELU_C: f64 = 0.797_884_560_802_865_4;
+/// The cubic term's weight in gelu's tanh approximation.
+const GELU_CUBIC: f64 = 0.044715;
+
+/// `(gelu_tanh(g), t)` with `t = tanh(c (g + 0.044715 g³))`, as PyTorch's `gelu(approximate="tanh")`.
+fn gelu_tanh<B: Backend, const D: usize>(g: Tensor<B, D>) -> (Tensor<B, D>, Tensor<B, D>) {
+    let cube = g.clone().powi_scalar(3).mul_scalar(GELU_CUBIC);
+    let t = (g.clone() + cube).mul_scalar(GELU_C).tanh();
+    (g.mul_scalar(0.5) * t.clone().add_scalar(1.0), t)
 }
 
 /// `dtype`, or f32 when none is given (a 16-bit base's GEMM dtype, or the activations' own).
@@ -194,9 +266,9 @@ pub fn rms_norm_input_grad_ops<B: MatmulBackend, const D: usize>(
 }
 
 #[derive(Debug)]
-struct SwigluBackward<const D: usize>;
+struct GatedBackward<const D: usize>(Activation);
 
-impl<B: ElementwiseBackend, const D: usize> Backward<B, 2> for SwigluBackward<D> {
+impl<B: ElementwiseBackend, const D: usize> Backward<B, 2> for GatedBackward<D> {
     /// gate, up, and the dtype of the gradients handed back.
     type State = (NodeId, NodeId, Option<FloatDType>);
 
@@ -207,7 +279,10 @@ impl<B: ElementwiseBackend, const D: usize> Backward<B, 2> for SwigluBackward<D>
         let dy: Tensor<B, D> = inner(grads.consume::<B>(&ops.node));
         let dy = cast(dy, Some(gate.dtype().into()));
         let wanted = ops.parents.each_ref().map(Option::is_some);
-        let gradients = B::swiglu_backward(gate, up, dy, wanted, dtype);
+        let gradients = match self.0 {
+            Activation::Silu => B::swiglu_backward(gate, up, dy, wanted, dtype),
+            Activation::GeluTanh => B::geglu_backward(gate, up, dy, wanted, dtype),
+        };
         for (node, grad) in ops.parents.into_iter().zip(gradients) {
             if let (Some(node), Some(grad)) = (node, grad) {
                 grads.register::<B>(node.id, primitive(grad));
@@ -300,6 +375,30 @@ impl<B: ElementwiseBackend> Backward<B, 1> for CrossEntropyBackward {
     }
 }
 
+/// [`gated`] as one autodiff op of gate and up, whose backward is [`GatedBackward`].
+fn tracked_gated<B: ElementwiseBackend, C: CheckpointStrategy, const D: usize>(
+    activation: Activation,
+    gate: Tensor<Autodiff<B, C>, D>,
+    up: Tensor<Autodiff<B, C>, D>,
+    dtype: Option<FloatDType>,
+    grad_dtype: Option<FloatDType>,
+) -> Tensor<Autodiff<B, C>, D> {
+    inner(two_input_op::<B, C, _, _>(
+        GatedBackward::<D>(activation),
+        [primitive(gate), primitive(up)],
+        grad_dtype,
+        |gate, up| {
+            primitive(gated::<B, D>(
+                activation,
+                inner(gate),
+                inner(up),
+                dtype,
+                None,
+            ))
+        },
+    ))
+}
+
 /// The backward passes recompute σ and r from the kept inputs (one more read of a tensor the
 /// pass reads anyway) rather than keep them. Activation checkpointing is per block
 /// (`train/recompute.rs`), so Burn's own recompute strategies are not used here.
@@ -310,12 +409,16 @@ impl<B: ElementwiseBackend, C: CheckpointStrategy> ElementwiseBackend for Autodi
         dtype: Option<FloatDType>,
         grad_dtype: Option<FloatDType>,
     ) -> Tensor<Self, D> {
-        inner(two_input_op::<B, C, _, _>(
-            SwigluBackward::<D>,
-            [primitive(gate), primitive(up)],
-            grad_dtype,
-            |gate, up| primitive(B::swiglu::<D>(inner(gate), inner(up), dtype, None)),
-        ))
+        tracked_gated::<B, C, D>(Activation::Silu, gate, up, dtype, grad_dtype)
+    }
+
+    fn geglu<const D: usize>(
+        gate: Tensor<Self, D>,
+        up: Tensor<Self, D>,
+        dtype: Option<FloatDType>,
+        grad_dtype: Option<FloatDType>,
+    ) -> Tensor<Self, D> {
+        tracked_gated::<B, C, D>(Activation::GeluTanh, gate, up, dtype, grad_dtype)
     }
 
     fn cross_entropy(
@@ -399,30 +502,57 @@ mod tests {
     use burn::tensor::activation::log_softmax;
     use burn::tensor::{Int, Tensor, TensorData};
 
-    use super::ElementwiseBackend;
+    use super::{Activation, ElementwiseBackend};
     use crate::ops::test_f64::{B, assert_same, random, tensor};
 
     /// The written-out backward against Burn's own differentiation of the same forward math, on
     /// random inputs and a random upstream gradient.
     #[test]
-    fn swiglu_gradients_match_burns_autodiff() {
+    fn gated_activations_gradients_match_burns_autodiff() {
         let (gate, up, dy) = (
             random([2, 3, 5], 2.0),
             random([2, 3, 5], 2.0),
             random([2, 3, 5], 2.0),
         );
-        let grads_of = |fused: bool| {
-            let (g, u) = (gate.clone().require_grad(), up.clone().require_grad());
-            let y = if fused {
-                B::swiglu(g.clone(), u.clone(), None, None)
-            } else {
-                burn::tensor::activation::silu(g.clone()) * u.clone()
+        for activation in [Activation::Silu, Activation::GeluTanh] {
+            let grads_of = |fused: bool| {
+                let (g, u) = (gate.clone().require_grad(), up.clone().require_grad());
+                let y = if fused {
+                    super::gated(activation, g.clone(), u.clone(), None, None)
+                } else if activation == Activation::Silu {
+                    burn::tensor::activation::silu(g.clone()) * u.clone()
+                } else {
+                    // PyTorch's formula, differentiated by Burn.
+                    let x = g.clone();
+                    let inner = (x.clone() + x.clone().powi_scalar(3).mul_scalar(0.044715))
+                        .mul_scalar((2.0 / std::f64::consts::PI).sqrt());
+                    x.mul_scalar(0.5) * inner.tanh().add_scalar(1.0) * u.clone()
+                };
+                let grads = (y * dy.clone()).sum().backward();
+                [g.grad(&grads).unwrap(), u.grad(&grads).unwrap()]
             };
-            let grads = (y * dy.clone()).sum().backward();
-            [g.grad(&grads).unwrap(), u.grad(&grads).unwrap()]
-        };
-        for (ours, burns) in grads_of(true).into_iter().zip(grads_of(false)) {
-            assert_same(ours, burns);
+            for (ours, burns) in grads_of(true).into_iter().zip(grads_of(false)) {
+                assert_same(ours, burns);
+            }
+        }
+    }
+
+    /// gelu_tanh against PyTorch's `gelu(x, approximate="tanh")` at a few points (torch 2.11,
+    /// float64).
+    #[test]
+    fn gelu_tanh_matches_pytorch() {
+        let x = tensor(vec![-3.0, -1.0, -0.1, 0.0, 0.5, 2.0], [6]);
+        let torch = [
+            -0.0036373920817729943,
+            -0.15880800939172324,
+            -0.04601724895456484,
+            0.0,
+            0.34571400982514394,
+            1.954597694087775,
+        ];
+        let got: Vec<f64> = super::gelu_tanh(x).0.into_data().into_vec().unwrap();
+        for (g, w) in got.iter().zip(torch) {
+            assert!((g - w).abs() < 1e-14, "{got:?} vs {torch:?}");
         }
     }
 

@@ -1,9 +1,10 @@
 //! Which keys each query of an attention call sees, as a rule rather than a mask tensor:
 //!
 //! ```text
-//! query i sees keys start(i) ..= past + i
+//! query i sees keys max(start(i), past + i + 1 − window) ..= past + i
 //! ```
 //!
+//! `window` is a sliding layer's (Mistral's, Gemma's local layers): none elsewhere.
 //! One sequence per row has `start(i) = 0`: the causal rule after `past` cached keys. Packed rows,
 //! which hold several examples back to back, give each query its example's first position (and
 //! have no cache): FlashAttention's varlen layout. Nothing of size `seq × keys` is built for a
@@ -23,6 +24,8 @@ pub struct Visibility<B: Backend> {
     pub past: usize,
     /// For packed rows, each query's first key.
     pub starts: Option<Starts<B>>,
+    /// A sliding layer's window: a query sees itself and the `window − 1` keys before it.
+    pub window: Option<usize>,
 }
 
 /// Packed rows' first key per query.
@@ -39,7 +42,11 @@ pub struct Starts<B: Backend> {
 impl<B: Backend> Visibility<B> {
     /// One sequence per row after `past` cached keys.
     pub fn causal(past: usize) -> Self {
-        Visibility { past, starts: None }
+        Visibility {
+            past,
+            starts: None,
+            window: None,
+        }
     }
 
     /// Packed rows: `starts[r * seq + i]` is the first position of the example query `i` of row
@@ -55,7 +62,13 @@ impl<B: Backend> Visibility<B> {
                 rows,
                 device,
             }),
+            window: None,
         }
+    }
+
+    /// The same rule, restricted to a sliding window of `window` keys.
+    pub fn with_window(self, window: Option<usize>) -> Self {
+        Visibility { window, ..self }
     }
 
     /// The additive mask of the queries `queries` over keys `0..keys`, `[1 or rows, 1,
@@ -77,6 +90,10 @@ impl<B: Backend> Visibility<B> {
                     s.host[r * seq + query] as usize
                 });
                 let end = (self.past + query + 1).min(keys);
+                let first = match self.window {
+                    Some(w) => first.max((self.past + query + 1).saturating_sub(w)),
+                    None => first,
+                };
                 let row = (r * n + i) * keys;
                 mask[row + first.min(end)..row + end].fill(0.0);
             }
@@ -95,6 +112,7 @@ impl<B: AutodiffBackend> Visibility<B> {
                 rows: s.rows,
                 device: s.device.clone().inner(),
             }),
+            window: self.window,
         }
     }
 }
@@ -116,6 +134,17 @@ mod tests {
         let inf = f32::NEG_INFINITY;
         assert_eq!(mask.dims(), [1, 1, 2, 4]);
         assert_eq!(values(mask), [0.0, 0.0, 0.0, inf, 0.0, 0.0, 0.0, 0.0]);
+    }
+
+    #[test]
+    fn a_window_hides_the_keys_before_it() {
+        let device = Default::default();
+        let mask =
+            Visibility::<B>::causal(2)
+                .with_window(Some(2))
+                .additive(0..2, 4, DType::F32, &device);
+        let inf = f32::NEG_INFINITY;
+        assert_eq!(values(mask), [inf, 0.0, 0.0, inf, inf, inf, 0.0, 0.0]);
     }
 
     #[test]

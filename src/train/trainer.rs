@@ -21,12 +21,13 @@
 //! 16k tokens, not shown by a test here.)
 
 use burn::tensor::backend::AutodiffBackend;
-use burn::tensor::{ElementConversion, FloatDType, Tensor};
+use burn::tensor::{ElementConversion, FloatDType, Tensor, TensorData};
 
 use super::loss::masked_cross_entropy;
 use super::optimizer::{Optimizer, OptimizerConfig, clip_global_norm, global_norm};
 use super::recompute::Checkpointing;
 use crate::data::Batch;
+use crate::distributed::{CollectiveError, Communicator, shard};
 use crate::model::names::BlockLinear;
 use crate::model::{Decoder, LoraAdapter};
 use crate::ops::{ModelBackend, TrainBackend};
@@ -142,11 +143,57 @@ impl<B: TrainBackend> Trainer<B> {
     /// One optimizer update over `micro_batches` at learning rate `lr`. A non-finite loss
     /// leaves the adapters and the optimizer as they were.
     pub fn step(&mut self, micro_batches: &[Batch], lr: f64) -> Result<StepStats, NonFiniteLoss> {
-        let scale = 1.0 / micro_batches.len() as f64;
+        let (loss_sum, grads) = self.accumulate(micro_batches.iter(), micro_batches.len());
+        self.apply(loss_sum / micro_batches.len() as f64, grads, lr)
+    }
+
+    /// [`Trainer::step`] as one of the workers of `comm`: this worker runs its share of the
+    /// step's `micro_batches` (see [`crate::distributed::shard`]), one all-reduce sums the
+    /// workers' gradients and losses, and every worker applies the same update. The result
+    /// equals the single-worker step's up to the order of the sums.
+    pub fn step_distributed(
+        &mut self,
+        micro_batches: &[Batch],
+        lr: f64,
+        comm: &dyn Communicator,
+    ) -> Result<StepStats, StepError> {
+        let total = micro_batches.len();
+        let mine = shard(total, comm.rank(), comm.world()).map(|k| &micro_batches[k]);
+        let (loss_sum, grads) = self.accumulate(mine, total);
+        let grads = grads.unwrap_or_else(|| self.params.iter().map(|p| p.zeros_like()).collect());
+        let lengths: Vec<usize> = grads.iter().map(|g| g.dims()[0]).collect();
+        let mut flat: Vec<f32> = Vec::with_capacity(lengths.iter().sum::<usize>() + 1);
+        for g in grads {
+            flat.extend(g.into_data().convert::<f32>().iter::<f32>());
+        }
+        flat.push(loss_sum as f32);
+        comm.all_reduce_sum(&mut flat)?;
+        let loss = f64::from(flat.pop().expect("the loss was pushed")) / total as f64;
+        let mut grads = Vec::with_capacity(lengths.len());
+        let mut at = 0;
+        for len in lengths {
+            let values = flat[at..at + len].to_vec();
+            grads.push(Tensor::from_data(
+                TensorData::new(values, [len]),
+                &self.device,
+            ));
+            at += len;
+        }
+        Ok(self.apply(loss, Some(grads), lr)?)
+    }
+
+    /// The summed loss of `batches` and the sum of their gradients, each micro-batch's loss
+    /// divided by `total` (the step's micro-batch count) before differentiating.
+    fn accumulate<'a>(
+        &self,
+        batches: impl Iterator<Item = &'a Batch>,
+        total: usize,
+    ) -> (f64, Option<Vec<Tensor<B::InnerBackend, 1>>>) {
+        let scale = 1.0 / total as f64;
         let mut accumulated: Option<Vec<_>> = None;
         let mut loss_sum = 0.0;
-        for batch in micro_batches {
-            let grad_scale = self.gradient_scale(batch, micro_batches.len());
+        for batch in batches {
+            let grad_scale = self.gradient_scale(batch, total);
             let (loss, grads) = loss_and_gradients(
                 &self.model,
                 batch,
@@ -165,12 +212,22 @@ impl<B: TrainBackend> Trainer<B> {
             loss_sum += loss;
             accumulated = Some(add_gradients(accumulated, grads));
         }
-        let loss = loss_sum / micro_batches.len() as f64;
+        (loss_sum, accumulated)
+    }
+
+    /// The update from a step's mean `loss` and summed gradients: the norm, clipping, the
+    /// optimizer, the adapters written back. Nothing changes when either is not finite.
+    fn apply(
+        &mut self,
+        loss: f64,
+        grads: Option<Vec<Tensor<B::InnerBackend, 1>>>,
+        lr: f64,
+    ) -> Result<StepStats, NonFiniteLoss> {
         if !loss.is_finite() {
             let grad_norm = f64::NAN;
             return Err(NonFiniteLoss { loss, grad_norm });
         }
-        let mut grads = accumulated.unwrap_or_default();
+        let mut grads = grads.unwrap_or_default();
         let grad_norm = global_norm(&grads);
         if !grad_norm.is_finite() {
             return Err(NonFiniteLoss { loss, grad_norm });
@@ -182,6 +239,17 @@ impl<B: TrainBackend> Trainer<B> {
         set_parameters(&mut self.model, &self.params);
         Ok(StepStats { loss, grad_norm })
     }
+}
+
+/// Why a distributed step did not update the adapters.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum StepError {
+    /// The loss or the gradient norm was not finite (on every worker alike).
+    #[error(transparent)]
+    NonFinite(#[from] NonFiniteLoss),
+    /// The all-reduce failed: another worker stopped.
+    #[error(transparent)]
+    Collective(#[from] CollectiveError),
 }
 
 /// Mean loss over the batch's trained positions.

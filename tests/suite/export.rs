@@ -179,3 +179,42 @@ fn adapters_for_another_base_are_refused_by_name() {
     assert!(!tmp.join("out").exists(), "a refused export left a folder");
     std::fs::remove_dir_all(&tmp).unwrap();
 }
+
+/// Gemma 2 (GGUF stores its norms as `1 + w`, and the soft-caps, window and query scale in its
+/// metadata): the peft adapter trained by the parity fixture, fused and exported as a Hugging
+/// Face folder and as an f32 GGUF, gives base + adapter's logits through our loaders.
+#[test]
+fn gemma2_exports_keep_base_plus_adapter_logits() {
+    let base = common::fixture("models/gemma2");
+    let adapters = common::fixture("peft-parity-gemma2/adapter_final");
+    let reference = common::read_json(&base.join("reference.json"));
+    let prompts = vec![common::ids(&reference["input_ids"])];
+    let want = our_logits(&base, Some(&adapters), &prompts);
+    let tmp = common::temp_dir("export-gemma2");
+    for (name, flags) in [
+        ("hf", &["--format", "hf", "--dtype", "f32"][..]),
+        ("gguf", &["--format", "gguf", "--gguf-type", "f32"][..]),
+    ] {
+        let out = tmp.join(name);
+        let result = common::fuse(&base, &adapters, &out, flags);
+        assert!(
+            result.status.success(),
+            "{}",
+            String::from_utf8_lossy(&result.stderr)
+        );
+        let path = if name == "hf" {
+            out.clone()
+        } else {
+            gguf_in(&out)
+        };
+        let diff = common::max_abs_diff(&our_logits(&path, None, &prompts), &want);
+        println!("gemma2 {name}: fused vs base + adapter: max abs diff {diff:.2e}");
+        assert!(diff <= 1e-4, "gemma2 {name}: max abs diff {diff}");
+    }
+    let file = loraforge::io::gguf::GgufFile::open(&gguf_in(&tmp.join("gguf"))).unwrap();
+    let norm = file.tensor("blk.0.post_ffw_norm.weight").unwrap();
+    let stored = loraforge::quant::ggml::float_values(norm.kind, file.data(norm)).unwrap();
+    let hf = &common::tensors(&base.join("model.safetensors"))["model.layers.0.post_feedforward_layernorm.weight"];
+    assert!(stored.iter().zip(hf).all(|(s, w)| *s == w + 1.0));
+    std::fs::remove_dir_all(&tmp).unwrap();
+}

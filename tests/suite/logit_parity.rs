@@ -1,16 +1,25 @@
 //! The CPU forward pass matches reference implementations on small random models:
 //! transformers in float32 (1e-4) and mlx on its own quantized conversions (1e-3).
 
+use std::path::Path;
+
 use crate::common;
 
 use burn::backend::NdArray;
-use loraforge::model::load_model;
+use loraforge::model::{KvCache, load_model};
+
+type B = NdArray<f32>;
 
 fn check(name: &str, tolerance: f32) {
     let dir = common::fixture(&format!("models/{name}"));
-    let (ids, want) = common::reference_logits(&dir.join("reference.json"));
+    check_model(&dir, &dir, name, tolerance);
+}
+
+/// The model at `path` gives the logits of `reference`'s `reference.json`.
+fn check_model(path: &Path, reference: &Path, name: &str, tolerance: f32) {
+    let (ids, want) = common::reference_logits(&reference.join("reference.json"));
     let device = Default::default();
-    let model = load_model::<NdArray<f32>>(&dir, &device).unwrap();
+    let model = load_model::<B>(path, &device).unwrap();
     let got: Vec<f32> = model
         .decoder
         .forward(&ids, 1, &device)
@@ -23,6 +32,60 @@ fn check(name: &str, tolerance: f32) {
         diff <= tolerance,
         "{name}: max abs diff {diff} > {tolerance}"
     );
+}
+
+/// A family fixture of `scripts/fixtures/make_family_models.py`: its logits from both config
+/// spellings and from its GGUF copy (`make_family_gguf.py`), and transformers' greedy
+/// continuation token by token through the KV cache.
+fn check_family(name: &str) {
+    let dir = common::fixture(&format!("models/{name}"));
+    check_model(&dir, &dir, name, 1e-4);
+    let gguf = common::fixture(&format!("models/{name}.gguf"));
+    check_model(&gguf, &dir, &format!("{name}.gguf"), 1e-4);
+
+    let legacy = common::temp_dir(&format!("legacy-{name}"));
+    for entry in std::fs::read_dir(&dir).unwrap() {
+        let path = entry.unwrap().path();
+        let file = path.file_name().unwrap().to_string_lossy().into_owned();
+        let to = match file.as_str() {
+            "config.json" => continue,
+            "config-legacy.json" => legacy.join("config.json"),
+            _ => legacy.join(&file),
+        };
+        std::fs::copy(&path, to).unwrap();
+    }
+    let spelling = format!("{name} (rope_theta / rope_scaling spelling)");
+    check_model(&legacy, &dir, &spelling, 1e-4);
+
+    let reference = common::read_json(&dir.join("reference.json"));
+    let (prompt, want) = (
+        common::ids(&reference["input_ids"]),
+        common::ids(&reference["greedy"]),
+    );
+    let device = Default::default();
+    let decoder = load_model::<B>(&dir, &device).unwrap().decoder;
+    let mut cache = KvCache::new(decoder.config.num_layers);
+    let mut next = prompt;
+    let mut got = Vec::new();
+    while got.len() < want.len() {
+        let logits = decoder.next_logits(&next, &mut cache, &device);
+        let id = (0..logits.len())
+            .max_by(|&a, &b| logits[a].total_cmp(&logits[b]))
+            .unwrap() as u32;
+        got.push(id);
+        next = vec![id];
+    }
+    assert_eq!(got, want, "{name}: greedy ids through the KV cache");
+}
+
+#[test]
+fn gemma2_with_softcaps_and_a_window_shorter_than_the_prompt() {
+    check_family("gemma2");
+}
+
+#[test]
+fn gemma3_with_the_five_to_one_pattern_and_a_local_rope_base() {
+    check_family("gemma3");
 }
 
 #[test]
@@ -63,4 +126,17 @@ fn mlx_8bit_group32() {
 #[test]
 fn mlx_mixed_per_layer_overrides_and_float_module() {
     check("mlx-mixed", 1e-3);
+}
+
+/// mlx_lm.convert -q (4 bits, group 32) of the Gemma 2 fixture, against transformers on its
+/// dequantized weights (mlx-lm's own gemma2 ignores the sliding window).
+#[test]
+fn mlx_gemma2_4bit_group32() {
+    check("mlx-gemma2-q4", 1e-3);
+}
+
+/// mlx_lm.convert -q (4 bits, group 32) of the Gemma 3 fixture, against mlx-lm's logits.
+#[test]
+fn mlx_gemma3_4bit_group32() {
+    check("mlx-gemma3-q4", 1e-3);
 }

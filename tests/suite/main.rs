@@ -14,6 +14,7 @@ mod common;
 mod adapter_interop;
 mod cpu_blas;
 mod dashboard;
+mod data_parallel;
 mod data_report;
 mod device_check_cpu;
 #[cfg(feature = "vulkan")]

@@ -1,6 +1,7 @@
 //! Training parity with PyTorch + peft (scripts/fixtures/make_peft_parity.py): the same tiny
-//! random Llama, the same initial adapter, the same 20 micro-batches; 10 AdamW steps with
-//! gradient accumulation 2 and global-norm clipping at 1.0, CPU f32.
+//! random model (a Llama; Gemma 2 with its soft-caps and a window shorter than the rows), the same
+//! initial adapter, the same 20 micro-batches; 10 AdamW steps with gradient accumulation 2 and
+//! global-norm clipping, CPU f32.
 
 use crate::common;
 
@@ -19,7 +20,8 @@ use serde_json::Value;
 
 type B = Autodiff<NdArray<f32>>;
 
-fn batches(path: &Path) -> Vec<Batch> {
+/// The fixture's micro-batches (`batches.json`), labels shifted as transformers shifts them.
+pub fn batches(path: &Path) -> Vec<Batch> {
     let json = common::read_json(path);
     json["micro_batches"]
         .as_array()
@@ -67,8 +69,25 @@ fn batches(path: &Path) -> Vec<Batch> {
 
 #[test]
 fn ten_adamw_steps_match_peft() {
-    let dir = common::fixture("peft-parity");
-    let reference: Value = common::read_json(&dir.join("reference.json"));
+    ten_adamw_steps_match("peft-parity");
+}
+
+#[test]
+fn ten_adamw_steps_on_gemma2_match_peft() {
+    ten_adamw_steps_match("peft-parity-gemma2");
+}
+
+/// The fixtures' optimizer: torch's AdamW at its defaults, weight decay 0.01.
+pub const ADAMW: OptimizerConfig = OptimizerConfig {
+    kind: OptimizerKind::Adamw,
+    betas: [0.9, 0.999],
+    eps: 1e-8,
+    weight_decay: 0.01,
+};
+
+/// A parity fixture's model (`dir/model`) with rank-4 adapters (alpha 8) on all seven linears,
+/// loaded from `adapters` (an adapter file of either layout).
+pub fn model_with_adapters(dir: &Path, adapters: &Path) -> loraforge::model::Decoder<B> {
     let device = Default::default();
     let mut model = load_model::<B>(&dir.join("model"), &device)
         .unwrap()
@@ -83,12 +102,16 @@ fn ten_adamw_steps_match_peft() {
     let spec = AdapterSpec::from_recipe(&lora, &model.config).unwrap();
     assert_eq!(spec.scale, 2.0);
     inject(&mut model, &spec, &device);
-    files::load_into(
-        &mut model,
-        &dir.join("adapter_init/adapter_model.safetensors"),
-        &device,
-    )
-    .unwrap();
+    files::load_into(&mut model, adapters, &device).unwrap();
+    model
+}
+
+fn ten_adamw_steps_match(fixture: &str) {
+    let dir = common::fixture(fixture);
+    let reference: Value = common::read_json(&dir.join("reference.json"));
+    let device = Default::default();
+    let initial_file = dir.join("adapter_init/adapter_model.safetensors");
+    let mut model = model_with_adapters(&dir, &initial_file);
     let initial = parameters(&model);
     set_parameters(&mut model, &initial);
 
@@ -126,15 +149,10 @@ fn ten_adamw_steps_match_peft() {
         assert!(diff < 1e-5, "{name}: gradient differs by {diff}");
     }
 
-    let config = OptimizerConfig {
-        kind: OptimizerKind::Adamw,
-        betas: [0.9, 0.999],
-        eps: 1e-8,
-        weight_decay: 0.01,
-    };
+    let config = ADAMW;
     let settings = StepSettings {
         grad_checkpoint: None,
-        max_grad_norm: Some(1.0),
+        max_grad_norm: reference["max_grad_norm"].as_f64(),
     };
     let mut trainer = Trainer::new(model, config, settings, &device);
     let want_losses: Vec<f64> = reference["losses"]
@@ -169,12 +187,26 @@ fn ten_adamw_steps_match_peft() {
         );
     }
 
-    // The final adapter, tensor by tensor.
+    // The final adapter, tensor by tensor: the difference from peft's, against how far training
+    // moved it. (Per element it can be larger: where a gradient stays near zero, Adam's
+    // m / √v turns rounding noise into steps of up to lr. Gemma 2's layers.0.o_proj.lora_A has one
+    // such element, 9e-5 off after moving 4e-4 while the tensor moved up to 0.09, single-threaded
+    // too.)
+    let init = common::tensors(&dir.join("adapter_init/adapter_model.safetensors"));
     let final_peft = common::tensors(&dir.join("adapter_final/adapter_model.safetensors"));
+    let norm = |a: &[f32], b: &[f32]| -> f64 {
+        a.iter()
+            .zip(b)
+            .map(|(x, y)| f64::from(x - y).powi(2))
+            .sum::<f64>()
+            .sqrt()
+    };
     for (name, (_, values)) in files::peft_tensors(&trainer.model) {
-        let diff = common::max_abs_diff(&values, &final_peft[&name]);
-        // Multi-threaded GEMMs sum in another order than torch's; after 10 Adam steps that leaves
-        // up to ~1.5e-5 (parameters are ~0.04 RMS). Dropping weight decay would move them 1e-4.
-        assert!(diff < 5e-5, "{name}: final weights differ by {diff}");
+        let (want, start) = (&final_peft[&name], &init[&name]);
+        let relative = norm(&values, want) / norm(want, start);
+        assert!(
+            relative < 1e-3,
+            "{name}: final weights differ from peft's by {relative:.2e} of their update"
+        );
     }
 }

@@ -15,7 +15,9 @@ use burn_ir::{CustomOpIr, HandleContainer, OperationIr, OperationOutput, TensorI
 use super::kernel::Cube;
 use super::{cublas, dequant, flash, rope};
 use crate::ops::ModelBackend;
-use crate::ops::attention::{AttentionBackend, Saved, sliced_backward, sliced_forward};
+use crate::ops::attention::{
+    AttentionBackend, Saved, Scores, kernel_covers, sliced_backward, sliced_forward,
+};
 use crate::ops::elementwise::ElementwiseBackend;
 use crate::ops::matmul::MatmulBackend;
 use crate::ops::primitive::{inner, primitive};
@@ -207,10 +209,10 @@ impl AttentionBackend for Fusion<Cube> {
         k: Tensor<Self, 4>,
         v: Tensor<Self, 4>,
         visibility: &Visibility<Self>,
-        scale: f64,
+        scores: Scores,
     ) -> (Tensor<Self, 4>, Tensor<Self, 4>) {
-        if !Self::fused_attention(q.dims()[3], &q.device()) {
-            return sliced_forward(q, k, v, visibility, scale);
+        if !Self::fused_attention(q.dims()[3], &q.device()) || !kernel_covers(visibility, scores) {
+            return sliced_forward(q, k, v, visibility, scores);
         }
         let [batch, heads, seq, _] = q.dims();
         let out_shape = Shape::from(q.dims().to_vec());
@@ -222,7 +224,7 @@ impl AttentionBackend for Fusion<Cube> {
             [out_shape, Shape::new([batch, heads, seq, 1])],
             |desc| FlashForward {
                 desc,
-                scale: scale as f32,
+                scale: scores.scale as f32,
             },
         );
         (out, lse)
@@ -232,7 +234,8 @@ impl AttentionBackend for Fusion<Cube> {
         saved: Saved<Self>,
         d_out: Tensor<Self, 4>,
     ) -> (Tensor<Self, 4>, Tensor<Self, 4>, Tensor<Self, 4>) {
-        if !Self::fused_attention(saved.q.dims()[3], &saved.q.device()) {
+        let covered = kernel_covers(&saved.visibility, saved.scores);
+        if !Self::fused_attention(saved.q.dims()[3], &saved.q.device()) || !covered {
             return sliced_backward(saved, d_out);
         }
         let delta = (d_out.clone() * saved.out).sum_dim(3);
@@ -242,7 +245,7 @@ impl AttentionBackend for Fusion<Cube> {
         let [dq, dk, dv] = custom("flash_attention_backward", inputs, shapes, |desc| {
             FlashBackward {
                 desc,
-                scale: saved.scale as f32,
+                scale: saved.scores.scale as f32,
             }
         });
         (dq, dk, dv)

@@ -26,7 +26,9 @@ use burn_cubecl::tensor::CubeTensor;
 use cubecl::prelude::{CubeCount, CubeDim};
 
 use crate::ops::ModelBackend;
-use crate::ops::attention::{AttentionBackend, Saved};
+use crate::ops::attention::{
+    AttentionBackend, Saved, Scores, kernel_covers, sliced_backward, sliced_forward,
+};
 use crate::ops::elementwise::{ElementwiseBackend, dtype_or_f32};
 use crate::ops::matmul::MatmulBackend;
 use crate::ops::primitive::{inner, primitive};
@@ -76,13 +78,16 @@ impl AttentionBackend for Portable {
         k: Tensor<Self, 4>,
         v: Tensor<Self, 4>,
         visibility: &Visibility<Self>,
-        scale: f64,
+        scores: Scores,
     ) -> (Tensor<Self, 4>, Tensor<Self, 4>) {
+        if !kernel_covers(visibility, scores) {
+            return sliced_forward(q, k, v, visibility, scores);
+        }
         let starts = visibility
             .starts
             .as_ref()
             .map(|s| primitive(s.device.clone()));
-        let (out, lse) = attention::forward([q, k, v].map(primitive), starts, scale as f32);
+        let (out, lse) = attention::forward([q, k, v].map(primitive), starts, scores.scale as f32);
         (inner(out), inner(lse))
     }
 
@@ -90,10 +95,13 @@ impl AttentionBackend for Portable {
         saved: Saved<Self>,
         d_out: Tensor<Self, 4>,
     ) -> (Tensor<Self, 4>, Tensor<Self, 4>, Tensor<Self, 4>) {
+        if !kernel_covers(&saved.visibility, saved.scores) {
+            return sliced_backward(saved, d_out);
+        }
         let delta = (d_out.clone() * saved.out).sum_dim(3);
         let inputs = [saved.q, saved.k, saved.v, d_out, saved.lse, delta].map(primitive);
         let starts = saved.visibility.starts.map(|s| primitive(s.device));
-        let (dq, dk, dv) = attention::backward(inputs, starts, saved.scale as f32);
+        let (dq, dk, dv) = attention::backward(inputs, starts, saved.scores.scale as f32);
         (inner(dq), inner(dk), inner(dv))
     }
 }

@@ -13,7 +13,7 @@ use crate::diagnostics::random::{Shape, random_model_files};
 use crate::model::names::{self, BlockLinear, BlockModule};
 use crate::model::weights::HostWeight;
 use crate::ops::ModelBackend;
-use crate::ops::attention::repeat_kv;
+use crate::ops::attention::{Scores, repeat_kv};
 use crate::ops::primitive::{inner, primitive};
 use crate::ops::visibility::Visibility;
 
@@ -35,7 +35,7 @@ pub(super) fn attention<B: ModelBackend>(
         .self_attn
         .forward(
             tensor(&h, shape, device),
-            &dev.layout(None, batch, seq, device),
+            &dev.layout(None, batch, seq, device).global,
             None,
         )
         .into_data()
@@ -87,6 +87,10 @@ pub(super) struct AttentionCase {
     examples: usize,
     /// The sliced op in slices of 64 queries, else the dispatch the model uses.
     sliced: bool,
+    /// Gemma's sliding window and score soft-cap (with both, the dispatch takes the sliced form
+    /// on every backend).
+    window: Option<usize>,
+    softcap: Option<f64>,
 }
 
 impl AttentionCase {
@@ -99,10 +103,12 @@ impl AttentionCase {
             head_dim,
             examples: 1,
             sliced: false,
+            window: None,
+            softcap: None,
         }
     }
 
-    pub(super) const ALL: [Self; 13] = [
+    pub(super) const ALL: [Self; 14] = [
         Self {
             sliced: true,
             ..Self::new(4, 0, 64, 32)
@@ -142,6 +148,12 @@ impl AttentionCase {
             examples: 3,
             ..Self::new(4, 0, 520, 128)
         },
+        Self {
+            group: 2,
+            window: Some(37),
+            softcap: Some(1.0),
+            ..Self::new(4, 5, 300, 64)
+        },
     ];
 
     /// Each query's first key, `[batch, seq]`, for packed rows: row `b`'s examples start at
@@ -180,6 +192,10 @@ impl AttentionCase {
         for b in 0..rows {
             for i in 0..seq {
                 let first = starts.as_ref().map_or(0, |s| s[b * seq + i] as usize);
+                let first = match self.window {
+                    Some(w) => first.max((self.past + i + 1).saturating_sub(w)),
+                    None => first,
+                };
                 mask[(b * seq + i) * keys..][first..=self.past + i].fill(0.0);
             }
         }
@@ -196,6 +212,7 @@ impl AttentionCase {
             Some(starts) => Visibility::packed(starts, batch, device),
             None => Visibility::causal(self.past),
         }
+        .with_window(self.window)
     }
 }
 
@@ -222,7 +239,10 @@ pub(super) fn attention_grad<B: ModelBackend>(
     let v = uniform(&mut rng, batch * kv_heads * (past + seq) * d, 1.0);
     let r = uniform(&mut rng, batch * heads * seq * d, 1.0);
     let (mask, mask_shape) = case.mask(batch);
-    let scale = 1.0 / (d as f64).sqrt();
+    let scores = Scores {
+        scale: 1.0 / (d as f64).sqrt(),
+        softcap: case.softcap,
+    };
     let q_shape = [batch, heads, seq, d];
     let kv_shape = [batch, kv_heads, past + seq, d];
 
@@ -255,18 +275,21 @@ pub(super) fn attention_grad<B: ModelBackend>(
     let visibility = case.visibility::<Autodiff<B>>(batch, device);
     let got = run::<Autodiff<B>>(inputs, device, |[q, k, v, _mask]| {
         if !case.sliced {
-            return crate::ops::attention::attention(q, k, v, &visibility, scale);
+            return crate::ops::attention::attention(q, k, v, &visibility, scores);
         }
         let p = primitive::<Autodiff<B>, 4>;
         inner(crate::ops::attention::sliced::<
             B,
             burn::backend::autodiff::checkpoint::strategy::NoCheckpointing,
-        >(p(q), p(k), p(v), &visibility, scale, 64))
+        >(p(q), p(k), p(v), &visibility, scores, 64))
     });
     let want = run::<CpuTrain>(inputs, &Default::default(), |[q, k, v, m]| {
         let (k, v) = (repeat_kv(k, group), repeat_kv(v, group));
-        burn::tensor::activation::softmax(q.matmul(k.swap_dims(2, 3)).mul_scalar(scale) + m, 3)
-            .matmul(v)
+        let mut s = q.matmul(k.swap_dims(2, 3)).mul_scalar(scores.scale);
+        if let Some(cap) = scores.softcap {
+            s = s.div_scalar(cap).tanh().mul_scalar(cap);
+        }
+        burn::tensor::activation::softmax(s + m, 3).matmul(v)
     });
     let errors: Vec<f64> = got
         .iter()
@@ -274,7 +297,7 @@ pub(super) fn attention_grad<B: ModelBackend>(
         .map(|(g, w)| scaled_error(g, &w.iter().map(|&x| f64::from(x)).collect::<Vec<_>>()))
         .collect();
     let worst = errors.iter().copied().fold(0f64, f64::max);
-    let tolerance = if case.sliced {
+    let tolerance = if case.sliced || case.window.is_some() {
         KERNEL_TOLERANCE
     } else {
         attention_tolerance::<B>(d, device)
@@ -282,7 +305,8 @@ pub(super) fn attention_grad<B: ModelBackend>(
     json!({
         "check": "attention_grad", "op": if case.sliced { "sliced" } else { "dispatch" },
         "batch": batch, "heads": heads, "kv_heads": kv_heads, "past": past, "seq": seq, "head_dim": d,
-        "examples_per_row": case.examples, "output_error": errors[0], "dq_error": errors[1],
+        "examples_per_row": case.examples, "window": case.window, "softcap": case.softcap,
+        "output_error": errors[0], "dq_error": errors[1],
         "dk_error": errors[2], "dv_error": errors[3], "tolerance": tolerance,
         "pass": worst <= tolerance,
     })
@@ -314,7 +338,7 @@ pub(super) fn long_row<B: ModelBackend>(device: &B::Device, tokens: usize) -> se
         tk.clone(),
         tv.clone(),
         &Visibility::causal(0),
-        scale,
+        Scores::scaled(scale),
     );
     let grads = (out.clone() * tr).sum().backward();
     let host =
