@@ -4,12 +4,16 @@
 //! one all-reduce of one flat buffer (the gradients, then the losses) gives every worker the
 //! single-worker sum: the optimizer step that follows is the same everywhere.
 //!
-//! [`InProcess`] is the communicator of worker threads in one process (the CPU tests; a
-//! multi-GPU run uses NCCL through the same trait).
+//! [`InProcess`] is the communicator of worker threads in one process (the CPU tests); `Nccl`
+//! (with `--features cuda`) that of one worker thread per GPU.
 
 mod in_process;
+#[cfg(feature = "cuda")]
+mod nccl;
 
 pub use in_process::InProcess;
+#[cfg(feature = "cuda")]
+pub use nccl::Nccl;
 
 /// Why a collective failed.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
@@ -23,6 +27,14 @@ pub enum CollectiveError {
         rank: usize,
         /// How many workers the run has.
         world: usize,
+    },
+    /// The collective library reported an error.
+    #[error("worker {rank}'s all-reduce failed: {reason}")]
+    Failed {
+        /// The worker whose call failed.
+        rank: usize,
+        /// What the library said.
+        reason: String,
     },
     /// The workers passed buffers of different lengths (their models differ).
     #[error(

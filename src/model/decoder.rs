@@ -422,6 +422,16 @@ impl<B: ModelBackend> Decoder<B> {
         }
     }
 
+    /// The dtype the loss may hand the logits' gradient back in: the head's
+    /// ([`FrozenLinear::output_grad_dtype`]), or f32 (`None`) through Gemma 2's soft-cap, whose
+    /// backward multiplies it by f32 values (Burn's binary ops take one dtype).
+    pub fn logits_grad_dtype(&self) -> Option<FloatDType> {
+        match self.config.quirks.final_softcap {
+            Some(_) => None,
+            None => self.lm_head.output_grad_dtype(),
+        }
+    }
+
     /// The logits of the last hidden states `h`: the final norm (written in the head's GEMM
     /// input dtype), then the head.
     pub fn head(&self, h: Tensor<B, 3>) -> Tensor<B, 3> {

@@ -291,6 +291,8 @@ fn backward<B: MatmulBackend>(
 ) -> (Tensor<B, 4>, Tensor<B, 4>, Tensor<B, 4>) {
     let [_, _, seq, _] = s.q.dims();
     let keys = s.k.dims()[2];
+    // The gradient may come back in the next GEMM's 16-bit input dtype.
+    let d_out = crate::ops::elementwise::cast(d_out, Some(s.q.dtype().into()));
     let delta = (d_out.clone() * s.out).sum_dim(3);
     let mut dq = Vec::new();
     let mut dk = s.k.zeros_like();

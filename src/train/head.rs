@@ -38,7 +38,7 @@ pub fn loss_and_input_grad<B: TrainBackend>(
     let tokens = batch * seq;
     let count = mask.iter().filter(|&&m| m > 0.0).count().max(1);
     let per_slice = (MAX_SLICE_ELEMENTS / decoder.config.vocab_size.max(1)).clamp(1, tokens);
-    let grad_dtype = decoder.lm_head.output_grad_dtype();
+    let grad_dtype = decoder.logits_grad_dtype();
     let top = top.reshape([tokens, hidden]);
     // The slices' losses stay on the device until the end: one read back per batch, not one
     // per slice (each read waits for the device to drain; at 32k tokens there are 32 slices).

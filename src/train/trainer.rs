@@ -264,7 +264,7 @@ pub fn batch_loss<B: ModelBackend>(
         batch.batch,
         device,
     );
-    let grad_dtype = decoder.lm_head.output_grad_dtype();
+    let grad_dtype = decoder.logits_grad_dtype();
     masked_cross_entropy(logits, &batch.targets, &batch.mask, grad_dtype).0
 }
 
