@@ -1,6 +1,6 @@
 //! A GGUF file as llama.cpp's `convert_hf_to_gguf.py` writes it: llama.cpp tensor names, q/k
 //! rows permuted for its RoPE (Llama family), norms and biases in F32, matrices in the chosen
-//! type (a block type falls back to F16 for a row length not divisible by 32, as llama.cpp
+//! type (a block type falls back to F16 for a row length not divisible by its block, 32 or 256, as llama.cpp
 //! does), the architecture under `{arch}.*`, and the tokenizer with its chat template under
 //! `tokenizer.*` (copied from a GGUF base, built from `tokenizer.json` otherwise).
 
@@ -33,7 +33,10 @@ pub fn write(
     for spec in &model.specs {
         let name = gguf_name(&spec.name, c.family)
             .with_context(|| format!("no GGUF name for `{}`", spec.name))?;
-        let blocks_fit = spec.shape.last().is_some_and(|&n| n.is_multiple_of(32));
+        let blocks_fit = spec
+            .shape
+            .last()
+            .is_some_and(|&n| n.is_multiple_of(kind.block().0));
         let tensor_kind = match (spec.is_matrix(), kind.block().0 > 1 && !blocks_fit) {
             (false, _) => GgmlType::F32,
             (true, true) => GgmlType::F16,
@@ -144,6 +147,9 @@ fn metadata(
         GgufType::Q4_1 => 3,
         GgufType::Q8_0 => 7,
         GgufType::Bf16 => 32,
+        // llama.cpp's MOSTLY_Q4_K_S (every matrix Q4_K) and MOSTLY_Q6_K.
+        GgufType::Q4K => 14,
+        GgufType::Q6K => 18,
     };
     let mut m: Vec<(String, Value)> = vec![
         ("general.architecture".into(), Value::String(arch.into())),

@@ -80,6 +80,8 @@ impl GgufType {
             GgufType::Q8_0 => GgmlType::Q8_0,
             GgufType::Q4_0 => GgmlType::Q4_0,
             GgufType::Q4_1 => GgmlType::Q4_1,
+            GgufType::Q4K => GgmlType::Q4_K,
+            GgufType::Q6K => GgmlType::Q6_K,
         }
     }
 }

@@ -84,9 +84,10 @@ pub fn float_values(kind: GgmlType, data: &[u8]) -> Option<Vec<f32>> {
     raw.to_f32().ok()
 }
 
-/// Encodes a row-major float tensor (rows a multiple of 32 long for the block types) as GGML
-/// `kind`, the way ggml's reference quantizers do (`quantize_row_q8_0_ref`, `_q4_0_ref`,
-/// `_q4_1_ref`): scales are computed in f32, stored as f16.
+/// Encodes a row-major float tensor (rows a multiple of the block's length) as GGML `kind`: the
+/// 32-element types the way ggml's reference quantizers do (`quantize_row_q8_0_ref`,
+/// `_q4_0_ref`, `_q4_1_ref`: scales computed in f32, stored as f16); Q4_K and Q6_K as
+/// [`super::ggml_k::encode`] does.
 pub fn encode(kind: GgmlType, values: &[f32]) -> Vec<u8> {
     match kind {
         GgmlType::F32 => values.iter().flat_map(|v| v.to_le_bytes()).collect(),
@@ -105,7 +106,8 @@ pub fn encode(kind: GgmlType, values: &[f32]) -> Vec<u8> {
             }
             out
         }
-        k => unreachable!("{k:?} is read, never written (export::GgufType has no K-quant)"),
+        GgmlType::Q4_K | GgmlType::Q6_K => super::ggml_k::encode(kind, values),
+        k => unreachable!("{k:?} is read, never written (export::GgufType does not offer it)"),
     }
 }
 

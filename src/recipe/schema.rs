@@ -444,6 +444,13 @@ pub enum GgufType {
     /// ggml Q4_1: blocks of 32 4-bit codes with an f16 scale and an f16 minimum.
     #[value(name = "q4_1")]
     Q4_1,
+    /// ggml Q4_K: super-blocks of 256, 8 groups of 32 4-bit codes with 6-bit scales and minima
+    /// (rows not a multiple of 256 are written F16).
+    #[value(name = "q4_k")]
+    Q4K,
+    /// ggml Q6_K: super-blocks of 256, 16 groups of 16 6-bit codes with 8-bit scales.
+    #[value(name = "q6_k")]
+    Q6K,
 }
 
 /// `[export]`: fuse the adapters into the base when `train` ends and write the result.
