@@ -4,7 +4,7 @@
 use serde_json::{Value, json};
 
 use super::FloatDtype;
-use crate::model::ModelFiles;
+use crate::model::{ModelConfig, ModelFiles};
 use crate::ops::rope::RopeScaling;
 use crate::tokenizer::Tokenizer;
 
@@ -48,22 +48,7 @@ fn from_architecture(files: &ModelFiles, tokenizer: &Tokenizer) -> Value {
         "bos_token_id": id(&tokenizer.bos),
         "eos_token_id": id(&tokenizer.eos),
     });
-    let scaling = match c.rope_scaling {
-        RopeScaling::None => None,
-        RopeScaling::Linear { factor } => Some(json!({"rope_type": "linear", "factor": factor})),
-        RopeScaling::Llama3 {
-            factor,
-            low_freq_factor,
-            high_freq_factor,
-            original_max_position_embeddings,
-        } => Some(json!({
-            "rope_type": "llama3",
-            "factor": factor,
-            "low_freq_factor": low_freq_factor,
-            "high_freq_factor": high_freq_factor,
-            "original_max_position_embeddings": original_max_position_embeddings,
-        })),
-    };
+    let scaling = scaling_json(&c.rope_scaling);
     let Some(map) = config.as_object_mut() else {
         return config;
     };
@@ -96,4 +81,44 @@ fn from_architecture(files: &ModelFiles, tokenizer: &Tokenizer) -> Value {
         }
     }
     config
+}
+
+/// The older RoPE keys mlx-lm 0.32 reads (`rope_theta`, `rope_scaling`, and Gemma 3's
+/// `rope_local_base_freq` and `sliding_window_pattern`), added where `config` lacks them: a
+/// transformers-5 config spells them only under `rope_parameters`, which mlx-lm ignores (it
+/// would run RoPE at its defaults, without the model's scaling).
+pub fn add_mlx_rope_keys(config: &mut Value, c: &ModelConfig) {
+    let Some(map) = config.as_object_mut() else {
+        return;
+    };
+    map.entry("rope_theta").or_insert(json!(c.rope_theta));
+    if let Some(s) = scaling_json(&c.rope_scaling) {
+        map.entry("rope_scaling").or_insert(s);
+    }
+    if let Some((theta, _)) = c.quirks.local_rope {
+        map.entry("rope_local_base_freq").or_insert(json!(theta));
+    }
+    if let Some(period) = c.quirks.sliding_period().filter(|_| c.family.is_gemma()) {
+        map.entry("sliding_window_pattern").or_insert(json!(period));
+    }
+}
+
+/// `rope_scaling` as `config.json` spells it; `None` for unscaled RoPE.
+fn scaling_json(scaling: &RopeScaling) -> Option<Value> {
+    match *scaling {
+        RopeScaling::None => None,
+        RopeScaling::Linear { factor } => Some(json!({"rope_type": "linear", "factor": factor})),
+        RopeScaling::Llama3 {
+            factor,
+            low_freq_factor,
+            high_freq_factor,
+            original_max_position_embeddings,
+        } => Some(json!({
+            "rope_type": "llama3",
+            "factor": factor,
+            "low_freq_factor": low_freq_factor,
+            "high_freq_factor": high_freq_factor,
+            "original_max_position_embeddings": original_max_position_embeddings,
+        })),
+    }
 }

@@ -197,29 +197,29 @@ fn export_generates_mlx_lms_tokens(
 }
 
 /// Gemma 3 (sliding layers with their own RoPE base and a 4-key window, q/k norms, `1 + w`
-/// norms, GeGLU, a scaled embedding): our mlx exports of `mlx_lm.convert -q`'s folder with
-/// random adapters give mlx-lm's greedy tokens, 32 past a 16-token prompt. (Not Gemma 2:
-/// mlx-lm 0.32's gemma2 ignores the sliding window, so its tokens are not the model's.)
+/// norms, GeGLU, a scaled embedding): our mlx exports with random adapters give mlx-lm's greedy
+/// tokens, 32 past a 16-token prompt, from `mlx_lm.convert -q`'s folder and from the
+/// transformers-5 folder (whose RoPE is spelled only as `rope_parameters`, which mlx-lm does not
+/// read: the export adds the older keys). (Not Gemma 2: mlx-lm 0.32's gemma2 ignores the
+/// sliding window, so its tokens are not the model's.)
 #[test]
 fn mlx_lm_generates_our_tokens_from_our_gemma3_exports() {
-    let base = common::fixture("models/mlx-gemma3-q4");
     let python = common::asset("interop");
     let tmp = common::temp_dir("export-mlx-gemma3");
-    let adapters = tmp.join("adapters");
-    make_adapters(&base, &adapters);
-    let reference = common::read_json(&base.join("reference.json"));
-    let prompts = vec![common::ids(&reference["input_ids"])];
-    let tuned = our_greedy(&base, Some(&adapters), &prompts);
-    for (name, flags) in EXPORTS {
-        let ours = export_generates_mlx_lms_tokens(
-            &python,
-            &base,
-            &adapters,
-            &tmp.join(name),
-            flags,
-            &prompts,
-        );
-        println!("gemma3 {name}: equal to base + adapters: {}", ours == tuned);
+    for base in ["mlx-gemma3-q4", "gemma3"] {
+        let base_dir = common::fixture(&format!("models/{base}"));
+        let adapters = tmp.join(format!("{base}-adapters"));
+        make_adapters(&base_dir, &adapters);
+        let reference = common::read_json(&base_dir.join("reference.json"));
+        let prompts = vec![common::ids(&reference["input_ids"])];
+        let tuned = our_greedy(&base_dir, Some(&adapters), &prompts);
+        for (name, flags) in EXPORTS {
+            let out = tmp.join(format!("{base}-{name}"));
+            let ours = export_generates_mlx_lms_tokens(
+                &python, &base_dir, &adapters, &out, flags, &prompts,
+            );
+            println!("{base} {name}: equal to base + adapters: {}", ours == tuned);
+        }
     }
     std::fs::remove_dir_all(&tmp).unwrap();
 }
