@@ -10,8 +10,8 @@
 # WHEELS: a folder of wheels to pip-install first (the GPU image has no peft).
 # SHAPES: which runs (default: "warmup smollm2 1b 8b 8b-nockpt 8b-qlora 8b-32k 8b-64k", the rows
 # of issue 17's table; "warmup" compiles our kernels on a tiny shape first; also "1b-ckpt",
-# and "8b-128k", "8b-256k", "8b-256k-liger" for the longest context each side trains; "gemma2-9b"
-# (issue 20); "1b-data"
+# and "8b-128k", "8b-256k", "8b-256k-liger" for the longest context each side trains; "gemma2-9b",
+# "phi3-mini", "phi3-mini-qlora" (issue 20); "1b-data"
 # and "8b-data" for real data, issue 17's goal 5; "vk-check", "vk-tiny", "vk-smollm2", "vk-1b"
 # for issue 19's portable path through Vulkan, with LORAFORGE_VULKAN the binary built with
 # --features vulkan and the Vulkan loader installed, each portable row once per dtype of
@@ -138,6 +138,9 @@ for s in ${SHAPES:-warmup smollm2 1b 8b 8b-nockpt 8b-qlora 8b-32k 8b-64k}; do
     # so ours runs the sliced attention; the reference runs eager, as transformers recommends:
     # SDPA drops the cap).
     gemma2-9b) ours gemma2-9b 4 2048 6 1 --grad-checkpoint; reference gemma2-9b 4 2048 6 2 --grad-checkpoint --attn eager; liger gemma2-9b 4 2048 6 2 --grad-checkpoint --attn eager ;;
+    # Issue 20: Phi-3.5-mini (fused qkv_proj and gate_up_proj), bf16 and QLoRA.
+    phi3-mini) ours phi3-mini 8 2048 8 1 --grad-checkpoint; reference phi3-mini 8 2048 8 3 --grad-checkpoint; liger phi3-mini 8 2048 8 3 --grad-checkpoint ;;
+    phi3-mini-qlora) ours phi3-mini 8 2048 8 1 --grad-checkpoint --quant 4; reference phi3-mini 8 2048 8 3 --grad-checkpoint --quant nf4 ;;
     8b-qlora) ours llama3-8b 4 2048 6 1 --grad-checkpoint --quant 4; reference llama3-8b 4 2048 6 2 --grad-checkpoint --quant nf4; unsloth llama3-8b 4 2048 6 2 --grad-checkpoint --quant nf4 ;;
     8b-32k) ours llama3-8b 1 32768 3 1 --grad-checkpoint; reference llama3-8b 1 32768 3 1 --grad-checkpoint; liger llama3-8b 1 32768 3 1 --grad-checkpoint; unsloth llama3-8b 1 32768 3 1 --grad-checkpoint ;;
     8b-64k) ours llama3-8b 1 65536 2 1 --grad-checkpoint; liger llama3-8b 1 65536 2 1 --grad-checkpoint ;;

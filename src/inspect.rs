@@ -39,6 +39,13 @@ pub fn report(path: &std::path::Path) -> Result<String> {
         RopeScaling::None => String::new(),
         RopeScaling::Linear { factor } => format!(", linear scaling x{factor}"),
         RopeScaling::Llama3 { factor, .. } => format!(", llama3 scaling x{factor}"),
+        RopeScaling::LongRope {
+            original_max_position_embeddings,
+            attention_factor,
+            ..
+        } => format!(
+            ", LongRoPE (long factors past {original_max_position_embeddings} tokens, cos/sin x{attention_factor:.4})"
+        ),
     };
     writeln!(
         w,
@@ -55,6 +62,9 @@ pub fn report(path: &std::path::Path) -> Result<String> {
         }
     )?;
     let mut quirks: Vec<String> = Vec::new();
+    if c.family.fuses_projections() {
+        quirks.push("fused qkv_proj and gate_up_proj".into());
+    }
     if c.attention_bias {
         quirks.push("q/k/v bias".into());
     }

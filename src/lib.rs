@@ -19,6 +19,8 @@ pub mod io;
 pub mod quant;
 /// The TOML recipe.
 pub mod recipe;
+/// Data-parallel workers' gradient all-reduce (a leaf: backends hand out its communicators).
+pub mod distributed;
 /// Each op's trait, reference form and autodiff backward.
 pub mod ops;
 /// The backends' implementations of the ops, and backend selection.
@@ -35,8 +37,6 @@ pub mod chat;
 pub mod data;
 /// Sampling and generation with a KV cache.
 pub mod generate;
-/// Data-parallel workers' gradient all-reduce.
-pub mod distributed;
 /// The trainer: one step, the loop, optimizer, checkpoints.
 pub mod train;
 /// Consumers of events: log lines, metrics, TensorBoard, dashboard, plot.

@@ -56,8 +56,7 @@ fn adapted_model(kind: AdapterKind, targets: Targets) -> Decoder<B> {
         ..Default::default()
     };
     let spec = AdapterSpec::from_recipe(&lora, &model.config).unwrap();
-    <B as burn::tensor::backend::Backend>::seed(&device, 7);
-    inject(&mut model, &spec, &device);
+    inject(&mut model, &spec, 7, &device);
     let mut params = parameters(&model);
     for p in params.iter_mut() {
         *p = p.clone() + p.random_like(Distribution::Normal(0.0, 0.1));

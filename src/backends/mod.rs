@@ -12,8 +12,9 @@ mod portable;
 
 use anyhow::{Result, bail};
 
+use crate::distributed::Group;
 use crate::ops::ModelBackend;
-use crate::recipe::DeviceKind;
+use crate::recipe::{DeviceKind, GpuSet};
 
 /// CPU backend: burn-ndarray (see README for why ndarray rather than flex).
 pub type Cpu = burn::backend::NdArray<f32>;
@@ -23,7 +24,53 @@ pub trait BackendTask {
     /// What the task returns.
     type Output;
     /// Runs the task on backend `B`, on `device`.
-    fn run<B: ModelBackend + DeviceMemory>(self, device: B::Device) -> Result<Self::Output>;
+    fn run<B: ModelBackend + DeviceMemory + DataParallel>(
+        self,
+        device: B::Device,
+    ) -> Result<Self::Output>;
+}
+
+/// Devices for data-parallel training (`train --gpus`, `[distributed]`): one per worker, each
+/// with its end of one communicator.
+pub trait DataParallel: burn::tensor::backend::Backend {
+    /// The workers for `gpus`; an error on backends without a collective library (CUDA alone
+    /// has NCCL).
+    fn workers(_gpus: &GpuSet) -> Result<Group<Self::Device>> {
+        bail!(
+            "data-parallel training (--gpus, [distributed]) runs on CUDA: set device = \"cuda\" with a binary built with --features cuda"
+        )
+    }
+}
+
+impl DataParallel for Cpu {}
+
+#[cfg(feature = "cuda")]
+impl DataParallel for burn::backend::Cuda<f32> {
+    fn workers(gpus: &GpuSet) -> Result<Group<Self::Device>> {
+        let available = cudarc::driver::CudaContext::device_count()
+            .map_err(|e| anyhow::anyhow!("counting CUDA devices: {e:?}"))?
+            as usize;
+        let ids = gpus
+            .ids(available)
+            .map_err(|e| anyhow::anyhow!("distributed.gpus / --gpus: {e}"))?;
+        // NVLink multicast (NVLS) hangs or fails on some lent machines; off unless asked for.
+        if std::env::var_os("NCCL_NVLS_ENABLE").is_none() {
+            // SAFETY: set before any worker thread starts or NCCL reads its environment.
+            unsafe { std::env::set_var("NCCL_NVLS_ENABLE", "0") };
+        }
+        let comms = crate::distributed::Nccl::group(&ids).map_err(anyhow::Error::msg)?;
+        Ok(ids
+            .into_iter()
+            .zip(comms)
+            .map(|(id, comm)| {
+                let device = burn::backend::cuda::CudaDevice::new(id);
+                (
+                    device,
+                    Box::new(comm) as Box<dyn crate::distributed::Communicator>,
+                )
+            })
+            .collect())
+    }
 }
 
 /// What a device's memory pool holds, for benchmarks.

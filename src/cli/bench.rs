@@ -9,7 +9,7 @@ use clap::Subcommand;
 use crate::diagnostics::device_check::CheckOptions;
 use crate::recipe::Dtype;
 
-use crate::backends::{BackendTask, DeviceMemory, run_on};
+use crate::backends::{BackendTask, DataParallel, DeviceMemory, run_on};
 use crate::model::load::BaseStorage;
 use crate::ops::ModelBackend;
 use crate::recipe::DeviceKind;
@@ -76,7 +76,7 @@ struct BenchTask(crate::diagnostics::bench::BenchTrainArgs, BaseStorage);
 impl BackendTask for BenchTask {
     type Output = ();
 
-    fn run<B: ModelBackend + DeviceMemory>(self, device: B::Device) -> Result<()> {
+    fn run<B: ModelBackend + DeviceMemory + DataParallel>(self, device: B::Device) -> Result<()> {
         let mut result =
             crate::diagnostics::bench::bench_train::<Autodiff<B>>(&self.0, self.1, &device)?;
         if let Some(bytes) = B::reserved_bytes(&device) {
@@ -105,7 +105,10 @@ struct DeviceCheckTask(CheckOptions);
 impl BackendTask for DeviceCheckTask {
     type Output = Vec<serde_json::Value>;
 
-    fn run<B: ModelBackend + DeviceMemory>(self, device: B::Device) -> Result<Self::Output> {
+    fn run<B: ModelBackend + DeviceMemory + DataParallel>(
+        self,
+        device: B::Device,
+    ) -> Result<Self::Output> {
         let mut options = self.0;
         options.half = options.half.filter(|&h| B::check_half(h, &device).is_ok());
         crate::diagnostics::device_check::run::<B>(&device, options)

@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use anyhow::Result;
 use clap::Args;
 
-use crate::backends::{BackendTask, DeviceMemory};
+use crate::backends::{BackendTask, DataParallel, DeviceMemory};
 use crate::chat::{ChatTemplate, Message};
 use crate::generate::{GenerationLimits, SamplingConfig, generate};
 use crate::model::load_model;
@@ -63,7 +63,7 @@ pub struct GenerateArgs {
 impl BackendTask for GenerateArgs {
     type Output = ();
 
-    fn run<B: ModelBackend + DeviceMemory>(self, device: B::Device) -> Result<()> {
+    fn run<B: ModelBackend + DeviceMemory + DataParallel>(self, device: B::Device) -> Result<()> {
         let mut model = load_model::<B>(&self.model, &device)?;
         if let Some(dir) = &self.adapters {
             crate::lora::files::attach(&mut model.decoder, dir, &device)?;

@@ -10,7 +10,7 @@ use anyhow::{Context, Result};
 use burn::backend::Autodiff;
 use clap::Args;
 
-use crate::backends::{BackendTask, DeviceMemory};
+use crate::backends::{BackendTask, DataParallel, DeviceMemory};
 use crate::events::Controls;
 use crate::events::Event;
 use crate::export::ExportOptions;
@@ -36,6 +36,10 @@ pub struct TrainArgs {
     /// Override a recipe key, e.g. --set train.iters=50 (repeatable).
     #[arg(long = "set", value_name = "KEY=VALUE")]
     pub overrides: Vec<String>,
+    /// Train data-parallel on several GPUs (CUDA): `all`, a count, or ids such as 0,2,3; the
+    /// recipe's `[distributed] gpus` otherwise. The global batch stays the recipe's.
+    #[arg(long, value_name = "all|N|IDS", value_parser = crate::recipe::GpuSet::parse)]
+    pub gpus: Option<crate::recipe::GpuSet>,
 }
 
 pub struct TrainTask {
@@ -46,7 +50,7 @@ pub struct TrainTask {
 impl BackendTask for TrainTask {
     type Output = ();
 
-    fn run<B: ModelBackend + DeviceMemory>(self, device: B::Device) -> Result<()> {
+    fn run<B: ModelBackend + DeviceMemory + DataParallel>(self, device: B::Device) -> Result<()> {
         let controls = Arc::new(Controls::default());
         let on_signal = Arc::clone(&controls);
         ctrlc::set_handler(move || {
@@ -59,6 +63,14 @@ impl BackendTask for TrainTask {
             );
         })
         .context("installing the Ctrl-C / SIGTERM handler")?;
+        // The GPUs first: a missing one or a backend without NCCL is refused before the run
+        // folder is touched.
+        let gpus = self
+            .args
+            .gpus
+            .clone()
+            .or_else(|| self.recipe.distributed.as_ref().map(|d| d.gpus.clone()));
+        let workers = gpus.map(|gpus| B::workers(&gpus)).transpose()?;
         let resume = self.args.resume.as_ref().map(|dir| {
             dir.clone()
                 .unwrap_or_else(|| crate::train::run::run_dir(&self.recipe))
@@ -125,13 +137,22 @@ impl BackendTask for TrainTask {
                 log_failed = true;
             }
         };
-        let outcome = crate::train::run::train::<Autodiff<B>>(
-            &self.recipe,
-            resume.as_deref(),
-            &controls,
-            &mut emit,
-            &device,
-        );
+        let outcome = match workers {
+            None => crate::train::run::train::<Autodiff<B>>(
+                &self.recipe,
+                resume.as_deref(),
+                &controls,
+                &mut emit,
+                &device,
+            ),
+            Some(workers) => crate::train::run::train_data_parallel::<Autodiff<B>>(
+                &self.recipe,
+                resume.as_deref(),
+                &controls,
+                &mut emit,
+                workers,
+            ),
+        };
         if let Some(d) = dashboard {
             d.finish()?;
             // What the dashboard showed, as the last lines of the normal screen.
@@ -180,7 +201,7 @@ pub struct EvalTask {
 impl BackendTask for EvalTask {
     type Output = ();
 
-    fn run<B: ModelBackend + DeviceMemory>(self, device: B::Device) -> Result<()> {
+    fn run<B: ModelBackend + DeviceMemory + DataParallel>(self, device: B::Device) -> Result<()> {
         let run_dir = crate::train::run::run_dir(&self.recipe);
         let adapters = self
             .adapters

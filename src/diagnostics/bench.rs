@@ -123,8 +123,7 @@ impl BenchTrainArgs {
             // is refused by `AdapterSpec::from_recipe`, which lists the keys.
             let keys = self.targets.split(',').map(|short| {
                 let short = short.trim();
-                BlockLinear::ALL
-                    .into_iter()
+                BlockLinear::all()
                     .find(|l| l.key().rsplit('.').next() == Some(short))
                     .map_or_else(|| short.to_string(), |l| l.key().to_string())
             });
@@ -159,7 +158,7 @@ pub fn bench_train<B: TrainBackend>(
     let mut model = files.build_quantized::<B>(device, storage)?;
     let spec = AdapterSpec::from_recipe(&args.lora(), &config)?;
     B::seed(device, args.seed);
-    inject(&mut model, &spec, device);
+    inject(&mut model, &spec, args.seed, device);
     let settings = StepSettings {
         grad_checkpoint: args.grad_checkpoint.then_some(Checkpointing {
             mlp_chunk_tokens: args.mlp_chunk_tokens,

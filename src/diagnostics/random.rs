@@ -30,6 +30,10 @@ pub enum Shape {
     /// 256000, tied; soft-caps 50 and 30, every other layer a 4096-key window.
     #[value(name = "gemma2-9b")]
     Gemma2_9b,
+    /// Phi-3.5-mini: 32 layers, hidden 3072, 32 heads (32 kv) of 96, ffn 8192, vocabulary
+    /// 32064; q, k, v and gate, up fused (plain RoPE: LongRoPE's short factors time the same).
+    #[value(name = "phi3-mini")]
+    Phi3Mini,
 }
 
 impl Shape {
@@ -41,6 +45,7 @@ impl Shape {
             Shape::Llama3_2_1b => (2048, 16, 32, 8, 8192, 128256, true, 500000.0),
             Shape::Llama3_8b => (4096, 32, 32, 8, 14336, 128256, false, 500000.0),
             Shape::Gemma2_9b => (3584, 42, 16, 8, 14336, 256000, true, 10000.0),
+            Shape::Phi3Mini => (3072, 32, 32, 32, 8192, 32064, false, 10000.0),
         };
         let (family, head_dim, quirks) = match self {
             Shape::Gemma2_9b => (
@@ -59,6 +64,7 @@ impl Shape {
                     local_rope: None,
                 },
             ),
+            Shape::Phi3Mini => (Family::Phi3, hidden / heads, Quirks::default()),
             _ => (Family::Llama, hidden / heads, Quirks::default()),
         };
         ModelConfig {

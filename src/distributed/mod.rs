@@ -50,6 +50,10 @@ pub enum CollectiveError {
     },
 }
 
+/// A data-parallel group: each worker's device and its end of the group's communicator, rank
+/// order.
+pub type Group<D> = Vec<(D, Box<dyn Communicator>)>;
+
 /// One worker's end of a group of `world` workers.
 pub trait Communicator: Send {
     /// This worker's index, `0..world`.

@@ -41,19 +41,29 @@ fn from_architecture(files: &ModelFiles, tokenizer: &Tokenizer) -> Value {
         "head_dim": c.head_dim,
         "hidden_act": "silu",
         "rms_norm_eps": c.rms_norm_eps,
-        "rope_theta": c.rope_theta,
         "max_position_embeddings": c.max_position_embeddings,
         "tie_word_embeddings": c.tie_word_embeddings,
         "attention_bias": c.attention_bias,
         "bos_token_id": id(&tokenizer.bos),
         "eos_token_id": id(&tokenizer.eos),
     });
-    let scaling = scaling_json(&c.rope_scaling);
+    add_older_rope_keys(&mut config, c);
     let Some(map) = config.as_object_mut() else {
         return config;
     };
-    if let Some(s) = scaling {
-        map.insert("rope_scaling".into(), s);
+    if c.family.fuses_projections() {
+        if let RopeScaling::LongRope {
+            original_max_position_embeddings,
+            ..
+        } = c.rope_scaling
+        {
+            // mlx-lm's Phi-3 reads the pretrained length here only.
+            map.insert(
+                "original_max_position_embeddings".into(),
+                json!(original_max_position_embeddings),
+            );
+        }
+        map.insert("sliding_window".into(), json!(c.quirks.sliding_window));
     }
     if c.family.is_gemma() {
         let q = &c.quirks;
@@ -73,21 +83,16 @@ fn from_architecture(files: &ModelFiles, tokenizer: &Tokenizer) -> Value {
             })
             .collect();
         map.insert("layer_types".into(), json!(types));
-        if let Some(period) = q.sliding_period() {
-            map.insert("sliding_window_pattern".into(), json!(period));
-        }
-        if let Some((theta, _)) = q.local_rope {
-            map.insert("rope_local_base_freq".into(), json!(theta));
-        }
     }
     config
 }
 
-/// The older RoPE keys mlx-lm 0.32 reads (`rope_theta`, `rope_scaling`, and Gemma 3's
-/// `rope_local_base_freq` and `sliding_window_pattern`), added where `config` lacks them: a
-/// transformers-5 config spells them only under `rope_parameters`, which mlx-lm ignores (it
-/// would run RoPE at its defaults, without the model's scaling).
-pub fn add_mlx_rope_keys(config: &mut Value, c: &ModelConfig) {
+/// The older RoPE keys (`rope_theta`, `rope_scaling`, and Gemma's `rope_local_base_freq` and
+/// `sliding_window_pattern`), added where `config` lacks them: what a config written from GGUF
+/// metadata spells them as, and what mlx-lm 0.32 reads: a transformers-5 config spells them only
+/// under `rope_parameters`, which mlx-lm ignores (it would run RoPE at its defaults, without the
+/// model's scaling).
+pub fn add_older_rope_keys(config: &mut Value, c: &ModelConfig) {
     let Some(map) = config.as_object_mut() else {
         return;
     };
@@ -103,9 +108,23 @@ pub fn add_mlx_rope_keys(config: &mut Value, c: &ModelConfig) {
     }
 }
 
-/// `rope_scaling` as `config.json` spells it; `None` for unscaled RoPE.
+/// `rope_scaling` as `config.json` spells it; `None` for unscaled RoPE. LongRoPE says `type`
+/// (mlx-lm's Phi-3 requires it) and gives its attention factor, which transformers would
+/// otherwise derive from `max_position_embeddings`.
 fn scaling_json(scaling: &RopeScaling) -> Option<Value> {
     match *scaling {
+        RopeScaling::LongRope {
+            ref short_factor,
+            ref long_factor,
+            original_max_position_embeddings,
+            attention_factor,
+        } => Some(json!({
+            "type": "longrope",
+            "short_factor": short_factor,
+            "long_factor": long_factor,
+            "original_max_position_embeddings": original_max_position_embeddings,
+            "attention_factor": attention_factor,
+        })),
         RopeScaling::None => None,
         RopeScaling::Linear { factor } => Some(json!({"rope_type": "linear", "factor": factor})),
         RopeScaling::Llama3 {

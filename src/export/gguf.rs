@@ -13,6 +13,7 @@ use super::fuse::{FusedModel, Survival};
 use super::{ExportOptions, GgufType};
 use crate::io::gguf::{GgmlType, Value};
 use crate::io::gguf_write::{GgufTensor, write as write_gguf};
+use crate::model::config::LONG_ROPE_FACTORS;
 use crate::model::names::{Role, gguf_name};
 use crate::model::weights::{WeightSource, qk_row_order};
 use crate::ops::rope::Rope;
@@ -48,11 +49,12 @@ pub fn write(
             kind: tensor_kind,
         });
     }
-    let rope_freqs = llama3_rope_divisors(model);
-    if rope_freqs.is_some() {
+    // Vectors after the model's tensors: Llama 3's `rope_freqs`, or LongRoPE's factor lists.
+    let extra = rope_vectors(model);
+    for (name, values) in &extra {
         tensors.push(GgufTensor {
-            name: "rope_freqs.weight".into(),
-            shape: vec![c.head_dim / 2],
+            name: name.to_string(),
+            shape: vec![values.len()],
             kind: GgmlType::F32,
         });
     }
@@ -67,10 +69,8 @@ pub fn write(
         progress.inc();
         let out = &tensors[i];
         let Some(spec) = model.specs.get(i) else {
-            return Ok(ggml::encode(
-                GgmlType::F32,
-                rope_freqs.as_deref().unwrap_or(&[]),
-            ));
+            let (_, values) = &extra[i - model.specs.len()];
+            return Ok(ggml::encode(GgmlType::F32, values));
         };
         let tensor = model.tensor(spec)?;
         let heads = match spec.role {
@@ -114,22 +114,33 @@ fn permute_rows(values: &[f32], rows: usize, heads: usize) -> Vec<f32> {
     out
 }
 
-/// llama.cpp applies Llama 3's frequency scaling as a `rope_freqs` tensor of divisors.
-fn llama3_rope_divisors(model: &FusedModel) -> Option<Vec<f32>> {
+/// The RoPE vectors llama.cpp reads as tensors: Llama 3's frequency scaling as `rope_freqs`
+/// (divisors), LongRoPE's factor lists as `rope_factors_long` and `rope_factors_short`.
+fn rope_vectors(model: &FusedModel) -> Vec<(&'static str, Vec<f32>)> {
     let c = &model.files.config;
-    if !matches!(c.rope_scaling, RopeScaling::Llama3 { .. }) {
-        return None;
+    let f32s = |v: &[f64]| v.iter().map(|&f| f as f32).collect();
+    match &c.rope_scaling {
+        RopeScaling::Llama3 { .. } => {
+            let plain = Rope::new(c.head_dim, c.rope_theta, &RopeScaling::None);
+            let scaled = Rope::new(c.head_dim, c.rope_theta, &c.rope_scaling);
+            let divisors = plain
+                .inv_freq()
+                .iter()
+                .zip(scaled.inv_freq())
+                .map(|(p, s)| p / s)
+                .collect();
+            vec![("rope_freqs.weight", divisors)]
+        }
+        RopeScaling::LongRope {
+            short_factor,
+            long_factor,
+            ..
+        } => vec![
+            (LONG_ROPE_FACTORS[0], f32s(long_factor)),
+            (LONG_ROPE_FACTORS[1], f32s(short_factor)),
+        ],
+        _ => Vec::new(),
     }
-    let plain = Rope::new(c.head_dim, c.rope_theta, &RopeScaling::None);
-    let scaled = Rope::new(c.head_dim, c.rope_theta, &c.rope_scaling);
-    Some(
-        plain
-            .inv_freq()
-            .iter()
-            .zip(scaled.inv_freq())
-            .map(|(p, s)| p / s)
-            .collect(),
-    )
 }
 
 fn metadata(
@@ -176,13 +187,32 @@ fn metadata(
         Value::F32(c.rms_norm_eps as f32),
     );
     arch_key("rope.freq_base", Value::F32(c.rope_theta as f32));
-    if let RopeScaling::Linear { factor } = c.rope_scaling {
-        arch_key("rope.scaling.type", Value::String("linear".into()));
-        arch_key("rope.scaling.factor", Value::F32(factor as f32));
+    match c.rope_scaling {
+        RopeScaling::Linear { factor } => {
+            arch_key("rope.scaling.type", Value::String("linear".into()));
+            arch_key("rope.scaling.factor", Value::F32(factor as f32));
+        }
+        RopeScaling::LongRope {
+            original_max_position_embeddings,
+            attention_factor,
+            ..
+        } => {
+            arch_key(
+                "rope.scaling.original_context_length",
+                u32_of(original_max_position_embeddings),
+            );
+            arch_key(
+                "rope.scaling.attn_factor",
+                Value::F32(attention_factor as f32),
+            );
+        }
+        _ => {}
     }
     let q = &c.quirks;
     if let Some(w) = q.sliding_window {
         arch_key("attention.sliding_window", u32_of(w));
+    }
+    if q.sliding_window.is_some() && c.family.is_gemma() {
         // What llama.cpp infers for Gemma when absent; our reader takes these keys first.
         let period = q.sliding_period().with_context(|| {
             "the sliding layers follow no `(i + 1) % p` pattern, which GGUF cannot store; export --format hf or mlx"

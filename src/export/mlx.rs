@@ -108,7 +108,7 @@ pub fn write(
     )?;
 
     let mut config = super::config_json::config_json(model.files, tokenizer, dtype);
-    super::config_json::add_mlx_rope_keys(&mut config, &model.files.config);
+    super::config_json::add_older_rope_keys(&mut config, &model.files.config);
     if let Some(quantization) = quantization_json(model, &storages)
         && let Some(map) = config.as_object_mut()
     {

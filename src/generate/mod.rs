@@ -86,7 +86,14 @@ pub fn generate<B: ModelBackend>(
         if generated.len() == max_tokens {
             break;
         }
-        logits = model.next_logits(&[next], &mut cache, device);
+        logits = if model.cache_outdated(cache.len(), context.len()) {
+            // LongRoPE crossed its pretrained length: every key is rotated anew (transformers
+            // recomputes the cache there too).
+            cache = KvCache::new(model.config.num_layers);
+            model.next_logits(&context, &mut cache, device)
+        } else {
+            model.next_logits(&[next], &mut cache, device)
+        };
     }
     let gen_secs = start.elapsed().as_secs_f64();
     let text = tokenizer.decode(&generated)?;

@@ -1,5 +1,9 @@
 //! Which linears get an adapter: keys relative to a block, and which blocks (mlx-lm's meaning of
 //! `num_layers`: the last N; -1 for all), or an explicit list.
+//!
+//! Where a family fuses projections (Phi-3's `qkv_proj`, `gate_up_proj`), a key of one of the
+//! fused parts (`self_attn.q_proj`, the default targets) selects the fused linear: its adapter
+//! covers all of it, as peft's and mlx-lm's Phi-3 adapters do.
 
 use anyhow::{Result, bail};
 
@@ -36,17 +40,37 @@ impl AdapterSpec {
     /// above a targeted matrix's smaller side, are errors.
     pub fn from_recipe(lora: &LoraSection, config: &ModelConfig) -> Result<Self> {
         let num_blocks = config.num_layers;
-        let keys: Vec<String> = match &lora.targets {
-            Targets::Named(_) => BlockLinear::ALL.map(|l| l.key().to_string()).to_vec(),
-            Targets::Keys(keys) => keys.clone(),
+        let family_linears = BlockLinear::of(config.family);
+        let named: Vec<BlockLinear> = match &lora.targets {
+            Targets::Named(_) => family_linears.to_vec(),
+            Targets::Keys(keys) => keys
+                .iter()
+                .map(|key| {
+                    let linear = BlockLinear::from_key(key).filter(|l| {
+                        family_linears.contains(l) || l.fused_into().is_some()
+                    });
+                    linear.ok_or_else(|| {
+                        anyhow::anyhow!(
+                            "lora.targets: unknown key `{key}`; valid keys for {} are {} (or \"all-linear\")",
+                            config.family.name(),
+                            family_linears.iter().map(|l| l.key()).collect::<Vec<_>>().join(", ")
+                        )
+                    })
+                })
+                .collect::<Result<_>>()?,
         };
-        for key in &keys {
-            let Some(linear) = BlockLinear::from_key(key) else {
-                bail!(
-                    "lora.targets: unknown key `{key}`; valid keys are {} (or \"all-linear\")",
-                    BlockLinear::ALL.map(BlockLinear::key).join(", ")
-                );
+        let mut linears: Vec<BlockLinear> = Vec::new();
+        for linear in named {
+            let linear = match linear.fused_into() {
+                Some(fused) if family_linears.contains(&fused) => fused,
+                _ => linear,
             };
+            if !linears.contains(&linear) {
+                linears.push(linear);
+            }
+        }
+        let keys: Vec<String> = linears.iter().map(|l| l.key().to_string()).collect();
+        for (&linear, key) in linears.iter().zip(&keys) {
             // A × B of rank r on an [out, in] weight has rank at most min(out, in): past that
             // the adapter only adds parameters (and memory) that cannot change the product.
             let [out, inp] = linear.shape(config);
@@ -87,8 +111,15 @@ impl AdapterSpec {
     }
 }
 
-/// Adds a freshly initialised adapter to every targeted linear.
-pub fn inject<B: ModelBackend>(decoder: &mut Decoder<B>, spec: &AdapterSpec, device: &B::Device) {
+/// Adds a freshly initialised adapter to every targeted linear, its `A` drawn from a generator
+/// seeded with `seed` (the same adapters on every backend and in every worker thread).
+pub fn inject<B: ModelBackend>(
+    decoder: &mut Decoder<B>,
+    spec: &AdapterSpec,
+    seed: u64,
+    device: &B::Device,
+) {
+    let mut rng = <rand::rngs::StdRng as rand::SeedableRng>::seed_from_u64(seed);
     for (path, linear) in decoder.linears_mut() {
         if spec.targets(&path) {
             linear.adapter = Some(LoraAdapter::init(
@@ -97,6 +128,7 @@ pub fn inject<B: ModelBackend>(decoder: &mut Decoder<B>, spec: &AdapterSpec, dev
                 spec.scale,
                 spec.dropout,
                 spec.dora,
+                &mut rng,
                 device,
             ));
         }

@@ -5,7 +5,7 @@
 //! DoRA:  y = m / ‖W + s·(AB)ᵀ‖_row · (W x + s · (drop(x) A) B)   (the norm is not differentiated)
 //! ```
 
-use burn::tensor::{Distribution, Tensor, TensorData, backend::Backend};
+use burn::tensor::{Tensor, TensorData, backend::Backend};
 
 use crate::model::linear::FrozenWeight;
 use crate::ops::ModelBackend;
@@ -31,19 +31,24 @@ pub struct LoraAdapter<B: Backend> {
 }
 
 impl<B: ModelBackend> LoraAdapter<B> {
-    /// mlx-lm's initialisation: `A ~ U(-1/√in, 1/√in)`, `B = 0`; DoRA's magnitude starts at the
-    /// row norms of `W`, so the adapted layer starts equal to the base.
+    /// mlx-lm's initialisation: `A ~ U(-1/√in, 1/√in)`, drawn on the host from `rng` (the same
+    /// values on every backend and in every thread), `B = 0`; DoRA's magnitude starts at the row
+    /// norms of `W`, so the adapted layer starts equal to the base.
     pub fn init(
         weight: &FrozenWeight<B>,
         rank: usize,
         scale: f64,
         dropout: f64,
         dora: bool,
+        rng: &mut impl rand::Rng,
         device: &B::Device,
     ) -> Self {
         let [out, inp] = weight.dims();
         let bound = 1.0 / (inp as f64).sqrt();
-        let a = Tensor::random([inp, rank], Distribution::Uniform(-bound, bound), device);
+        let values: Vec<f32> = (0..inp * rank)
+            .map(|_| rng.random_range(-bound..bound) as f32)
+            .collect();
+        let a = from_vec(values, [inp, rank], device);
         let b = Tensor::zeros([rank, out], device);
         let magnitude = dora.then(|| row_norms(weight.to_dense(device)));
         LoraAdapter {

@@ -25,10 +25,13 @@ pub enum Family {
     /// Gemma 3's text model (`gemma3_text`): Gemma 2 without the soft-caps, with q/k norms, and
     /// five sliding layers (with their own RoPE base) to each global one.
     Gemma3,
+    /// Phi-3, 3.5 and 4 (`phi3`): Llama with q, k and v in one projection (`qkv_proj`), gate and
+    /// up in one (`gate_up_proj`), LongRoPE, and Mistral's sliding window where set.
+    Phi3,
 }
 
 /// The `model_type` values that errors list as supported (`smollm` is read too, as Llama).
-pub const SUPPORTED_MODEL_TYPES: &str = "llama, mistral, qwen2, qwen3, gemma2, gemma3_text";
+pub const SUPPORTED_MODEL_TYPES: &str = "llama, mistral, qwen2, qwen3, gemma2, gemma3_text, phi3";
 
 impl Family {
     /// The family for a `config.json` `model_type` or a GGUF `general.architecture`; `None`
@@ -41,6 +44,7 @@ impl Family {
             "qwen3" => Family::Qwen3,
             "gemma2" => Family::Gemma2,
             "gemma3_text" | "gemma3" => Family::Gemma3,
+            "phi3" => Family::Phi3,
             _ => return None,
         })
     }
@@ -54,6 +58,7 @@ impl Family {
             Family::Qwen3 => "qwen3",
             Family::Gemma2 => "gemma2",
             Family::Gemma3 => "gemma3_text",
+            Family::Phi3 => "phi3",
         }
     }
 
@@ -75,6 +80,7 @@ impl Family {
             Family::Qwen3 => "Qwen3ForCausalLM",
             Family::Gemma2 => "Gemma2ForCausalLM",
             Family::Gemma3 => "Gemma3ForCausalLM",
+            Family::Phi3 => "Phi3ForCausalLM",
         }
     }
 
@@ -82,6 +88,23 @@ impl Family {
     /// attention and after the MLP as well as before.
     pub fn is_gemma(self) -> bool {
         matches!(self, Family::Gemma2 | Family::Gemma3)
+    }
+
+    /// Phi-3: q, k and v are one linear (`qkv_proj`, rows q then k then v), gate and up another
+    /// (`gate_up_proj`, gate's rows first), as every format stores them.
+    pub fn fuses_projections(self) -> bool {
+        self == Family::Phi3
+    }
+
+    /// Whether `sliding_window` applies to every layer (Mistral, Phi-3; Gemma picks layers).
+    fn slides_everywhere(self) -> bool {
+        matches!(self, Family::Mistral | Family::Phi3)
+    }
+
+    /// Gemma's layer pattern when a file does not list `layer_types`: every 2nd layer global in
+    /// Gemma 2, every 6th in Gemma 3 (`sliding_window_pattern`, llama.cpp's hard-coded value).
+    fn default_sliding_period(self) -> usize {
+        if self == Family::Gemma2 { 2 } else { 6 }
     }
 
     /// llama.cpp permutes the rows of q and k for its interleaved RoPE (the Llama family);
@@ -318,15 +341,34 @@ impl ModelConfig {
             });
         let rope_scaling = match rope_params {
             None => RopeScaling::None,
-            Some(p) => rope_scaling_from_json(p, path)?,
+            Some(p) => rope_scaling_from_json(p, json, head_dim, path)?,
         };
-        let quirks = quirks_from_json(json, family, rope_sets, path)?;
+        let partial = rope_params
+            .and_then(|p| p.get("partial_rotary_factor"))
+            .or_else(|| json.get("partial_rotary_factor"))
+            .and_then(Value::as_f64);
+        if let Some(f) = partial.filter(|&f| f != 1.0) {
+            return Err(ConfigError::Invalid {
+                path: path.to_string(),
+                reason: format!(
+                    "partial_rotary_factor is {f}: RoPE over part of each head (Phi-4-mini) is not supported yet; loraforge rotates whole heads (1.0)"
+                ),
+            });
+        }
+        // Checked before the per-layer quirks are laid out.
+        let num_layers = within(
+            LAYERS_KEY,
+            usize_key("num_hidden_layers")?,
+            MAX_LAYERS,
+            path,
+        )?;
+        let quirks = quirks_from_json(json, family, num_layers, rope_sets, head_dim, path)?;
         let config = ModelConfig {
             family,
             vocab_size: usize_key("vocab_size")?,
             hidden_size,
             intermediate_size: usize_key("intermediate_size")?,
-            num_layers: usize_key("num_hidden_layers")?,
+            num_layers,
             num_heads,
             num_kv_heads,
             head_dim,
@@ -407,12 +449,15 @@ impl ModelConfig {
                 hint: " (and no tokenizer.ggml.tokens to count)".into(),
             })?;
         let rope_scaling = match gguf.get_str(&key("rope.scaling.type")) {
+            _ if gguf.tensor(LONG_ROPE_FACTORS[0]).is_some() => {
+                long_rope_from_gguf(gguf, arch, head_dim)?
+            }
             Some("linear") => RopeScaling::Linear {
                 factor: gguf.get_f64(&key("rope.scaling.factor")).unwrap_or(1.0),
             },
             _ => RopeScaling::None,
         };
-        let num_layers = req("block_count")?;
+        let num_layers = within(LAYERS_KEY, req("block_count")?, MAX_LAYERS, &path)?;
         let quirks = quirks_from_gguf(gguf, family, hidden_size, num_heads, head_dim, num_layers);
         let config = ModelConfig {
             family,
@@ -461,6 +506,18 @@ impl ModelConfig {
                 "sliding_window is 0; a query must see at least itself".into(),
             ));
         }
+        let q = &self.quirks;
+        for (key, value) in [
+            ("query_pre_attn_scalar", q.query_pre_attn_scalar),
+            ("attn_logit_softcapping", q.attn_softcap),
+            ("final_logit_softcapping", q.final_softcap),
+        ] {
+            if let Some(v) = value.filter(|v| !(v.is_finite() && *v > 0.0)) {
+                return Err(invalid(format!(
+                    "{key} is {v}; it must be a positive number (or null for none)"
+                )));
+            }
+        }
         if !self.head_dim.is_multiple_of(2) {
             return Err(invalid(format!(
                 "head_dim {} must be even for RoPE",
@@ -469,11 +526,7 @@ impl ModelConfig {
         }
         // Far past any real model, and small enough that the sizes below cannot overflow.
         let limits = [
-            (
-                "num_hidden_layers (GGUF: block_count)",
-                self.num_layers,
-                1024,
-            ),
+            (LAYERS_KEY, self.num_layers, MAX_LAYERS),
             (
                 "hidden_size (GGUF: embedding_length)",
                 self.hidden_size,
@@ -493,11 +546,7 @@ impl ModelConfig {
             ("head_dim (GGUF: attention.key_length)", self.head_dim, 1024),
         ];
         for (key, value, max) in limits {
-            if value == 0 || value > max {
-                return Err(invalid(format!(
-                    "{key} is {value}; it must be between 1 and {max}"
-                )));
-            }
+            within(key, value, max, path)?;
         }
         Ok(())
     }
@@ -515,6 +564,21 @@ impl ModelConfig {
         let head = if self.tie_word_embeddings { 0 } else { embed };
         self.num_layers * block + embed + head + h
     }
+}
+
+/// The layer count's key in both formats, and its bound (far past any real model).
+const LAYERS_KEY: &str = "num_hidden_layers (GGUF: block_count)";
+const MAX_LAYERS: usize = 1024;
+
+/// `value` when it is between 1 and `max`; else an error naming `key`.
+fn within(key: &str, value: usize, max: usize, path: &str) -> Result<usize, ConfigError> {
+    if value == 0 || value > max {
+        return Err(ConfigError::Invalid {
+            path: path.to_string(),
+            reason: format!("{key} is {value}; it must be between 1 and {max}"),
+        });
+    }
+    Ok(value)
 }
 
 /// `hidden / heads`, the head width when the file does not give it; an error when the heads do
@@ -544,20 +608,27 @@ fn quirks_from_gguf(
     head_dim: usize,
     layers: usize,
 ) -> Quirks {
-    if !family.is_gemma() {
-        return Quirks::default();
-    }
     let arch = family.gguf_arch();
+    if !family.is_gemma() {
+        // llama.cpp's converter writes 0 for no window.
+        let window = gguf
+            .get_u64(&format!("{arch}.attention.sliding_window"))
+            .filter(|&w| w > 0 && family.slides_everywhere());
+        return Quirks {
+            sliding_window: window.map(|w| w as usize),
+            sliding_layers: vec![window.is_some(); layers],
+            ..Quirks::default()
+        };
+    }
     let get = |k: &str| gguf.get_f64(&format!("{arch}.{k}"));
     let query_pre_attn_scalar = match get("attention.scale") {
         Some(scale) if scale > 0.0 => 1.0 / (scale * scale),
         _ if matches!(hidden, 4608 | 5376) => (hidden / heads) as f64,
         _ => head_dim as f64,
     };
-    let default_period = if family == Family::Gemma2 { 2 } else { 6 };
     let period = gguf
         .get_u64(&format!("{arch}.attention.sliding_window_pattern"))
-        .map_or(default_period, |p| p.max(1) as usize);
+        .map_or(family.default_sliding_period(), |p| p.max(1) as usize);
     Quirks {
         activation: Activation::GeluTanh,
         norm_plus_one: true,
@@ -584,14 +655,12 @@ fn quirks_from_gguf(
 fn quirks_from_json(
     json: &Value,
     family: Family,
+    layers: usize,
     rope_sets: Option<&Value>,
+    head_dim: usize,
     path: &str,
 ) -> Result<Quirks, ConfigError> {
     let f64_key = |key: &str| json.get(key).and_then(Value::as_f64);
-    let layers = json
-        .get("num_hidden_layers")
-        .and_then(Value::as_u64)
-        .unwrap_or(0) as usize;
     let activation = match json
         .get("hidden_activation")
         .or_else(|| json.get("hidden_act"))
@@ -618,7 +687,7 @@ fn quirks_from_json(
         .get("sliding_window")
         .and_then(Value::as_u64)
         .map(|w| w as usize)
-        .filter(|_| family.is_gemma() || family == Family::Mistral);
+        .filter(|_| family.is_gemma() || family.slides_everywhere());
     let sliding_layers = match json.get("layer_types").and_then(Value::as_array) {
         Some(types) if family.is_gemma() => {
             let mut out = Vec::with_capacity(types.len());
@@ -639,16 +708,16 @@ fn quirks_from_json(
             out
         }
         _ => match family {
-            Family::Gemma2 => Quirks::pattern(layers, 2),
+            Family::Gemma2 => Quirks::pattern(layers, family.default_sliding_period()),
             Family::Gemma3 => {
                 let period = json
                     .get("sliding_window_pattern")
                     .or_else(|| json.get("_sliding_window_pattern"))
                     .and_then(Value::as_u64)
-                    .unwrap_or(6) as usize;
-                Quirks::pattern(layers, period.max(1))
+                    .map_or(family.default_sliding_period(), |p| p.max(1) as usize);
+                Quirks::pattern(layers, period)
             }
-            Family::Mistral if sliding_window.is_some() => vec![true; layers],
+            _ if family.slides_everywhere() && sliding_window.is_some() => vec![true; layers],
             _ => Vec::new(),
         },
     };
@@ -670,7 +739,7 @@ fn quirks_from_json(
                 .or_else(|| f64_key("rope_local_base_freq"))
                 .unwrap_or(10000.0);
             let scaling = match local {
-                Some(p) => rope_scaling_from_json(p, path)?,
+                Some(p) => rope_scaling_from_json(p, json, head_dim, path)?,
                 None => RopeScaling::None,
             };
             Some((theta, scaling))
@@ -692,7 +761,14 @@ fn quirks_from_json(
     })
 }
 
-fn rope_scaling_from_json(p: &Value, path: &str) -> Result<RopeScaling, ConfigError> {
+/// One set of RoPE parameters (`rope_parameters`, or the older `rope_scaling`); `config` is the
+/// whole file, where Phi-3's older files keep `original_max_position_embeddings`.
+fn rope_scaling_from_json(
+    p: &Value,
+    config: &Value,
+    head_dim: usize,
+    path: &str,
+) -> Result<RopeScaling, ConfigError> {
     let kind = p
         .get("rope_type")
         .or_else(|| p.get("type"))
@@ -717,13 +793,141 @@ fn rope_scaling_from_json(p: &Value, path: &str) -> Result<RopeScaling, ConfigEr
             high_freq_factor: need("high_freq_factor")?,
             original_max_position_embeddings: need("original_max_position_embeddings")?,
         },
+        "longrope" | "su" => long_rope_from_json(p, config, head_dim, path)?,
         other => {
             return Err(ConfigError::Invalid {
                 path: path.to_string(),
                 reason: format!(
-                    "rope scaling type \"{other}\" is not supported (supported: default, linear, llama3)"
+                    "rope scaling type \"{other}\" is not supported (supported: default, linear, llama3, longrope)"
                 ),
             });
         }
+    })
+}
+
+/// Phi-3's LongRoPE, with transformers' defaults: `factor` is `max_position_embeddings /
+/// original_max_position_embeddings` when absent, the attention factor
+/// `√(1 + ln(factor) / ln(original))` (1 when `factor` ≤ 1).
+fn long_rope_from_json(
+    p: &Value,
+    config: &Value,
+    head_dim: usize,
+    path: &str,
+) -> Result<RopeScaling, ConfigError> {
+    let invalid = |reason: String| ConfigError::Invalid {
+        path: path.to_string(),
+        reason,
+    };
+    let factors = |key: &str| -> Result<Vec<f64>, ConfigError> {
+        let list = p.get(key).and_then(Value::as_array).ok_or_else(|| ConfigError::Missing {
+            path: path.to_string(),
+            key: format!("rope_scaling.{key}"),
+            hint: " (required by rope_type \"longrope\": one factor per pair of a head's dimensions)".into(),
+        })?;
+        let values: Vec<f64> = list.iter().filter_map(Value::as_f64).collect();
+        if values.len() != head_dim / 2 || values.iter().any(|f| !(f.is_finite() && *f > 0.0)) {
+            return Err(invalid(format!(
+                "rope_scaling.{key} must hold {} positive numbers (head_dim {head_dim} / 2); it holds {}",
+                head_dim / 2,
+                serde_json::to_string(list).unwrap_or_default()
+            )));
+        }
+        Ok(values)
+    };
+    let original = p
+        .get("original_max_position_embeddings")
+        .or_else(|| config.get("original_max_position_embeddings"))
+        .and_then(Value::as_u64)
+        .filter(|&n| n > 1)
+        .ok_or_else(|| ConfigError::Missing {
+            path: path.to_string(),
+            key: "original_max_position_embeddings".into(),
+            hint: " (LongRoPE's pretrained context length, above 1)".into(),
+        })? as f64;
+    let max = config
+        .get("max_position_embeddings")
+        .and_then(Value::as_f64)
+        .unwrap_or(original);
+    let factor = p
+        .get("factor")
+        .and_then(Value::as_f64)
+        .unwrap_or(max / original);
+    let attention_factor = match p.get("attention_factor").and_then(Value::as_f64) {
+        Some(a) => a,
+        None if factor <= 1.0 => 1.0,
+        None => (1.0 + factor.ln() / original.ln()).sqrt(),
+    };
+    if !(attention_factor.is_finite() && attention_factor > 0.0) {
+        return Err(invalid(format!(
+            "rope_scaling.attention_factor is {attention_factor}; it must be a positive number"
+        )));
+    }
+    Ok(RopeScaling::LongRope {
+        short_factor: factors("short_factor")?,
+        long_factor: factors("long_factor")?,
+        original_max_position_embeddings: original as usize,
+        attention_factor,
+    })
+}
+
+/// llama.cpp's names for LongRoPE's factor lists: the long ones, the short ones.
+pub const LONG_ROPE_FACTORS: [&str; 2] = ["rope_factors_long.weight", "rope_factors_short.weight"];
+
+/// Phi-3's LongRoPE from a GGUF file, as llama.cpp's converter stores it: the factor lists as
+/// F32 tensors, `{arch}.rope.scaling.original_context_length` and `.attn_factor`.
+fn long_rope_from_gguf(
+    gguf: &GgufFile,
+    arch: &str,
+    head_dim: usize,
+) -> Result<RopeScaling, ConfigError> {
+    let path = gguf.path.display().to_string();
+    let factors = |name: &str| -> Result<Vec<f64>, ConfigError> {
+        let invalid = |what: String| ConfigError::Invalid {
+            path: path.clone(),
+            reason: format!(
+                "tensor `{name}` {what}; LongRoPE needs {} positive F32 factors (head_dim / 2)",
+                head_dim / 2
+            ),
+        };
+        let info = gguf
+            .tensor(name)
+            .ok_or_else(|| invalid("is missing".into()))?;
+        if info.kind != crate::io::gguf::GgmlType::F32 || info.numel() != head_dim / 2 {
+            return Err(invalid(format!(
+                "is {} with {} values",
+                info.kind.name(),
+                info.numel()
+            )));
+        }
+        let values: Vec<f64> = gguf
+            .data(info)
+            .chunks_exact(4)
+            .map(|b| f64::from(f32::from_le_bytes([b[0], b[1], b[2], b[3]])))
+            .collect();
+        if values.iter().any(|f| !(f.is_finite() && *f > 0.0)) {
+            return Err(invalid(
+                "holds a value that is not a positive number".into(),
+            ));
+        }
+        Ok(values)
+    };
+    let key = |k: &str| format!("{arch}.rope.scaling.{k}");
+    let original = gguf
+        .get_u64(&key("original_context_length"))
+        .filter(|&n| n > 1)
+        .ok_or_else(|| ConfigError::Missing {
+            path: path.clone(),
+            key: key("original_context_length"),
+            hint: " (LongRoPE's pretrained context length, above 1)".into(),
+        })?;
+    let attention_factor = gguf
+        .get_f64(&key("attn_factor"))
+        .filter(|a| a.is_finite() && *a > 0.0)
+        .unwrap_or(1.0);
+    Ok(RopeScaling::LongRope {
+        long_factor: factors(LONG_ROPE_FACTORS[0])?,
+        short_factor: factors(LONG_ROPE_FACTORS[1])?,
+        original_max_position_embeddings: original as usize,
+        attention_factor,
     })
 }

@@ -1,17 +1,17 @@
-//! The decoder-only transformer shared by Llama, Mistral, Qwen2, Qwen3, Gemma 2 and Gemma 3,
-//! generic over the Burn backend. Each piece is written to be checked against the reference math:
+//! The decoder-only transformer shared by Llama, Mistral, Qwen2, Qwen3, Gemma 2, Gemma 3 and
+//! Phi-3, generic over the Burn backend. Each piece is written to be checked against the reference math:
 //!
 //! ```text
 //! h   = embed(ids)                                        (Gemma: · √hidden)
 //! for each block:
-//!   a = rmsnorm(h) ; q,k,v = a Wqᵀ (+bq), a Wkᵀ (+bk), a Wvᵀ (+bv)
+//!   a = rmsnorm(h) ; q,k,v = a Wqᵀ (+bq), a Wkᵀ (+bk), a Wvᵀ (+bv)     (Phi-3: one fused GEMM)
 //!   q,k = rmsnorm_head(q,k) (Qwen3, Gemma 3) ; q,k = rope(q,k)   (sliding layers: local rope)
 //!   s = q kᵀ · scale ; s = cap · tanh(s / cap) (Gemma 2) ; + causal or sliding-window mask
 //!   h  += post(softmax(s) v Woᵀ)                          (post = rmsnorm in Gemma, else identity)
 //!   h  += post(W_down (act(rmsnorm(h) W_gateᵀ) ⊙ rmsnorm(h) W_upᵀ))   (act: silu, Gemma gelu_tanh)
 //! logits = rmsnorm(h) W_headᵀ            (W_head = embedding when tied; Gemma 2: soft-capped)
 //! ```
-//! Gemma's norms multiply by `1 + w`.
+//! Gemma's norms multiply by `1 + w` (the gain a norm holds once loaded).
 
 use burn::tensor::{FloatDType, Tensor};
 
@@ -20,6 +20,7 @@ use super::config::ModelConfig;
 use super::layout::{AttentionLayout, Layouts};
 use super::linear::{FrozenLinear, FrozenWeight};
 use super::names::{self, BlockLinear, BlockModule};
+use super::projections::Projections;
 use crate::ops::attention::{Scores, attention};
 use crate::ops::elementwise::{Activation, gated};
 use crate::ops::frozen_linear::ModelBackend;
@@ -28,15 +29,14 @@ use crate::ops::rope::Rope;
 /// One layer's cached keys and values, `[batch, kv_heads, len, head_dim]` each.
 type LayerCache<B> = Option<(Tensor<B, 4>, Tensor<B, 4>)>;
 
-/// RMSNorm over the last dimension: `x / √(mean(x²) + ε) ⊙ weight` (Gemma: `⊙ (1 + weight)`).
+/// RMSNorm over the last dimension: `x / √(mean(x²) + ε) ⊙ weight`.
 #[derive(Debug, Clone)]
 pub struct RmsNorm<B: ModelBackend> {
-    /// Per-feature gain, as long as the normalised dimension (Gemma: the gain minus one).
+    /// Per-feature gain, as long as the normalised dimension (Gemma's `1 + w`, added in f32 when
+    /// loading, as transformers adds it in every forward).
     pub weight: Tensor<B, 1>,
     /// `ε`, added to the mean square before the square root.
     pub eps: f64,
-    /// Gemma: the gain is `1 + weight`.
-    pub plus_one: bool,
 }
 
 impl<B: ModelBackend> RmsNorm<B> {
@@ -51,11 +51,7 @@ impl<B: ModelBackend> RmsNorm<B> {
         x: Tensor<B, D>,
         dtype: Option<FloatDType>,
     ) -> Tensor<B, D> {
-        let gain = match self.plus_one {
-            true => self.weight.clone().add_scalar(1.0),
-            false => self.weight.clone(),
-        };
-        B::rms_norm(x, gain, self.eps, dtype)
+        B::rms_norm(x, self.weight.clone(), self.eps, dtype)
     }
 }
 
@@ -63,12 +59,9 @@ impl<B: ModelBackend> RmsNorm<B> {
 /// an optional KV cache.
 #[derive(Debug, Clone)]
 pub struct Attention<B: ModelBackend> {
-    /// `hidden` → `num_heads * head_dim`: the queries.
-    pub q_proj: FrozenLinear<B>,
-    /// `hidden` → `num_kv_heads * head_dim`: the keys.
-    pub k_proj: FrozenLinear<B>,
-    /// `hidden` → `num_kv_heads * head_dim`: the values.
-    pub v_proj: FrozenLinear<B>,
+    /// `hidden` → the queries (`num_heads * head_dim`), keys and values (`num_kv_heads *
+    /// head_dim` each): three linears, or Phi-3's fused one.
+    pub qkv: Projections<B>,
     /// `num_heads * head_dim` → `hidden`: the heads' outputs back onto the residual stream.
     pub o_proj: FrozenLinear<B>,
     /// Qwen3's RMSNorm over each query head (`[head_dim]` weight), before RoPE.
@@ -111,17 +104,10 @@ impl<B: ModelBackend> KvCache<B> {
 }
 
 impl<B: ModelBackend> Attention<B> {
-    /// `linear` applied to the rows `x` of `[batch, seq]` positions, as `[batch, heads, seq, d]`.
-    fn heads(
-        &self,
-        linear: &FrozenLinear<B>,
-        x: Tensor<B, 2>,
-        [batch, seq]: [usize; 2],
-        heads: usize,
-    ) -> Tensor<B, 4> {
-        linear
-            .forward_rows(x)
-            .reshape([batch, seq, heads, self.head_dim])
+    /// A projection's rows for `[batch, seq]` positions, as `[batch, heads, seq, d]`.
+    fn heads(&self, y: Tensor<B, 2>, [batch, seq]: [usize; 2]) -> Tensor<B, 4> {
+        let heads = y.dims()[1] / self.head_dim;
+        y.reshape([batch, seq, heads, self.head_dim])
             .swap_dims(1, 2)
     }
 
@@ -134,13 +120,17 @@ impl<B: ModelBackend> Attention<B> {
         cache: Option<&mut LayerCache<B>>,
     ) -> Tensor<B, 3> {
         let [batch, seq, features] = x.dims();
-        // One `[n, in]` tensor for the three projections: their input gradients accumulate in
-        // one buffer.
-        let x = self.q_proj.gemm_input(x).reshape([batch * seq, features]);
-        let shape = [batch, seq];
-        let mut q = self.heads(&self.q_proj, x.clone(), shape, self.num_heads);
-        let mut k = self.heads(&self.k_proj, x.clone(), shape, self.num_kv_heads);
-        let mut v = self.heads(&self.v_proj, x, shape, self.num_kv_heads);
+        let x = self
+            .qkv
+            .first()
+            .gemm_input(x)
+            .reshape([batch * seq, features]);
+        let [q, k, v]: [Tensor<B, 2>; 3] = self
+            .qkv
+            .forward_rows(x)
+            .try_into()
+            .expect("three projections: q, k, v");
+        let [mut q, mut k, mut v] = [q, k, v].map(|y| self.heads(y, [batch, seq]));
         if let (Some(qn), Some(kn)) = (&self.q_norm, &self.k_norm) {
             q = qn.forward(q);
             k = kn.forward(k);
@@ -166,10 +156,9 @@ impl<B: ModelBackend> Attention<B> {
 pub struct Mlp<B: ModelBackend> {
     /// The gate's activation.
     pub activation: Activation,
-    /// `hidden` → `intermediate`, passed through SiLU.
-    pub gate_proj: FrozenLinear<B>,
-    /// `hidden` → `intermediate`, multiplied by the activated gate.
-    pub up_proj: FrozenLinear<B>,
+    /// `hidden` → the gate and the up projection (`intermediate` each): two linears, or
+    /// Phi-3's fused one.
+    pub gate_up: Projections<B>,
     /// `intermediate` → `hidden`.
     pub down_proj: FrozenLinear<B>,
 }
@@ -178,17 +167,17 @@ impl<B: ModelBackend> Mlp<B> {
     /// `x`: `[batch, seq, hidden]` → `[batch, seq, hidden]`.
     pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
         let [batch, seq, features] = x.dims();
-        // One `[n, in]` tensor for gate and up, as for q, k and v.
         let x = self
-            .gate_proj
+            .gate_up
+            .first()
             .gemm_input(x)
             .reshape([batch * seq, features]);
-        let gate = self.gate_proj.forward_rows(x.clone());
-        let up = self.up_proj.forward_rows(x);
-        let grad_dtype = self
-            .gate_proj
-            .output_grad_dtype()
-            .and(self.up_proj.output_grad_dtype());
+        let [gate, up]: [Tensor<B, 2>; 2] = self
+            .gate_up
+            .forward_rows(x)
+            .try_into()
+            .expect("two projections: gate, up");
+        let grad_dtype = self.gate_up.output_grad_dtype();
         let dtype = self.down_proj.input_dtype();
         let hidden = gated(self.activation, gate, up, dtype, grad_dtype);
         self.down_proj
@@ -219,39 +208,31 @@ pub struct Block<B: ModelBackend> {
 }
 
 impl<B: ModelBackend> Block<B> {
-    /// The block's linears, in the order adapters are listed everywhere ([`BlockLinear::ALL`]).
-    pub fn linears_mut(&mut self) -> [(BlockLinear, &mut FrozenLinear<B>); 7] {
+    /// The block's linears, in the order adapters are listed everywhere ([`BlockLinear::of`]).
+    pub fn linears_mut(&mut self) -> Vec<(BlockLinear, &mut FrozenLinear<B>)> {
         let (a, m) = (&mut self.self_attn, &mut self.mlp);
-        [
-            (BlockLinear::Q, &mut a.q_proj),
-            (BlockLinear::K, &mut a.k_proj),
-            (BlockLinear::V, &mut a.v_proj),
-            (BlockLinear::O, &mut a.o_proj),
-            (BlockLinear::Gate, &mut m.gate_proj),
-            (BlockLinear::Up, &mut m.up_proj),
-            (BlockLinear::Down, &mut m.down_proj),
-        ]
+        let mut out = a.qkv.linears_mut();
+        out.push((BlockLinear::O, &mut a.o_proj));
+        out.extend(m.gate_up.linears_mut());
+        out.push((BlockLinear::Down, &mut m.down_proj));
+        out
     }
 
-    /// One of the block's linears.
-    pub fn linear(&self, which: BlockLinear) -> &FrozenLinear<B> {
+    /// The block's linears, in the order adapters are listed everywhere.
+    pub fn linears(&self) -> Vec<(BlockLinear, &FrozenLinear<B>)> {
         let (a, m) = (&self.self_attn, &self.mlp);
-        match which {
-            BlockLinear::Q => &a.q_proj,
-            BlockLinear::K => &a.k_proj,
-            BlockLinear::V => &a.v_proj,
-            BlockLinear::O => &a.o_proj,
-            BlockLinear::Gate => &m.gate_proj,
-            BlockLinear::Up => &m.up_proj,
-            BlockLinear::Down => &m.down_proj,
-        }
+        let mut out = a.qkv.linears();
+        out.push((BlockLinear::O, &a.o_proj));
+        out.extend(m.gate_up.linears());
+        out.push((BlockLinear::Down, &m.down_proj));
+        out
     }
 
-    /// The block's adapters with their linears, in [`BlockLinear::ALL`] order.
+    /// The block's adapters with their linears, in [`BlockLinear::of`] order.
     pub fn adapters(&self) -> Vec<(BlockLinear, &LoraAdapter<B>)> {
-        BlockLinear::ALL
+        self.linears()
             .into_iter()
-            .filter_map(|w| self.linear(w).adapter.as_ref().map(|ad| (w, ad)))
+            .filter_map(|(w, l)| l.adapter.as_ref().map(|ad| (w, ad)))
             .collect()
     }
 
@@ -274,7 +255,7 @@ impl<B: ModelBackend> Block<B> {
         layouts: &Layouts<B>,
         cache: Option<&mut LayerCache<B>>,
     ) -> Tensor<B, 3> {
-        let attn_dtype = self.self_attn.q_proj.input_dtype();
+        let attn_dtype = self.self_attn.qkv.first().input_dtype();
         let out = self.self_attn.forward(
             self.input_layernorm.forward_as(h.clone(), attn_dtype),
             layouts.get(self.sliding),
@@ -286,7 +267,7 @@ impl<B: ModelBackend> Block<B> {
     /// The block's second half, `h + mlp(norm(h))` (Gemma: `h + norm(mlp(norm(h)))`): position
     /// by position, so any rows of `[batch, seq, hidden]` can go through it apart.
     pub fn mlp_part(&self, h: Tensor<B, 3>) -> Tensor<B, 3> {
-        let mlp_dtype = self.mlp.gate_proj.input_dtype();
+        let mlp_dtype = self.mlp.gate_up.first().input_dtype();
         let out = self
             .mlp
             .forward(self.pre_mlp_norm.forward_as(h.clone(), mlp_dtype));
@@ -470,6 +451,12 @@ impl<B: ModelBackend> Decoder<B> {
             h = block.forward(h, &layouts, None);
         }
         h
+    }
+
+    /// Whether a cache of `cached` positions must be rebuilt before a pass reaching `len`:
+    /// LongRoPE switched to its long factors in between (see [`Rope::cache_outdated`]).
+    pub fn cache_outdated(&self, cached: usize, len: usize) -> bool {
+        self.rope.cache_outdated(cached, len)
     }
 
     /// Runs `ids` (one sequence) through the cache and returns the last position's logits.

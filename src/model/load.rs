@@ -9,6 +9,7 @@ use super::config::ModelConfig;
 use super::decoder::{Attention, Block, Decoder, Mlp, RmsNorm};
 use super::linear::{FrozenLinear, FrozenWeight};
 use super::names::{self, BlockLinear, BlockModule, BlockNorm};
+use super::projections::Projections;
 use super::weights::{HostWeight, MlxQuantization, WeightSource};
 use crate::io::gguf::GgufFile;
 use crate::io::safetensors::SafetensorsStore;
@@ -162,10 +163,14 @@ impl ModelFiles {
                 })
             };
         let norm = |name: &str, len: usize| -> Result<RmsNorm<B>> {
+            let stored = vector(name, len)?;
             Ok(RmsNorm {
-                weight: vector(name, len)?,
+                // Gemma's files hold the `w` of a gain `1 + w`.
+                weight: match c.quirks.norm_plus_one {
+                    true => stored.add_scalar(1.0),
+                    false => stored,
+                },
                 eps: c.rms_norm_eps,
-                plus_one: c.quirks.norm_plus_one,
             })
         };
         let scores = Scores {
@@ -188,12 +193,26 @@ impl ModelFiles {
                 |w: BlockLinear| linear(&format!("{p}.{}", w.key()), w.shape(c), w.has_bias(c));
             let norm = |n: BlockNorm| norm(&format!("{p}.{}.weight", n.key(c.family)), n.len(c));
             let optional = |n: BlockNorm| n.exists(c).then(|| norm(n)).transpose();
+            let projections = |split: &[BlockLinear], fused: BlockLinear| -> Result<_> {
+                Ok(match c.family.fuses_projections() {
+                    true => Projections::Fused {
+                        name: fused,
+                        linear: linear(fused)?,
+                        widths: split.iter().map(|w| w.shape(c)[0]).collect(),
+                    },
+                    false => Projections::Split(
+                        split
+                            .iter()
+                            .map(|&w| Ok((w, linear(w)?)))
+                            .collect::<Result<_>>()?,
+                    ),
+                })
+            };
+            let qkv = [BlockLinear::Q, BlockLinear::K, BlockLinear::V];
             layers.push(Block {
                 input_layernorm: norm(BlockNorm::Input)?,
                 self_attn: Attention {
-                    q_proj: linear(BlockLinear::Q)?,
-                    k_proj: linear(BlockLinear::K)?,
-                    v_proj: linear(BlockLinear::V)?,
+                    qkv: projections(&qkv, BlockLinear::Qkv)?,
                     o_proj: linear(BlockLinear::O)?,
                     q_norm: optional(BlockNorm::Q)?,
                     k_norm: optional(BlockNorm::K)?,
@@ -206,8 +225,10 @@ impl ModelFiles {
                 pre_mlp_norm: norm(BlockNorm::PreMlp)?,
                 mlp: Mlp {
                     activation: c.quirks.activation,
-                    gate_proj: linear(BlockLinear::Gate)?,
-                    up_proj: linear(BlockLinear::Up)?,
+                    gate_up: projections(
+                        &[BlockLinear::Gate, BlockLinear::Up],
+                        BlockLinear::GateUp,
+                    )?,
                     down_proj: linear(BlockLinear::Down)?,
                 },
                 post_mlp_norm: optional(BlockNorm::PostMlp)?,

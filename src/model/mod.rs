@@ -8,6 +8,7 @@ pub mod layout;
 pub mod linear;
 pub mod load;
 pub mod names;
+pub mod projections;
 pub mod valid;
 pub mod weights;
 

@@ -21,11 +21,16 @@ pub enum BlockLinear {
     Up,
     /// `mlp.down_proj`
     Down,
+    /// Phi-3's `self_attn.qkv_proj`: q's rows, then k's, then v's.
+    Qkv,
+    /// Phi-3's `mlp.gate_up_proj`: gate's rows, then up's.
+    GateUp,
 }
 
 impl BlockLinear {
-    /// The seven, in the order adapters are listed everywhere.
-    pub const ALL: [BlockLinear; 7] = [
+    /// A block's linears in a family with separate projections, in the order adapters are listed
+    /// everywhere.
+    pub const SPLIT: [BlockLinear; 7] = [
         BlockLinear::Q,
         BlockLinear::K,
         BlockLinear::V,
@@ -35,9 +40,41 @@ impl BlockLinear {
         BlockLinear::Down,
     ];
 
+    /// A block's linears where the family fuses q, k, v and gate, up (Phi-3).
+    pub const FUSED: [BlockLinear; 4] = [
+        BlockLinear::Qkv,
+        BlockLinear::O,
+        BlockLinear::GateUp,
+        BlockLinear::Down,
+    ];
+
+    /// The linears of a block of `family`, in the order adapters are listed everywhere.
+    pub fn of(family: Family) -> &'static [BlockLinear] {
+        if family.fuses_projections() {
+            &Self::FUSED
+        } else {
+            &Self::SPLIT
+        }
+    }
+
+    /// Every linear any family has.
+    pub fn all() -> impl Iterator<Item = Self> {
+        Self::SPLIT.into_iter().chain(Self::FUSED)
+    }
+
     /// The linear whose key is `key`.
     pub fn from_key(key: &str) -> Option<Self> {
-        Self::ALL.into_iter().find(|l| l.key() == key)
+        Self::all().find(|l| l.key() == key)
+    }
+
+    /// The fused linear (Phi-3's) that holds this one's rows, where it is one of q, k, v, gate or
+    /// up.
+    pub fn fused_into(self) -> Option<Self> {
+        match self {
+            BlockLinear::Q | BlockLinear::K | BlockLinear::V => Some(BlockLinear::Qkv),
+            BlockLinear::Gate | BlockLinear::Up => Some(BlockLinear::GateUp),
+            _ => None,
+        }
     }
 
     /// `[out, in]` of its weight.
@@ -53,6 +90,8 @@ impl BlockLinear {
             BlockLinear::O => [h, q],
             BlockLinear::Gate | BlockLinear::Up => [c.intermediate_size, h],
             BlockLinear::Down => [h, c.intermediate_size],
+            BlockLinear::Qkv => [q + 2 * kv, h],
+            BlockLinear::GateUp => [2 * c.intermediate_size, h],
         }
     }
 
@@ -60,7 +99,7 @@ impl BlockLinear {
     pub fn in_mlp(self) -> bool {
         matches!(
             self,
-            BlockLinear::Gate | BlockLinear::Up | BlockLinear::Down
+            BlockLinear::Gate | BlockLinear::Up | BlockLinear::Down | BlockLinear::GateUp
         )
     }
 
@@ -188,6 +227,9 @@ impl BlockModule for BlockLinear {
             BlockLinear::Gate => ("mlp.gate_proj", "ffn_gate"),
             BlockLinear::Up => ("mlp.up_proj", "ffn_up"),
             BlockLinear::Down => ("mlp.down_proj", "ffn_down"),
+            BlockLinear::Qkv => ("self_attn.qkv_proj", "attn_qkv"),
+            // llama.cpp's Phi-3 keeps gate and up fused under the up projection's name.
+            BlockLinear::GateUp => ("mlp.gate_up_proj", "ffn_up"),
         }
     }
 }
@@ -278,14 +320,23 @@ pub fn tensor_specs(c: &ModelConfig) -> Vec<TensorSpec> {
                 })
                 .collect()
         };
-        let qkv = [BlockLinear::Q, BlockLinear::K, BlockLinear::V];
+        let fused = c.family.fuses_projections();
+        let qkv: &[BlockLinear] = match fused {
+            true => &[BlockLinear::Qkv],
+            false => &[BlockLinear::Q, BlockLinear::K, BlockLinear::V],
+        };
+        let gate_up: &[BlockLinear] = match fused {
+            true => &[BlockLinear::GateUp],
+            false => &[BlockLinear::Gate, BlockLinear::Up],
+        };
         out.extend(norms(&[BlockNorm::Input]));
-        out.extend(qkv.map(weight));
-        out.extend(qkv.into_iter().filter(|w| w.has_bias(c)).map(bias));
+        out.extend(qkv.iter().map(|&w| weight(w)));
+        out.extend(qkv.iter().filter(|w| w.has_bias(c)).map(|&w| bias(w)));
         out.extend(norms(&[BlockNorm::Q, BlockNorm::K]));
         out.push(weight(BlockLinear::O));
         out.extend(norms(&[BlockNorm::PostAttention, BlockNorm::PreMlp]));
-        out.extend([BlockLinear::Gate, BlockLinear::Up, BlockLinear::Down].map(weight));
+        out.extend(gate_up.iter().map(|&w| weight(w)));
+        out.push(weight(BlockLinear::Down));
         out.extend(norms(&[BlockNorm::PostMlp]));
     }
     out.push(TensorSpec::new(top(FINAL_NORM), &[h], Role::FinalNorm));
@@ -344,6 +395,7 @@ mod tests {
             (false, true, false, Family::Qwen3),
             (false, false, true, Family::Qwen3),
             (true, false, true, Family::Gemma3),
+            (false, false, false, Family::Phi3),
         ] {
             let quirks = crate::model::config::Quirks {
                 sandwich_norms: family.is_gemma(),

@@ -32,9 +32,7 @@ impl<B: TrainBackend> Block<B> {
         Block {
             input_layernorm: self.input_layernorm.valid(),
             self_attn: Attention {
-                q_proj: a.q_proj.valid(),
-                k_proj: a.k_proj.valid(),
-                v_proj: a.v_proj.valid(),
+                qkv: a.qkv.map(FrozenLinear::valid),
                 o_proj: a.o_proj.valid(),
                 q_norm: a.q_norm.as_ref().map(RmsNorm::valid),
                 k_norm: a.k_norm.as_ref().map(RmsNorm::valid),
@@ -47,8 +45,7 @@ impl<B: TrainBackend> Block<B> {
             pre_mlp_norm: self.pre_mlp_norm.valid(),
             mlp: Mlp {
                 activation: m.activation,
-                gate_proj: m.gate_proj.valid(),
-                up_proj: m.up_proj.valid(),
+                gate_up: m.gate_up.map(FrozenLinear::valid),
                 down_proj: m.down_proj.valid(),
             },
             post_mlp_norm: self.post_mlp_norm.as_ref().map(RmsNorm::valid),
@@ -95,7 +92,6 @@ impl<B: TrainBackend> RmsNorm<B> {
         RmsNorm {
             weight: self.weight.clone().inner(),
             eps: self.eps,
-            plus_one: self.plus_one,
         }
     }
 }

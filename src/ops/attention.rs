@@ -58,18 +58,26 @@ impl Scores {
     }
 }
 
-/// Whether a backend's fused kernel covers this call: they apply the causal and packed rules
-/// but not (yet) a sliding window or a soft-cap, which take the sliced form.
-pub fn kernel_covers<B: burn::tensor::backend::Backend>(
+/// Whether a backend's fused kernel covers a call over `keys` keys: every kernel applies the
+/// causal and packed rules; a soft-cap, or a sliding window that hides some of the keys (one at
+/// least as long as the keys hides none: Mistral's 4096 at a 2048-token row), only kernels that
+/// take them ([`AttentionBackend::KERNELS_TAKE_WINDOW_AND_SOFTCAP`]); others take the sliced
+/// form.
+pub fn kernel_covers<B: AttentionBackend>(
     visibility: &Visibility<B>,
     scores: Scores,
+    keys: usize,
 ) -> bool {
-    visibility.window.is_none() && scores.softcap.is_none()
+    B::KERNELS_TAKE_WINDOW_AND_SOFTCAP
+        || (visibility.window.is_none_or(|w| w >= keys) && scores.softcap.is_none())
 }
 
 /// Backends that run the model's attention: the defaults are the sliced forms in Burn's ops;
 /// a backend overrides them with a fused kernel or faster passes of its own.
 pub trait AttentionBackend: MatmulBackend {
+    /// Whether the fused kernels apply a sliding window and Gemma 2's soft-cap themselves.
+    const KERNELS_TAKE_WINDOW_AND_SOFTCAP: bool = false;
+
     /// `q`: `[batch, heads, seq, d]`; `k`, `v`: `[batch, heads, past + seq, d]` (fewer heads,
     /// dividing `heads`, where [`AttentionBackend::fused_attention`]); which keys each query
     /// sees: `visibility` → `[batch, heads, seq, d]`.
@@ -165,7 +173,8 @@ pub fn attention<B: AttentionBackend>(
 ) -> Tensor<B, 4> {
     let [_, heads, _, d] = q.dims();
     let group = heads / k.dims()[1];
-    let (k, v) = if B::fused_attention(d, &q.device()) && kernel_covers(visibility, scores) {
+    let covered = kernel_covers(visibility, scores, k.dims()[2]);
+    let (k, v) = if B::fused_attention(d, &q.device()) && covered {
         (k, v)
     } else {
         (repeat_kv(k, group), repeat_kv(v, group))
@@ -367,6 +376,8 @@ impl<B: AttentionBackend> Backward<B, 3> for AttentionBackward {
 /// every query, the plain form differentiated by Burn (nothing to save, and no recomputation in
 /// the backward pass: about 8% of a SmolLM2 step on the CPU); otherwise the sliced op.
 impl<B: AttentionBackend, C: CheckpointStrategy> AttentionBackend for Autodiff<B, C> {
+    const KERNELS_TAKE_WINDOW_AND_SOFTCAP: bool = B::KERNELS_TAKE_WINDOW_AND_SOFTCAP;
+
     fn fused_attention(head_dim: usize, device: &Self::Device) -> bool {
         B::fused_attention(head_dim, device)
     }
@@ -382,7 +393,8 @@ impl<B: AttentionBackend, C: CheckpointStrategy> AttentionBackend for Autodiff<B
             inner::<B, 4>(q.primitive.clone()),
             inner::<B, 4>(k.primitive.clone()),
         );
-        if B::fused_attention(q_in.dims()[3], &q_in.device()) && kernel_covers(visibility, scores) {
+        let covered = kernel_covers(visibility, scores, k_in.dims()[2]);
+        if B::fused_attention(q_in.dims()[3], &q_in.device()) && covered {
             return tracked::<B, C>([q, k, v], visibility.inner(), scores, Kernel::Backend);
         }
         let slice = slice_len(&q_in, &k_in);
@@ -522,6 +534,22 @@ mod tests {
             mask[i * total + first..i * total + past + i + 1].fill(0.0);
         }
         tensor(mask, [1, 1, seq, total])
+    }
+
+    /// The fused kernels serve a window that hides no key (Mistral's 4096 over 2048 keys) and
+    /// not one that does, nor a soft-cap.
+    #[test]
+    fn kernels_cover_windows_that_hide_nothing() {
+        let windowed = |w| Visibility::<Inner>::causal(0).with_window(Some(w));
+        let plain = Scores::scaled(0.125);
+        assert!(kernel_covers(&Visibility::<Inner>::causal(3), plain, 100));
+        assert!(kernel_covers(&windowed(100), plain, 100));
+        assert!(!kernel_covers(&windowed(99), plain, 100));
+        let capped = Scores {
+            softcap: Some(50.0),
+            ..plain
+        };
+        assert!(!kernel_covers(&windowed(100), capped, 100));
     }
 
     /// In f64, where both sides agree to rounding. (In f32 Burn's differentiated softmax is the

@@ -1,5 +1,5 @@
 //! Rotary position embeddings, Hugging Face layout (`rotate_half`, not interleaved), with the
-//! `linear` and `llama3` frequency scalings.
+//! `linear`, `llama3` and `longrope` (Phi-3) frequency scalings.
 //!
 //! ```text
 //! rope(x)  = x ⊙ cos + rotate_half(x) ⊙ sin,   rotate_half([x₁, x₂]) = [−x₂, x₁]
@@ -42,6 +42,21 @@ pub enum RopeScaling {
         /// The context length the model was pretrained at, in tokens.
         original_max_position_embeddings: f64,
     },
+    /// Phi-3's LongRoPE (`longrope`, formerly `su`): each pair's frequency is divided by its
+    /// factor, the short factors while a forward pass's positions stay within the pretrained
+    /// length, the long ones past it; cos and sin are multiplied by `attention_factor`.
+    LongRope {
+        /// One factor per pair of dimensions, for passes within the pretrained length.
+        short_factor: Vec<f64>,
+        /// One factor per pair, for passes that reach past it.
+        long_factor: Vec<f64>,
+        /// The pretrained context length: a pass whose last position is at or past it takes the
+        /// long factors.
+        original_max_position_embeddings: usize,
+        /// Multiplies cos and sin: `√(1 + ln(factor) / ln(original))` by default, `factor` being
+        /// `max_position_embeddings / original` (1 when that is at most 1).
+        attention_factor: f64,
+    },
 }
 
 /// RoPE's per-pair frequencies for one head size, from which position tables are built.
@@ -49,18 +64,44 @@ pub enum RopeScaling {
 pub struct Rope {
     /// One frequency per pair of dimensions (`head_dim / 2`).
     inv_freq: Vec<f32>,
+    /// LongRoPE: the frequencies of passes whose positions reach `.1` or past it.
+    long: Option<(Vec<f32>, usize)>,
+    /// What cos and sin are multiplied by (LongRoPE's attention factor; 1 otherwise).
+    magnitude: f32,
 }
 
 impl Rope {
-    /// Frequencies `theta^(−2i / head_dim)` for each pair of dimensions, rescaled by `scaling`.
+    /// Frequencies `theta^(−2i / head_dim)` for each pair of dimensions, rescaled by `scaling`
+    /// (LongRoPE's factor lists are `head_dim / 2` long: the configuration checks).
     pub fn new(head_dim: usize, theta: f64, scaling: &RopeScaling) -> Self {
         let half = head_dim / 2;
         let base: Vec<f64> = (0..half)
             .map(|i| 1.0 / theta.powf((2 * i) as f64 / head_dim as f64))
             .collect();
+        let divided = |factors: &[f64]| -> Vec<f32> {
+            base.iter()
+                .zip(factors)
+                .map(|(f, d)| (f / d) as f32)
+                .collect()
+        };
+        let (long, magnitude) = match scaling {
+            RopeScaling::LongRope {
+                long_factor,
+                original_max_position_embeddings,
+                attention_factor,
+                ..
+            } => (
+                Some((divided(long_factor), *original_max_position_embeddings)),
+                *attention_factor as f32,
+            ),
+            _ => (None, 1.0),
+        };
         let inv_freq = match *scaling {
             RopeScaling::None => base,
             RopeScaling::Linear { factor } => base.iter().map(|f| f / factor).collect(),
+            RopeScaling::LongRope {
+                ref short_factor, ..
+            } => divided(short_factor).into_iter().map(f64::from).collect(),
             RopeScaling::Llama3 {
                 factor,
                 low_freq_factor,
@@ -87,12 +128,34 @@ impl Rope {
         };
         Rope {
             inv_freq: inv_freq.into_iter().map(|f| f as f32).collect(),
+            long,
+            magnitude,
         }
     }
 
-    /// The (scaled) frequency of each pair of dimensions.
+    /// The (scaled) frequency of each pair of dimensions, for passes within the pretrained
+    /// length.
     pub fn inv_freq(&self) -> &[f32] {
         &self.inv_freq
+    }
+
+    /// The frequencies of a pass over `len` positions (LongRoPE: the long ones once `len`
+    /// exceeds the pretrained length, as transformers picks them from the pass's last position).
+    fn inv_freq_for(&self, len: usize) -> &[f32] {
+        match &self.long {
+            Some((long, original)) if len > *original => long,
+            _ => &self.inv_freq,
+        }
+    }
+
+    /// Whether keys cached from the first `cached` positions were rotated with other frequencies
+    /// than a pass reaching `len` positions uses (LongRoPE crossing its pretrained length), so
+    /// the cache must be rebuilt, as transformers does.
+    pub fn cache_outdated(&self, cached: usize, len: usize) -> bool {
+        let crosses = |original: usize| cached > 0 && cached <= original && len > original;
+        self.long
+            .as_ref()
+            .is_some_and(|(_, original)| crosses(*original))
     }
 
     /// `(cos, sin)`, each `[rows, 1, seq, head_dim]`, for `positions` (`rows * seq` of them,
@@ -105,13 +168,15 @@ impl Rope {
         device: &B::Device,
     ) -> (Tensor<B, 4>, Tensor<B, 4>) {
         let half = self.inv_freq.len();
+        let inv_freq = self.inv_freq_for(positions.iter().max().map_or(0, |p| p + 1));
+        let m = self.magnitude;
         let mut cos = Vec::with_capacity(positions.len() * half * 2);
         let mut sin = Vec::with_capacity(positions.len() * half * 2);
         for &pos in positions {
-            let angles: Vec<f32> = self.inv_freq.iter().map(|f| pos as f32 * f).collect();
+            let angles: Vec<f32> = inv_freq.iter().map(|f| pos as f32 * f).collect();
             for _ in 0..2 {
-                cos.extend(angles.iter().map(|a| a.cos()));
-                sin.extend(angles.iter().map(|a| a.sin()));
+                cos.extend(angles.iter().map(|a| a.cos() * m));
+                sin.extend(angles.iter().map(|a| a.sin() * m));
             }
         }
         let shape = [rows, 1, positions.len() / rows, half * 2];

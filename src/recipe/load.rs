@@ -309,6 +309,11 @@ fn validate(r: &Recipe) -> Result<(), RecipeError> {
             ),
         );
     }
+    if let Some(distributed) = &r.distributed
+        && let Err(e) = distributed.gpus.check()
+    {
+        return invalid("distributed.gpus", e);
+    }
     if let Layers::Last(n) = r.lora.layers
         && (n == 0 || n < -1)
     {

@@ -42,6 +42,92 @@ pub struct Recipe {
     /// no export when absent.
     #[serde(default)]
     pub export: Option<ExportSection>,
+    /// `[distributed]`: data-parallel training over several GPUs; one device when absent.
+    #[serde(default)]
+    pub distributed: Option<DistributedSection>,
+}
+
+/// `[distributed]`: one worker per GPU, each with the whole base and a replica of the adapters;
+/// a step's micro-batches are split across them and their gradients summed (NCCL).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct DistributedSection {
+    /// Which GPUs: `"all"`, a count (the first N), or a list of device ids.
+    pub gpus: GpuSet,
+}
+
+/// Which GPUs a data-parallel run takes (`[distributed] gpus`, `train --gpus`).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(untagged)]
+pub enum GpuSet {
+    /// `"all"`: every device that answers (the only name accepted).
+    Named(String),
+    /// The first N devices.
+    Count(usize),
+    /// These device ids.
+    Ids(Vec<usize>),
+}
+
+/// More workers than any one run could use: a bound for counts read from a recipe.
+const MAX_GPUS: usize = 4096;
+
+impl GpuSet {
+    /// Whether the setting can name any GPUs (checked when the recipe is read, before any device
+    /// is asked).
+    pub fn check(&self) -> Result<(), String> {
+        match self {
+            GpuSet::Named(name) if name == "all" => Ok(()),
+            other => other.ids(MAX_GPUS).map(|_| ()),
+        }
+    }
+
+    /// `all`, a count, or ids separated by commas (`0,2,3`), as `--gpus` takes them.
+    pub fn parse(text: &str) -> Result<Self, String> {
+        let text = text.trim();
+        if text == "all" {
+            return Ok(GpuSet::Named(text.into()));
+        }
+        if !text.contains(',')
+            && let Ok(n) = text.parse()
+        {
+            return Ok(GpuSet::Count(n));
+        }
+        text.split(',')
+            .map(|id| id.trim().parse::<usize>())
+            .collect::<Result<Vec<_>, _>>()
+            .map(GpuSet::Ids)
+            .map_err(|_| format!("`{text}`: use all, a count (4) or device ids (0,2,3)"))
+    }
+
+    /// The device ids, when `available` devices answer; an error naming what is missing.
+    pub fn ids(&self, available: usize) -> Result<Vec<usize>, String> {
+        let ids: Vec<usize> = match self {
+            GpuSet::Named(name) if name == "all" => (0..available).collect(),
+            GpuSet::Named(name) => {
+                return Err(format!("\"{name}\": use \"all\", a count or a list of ids"));
+            }
+            GpuSet::Count(n) if *n > available.min(MAX_GPUS) => {
+                return Err(format!("{n} GPUs asked for; {available} answer"));
+            }
+            GpuSet::Count(n) => (0..*n).collect(),
+            GpuSet::Ids(ids) => ids.clone(),
+        };
+        if ids.is_empty() {
+            return Err("no GPU selected: give at least one".into());
+        }
+        if let Some(bad) = ids.iter().find(|&&id| id >= available) {
+            return Err(format!(
+                "GPU {bad} does not exist: {available} answer (ids 0..{available})"
+            ));
+        }
+        let mut sorted = ids.clone();
+        sorted.sort_unstable();
+        sorted.dedup();
+        if sorted.len() != ids.len() {
+            return Err(format!("{ids:?} names a GPU twice"));
+        }
+        Ok(ids)
+    }
 }
 
 /// `[model]`: the frozen base model.

@@ -101,7 +101,7 @@ pub fn loss_and_gradients<B: TrainBackend>(
     // The forward pass runs on the inner backend: on the autodiff one, Burn would record (and
     // keep) every op even without gradients.
     let inner_layout = layout.valid();
-    let kept_dtype = decoder.layers[0].self_attn.q_proj.input_dtype();
+    let kept_dtype = decoder.layers[0].self_attn.qkv.first().input_dtype();
     let mut inputs = Vec::with_capacity(decoder.layers.len());
     let mut h = decoder.embed(&batch.inputs, batch.batch, device).inner();
     let activations_dtype = Some(h.dtype().into());
@@ -151,7 +151,7 @@ pub fn loss_and_gradients<B: TrainBackend>(
                     });
                 let grads = (m * Tensor::from_inner(m_grad)).sum().backward();
                 // Attention's adapters, then the MLP's: `Block::adapters` lists them in
-                // `BlockLinear::ALL` order, where q, k, v and o come before gate, up and down.
+                // `BlockLinear::of` order, where attention's linears come before the MLP's.
                 let attention = block.adapters().into_iter().filter(|(w, _)| !w.in_mlp());
                 let mut both = adapter_gradients(attention.map(|(_, a)| a), &grads);
                 both.extend(mlp);

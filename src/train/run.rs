@@ -7,7 +7,10 @@
 //! ```
 //!
 //! Set-up (loading, injection, data, resume) is [`Run::prepare`]; each hook is a method of
-//! [`Run`] that emits its event.
+//! [`Run`] that emits its event. Data-parallel runs ([`train_data_parallel`]) run this loop on
+//! every worker: the step's micro-batches split among them, the leader (rank 0) alone emits
+//! events and writes, and what it reads from the controls (stop, save, evaluate, pause) is
+//! agreed by every worker before it acts.
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
@@ -21,8 +24,9 @@ use super::optimizer::OptimizerConfig;
 use super::recompute::Checkpointing;
 use super::run_state::{self, TrainState};
 use super::schedule::Schedule;
-use super::trainer::{NonFiniteLoss, StepSettings, Trainer, batch_loss};
+use super::trainer::{NonFiniteLoss, StepError, StepSettings, Trainer, batch_loss};
 use crate::data::{Batch, BatchPlan, Encoder, encode_split, plan_batches};
+use crate::distributed::{CollectiveError, Communicator, Group};
 use crate::events::{Controls, Event, TrainReport};
 use crate::lora::{AdapterSpec, files, inject};
 use crate::model::Decoder;
@@ -58,18 +62,91 @@ pub fn train<B: TrainBackend>(
     emit: &mut dyn FnMut(Event),
     device: &B::Device,
 ) -> Result<TrainOutcome> {
-    let mut run = Run::<B>::prepare(recipe, resume, emit, device)?;
-    run.validate_at_start(emit);
+    train_worker::<B>(recipe, resume, controls, emit, device, None)
+}
+
+/// [`train`] data-parallel: one worker thread per device of `workers` (rank `r` on
+/// `workers[r]`), the global batch of every step the same as one worker's, so the losses and
+/// adapters are the single-device run's. Rank 0 runs on this thread and alone emits events and
+/// writes the run folder; a worker that fails makes the others stop with an error naming it.
+pub fn train_data_parallel<B: TrainBackend>(
+    recipe: &Recipe,
+    resume: Option<&Path>,
+    controls: &Controls,
+    emit: &mut dyn FnMut(Event),
+    workers: Group<B::Device>,
+) -> Result<TrainOutcome> {
+    // An interrupted checkpoint swap is finished once, before any worker reads the folder.
+    if let Some(dir) = resume.filter(|d| !d.join("state.json").exists())
+        && let Some(from) = run_state::recover(dir)?
+    {
+        emit(Event::Warning {
+            message: format!(
+                "a checkpoint save was interrupted; resuming from {}, moved into place",
+                from.display()
+            ),
+        });
+    }
+    let mut workers = workers.into_iter();
+    let (device, leader) = workers.next().context("no worker to train on")?;
+    std::thread::scope(|s| {
+        let others: Vec<_> = workers
+            .map(|(device, comm)| {
+                s.spawn(move || {
+                    train_worker::<B>(recipe, resume, controls, &mut |_| {}, &device, Some(&*comm))
+                })
+            })
+            .collect();
+        let outcome = train_worker::<B>(recipe, resume, controls, emit, &device, Some(&*leader));
+        // Its end closed, a worker still waiting on rank 0 stops instead of waiting on.
+        drop(leader);
+        for (rank, worker) in others.into_iter().enumerate() {
+            match worker.join() {
+                Ok(Err(e)) if outcome.is_ok() => {
+                    return Err(e.context(format!("worker {} failed", rank + 1)));
+                }
+                Err(_) => bail!("worker {} panicked", rank + 1),
+                _ => {}
+            }
+        }
+        outcome
+    })
+}
+
+/// The loop on one worker: alone (`comm` `None`), or as one rank of a data-parallel group.
+fn train_worker<B: TrainBackend>(
+    recipe: &Recipe,
+    resume: Option<&Path>,
+    controls: &Controls,
+    emit: &mut dyn FnMut(Event),
+    device: &B::Device,
+    comm: Option<&dyn Communicator>,
+) -> Result<TrainOutcome> {
+    let leader = comm.is_none_or(|c| c.rank() == 0);
+    let mut run = Run::<B>::prepare(recipe, resume, leader, emit, device)?;
+    if leader {
+        run.validate_at_start(emit);
+    }
     let mut window = Window::start();
     while run.state.step < run.total_steps {
-        window.exclude(wait_while_paused(controls));
+        window.exclude(wait_while_paused(controls, comm).map_err(|e| run.lost_peer(e))?);
         B::seed(device, recipe.seed.wrapping_add(run.state.step as u64 + 1));
         let batches = run.next_micro_batches();
         let lr = run.schedule.lr(run.state.step);
-        let stats = run
-            .trainer
-            .step(&batches, lr)
-            .map_err(|e| run.stopped_on(e))?;
+        let stats = match comm {
+            None => run
+                .trainer
+                .step(&batches, lr)
+                .map_err(|e| run.stopped_on(e))?,
+            Some(comm) => {
+                run.trainer
+                    .step_distributed(&batches, lr, comm)
+                    .map_err(|e| match e {
+                        StepError::NonFinite(e) => run.stopped_on(e),
+                        StepError::Collective(e) => run.lost_peer(e),
+                    })?
+            }
+        };
         run.state.step += 1;
         let tokens: usize = batches.iter().map(Batch::trained_tokens).sum();
         run.state.trained_tokens += tokens;
@@ -85,36 +162,69 @@ pub fn train<B: TrainBackend>(
             )));
             window = Window::start();
         }
-        let asked = controls.evaluate_now.swap(false, Ordering::SeqCst);
-        if asked {
-            window.exclude(run.generations(emit));
+        let [asked, interrupted, save_now] = agree(
+            comm,
+            [
+                controls.evaluate_now.swap(false, Ordering::SeqCst),
+                controls.stop.load(Ordering::SeqCst),
+                controls.save_now.swap(false, Ordering::SeqCst),
+            ],
+        )
+        .map_err(|e| run.lost_peer(e))?;
+        if leader {
+            if asked {
+                window.exclude(run.generations(emit));
+            }
+            if step.is_multiple_of(recipe.train.steps_per_eval) || last || asked {
+                window.exclude(run.validate(emit));
+            }
         }
-        if step.is_multiple_of(recipe.train.steps_per_eval) || last || asked {
-            window.exclude(run.validate(emit));
-        }
-        let interrupted = controls.stop.load(Ordering::SeqCst);
-        if step.is_multiple_of(recipe.train.save_every)
-            || last
-            || interrupted
-            || controls.save_now.swap(false, Ordering::SeqCst)
-        {
-            run.save(emit)?;
+        if step.is_multiple_of(recipe.train.save_every) || last || interrupted || save_now {
+            match leader {
+                true => run.save(emit)?,
+                // What the leader wrote, for this worker's messages.
+                false => run.last_saved = Some(step),
+            }
         }
         if interrupted {
             return Ok(run.outcome(true));
         }
     }
-    run.test(emit)?;
+    if leader {
+        run.test(emit)?;
+    }
     Ok(run.outcome(false))
 }
 
-/// Waits while the dashboard has paused training; returns the time waited.
-fn wait_while_paused(controls: &Controls) -> Duration {
+/// Waits while the dashboard has paused training (every worker, as the leader's controls say);
+/// returns the time waited.
+fn wait_while_paused(
+    controls: &Controls,
+    comm: Option<&dyn Communicator>,
+) -> Result<Duration, CollectiveError> {
     let started = Instant::now();
-    while controls.paused.load(Ordering::SeqCst) && !controls.stop.load(Ordering::SeqCst) {
+    loop {
+        let paused =
+            controls.paused.load(Ordering::SeqCst) && !controls.stop.load(Ordering::SeqCst);
+        if !agree(comm, [paused])?[0] {
+            return Ok(started.elapsed());
+        }
         std::thread::sleep(Duration::from_millis(50));
     }
-    started.elapsed()
+}
+
+/// The leader's `flags` on every worker (one small all-reduce: the leader's ones, the others'
+/// zeros); a lone worker's as they are.
+fn agree<const N: usize>(
+    comm: Option<&dyn Communicator>,
+    flags: [bool; N],
+) -> Result<[bool; N], CollectiveError> {
+    let Some(comm) = comm else {
+        return Ok(flags);
+    };
+    let mut values = flags.map(|f| if f && comm.rank() == 0 { 1.0 } else { 0.0 });
+    comm.all_reduce_sum(&mut values)?;
+    Ok(values.map(|v| v > 0.0))
 }
 
 /// A run in progress: the trainer, its data and where it saves.
@@ -137,9 +247,11 @@ struct Run<'r, B: TrainBackend> {
 impl<'r, B: TrainBackend> Run<'r, B> {
     /// Loads the base, injects the adapters, plans the data and, with `resume`, restores the
     /// adapters, optimizer and data cursor of a checkpoint. Emits `Started`.
+    /// Only the `leader` writes to the run folder (and finishes an interrupted checkpoint swap).
     fn prepare(
         recipe: &'r Recipe,
         resume: Option<&Path>,
+        leader: bool,
         emit: &mut dyn FnMut(Event),
         device: &B::Device,
     ) -> Result<Self> {
@@ -156,8 +268,7 @@ impl<'r, B: TrainBackend> Run<'r, B> {
         // The weights live in the model now; unmapping the file keeps its pages out of the peak.
         drop(loaded.files);
         let spec = AdapterSpec::from_recipe(&recipe.lora, &model.config)?;
-        B::seed(device, recipe.seed);
-        inject(&mut model, &spec, device);
+        inject(&mut model, &spec, recipe.seed, device);
 
         let train_plan = plan_split(recipe, &tokenizer, "train")?
             .context("the recipe's data has no train split")?;
@@ -187,6 +298,7 @@ impl<'r, B: TrainBackend> Run<'r, B> {
         };
         let checkpoint = match resume {
             Some(dir) if dir.join("state.json").exists() => Some(dir.to_path_buf()),
+            Some(dir) if !leader => Some(run_state::checkpoint_dir(dir)),
             Some(dir) => {
                 if let Some(from) = run_state::recover(dir)? {
                     emit(Event::Warning {
@@ -230,9 +342,11 @@ impl<'r, B: TrainBackend> Run<'r, B> {
             trainable_parameters: trainer.parameter_count(),
             train_examples: train_plan.examples().len(),
         });
-        std::fs::create_dir_all(&run_dir)
-            .with_context(|| format!("creating {}", run_dir.display()))?;
-        crate::io::atomic::write(&run_dir.join("recipe.toml"), resolved.as_bytes())?;
+        if leader {
+            std::fs::create_dir_all(&run_dir)
+                .with_context(|| format!("creating {}", run_dir.display()))?;
+            crate::io::atomic::write(&run_dir.join("recipe.toml"), resolved.as_bytes())?;
+        }
         let held_out = recipe
             .eval
             .prompts
@@ -271,6 +385,16 @@ impl<'r, B: TrainBackend> Run<'r, B> {
     fn stopped_on(&self, e: NonFiniteLoss) -> anyhow::Error {
         anyhow::anyhow!(
             "{e} at step {}; stopped without saving this step, and {}. Lower train.learning_rate or check the data, then resume with --resume",
+            self.state.step + 1,
+            self.kept()
+        )
+    }
+
+    /// The error for a worker whose collective failed (another worker stopped), saying what was
+    /// kept.
+    fn lost_peer(&self, e: CollectiveError) -> anyhow::Error {
+        anyhow::anyhow!(
+            "{e}: stopped at step {}, and {}; resume with --resume (on this or another number of GPUs)",
             self.state.step + 1,
             self.kept()
         )

@@ -157,8 +157,10 @@ pub fn load_optimizer<B: Backend>(
 /// The first key whose value differs between two resolved recipes, ignoring keys that may change
 /// on resume (length of the run, reporting cadence, output and export settings).
 pub fn recipe_difference(saved: &str, current: &str) -> Option<String> {
-    const MAY_CHANGE: [&str; 10] = [
+    const MAY_CHANGE: [&str; 11] = [
         "train.iters",
+        // The same global batch on any number of GPUs.
+        "distributed",
         // Where checkpoints wait and how the MLP is chunked: memory, not math (absent from
         // checkpoints saved before they existed).
         "train.offload_checkpoints",

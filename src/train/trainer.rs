@@ -28,7 +28,6 @@ use super::optimizer::{Optimizer, OptimizerConfig, clip_global_norm, global_norm
 use super::recompute::Checkpointing;
 use crate::data::Batch;
 use crate::distributed::{CollectiveError, Communicator, shard};
-use crate::model::names::BlockLinear;
 use crate::model::{Decoder, LoraAdapter};
 use crate::ops::{ModelBackend, TrainBackend};
 
@@ -97,7 +96,7 @@ impl<B: TrainBackend> Trainer<B> {
             || model
                 .layers
                 .iter()
-                .any(|b| BlockLinear::ALL.into_iter().any(|w| f16(b.linear(w))));
+                .any(|b| b.linears().into_iter().any(|(_, l)| f16(l)));
         // Tracks the adapters for autodiff; without it the first step gets no gradients.
         set_parameters(&mut model, &params);
         Trainer {
@@ -161,24 +160,11 @@ impl<B: TrainBackend> Trainer<B> {
         let mine = shard(total, comm.rank(), comm.world()).map(|k| &micro_batches[k]);
         let (loss_sum, grads) = self.accumulate(mine, total);
         let grads = grads.unwrap_or_else(|| self.params.iter().map(|p| p.zeros_like()).collect());
-        let lengths: Vec<usize> = grads.iter().map(|g| g.dims()[0]).collect();
-        let mut flat: Vec<f32> = Vec::with_capacity(lengths.iter().sum::<usize>() + 1);
-        for g in grads {
-            flat.extend(g.into_data().convert::<f32>().iter::<f32>());
-        }
+        let mut flat = flatten(&grads);
         flat.push(loss_sum as f32);
         comm.all_reduce_sum(&mut flat)?;
         let loss = f64::from(flat.pop().expect("the loss was pushed")) / total as f64;
-        let mut grads = Vec::with_capacity(lengths.len());
-        let mut at = 0;
-        for len in lengths {
-            let values = flat[at..at + len].to_vec();
-            grads.push(Tensor::from_data(
-                TensorData::new(values, [len]),
-                &self.device,
-            ));
-            at += len;
-        }
+        let grads = unflatten(&flat, &grads, &self.device);
         Ok(self.apply(loss, Some(grads), lr)?)
     }
 
@@ -308,6 +294,31 @@ pub fn parameters<B: AutodiffBackend + ModelBackend>(
         .iter()
         .flat_map(|(_, a)| a.parameters())
         .map(|p| p.inner())
+        .collect()
+}
+
+/// 1-D tensors' values end to end, as one host buffer.
+fn flatten<B: burn::tensor::backend::Backend>(tensors: &[Tensor<B, 1>]) -> Vec<f32> {
+    let mut flat = Vec::with_capacity(tensors.iter().map(|t| t.dims()[0]).sum());
+    for t in tensors {
+        flat.extend(t.to_data().convert::<f32>().iter::<f32>());
+    }
+    flat
+}
+
+/// [`flatten`]'s buffer back into tensors of `like`'s lengths.
+fn unflatten<B: burn::tensor::backend::Backend>(
+    flat: &[f32],
+    like: &[Tensor<B, 1>],
+    device: &B::Device,
+) -> Vec<Tensor<B, 1>> {
+    let mut at = 0;
+    like.iter()
+        .map(|t| {
+            let len = t.dims()[0];
+            at += len;
+            Tensor::from_data(TensorData::new(flat[at - len..at].to_vec(), [len]), device)
+        })
         .collect()
 }
 

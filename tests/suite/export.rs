@@ -185,12 +185,37 @@ fn adapters_for_another_base_are_refused_by_name() {
 /// Face folder and as an f32 GGUF, gives base + adapter's logits through our loaders.
 #[test]
 fn gemma2_exports_keep_base_plus_adapter_logits() {
+    let tmp = exports_keep_base_plus_adapter_logits("gemma2");
+    let file = loraforge::io::gguf::GgufFile::open(&gguf_in(&tmp.join("gguf"))).unwrap();
+    let norm = file.tensor("blk.0.post_ffw_norm.weight").unwrap();
+    let stored = loraforge::quant::ggml::float_values(norm.kind, file.data(norm)).unwrap();
     let base = common::fixture("models/gemma2");
-    let adapters = common::fixture("peft-parity-gemma2/adapter_final");
+    let hf = &common::tensors(&base.join("model.safetensors"))["model.layers.0.post_feedforward_layernorm.weight"];
+    assert!(stored.iter().zip(hf).all(|(s, w)| *s == w + 1.0));
+    std::fs::remove_dir_all(&tmp).unwrap();
+}
+
+/// Phi-3 (fused projections under llama.cpp's `attn_qkv` and `ffn_up`, LongRoPE's factor lists as
+/// tensors): the same.
+#[test]
+fn phi3_exports_keep_base_plus_adapter_logits() {
+    let tmp = exports_keep_base_plus_adapter_logits("phi3");
+    let file = loraforge::io::gguf::GgufFile::open(&gguf_in(&tmp.join("gguf"))).unwrap();
+    assert!(file.tensor("blk.0.attn_qkv.weight").is_some());
+    assert!(file.tensor("rope_factors_long.weight").is_some());
+    std::fs::remove_dir_all(&tmp).unwrap();
+}
+
+/// The family fixture's parity adapter (`peft-parity-{family}`) fused and exported as a Hugging
+/// Face folder and as an f32 GGUF: both give base + adapter's logits through our loaders. Returns
+/// the folder holding `hf/` and `gguf/`.
+fn exports_keep_base_plus_adapter_logits(family: &str) -> std::path::PathBuf {
+    let base = common::fixture(&format!("models/{family}"));
+    let adapters = common::fixture(&format!("peft-parity-{family}/adapter_final"));
     let reference = common::read_json(&base.join("reference.json"));
     let prompts = vec![common::ids(&reference["input_ids"])];
     let want = our_logits(&base, Some(&adapters), &prompts);
-    let tmp = common::temp_dir("export-gemma2");
+    let tmp = common::temp_dir(&format!("export-{family}"));
     for (name, flags) in [
         ("hf", &["--format", "hf", "--dtype", "f32"][..]),
         ("gguf", &["--format", "gguf", "--gguf-type", "f32"][..]),
@@ -208,13 +233,8 @@ fn gemma2_exports_keep_base_plus_adapter_logits() {
             gguf_in(&out)
         };
         let diff = common::max_abs_diff(&our_logits(&path, None, &prompts), &want);
-        println!("gemma2 {name}: fused vs base + adapter: max abs diff {diff:.2e}");
-        assert!(diff <= 1e-4, "gemma2 {name}: max abs diff {diff}");
+        println!("{family} {name}: fused vs base + adapter: max abs diff {diff:.2e}");
+        assert!(diff <= 1e-4, "{family} {name}: max abs diff {diff}");
     }
-    let file = loraforge::io::gguf::GgufFile::open(&gguf_in(&tmp.join("gguf"))).unwrap();
-    let norm = file.tensor("blk.0.post_ffw_norm.weight").unwrap();
-    let stored = loraforge::quant::ggml::float_values(norm.kind, file.data(norm)).unwrap();
-    let hf = &common::tensors(&base.join("model.safetensors"))["model.layers.0.post_feedforward_layernorm.weight"];
-    assert!(stored.iter().zip(hf).all(|(s, w)| *s == w + 1.0));
-    std::fs::remove_dir_all(&tmp).unwrap();
+    tmp
 }

@@ -26,7 +26,8 @@ type B = NdArray<f32>;
 
 const TOKENS: usize = 32;
 
-/// An adapter on every linear of the last 4 blocks with B ≠ 0, saved in mlx-lm's layout.
+/// An adapter on every linear of the last 4 blocks (all, in a smaller model) with B ≠ 0, saved in
+/// mlx-lm's layout.
 fn make_adapters(base: &Path, dir: &Path) {
     let device = Default::default();
     let mut decoder = load_model::<B>(base, &device).unwrap().decoder;
@@ -36,13 +37,16 @@ fn make_adapters(base: &Path, dir: &Path) {
         rank: 8,
         scale: 20.0,
         dropout: 0.0,
-        keys: BlockLinear::ALL.map(|l| l.key().to_string()).to_vec(),
-        layers: (blocks - 4..blocks).collect(),
-        num_layers: 4,
+        keys: BlockLinear::of(decoder.config.family)
+            .iter()
+            .map(|l| l.key().to_string())
+            .collect(),
+        layers: (blocks.saturating_sub(4)..blocks).collect(),
+        num_layers: blocks.min(4) as i64,
         rslora: false,
     };
     <B as burn::tensor::backend::Backend>::seed(&device, 7);
-    inject(&mut decoder, &spec, &device);
+    inject(&mut decoder, &spec, 7, &device);
     for (_, linear) in decoder.linears_mut() {
         if let Some(adapter) = linear.adapter.as_mut() {
             adapter.b = Tensor::random(
@@ -204,13 +208,39 @@ fn export_generates_mlx_lms_tokens(
 /// sliding window, so its tokens are not the model's.)
 #[test]
 fn mlx_lm_generates_our_tokens_from_our_gemma3_exports() {
+    family_exports_generate_mlx_lms_tokens("gemma3", |_| {});
+}
+
+/// Phi-3 (fused `qkv_proj` and `gate_up_proj` with adapters spanning them, LongRoPE past its
+/// original length): the same check, on copies of the fixtures without their sliding window,
+/// which mlx-lm 0.32's phi3 ignores (as Phi-3-mini-128k's window of 262,144 does not bind).
+#[test]
+fn mlx_lm_generates_our_tokens_from_our_phi3_exports() {
+    family_exports_generate_mlx_lms_tokens("phi3", |config| {
+        config.as_object_mut().unwrap().remove("sliding_window");
+    });
+}
+
+/// Our mlx exports of a family fixture (`mlx_lm.convert -q`'s folder and the transformers-5
+/// folder), with random adapters, give mlx-lm's greedy tokens; `edit` changes each base's
+/// `config.json` first.
+fn family_exports_generate_mlx_lms_tokens(family: &str, edit: impl Fn(&mut serde_json::Value)) {
     let python = common::asset("interop");
-    let tmp = common::temp_dir("export-mlx-gemma3");
-    for base in ["mlx-gemma3-q4", "gemma3"] {
-        let base_dir = common::fixture(&format!("models/{base}"));
+    let tmp = common::temp_dir(&format!("export-mlx-{family}"));
+    for base in [format!("mlx-{family}-q4"), family.to_string()] {
+        let fixture = common::fixture(&format!("models/{base}"));
+        let base_dir = tmp.join(&base);
+        std::fs::create_dir_all(&base_dir).unwrap();
+        for entry in std::fs::read_dir(&fixture).unwrap() {
+            let path = entry.unwrap().path();
+            std::fs::copy(&path, base_dir.join(path.file_name().unwrap())).unwrap();
+        }
+        let mut config = common::read_json(&base_dir.join("config.json"));
+        edit(&mut config);
+        std::fs::write(base_dir.join("config.json"), config.to_string()).unwrap();
         let adapters = tmp.join(format!("{base}-adapters"));
         make_adapters(&base_dir, &adapters);
-        let reference = common::read_json(&base_dir.join("reference.json"));
+        let reference = common::read_json(&fixture.join("reference.json"));
         let prompts = vec![common::ids(&reference["input_ids"])];
         let tuned = our_greedy(&base_dir, Some(&adapters), &prompts);
         for (name, flags) in EXPORTS {

@@ -1,5 +1,6 @@
 //! Training parity with PyTorch + peft (scripts/fixtures/make_peft_parity.py): the same tiny
-//! random model (a Llama; Gemma 2 with its soft-caps and a window shorter than the rows), the same
+//! random model (a Llama; Gemma 2 with its soft-caps and a window shorter than the rows; Phi-3 with
+//! fused projections, LongRoPE and a window), the same
 //! initial adapter, the same 20 micro-batches; 10 AdamW steps with gradient accumulation 2 and
 //! global-norm clipping, CPU f32.
 
@@ -77,6 +78,12 @@ fn ten_adamw_steps_on_gemma2_match_peft() {
     ten_adamw_steps_match("peft-parity-gemma2");
 }
 
+/// Phi-3: the adapters span the fused `qkv_proj` and `gate_up_proj` rows, as peft's do.
+#[test]
+fn ten_adamw_steps_on_phi3_match_peft() {
+    ten_adamw_steps_match("peft-parity-phi3");
+}
+
 /// The fixtures' optimizer: torch's AdamW at its defaults, weight decay 0.01.
 pub const ADAMW: OptimizerConfig = OptimizerConfig {
     kind: OptimizerKind::Adamw,
@@ -85,7 +92,7 @@ pub const ADAMW: OptimizerConfig = OptimizerConfig {
     weight_decay: 0.01,
 };
 
-/// A parity fixture's model (`dir/model`) with rank-4 adapters (alpha 8) on all seven linears,
+/// A parity fixture's model (`dir/model`) with rank-4 adapters (alpha 8) on every linear,
 /// loaded from `adapters` (an adapter file of either layout).
 pub fn model_with_adapters(dir: &Path, adapters: &Path) -> loraforge::model::Decoder<B> {
     let device = Default::default();
@@ -101,7 +108,7 @@ pub fn model_with_adapters(dir: &Path, adapters: &Path) -> loraforge::model::Dec
     };
     let spec = AdapterSpec::from_recipe(&lora, &model.config).unwrap();
     assert_eq!(spec.scale, 2.0);
-    inject(&mut model, &spec, &device);
+    inject(&mut model, &spec, 0, &device);
     files::load_into(&mut model, adapters, &device).unwrap();
     model
 }

@@ -227,10 +227,11 @@ __device__ __forceinline__ void mul_cols(float (*acc)[4], const float (*x)[4], c
 
 // What the queries of one batch row see: keys start(query) ..= past + query, where start is 0 for
 // plain rows (`starts` null) and the first position of the query's example for packed rows
-// (non-decreasing along the row; past = 0 there).
+// (non-decreasing along the row; past = 0 there); with a sliding window (> 0) only the `window`
+// keys up to past + query, itself included.
 struct Mask {
     const float* starts;
-    int past, seq, keys;
+    int past, seq, keys, window;
 
     __device__ __forceinline__ int start(int query) const {
         return starts ? (int)starts[query] : 0;
@@ -242,22 +243,27 @@ struct Mask {
     __device__ __forceinline__ float bias(int query, int key) const {
         if (key >= keys) return NEG_INF;
         if (query >= seq) return 0.f;
-        const bool seen = key <= past + query && (!PACKED || key >= (int)starts[query]);
+        const bool seen = key <= past + query && (!PACKED || key >= (int)starts[query]) &&
+                          (window == 0 || key > past + query - window);
         return seen ? 0.f : NEG_INF;
     }
 
     // Whether it adds 0 at every query q_lo..q_hi and key k_lo..k_hi, all of them real: q_lo sees
     // k_hi by the causal rule, q_hi < seq (so k_hi ≤ past + q_lo < keys too), and q_hi's example
     // starts at or before k_lo (starts grow along the row, so every query's does).
+    // With a window, q_hi sees k_lo too.
     __device__ __forceinline__ bool none(int q_lo, int q_hi, int k_lo, int k_hi) const {
-        return q_hi < seq && k_hi <= past + q_lo && start(q_hi) <= k_lo;
+        return q_hi < seq && k_hi <= past + q_lo && start(q_hi) <= k_lo &&
+               (window == 0 || k_lo > past + q_hi - window);
     }
 
     // The key tiles (of TILE keys) that the 128 queries from q0 may see: from the first query's
-    // example start to the last query's causal end. Returns the first; `tiles` gets the count.
+    // example start (or its window's first key) to the last query's causal end. Returns the
+    // first; `tiles` gets the count.
     template <int TILE>
     __device__ __forceinline__ int key_tiles(int q0, int& tiles) const {
-        const int first = start(q0) / TILE;
+        const int lo = window == 0 ? start(q0) : max(start(q0), max(0, past + q0 - window + 1));
+        const int first = lo / TILE;
         const int end = min(keys, past + min(q0 + 128, seq));
         tiles = (end + TILE - 1) / TILE - first;
         return first;
@@ -276,6 +282,24 @@ struct Mask {
         return lo;
     }
 };
+
+// s = cap · tanh(s / cap) on a warp's C fragments (Gemma 2's soft-capped scores).
+template <int TILES>
+__device__ __forceinline__ void soft_cap(float (*s)[4], float cap) {
+    const float inv = 1.f / cap;
+#pragma unroll
+    for (int j = 0; j < TILES; ++j)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) s[j][e] = cap * tanhf(s[j][e] * inv);
+}
+
+// The soft-cap's derivative 1 − t² at a capped score s (t = s / cap), 1 without a cap; 0 where
+// the mask made the score -inf.
+__device__ __forceinline__ float cap_slope(float s, float cap) {
+    if (cap == 0.f) return 1.f;
+    const float t = s / cap;
+    return fmaxf(0.f, 1.f - t * t);
+}
 
 // s += the mask on a warp's C fragments s[j] (rows r and r + 8, columns c0 + j·8 + 2t, +1):
 // rows are queries and columns keys, or with KEY_ROWS (the dK/dV kernel's Sᵀ) the other way.
@@ -348,10 +372,10 @@ struct QueryBlock {
     Mask mask;
 
     __device__ __forceinline__ QueryBlock(const float* starts, int heads, int seq, int keys,
-                                          int group)
+                                          int group, int window)
         : b(blockIdx.y), h(blockIdx.x), q0(query_block()), bh((i64)b * heads + h),
           kv((i64)b * (heads / group) + h / group),
-          mask{starts ? starts + (i64)b * seq : nullptr, keys - seq, seq, keys} {}
+          mask{starts ? starts + (i64)b * seq : nullptr, keys - seq, seq, keys, window} {}
 };
 
 #define FWD_KEYS 64
@@ -364,12 +388,13 @@ extern "C" __global__ void __launch_bounds__(THREADS, MIN_BLOCKS)
     attention_forward(const float* __restrict__ q, const u16* __restrict__ k,
                       const u16* __restrict__ v, const float* __restrict__ starts,
                       float* __restrict__ out, float* __restrict__ lse, int heads, int seq,
-                      int keys, int group, i64 qb, i64 qh, i64 qt, float scale) {
+                      int keys, int group, int window, i64 qb, i64 qh, i64 qt, float scale,
+                      float softcap) {
     extern __shared__ __align__(16) u16 shared[];
     u16* k_tiles = shared;
     u16* v_tiles = shared + 2 * FWD_KEYS * ROW;
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
-    const QueryBlock blk(starts, heads, seq, keys, group);
+    const QueryBlock blk(starts, heads, seq, keys, group, window);
     const int q0 = blk.q0;
     const i64 bh = blk.bh;
     const Mask& mask = blk.mask;
@@ -400,10 +425,15 @@ extern "C" __global__ void __launch_bounds__(THREADS, MIN_BLOCKS)
         float s[FWD_KEYS / 8][4];
         zero<FWD_KEYS / 8>(s);
         // The mask goes in first, as the products' starting value: its loads are in flight
-        // under the tensor-core work, and the rest of the tile is one run of code.
-        if (!mask.none(w0, w0 + 15, k0, k0 + FWD_KEYS - 1))
-            add_mask<FWD_KEYS / 8, false>(s, mask, r0, k0, t);
+        // under the tensor-core work, and the rest of the tile is one run of code. A soft-cap
+        // goes between the products and the mask.
+        const bool masked = !mask.none(w0, w0 + 15, k0, k0 + FWD_KEYS - 1);
+        if (masked && softcap == 0.f) add_mask<FWD_KEYS / 8, false>(s, mask, r0, k0, t);
         mul_rows<FWD_KEYS / 8>(s, qa, ks, g, t);
+        if (softcap > 0.f) {
+            soft_cap<FWD_KEYS / 8>(s, softcap);
+            if (masked) add_mask<FWD_KEYS / 8, false>(s, mask, r0, k0, t);
+        }
 
         float x0 = NEG_INF, x1 = NEG_INF;
 #pragma unroll
@@ -462,13 +492,13 @@ extern "C" __global__ void __launch_bounds__(THREADS, MIN_BLOCKS)
                           const u16* __restrict__ v, const float* __restrict__ starts,
                           const float* __restrict__ d_out, const float* __restrict__ lse,
                           const float* __restrict__ delta, float* __restrict__ dq, int heads,
-                          int seq, int keys, int group, i64 qb, i64 qh, i64 qt, i64 ob, i64 oh,
-                          i64 ot, float scale) {
+                          int seq, int keys, int group, int window, i64 qb, i64 qh, i64 qt,
+                          i64 ob, i64 oh, i64 ot, float scale, float softcap) {
     extern __shared__ __align__(16) u16 shared[];
     u16* k_tiles = shared;
     u16* v_tiles = shared + 2 * DQ_KEYS * ROW;
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
-    const QueryBlock blk(starts, heads, seq, keys, group);
+    const QueryBlock blk(starts, heads, seq, keys, group, window);
     const int q0 = blk.q0;
     const i64 bh = blk.bh;
     const Mask& mask = blk.mask;
@@ -507,6 +537,7 @@ extern "C" __global__ void __launch_bounds__(THREADS, MIN_BLOCKS)
         zero<DQ_KEYS / 8>(s);
         zero<DQ_KEYS / 8>(dp);
         mul_rows<DQ_KEYS / 8>(s, qa, ks, g, t);
+        if (softcap > 0.f) soft_cap<DQ_KEYS / 8>(s, softcap);
         // Masked before dP exists: fewer registers live.
         if (!mask.none(w0, w0 + 15, k0, k0 + DQ_KEYS - 1))
             add_mask<DQ_KEYS / 8, false>(s, mask, r0, k0, t);
@@ -515,8 +546,12 @@ extern "C" __global__ void __launch_bounds__(THREADS, MIN_BLOCKS)
         for (int j = 0; j < DQ_KEYS / 8; ++j) {
 #pragma unroll
             for (int e = 0; e < 2; ++e) {
-                s[j][e] = exp2_approx(fmaf(s[j][e], LOG2E, nl0)) * (dp[j][e] - dl0);
-                s[j][2 + e] = exp2_approx(fmaf(s[j][2 + e], LOG2E, nl1)) * (dp[j][2 + e] - dl1);
+                // dS = P ⊙ (dP − D), times the soft-cap's slope (1 − t²).
+                const float c0 = cap_slope(s[j][e], softcap);
+                const float c1 = cap_slope(s[j][2 + e], softcap);
+                s[j][e] = exp2_approx(fmaf(s[j][e], LOG2E, nl0)) * (dp[j][e] - dl0) * c0;
+                s[j][2 + e] =
+                    exp2_approx(fmaf(s[j][2 + e], LOG2E, nl1)) * (dp[j][2 + e] - dl1) * c1;
             }
         }
         mul_cols<DQ_KEYS / 16>(acc, s, ks, lane);
@@ -552,7 +587,8 @@ extern "C" __global__ void __launch_bounds__(THREADS, MIN_BLOCKS)
                             const u16* __restrict__ v, const float* __restrict__ starts,
                             const u16* __restrict__ o, const float* __restrict__ lse,
                             const float* __restrict__ delta, float* __restrict__ dk,
-                            float* __restrict__ dv, int heads, int seq, int keys, int group) {
+                            float* __restrict__ dv, int heads, int seq, int keys, int group,
+                            int window, float softcap) {
     extern __shared__ __align__(16) u16 shared[];
     u16* k_rows = shared;
     u16* v_rows = k_rows + 128 * ROW;
@@ -569,16 +605,18 @@ extern "C" __global__ void __launch_bounds__(THREADS, MIN_BLOCKS)
     o += bh * seq * D;
     k += kv * keys * D;
     v += kv * keys * D;
-    const Mask mask{starts ? starts + (i64)b * seq : nullptr, past, seq, keys};
+    const Mask mask{starts ? starts + (i64)b * seq : nullptr, past, seq, keys, window};
     lse += bh * seq;
     delta += bh * seq;
     const int w0 = warp * 16; // this warp's first key row within the block
     const int key0 = k0 + w0 + g; // this lane's keys: key0, key0 + 8
 
     // The first query that may see key k0 is k0 - past; the last, the last one whose example
-    // starts at or before the block's last key.
+    // starts at or before the block's last key (and, with a window, whose window still reaches
+    // key k0).
     const int first = max(0, k0 - past) / KV_QUERIES * KV_QUERIES;
-    const int end = mask.queries_seeing(first, k0 + 127);
+    const int seeing = mask.queries_seeing(first, k0 + 127);
+    const int end = window == 0 ? seeing : min(seeing, k0 + 127 - past + window);
     const int tiles = first < end ? (end - first + KV_QUERIES - 1) / KV_QUERIES : 0;
     const int steps = tiles * group; // tile it % tiles of query head it / tiles
     load_tile<128>(k_rows, k, k0, keys);
@@ -613,6 +651,7 @@ extern "C" __global__ void __launch_bounds__(THREADS, MIN_BLOCKS)
             staged_a(ka, k_rows, w0, g, t);
             mul_rows<KV_QUERIES / 8>(st, ka, qt, g, t);
         }
+        if (softcap > 0.f) soft_cap<KV_QUERIES / 8>(st, softcap);
         // Masked before dPᵀ exists: fewer registers live.
         if (!mask.none(c0, c0 + KV_QUERIES - 1, k0 + w0, k0 + w0 + 15))
             add_mask<KV_QUERIES / 8, true>(st, mask, key0, c0, t);
@@ -628,12 +667,14 @@ extern "C" __global__ void __launch_bounds__(THREADS, MIN_BLOCKS)
                 // This lane's query in the tile (for both of its keys).
                 const int query = j * 8 + 2 * t + e;
                 const float lse2 = lse_q[query] * LOG2E, dl = delta_q[query];
+                const float c0 = cap_slope(st[j][e], softcap);
+                const float c1 = cap_slope(st[j][2 + e], softcap);
                 const float p0 = exp2_approx(fmaf(st[j][e], LOG2E, -lse2));
                 const float p1 = exp2_approx(fmaf(st[j][2 + e], LOG2E, -lse2));
                 st[j][e] = p0;
                 st[j][2 + e] = p1;
-                dpt[j][e] = p0 * (dpt[j][e] - dl);
-                dpt[j][2 + e] = p1 * (dpt[j][2 + e] - dl);
+                dpt[j][e] = p0 * (dpt[j][e] - dl) * c0;
+                dpt[j][2 + e] = p1 * (dpt[j][2 + e] - dl) * c1;
             }
         }
         mul_cols<KV_QUERIES / 16>(dv_acc, st, ot, lane);

@@ -4,8 +4,11 @@
 //! The scores stay in registers: where the sliced Burn-op attention (`ops/attention.rs`)
 //! writes and reads `[batch, heads, slice, keys]` f32 scores about ten times per slice, these
 //! kernels read Q, K, V and dO and write only the outputs. No mask exists: the kernels apply the
-//! causal rule, and for packed rows each query's first key (`starts`, O(seq) floats). Products run on bf16 tensor
-//! cores (`mma.sync`, f32 accumulation), as PyTorch's SDPA does in a bf16 run.
+//! causal rule, for packed rows each query's first key (`starts`, O(seq) floats), a sliding
+//! window (the key tiles before a block's window are skipped), and Gemma 2's score soft-cap
+//! `cap · tanh(s / cap)` between the products and the mask (the backward multiplies dS by the
+//! slope 1 − t², recomputed from the capped scores). Products run on bf16 tensor cores
+//! (`mma.sync`, f32 accumulation), as PyTorch's SDPA does in a bf16 run.
 
 use burn::tensor::{DType, FloatDType, Shape};
 use burn_cubecl::kernel::into_contiguous;
@@ -37,8 +40,9 @@ pub fn supports(head_dim: usize, device: usize) -> bool {
 /// `q`: `[batch, heads, seq, d]`; `k`, `v`: `[batch, kv_heads, keys, d]`, kv head `h / group`
 /// serving query head `h` (`group = heads / kv_heads`, grouped-query attention). Query `i` sees
 /// keys `start(i) ..= keys − seq + i`, where `starts` (`[batch, 1, 1, seq]`, packed rows only)
-/// gives `start(i)`, else 0 → (`[batch, heads, seq, d]`, `[batch, heads, seq, 1]`).
-pub fn forward([q, k, v]: [Tensor; 3], starts: Option<Tensor>, scale: f32) -> (Tensor, Tensor) {
+/// gives `start(i)`, else 0; `rule` may narrow that to a window and soft-cap the scores → (`[batch,
+/// heads, seq, d]`, `[batch, heads, seq, 1]`).
+pub fn forward([q, k, v]: [Tensor; 3], starts: Option<Tensor>, rule: Rule) -> (Tensor, Tensor) {
     let layout = Layout::new(&q, &k, starts.as_ref());
     let [q, k, v] = [q, k, v].map(rows);
     let starts = starts.map(contiguous_f32);
@@ -50,9 +54,10 @@ pub fn forward([q, k, v]: [Tensor; 3], starts: Option<Tensor>, scale: f32) -> (T
     args.pointers(&[&q, &k16, &v16]);
     args.optional_pointer(starts.as_ref());
     args.pointers(&[&out, &lse]);
-    sizes(&mut args, &layout);
+    sizes(&mut args, &layout, rule);
     strides(&mut args, &[&q]);
-    args.float(scale);
+    args.float(rule.scale);
+    args.float(rule.softcap);
     let shared = kernels.shared.forward;
     launch(
         &kernels.forward,
@@ -69,8 +74,9 @@ pub fn forward([q, k, v]: [Tensor; 3], starts: Option<Tensor>, scale: f32) -> (T
 pub fn backward(
     [q, k, v, d_out, lse, delta]: [Tensor; 6],
     starts: Option<Tensor>,
-    scale: f32,
+    rule: Rule,
 ) -> (Tensor, Tensor, Tensor) {
+    let scale = rule.scale;
     let layout = Layout::new(&q, &k, starts.as_ref());
     let [q, k, v, d_out] = [q, k, v, d_out].map(rows);
     let starts = starts.map(contiguous_f32);
@@ -85,10 +91,11 @@ pub fn backward(
     args.pointers(&[&q, &k16, &v16]);
     args.optional_pointer(starts.as_ref());
     args.pointers(&[&d_out, &lse, &delta, &dq]);
-    sizes(&mut args, &layout);
+    sizes(&mut args, &layout, rule);
     strides(&mut args, &[&q]);
     strides(&mut args, &[&d_out]);
     args.float(scale);
+    args.float(rule.softcap);
     let shared = kernels.shared.dq;
     launch(
         &kernels.dq,
@@ -103,7 +110,8 @@ pub fn backward(
     args.pointers(&[&q16, &k16, &v16]);
     args.optional_pointer(starts.as_ref());
     args.pointers(&[&o16, &lse, &delta, &dk, &dv]);
-    sizes(&mut args, &layout);
+    sizes(&mut args, &layout, rule);
+    args.float(rule.softcap);
     let shared = kernels.shared.dkdv;
     let grid = layout.grid(layout.keys, layout.kv_heads);
     launch(&kernels.dkdv, grid, shared, &dk, args);
@@ -227,12 +235,24 @@ fn contiguous_f32(t: Tensor) -> Tensor {
     into_contiguous(cast(t, FloatDType::F32))
 }
 
-/// The sizes every kernel takes: heads, seq, keys, and the query heads per kv head.
-fn sizes(args: &mut Args, layout: &Layout) {
+/// The sizes every kernel takes: heads, seq, keys, the query heads per kv head, and the window
+/// (0 for none).
+fn sizes(args: &mut Args, layout: &Layout, rule: Rule) {
     let group = layout.heads / layout.kv_heads;
-    for n in [layout.heads, layout.seq, layout.keys, group] {
+    for n in [layout.heads, layout.seq, layout.keys, group, rule.window] {
         args.int(n);
     }
+}
+
+/// How scores are made and which keys a query sees beyond the causal (and packed) rule.
+#[derive(Debug, Clone, Copy)]
+pub struct Rule {
+    /// What `q · k` is multiplied by.
+    pub scale: f32,
+    /// The scores' soft-cap, `cap · tanh(s / cap)`; 0 for none.
+    pub softcap: f32,
+    /// A query sees itself and the `window − 1` keys before it; 0 for every earlier key.
+    pub window: usize,
 }
 
 /// Batch, head and row strides (0 for a dimension of size 1).

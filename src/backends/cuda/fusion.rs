@@ -148,7 +148,7 @@ pub fn dequantize(w: &DeviceQuantized<Fusion<Cube>>) -> FloatTensor<Fusion<Cube>
 #[derive(Debug)]
 struct FlashForward {
     desc: CustomOpIr,
-    scale: f32,
+    rule: flash::Rule,
 }
 
 impl Operation<Runtime> for FlashForward {
@@ -156,7 +156,7 @@ impl Operation<Runtime> for FlashForward {
         let mut inputs = float_inputs(&self.desc, handles);
         let starts = (inputs.len() == 4).then(|| inputs.remove(3));
         let [q, k, v]: [_; 3] = inputs.try_into().expect("q, k and v");
-        let (o, l) = flash::forward([q, k, v], starts, self.scale);
+        let (o, l) = flash::forward([q, k, v], starts, self.rule);
         let [out, lse] = &self.desc.outputs[..] else {
             unreachable!("declared with two outputs")
         };
@@ -170,7 +170,7 @@ impl Operation<Runtime> for FlashForward {
 #[derive(Debug)]
 struct FlashBackward {
     desc: CustomOpIr,
-    scale: f32,
+    rule: flash::Rule,
 }
 
 impl Operation<Runtime> for FlashBackward {
@@ -178,13 +178,22 @@ impl Operation<Runtime> for FlashBackward {
         let mut inputs = float_inputs(&self.desc, handles);
         let starts = (inputs.len() == 7).then(|| inputs.remove(6));
         let six: [_; 6] = inputs.try_into().expect("q, k, v, d_out, lse and delta");
-        let (gq, gk, gv) = flash::backward(six, starts, self.scale);
+        let (gq, gk, gv) = flash::backward(six, starts, self.rule);
         let [dq, dk, dv] = &self.desc.outputs[..] else {
             unreachable!("declared with three outputs")
         };
         handles.register_float_tensor::<Cube>(&dq.id, gq);
         handles.register_float_tensor::<Cube>(&dk.id, gk);
         handles.register_float_tensor::<Cube>(&dv.id, gv);
+    }
+}
+
+/// The kernels' scale, soft-cap and window for these scores and this rule.
+fn rule(visibility: &Visibility<Fusion<Cube>>, scores: Scores) -> flash::Rule {
+    flash::Rule {
+        scale: scores.scale as f32,
+        softcap: scores.softcap.unwrap_or(0.0) as f32,
+        window: visibility.window.unwrap_or(0),
     }
 }
 
@@ -200,6 +209,8 @@ fn float_inputs(
 }
 
 impl AttentionBackend for Fusion<Cube> {
+    const KERNELS_TAKE_WINDOW_AND_SOFTCAP: bool = true;
+
     fn fused_attention(head_dim: usize, device: &Self::Device) -> bool {
         flash::supports(head_dim, device.index)
     }
@@ -211,7 +222,8 @@ impl AttentionBackend for Fusion<Cube> {
         visibility: &Visibility<Self>,
         scores: Scores,
     ) -> (Tensor<Self, 4>, Tensor<Self, 4>) {
-        if !Self::fused_attention(q.dims()[3], &q.device()) || !kernel_covers(visibility, scores) {
+        let covered = kernel_covers(visibility, scores, k.dims()[2]);
+        if !Self::fused_attention(q.dims()[3], &q.device()) || !covered {
             return sliced_forward(q, k, v, visibility, scores);
         }
         let [batch, heads, seq, _] = q.dims();
@@ -224,7 +236,7 @@ impl AttentionBackend for Fusion<Cube> {
             [out_shape, Shape::new([batch, heads, seq, 1])],
             |desc| FlashForward {
                 desc,
-                scale: scores.scale as f32,
+                rule: rule(visibility, scores),
             },
         );
         (out, lse)
@@ -234,19 +246,17 @@ impl AttentionBackend for Fusion<Cube> {
         saved: Saved<Self>,
         d_out: Tensor<Self, 4>,
     ) -> (Tensor<Self, 4>, Tensor<Self, 4>, Tensor<Self, 4>) {
-        let covered = kernel_covers(&saved.visibility, saved.scores);
+        let covered = kernel_covers(&saved.visibility, saved.scores, saved.k.dims()[2]);
         if !Self::fused_attention(saved.q.dims()[3], &saved.q.device()) || !covered {
             return sliced_backward(saved, d_out);
         }
+        let rule = rule(&saved.visibility, saved.scores);
         let delta = (d_out.clone() * saved.out).sum_dim(3);
         let shapes = [&saved.q, &saved.k, &saved.v].map(|x| Shape::from(x.dims().to_vec()));
         let mut inputs = vec![saved.q, saved.k, saved.v, d_out, saved.lse, delta];
         inputs.extend(saved.visibility.starts.map(|s| s.device));
         let [dq, dk, dv] = custom("flash_attention_backward", inputs, shapes, |desc| {
-            FlashBackward {
-                desc,
-                scale: saved.scores.scale as f32,
-            }
+            FlashBackward { desc, rule }
         });
         (dq, dk, dv)
     }

@@ -80,7 +80,7 @@ impl AttentionBackend for Portable {
         visibility: &Visibility<Self>,
         scores: Scores,
     ) -> (Tensor<Self, 4>, Tensor<Self, 4>) {
-        if !kernel_covers(visibility, scores) {
+        if !kernel_covers(visibility, scores, k.dims()[2]) {
             return sliced_forward(q, k, v, visibility, scores);
         }
         let starts = visibility
@@ -95,7 +95,7 @@ impl AttentionBackend for Portable {
         saved: Saved<Self>,
         d_out: Tensor<Self, 4>,
     ) -> (Tensor<Self, 4>, Tensor<Self, 4>, Tensor<Self, 4>) {
-        if !kernel_covers(&saved.visibility, saved.scores) {
+        if !kernel_covers(&saved.visibility, saved.scores, saved.k.dims()[2]) {
             return sliced_backward(saved, d_out);
         }
         let delta = (d_out.clone() * saved.out).sum_dim(3);
@@ -270,6 +270,8 @@ fn elementwise_cubes<R: CubeRuntime>(like: &CubeTensor<R>, n: usize) -> (CubeCou
 }
 
 impl super::DeviceMemory for Portable {}
+
+impl super::DataParallel for Portable {}
 
 /// The default device, set up on `G`'s graphics API; an error (not wgpu's panic) when no adapter
 /// of that API answers.

@@ -54,10 +54,10 @@ use serde_json::json;
 
 use super::random::{Shape, plain_adamw, random_batch, random_model_files};
 use crate::lora::{AdapterSpec, inject};
-use crate::model::Decoder;
 use crate::model::adapter::{from_vec, to_vec};
 use crate::model::linear::{FrozenLinear, FrozenWeight};
 use crate::model::load::BaseStorage;
+use crate::model::{Decoder, Family, ModelConfig};
 use crate::ops::ModelBackend;
 use crate::ops::TrainBackend;
 use crate::recipe::{AdapterKind, Layers, LoraSection, Targets};
@@ -166,23 +166,27 @@ pub fn run<B: ModelBackend>(
         lines.push(line);
     };
     let plain = StepSettings::default();
-    emit(trajectory::<Autodiff<B>>(
-        device,
-        "trajectory",
-        plain,
-        None,
-    )?);
-    emit(trajectory::<Autodiff<B>>(
-        device,
-        "trajectory_chunked_offloaded",
-        chunked,
-        None,
-    )?);
+    let tiny = Shape::Tiny.config();
+    // Phi-3's block: q, k, v and gate, up as fused linears whose outputs split.
+    let fused = ModelConfig {
+        family: Family::Phi3,
+        ..tiny.clone()
+    };
+    for (name, config, settings) in [
+        ("trajectory", &tiny, plain),
+        ("trajectory_chunked_offloaded", &tiny, chunked),
+        ("trajectory_fused_projections", &fused, chunked),
+    ] {
+        emit(trajectory::<Autodiff<B>>(
+            device, name, config, settings, None,
+        )?);
+    }
     if let Some(half) = half {
         // The base held in 16 bits, as `model.dtype` asks (an f16 run scales its loss).
         emit(trajectory::<Autodiff<B>>(
             device,
             "trajectory_half",
+            &tiny,
             plain,
             Some(half),
         )?);
@@ -242,27 +246,27 @@ fn lora() -> LoraSection {
     }
 }
 
-/// The tiny shape's losses over 20 AdamW steps, on the CPU (plain steps) and on the device
+/// A tiny model's losses over 20 AdamW steps, on the CPU (plain steps) and on the device
 /// (steps with `settings`).
 fn trajectory<D: TrainBackend>(
     device: &D::Device,
     name: &str,
+    config: &ModelConfig,
     settings: StepSettings,
     half: Option<FloatDType>,
 ) -> Result<serde_json::Value> {
-    let config = Shape::Tiny.config();
+    let config = config.clone();
     let files = random_model_files(config.clone(), 0);
     let spec = AdapterSpec::from_recipe(&lora(), &config)?;
     let cpu_device = Default::default();
     let mut cpu = files.build::<CpuTrain>(&cpu_device)?;
-    <CpuTrain as burn::tensor::backend::Backend>::seed(&cpu_device, 1);
-    inject(&mut cpu, &spec, &cpu_device);
+    inject(&mut cpu, &spec, 1, &cpu_device);
     let storage = BaseStorage {
         half,
         ..Default::default()
     };
     let mut dev = files.build_quantized::<D>(device, storage)?;
-    inject(&mut dev, &spec, device);
+    inject(&mut dev, &spec, 1, device);
     copy_adapters(&cpu, &mut dev, device);
     let (cpu_losses, cpu_norm) = train_steps(cpu, StepSettings::default(), &cpu_device);
     let (dev_losses, dev_norm) = train_steps(dev, settings, device);
@@ -281,7 +285,7 @@ fn trajectory<D: TrainBackend>(
         None => TRAJECTORY_TOLERANCE,
     };
     Ok(json!({
-        "check": name, "shape": "tiny", "steps": STEPS,
+        "check": name, "shape": "tiny", "family": config.family.name(), "steps": STEPS,
         "cpu_losses": cpu_losses, "device_losses": dev_losses,
         "loss_fall": fall, "max_relative_diff": worst, "tolerance": tolerance,
         "cpu_first_grad_norm": cpu_norm, "device_first_grad_norm": dev_norm,

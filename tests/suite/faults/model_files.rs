@@ -75,6 +75,91 @@ fn unsupported_model_type_lists_the_supported_ones() {
     );
 }
 
+/// A change to a `config.json`.
+type ConfigEdit = fn(&mut serde_json::Value);
+
+/// Gemma's own keys: a soft-cap or query scale that is not positive, an activation it does not
+/// have, a layer list of another length, and the vision-language checkpoint's `model_type`.
+#[test]
+fn bad_gemma_keys_are_named() {
+    let cases: [(&str, ConfigEdit, &str); 5] = [
+        (
+            "cap0",
+            |c| c["attn_logit_softcapping"] = 0.0.into(),
+            "attn_logit_softcapping is 0",
+        ),
+        (
+            "scalar",
+            |c| c["query_pre_attn_scalar"] = (-4.0).into(),
+            "query_pre_attn_scalar is -4",
+        ),
+        (
+            "act",
+            |c| c["hidden_activation"] = "relu".into(),
+            "hidden activation \"relu\" is not supported for gemma2",
+        ),
+        (
+            "types",
+            |c| c["layer_types"] = serde_json::json!(["full_attention"]),
+            "layer_types lists 1 layers but num_hidden_layers is 3",
+        ),
+        (
+            "vlm",
+            |c| c["model_type"] = "gemma3".into(),
+            "vision-language checkpoint",
+        ),
+    ];
+    refused_with("gemma2", &cases);
+}
+
+#[test]
+fn bad_phi3_keys_are_named() {
+    let cases: [(&str, ConfigEdit, &str); 4] = [
+        (
+            "partial",
+            |c| c["rope_parameters"]["partial_rotary_factor"] = 0.75.into(),
+            "partial_rotary_factor is 0.75",
+        ),
+        (
+            "short",
+            |c| c["rope_parameters"]["long_factor"] = serde_json::json!([1.0, 2.0]),
+            "rope_scaling.long_factor must hold 8 positive numbers (head_dim 16 / 2); it holds [1.0,2.0]",
+        ),
+        (
+            "negative",
+            |c| c["rope_parameters"]["short_factor"][3] = (-1.0).into(),
+            "rope_scaling.short_factor must hold 8 positive numbers",
+        ),
+        (
+            "original",
+            |c| {
+                c["rope_parameters"]
+                    .as_object_mut()
+                    .unwrap()
+                    .remove("original_max_position_embeddings");
+                c.as_object_mut()
+                    .unwrap()
+                    .remove("original_max_position_embeddings");
+            },
+            "missing or invalid `original_max_position_embeddings` (LongRoPE's pretrained context length",
+        ),
+    ];
+    refused_with("phi3", &cases);
+}
+
+/// Each edit of the fixture's `config.json` makes loading fail with a message holding its text.
+fn refused_with(fixture: &str, cases: &[(&str, ConfigEdit, &str)]) {
+    for (tag, edit, want) in cases {
+        let dir = scratch_copy(fixture, &format!("{fixture}-{tag}"));
+        edit_config(&dir, *edit);
+        let err = load_error(&dir);
+        assert!(
+            err.contains("config.json") && err.contains(want),
+            "{tag}: {err}"
+        );
+    }
+}
+
 #[test]
 fn truncated_safetensors() {
     let dir = scratch_copy("mistral", "trunc");
