@@ -616,7 +616,7 @@ fn quirks_from_gguf(
             .filter(|&w| w > 0 && family.slides_everywhere());
         return Quirks {
             sliding_window: window.map(|w| w as usize),
-            sliding_layers: vec![window.is_some(); layers],
+            sliding_layers: window.map_or_else(Vec::new, |_| vec![true; layers]),
             ..Quirks::default()
         };
     }
@@ -825,7 +825,7 @@ fn long_rope_from_json(
             hint: " (required by rope_type \"longrope\": one factor per pair of a head's dimensions)".into(),
         })?;
         let values: Vec<f64> = list.iter().filter_map(Value::as_f64).collect();
-        if values.len() != head_dim / 2 || values.iter().any(|f| !(f.is_finite() && *f > 0.0)) {
+        if !long_rope_factors_fit(&values, head_dim) {
             return Err(invalid(format!(
                 "rope_scaling.{key} must hold {} positive numbers (head_dim {head_dim} / 2); it holds {}",
                 head_dim / 2,
@@ -870,6 +870,11 @@ fn long_rope_from_json(
     })
 }
 
+/// Whether LongRoPE's factor list holds one positive number per pair of a head's dimensions.
+fn long_rope_factors_fit(factors: &[f64], head_dim: usize) -> bool {
+    factors.len() == head_dim / 2 && factors.iter().all(|f| f.is_finite() && *f > 0.0)
+}
+
 /// llama.cpp's names for LongRoPE's factor lists: the long ones, the short ones.
 pub const LONG_ROPE_FACTORS: [&str; 2] = ["rope_factors_long.weight", "rope_factors_short.weight"];
 
@@ -899,12 +904,12 @@ fn long_rope_from_gguf(
                 info.numel()
             )));
         }
-        let values: Vec<f64> = gguf
-            .data(info)
-            .chunks_exact(4)
-            .map(|b| f64::from(f32::from_le_bytes([b[0], b[1], b[2], b[3]])))
+        let values: Vec<f64> = crate::quant::ggml::float_values(info.kind, gguf.data(info))
+            .unwrap_or_default()
+            .into_iter()
+            .map(f64::from)
             .collect();
-        if values.iter().any(|f| !(f.is_finite() && *f > 0.0)) {
+        if !long_rope_factors_fit(&values, head_dim) {
             return Err(invalid(
                 "holds a value that is not a positive number".into(),
             ));

@@ -193,26 +193,26 @@ impl ModelFiles {
                 |w: BlockLinear| linear(&format!("{p}.{}", w.key()), w.shape(c), w.has_bias(c));
             let norm = |n: BlockNorm| norm(&format!("{p}.{}.weight", n.key(c.family)), n.len(c));
             let optional = |n: BlockNorm| n.exists(c).then(|| norm(n)).transpose();
-            let projections = |split: &[BlockLinear], fused: BlockLinear| -> Result<_> {
+            let projections = |fused: BlockLinear| -> Result<_> {
                 Ok(match c.family.fuses_projections() {
                     true => Projections::Fused {
                         name: fused,
                         linear: linear(fused)?,
-                        widths: split.iter().map(|w| w.shape(c)[0]).collect(),
+                        widths: fused.parts().iter().map(|w| w.shape(c)[0]).collect(),
                     },
                     false => Projections::Split(
-                        split
+                        fused
+                            .parts()
                             .iter()
                             .map(|&w| Ok((w, linear(w)?)))
                             .collect::<Result<_>>()?,
                     ),
                 })
             };
-            let qkv = [BlockLinear::Q, BlockLinear::K, BlockLinear::V];
             layers.push(Block {
                 input_layernorm: norm(BlockNorm::Input)?,
                 self_attn: Attention {
-                    qkv: projections(&qkv, BlockLinear::Qkv)?,
+                    qkv: projections(BlockLinear::Qkv)?,
                     o_proj: linear(BlockLinear::O)?,
                     q_norm: optional(BlockNorm::Q)?,
                     k_norm: optional(BlockNorm::K)?,
@@ -225,10 +225,7 @@ impl ModelFiles {
                 pre_mlp_norm: norm(BlockNorm::PreMlp)?,
                 mlp: Mlp {
                     activation: c.quirks.activation,
-                    gate_up: projections(
-                        &[BlockLinear::Gate, BlockLinear::Up],
-                        BlockLinear::GateUp,
-                    )?,
+                    gate_up: projections(BlockLinear::GateUp)?,
                     down_proj: linear(BlockLinear::Down)?,
                 },
                 post_mlp_norm: optional(BlockNorm::PostMlp)?,

@@ -67,13 +67,29 @@ impl BlockLinear {
         Self::all().find(|l| l.key() == key)
     }
 
+    /// The linears a fused one (Phi-3's) holds, its rows in their order; none for the others.
+    pub fn parts(self) -> &'static [Self] {
+        match self {
+            BlockLinear::Qkv => &[BlockLinear::Q, BlockLinear::K, BlockLinear::V],
+            BlockLinear::GateUp => &[BlockLinear::Gate, BlockLinear::Up],
+            _ => &[],
+        }
+    }
+
     /// The fused linear (Phi-3's) that holds this one's rows, where it is one of q, k, v, gate or
     /// up.
     pub fn fused_into(self) -> Option<Self> {
-        match self {
-            BlockLinear::Q | BlockLinear::K | BlockLinear::V => Some(BlockLinear::Qkv),
-            BlockLinear::Gate | BlockLinear::Up => Some(BlockLinear::GateUp),
-            _ => None,
+        [BlockLinear::Qkv, BlockLinear::GateUp]
+            .into_iter()
+            .find(|fused| fused.parts().contains(&self))
+    }
+
+    /// How a block of `family` stores the projections of this fused linear: itself where the
+    /// family fuses them, else its parts.
+    pub fn stored(self, family: Family) -> Vec<Self> {
+        match family.fuses_projections() {
+            true => vec![self],
+            false => self.parts().to_vec(),
         }
     }
 
@@ -320,15 +336,8 @@ pub fn tensor_specs(c: &ModelConfig) -> Vec<TensorSpec> {
                 })
                 .collect()
         };
-        let fused = c.family.fuses_projections();
-        let qkv: &[BlockLinear] = match fused {
-            true => &[BlockLinear::Qkv],
-            false => &[BlockLinear::Q, BlockLinear::K, BlockLinear::V],
-        };
-        let gate_up: &[BlockLinear] = match fused {
-            true => &[BlockLinear::GateUp],
-            false => &[BlockLinear::Gate, BlockLinear::Up],
-        };
+        let qkv = BlockLinear::Qkv.stored(c.family);
+        let gate_up = BlockLinear::GateUp.stored(c.family);
         out.extend(norms(&[BlockNorm::Input]));
         out.extend(qkv.iter().map(|&w| weight(w)));
         out.extend(qkv.iter().filter(|w| w.has_bias(c)).map(|&w| bias(w)));

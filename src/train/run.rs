@@ -62,7 +62,24 @@ pub fn train<B: TrainBackend>(
     emit: &mut dyn FnMut(Event),
     device: &B::Device,
 ) -> Result<TrainOutcome> {
+    recover_interrupted_save(resume, emit)?;
     train_worker::<B>(recipe, resume, controls, emit, device, None)
+}
+
+/// Finishes a checkpoint swap that a crash interrupted in the run folder `resume` names (not a
+/// checkpoint folder itself), saying so: once, before any worker reads the folder.
+fn recover_interrupted_save(resume: Option<&Path>, emit: &mut dyn FnMut(Event)) -> Result<()> {
+    if let Some(dir) = resume.filter(|d| !d.join("state.json").exists())
+        && let Some(from) = run_state::recover(dir)?
+    {
+        emit(Event::Warning {
+            message: format!(
+                "a checkpoint save was interrupted; resuming from {}, moved into place",
+                from.display()
+            ),
+        });
+    }
+    Ok(())
 }
 
 /// [`train`] data-parallel: one worker thread per device of `workers` (rank `r` on
@@ -76,17 +93,7 @@ pub fn train_data_parallel<B: TrainBackend>(
     emit: &mut dyn FnMut(Event),
     workers: Group<B::Device>,
 ) -> Result<TrainOutcome> {
-    // An interrupted checkpoint swap is finished once, before any worker reads the folder.
-    if let Some(dir) = resume.filter(|d| !d.join("state.json").exists())
-        && let Some(from) = run_state::recover(dir)?
-    {
-        emit(Event::Warning {
-            message: format!(
-                "a checkpoint save was interrupted; resuming from {}, moved into place",
-                from.display()
-            ),
-        });
-    }
+    recover_interrupted_save(resume, emit)?;
     let mut workers = workers.into_iter();
     let (device, leader) = workers.next().context("no worker to train on")?;
     std::thread::scope(|s| {
@@ -247,7 +254,7 @@ struct Run<'r, B: TrainBackend> {
 impl<'r, B: TrainBackend> Run<'r, B> {
     /// Loads the base, injects the adapters, plans the data and, with `resume`, restores the
     /// adapters, optimizer and data cursor of a checkpoint. Emits `Started`.
-    /// Only the `leader` writes to the run folder (and finishes an interrupted checkpoint swap).
+    /// Only the `leader` writes to the run folder.
     fn prepare(
         recipe: &'r Recipe,
         resume: Option<&Path>,
@@ -296,22 +303,11 @@ impl<'r, B: TrainBackend> Run<'r, B> {
             trained_tokens: 0,
             recipe: resolved.clone(),
         };
-        let checkpoint = match resume {
-            Some(dir) if dir.join("state.json").exists() => Some(dir.to_path_buf()),
-            Some(dir) if !leader => Some(run_state::checkpoint_dir(dir)),
-            Some(dir) => {
-                if let Some(from) = run_state::recover(dir)? {
-                    emit(Event::Warning {
-                        message: format!(
-                            "a checkpoint save was interrupted; resuming from {}, moved into place",
-                            from.display()
-                        ),
-                    });
-                }
-                Some(run_state::checkpoint_dir(dir))
-            }
-            None => None,
-        };
+        // A checkpoint folder, or a run folder (whose interrupted save the caller finished).
+        let checkpoint = resume.map(|dir| match dir.join("state.json").exists() {
+            true => dir.to_path_buf(),
+            false => run_state::checkpoint_dir(dir),
+        });
         if let Some(ckpt) = &checkpoint {
             state = run_state::load_state(ckpt)?;
             if let Some(diff) = run_state::recipe_difference(&state.recipe, &resolved) {
