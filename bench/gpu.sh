@@ -11,7 +11,8 @@
 # SHAPES: which runs (default: "warmup smollm2 1b 8b 8b-nockpt 8b-qlora 8b-32k 8b-64k", the rows
 # of issue 17's table; "warmup" compiles our kernels on a tiny shape first; also "1b-ckpt",
 # and "8b-128k", "8b-256k", "8b-256k-liger" for the longest context each side trains; "gemma2-9b",
-# "phi3-mini", "phi3-mini-qlora" (issue 20); "1b-data"
+# "phi3-mini", "phi3-mini-qlora", "mixtral-8x7b", "mixtral-8x7b-qlora", "qwen3-30b-a3b"
+# (issue 20); "1b-data"
 # and "8b-data" for real data, issue 17's goal 5; "vk-check", "vk-tiny", "vk-smollm2", "vk-1b"
 # for issue 19's portable path through Vulkan, with LORAFORGE_VULKAN the binary built with
 # --features vulkan and the Vulkan loader installed, each portable row once per dtype of
@@ -68,6 +69,12 @@ reference() {
   timeout "${REFERENCE_TIMEOUT:-300}" $py bench/reference/peft_lora_bench.py --device cuda --dtype bf16 --attn sdpa \
     --preset "$shape" --batch "$batch" --seq "$seq" --steps "$steps" --warmup-steps "$warm" \
     "${common[@]}" "$@" --tag "$card" --jsonl "$out" | tail -n 3 | cut -c1-400
+}
+
+# moe RUNNER ARGS...: a row of a mixture-of-experts shape, its adapters on attention only.
+moe() {
+  local common=(--targets q_proj,k_proj,v_proj,o_proj --rank 16 --alpha 32)
+  "$@"
 }
 
 # liger SHAPE BATCH SEQ STEPS WARMUP [extra...]: the reference with Liger-Kernel.
@@ -141,6 +148,11 @@ for s in ${SHAPES:-warmup smollm2 1b 8b 8b-nockpt 8b-qlora 8b-32k 8b-64k}; do
     # Issue 20: Phi-3.5-mini (fused qkv_proj and gate_up_proj), bf16 and QLoRA.
     phi3-mini) ours phi3-mini 8 2048 8 1 --grad-checkpoint; reference phi3-mini 8 2048 8 3 --grad-checkpoint; liger phi3-mini 8 2048 8 3 --grad-checkpoint ;;
     phi3-mini-qlora) ours phi3-mini 8 2048 8 1 --grad-checkpoint --quant 4; reference phi3-mini 8 2048 8 3 --grad-checkpoint --quant nf4 ;;
+    # Issue 20: mixtures of experts, LoRA on attention (q, k, v, o) on both sides: transformers 5
+    # holds the experts as 3-D parameters, which peft's all-linear does not wrap as linears.
+    mixtral-8x7b) moe ours mixtral-8x7b 4 2048 6 1 --grad-checkpoint; moe reference mixtral-8x7b 4 2048 6 2 --grad-checkpoint ;;
+    mixtral-8x7b-qlora) moe ours mixtral-8x7b 4 2048 6 1 --grad-checkpoint --quant 4 ;;
+    qwen3-30b-a3b) moe ours qwen3-30b-a3b 4 2048 6 1 --grad-checkpoint; moe reference qwen3-30b-a3b 4 2048 6 2 --grad-checkpoint ;;
     8b-qlora) ours llama3-8b 4 2048 6 1 --grad-checkpoint --quant 4; reference llama3-8b 4 2048 6 2 --grad-checkpoint --quant nf4; unsloth llama3-8b 4 2048 6 2 --grad-checkpoint --quant nf4 ;;
     8b-32k) ours llama3-8b 1 32768 3 1 --grad-checkpoint; reference llama3-8b 1 32768 3 1 --grad-checkpoint; liger llama3-8b 1 32768 3 1 --grad-checkpoint; unsloth llama3-8b 1 32768 3 1 --grad-checkpoint ;;
     8b-64k) ours llama3-8b 1 65536 2 1 --grad-checkpoint; liger llama3-8b 1 65536 2 1 --grad-checkpoint ;;

@@ -71,6 +71,25 @@ pub fn report(path: &std::path::Path) -> Result<String> {
     if c.qk_norm {
         quirks.push("q/k RMSNorm".into());
     }
+    if let Some(moe) = &c.moe {
+        let sparse = moe.sparse_layers.iter().filter(|&&s| s).count();
+        let mut line = format!(
+            "{} experts of ffn {}, top {} ({}) in {sparse} of {} layers",
+            moe.experts,
+            moe.expert_intermediate_size,
+            moe.top_k,
+            if moe.normalize_top_k {
+                "weights renormalised"
+            } else {
+                "softmax weights"
+            },
+            c.num_layers
+        );
+        if let Some(shared) = moe.shared_expert_intermediate_size {
+            line.push_str(&format!(", a sigmoid-gated shared expert of ffn {shared}"));
+        }
+        quirks.push(line);
+    }
     let q = &c.quirks;
     if q.norm_plus_one {
         quirks.push("norms scale by 1 + w".into());

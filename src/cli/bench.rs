@@ -30,6 +30,11 @@ pub enum BenchCommand {
         /// takes many minutes over the 128-wide kernels.
         #[arg(long, default_value_t = 128, value_parser = clap::value_parser!(u32).range(16..=128))]
         max_head_dim: u32,
+        /// Skips a trajectory check (`trajectory_experts`, ...) or `experts_grad` by name
+        /// (repeatable): lavapipe compiles kernels for every expert's row count, which takes
+        /// many minutes in CI.
+        #[arg(long, value_name = "CHECK")]
+        skip: Vec<String>,
     },
     /// Timed LoRA training steps on a random model of a known shape; prints one JSON line with
     /// the fields of bench/peft_lora_bench.py.
@@ -55,6 +60,7 @@ pub fn run(command: BenchCommand) -> Result<()> {
             device,
             long_row,
             max_head_dim,
+            skip,
         } => {
             let device = crate::backends::resolve(device);
             let options = CheckOptions {
@@ -65,6 +71,7 @@ pub fn run(command: BenchCommand) -> Result<()> {
                     .find_map(|d| BaseStorage::for_device(d, None, device).ok()?.half),
                 long_row: long_row as usize,
                 max_head_dim: max_head_dim as usize,
+                skip,
             };
             run_on(device, DeviceCheckTask(options)).map(|_| ())
         }

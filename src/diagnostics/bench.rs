@@ -26,7 +26,7 @@ use super::random::{Shape, plain_adamw, random_batch, random_model_files};
 use crate::lora::{AdapterSpec, inject};
 use crate::model::config::ModelConfig;
 use crate::model::load::BaseStorage;
-use crate::model::names::{BlockLinear, BlockModule};
+use crate::model::names::BlockLinear;
 use crate::ops::TrainBackend;
 use crate::ops::elementwise::cast;
 use crate::ops::matmul::{MatmulBackend, matmul};
@@ -115,7 +115,7 @@ pub struct BenchTrainArgs {
 }
 
 impl BenchTrainArgs {
-    fn lora(&self) -> LoraSection {
+    fn lora(&self, family: crate::model::Family) -> LoraSection {
         let targets = if self.targets == "all-linear" {
             Targets::Named("all-linear".into())
         } else {
@@ -123,9 +123,10 @@ impl BenchTrainArgs {
             // is refused by `AdapterSpec::from_recipe`, which lists the keys.
             let keys = self.targets.split(',').map(|short| {
                 let short = short.trim();
-                BlockLinear::all()
-                    .find(|l| l.key().rsplit('.').next() == Some(short))
-                    .map_or_else(|| short.to_string(), |l| l.key().to_string())
+                BlockLinear::of(family)
+                    .into_iter()
+                    .find(|l| l.key(family).rsplit('.').next() == Some(short))
+                    .map_or_else(|| short.to_string(), |l| l.key(family).to_string())
             });
             Targets::Keys(keys.collect())
         };
@@ -156,7 +157,7 @@ pub fn bench_train<B: TrainBackend>(
     let started = Instant::now();
     let files = random_model_files(config.clone(), args.seed);
     let mut model = files.build_quantized::<B>(device, storage)?;
-    let spec = AdapterSpec::from_recipe(&args.lora(), &config)?;
+    let spec = AdapterSpec::from_recipe(&args.lora(config.family), &config)?;
     B::seed(device, args.seed);
     inject(&mut model, &spec, args.seed, device);
     let settings = StepSettings {
@@ -303,12 +304,22 @@ pub fn bench_train<B: TrainBackend>(
     Ok(result)
 }
 
-/// Frozen weights of the seven linears of every block, and of the head (counted even when tied).
+/// Frozen weights a token goes through in the blocks (attention, and the MLP: a mixture of
+/// experts counts its router, its `top_k` experts and any shared expert, as the reference does
+/// not count the router), and in the head (counted even when tied).
 fn frozen_linear_params(c: &ModelConfig) -> (usize, usize) {
     let (h, kv) = (c.hidden_size, c.num_kv_heads * c.head_dim);
     let q = c.num_heads * c.head_dim;
-    let per_block = h * q + 2 * h * kv + q * h + 3 * h * c.intermediate_size;
-    (per_block * c.num_layers, c.vocab_size * h)
+    let attention = h * q + 2 * h * kv + q * h;
+    let mlp = |layer: usize| match &c.moe {
+        Some(m) if m.sparse(layer) => {
+            let shared = m.shared_expert_intermediate_size.map_or(0, |s| 3 * h * s);
+            m.top_k * 3 * h * m.expert_intermediate_size + shared
+        }
+        _ => 3 * h * c.intermediate_size,
+    };
+    let blocks = (0..c.num_layers).map(|l| attention + mlp(l)).sum();
+    (blocks, c.vocab_size * h)
 }
 
 /// Median FLOP/s of square matmuls through the model's GEMM path (2n³ per product, after a

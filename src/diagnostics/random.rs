@@ -4,7 +4,7 @@
 use rand::Rng;
 
 use crate::data::Batch;
-use crate::model::config::{Family, ModelConfig, Quirks};
+use crate::model::config::{Family, ModelConfig, MoeConfig, Quirks};
 use crate::model::load::{ModelFiles, ModelFormat};
 use crate::model::weights::WeightSource;
 use crate::ops::elementwise::Activation;
@@ -34,6 +34,14 @@ pub enum Shape {
     /// 32064; q, k, v and gate, up fused (plain RoPE: LongRoPE's short factors time the same).
     #[value(name = "phi3-mini")]
     Phi3Mini,
+    /// Mixtral 8x7B: 32 layers, hidden 4096, 32 heads (8 kv), 8 experts of ffn 14336, top 2,
+    /// vocabulary 32000.
+    #[value(name = "mixtral-8x7b")]
+    Mixtral8x7b,
+    /// Qwen3-30B-A3B: 48 layers, hidden 2048, 32 heads (4 kv) of 128 with q/k norms, 128
+    /// experts of ffn 768, top 8 renormalised, vocabulary 151936.
+    #[value(name = "qwen3-30b-a3b")]
+    Qwen3_30bA3b,
 }
 
 impl Shape {
@@ -46,6 +54,16 @@ impl Shape {
             Shape::Llama3_8b => (4096, 32, 32, 8, 14336, 128256, false, 500000.0),
             Shape::Gemma2_9b => (3584, 42, 16, 8, 14336, 256000, true, 10000.0),
             Shape::Phi3Mini => (3072, 32, 32, 32, 8192, 32064, false, 10000.0),
+            Shape::Mixtral8x7b => (4096, 32, 32, 8, 14336, 32000, false, 1e6),
+            Shape::Qwen3_30bA3b => (2048, 48, 32, 4, 6144, 151936, false, 1e6),
+        };
+        let moe = |experts, top_k, width| MoeConfig {
+            experts,
+            top_k,
+            expert_intermediate_size: width,
+            normalize_top_k: true,
+            shared_expert_intermediate_size: None,
+            sparse_layers: vec![true; layers],
         };
         let (family, head_dim, quirks) = match self {
             Shape::Gemma2_9b => (
@@ -65,6 +83,8 @@ impl Shape {
                 },
             ),
             Shape::Phi3Mini => (Family::Phi3, hidden / heads, Quirks::default()),
+            Shape::Mixtral8x7b => (Family::Mixtral, hidden / heads, Quirks::default()),
+            Shape::Qwen3_30bA3b => (Family::Qwen3Moe, 128, Quirks::default()),
             _ => (Family::Llama, hidden / heads, Quirks::default()),
         };
         ModelConfig {
@@ -76,14 +96,23 @@ impl Shape {
             num_heads: heads,
             num_kv_heads: kv_heads,
             head_dim,
-            rms_norm_eps: if family.is_gemma() { 1e-6 } else { 1e-5 },
+            rms_norm_eps: if family.is_gemma() || family == Family::Qwen3Moe {
+                1e-6
+            } else {
+                1e-5
+            },
             rope_theta: theta,
             rope_scaling: RopeScaling::None,
             max_position_embeddings: 131072,
             tie_word_embeddings: tied,
             attention_bias: false,
-            qk_norm: false,
+            qk_norm: family == Family::Qwen3Moe,
             quirks,
+            moe: match self {
+                Shape::Mixtral8x7b => Some(moe(8, 2, ffn)),
+                Shape::Qwen3_30bA3b => Some(moe(128, 8, 768)),
+                _ => None,
+            },
             dtype: "float32".into(),
         }
     }

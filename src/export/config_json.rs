@@ -4,7 +4,7 @@
 use serde_json::{Value, json};
 
 use super::FloatDtype;
-use crate::model::{ModelConfig, ModelFiles};
+use crate::model::{Family, ModelConfig, ModelFiles};
 use crate::ops::rope::RopeScaling;
 use crate::tokenizer::Tokenizer;
 
@@ -47,7 +47,7 @@ fn from_architecture(files: &ModelFiles, tokenizer: &Tokenizer) -> Value {
         "bos_token_id": id(&tokenizer.bos),
         "eos_token_id": id(&tokenizer.eos),
     });
-    add_older_rope_keys(&mut config, c);
+    add_older_keys(&mut config, c);
     let Some(map) = config.as_object_mut() else {
         return config;
     };
@@ -64,6 +64,31 @@ fn from_architecture(files: &ModelFiles, tokenizer: &Tokenizer) -> Value {
             );
         }
         map.insert("sliding_window".into(), json!(c.quirks.sliding_window));
+    }
+    if let Some(moe) = &c.moe {
+        let dense: Vec<usize> = (0..c.num_layers).filter(|&i| !moe.sparse(i)).collect();
+        let experts = match c.family {
+            Family::Mixtral => "num_local_experts",
+            _ => "num_experts",
+        };
+        map.insert(experts.into(), json!(moe.experts));
+        map.insert("num_experts_per_tok".into(), json!(moe.top_k));
+        if c.family != Family::Mixtral {
+            map.insert(
+                "moe_intermediate_size".into(),
+                json!(moe.expert_intermediate_size),
+            );
+            map.insert("norm_topk_prob".into(), json!(moe.normalize_top_k));
+            map.insert("decoder_sparse_step".into(), json!(1));
+            map.insert("mlp_only_layers".into(), json!(dense));
+        }
+        if let Some(shared) = moe.shared_expert_intermediate_size {
+            map.insert("shared_expert_intermediate_size".into(), json!(shared));
+            map.insert("qkv_bias".into(), json!(c.attention_bias));
+        }
+        if c.family == Family::Mixtral {
+            map.insert("sliding_window".into(), json!(c.quirks.sliding_window));
+        }
     }
     if c.family.is_gemma() {
         let q = &c.quirks;
@@ -87,15 +112,19 @@ fn from_architecture(files: &ModelFiles, tokenizer: &Tokenizer) -> Value {
     config
 }
 
-/// The older RoPE keys (`rope_theta`, `rope_scaling`, and Gemma's `rope_local_base_freq` and
-/// `sliding_window_pattern`), added where `config` lacks them: what a config written from GGUF
-/// metadata spells them as, and what mlx-lm 0.32 reads: a transformers-5 config spells them only
-/// under `rope_parameters`, which mlx-lm ignores (it would run RoPE at its defaults, without the
-/// model's scaling).
-pub fn add_older_rope_keys(config: &mut Value, c: &ModelConfig) {
+/// The older spellings (`rope_theta`, `rope_scaling`, Gemma's `rope_local_base_freq` and
+/// `sliding_window_pattern`, Qwen-MoE's `num_experts`), added where `config` lacks them: what a
+/// config written from GGUF metadata spells them as, and what mlx-lm 0.32 reads: a transformers-5
+/// config spells RoPE only under `rope_parameters`, which mlx-lm ignores (it would run RoPE at
+/// its defaults, without the model's scaling), and Qwen3-MoE's expert count as
+/// `num_local_experts`, which mlx-lm's `qwen3_moe` refuses to load without `num_experts`.
+pub fn add_older_keys(config: &mut Value, c: &ModelConfig) {
     let Some(map) = config.as_object_mut() else {
         return;
     };
+    if let Some(moe) = c.moe.as_ref().filter(|_| c.family != Family::Mixtral) {
+        map.entry("num_experts").or_insert(json!(moe.experts));
+    }
     map.entry("rope_theta").or_insert(json!(c.rope_theta));
     if let Some(s) = scaling_json(&c.rope_scaling) {
         map.entry("rope_scaling").or_insert(s);

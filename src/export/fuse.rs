@@ -12,7 +12,7 @@ use std::borrow::Cow;
 
 use anyhow::Result;
 
-use crate::lora::stored::{HostAdapter, HostAdapters};
+use crate::lora::stored::{HostAdapter, HostAdapters, canonical};
 use crate::model::ModelFiles;
 use crate::model::names::{TensorSpec, tensor_specs};
 use crate::model::weights::HostWeight;
@@ -84,7 +84,7 @@ impl<'a> FusedModel<'a> {
 
     /// The adapter of the module tensor `spec` belongs to, if any.
     pub fn adapter(&self, spec: &TensorSpec) -> Option<&'a HostAdapter> {
-        self.adapters?.modules.get(spec.module())
+        self.adapters?.modules.get(&canonical(spec.module()))
     }
 
     /// Reads tensor `spec` and folds its adapter in, if it has one.
@@ -220,6 +220,7 @@ mod tests {
             out_features: 2,
             rank: 1,
             scale: 1.0,
+            experts: 1,
         };
         let w = [1.0, 0.0, 0.0, 1.0];
         let out = fold(&w, &adapter);

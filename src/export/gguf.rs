@@ -208,6 +208,18 @@ fn metadata(
         }
         _ => {}
     }
+    if let Some(moe) = &c.moe {
+        arch_key("expert_count", u32_of(moe.experts));
+        arch_key("expert_used_count", u32_of(moe.top_k));
+        arch_key(
+            "expert_feed_forward_length",
+            u32_of(moe.expert_intermediate_size),
+        );
+        arch_key("expert_weights_norm", Value::Bool(moe.normalize_top_k));
+        if let Some(shared) = moe.shared_expert_intermediate_size {
+            arch_key("expert_shared_feed_forward_length", u32_of(shared));
+        }
+    }
     let q = &c.quirks;
     if let Some(w) = q.sliding_window {
         arch_key("attention.sliding_window", u32_of(w));

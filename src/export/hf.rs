@@ -10,8 +10,11 @@ use anyhow::{Result, bail};
 use super::ExportOptions;
 use super::fuse::{FusedModel, Survival};
 use crate::io::safetensors_write::{PlannedTensor, index_json, write_shards};
-use crate::lora::files::{NamedTensors, PeftConfig, peft_config, safetensors_bytes};
-use crate::lora::stored::{HostAdapters, transpose};
+use crate::lora::files::{PeftConfig, peft_config, safetensors_bytes};
+use crate::lora::peft_layout::peft_layout;
+use crate::lora::stored::HostAdapters;
+use crate::model::Family;
+use crate::model::names::{Role, TensorSpec};
 use crate::tokenizer::Tokenizer;
 
 const MAX_SHARD_BYTES: usize = 5_000_000_000;
@@ -23,10 +26,18 @@ pub fn write(
     dir: &Path,
 ) -> Result<(Survival, String)> {
     let dtype = opts.float_dtype(model.files);
+    let c = &model.files.config;
+    // Hugging Face checkpoints store an experts' stack one matrix per expert.
     let groups: Vec<Vec<PlannedTensor>> = model
         .specs
         .iter()
-        .map(|s| vec![PlannedTensor::new(&s.name, dtype.raw(), &s.shape)])
+        .map(|s| match per_expert_names(s, c.family) {
+            Some(names) => names
+                .iter()
+                .map(|n| PlannedTensor::new(n, dtype.raw(), &s.shape[1..]))
+                .collect(),
+            None => vec![PlannedTensor::new(&s.name, dtype.raw(), &s.shape)],
+        })
         .collect();
     let mut survival = Survival::default();
     let progress = model.progress();
@@ -34,11 +45,12 @@ pub fn write(
         progress.inc();
         let spec = &model.specs[i];
         let tensor = model.tensor(spec)?;
-        Ok(vec![tensor.float_bytes(
-            spec.module(),
-            dtype,
-            &mut survival,
-        )])
+        let bytes = tensor.float_bytes(spec.module(), dtype, &mut survival);
+        let parts = groups[i].len();
+        Ok(bytes
+            .chunks_exact(bytes.len() / parts)
+            .map(<[u8]>::to_vec)
+            .collect())
     };
     let written = write_shards(dir, &groups, MAX_SHARD_BYTES, &[("format", "pt")], produce)?;
     progress.finish();
@@ -68,6 +80,18 @@ pub fn write(
     Ok((survival, encoding))
 }
 
+/// The per-expert names of an experts' stack (`model.layers.0.mlp.experts.3.gate_proj.weight`),
+/// in expert order; `None` for any other tensor.
+fn per_expert_names(spec: &TensorSpec, family: Family) -> Option<Vec<String>> {
+    let Role::Weight(w) = spec.role else {
+        return None;
+    };
+    let block = spec.module().strip_suffix(w.key(family))?;
+    (0..spec.shape[0])
+        .map(|e| Some(format!("{block}{}.weight", w.expert_key(family, e)?)))
+        .collect()
+}
+
 /// The adapters as peft saves them (`lora_A` `[r, in]` = Aᵀ, `lora_B` `[out, r]` = Bᵀ).
 fn write_peft(adapters: &HostAdapters, base_model: &str, dir: &Path) -> Result<()> {
     let first = adapters
@@ -85,43 +109,22 @@ fn write_peft(adapters: &HostAdapters, base_model: &str, dir: &Path) -> Result<(
             adapters.dir.display()
         );
     }
-    let mut tensors = NamedTensors::new();
-    let (mut modules, mut layers) = (BTreeSet::new(), BTreeSet::new());
-    for (path, a) in &adapters.modules {
-        let prefix = format!("base_model.model.{path}");
-        tensors.insert(
-            format!("{prefix}.lora_A.weight"),
-            (
-                vec![a.rank, a.in_features],
-                transpose(&a.a, a.in_features, a.rank),
-            ),
-        );
-        tensors.insert(
-            format!("{prefix}.lora_B.weight"),
-            (
-                vec![a.out_features, a.rank],
-                transpose(&a.b, a.rank, a.out_features),
-            ),
-        );
-        if let Some(m) = &a.magnitude {
-            tensors.insert(
-                format!("{prefix}.lora_magnitude_vector"),
-                (vec![a.out_features], m.clone()),
-            );
-        }
-        modules.insert(path.rsplit('.').next().unwrap_or(path).to_string());
-        if let Some(layer) = path
-            .strip_prefix("model.layers.")
-            .and_then(|r| r.split('.').next())
-            .and_then(|l| l.parse::<usize>().ok())
-        {
-            layers.insert(layer);
-        }
-    }
+    let layout = peft_layout(&adapters.modules);
+    let layers: BTreeSet<usize> = adapters
+        .modules
+        .keys()
+        .filter_map(|path| {
+            path.strip_prefix("model.layers.")?
+                .split('.')
+                .next()?
+                .parse()
+                .ok()
+        })
+        .collect();
     std::fs::create_dir_all(dir)?;
     std::fs::write(
         dir.join("adapter_model.safetensors"),
-        safetensors_bytes(&tensors, &[("format", "pt")])?,
+        safetensors_bytes(&layout.tensors, &[("format", "pt")])?,
     )?;
     let config = peft_config(&PeftConfig {
         rank: first.rank,
@@ -129,7 +132,9 @@ fn write_peft(adapters: &HostAdapters, base_model: &str, dir: &Path) -> Result<(
         dropout: 0.0,
         rslora: false,
         dora: adapters.dora,
-        modules: modules.into_iter().collect(),
+        modules: layout.modules,
+        parameters: layout.parameters,
+        gate_up_rank: layout.gate_up_rank,
         layers: layers.into_iter().collect(),
         base_model: base_model.to_string(),
     });

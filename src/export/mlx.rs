@@ -79,7 +79,7 @@ pub fn write(
                 HostWeight::Dense { .. } => unreachable!("planned from the stored layout"),
             },
             Storage::Requantize { bits, group } => {
-                let [rows, cols] = [spec.shape[0], spec.shape[1]];
+                let (rows, cols) = rows_cols(spec);
                 let encode = |w: &[f32]| -> Result<QuantizedMatrix> {
                     let mut q = quantize(w, rows, cols, bits, group)?;
                     // Scales and biases are stored in the model's dtype; measure what reads back.
@@ -108,7 +108,7 @@ pub fn write(
     )?;
 
     let mut config = super::config_json::config_json(model.files, tokenizer, dtype);
-    super::config_json::add_older_rope_keys(&mut config, &model.files.config);
+    super::config_json::add_older_keys(&mut config, &model.files.config);
     if let Some(quantization) = quantization_json(model, &storages)
         && let Some(map) = config.as_object_mut()
     {
@@ -154,20 +154,28 @@ fn planned(spec: &TensorSpec, storage: Storage, dtype: FloatDtype) -> Group {
     match storage {
         Storage::Float => vec![PlannedTensor::new(&spec.name, dtype.raw(), &spec.shape)],
         Storage::Keep { bits, group } | Storage::Requantize { bits, group } => {
-            let [rows, cols] = [spec.shape[0], spec.shape[1]];
+            // An experts' stack keeps its leading `[experts, out]`, as mlx-lm's SwitchLinear.
+            let (&cols, leading) = spec.shape.split_last().expect("a matrix");
             let module = spec.module();
-            let groups = [rows, cols / group];
+            let with_last = |last: usize| [leading, &[last]].concat();
+            let groups = with_last(cols / group);
             vec![
                 PlannedTensor::new(
                     &spec.name,
                     RawDtype::U32,
-                    &[rows, cols * bits as usize / 32],
+                    &with_last(cols * bits as usize / 32),
                 ),
                 PlannedTensor::new(format!("{module}.scales"), dtype.raw(), &groups),
                 PlannedTensor::new(format!("{module}.biases"), dtype.raw(), &groups),
             ]
         }
     }
+}
+
+/// A matrix's rows (every leading dimension: an experts' stack's `experts · out`) and columns.
+fn rows_cols(spec: &TensorSpec) -> (usize, usize) {
+    let (&cols, leading) = spec.shape.split_last().expect("a matrix");
+    (leading.iter().product(), cols)
 }
 
 fn packed_bytes(q: &QuantizedMatrix, dtype: FloatDtype) -> Vec<Vec<u8>> {

@@ -18,7 +18,7 @@ use anyhow::{Context, Result, bail};
 
 use crate::io::gguf::GgmlType;
 use crate::io::{RawDtype, atomic};
-use crate::lora::stored::HostAdapters;
+use crate::lora::stored::{HostAdapters, canonical};
 use crate::model::ModelFiles;
 pub use crate::recipe::{ExportFormat, FloatDtype, GgufType};
 use fuse::{FusedModel, Survival};
@@ -181,11 +181,17 @@ pub fn export(base: &Path, adapters: Option<&Path>, opts: &ExportOptions) -> Res
     let host = adapters.map(HostAdapters::read).transpose()?;
     let model = FusedModel::new(&files, host.as_ref());
     if let Some(host) = &host {
-        let linears: BTreeMap<String, [usize; 2]> = model
+        // `[out, in]`, or an experts' stack `[experts, out, in]` as `[experts · out, in]`.
+        let linears: BTreeMap<String, ([usize; 2], usize)> = model
             .specs
             .iter()
             .filter(|s| s.is_matrix() && s.name.starts_with("model.layers."))
-            .map(|s| (s.module().to_string(), [s.shape[0], s.shape[1]]))
+            .map(|s| {
+                let (&inp, leading) = s.shape.split_last().expect("a matrix");
+                let experts = if leading.len() > 1 { leading[0] } else { 1 };
+                let rows = leading.iter().product();
+                (canonical(s.module()), ([rows, inp], experts))
+            })
             .collect();
         host.check_against(&linears)?;
     }

@@ -14,7 +14,8 @@ use safetensors::tensor::{Dtype, TensorView};
 use serde_json::json;
 
 use super::AdapterSpec;
-use super::stored::HostAdapters;
+use super::peft_layout::peft_layout;
+use super::stored::{HostAdapter, HostAdapters, canonical, transpose_each};
 use crate::io::atomic;
 use crate::model::Decoder;
 use crate::model::LoraAdapter;
@@ -46,18 +47,31 @@ pub fn safetensors_bytes(tensors: &NamedTensors, metadata: &[(&str, &str)]) -> R
     Ok(safetensors::serialize(views, metadata)?)
 }
 
-/// The adapters in mlx-lm's naming and layout.
+/// The adapters in mlx-lm's naming and layout (an experts' stack as its SwitchLinear holds
+/// them: `lora_a` `(experts, r, in)`, `lora_b` `(experts, out, r)`).
 pub fn mlx_tensors<B: ModelBackend>(decoder: &Decoder<B>) -> NamedTensors {
     let mut out = NamedTensors::new();
-    for (path, adapter) in decoder.adapters() {
-        out.insert(
-            format!("{path}.lora_a"),
-            (adapter.a.dims().to_vec(), to_vec(&adapter.a)),
-        );
-        out.insert(
-            format!("{path}.lora_b"),
-            (adapter.b.dims().to_vec(), to_vec(&adapter.b)),
-        );
+    for (path, adapter, experts) in decoder.adapters_with_experts() {
+        let ([rows, r], [_, out_f]) = (adapter.a.dims(), adapter.b.dims());
+        let inp = rows / experts;
+        let (a, b) = match experts {
+            1 => (
+                (vec![inp, r], to_vec(&adapter.a)),
+                (vec![r, out_f], to_vec(&adapter.b)),
+            ),
+            _ => (
+                (
+                    vec![experts, r, inp],
+                    transpose_each(&to_vec(&adapter.a), inp, r),
+                ),
+                (
+                    vec![experts, out_f, r],
+                    transpose_each(&to_vec(&adapter.b), r, out_f),
+                ),
+            ),
+        };
+        out.insert(format!("{path}.lora_a"), a);
+        out.insert(format!("{path}.lora_b"), b);
         if let Some(m) = &adapter.magnitude {
             out.insert(format!("{path}.m"), (m.dims().to_vec(), to_vec(m)));
         }
@@ -65,28 +79,31 @@ pub fn mlx_tensors<B: ModelBackend>(decoder: &Decoder<B>) -> NamedTensors {
     out
 }
 
-/// The adapters in peft's naming and layout (transposed).
+/// The decoder's adapters on the host, by ([`canonical`]) module path.
+pub fn host_adapters<B: ModelBackend>(decoder: &Decoder<B>) -> BTreeMap<String, HostAdapter> {
+    decoder
+        .adapters_with_experts()
+        .into_iter()
+        .map(|(path, adapter, experts)| {
+            let ([rows, rank], [_, out]) = (adapter.a.dims(), adapter.b.dims());
+            let host = HostAdapter {
+                a: to_vec(&adapter.a),
+                b: to_vec(&adapter.b),
+                magnitude: adapter.magnitude.as_ref().map(to_vec),
+                in_features: rows / experts,
+                out_features: out,
+                rank,
+                scale: adapter.scale,
+                experts,
+            };
+            (canonical(&path), host)
+        })
+        .collect()
+}
+
+/// The adapters in peft's naming and layout (see [`peft_layout`]).
 pub fn peft_tensors<B: ModelBackend>(decoder: &Decoder<B>) -> NamedTensors {
-    let mut out = NamedTensors::new();
-    for (path, adapter) in decoder.adapters() {
-        let [inp, r] = adapter.a.dims();
-        let [_, outf] = adapter.b.dims();
-        out.insert(
-            format!("base_model.model.{path}.lora_A.weight"),
-            (vec![r, inp], to_vec(&adapter.a.clone().transpose())),
-        );
-        out.insert(
-            format!("base_model.model.{path}.lora_B.weight"),
-            (vec![outf, r], to_vec(&adapter.b.clone().transpose())),
-        );
-        if let Some(m) = &adapter.magnitude {
-            out.insert(
-                format!("base_model.model.{path}.lora_magnitude_vector"),
-                (vec![outf], to_vec(m)),
-            );
-        }
-    }
-    out
+    peft_layout(&host_adapters(decoder)).tensors
 }
 
 /// Writes `adapters.safetensors` (+ a `{step:07}_adapters.safetensors` snapshot) and
@@ -130,7 +147,8 @@ pub fn save_peft<B: ModelBackend>(
     base_model: &str,
 ) -> Result<()> {
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-    let bytes = safetensors_bytes(&peft_tensors(decoder), &[("format", "pt")])?;
+    let layout = peft_layout(&host_adapters(decoder));
+    let bytes = safetensors_bytes(&layout.tensors, &[("format", "pt")])?;
     atomic::write(&dir.join("adapter_model.safetensors"), &bytes)?;
     let config = peft_config(&PeftConfig {
         rank: spec.rank,
@@ -138,11 +156,9 @@ pub fn save_peft<B: ModelBackend>(
         dropout: spec.dropout,
         rslora: spec.rslora,
         dora: spec.dora,
-        modules: spec
-            .keys
-            .iter()
-            .map(|k| k.rsplit('.').next().unwrap_or(k).to_string())
-            .collect(),
+        modules: layout.modules,
+        parameters: layout.parameters,
+        gate_up_rank: layout.gate_up_rank,
         layers: spec.layers.clone(),
         base_model: base_model.to_string(),
     });
@@ -167,6 +183,11 @@ pub struct PeftConfig {
     pub dora: bool,
     /// Leaf names (`q_proj`), as peft's `target_modules`.
     pub modules: Vec<String>,
+    /// Adapted experts' parameters (`mlp.experts.down_proj`), as peft's `target_parameters`.
+    pub parameters: Vec<String>,
+    /// The fused gate/up experts' rank where it is not `rank` (their `rank_pattern`, with an
+    /// `alpha_pattern` that keeps the scale).
+    pub gate_up_rank: Option<usize>,
     /// The decoder blocks adapted, as peft's `layers_to_transform`.
     pub layers: Vec<usize>,
     /// `base_model_name_or_path`: the base model's path as the run or export was given it.
@@ -175,12 +196,21 @@ pub struct PeftConfig {
 
 /// `adapter_config.json` for peft: `lora_alpha` = scale·r, or scale·√r with rsLoRA.
 pub fn peft_config(c: &PeftConfig) -> serde_json::Value {
-    let r = c.rank as f64;
-    let alpha = if c.rslora {
-        c.scale * r.sqrt()
-    } else {
-        c.scale * r
+    let scaled = |r: usize| {
+        if c.rslora {
+            c.scale * (r as f64).sqrt()
+        } else {
+            c.scale * r as f64
+        }
     };
+    let (rank_pattern, alpha_pattern) = match c.gate_up_rank {
+        Some(r) => (
+            json!({"gate_up_proj": r}),
+            json!({"gate_up_proj": scaled(r)}),
+        ),
+        None => (json!({}), json!({})),
+    };
+    let alpha = scaled(c.rank);
     json!({
         "peft_type": "LORA",
         "task_type": "CAUSAL_LM",
@@ -191,6 +221,9 @@ pub fn peft_config(c: &PeftConfig) -> serde_json::Value {
         "use_rslora": c.rslora,
         "use_dora": c.dora,
         "target_modules": c.modules,
+        "target_parameters": c.parameters,
+        "rank_pattern": rank_pattern,
+        "alpha_pattern": alpha_pattern,
         "layers_to_transform": c.layers,
         "bias": "none",
         "fan_in_fan_out": false,
@@ -211,14 +244,15 @@ pub fn load_into<B: ModelBackend>(
         let Some(adapter) = linear.adapter.as_mut() else {
             continue;
         };
-        let h = modules.get(&path).ok_or_else(|| {
+        let h = modules.get(&canonical(&path)).ok_or_else(|| {
             anyhow!(
                 "{}: no adapter for `{path}`, which the model has",
                 file.display()
             )
         })?;
         let (a, b) = (adapter.a.dims(), adapter.b.dims());
-        if [h.in_features, h.rank] != a || [h.rank, h.out_features] != b {
+        let e = h.experts;
+        if [e * h.in_features, h.rank] != a || [e * h.rank, h.out_features] != b {
             bail!(
                 "{}: `{path}` is adapted as [{}, {}] (in, out) at rank {}; the model needs [{}, {}] at rank {} (adapters for a different base?)",
                 file.display(),
@@ -257,16 +291,17 @@ pub fn attach<B: ModelBackend>(
     let shapes = decoder
         .linears_mut()
         .into_iter()
-        .map(|(path, linear)| (path, linear.weight.dims()))
+        .map(|(path, linear)| (canonical(&path), (linear.weight.dims(), linear.experts)))
         .collect();
     host.check_against(&shapes)?;
     for (path, linear) in decoder.linears_mut() {
-        let Some(h) = host.modules.get(&path) else {
+        let Some(h) = host.modules.get(&canonical(&path)) else {
             continue;
         };
+        let e = h.experts;
         linear.adapter = Some(LoraAdapter {
-            a: from_vec(h.a.clone(), [h.in_features, h.rank], device),
-            b: from_vec(h.b.clone(), [h.rank, h.out_features], device),
+            a: from_vec(h.a.clone(), [e * h.in_features, h.rank], device),
+            b: from_vec(h.b.clone(), [e * h.rank, h.out_features], device),
             magnitude: h
                 .magnitude
                 .clone()

@@ -10,7 +10,7 @@ use anyhow::{Result, bail};
 use crate::model::Decoder;
 use crate::model::LoraAdapter;
 use crate::model::config::ModelConfig;
-use crate::model::names::{BlockLinear, BlockModule};
+use crate::model::names::BlockLinear;
 use crate::ops::ModelBackend;
 use crate::recipe::{AdapterKind, Layers, LoraSection, Targets};
 
@@ -46,14 +46,14 @@ impl AdapterSpec {
             Targets::Keys(keys) => keys
                 .iter()
                 .map(|key| {
-                    let linear = BlockLinear::from_key(key).filter(|l| {
+                    let linear = BlockLinear::from_key(key, config.family).filter(|l| {
                         family_linears.contains(l) || l.fused_into().is_some()
                     });
                     linear.ok_or_else(|| {
                         anyhow::anyhow!(
                             "lora.targets: unknown key `{key}`; valid keys for {} are {} (or \"all-linear\")",
                             config.family.name(),
-                            family_linears.iter().map(|l| l.key()).collect::<Vec<_>>().join(", ")
+                            family_linears.iter().map(|l| l.key(config.family)).collect::<Vec<_>>().join(", ")
                         )
                     })
                 })
@@ -69,7 +69,18 @@ impl AdapterSpec {
                 linears.push(linear);
             }
         }
-        let keys: Vec<String> = linears.iter().map(|l| l.key().to_string()).collect();
+        let keys: Vec<String> = linears
+            .iter()
+            .map(|l| l.key(config.family).to_string())
+            .collect();
+        if lora.kind == AdapterKind::Dora
+            && let Some(experts) = linears.iter().find(|l| l.is_experts())
+        {
+            bail!(
+                "lora.kind = \"dora\" with `{}` targeted: DoRA on the experts' stacks is not supported (nor in mlx-lm or peft); list attention and shared linears in lora.targets, or use kind = \"lora\"",
+                experts.key(config.family)
+            );
+        }
         for (&linear, key) in linears.iter().zip(&keys) {
             // A × B of rank r on an [out, in] weight has rank at most min(out, in): past that
             // the adapter only adds parameters (and memory) that cannot change the product.
@@ -124,6 +135,7 @@ pub fn inject<B: ModelBackend>(
         if spec.targets(&path) {
             linear.adapter = Some(LoraAdapter::init(
                 &linear.weight,
+                linear.experts,
                 spec.rank,
                 spec.scale,
                 spec.dropout,

@@ -20,12 +20,12 @@ pub enum AdapterLayout {
     Peft,
 }
 
-/// One linear's adapter in mlx-lm's orientation.
+/// One linear's adapter in mlx-lm's orientation (an experts' stack: one per expert, stacked).
 #[derive(Debug, Clone)]
 pub struct HostAdapter {
-    /// `[in, r]`, row-major.
+    /// `[in, r]`, row-major (`[experts, in, r]` for an experts' stack).
     pub a: Vec<f32>,
-    /// `[r, out]`, row-major.
+    /// `[r, out]`, row-major (`[experts, r, out]`).
     pub b: Vec<f32>,
     /// DoRA magnitude `[out]`.
     pub magnitude: Option<Vec<f32>>,
@@ -37,28 +37,36 @@ pub struct HostAdapter {
     pub rank: usize,
     /// The factor the adapter's output is multiplied by, from the folder's config.
     pub scale: f64,
+    /// 1, or the experts of the stack it adapts (each with its own `A`, `B`).
+    pub experts: usize,
 }
 
 impl HostAdapter {
     /// `ΔW = s · (A B)ᵀ` as a row-major `[out, in]` matrix. Each element is a plain f64 sum
     /// rounded once to f32, so an export is the same bytes on every machine (a SIMD GEMM would
     /// pick FMA or not by CPU, and the files would differ in their last bits).
+    /// An experts' stack's is `[experts · out, in]`, each expert's block from its own `A`, `B`.
     pub fn delta(&self) -> Vec<f32> {
         use rayon::prelude::*;
         let (inp, out, r) = (self.in_features, self.out_features, self.rank);
-        let mut delta = vec![0f32; out * inp];
-        delta.par_chunks_mut(inp).enumerate().for_each(|(o, row)| {
-            let b_col: Vec<f64> = (0..r).map(|k| f64::from(self.b[k * out + o])).collect();
-            for (i, value) in row.iter_mut().enumerate() {
-                let a_row = &self.a[i * r..(i + 1) * r];
-                let sum: f64 = a_row
-                    .iter()
-                    .zip(&b_col)
-                    .map(|(a, b)| f64::from(*a) * b)
-                    .sum();
-                *value = (self.scale * sum) as f32;
-            }
-        });
+        let mut delta = vec![0f32; self.experts * out * inp];
+        delta
+            .par_chunks_mut(inp)
+            .enumerate()
+            .for_each(|(row_index, row)| {
+                let (e, o) = (row_index / out, row_index % out);
+                let (a, b) = (&self.a[e * inp * r..], &self.b[e * r * out..]);
+                let b_col: Vec<f64> = (0..r).map(|k| f64::from(b[k * out + o])).collect();
+                for (i, value) in row.iter_mut().enumerate() {
+                    let a_row = &a[i * r..(i + 1) * r];
+                    let sum: f64 = a_row
+                        .iter()
+                        .zip(&b_col)
+                        .map(|(a, b)| f64::from(*a) * b)
+                        .sum();
+                    *value = (self.scale * sum) as f32;
+                }
+            });
         delta
     }
 }
@@ -125,15 +133,24 @@ impl HostAdapters {
         })
     }
 
-    /// Checks every adapter against the base's linear shapes (`[out, in]` by module path).
-    pub fn check_against(&self, linears: &BTreeMap<String, [usize; 2]>) -> Result<()> {
+    /// Checks every adapter against the base's linears (`[out, in]` of the weight, and the
+    /// experts it stacks, by [`canonical`] module path).
+    pub fn check_against(&self, linears: &BTreeMap<String, ([usize; 2], usize)>) -> Result<()> {
         for (path, adapter) in &self.modules {
-            let Some(&[out, inp]) = linears.get(path) else {
+            let Some(&([rows, inp], experts)) = linears.get(path) else {
                 bail!(
                     "{}: the adapters have a module `{path}` that the base model does not have (adapters for a different base?)",
                     self.dir.display()
                 );
             };
+            if experts != adapter.experts {
+                bail!(
+                    "{}: `{path}` is adapted as {} experts, but the base model's stacks {experts} (adapters for a different base?)",
+                    self.dir.display(),
+                    adapter.experts
+                );
+            }
+            let out = rows / experts;
             if (out, inp) != (adapter.out_features, adapter.in_features) {
                 bail!(
                     "{}: `{path}` is adapted as a [{}, {}] (out, in) linear, but the base model's is [{out}, {inp}] (adapters for a different base?)",
@@ -151,9 +168,9 @@ fn matrix(store: &SafetensorsStore, file: &Path, name: &str) -> Result<(Vec<usiz
     let raw = store
         .get(name)
         .with_context(|| format!("{}: adapter tensor `{name}` is missing", file.display()))?;
-    if raw.shape.len() != 2 {
+    if !matches!(raw.shape.len(), 2 | 3) {
         bail!(
-            "{}: `{name}` must be 2-D, found shape {:?}",
+            "{}: `{name}` must be 2-D (3-D for experts), found shape {:?}",
             file.display(),
             raw.shape
         );
@@ -188,6 +205,22 @@ pub fn transpose(values: &[f32], rows: usize, cols: usize) -> Vec<f32> {
         }
     }
     out
+}
+
+/// Each of the `[rows, cols]` matrices stacked in `values` transposed (mlx-lm's SwitchLinear
+/// adapters hold `A_e` as `[r, in]` and `B_e` as `[out, r]`, the transposes of ours).
+pub fn transpose_each(values: &[f32], rows: usize, cols: usize) -> Vec<f32> {
+    values
+        .chunks_exact(rows * cols)
+        .flat_map(|m| transpose(m, rows, cols))
+        .collect()
+}
+
+/// A module path with Mixtral's `block_sparse_moe` spelled `mlp`, as transformers 5 names it in
+/// memory (and so in peft's files) while checkpoints and mlx-lm keep `block_sparse_moe`: adapters
+/// are matched to modules by this form.
+pub fn canonical(path: &str) -> String {
+    path.replace(".block_sparse_moe.", ".mlp.")
 }
 
 /// The tensors of an adapter file in either layout (told apart by name), with `scale` 1: the
@@ -246,8 +279,37 @@ fn read_mlx(store: &SafetensorsStore, file: &Path) -> Result<BTreeMap<String, Ho
         };
         let (a_shape, a) = matrix(store, file, name)?;
         let (b_shape, b) = matrix(store, file, &format!("{path}.lora_b"))?;
+        if let [experts, r, inp] = a_shape[..] {
+            // mlx-lm's SwitchLinear: lora_a (experts, r, in), lora_b (experts, out, r).
+            let [e_b, out_f, r_b] = b_shape[..] else {
+                bail!(
+                    "{}: `{path}.lora_a` is 3-D but `.lora_b` is not",
+                    file.display()
+                );
+            };
+            if (e_b, r_b) != (experts, r) {
+                bail!(
+                    "{}: `{path}.lora_b` has shape {b_shape:?}, where `.lora_a`'s {a_shape:?} needs ({experts}, out, {r})",
+                    file.display()
+                );
+            }
+            out.insert(
+                canonical(path),
+                HostAdapter {
+                    a: transpose_each(&a, r, inp),
+                    b: transpose_each(&b, out_f, r),
+                    magnitude: None,
+                    in_features: inp,
+                    out_features: out_f,
+                    rank: r,
+                    scale: 1.0,
+                    experts,
+                },
+            );
+            continue;
+        }
         let (inp, r, out_f) = (a_shape[0], a_shape[1], b_shape[1]);
-        if b_shape[0] != r {
+        if b_shape.len() != 2 || b_shape[0] != r {
             bail!(
                 "{}: `{path}.lora_a` has rank {r} but `{path}.lora_b` has {} rows",
                 file.display(),
@@ -259,7 +321,7 @@ fn read_mlx(store: &SafetensorsStore, file: &Path) -> Result<BTreeMap<String, Ho
             .then(|| vector(store, file, &format!("{path}.m"), out_f))
             .transpose()?;
         out.insert(
-            path.to_string(),
+            canonical(path),
             HostAdapter {
                 a,
                 b,
@@ -268,6 +330,7 @@ fn read_mlx(store: &SafetensorsStore, file: &Path) -> Result<BTreeMap<String, Ho
                 out_features: out_f,
                 rank: r,
                 scale: 1.0,
+                experts: 1,
             },
         );
     }
@@ -283,6 +346,14 @@ fn read_peft(store: &SafetensorsStore, file: &Path) -> Result<BTreeMap<String, H
         else {
             continue;
         };
+        if let Some(block_mlp) = path
+            .trim_end_matches(".base_layer")
+            .strip_suffix(".experts")
+        {
+            let inner = path.ends_with(".base_layer");
+            out.extend(read_peft_experts(store, file, path, block_mlp, inner)?);
+            continue;
+        }
         let (a_shape, a_t) = matrix(store, file, name)?;
         let (b_shape, b_t) = matrix(
             store,
@@ -303,7 +374,7 @@ fn read_peft(store: &SafetensorsStore, file: &Path) -> Result<BTreeMap<String, H
             .then(|| vector(store, file, &m_name, out_f))
             .transpose()?;
         out.insert(
-            path.to_string(),
+            canonical(path),
             HostAdapter {
                 a: transpose(&a_t, rank, inp),
                 b: transpose(&b_t, out_f, rank),
@@ -312,10 +383,120 @@ fn read_peft(store: &SafetensorsStore, file: &Path) -> Result<BTreeMap<String, H
                 out_features: out_f,
                 rank,
                 scale: 1.0,
+                experts: 1,
             },
         );
     }
     Ok(out)
+}
+
+/// peft's adapter on a transformers-5 experts parameter (`target_parameters`, its
+/// `ParamWrapper`): `lora_A` `[experts · r, in]` (expert-major rows), `lora_B` `[out, r · experts]`
+/// (rank-major columns), `ΔW_e = s · B_e A_e`. The folder's `adapter_config.json` says which
+/// parameter it is (the outer wrapper of two is `down_proj`, the inner `gate_up_proj`) and the
+/// rank; a fused `gate_up_proj` adapter becomes one adapter on the gate stack and one on the up
+/// stack, sharing `A`, each with its half of `B`'s rows (gate's first, as transformers fuses).
+fn read_peft_experts(
+    store: &SafetensorsStore,
+    file: &Path,
+    path: &str,
+    block_mlp: &str,
+    inner: bool,
+) -> Result<Vec<(String, HostAdapter)>> {
+    let config_path = file.with_file_name("adapter_config.json");
+    let config: Value = std::fs::read_to_string(&config_path)
+        .ok()
+        .and_then(|t| serde_json::from_str(&t).ok())
+        .with_context(|| {
+            format!(
+                "{}: `{path}` is peft's adapter on experts, whose layout needs {} (its `r` and `target_parameters`)",
+                file.display(),
+                config_path.display()
+            )
+        })?;
+    let mut params: Vec<&str> = config["target_parameters"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|p| p.as_str()?.rsplit('.').next())
+        .collect();
+    params.dedup();
+    let param = match params[..] {
+        [one] => one,
+        _ if inner => "gate_up_proj",
+        _ => "down_proj",
+    };
+    let rank_of = |key: &str| -> Option<f64> {
+        config[key]
+            .as_object()?
+            .iter()
+            .find(|(pattern, _)| pattern.ends_with(param))
+            .and_then(|(_, v)| v.as_f64())
+    };
+    let r = rank_of("rank_pattern")
+        .or_else(|| config["r"].as_f64())
+        .with_context(|| format!("{}: no `r`", config_path.display()))? as usize;
+    // A module whose own `alpha_pattern` / `rank_pattern` scale differs from the folder's
+    // carries the ratio in B (the folder applies one scale to every module).
+    let global = config["lora_alpha"].as_f64().unwrap_or(8.0) / config["r"].as_f64().unwrap_or(1.0);
+    let own = rank_of("alpha_pattern").unwrap_or(global * r as f64) / r as f64;
+    let (a_shape, a) = matrix(
+        store,
+        file,
+        &format!("base_model.model.{path}.lora_A.weight"),
+    )?;
+    let (b_shape, b) = matrix(
+        store,
+        file,
+        &format!("base_model.model.{path}.lora_B.weight"),
+    )?;
+    let ([er, inp], [out_f, re]) = (
+        <[usize; 2]>::try_from(&a_shape[..])?,
+        <[usize; 2]>::try_from(&b_shape[..])?,
+    );
+    if r == 0 || er % r != 0 || er != re {
+        bail!(
+            "{}: `{path}` lora_A is {a_shape:?} and lora_B {b_shape:?}, which are not experts × rank {r}",
+            file.display()
+        );
+    }
+    let experts = er / r;
+    // Ours: a_e = A_eᵀ `[in, r]`; b_e `[r, out]` with b_e[k, o] = B[o, k · experts + e].
+    let a = transpose_each(&a, r, inp);
+    let b_expert = |e: usize, rows: std::ops::Range<usize>| -> Vec<f32> {
+        (0..r)
+            .flat_map(|k| {
+                rows.clone()
+                    .map(move |o| (o, k))
+                    .map(|(o, k)| (b[o * re + k * experts + e] as f64 * own / global) as f32)
+                    .collect::<Vec<_>>()
+            })
+            .collect()
+    };
+    let adapter = |rows: std::ops::Range<usize>| HostAdapter {
+        a: a.clone(),
+        b: (0..experts)
+            .flat_map(|e| b_expert(e, rows.clone()))
+            .collect(),
+        magnitude: None,
+        in_features: inp,
+        out_features: rows.len(),
+        rank: r,
+        scale: 1.0,
+        experts,
+    };
+    let module = |leaf: &str| canonical(&format!("{block_mlp}.switch_mlp.{leaf}"));
+    Ok(match param {
+        "down_proj" => vec![(module("down_proj"), adapter(0..out_f))],
+        "gate_up_proj" => vec![
+            (module("gate_proj"), adapter(0..out_f / 2)),
+            (module("up_proj"), adapter(out_f / 2..out_f)),
+        ],
+        other => bail!(
+            "{}: peft adapts the experts' `{other}`, which loraforge does not know (gate_up_proj, down_proj)",
+            config_path.display()
+        ),
+    })
 }
 
 #[cfg(test)]
@@ -333,6 +514,7 @@ mod tests {
             out_features: 2,
             rank: 2,
             scale: 2.0,
+            experts: 1,
         };
         let delta = adapter.delta();
         for o in 0..2 {

@@ -3,12 +3,15 @@
 //! ```text
 //! LoRA:  y = W x + s · (drop(x) A) B                      A: [in, r], B: [r, out]
 //! DoRA:  y = m / ‖W + s·(AB)ᵀ‖_row · (W x + s · (drop(x) A) B)   (the norm is not differentiated)
+//! experts: one A_e, B_e per expert e, stacked: A: [experts · in, r], B: [experts · r, out];
+//!          a token routed to e gets s · (drop(x) A_e) B_e
 //! ```
 
 use burn::tensor::{Tensor, TensorData, backend::Backend};
 
 use crate::model::linear::FrozenWeight;
 use crate::ops::ModelBackend;
+use crate::ops::grouped_matmul::{Stacked, grouped_matmul};
 use crate::ops::matmul::matmul;
 
 /// The LoRA (or DoRA) adapter on one linear: the trainable low-rank update to its frozen
@@ -33,9 +36,12 @@ pub struct LoraAdapter<B: Backend> {
 impl<B: ModelBackend> LoraAdapter<B> {
     /// mlx-lm's initialisation: `A ~ U(-1/√in, 1/√in)`, drawn on the host from `rng` (the same
     /// values on every backend and in every thread), `B = 0`; DoRA's magnitude starts at the row
-    /// norms of `W`, so the adapted layer starts equal to the base.
+    /// norms of `W`, so the adapted layer starts equal to the base. `weight` stacks `experts`
+    /// matrices (1 for a plain linear), each getting its own `A` and `B`.
+    #[allow(clippy::too_many_arguments)]
     pub fn init(
         weight: &FrozenWeight<B>,
+        experts: usize,
         rank: usize,
         scale: f64,
         dropout: f64,
@@ -43,13 +49,14 @@ impl<B: ModelBackend> LoraAdapter<B> {
         rng: &mut impl rand::Rng,
         device: &B::Device,
     ) -> Self {
-        let [out, inp] = weight.dims();
+        let [rows, inp] = weight.dims();
+        let out = rows / experts;
         let bound = 1.0 / (inp as f64).sqrt();
-        let values: Vec<f32> = (0..inp * rank)
+        let values: Vec<f32> = (0..experts * inp * rank)
             .map(|_| rng.random_range(-bound..bound) as f32)
             .collect();
-        let a = from_vec(values, [inp, rank], device);
-        let b = Tensor::zeros([rank, out], device);
+        let a = from_vec(values, [experts * inp, rank], device);
+        let b = Tensor::zeros([experts * rank, out], device);
         let magnitude = dora.then(|| row_norms(weight.to_dense(device)));
         LoraAdapter {
             a,
@@ -95,6 +102,27 @@ impl<B: ModelBackend> LoraAdapter<B> {
             matmul(x, self.a.clone()).mul_scalar(self.scale),
             self.b.clone(),
         )
+    }
+
+    /// [`Self::update`] for an experts' stack: `x`'s rows grouped by expert as `counts` says,
+    /// each group through its expert's `A_e`, `B_e`.
+    pub fn update_grouped(
+        &self,
+        x: Tensor<B, 2>,
+        dropout_mask: Option<Tensor<B, 2>>,
+        counts: &[usize],
+    ) -> Tensor<B, 2> {
+        let x = match dropout_mask {
+            Some(mask) => x * mask,
+            None => x,
+        };
+        let (experts, r) = (counts.len(), self.rank());
+        let inp = self.a.dims()[0] / experts;
+        let out = self.b.dims()[1];
+        let a = self.a.clone().reshape([experts, inp, r]);
+        let b = self.b.clone().reshape([experts, r, out]);
+        let u = grouped_matmul(x, a, Stacked::AsIs, counts).mul_scalar(self.scale);
+        grouped_matmul(u, b, Stacked::AsIs, counts)
     }
 
     /// `y = W x + update`, rescaled by DoRA's magnitude when the adapter has one.

@@ -28,10 +28,17 @@ pub enum Family {
     /// Phi-3, 3.5 and 4 (`phi3`): Llama with q, k and v in one projection (`qkv_proj`), gate and
     /// up in one (`gate_up_proj`), LongRoPE, and Mistral's sliding window where set.
     Phi3,
+    /// Mixtral (`mixtral`): Mistral whose MLP is a mixture of experts (see [`MoeConfig`]).
+    Mixtral,
+    /// Qwen2-MoE (`qwen2_moe`): Qwen2 whose MLPs are experts plus a sigmoid-gated shared expert.
+    Qwen2Moe,
+    /// Qwen3-MoE (`qwen3_moe`): Qwen3 whose MLPs are experts.
+    Qwen3Moe,
 }
 
 /// The `model_type` values that errors list as supported (`smollm` is read too, as Llama).
-pub const SUPPORTED_MODEL_TYPES: &str = "llama, mistral, qwen2, qwen3, gemma2, gemma3_text, phi3";
+pub const SUPPORTED_MODEL_TYPES: &str =
+    "llama, mistral, qwen2, qwen3, gemma2, gemma3_text, phi3, mixtral, qwen2_moe, qwen3_moe";
 
 impl Family {
     /// The family for a `config.json` `model_type` or a GGUF `general.architecture`; `None`
@@ -45,8 +52,22 @@ impl Family {
             "gemma2" => Family::Gemma2,
             "gemma3_text" | "gemma3" => Family::Gemma3,
             "phi3" => Family::Phi3,
+            "mixtral" => Family::Mixtral,
+            "qwen2_moe" | "qwen2moe" => Family::Qwen2Moe,
+            "qwen3_moe" | "qwen3moe" => Family::Qwen3Moe,
             _ => return None,
         })
+    }
+
+    /// The family of a GGUF file's `general.architecture` (Mixtral: `llama` with experts).
+    pub fn of_gguf(gguf: &GgufFile) -> Option<Self> {
+        let arch = gguf.architecture()?;
+        match Family::from_model_type(arch)? {
+            Family::Llama if gguf.get_u64("llama.expert_count").is_some_and(|n| n > 0) => {
+                Some(Family::Mixtral)
+            }
+            family => Some(family),
+        }
     }
 
     /// The family's `model_type`, as `config.json` spells it.
@@ -59,14 +80,19 @@ impl Family {
             Family::Gemma2 => "gemma2",
             Family::Gemma3 => "gemma3_text",
             Family::Phi3 => "phi3",
+            Family::Mixtral => "mixtral",
+            Family::Qwen2Moe => "qwen2_moe",
+            Family::Qwen3Moe => "qwen3_moe",
         }
     }
 
-    /// llama.cpp's `general.architecture` for the family.
+    /// llama.cpp's `general.architecture` for the family (Mixtral is `llama` with experts).
     pub fn gguf_arch(self) -> &'static str {
         match self {
-            Family::Llama | Family::Mistral => "llama",
+            Family::Llama | Family::Mistral | Family::Mixtral => "llama",
             Family::Gemma3 => "gemma3",
+            Family::Qwen2Moe => "qwen2moe",
+            Family::Qwen3Moe => "qwen3moe",
             other => other.name(),
         }
     }
@@ -81,6 +107,22 @@ impl Family {
             Family::Gemma2 => "Gemma2ForCausalLM",
             Family::Gemma3 => "Gemma3ForCausalLM",
             Family::Phi3 => "Phi3ForCausalLM",
+            Family::Mixtral => "MixtralForCausalLM",
+            Family::Qwen2Moe => "Qwen2MoeForCausalLM",
+            Family::Qwen3Moe => "Qwen3MoeForCausalLM",
+        }
+    }
+
+    /// Whether its MLPs are mixtures of experts ([`MoeConfig`]).
+    pub fn has_experts(self) -> bool {
+        matches!(self, Family::Mixtral | Family::Qwen2Moe | Family::Qwen3Moe)
+    }
+
+    /// The module a block's MLP sits under: Mixtral's `block_sparse_moe`, else `mlp`.
+    pub fn mlp_module(self) -> &'static str {
+        match self {
+            Family::Mixtral => "block_sparse_moe",
+            _ => "mlp",
         }
     }
 
@@ -98,7 +140,7 @@ impl Family {
 
     /// Whether `sliding_window` applies to every layer (Mistral, Phi-3; Gemma picks layers).
     fn slides_everywhere(self) -> bool {
-        matches!(self, Family::Mistral | Family::Phi3)
+        matches!(self, Family::Mistral | Family::Phi3 | Family::Mixtral)
     }
 
     /// Gemma's layer pattern when a file does not list `layer_types`: every 2nd layer global in
@@ -110,7 +152,7 @@ impl Family {
     /// llama.cpp permutes the rows of q and k for its interleaved RoPE (the Llama family);
     /// others run NeoX's rotate-half RoPE, as Hugging Face stores them.
     pub fn gguf_permutes_qk(self) -> bool {
-        matches!(self, Family::Llama | Family::Mistral)
+        matches!(self, Family::Llama | Family::Mistral | Family::Mixtral)
     }
 }
 
@@ -180,6 +222,36 @@ impl Quirks {
     }
 }
 
+/// A mixture-of-experts MLP (Mixtral, Qwen2-MoE, Qwen3-MoE): a router picks `top_k` of the
+/// `experts` for each token, and the MLP's output is their outputs weighted by the router's
+/// probabilities (renormalised over the chosen ones where `normalize_top_k`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct MoeConfig {
+    /// Experts per sparse layer (`num_local_experts`, `num_experts`; GGUF `expert_count`).
+    pub experts: usize,
+    /// Experts each token goes through (`num_experts_per_tok`; GGUF `expert_used_count`).
+    pub top_k: usize,
+    /// Width of one expert's gate and up projections (Mixtral: `intermediate_size`; Qwen:
+    /// `moe_intermediate_size`; GGUF `expert_feed_forward_length`).
+    pub expert_intermediate_size: usize,
+    /// Whether the chosen experts' probabilities are rescaled to sum to 1 (Mixtral always,
+    /// Qwen where `norm_topk_prob`).
+    pub normalize_top_k: bool,
+    /// Qwen2-MoE: the width of the shared expert every token also goes through, its output
+    /// scaled by `sigmoid(x · shared_expert_gate)`.
+    pub shared_expert_intermediate_size: Option<usize>,
+    /// Per layer, whether its MLP is the experts (Qwen's `mlp_only_layers` and
+    /// `decoder_sparse_step` make some dense, `intermediate_size` wide).
+    pub sparse_layers: Vec<bool>,
+}
+
+impl MoeConfig {
+    /// Whether layer `i`'s MLP is the experts.
+    pub fn sparse(&self, layer: usize) -> bool {
+        self.sparse_layers.get(layer).copied().unwrap_or(false)
+    }
+}
+
 /// A decoder's architecture hyper-parameters.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ModelConfig {
@@ -215,6 +287,8 @@ pub struct ModelConfig {
     pub qk_norm: bool,
     /// What the family changes beyond the fields above.
     pub quirks: Quirks,
+    /// The experts of a mixture-of-experts family; `None` for dense MLPs.
+    pub moe: Option<MoeConfig>,
     /// The dtype the weights were stored in (`torch_dtype` / `dtype`), for `inspect`.
     pub dtype: String,
 }
@@ -388,13 +462,18 @@ impl ModelConfig {
                 .unwrap_or(family.is_gemma()),
             attention_bias: match family {
                 Family::Qwen2 => true,
+                Family::Qwen2Moe => json
+                    .get("qkv_bias")
+                    .and_then(Value::as_bool)
+                    .unwrap_or(true),
                 _ => json
                     .get("attention_bias")
                     .and_then(Value::as_bool)
                     .unwrap_or(false),
             },
-            qk_norm: matches!(family, Family::Qwen3 | Family::Gemma3),
+            qk_norm: matches!(family, Family::Qwen3 | Family::Qwen3Moe | Family::Gemma3),
             quirks,
+            moe: moe_from_json(json, family, num_layers, path)?,
             dtype: json
                 .get("dtype")
                 .or_else(|| json.get("torch_dtype"))
@@ -414,11 +493,10 @@ impl ModelConfig {
             key: "general.architecture".into(),
             hint: String::new(),
         })?;
-        let family =
-            Family::from_model_type(arch).ok_or_else(|| ConfigError::UnsupportedModelType {
-                path: path.clone(),
-                found: arch.to_string(),
-            })?;
+        let family = Family::of_gguf(gguf).ok_or_else(|| ConfigError::UnsupportedModelType {
+            path: path.clone(),
+            found: arch.to_string(),
+        })?;
         let key = |k: &str| format!("{arch}.{k}");
         let req = |k: &str| -> Result<usize, ConfigError> {
             gguf.get_u64(&key(k))
@@ -459,11 +537,12 @@ impl ModelConfig {
         };
         let num_layers = within(LAYERS_KEY, req("block_count")?, MAX_LAYERS, &path)?;
         let quirks = quirks_from_gguf(gguf, family, hidden_size, num_heads, head_dim, num_layers);
+        let feed_forward = req("feed_forward_length")?;
         let config = ModelConfig {
             family,
             vocab_size,
             hidden_size,
-            intermediate_size: req("feed_forward_length")?,
+            intermediate_size: feed_forward,
             num_layers,
             num_heads,
             num_kv_heads: gguf
@@ -481,6 +560,7 @@ impl ModelConfig {
             attention_bias: gguf.tensor("blk.0.attn_q.bias").is_some(),
             qk_norm: gguf.tensor("blk.0.attn_q_norm.weight").is_some(),
             quirks,
+            moe: moe_from_gguf(gguf, family, num_layers, feed_forward)?,
             dtype: "gguf".into(),
         };
         config.validate(&path)?;
@@ -551,18 +631,166 @@ impl ModelConfig {
         Ok(())
     }
 
-    /// Frozen parameters in the decoder linears, the embedding and the head.
+    /// Frozen parameters: every weight [`crate::model::names::tensor_specs`] lists.
     pub fn parameter_count(&self) -> usize {
-        let (h, i) = (self.hidden_size, self.intermediate_size);
-        let q = self.num_heads * self.head_dim;
-        let kv = self.num_kv_heads * self.head_dim;
-        let attn = h * q + 2 * h * kv + q * h + if self.attention_bias { q + 2 * kv } else { 0 };
-        let sandwich = if self.quirks.sandwich_norms { 2 * h } else { 0 };
-        let norms = 2 * h + sandwich + if self.qk_norm { 2 * self.head_dim } else { 0 };
-        let block = attn + 3 * h * i + norms;
-        let embed = self.vocab_size * h;
-        let head = if self.tie_word_embeddings { 0 } else { embed };
-        self.num_layers * block + embed + head + h
+        crate::model::names::tensor_specs(self)
+            .iter()
+            .map(|s| s.shape.iter().product::<usize>())
+            .sum()
+    }
+}
+
+/// The experts of a mixture-of-experts family from `config.json`; `None` for other families.
+fn moe_from_json(
+    json: &Value,
+    family: Family,
+    layers: usize,
+    path: &str,
+) -> Result<Option<MoeConfig>, ConfigError> {
+    if !family.has_experts() {
+        return Ok(None);
+    }
+    let key = |keys: &[&str]| -> Result<usize, ConfigError> {
+        keys.iter()
+            .find_map(|k| json.get(*k).and_then(Value::as_u64))
+            .map(|v| v as usize)
+            .ok_or_else(|| ConfigError::Missing {
+                path: path.to_string(),
+                key: keys[0].to_string(),
+                hint: format!(" ({} needs it)", family.name()),
+            })
+    };
+    let experts = key(&["num_local_experts", "num_experts"])?;
+    let (expert_width, shared) = match family {
+        Family::Mixtral => (key(&["intermediate_size"])?, None),
+        Family::Qwen2Moe => (
+            key(&["moe_intermediate_size"])?,
+            Some(key(&["shared_expert_intermediate_size"])?),
+        ),
+        _ => (key(&["moe_intermediate_size"])?, None),
+    };
+    let dense: Vec<usize> = match json.get("mlp_only_layers") {
+        None | Some(Value::Null) => Vec::new(),
+        Some(Value::Array(list)) => list
+            .iter()
+            .map(|v| v.as_u64().map(|i| i as usize))
+            .collect::<Option<_>>()
+            .ok_or_else(|| ConfigError::Invalid {
+                path: path.to_string(),
+                reason: "mlp_only_layers must be a list of layer indices".into(),
+            })?,
+        Some(other) => {
+            return Err(ConfigError::Invalid {
+                path: path.to_string(),
+                reason: format!("mlp_only_layers is {other}; it must be a list of layer indices"),
+            });
+        }
+    };
+    let step = json
+        .get("decoder_sparse_step")
+        .and_then(Value::as_u64)
+        .unwrap_or(1)
+        .max(1) as usize;
+    let sparse_layers = (0..layers)
+        .map(|i| !dense.contains(&i) && (i + 1).is_multiple_of(step))
+        .collect();
+    let moe = MoeConfig {
+        experts,
+        top_k: key(&["num_experts_per_tok"])?,
+        expert_intermediate_size: expert_width,
+        normalize_top_k: match family {
+            Family::Mixtral => true,
+            _ => json
+                .get("norm_topk_prob")
+                .and_then(Value::as_bool)
+                .unwrap_or(false),
+        },
+        shared_expert_intermediate_size: shared,
+        sparse_layers,
+    };
+    moe.validate(path)?;
+    Ok(Some(moe))
+}
+
+/// The experts from GGUF metadata (`{arch}.expert_count`, ...): a sparse layer is one that has
+/// a router (`blk.N.ffn_gate_inp.weight`). llama.cpp renormalises the chosen experts' weights in
+/// Mixtral and Qwen3-MoE and not in Qwen2-MoE, unless `expert_weights_norm` says otherwise.
+fn moe_from_gguf(
+    gguf: &GgufFile,
+    family: Family,
+    layers: usize,
+    feed_forward: usize,
+) -> Result<Option<MoeConfig>, ConfigError> {
+    if !family.has_experts() {
+        return Ok(None);
+    }
+    let path = gguf.path.display().to_string();
+    let arch = family.gguf_arch();
+    let req = |k: &str| -> Result<usize, ConfigError> {
+        gguf.get_u64(&format!("{arch}.{k}"))
+            .map(|v| v as usize)
+            .ok_or_else(|| ConfigError::Missing {
+                path: path.clone(),
+                key: format!("{arch}.{k}"),
+                hint: format!(" ({} needs it)", family.name()),
+            })
+    };
+    let moe = MoeConfig {
+        experts: req("expert_count")?,
+        top_k: req("expert_used_count")?,
+        expert_intermediate_size: match family {
+            Family::Mixtral => feed_forward,
+            _ => req("expert_feed_forward_length")?,
+        },
+        normalize_top_k: gguf
+            .get(&format!("{arch}.expert_weights_norm"))
+            .and_then(|v| v.as_bool())
+            .unwrap_or(family != Family::Qwen2Moe),
+        shared_expert_intermediate_size: match family {
+            Family::Qwen2Moe => Some(req("expert_shared_feed_forward_length")?),
+            _ => None,
+        },
+        sparse_layers: (0..layers)
+            .map(|i| {
+                gguf.tensor(&format!("blk.{i}.ffn_gate_inp.weight"))
+                    .is_some()
+            })
+            .collect(),
+    };
+    moe.validate(&path)?;
+    Ok(Some(moe))
+}
+
+impl MoeConfig {
+    /// Refuses counts no router can have, and sizes past any real model.
+    fn validate(&self, path: &str) -> Result<(), ConfigError> {
+        within(
+            "num_local_experts (num_experts; GGUF: expert_count)",
+            self.experts,
+            1 << 12,
+            path,
+        )?;
+        within(
+            "num_experts_per_tok (GGUF: expert_used_count)",
+            self.top_k,
+            self.experts,
+            path,
+        )?;
+        within(
+            "moe_intermediate_size (GGUF: expert_feed_forward_length)",
+            self.expert_intermediate_size,
+            1 << 20,
+            path,
+        )?;
+        if let Some(shared) = self.shared_expert_intermediate_size {
+            within(
+                "shared_expert_intermediate_size (GGUF: expert_shared_feed_forward_length)",
+                shared,
+                1 << 20,
+                path,
+            )?;
+        }
+        Ok(())
     }
 }
 

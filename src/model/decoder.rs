@@ -1,5 +1,5 @@
-//! The decoder-only transformer shared by Llama, Mistral, Qwen2, Qwen3, Gemma 2, Gemma 3 and
-//! Phi-3, generic over the Burn backend. Each piece is written to be checked against the reference math:
+//! The decoder-only transformer shared by Llama, Mistral, Qwen2, Qwen3, Gemma 2, Gemma 3, Phi-3,
+//! Mixtral and Qwen2/3-MoE, generic over the Burn backend. Each piece is written to be checked against the reference math:
 //!
 //! ```text
 //! h   = embed(ids)                                        (Gemma: · √hidden)
@@ -9,6 +9,7 @@
 //!   s = q kᵀ · scale ; s = cap · tanh(s / cap) (Gemma 2) ; + causal or sliding-window mask
 //!   h  += post(softmax(s) v Woᵀ)                          (post = rmsnorm in Gemma, else identity)
 //!   h  += post(W_down (act(rmsnorm(h) W_gateᵀ) ⊙ rmsnorm(h) W_upᵀ))   (act: silu, Gemma gelu_tanh)
+//!         (Mixtral, Qwen-MoE: the top-k experts' MLPs, weighted by the router: `experts.rs`)
 //! logits = rmsnorm(h) W_headᵀ            (W_head = embedding when tied; Gemma 2: soft-capped)
 //! ```
 //! Gemma's norms multiply by `1 + w` (the gain a norm holds once loaded).
@@ -17,9 +18,10 @@ use burn::tensor::{FloatDType, Tensor};
 
 use super::adapter::LoraAdapter;
 use super::config::ModelConfig;
+use super::experts::SparseMoe;
 use super::layout::{AttentionLayout, Layouts};
 use super::linear::{FrozenLinear, FrozenWeight};
-use super::names::{self, BlockLinear, BlockModule};
+use super::names::{self, BlockLinear};
 use super::projections::Projections;
 use crate::ops::attention::{Scores, attention};
 use crate::ops::elementwise::{Activation, gated};
@@ -164,6 +166,18 @@ pub struct Mlp<B: ModelBackend> {
 }
 
 impl<B: ModelBackend> Mlp<B> {
+    /// The same MLP with every linear replaced by `f(linear)`.
+    pub fn map<C: ModelBackend>(
+        &self,
+        mut f: impl FnMut(&FrozenLinear<B>) -> FrozenLinear<C>,
+    ) -> Mlp<C> {
+        Mlp {
+            activation: self.activation,
+            gate_up: self.gate_up.map(&mut f),
+            down_proj: f(&self.down_proj),
+        }
+    }
+
     /// `x`: `[batch, seq, hidden]` → `[batch, seq, hidden]`.
     pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
         let [batch, seq, features] = x.dims();
@@ -186,6 +200,68 @@ impl<B: ModelBackend> Mlp<B> {
     }
 }
 
+/// A block's feed-forward half: one gated MLP, or a mixture of experts.
+#[derive(Debug, Clone)]
+pub enum FeedForward<B: ModelBackend> {
+    /// A gated MLP every token goes through.
+    Dense(Mlp<B>),
+    /// Experts chosen per token by a router.
+    Experts(SparseMoe<B>),
+}
+
+impl<B: ModelBackend> FeedForward<B> {
+    /// `x`: `[batch, seq, hidden]` → `[batch, seq, hidden]`.
+    pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
+        match self {
+            FeedForward::Dense(mlp) => mlp.forward(x),
+            FeedForward::Experts(moe) => moe.forward(x),
+        }
+    }
+
+    /// The dtype its first GEMMs read their input in (see [`FrozenLinear::input_dtype`]).
+    pub fn input_dtype(&self) -> Option<FloatDType> {
+        match self {
+            FeedForward::Dense(mlp) => mlp.gate_up.first().input_dtype(),
+            FeedForward::Experts(moe) => moe.router.input_dtype(),
+        }
+    }
+
+    /// The linears with their names, in [`names::mlp_linears`] order.
+    pub fn linears(&self) -> Vec<(BlockLinear, &FrozenLinear<B>)> {
+        match self {
+            FeedForward::Dense(mlp) => {
+                let mut out = mlp.gate_up.linears();
+                out.push((BlockLinear::Down, &mlp.down_proj));
+                out
+            }
+            FeedForward::Experts(moe) => moe.linears(),
+        }
+    }
+
+    /// The linears with their names, to change.
+    pub fn linears_mut(&mut self) -> Vec<(BlockLinear, &mut FrozenLinear<B>)> {
+        match self {
+            FeedForward::Dense(mlp) => {
+                let mut out = mlp.gate_up.linears_mut();
+                out.push((BlockLinear::Down, &mut mlp.down_proj));
+                out
+            }
+            FeedForward::Experts(moe) => moe.linears_mut(),
+        }
+    }
+
+    /// The same feed-forward with every linear replaced by `f(linear)`.
+    pub fn map<C: ModelBackend>(
+        &self,
+        f: impl FnMut(&FrozenLinear<B>) -> FrozenLinear<C>,
+    ) -> FeedForward<C> {
+        match self {
+            FeedForward::Dense(mlp) => FeedForward::Dense(mlp.map(f)),
+            FeedForward::Experts(moe) => FeedForward::Experts(moe.map(f)),
+        }
+    }
+}
+
 /// One decoder block: pre-norm attention, then a pre-norm MLP, each added onto the residual
 /// stream (Gemma also normalises each one's output before adding it).
 #[derive(Debug, Clone)]
@@ -199,8 +275,8 @@ pub struct Block<B: ModelBackend> {
     /// The RMSNorm before the MLP (Llama's `post_attention_layernorm`, Gemma's
     /// `pre_feedforward_layernorm`).
     pub pre_mlp_norm: RmsNorm<B>,
-    /// The block's gated feed-forward.
-    pub mlp: Mlp<B>,
+    /// The block's feed-forward: a gated MLP or a mixture of experts.
+    pub mlp: FeedForward<B>,
     /// Gemma: the RMSNorm of the MLP's output (`post_feedforward_layernorm`).
     pub post_mlp_norm: Option<RmsNorm<B>>,
     /// Whether attention sees a sliding window (and its layout's RoPE) rather than the past.
@@ -210,21 +286,19 @@ pub struct Block<B: ModelBackend> {
 impl<B: ModelBackend> Block<B> {
     /// The block's linears, in the order adapters are listed everywhere ([`BlockLinear::of`]).
     pub fn linears_mut(&mut self) -> Vec<(BlockLinear, &mut FrozenLinear<B>)> {
-        let (a, m) = (&mut self.self_attn, &mut self.mlp);
+        let a = &mut self.self_attn;
         let mut out = a.qkv.linears_mut();
         out.push((BlockLinear::O, &mut a.o_proj));
-        out.extend(m.gate_up.linears_mut());
-        out.push((BlockLinear::Down, &mut m.down_proj));
+        out.extend(self.mlp.linears_mut());
         out
     }
 
     /// The block's linears, in the order adapters are listed everywhere.
     pub fn linears(&self) -> Vec<(BlockLinear, &FrozenLinear<B>)> {
-        let (a, m) = (&self.self_attn, &self.mlp);
+        let a = &self.self_attn;
         let mut out = a.qkv.linears();
         out.push((BlockLinear::O, &a.o_proj));
-        out.extend(m.gate_up.linears());
-        out.push((BlockLinear::Down, &m.down_proj));
+        out.extend(self.mlp.linears());
         out
     }
 
@@ -267,7 +341,7 @@ impl<B: ModelBackend> Block<B> {
     /// The block's second half, `h + mlp(norm(h))` (Gemma: `h + norm(mlp(norm(h)))`): position
     /// by position, so any rows of `[batch, seq, hidden]` can go through it apart.
     pub fn mlp_part(&self, h: Tensor<B, 3>) -> Tensor<B, 3> {
-        let mlp_dtype = self.mlp.gate_up.first().input_dtype();
+        let mlp_dtype = self.mlp.input_dtype();
         let out = self
             .mlp
             .forward(self.pre_mlp_norm.forward_as(h.clone(), mlp_dtype));
@@ -373,10 +447,11 @@ impl<B: ModelBackend> Decoder<B> {
 
     /// Every decoder linear with its Hugging Face module path (`model.layers.0.self_attn.q_proj`).
     pub fn linears_mut(&mut self) -> Vec<(String, &mut FrozenLinear<B>)> {
+        let family = self.config.family;
         let mut out = Vec::new();
         for (i, block) in self.layers.iter_mut().enumerate() {
             for (which, linear) in block.linears_mut() {
-                out.push((format!("{}.{}", names::block(i), which.key()), linear));
+                out.push((format!("{}.{}", names::block(i), which.key(family)), linear));
             }
         }
         out
@@ -384,10 +459,29 @@ impl<B: ModelBackend> Decoder<B> {
 
     /// The adapters, with their module paths, in a fixed order.
     pub fn adapters(&self) -> Vec<(String, &LoraAdapter<B>)> {
+        let family = self.config.family;
         let mut out = Vec::new();
         for (i, block) in self.layers.iter().enumerate() {
             for (which, adapter) in block.adapters() {
-                out.push((format!("{}.{}", names::block(i), which.key()), adapter));
+                out.push((
+                    format!("{}.{}", names::block(i), which.key(family)),
+                    adapter,
+                ));
+            }
+        }
+        out
+    }
+
+    /// [`Self::adapters`] with the experts each one's linear stacks (1 for a plain linear).
+    pub fn adapters_with_experts(&self) -> Vec<(String, &LoraAdapter<B>, usize)> {
+        let family = self.config.family;
+        let mut out = Vec::new();
+        for (i, block) in self.layers.iter().enumerate() {
+            for (which, linear) in block.linears() {
+                if let Some(adapter) = &linear.adapter {
+                    let path = format!("{}.{}", names::block(i), which.key(family));
+                    out.push((path, adapter, linear.experts));
+                }
             }
         }
         out

@@ -7,6 +7,7 @@ use burn::tensor::{DType, Distribution, FloatDType, Int, Tensor, TensorData};
 use crate::model::LoraAdapter;
 use crate::ops::elementwise::cast;
 use crate::ops::frozen_linear::ModelBackend;
+use crate::ops::grouped_matmul::{Stacked, grouped_matmul};
 use crate::ops::matmul::{matmul, matmul_add};
 use crate::ops::primitive::{inner, primitive};
 use crate::ops::quantized_linear::DeviceQuantized;
@@ -70,6 +71,16 @@ impl<B: ModelBackend> FrozenWeight<B> {
         }
     }
 
+    /// The weight as its GEMM reads it: dense as held, or dequantized for this use (in
+    /// [`ModelBackend::dequantize_for_gemm`]'s dtype on the device, f32 from the host).
+    pub fn for_gemm(&self, device: &B::Device) -> Tensor<B, 2> {
+        match self {
+            FrozenWeight::Dense(t) => t.clone(),
+            FrozenWeight::DeviceQuantized(w) => inner(B::dequantize_for_gemm(w)),
+            FrozenWeight::Quantized(q) => crate::ops::frozen_linear::dense(q, device),
+        }
+    }
+
     /// Rows `ids` of the weight as `[ids.len(), in]` (an embedding lookup).
     pub fn rows(&self, ids: &[u32], device: &B::Device) -> Tensor<B, 2> {
         let indices = || {
@@ -108,12 +119,25 @@ pub struct FrozenLinear<B: ModelBackend> {
     pub bias: Option<Tensor<B, 1>>,
     /// The trainable part, when LoRA / DoRA targets this linear.
     pub adapter: Option<LoraAdapter<B>>,
+    /// 1, or the experts whose `[out, in]` matrices the weight stacks (`[experts · out, in]`):
+    /// such a linear runs through [`Self::forward_grouped`].
+    pub experts: usize,
 }
 
 impl<B: ModelBackend> FrozenLinear<B> {
-    /// Output features: rows of the weight.
+    /// A single linear (not an experts' stack) over `weight`, without an adapter.
+    pub fn new(weight: FrozenWeight<B>, bias: Option<Tensor<B, 1>>) -> Self {
+        FrozenLinear {
+            weight,
+            bias,
+            adapter: None,
+            experts: 1,
+        }
+    }
+
+    /// Output features: rows of the weight (of one expert's matrix, for an experts' stack).
     pub fn out_features(&self) -> usize {
-        self.weight.dims()[0]
+        self.weight.dims()[0] / self.experts
     }
 
     /// `x Wᵀ` for `x`: `[n, in]`.
@@ -147,6 +171,36 @@ impl<B: ModelBackend> FrozenLinear<B> {
         }
     }
 
+    /// An experts' stack: `x`: `[n, in]`, its rows grouped by expert as `counts` says (see
+    /// [`grouped_matmul`]) → `[n, out]` in f32, each group through its expert's matrix and
+    /// adapter.
+    pub fn forward_grouped(&self, x: Tensor<B, 2>, counts: &[usize]) -> Tensor<B, 2> {
+        let x = self.gemm_input(x);
+        let [rows, inp] = self.weight.dims();
+        let out = rows / self.experts;
+        let w = self
+            .weight
+            .for_gemm(&x.device())
+            .reshape([self.experts, out, inp]);
+        let y = grouped_matmul(x.clone(), w, Stacked::Transposed, counts);
+        match &self.adapter {
+            Some(adapter) => y + adapter.update_grouped(x.clone(), self.dropout_mask(&x), counts),
+            None => y,
+        }
+    }
+
+    /// The adapter's dropout mask for input `x` (`[n, in]` of 0 or 1/(1-p)), when it drops
+    /// anything in this pass: training on the autodiff backend, or checkpointing's forward.
+    fn dropout_mask(&self, x: &Tensor<B, 2>) -> Option<Tensor<B, 2>> {
+        let adapter = self.adapter.as_ref()?;
+        let training = adapter.dropout_without_autodiff || B::ad_enabled(&x.device());
+        (adapter.dropout > 0.0 && training).then(|| {
+            let keep = 1.0 - adapter.dropout;
+            x.random_like(Distribution::Bernoulli(keep))
+                .div_scalar(keep)
+        })
+    }
+
     /// `x`: `[batch, seq, in]` → `[batch, seq, out]` in f32.
     pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
         let [batch, seq, features] = x.dims();
@@ -159,15 +213,10 @@ impl<B: ModelBackend> FrozenLinear<B> {
     /// buffer (`ops::matmul`).
     pub fn forward_rows(&self, x: Tensor<B, 2>) -> Tensor<B, 2> {
         let x = self.gemm_input(x);
-        let update = self.adapter.as_ref().map(|adapter| {
-            let training = adapter.dropout_without_autodiff || B::ad_enabled(&x.device());
-            let mask = (adapter.dropout > 0.0 && training).then(|| {
-                let keep = 1.0 - adapter.dropout;
-                x.random_like(Distribution::Bernoulli(keep))
-                    .div_scalar(keep)
-            });
-            adapter.update(x.clone(), mask)
-        });
+        let update = self
+            .adapter
+            .as_ref()
+            .map(|adapter| adapter.update(x.clone(), self.dropout_mask(&x)));
         let y = match (&self.weight, update) {
             // The GEMM adds its product onto the LoRA update (cuBLAS's β = 1 on CUDA) instead of
             // writing it and reading it back for a separate sum.

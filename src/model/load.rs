@@ -6,9 +6,10 @@ use anyhow::{Context, Result, bail};
 use burn::tensor::{DType, FloatDType, Tensor, TensorCreationOptions, TensorData};
 
 use super::config::ModelConfig;
-use super::decoder::{Attention, Block, Decoder, Mlp, RmsNorm};
+use super::decoder::{Attention, Block, Decoder, FeedForward, Mlp, RmsNorm};
+use super::experts::{SharedExpert, SparseMoe};
 use super::linear::{FrozenLinear, FrozenWeight};
-use super::names::{self, BlockLinear, BlockModule, BlockNorm};
+use super::names::{self, BlockLinear, BlockNorm};
 use super::projections::Projections;
 use super::weights::{HostWeight, MlxQuantization, WeightSource};
 use crate::io::gguf::GgufFile;
@@ -152,15 +153,14 @@ impl ModelFiles {
         };
         let linear =
             |name: &str, [rows, cols]: [usize; 2], bias: bool| -> Result<FrozenLinear<B>> {
-                Ok(FrozenLinear {
-                    weight: matrix(&format!("{name}.weight"), rows, cols)?,
-                    bias: if bias {
+                Ok(FrozenLinear::new(
+                    matrix(&format!("{name}.weight"), rows, cols)?,
+                    if bias {
                         Some(vector(&format!("{name}.bias"), rows)?)
                     } else {
                         None
                     },
-                    adapter: None,
-                })
+                ))
             };
         let norm = |name: &str, len: usize| -> Result<RmsNorm<B>> {
             let stored = vector(name, len)?;
@@ -189,8 +189,15 @@ impl ModelFiles {
         for i in 0..c.num_layers {
             progress.inc();
             let p = names::block(i);
-            let linear =
-                |w: BlockLinear| linear(&format!("{p}.{}", w.key()), w.shape(c), w.has_bias(c));
+            let linear = |w: BlockLinear| -> Result<FrozenLinear<B>> {
+                let [out, inp] = w.shape(c);
+                let experts = w.experts(c);
+                let name = format!("{p}.{}", w.key(c.family));
+                Ok(FrozenLinear {
+                    experts,
+                    ..linear(&name, [experts * out, inp], w.has_bias(c))?
+                })
+            };
             let norm = |n: BlockNorm| norm(&format!("{p}.{}.weight", n.key(c.family)), n.len(c));
             let optional = |n: BlockNorm| n.exists(c).then(|| norm(n)).transpose();
             let projections = |fused: BlockLinear| -> Result<_> {
@@ -223,10 +230,35 @@ impl ModelFiles {
                 },
                 post_attention_norm: optional(BlockNorm::PostAttention)?,
                 pre_mlp_norm: norm(BlockNorm::PreMlp)?,
-                mlp: Mlp {
-                    activation: c.quirks.activation,
-                    gate_up: projections(BlockLinear::GateUp)?,
-                    down_proj: linear(BlockLinear::Down)?,
+                mlp: match &c.moe {
+                    Some(moe) if moe.sparse(i) => FeedForward::Experts(SparseMoe {
+                        router: linear(BlockLinear::Router)?,
+                        gate: linear(BlockLinear::ExpertGate)?,
+                        up: linear(BlockLinear::ExpertUp)?,
+                        down: linear(BlockLinear::ExpertDown)?,
+                        shared: match moe.shared_expert_intermediate_size {
+                            Some(_) => Some(SharedExpert {
+                                mlp: Mlp {
+                                    activation: c.quirks.activation,
+                                    gate_up: Projections::Split(vec![
+                                        (BlockLinear::SharedGate, linear(BlockLinear::SharedGate)?),
+                                        (BlockLinear::SharedUp, linear(BlockLinear::SharedUp)?),
+                                    ]),
+                                    down_proj: linear(BlockLinear::SharedDown)?,
+                                },
+                                gate: linear(BlockLinear::SharedExpertGate)?,
+                            }),
+                            None => None,
+                        },
+                        top_k: moe.top_k,
+                        normalize_top_k: moe.normalize_top_k,
+                        activation: c.quirks.activation,
+                    }),
+                    _ => FeedForward::Dense(Mlp {
+                        activation: c.quirks.activation,
+                        gate_up: projections(BlockLinear::GateUp)?,
+                        down_proj: linear(BlockLinear::Down)?,
+                    }),
                 },
                 post_mlp_norm: optional(BlockNorm::PostMlp)?,
                 sliding: c.quirks.slides(i),
@@ -238,11 +270,7 @@ impl ModelFiles {
             h,
         )?;
         let lm_head = if c.tie_word_embeddings {
-            FrozenLinear {
-                weight: embed_tokens.clone(),
-                bias: None,
-                adapter: None,
-            }
+            FrozenLinear::new(embed_tokens.clone(), None)
         } else {
             linear(names::LM_HEAD.0, [c.vocab_size, h], false)?
         };

@@ -4,6 +4,7 @@
 pub mod adapter;
 pub mod config;
 pub mod decoder;
+pub mod experts;
 pub mod layout;
 pub mod linear;
 pub mod load;

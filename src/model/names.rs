@@ -4,7 +4,7 @@
 
 use super::config::{Family, ModelConfig};
 
-/// A linear of a decoder block.
+/// A linear of a decoder block (a mixture of experts' stacked experts count as one).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum BlockLinear {
     /// `self_attn.q_proj`
@@ -25,6 +25,26 @@ pub enum BlockLinear {
     Qkv,
     /// Phi-3's `mlp.gate_up_proj`: gate's rows, then up's.
     GateUp,
+    /// A mixture of experts' router, `mlp.gate` (Mixtral: `block_sparse_moe.gate`): one row
+    /// per expert. Frozen: never adapted.
+    Router,
+    /// The experts' gate projections stacked, `[experts, width, hidden]`: mlx-lm's
+    /// `mlp.switch_mlp.gate_proj` (files per expert: `mlp.experts.N.gate_proj`, Mixtral's `w1`).
+    ExpertGate,
+    /// The experts' up projections stacked (`switch_mlp.up_proj`; Mixtral's `w3`).
+    ExpertUp,
+    /// The experts' down projections stacked, `[experts, hidden, width]`
+    /// (`switch_mlp.down_proj`; Mixtral's `w2`).
+    ExpertDown,
+    /// Qwen2-MoE's shared expert: `mlp.shared_expert.gate_proj`.
+    SharedGate,
+    /// `mlp.shared_expert.up_proj`
+    SharedUp,
+    /// `mlp.shared_expert.down_proj`
+    SharedDown,
+    /// Qwen2-MoE's `mlp.shared_expert_gate` (`[1, hidden]`): the shared expert's output is
+    /// scaled by its sigmoid. Frozen: never adapted.
+    SharedExpertGate,
 }
 
 impl BlockLinear {
@@ -48,23 +68,49 @@ impl BlockLinear {
         BlockLinear::Down,
     ];
 
-    /// The linears of a block of `family`, in the order adapters are listed everywhere.
-    pub fn of(family: Family) -> &'static [BlockLinear] {
+    /// The adaptable linears of a mixture-of-experts block beyond [`Self::SPLIT`] (whose gate,
+    /// up and down are its dense layers'), in order.
+    pub const EXPERTS: [BlockLinear; 6] = [
+        BlockLinear::ExpertGate,
+        BlockLinear::ExpertUp,
+        BlockLinear::ExpertDown,
+        BlockLinear::SharedGate,
+        BlockLinear::SharedUp,
+        BlockLinear::SharedDown,
+    ];
+
+    /// The linears of a block of `family` an adapter may target, in the order adapters are
+    /// listed everywhere (routers never train).
+    pub fn of(family: Family) -> Vec<BlockLinear> {
         if family.fuses_projections() {
-            &Self::FUSED
+            Self::FUSED.to_vec()
+        } else if family.has_experts() {
+            let shared = family == Family::Qwen2Moe;
+            Self::SPLIT
+                .into_iter()
+                .chain(
+                    Self::EXPERTS
+                        .into_iter()
+                        .filter(|l| shared || !l.is_shared()),
+                )
+                .collect()
         } else {
-            &Self::SPLIT
+            Self::SPLIT.to_vec()
         }
     }
 
     /// Every linear any family has.
     pub fn all() -> impl Iterator<Item = Self> {
-        Self::SPLIT.into_iter().chain(Self::FUSED)
+        Self::SPLIT
+            .into_iter()
+            .chain(Self::FUSED)
+            .chain(Self::EXPERTS)
+            .chain([BlockLinear::Router, BlockLinear::SharedExpertGate])
     }
 
-    /// The linear whose key is `key`.
-    pub fn from_key(key: &str) -> Option<Self> {
-        Self::all().find(|l| l.key() == key)
+    /// The linear whose key is `key` in a block of `family`.
+    pub fn from_key(key: &str, family: Family) -> Option<Self> {
+        Self::all().find(|l| l.key(family) == key)
     }
 
     /// The linears a fused one (Phi-3's) holds, its rows in their order; none for the others.
@@ -93,13 +139,42 @@ impl BlockLinear {
         }
     }
 
-    /// `[out, in]` of its weight.
+    /// Whether it is one of the experts' stacks (one matrix per expert).
+    pub fn is_experts(self) -> bool {
+        matches!(
+            self,
+            BlockLinear::ExpertGate | BlockLinear::ExpertUp | BlockLinear::ExpertDown
+        )
+    }
+
+    /// Whether it belongs to Qwen2-MoE's shared expert.
+    fn is_shared(self) -> bool {
+        matches!(
+            self,
+            BlockLinear::SharedGate | BlockLinear::SharedUp | BlockLinear::SharedDown
+        )
+    }
+
+    /// How many matrices it stacks: the expert count for the experts' stacks, else 1.
+    pub fn experts(self, c: &ModelConfig) -> usize {
+        match (self.is_experts(), &c.moe) {
+            (true, Some(moe)) => moe.experts,
+            _ => 1,
+        }
+    }
+
+    /// `[out, in]` of its weight (of one expert's, for the experts' stacks).
     pub fn shape(self, c: &ModelConfig) -> [usize; 2] {
         let (h, q, kv) = (
             c.hidden_size,
             c.num_heads * c.head_dim,
             c.num_kv_heads * c.head_dim,
         );
+        let moe = c.moe.as_ref();
+        let expert = moe.map_or(0, |m| m.expert_intermediate_size);
+        let shared = moe
+            .and_then(|m| m.shared_expert_intermediate_size)
+            .unwrap_or(0);
         match self {
             BlockLinear::Q => [q, h],
             BlockLinear::K | BlockLinear::V => [kv, h],
@@ -108,14 +183,30 @@ impl BlockLinear {
             BlockLinear::Down => [h, c.intermediate_size],
             BlockLinear::Qkv => [q + 2 * kv, h],
             BlockLinear::GateUp => [2 * c.intermediate_size, h],
+            BlockLinear::Router => [moe.map_or(0, |m| m.experts), h],
+            BlockLinear::ExpertGate | BlockLinear::ExpertUp => [expert, h],
+            BlockLinear::ExpertDown => [h, expert],
+            BlockLinear::SharedGate | BlockLinear::SharedUp => [shared, h],
+            BlockLinear::SharedDown => [h, shared],
+            BlockLinear::SharedExpertGate => [1, h],
         }
     }
 
-    /// Whether it belongs to the MLP (gate, up, down) rather than attention.
+    /// The shape it is stored in: `[experts, out, in]` for the experts' stacks, else `[out, in]`.
+    pub fn stored_shape(self, c: &ModelConfig) -> Vec<usize> {
+        let [out, inp] = self.shape(c);
+        match self.is_experts() {
+            true => vec![self.experts(c), out, inp],
+            false => vec![out, inp],
+        }
+    }
+
+    /// Whether it belongs to the MLP (gate, up, down, the experts, the router) rather than
+    /// attention.
     pub fn in_mlp(self) -> bool {
-        matches!(
+        !matches!(
             self,
-            BlockLinear::Gate | BlockLinear::Up | BlockLinear::Down | BlockLinear::GateUp
+            BlockLinear::Q | BlockLinear::K | BlockLinear::V | BlockLinear::O | BlockLinear::Qkv
         )
     }
 
@@ -130,6 +221,74 @@ impl BlockLinear {
             BlockLinear::Q => Some(c.num_heads),
             BlockLinear::K => Some(c.num_kv_heads),
             _ => None,
+        }
+    }
+
+    /// Its module path relative to the block in `family` (`self_attn.q_proj`): mlx-lm's adapter
+    /// `keys`. The experts' stacks are mlx-lm's `switch_mlp` names.
+    pub fn key(self, family: Family) -> &'static str {
+        let mixtral = family == Family::Mixtral;
+        match self {
+            BlockLinear::Q => "self_attn.q_proj",
+            BlockLinear::K => "self_attn.k_proj",
+            BlockLinear::V => "self_attn.v_proj",
+            BlockLinear::O => "self_attn.o_proj",
+            BlockLinear::Gate => "mlp.gate_proj",
+            BlockLinear::Up => "mlp.up_proj",
+            BlockLinear::Down => "mlp.down_proj",
+            BlockLinear::Qkv => "self_attn.qkv_proj",
+            BlockLinear::GateUp => "mlp.gate_up_proj",
+            BlockLinear::Router if mixtral => "block_sparse_moe.gate",
+            BlockLinear::Router => "mlp.gate",
+            BlockLinear::ExpertGate if mixtral => "block_sparse_moe.switch_mlp.gate_proj",
+            BlockLinear::ExpertGate => "mlp.switch_mlp.gate_proj",
+            BlockLinear::ExpertUp if mixtral => "block_sparse_moe.switch_mlp.up_proj",
+            BlockLinear::ExpertUp => "mlp.switch_mlp.up_proj",
+            BlockLinear::ExpertDown if mixtral => "block_sparse_moe.switch_mlp.down_proj",
+            BlockLinear::ExpertDown => "mlp.switch_mlp.down_proj",
+            BlockLinear::SharedGate => "mlp.shared_expert.gate_proj",
+            BlockLinear::SharedUp => "mlp.shared_expert.up_proj",
+            BlockLinear::SharedDown => "mlp.shared_expert.down_proj",
+            BlockLinear::SharedExpertGate => "mlp.shared_expert_gate",
+        }
+    }
+
+    /// The per-expert module of an experts' stack in Hugging Face checkpoints, relative to the
+    /// block (`mlp.experts.3.gate_proj`; Mixtral's `block_sparse_moe.experts.3.w1`).
+    pub fn expert_key(self, family: Family, expert: usize) -> Option<String> {
+        let leaf = match (self, family) {
+            (BlockLinear::ExpertGate, Family::Mixtral) => "w1",
+            (BlockLinear::ExpertUp, Family::Mixtral) => "w3",
+            (BlockLinear::ExpertDown, Family::Mixtral) => "w2",
+            (BlockLinear::ExpertGate, _) => "gate_proj",
+            (BlockLinear::ExpertUp, _) => "up_proj",
+            (BlockLinear::ExpertDown, _) => "down_proj",
+            _ => return None,
+        };
+        Some(format!("{}.experts.{expert}.{leaf}", family.mlp_module()))
+    }
+
+    /// llama.cpp's name for it inside a block (`attn_q`).
+    pub fn gguf(self) -> &'static str {
+        match self {
+            BlockLinear::Q => "attn_q",
+            BlockLinear::K => "attn_k",
+            BlockLinear::V => "attn_v",
+            BlockLinear::O => "attn_output",
+            BlockLinear::Gate => "ffn_gate",
+            BlockLinear::Up => "ffn_up",
+            BlockLinear::Down => "ffn_down",
+            BlockLinear::Qkv => "attn_qkv",
+            // llama.cpp's Phi-3 keeps gate and up fused under the up projection's name.
+            BlockLinear::GateUp => "ffn_up",
+            BlockLinear::Router => "ffn_gate_inp",
+            BlockLinear::ExpertGate => "ffn_gate_exps",
+            BlockLinear::ExpertUp => "ffn_up_exps",
+            BlockLinear::ExpertDown => "ffn_down_exps",
+            BlockLinear::SharedGate => "ffn_gate_shexp",
+            BlockLinear::SharedUp => "ffn_up_shexp",
+            BlockLinear::SharedDown => "ffn_down_shexp",
+            BlockLinear::SharedExpertGate => "ffn_gate_inp_shexp",
         }
     }
 }
@@ -216,40 +375,6 @@ impl BlockNorm {
     }
 }
 
-/// A named module of a decoder block: its Hugging Face module path relative to the block, and
-/// llama.cpp's name for it.
-pub trait BlockModule: Copy {
-    /// `(module path relative to the block, GGUF name inside the block)`.
-    fn names(self) -> (&'static str, &'static str);
-
-    /// The module path relative to its block (`self_attn.q_proj`): mlx-lm's adapter `keys`.
-    fn key(self) -> &'static str {
-        self.names().0
-    }
-
-    /// llama.cpp's name for it inside a block (`attn_q`).
-    fn gguf(self) -> &'static str {
-        self.names().1
-    }
-}
-
-impl BlockModule for BlockLinear {
-    fn names(self) -> (&'static str, &'static str) {
-        match self {
-            BlockLinear::Q => ("self_attn.q_proj", "attn_q"),
-            BlockLinear::K => ("self_attn.k_proj", "attn_k"),
-            BlockLinear::V => ("self_attn.v_proj", "attn_v"),
-            BlockLinear::O => ("self_attn.o_proj", "attn_output"),
-            BlockLinear::Gate => ("mlp.gate_proj", "ffn_gate"),
-            BlockLinear::Up => ("mlp.up_proj", "ffn_up"),
-            BlockLinear::Down => ("mlp.down_proj", "ffn_down"),
-            BlockLinear::Qkv => ("self_attn.qkv_proj", "attn_qkv"),
-            // llama.cpp's Phi-3 keeps gate and up fused under the up projection's name.
-            BlockLinear::GateUp => ("mlp.gate_up_proj", "ffn_up"),
-        }
-    }
-}
-
 /// The modules outside the blocks: `(Hugging Face module path, GGUF name)`; each stores one
 /// `.weight`. The token embedding:
 pub const EMBED_TOKENS: (&str, &str) = ("model.embed_tokens", "token_embd");
@@ -305,9 +430,10 @@ impl TensorSpec {
         self.name.strip_suffix(".weight").unwrap_or(&self.name)
     }
 
-    /// A 2-D matrix (linear, embedding or head), as opposed to a norm or bias vector.
+    /// A matrix (linear, embedding or head; a stack of experts' matrices), as opposed to a norm
+    /// or bias vector.
     pub fn is_matrix(&self) -> bool {
-        self.shape.len() == 2
+        self.shape.len() >= 2
     }
 }
 
@@ -320,11 +446,11 @@ pub fn tensor_specs(c: &ModelConfig) -> Vec<TensorSpec> {
     for l in 0..c.num_layers {
         let p = block(l);
         let weight = |w: BlockLinear| {
-            let name = format!("{p}.{}.weight", w.key());
-            TensorSpec::new(name, &w.shape(c), Role::Weight(w))
+            let name = format!("{p}.{}.weight", w.key(c.family));
+            TensorSpec::new(name, &w.stored_shape(c), Role::Weight(w))
         };
         let bias = |w: BlockLinear| {
-            let name = format!("{p}.{}.bias", w.key());
+            let name = format!("{p}.{}.bias", w.key(c.family));
             TensorSpec::new(name, &[w.shape(c)[0]], Role::Bias(w))
         };
         let norms = |ns: &[BlockNorm]| -> Vec<TensorSpec> {
@@ -337,15 +463,13 @@ pub fn tensor_specs(c: &ModelConfig) -> Vec<TensorSpec> {
                 .collect()
         };
         let qkv = BlockLinear::Qkv.stored(c.family);
-        let gate_up = BlockLinear::GateUp.stored(c.family);
         out.extend(norms(&[BlockNorm::Input]));
         out.extend(qkv.iter().map(|&w| weight(w)));
         out.extend(qkv.iter().filter(|w| w.has_bias(c)).map(|&w| bias(w)));
         out.extend(norms(&[BlockNorm::Q, BlockNorm::K]));
         out.push(weight(BlockLinear::O));
         out.extend(norms(&[BlockNorm::PostAttention, BlockNorm::PreMlp]));
-        out.extend(gate_up.iter().map(|&w| weight(w)));
-        out.push(weight(BlockLinear::Down));
+        out.extend(mlp_linears(c, l).into_iter().map(weight));
         out.extend(norms(&[BlockNorm::PostMlp]));
     }
     out.push(TensorSpec::new(top(FINAL_NORM), &[h], Role::FinalNorm));
@@ -353,6 +477,35 @@ pub fn tensor_specs(c: &ModelConfig) -> Vec<TensorSpec> {
         out.push(TensorSpec::new(top(LM_HEAD), &[v, h], Role::Head));
     }
     out
+}
+
+/// The linears of block `layer`'s MLP, in file order: the dense MLP's (gate and up as the family
+/// stores them, then down), or the router, the experts' stacks and Qwen2-MoE's shared expert.
+pub fn mlp_linears(c: &ModelConfig, layer: usize) -> Vec<BlockLinear> {
+    match &c.moe {
+        Some(moe) if moe.sparse(layer) => {
+            let mut out = vec![
+                BlockLinear::Router,
+                BlockLinear::ExpertGate,
+                BlockLinear::ExpertUp,
+                BlockLinear::ExpertDown,
+            ];
+            if moe.shared_expert_intermediate_size.is_some() {
+                out.extend([
+                    BlockLinear::SharedGate,
+                    BlockLinear::SharedUp,
+                    BlockLinear::SharedDown,
+                    BlockLinear::SharedExpertGate,
+                ]);
+            }
+            out
+        }
+        _ => BlockLinear::GateUp
+            .stored(c.family)
+            .into_iter()
+            .chain([BlockLinear::Down])
+            .collect(),
+    }
 }
 
 /// What the tensor under a Hugging Face name is in a model of `family`, and in which block.
@@ -369,7 +522,7 @@ pub fn role_of(hf: &str, family: Family) -> Option<(Option<usize>, Role)> {
     let (layer, leaf) = hf.strip_prefix("model.layers.")?.split_once('.')?;
     let layer: usize = layer.parse().ok()?;
     let (module, suffix) = leaf.rsplit_once('.')?;
-    let role = match (BlockLinear::from_key(module), suffix) {
+    let role = match (BlockLinear::from_key(module, family), suffix) {
         (Some(w), "weight") => Role::Weight(w),
         (Some(w), "bias") => Role::Bias(w),
         (None, "weight") => Role::Norm(BlockNorm::from_key(module, family)?),
@@ -397,14 +550,48 @@ mod tests {
     use super::*;
     use crate::ops::rope::RopeScaling;
 
+    /// Parameters counted by hand from the architecture, apart from the specs.
+    fn counted(c: &ModelConfig) -> usize {
+        let (h, i) = (c.hidden_size, c.intermediate_size);
+        let q = c.num_heads * c.head_dim;
+        let kv = c.num_kv_heads * c.head_dim;
+        let attn = h * q + 2 * h * kv + q * h + if c.attention_bias { q + 2 * kv } else { 0 };
+        let sandwich = if c.quirks.sandwich_norms { 2 * h } else { 0 };
+        let norms = 2 * h + sandwich + if c.qk_norm { 2 * c.head_dim } else { 0 };
+        let mlp = |layer: usize| match &c.moe {
+            Some(m) if m.sparse(layer) => {
+                let shared = m
+                    .shared_expert_intermediate_size
+                    .map_or(0, |s| 3 * h * s + h);
+                m.experts * h + m.experts * 3 * h * m.expert_intermediate_size + shared
+            }
+            _ => 3 * h * i,
+        };
+        let blocks: usize = (0..c.num_layers).map(|l| attn + norms + mlp(l)).sum();
+        let embed = c.vocab_size * h;
+        let head = if c.tie_word_embeddings { 0 } else { embed };
+        blocks + embed + head + h
+    }
+
     #[test]
     fn specs_count_every_parameter_once() {
-        for (tied, bias, qk_norm, family) in [
-            (true, false, false, Family::Qwen3),
-            (false, true, false, Family::Qwen3),
-            (false, false, true, Family::Qwen3),
-            (true, false, true, Family::Gemma3),
-            (false, false, false, Family::Phi3),
+        let moe = |shared| crate::model::config::MoeConfig {
+            experts: 4,
+            top_k: 2,
+            expert_intermediate_size: 24,
+            normalize_top_k: false,
+            shared_expert_intermediate_size: shared,
+            sparse_layers: vec![true, false, true],
+        };
+        for (tied, bias, qk_norm, family, experts) in [
+            (true, false, false, Family::Qwen3, None),
+            (false, true, false, Family::Qwen3, None),
+            (false, false, true, Family::Qwen3, None),
+            (true, false, true, Family::Gemma3, None),
+            (false, false, false, Family::Phi3, None),
+            (false, false, false, Family::Mixtral, Some(moe(None))),
+            (false, true, false, Family::Qwen2Moe, Some(moe(Some(40)))),
+            (true, false, true, Family::Qwen3Moe, Some(moe(None))),
         ] {
             let quirks = crate::model::config::Quirks {
                 sandwich_norms: family.is_gemma(),
@@ -427,14 +614,11 @@ mod tests {
                 attention_bias: bias,
                 qk_norm,
                 quirks,
+                moe: experts,
                 dtype: "float32".into(),
             };
             let specs = tensor_specs(&config);
-            let total: usize = specs
-                .iter()
-                .map(|s| s.shape.iter().product::<usize>())
-                .sum();
-            assert_eq!(total, config.parameter_count(), "{tied} {bias} {qk_norm}");
+            assert_eq!(config.parameter_count(), counted(&config), "{family:?}");
             assert_eq!(specs.iter().any(|s| s.name == "lm_head.weight"), !tied);
             // Every name reads back as its role, and has a GGUF name.
             for spec in &specs {

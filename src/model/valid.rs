@@ -4,7 +4,7 @@
 //! not, and only frees them in a backward pass; a validation pass would otherwise keep its
 //! activations alive.)
 
-use super::decoder::{Attention, Block, Decoder, Mlp, RmsNorm};
+use super::decoder::{Attention, Block, Decoder, RmsNorm};
 use super::layout::{AttentionLayout, Layouts};
 use super::linear::{FrozenLinear, FrozenWeight};
 use crate::model::LoraAdapter;
@@ -43,11 +43,7 @@ impl<B: TrainBackend> Block<B> {
             },
             post_attention_norm: self.post_attention_norm.as_ref().map(RmsNorm::valid),
             pre_mlp_norm: self.pre_mlp_norm.valid(),
-            mlp: Mlp {
-                activation: m.activation,
-                gate_up: m.gate_up.map(FrozenLinear::valid),
-                down_proj: m.down_proj.valid(),
-            },
+            mlp: m.map(FrozenLinear::valid),
             post_mlp_norm: self.post_mlp_norm.as_ref().map(RmsNorm::valid),
             sliding: self.sliding,
         }
@@ -102,6 +98,7 @@ impl<B: TrainBackend> FrozenLinear<B> {
             weight: self.weight.valid(),
             bias: self.bias.clone().map(|b| b.inner()),
             adapter: self.adapter.as_ref().map(LoraAdapter::valid),
+            experts: self.experts,
         }
     }
 }

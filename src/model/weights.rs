@@ -36,6 +36,29 @@ impl HostWeight {
             HostWeight::Quantized(q) => vec![q.rows, q.cols],
         }
     }
+
+    /// The weight seen as `shape` where that only regroups its rows (an experts' stack
+    /// `[experts, out, in]` as the `[experts · out, in]` matrix, or back; a quantized weight
+    /// stays `[rows, cols]`); unchanged otherwise, for the caller's shape check to name.
+    fn regrouped(self, shape: &[usize]) -> Self {
+        match self {
+            HostWeight::Dense {
+                values,
+                shape: found,
+            } if regroups(&found, shape) => HostWeight::Dense {
+                shape: shape.to_vec(),
+                values,
+            },
+            other => other,
+        }
+    }
+}
+
+/// Whether a matrix of shape `a` is one of shape `b` with its rows grouped otherwise (an experts'
+/// stack `[experts, out, in]` and `[experts · out, in]`).
+fn regroups(a: &[usize], b: &[usize]) -> bool {
+    let rows = |s: &[usize]| s[..s.len() - 1].iter().product::<usize>();
+    a.len() >= 2 && b.len() >= 2 && a.last() == b.last() && rows(a) == rows(b)
 }
 
 /// Why a weight can't be read from its source.
@@ -254,15 +277,20 @@ impl WeightSource {
                 store,
                 quantization,
                 file,
-            } => load_safetensors(store, quantization.as_ref(), file, name, expected)?,
+            } => match per_expert_names(store, name, config) {
+                Some(names) => stack_experts(store, quantization.as_ref(), file, &names)?,
+                None => load_safetensors(store, quantization.as_ref(), file, name, expected)?,
+            },
             WeightSource::Gguf(g) => load_gguf(g, name, config)?,
             WeightSource::Random { seed } => {
                 random_weight(*seed, name, expected, config.quirks.norm_plus_one)
             }
         };
         self.release(name);
+        let weight = weight.regrouped(expected);
         let found = weight.shape();
-        if found != expected {
+        let quantized = matches!(weight, HostWeight::Quantized(_));
+        if found != expected && !(quantized && regroups(&found, expected)) {
             return Err(WeightError::Shape {
                 file: self.file(),
                 name: name.to_string(),
@@ -272,6 +300,67 @@ impl WeightSource {
         }
         Ok(weight)
     }
+}
+
+/// An experts' stack that a Hugging Face checkpoint stores one matrix per expert
+/// (`mlp.experts.N.gate_proj.weight`, Mixtral's `block_sparse_moe.experts.N.w1.weight`) where
+/// mlx-lm and GGUF store one `[experts, out, in]` tensor: the per-expert names, when `name` is
+/// such a stack and the folder holds it that way.
+fn per_expert_names(store: &SafetensorsStore, name: &str, c: &ModelConfig) -> Option<Vec<String>> {
+    if store.contains(name) {
+        return None;
+    }
+    let (Some(layer), Role::Weight(w)) = role_of(name, c.family)? else {
+        return None;
+    };
+    let block = super::names::block(layer);
+    (0..w.experts(c))
+        .map(|e| Some(format!("{block}.{}.weight", w.expert_key(c.family, e)?)))
+        .collect::<Option<Vec<_>>>()
+        .filter(|names| names.len() > 1 || w.is_experts())
+}
+
+/// The float matrices `names` (one per expert) stacked into one `[experts, out, in]` weight.
+fn stack_experts(
+    store: &SafetensorsStore,
+    quantization: Option<&MlxQuantization>,
+    file: &std::path::Path,
+    names: &[String],
+) -> Result<HostWeight, WeightError> {
+    let mut values = Vec::new();
+    let mut first: Option<Vec<usize>> = None;
+    for name in names {
+        let shape = match load_safetensors(store, quantization, file, name, &[])? {
+            HostWeight::Dense { shape, values: v } => {
+                values.extend(v);
+                shape
+            }
+            HostWeight::Quantized(_) => {
+                return Err(WeightError::Invalid {
+                    file: file.to_path_buf(),
+                    name: name.clone(),
+                    reason: "an expert stored quantized on its own; loraforge reads quantized experts stacked, as mlx-lm writes them (`switch_mlp`)".into(),
+                });
+            }
+        };
+        store.release(name);
+        match &first {
+            None => first = Some(shape),
+            Some(s) if *s == shape => {}
+            Some(s) => {
+                return Err(WeightError::Invalid {
+                    file: file.to_path_buf(),
+                    name: name.clone(),
+                    reason: format!("shape {shape:?}, where the first expert's is {s:?}"),
+                });
+            }
+        }
+    }
+    let shape = first.unwrap_or_default();
+    Ok(HostWeight::Dense {
+        shape: [vec![names.len()], shape].concat(),
+        values,
+    })
 }
 
 /// Norms are the identity: 1, or 0 where the model multiplies by `1 + w`.
@@ -341,14 +430,16 @@ fn load_safetensors(
             "quantized at {bits} bits but `{biases_name}` is missing"
         ))
     })?;
-    let [rows, packed_cols] = raw.shape[..] else {
+    let Some((&packed_cols, leading)) = raw.shape.split_last().filter(|(_, l)| !l.is_empty())
+    else {
         return Err(invalid(format!(
-            "packed weight must be 2-D, found {:?}",
+            "packed weight must be 2-D (or 3-D for experts), found {:?}",
             raw.shape
         )));
     };
+    let rows = leading.iter().product::<usize>();
     let cols = packed_cols * 32 / bits as usize;
-    if expected.len() == 2 && [rows, cols] != expected[..] {
+    if expected.len() >= 2 && !regroups(&[rows, cols], expected) {
         return Err(WeightError::Shape {
             file: store.path_of(name).unwrap_or(file).to_path_buf(),
             name: name.to_string(),
@@ -388,9 +479,7 @@ fn mlx_setting(
 /// The family a GGUF file's `general.architecture` names (Llama when it names none we read: the
 /// config reader has refused those already).
 fn gguf_family(g: &GgufFile) -> Family {
-    g.architecture()
-        .and_then(Family::from_model_type)
-        .unwrap_or(Family::Llama)
+    Family::of_gguf(g).unwrap_or(Family::Llama)
 }
 
 /// The GGUF tensor holding the Hugging Face weight `hf`.
@@ -414,13 +503,17 @@ fn load_gguf(g: &GgufFile, hf: &str, config: &ModelConfig) -> Result<HostWeight,
             values,
         }
     } else {
-        let [rows, cols] = info.shape[..] else {
+        let Some((&cols, leading)) = info.shape.split_last().filter(|(_, l)| !l.is_empty()) else {
             return Err(WeightError::Invalid {
                 file: g.path.clone(),
                 name,
-                reason: format!("quantized tensor must be 2-D, found {:?}", info.shape),
+                reason: format!(
+                    "quantized tensor must be 2-D (or 3-D for experts), found {:?}",
+                    info.shape
+                ),
             });
         };
+        let rows = leading.iter().product::<usize>();
         HostWeight::Quantized(ggml::to_affine(info.kind, rows, cols, data).expect("quantized kind"))
     };
     // llama.cpp's converter permutes the rows of q and k for its RoPE kernel (Llama family

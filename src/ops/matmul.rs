@@ -18,6 +18,9 @@ use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::ops::FloatTensor;
 use burn::tensor::{Tensor, TensorMetadata};
 
+use super::grouped_matmul::{
+    Stacked, autodiff_grouped, grouped_by_groups, grouped_outer_by_groups,
+};
 use super::primitive::{inner, primitive};
 
 /// Backends that run the model's matrix products; the default is Burn's `float_matmul`, and a
@@ -27,6 +30,28 @@ pub trait MatmulBackend: Backend {
     /// Either side may be a transposed view.
     fn model_matmul(lhs: FloatTensor<Self>, rhs: FloatTensor<Self>) -> FloatTensor<Self> {
         Self::float_matmul(lhs, rhs)
+    }
+
+    /// `lhs`: `[n, k]` with rows grouped as `counts` says, `rhs`: a stack of one matrix per
+    /// group → `[n, m]` (see [`grouped_matmul`](super::grouped_matmul)).
+    fn model_grouped_matmul(
+        lhs: FloatTensor<Self>,
+        rhs: FloatTensor<Self>,
+        stacked: Stacked,
+        counts: &[usize],
+    ) -> FloatTensor<Self> {
+        grouped_by_groups::<Self>(lhs, rhs, stacked, counts)
+    }
+
+    /// The gradient of a grouped product's stack: `lhs_gᵀ · grad_g` per group, stacked as the
+    /// matrices are.
+    fn model_grouped_outer(
+        lhs: FloatTensor<Self>,
+        grad: FloatTensor<Self>,
+        stacked: Stacked,
+        counts: &[usize],
+    ) -> FloatTensor<Self> {
+        grouped_outer_by_groups::<Self>(lhs, grad, stacked, counts)
     }
 
     /// `lhs · rhs + acc`, `acc` shaped like the product.
@@ -140,6 +165,15 @@ fn transpose<B: Backend>(t: FloatTensor<B>) -> FloatTensor<B> {
 }
 
 impl<B: MatmulBackend, C: CheckpointStrategy> MatmulBackend for Autodiff<B, C> {
+    fn model_grouped_matmul(
+        lhs: FloatTensor<Self>,
+        rhs: FloatTensor<Self>,
+        stacked: Stacked,
+        counts: &[usize],
+    ) -> FloatTensor<Self> {
+        autodiff_grouped::<B, C>(lhs, rhs, stacked, counts)
+    }
+
     fn model_matmul(lhs: FloatTensor<Self>, rhs: FloatTensor<Self>) -> FloatTensor<Self> {
         let (lhs_tracked, rhs_tracked) = (lhs.is_tracked(), rhs.is_tracked());
         match MatmulBackward

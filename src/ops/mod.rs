@@ -5,6 +5,7 @@
 pub mod attention;
 pub mod elementwise;
 pub mod frozen_linear;
+pub mod grouped_matmul;
 pub mod matmul;
 pub mod primitive;
 pub mod quantized_linear;

@@ -29,7 +29,8 @@ fn trainer(checkpoint: Option<&Path>) -> Trainer<B> {
         Some(dir) => dir.join("adapters.safetensors"),
         None => dir.join("adapter_init/adapter_model.safetensors"),
     };
-    let model = crate::peft_parity::model_with_adapters(&dir, &adapters);
+    let targets = loraforge::recipe::Targets::Named("all-linear".into());
+    let model = crate::peft_parity::model_with_adapters(&dir, &adapters, targets);
     let settings = StepSettings {
         grad_checkpoint: None,
         max_grad_norm: Some(1.0),

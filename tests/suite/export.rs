@@ -238,3 +238,91 @@ fn exports_keep_base_plus_adapter_logits(family: &str) -> std::path::PathBuf {
     }
     tmp
 }
+
+/// Adapters on every adaptable linear of a mixture of experts (attention, the experts' gate, up
+/// and down stacks, Qwen2-MoE's shared expert and its dense layer), each `B` drawn non-zero:
+/// saved in mlx-lm's layout (SwitchLinear's `(experts, r, in)` / `(experts, out, r)`) and in
+/// peft's (`target_parameters`, gate and up fused block-diagonally), each read back onto the base
+/// gives the trained model's logits, and so does each export fused from them.
+#[test]
+fn moe_adapters_round_trip_through_mlx_and_peft_layouts_and_every_export() {
+    use burn::tensor::{Distribution, Tensor};
+    use loraforge::lora::{AdapterSpec, files, inject};
+    use loraforge::recipe::{Layers, LoraSection, Targets};
+    for family in ["qwen2_moe", "qwen3_moe", "mixtral"] {
+        let base = common::fixture(&format!("models/{family}"));
+        let reference = common::read_json(&base.join("reference.json"));
+        let prompts = vec![common::ids(&reference["input_ids"])];
+        let device = Default::default();
+        let mut model = load_model::<B>(&base, &device).unwrap().decoder;
+        let lora = LoraSection {
+            rank: 4,
+            alpha: Some(8.0),
+            targets: Targets::Named("all-linear".into()),
+            layers: Layers::Last(-1),
+            ..Default::default()
+        };
+        let spec = AdapterSpec::from_recipe(&lora, &model.config).unwrap();
+        assert!(
+            spec.keys
+                .iter()
+                .any(|k| k.ends_with("switch_mlp.down_proj")),
+            "{:?}",
+            spec.keys
+        );
+        inject(&mut model, &spec, 7, &device);
+        let mut experts = 0;
+        for (_, linear) in model.linears_mut() {
+            if let Some(adapter) = &mut linear.adapter {
+                adapter.b =
+                    Tensor::random(adapter.b.dims(), Distribution::Normal(0.0, 0.05), &device);
+                experts += usize::from(linear.experts > 1);
+            }
+        }
+        assert!(experts > 0, "{family}: the experts' stacks are adapted");
+        let want: Vec<f32> = model
+            .forward(&prompts[0], 1, &device)
+            .into_data()
+            .into_vec()
+            .unwrap();
+        let tmp = common::temp_dir(&format!("moe-adapters-{family}"));
+        let base_name = base.display().to_string();
+        files::save_mlx(&tmp.join("mlx"), &model, &spec, &base_name, None).unwrap();
+        files::save_peft(&tmp.join("peft"), &model, &spec, &base_name).unwrap();
+        for layout in ["mlx", "peft"] {
+            let got = our_logits(&base, Some(&tmp.join(layout)), &prompts);
+            let diff = common::max_abs_diff(&got, &want);
+            println!("{family} {layout} adapters: max abs diff {diff:.2e}");
+            assert!(diff <= 1e-5, "{family} {layout}: max abs diff {diff}");
+        }
+        for (name, flags) in [
+            ("hf", vec!["--format", "hf", "--dtype", "f32"]),
+            ("mlx-export", vec!["--format", "mlx", "--dtype", "f32"]),
+            ("gguf", vec!["--format", "gguf", "--gguf-type", "f32"]),
+        ] {
+            let out = tmp.join(name);
+            let result = common::fuse(&base, &tmp.join("mlx"), &out, &flags);
+            assert!(
+                result.status.success(),
+                "{}",
+                String::from_utf8_lossy(&result.stderr)
+            );
+            let path = if name == "gguf" {
+                gguf_in(&out)
+            } else {
+                out.clone()
+            };
+            let diff = common::max_abs_diff(&our_logits(&path, None, &prompts), &want);
+            println!("{family} {name}: fused vs base + adapter: max abs diff {diff:.2e}");
+            assert!(diff <= 1e-4, "{family} {name}: max abs diff {diff}");
+        }
+        // The Hugging Face export stores the experts one matrix per expert, as the Hub does.
+        let names = common::tensors(&tmp.join("hf/model.safetensors"));
+        let expert = match family {
+            "mixtral" => "model.layers.0.block_sparse_moe.experts.1.w2.weight",
+            _ => "model.layers.0.mlp.experts.1.down_proj.weight",
+        };
+        assert!(names.contains_key(expert), "{family}: {expert}");
+        std::fs::remove_dir_all(&tmp).unwrap();
+    }
+}

@@ -20,7 +20,7 @@ use loraforge::chat::{ChatTemplate, Message};
 use loraforge::generate::{GenerationLimits, SamplingConfig, generate};
 use loraforge::lora::{AdapterSpec, files, inject};
 use loraforge::model::load_model;
-use loraforge::model::names::{BlockLinear, BlockModule};
+use loraforge::model::names::BlockLinear;
 
 type B = NdArray<f32>;
 
@@ -39,7 +39,7 @@ fn make_adapters(base: &Path, dir: &Path) {
         dropout: 0.0,
         keys: BlockLinear::of(decoder.config.family)
             .iter()
-            .map(|l| l.key().to_string())
+            .map(|l| l.key(decoder.config.family).to_string())
             .collect(),
         layers: (blocks.saturating_sub(4)..blocks).collect(),
         num_layers: blocks.min(4) as i64,
@@ -217,6 +217,24 @@ fn mlx_lm_generates_our_tokens_from_our_gemma3_exports() {
 #[test]
 fn mlx_lm_generates_our_tokens_from_our_phi3_exports() {
     family_exports_generate_mlx_lms_tokens("phi3", |config| {
+        config.as_object_mut().unwrap().remove("sliding_window");
+    });
+}
+
+/// Qwen3-MoE (top-2 of 8 experts, adapters on attention and on every expert's gate, up and down,
+/// in SwitchLinear's layout; the mlx base's router at mlx-lm's 8 bits): the same check. The
+/// transformers-5 folder names its expert count `num_local_experts`, which mlx-lm's qwen3_moe
+/// does not read: the export adds `num_experts`.
+#[test]
+fn mlx_lm_generates_our_tokens_from_our_qwen3_moe_exports() {
+    family_exports_generate_mlx_lms_tokens("qwen3_moe", |_| {});
+}
+
+/// Mixtral (top-2 of 4 experts, the stacks under `block_sparse_moe.switch_mlp`): the same check,
+/// without the fixture's sliding window, which mlx-lm 0.32's mixtral ignores.
+#[test]
+fn mlx_lm_generates_our_tokens_from_our_mixtral_exports() {
+    family_exports_generate_mlx_lms_tokens("mixtral", |config| {
         config.as_object_mut().unwrap().remove("sliding_window");
     });
 }

@@ -38,10 +38,20 @@ fn check_model(path: &Path, reference: &Path, name: &str, tolerance: f32) {
 /// spellings and from its GGUF copy (`make_family_gguf.py`), and transformers' greedy
 /// continuation token by token through the KV cache.
 fn check_family(name: &str) {
+    check_family_files(name);
+    let gguf = common::fixture(&format!("models/{name}.gguf"));
+    check_model(
+        &gguf,
+        &common::fixture(&format!("models/{name}")),
+        &format!("{name}.gguf"),
+        1e-4,
+    );
+}
+
+/// [`check_family`] without a GGUF copy.
+fn check_family_files(name: &str) {
     let dir = common::fixture(&format!("models/{name}"));
     check_model(&dir, &dir, name, 1e-4);
-    let gguf = common::fixture(&format!("models/{name}.gguf"));
-    check_model(&gguf, &dir, &format!("{name}.gguf"), 1e-4);
 
     let legacy = common::temp_dir(&format!("legacy-{name}"));
     for entry in std::fs::read_dir(&dir).unwrap() {
@@ -95,6 +105,23 @@ fn gemma3_with_the_five_to_one_pattern_and_a_local_rope_base() {
 #[test]
 fn phi3_with_fused_projections_longrope_past_its_original_length_and_a_window() {
     check_family("phi3");
+}
+
+#[test]
+fn mixtral_with_top_2_of_4_experts_and_a_window() {
+    check_family("mixtral");
+}
+
+/// No GGUF copy: llama.cpp (and gguf-py's tensor table) builds every Qwen2-MoE layer as experts,
+/// so a dense layer (`mlp_only_layers`) has no llama.cpp name; mlx-lm cannot hold one either.
+#[test]
+fn qwen2_moe_with_a_shared_expert_unnormalised_weights_and_a_dense_layer() {
+    check_family_files("qwen2_moe");
+}
+
+#[test]
+fn qwen3_moe_with_renormalised_top_2_of_8_experts() {
+    check_family("qwen3_moe");
 }
 
 #[test]
@@ -155,4 +182,17 @@ fn mlx_gemma3_4bit_group32() {
 #[test]
 fn mlx_phi3_4bit_group32() {
     check("mlx-phi3-q4", 1e-3);
+}
+
+/// mlx_lm.convert -q (4 bits, group 32) of the Mixtral fixture: the experts stacked and packed
+/// as mlx-lm's SwitchLinear holds them.
+#[test]
+fn mlx_mixtral_4bit_group32() {
+    check("mlx-mixtral-q4", 1e-3);
+}
+
+/// mlx_lm.convert -q (4 bits, group 32) of the Qwen3-MoE fixture.
+#[test]
+fn mlx_qwen3_moe_4bit_group32() {
+    check("mlx-qwen3_moe-q4", 1e-3);
 }

@@ -1,6 +1,6 @@
 //! Training parity with PyTorch + peft (scripts/fixtures/make_peft_parity.py): the same tiny
 //! random model (a Llama; Gemma 2 with its soft-caps and a window shorter than the rows; Phi-3 with
-//! fused projections, LongRoPE and a window), the same
+//! fused projections, LongRoPE and a window; Mixtral with adapters on its experts), the same
 //! initial adapter, the same 20 micro-batches; 10 AdamW steps with gradient accumulation 2 and
 //! global-norm clipping, CPU f32.
 
@@ -68,20 +68,37 @@ pub fn batches(path: &Path) -> Vec<Batch> {
         .collect()
 }
 
+/// Adapters on every linear (`all-linear`), as the Llama, Gemma 2 and Phi-3 fixtures have them.
+fn all_linear() -> Targets {
+    Targets::Named("all-linear".into())
+}
+
 #[test]
 fn ten_adamw_steps_match_peft() {
-    ten_adamw_steps_match("peft-parity");
+    ten_adamw_steps_match("peft-parity", all_linear());
 }
 
 #[test]
 fn ten_adamw_steps_on_gemma2_match_peft() {
-    ten_adamw_steps_match("peft-parity-gemma2");
+    ten_adamw_steps_match("peft-parity-gemma2", all_linear());
 }
 
 /// Phi-3: the adapters span the fused `qkv_proj` and `gate_up_proj` rows, as peft's do.
 #[test]
 fn ten_adamw_steps_on_phi3_match_peft() {
-    ten_adamw_steps_match("peft-parity-phi3");
+    ten_adamw_steps_match("peft-parity-phi3", all_linear());
+}
+
+/// Mixtral (top-2 of 4 experts, a window): adapters on attention and on every expert's down
+/// projection (peft's `target_parameters` on transformers 5's 3-D experts, one `A_e`, `B_e` per
+/// expert), so the gradients go through the routing weights and the grouped products.
+#[test]
+fn ten_adamw_steps_on_mixtral_with_the_experts_adapters_match_peft() {
+    let keys = ["q_proj", "k_proj", "v_proj", "o_proj"]
+        .map(|l| format!("self_attn.{l}"))
+        .into_iter()
+        .chain(["block_sparse_moe.switch_mlp.down_proj".to_string()]);
+    ten_adamw_steps_match("peft-parity-mixtral", Targets::Keys(keys.collect()));
 }
 
 /// The fixtures' optimizer: torch's AdamW at its defaults, weight decay 0.01.
@@ -92,9 +109,13 @@ pub const ADAMW: OptimizerConfig = OptimizerConfig {
     weight_decay: 0.01,
 };
 
-/// A parity fixture's model (`dir/model`) with rank-4 adapters (alpha 8) on every linear,
-/// loaded from `adapters` (an adapter file of either layout).
-pub fn model_with_adapters(dir: &Path, adapters: &Path) -> loraforge::model::Decoder<B> {
+/// A parity fixture's model (`dir/model`) with rank-4 adapters (alpha 8) on `targets`, loaded
+/// from `adapters` (an adapter file of either layout).
+pub fn model_with_adapters(
+    dir: &Path,
+    adapters: &Path,
+    targets: Targets,
+) -> loraforge::model::Decoder<B> {
     let device = Default::default();
     let mut model = load_model::<B>(&dir.join("model"), &device)
         .unwrap()
@@ -102,7 +123,7 @@ pub fn model_with_adapters(dir: &Path, adapters: &Path) -> loraforge::model::Dec
     let lora = LoraSection {
         rank: 4,
         alpha: Some(8.0),
-        targets: Targets::Named("all-linear".into()),
+        targets,
         layers: loraforge::recipe::Layers::Last(-1),
         ..Default::default()
     };
@@ -113,46 +134,26 @@ pub fn model_with_adapters(dir: &Path, adapters: &Path) -> loraforge::model::Dec
     model
 }
 
-fn ten_adamw_steps_match(fixture: &str) {
+fn ten_adamw_steps_match(fixture: &str, targets: Targets) {
     let dir = common::fixture(fixture);
     let reference: Value = common::read_json(&dir.join("reference.json"));
     let device = Default::default();
     let initial_file = dir.join("adapter_init/adapter_model.safetensors");
-    let mut model = model_with_adapters(&dir, &initial_file);
+    let mut model = model_with_adapters(&dir, &initial_file, targets);
     let initial = parameters(&model);
     set_parameters(&mut model, &initial);
 
     let batches = batches(&dir.join("batches.json"));
-    // Gradients of the first micro-batch alone, against torch's.
     let grads = batch_loss(&model, &batches[0], &device).backward();
-    let ours = gradients(&model, &grads);
-    let names: Vec<String> = model
-        .adapters()
-        .iter()
-        .flat_map(|(p, _)| {
-            [
-                format!("base_model.model.{p}.lora_A.weight"),
-                format!("base_model.model.{p}.lora_B.weight"),
-            ]
-        })
-        .collect();
+    // Gradients of the first micro-batch alone, against torch's: put in the adapters' place,
+    // they go through peft's layout as the adapters themselves do.
+    let mut as_adapters = model.clone();
+    set_parameters(&mut as_adapters, &gradients(&model, &grads));
     let torch = common::tensors(&dir.join("first_grads.safetensors"));
-    for ((name, g), adapter) in names.iter().zip(&ours).zip(
-        model
-            .adapters()
-            .iter()
-            .flat_map(|(_, a)| [a.a.dims(), a.b.dims()]),
-    ) {
-        // Ours is [in, r] / [r, out]; torch's is the transpose.
-        let g: Vec<f32> = g
-            .clone()
-            .reshape(adapter)
-            .transpose()
-            .into_data()
-            .convert::<f32>()
-            .into_vec()
-            .unwrap();
-        let diff = common::max_abs_diff(&g, &torch[name]);
+    let ours = files::peft_tensors(&as_adapters);
+    assert_eq!(ours.len(), torch.len(), "one gradient per peft tensor");
+    for (name, (_, g)) in ours {
+        let diff = common::max_abs_diff(&g, &torch[&name]);
         assert!(diff < 1e-5, "{name}: gradient differs by {diff}");
     }
 

@@ -10,7 +10,7 @@ use serde_json::json;
 
 use super::{CpuTrain, HALF_TOLERANCE, KERNEL_TOLERANCE, gemm, scaled_error, tensor, uniform};
 use crate::diagnostics::random::{Shape, random_model_files};
-use crate::model::names::{self, BlockLinear, BlockModule};
+use crate::model::names::{self, BlockLinear};
 use crate::model::weights::HostWeight;
 use crate::ops::ModelBackend;
 use crate::ops::attention::{Scores, repeat_kv};
@@ -43,7 +43,7 @@ pub(super) fn attention<B: ModelBackend>(
         .into_vec()
         .expect("f32");
     let weight = |w: BlockLinear| -> Result<Vec<f64>> {
-        let name = format!("{}.{}.weight", names::block(0), w.key());
+        let name = format!("{}.{}.weight", names::block(0), w.key(config.family));
         match files.weights.load(&name, &w.shape(&config), &config)? {
             HostWeight::Dense { values, .. } => Ok(values.into_iter().map(f64::from).collect()),
             HostWeight::Quantized(_) => bail!("random weights are dense"),

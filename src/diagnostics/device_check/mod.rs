@@ -29,6 +29,9 @@
 //!   forward and backward, against float64 at sampled queries and keys: nothing the size of the
 //!   row squared is allocated, and indices past 2³¹ score positions stay right.
 //! - `rope_grad`: the rotary embedding's output and input gradient against float64 (`rope.rs`).
+//! - `experts_grad`: an experts' stack with its adapters on rows grouped by expert (the grouped
+//!   products of a mixture of experts), output and gradients against float64 (`experts.rs`).
+//! - `trajectory_experts`: two of Mixtral's blocks (top-2 of 4 experts) trained as `trajectory` is.
 //! - `rms_norm_grad`, `swiglu_grad`, `cross_entropy_grad`: the element-wise ops' outputs and
 //!   input gradients against their naive forms under the CPU's autodiff (`elementwise.rs`).
 //!
@@ -40,6 +43,7 @@
 
 mod attention;
 mod elementwise;
+mod experts;
 mod rope;
 
 use attention::{AttentionCase, attention, attention_grad};
@@ -131,7 +135,7 @@ impl Weight {
 }
 
 /// Which checks run, and at what sizes.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct CheckOptions {
     /// The 16-bit float the device may hold a base in: such weights are checked too.
     pub half: Option<FloatDType>,
@@ -139,7 +143,18 @@ pub struct CheckOptions {
     pub long_row: usize,
     /// The widest attention heads checked.
     pub max_head_dim: usize,
+    /// Checks not to run, by name (of [`SKIPPABLE`]).
+    pub skip: Vec<String>,
 }
+
+/// The checks `CheckOptions::skip` may name: the trajectories, and the experts' grouped products.
+const SKIPPABLE: [&str; 5] = [
+    "trajectory",
+    "trajectory_chunked_offloaded",
+    "trajectory_fused_projections",
+    "trajectory_experts",
+    "experts_grad",
+];
 
 /// Runs every check `options` asks for with `B` the device's backend; returns the JSON lines,
 /// or fails listing those that missed their tolerance.
@@ -151,7 +166,12 @@ pub fn run<B: ModelBackend>(
         half,
         long_row,
         max_head_dim,
+        skip,
     } = options;
+    if let Some(unknown) = skip.iter().find(|s| !SKIPPABLE.contains(&s.as_str())) {
+        bail!("--skip {unknown}: not a check that can be skipped (those are {SKIPPABLE:?})");
+    }
+    let skipped = |name: &str| skip.iter().any(|s| s == name);
     let chunked = StepSettings {
         grad_checkpoint: Some(Checkpointing {
             mlp_chunk_tokens: 128,
@@ -172,11 +192,30 @@ pub fn run<B: ModelBackend>(
         family: Family::Phi3,
         ..tiny.clone()
     };
+    // Mixtral's block: top-2 of 4 experts, their products grouped by expert (2 blocks: each
+    // expert's products are launched apart, which costs on the CPU and lavapipe in CI).
+    let experts = ModelConfig {
+        family: Family::Mixtral,
+        num_layers: 2,
+        moe: Some(crate::model::config::MoeConfig {
+            experts: 4,
+            top_k: 2,
+            expert_intermediate_size: tiny.intermediate_size,
+            normalize_top_k: true,
+            shared_expert_intermediate_size: None,
+            sparse_layers: vec![true; 2],
+        }),
+        ..tiny.clone()
+    };
     for (name, config, settings) in [
         ("trajectory", &tiny, plain),
         ("trajectory_chunked_offloaded", &tiny, chunked),
         ("trajectory_fused_projections", &fused, chunked),
+        ("trajectory_experts", &experts, chunked),
     ] {
+        if skipped(name) {
+            continue;
+        }
         emit(trajectory::<Autodiff<B>>(
             device, name, config, settings, None,
         )?);
@@ -198,6 +237,17 @@ pub fn run<B: ModelBackend>(
     for (n, inp, out) in [(7, 64, 96), (256, 576, 1536), (1000, 2048, 512)] {
         for &weight in &weights {
             emit(linear::<B>(device, n, inp, out, weight));
+        }
+    }
+    for (inp, out) in [(64, 96), (576, 256)]
+        .into_iter()
+        .filter(|_| !skipped("experts_grad"))
+    {
+        for &weight in weights
+            .iter()
+            .filter(|w| matches!(w, Weight::Dense | Weight::DenseHalf(_)))
+        {
+            emit(experts::experts_grad::<B>(device, inp, out, weight));
         }
     }
     for seq in [16, 128, 512] {
@@ -384,8 +434,8 @@ fn linear<B: ModelBackend>(
     };
     w = w.iter().map(|&v| kind.round(v)).collect();
     let frozen = |device: &B::Device| -> FrozenLinear<Autodiff<B>> {
-        FrozenLinear {
-            weight: match &weight {
+        FrozenLinear::new(
+            match &weight {
                 Some(q) => FrozenWeight::quantized((**q).clone(), kind.half(), device),
                 None if let Some(half) = kind.half() => FrozenWeight::Dense(Tensor::from_data(
                     TensorData::new(w.clone(), [out, inp]),
@@ -393,9 +443,8 @@ fn linear<B: ModelBackend>(
                 )),
                 None => FrozenWeight::Dense(tensor(&w, [out, inp], device)),
             },
-            bias: None,
-            adapter: None,
-        }
+            None,
+        )
     };
     let xd = tensor::<Autodiff<B>, 3>(&x, [1, n, inp], device).require_grad();
     let y = frozen(device).forward(xd.clone());

@@ -147,6 +147,35 @@ fn bad_phi3_keys_are_named() {
     refused_with("phi3", &cases);
 }
 
+#[test]
+fn bad_mixture_of_experts_keys_are_named() {
+    let cases: [(&str, ConfigEdit, &str); 4] = [
+        (
+            "top-k",
+            |c| c["num_experts_per_tok"] = 9.into(),
+            "num_experts_per_tok (GGUF: expert_used_count) is 9; it must be between 1 and 8",
+        ),
+        (
+            "experts",
+            |c| c["num_local_experts"] = (1u64 << 40).into(),
+            "num_local_experts (num_experts; GGUF: expert_count) is 1099511627776; it must be between 1 and 4096",
+        ),
+        (
+            "width",
+            |c| {
+                c.as_object_mut().unwrap().remove("moe_intermediate_size");
+            },
+            "missing or invalid `moe_intermediate_size` (qwen3_moe needs it)",
+        ),
+        (
+            "dense",
+            |c| c["mlp_only_layers"] = "1".into(),
+            "mlp_only_layers is \"1\"; it must be a list of layer indices",
+        ),
+    ];
+    refused_with("qwen3_moe", &cases);
+}
+
 /// Each edit of the fixture's `config.json` makes loading fail with a message holding its text.
 fn refused_with(fixture: &str, cases: &[(&str, ConfigEdit, &str)]) {
     for (tag, edit, want) in cases {
