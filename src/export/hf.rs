@@ -13,8 +13,7 @@ use crate::io::safetensors_write::{PlannedTensor, index_json, write_shards};
 use crate::lora::files::{PeftConfig, peft_config, safetensors_bytes};
 use crate::lora::peft_layout::peft_layout;
 use crate::lora::stored::HostAdapters;
-use crate::model::Family;
-use crate::model::names::{Role, TensorSpec};
+use crate::model::names::per_expert_names;
 use crate::tokenizer::Tokenizer;
 
 const MAX_SHARD_BYTES: usize = 5_000_000_000;
@@ -31,7 +30,7 @@ pub fn write(
     let groups: Vec<Vec<PlannedTensor>> = model
         .specs
         .iter()
-        .map(|s| match per_expert_names(s, c.family) {
+        .map(|s| match per_expert_names(&s.name, c) {
             Some(names) => names
                 .iter()
                 .map(|n| PlannedTensor::new(n, dtype.raw(), &s.shape[1..]))
@@ -78,18 +77,6 @@ pub fn write(
     let card = super::card::model_card(model, "transformers", &encoding, &survival, &usage);
     std::fs::write(dir.join("README.md"), card)?;
     Ok((survival, encoding))
-}
-
-/// The per-expert names of an experts' stack (`model.layers.0.mlp.experts.3.gate_proj.weight`),
-/// in expert order; `None` for any other tensor.
-fn per_expert_names(spec: &TensorSpec, family: Family) -> Option<Vec<String>> {
-    let Role::Weight(w) = spec.role else {
-        return None;
-    };
-    let block = spec.module().strip_suffix(w.key(family))?;
-    (0..spec.shape[0])
-        .map(|e| Some(format!("{block}{}.weight", w.expert_key(family, e)?)))
-        .collect()
 }
 
 /// The adapters as peft saves them (`lora_A` `[r, in]` = Aᵀ, `lora_B` `[out, r]` = Bᵀ).

@@ -459,17 +459,10 @@ impl<B: ModelBackend> Decoder<B> {
 
     /// The adapters, with their module paths, in a fixed order.
     pub fn adapters(&self) -> Vec<(String, &LoraAdapter<B>)> {
-        let family = self.config.family;
-        let mut out = Vec::new();
-        for (i, block) in self.layers.iter().enumerate() {
-            for (which, adapter) in block.adapters() {
-                out.push((
-                    format!("{}.{}", names::block(i), which.key(family)),
-                    adapter,
-                ));
-            }
-        }
-        out
+        self.adapters_with_experts()
+            .into_iter()
+            .map(|(path, adapter, _)| (path, adapter))
+            .collect()
     }
 
     /// [`Self::adapters`] with the experts each one's linear stacks (1 for a plain linear).

@@ -508,6 +508,24 @@ pub fn mlp_linears(c: &ModelConfig, layer: usize) -> Vec<BlockLinear> {
     }
 }
 
+/// The per-expert names under which Hugging Face checkpoints store the experts' stack `hf`
+/// (`model.layers.0.mlp.experts.3.gate_proj.weight`, Mixtral's `block_sparse_moe.experts.3.w1`),
+/// in expert order; `None` for any other tensor.
+pub fn per_expert_names(hf: &str, c: &ModelConfig) -> Option<Vec<String>> {
+    let (Some(layer), Role::Weight(w)) = role_of(hf, c.family)? else {
+        return None;
+    };
+    (0..w.experts(c))
+        .map(|e| {
+            Some(format!(
+                "{}.{}.weight",
+                block(layer),
+                w.expert_key(c.family, e)?
+            ))
+        })
+        .collect()
+}
+
 /// What the tensor under a Hugging Face name is in a model of `family`, and in which block.
 pub fn role_of(hf: &str, family: Family) -> Option<(Option<usize>, Role)> {
     for (module, role) in [

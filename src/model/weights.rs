@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use serde_json::Value;
 
 use super::config::{Family, ModelConfig};
-use super::names::{Role, gguf_name, role_of};
+use super::names::{Role, gguf_name, per_expert_names, role_of};
 use crate::io::gguf::{GgmlType, GgufFile, TensorInfo};
 use crate::io::safetensors::SafetensorsStore;
 use crate::quant::QuantizedMatrix;
@@ -277,7 +277,8 @@ impl WeightSource {
                 store,
                 quantization,
                 file,
-            } => match per_expert_names(store, name, config) {
+            } => match per_expert_names(name, config).filter(|_| !store.contains(name)) {
+                // A Hugging Face checkpoint's experts, one matrix each (mlx-lm's are stacked).
                 Some(names) => stack_experts(store, quantization.as_ref(), file, &names)?,
                 None => load_safetensors(store, quantization.as_ref(), file, name, expected)?,
             },
@@ -300,24 +301,6 @@ impl WeightSource {
         }
         Ok(weight)
     }
-}
-
-/// An experts' stack that a Hugging Face checkpoint stores one matrix per expert
-/// (`mlp.experts.N.gate_proj.weight`, Mixtral's `block_sparse_moe.experts.N.w1.weight`) where
-/// mlx-lm and GGUF store one `[experts, out, in]` tensor: the per-expert names, when `name` is
-/// such a stack and the folder holds it that way.
-fn per_expert_names(store: &SafetensorsStore, name: &str, c: &ModelConfig) -> Option<Vec<String>> {
-    if store.contains(name) {
-        return None;
-    }
-    let (Some(layer), Role::Weight(w)) = role_of(name, c.family)? else {
-        return None;
-    };
-    let block = super::names::block(layer);
-    (0..w.experts(c))
-        .map(|e| Some(format!("{block}.{}.weight", w.expert_key(c.family, e)?)))
-        .collect::<Option<Vec<_>>>()
-        .filter(|names| names.len() > 1 || w.is_experts())
 }
 
 /// The float matrices `names` (one per expert) stacked into one `[experts, out, in]` weight.
