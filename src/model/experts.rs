@@ -7,19 +7,22 @@
 //!        + sigmoid(x W_sharedgateᵀ) · shared(x)          (Qwen2-MoE's shared expert)
 //! ```
 //!
-//! The tokens' (token, expert) pairs are sorted by expert on the host, so each expert's
-//! projections run as one product over its tokens ([`FrozenLinear::forward_grouped`]): one
-//! gather before, one scatter-add after. The choice of experts is not differentiated (as in
+//! The experts are chosen on the host (one read of the probabilities), and the tokens' (token,
+//! expert) pairs sorted by expert there, so each expert's projections run as one product over
+//! its tokens ([`FrozenLinear::forward_grouped`]): the rows move to expert order and back by
+//! gathers whose backward is a gather too (`ops/routing.rs`), and each token's `top_k` outputs
+//! are summed with their weights. The choice of experts is not differentiated (as in
 //! transformers); the weights `w_e` are, back into `x` through the router.
 
 use burn::tensor::activation::softmax;
-use burn::tensor::{IndexingUpdateOp, Int, Tensor, TensorData};
+use burn::tensor::{Int, Tensor, TensorData};
 
 use super::decoder::Mlp;
 use super::linear::FrozenLinear;
 use super::names::BlockLinear;
 use crate::ops::elementwise::{Activation, gated};
 use crate::ops::frozen_linear::ModelBackend;
+use crate::ops::routing::pick_rows;
 
 /// A block's mixture of experts.
 #[derive(Debug, Clone)]
@@ -58,66 +61,115 @@ struct Routes {
     counts: Vec<usize>,
     /// For each sorted pair, its token.
     tokens: Vec<i64>,
-    /// For each sorted pair, its index in the `[tokens, top_k]` choices.
+    /// For each sorted pair, its slot: its index in the `[tokens, top_k]` choices.
     slots: Vec<i64>,
+    /// For each slot, its place among the sorted pairs (`slots` inverted).
+    places: Vec<i64>,
 }
 
 impl Routes {
-    /// Sorts the `[tokens, top_k]` choices (`chosen`, row-major) by expert, stably.
+    /// Sorts the `[tokens, top_k]` choices (`chosen`, row-major) by expert, stably (a counting
+    /// sort: one pass to count, one to place).
     fn new(chosen: &[i64], experts: usize, top_k: usize) -> Self {
         let mut counts = vec![0usize; experts];
         for &e in chosen {
             counts[e as usize] += 1;
         }
-        let mut slots: Vec<i64> = (0..chosen.len() as i64).collect();
-        slots.sort_by_key(|&s| chosen[s as usize]);
+        let mut next: Vec<usize> = counts
+            .iter()
+            .scan(0, |start, &c| {
+                let here = *start;
+                *start += c;
+                Some(here)
+            })
+            .collect();
+        let (mut slots, mut places) = (vec![0i64; chosen.len()], vec![0i64; chosen.len()]);
+        for (slot, &e) in chosen.iter().enumerate() {
+            let place = next[e as usize];
+            next[e as usize] += 1;
+            slots[place] = slot as i64;
+            places[slot] = place as i64;
+        }
         let tokens = slots.iter().map(|&s| s / top_k as i64).collect();
         Routes {
             counts,
             tokens,
             slots,
+            places,
         }
     }
 }
 
+/// Each row's `k` most probable experts (`probs`: `[rows, experts]` row-major), the most
+/// probable first, the lower expert first among equals → `[rows · k]`.
+fn top_k(probs: &[f32], experts: usize, k: usize) -> Vec<i64> {
+    let mut chosen = Vec::with_capacity(probs.len() / experts * k);
+    let mut best: Vec<(f32, i64)> = Vec::with_capacity(k + 1);
+    for row in probs.chunks_exact(experts) {
+        best.clear();
+        for (e, &p) in row.iter().enumerate() {
+            // A NaN ranks below every number (it still fills a row of NaNs).
+            let p = if p.is_nan() { f32::NEG_INFINITY } else { p };
+            let at = best.iter().position(|&(q, _)| p > q).unwrap_or(best.len());
+            if at < k {
+                best.insert(at, (p, e as i64));
+                best.truncate(k);
+            }
+        }
+        chosen.extend(best.iter().map(|&(_, e)| e));
+    }
+    chosen
+}
+
 /// Host indices as a device tensor.
-fn indices<B: ModelBackend>(values: &[i64], device: &B::Device) -> Tensor<B, 1, Int> {
-    Tensor::from_data(TensorData::new(values.to_vec(), [values.len()]), device)
+fn indices<B: ModelBackend, const D: usize>(
+    values: &[i64],
+    shape: [usize; D],
+    device: &B::Device,
+) -> Tensor<B, D, Int> {
+    Tensor::from_data(TensorData::new(values.to_vec(), shape), device)
 }
 
 impl<B: ModelBackend> SparseMoe<B> {
     /// `x`: `[batch, seq, hidden]` → the same.
     pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
         let [batch, seq, hidden] = x.dims();
-        let n = batch * seq;
+        let (n, k) = (batch * seq, self.top_k);
         let device = x.device();
         let x = x.reshape([n, hidden]);
         let probs = softmax(self.router.forward_rows(x.clone()), 1);
         let experts = probs.dims()[1];
-        let (_, chosen) = probs.clone().detach().topk_with_indices(self.top_k, 1);
-        let mut weights = probs.gather(1, chosen.clone());
+        // The choice is made on the host: one read of `[n, experts]` probabilities.
+        let host: Vec<f32> = probs
+            .clone()
+            .into_data()
+            .convert::<f32>()
+            .into_vec()
+            .expect("f32 probabilities");
+        let chosen = top_k(&host, experts, k);
+        let mut weights = probs.gather(1, indices::<B, 2>(&chosen, [n, k], &device));
         if self.normalize_top_k {
             weights = weights.clone() / weights.sum_dim(1);
         }
-        let chosen: Vec<i64> = chosen
-            .into_data()
-            .convert::<i64>()
-            .into_vec()
-            .expect("integer indices");
-        let routes = Routes::new(&chosen, experts, self.top_k);
-        let tokens = indices::<B>(&routes.tokens, &device);
-        let rows = x.clone().select(0, tokens.clone());
-        let y = self.experts(rows, &routes.counts);
-        let w = weights
-            .reshape([n * self.top_k])
-            .select(0, indices::<B>(&routes.slots, &device))
-            .unsqueeze_dim::<2>(1);
-        let mut out = Tensor::zeros([n, hidden], &device).select_assign(
-            0,
-            tokens,
-            y * w,
-            IndexingUpdateOp::Add,
+        let routes = Routes::new(&chosen, experts, k);
+        let places = indices::<B, 1>(&routes.places, [n * k], &device);
+        // Token order → expert order (each token picked k times) and back (each row once).
+        let rows = pick_rows(
+            x.clone(),
+            indices::<B, 1>(&routes.tokens, [n * k], &device),
+            places.clone(),
+            k,
         );
+        let y = self.experts(rows, &routes.counts);
+        let y = pick_rows(
+            y,
+            places,
+            indices::<B, 1>(&routes.slots, [n * k], &device),
+            1,
+        );
+        let mut out = (y.reshape([n, k, hidden]) * weights.unsqueeze_dim::<3>(2))
+            .sum_dim(1)
+            .reshape([n, hidden]);
         if let Some(shared) = &self.shared {
             let scale = burn::tensor::activation::sigmoid(shared.gate.forward_rows(x.clone()));
             let y = shared
@@ -200,7 +252,7 @@ impl<B: ModelBackend> SparseMoe<B> {
 
 #[cfg(test)]
 mod tests {
-    use super::Routes;
+    use super::{Routes, top_k};
 
     #[test]
     fn routes_sort_pairs_by_expert_and_keep_token_order_within_one() {
@@ -209,5 +261,13 @@ mod tests {
         assert_eq!(routes.counts, [2, 0, 2, 2]);
         assert_eq!(routes.slots, [1, 2, 0, 4, 3, 5]);
         assert_eq!(routes.tokens, [0, 1, 0, 2, 1, 2]);
+        assert_eq!(routes.places, [2, 0, 1, 4, 3, 5]);
+    }
+
+    #[test]
+    fn top_k_takes_the_most_probable_first_and_the_lower_expert_among_equals() {
+        let probs = [0.1, 0.4, 0.1, 0.4, 0.7, 0.05, 0.2, 0.05];
+        assert_eq!(top_k(&probs, 4, 2), [1, 3, 0, 2]);
+        assert_eq!(top_k(&[f32::NAN, 0.5, 0.2], 3, 2), [1, 2]);
     }
 }

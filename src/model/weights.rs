@@ -45,7 +45,7 @@ impl HostWeight {
             HostWeight::Dense {
                 values,
                 shape: found,
-            } if regroups(&found, shape) => HostWeight::Dense {
+            } if fits(&found, shape) => HostWeight::Dense {
                 shape: shape.to_vec(),
                 values,
             },
@@ -59,6 +59,13 @@ impl HostWeight {
 fn regroups(a: &[usize], b: &[usize]) -> bool {
     let rows = |s: &[usize]| s[..s.len() - 1].iter().product::<usize>();
     a.len() >= 2 && b.len() >= 2 && a.last() == b.last() && rows(a) == rows(b)
+}
+
+/// Whether a stored matrix of shape `found` (a quantized one's unpacked columns) is the
+/// `expected` one: equal where both are stacks (`[4, 64, in]` is not 8 experts of 32 rows), regrouped only
+/// between a stack and its `[experts · out, in]` rows.
+fn fits(found: &[usize], expected: &[usize]) -> bool {
+    found == expected || (found.len() != expected.len() && regroups(found, expected))
 }
 
 /// Why a weight can't be read from its source.
@@ -282,7 +289,7 @@ impl WeightSource {
                 Some(names) => stack_experts(store, quantization.as_ref(), file, &names)?,
                 None => load_safetensors(store, quantization.as_ref(), file, name, expected)?,
             },
-            WeightSource::Gguf(g) => load_gguf(g, name, config)?,
+            WeightSource::Gguf(g) => load_gguf(g, name, config, expected)?,
             WeightSource::Random { seed } => {
                 random_weight(*seed, name, expected, config.quirks.norm_plus_one)
             }
@@ -422,12 +429,13 @@ fn load_safetensors(
     };
     let rows = leading.iter().product::<usize>();
     let cols = packed_cols * 32 / bits as usize;
-    if expected.len() >= 2 && !regroups(&[rows, cols], expected) {
+    let found = [leading, &[cols]].concat();
+    if expected.len() >= 2 && !fits(&found, expected) {
         return Err(WeightError::Shape {
             file: store.path_of(name).unwrap_or(file).to_path_buf(),
             name: name.to_string(),
             expected: expected.to_vec(),
-            found: vec![rows, cols],
+            found,
         });
     }
     QuantizedMatrix::new(
@@ -470,7 +478,12 @@ fn gguf_tensor<'a>(g: &'a GgufFile, hf: &str) -> Option<&'a TensorInfo> {
     gguf_name(hf, gguf_family(g)).and_then(|n| g.tensor(&n))
 }
 
-fn load_gguf(g: &GgufFile, hf: &str, config: &ModelConfig) -> Result<HostWeight, WeightError> {
+fn load_gguf(
+    g: &GgufFile,
+    hf: &str,
+    config: &ModelConfig,
+    expected: &[usize],
+) -> Result<HostWeight, WeightError> {
     let name = gguf_name(hf, config.family).ok_or_else(|| WeightError::Missing {
         file: g.path.clone(),
         name: hf.to_string(),
@@ -496,6 +509,14 @@ fn load_gguf(g: &GgufFile, hf: &str, config: &ModelConfig) -> Result<HostWeight,
                 ),
             });
         };
+        if !fits(&info.shape, expected) {
+            return Err(WeightError::Shape {
+                file: g.path.clone(),
+                name,
+                expected: expected.to_vec(),
+                found: info.shape.clone(),
+            });
+        }
         let rows = leading.iter().product::<usize>();
         HostWeight::Quantized(ggml::to_affine(info.kind, rows, cols, data).expect("quantized kind"))
     };
@@ -563,6 +584,29 @@ fn unpermute_qk(weight: HostWeight, heads: usize) -> HostWeight {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_stack_fits_only_its_own_experts_or_their_rows() {
+        // mlx-lm's `[4, 32, 64]` stack is not 2 experts of 64 rows, though the rows add up.
+        assert!(!fits(&[4, 32, 64], &[2, 64, 64]));
+        assert!(fits(&[4, 32, 64], &[4, 32, 64]));
+        // A stack and its rows regroup either way; other rows do not.
+        assert!(fits(&[128, 64], &[4, 32, 64]));
+        assert!(fits(&[4, 32, 64], &[128, 64]));
+        assert!(!fits(&[96, 64], &[4, 32, 64]));
+        let dense = |shape: Vec<usize>| HostWeight::Dense {
+            values: vec![0.0; shape.iter().product()],
+            shape,
+        };
+        assert_eq!(
+            dense(vec![4, 32, 64]).regrouped(&[2, 64, 64]).shape(),
+            [4, 32, 64]
+        );
+        assert_eq!(
+            dense(vec![128, 64]).regrouped(&[4, 32, 64]).shape(),
+            [4, 32, 64]
+        );
+    }
 
     /// llama.cpp's permute, written the way convert_hf_to_gguf.py writes it:
     /// `w.reshape(n_head, 2, rows // n_head // 2, cols).swapaxes(1, 2).reshape(rows, cols)`.

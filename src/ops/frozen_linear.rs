@@ -24,6 +24,7 @@ use super::elementwise::ElementwiseBackend;
 use super::primitive::{inner, primitive};
 use super::quantized_linear::DeviceQuantized;
 use super::rope::RopeBackend;
+use super::routing::RoutingBackend;
 use crate::quant::QuantizedMatrix;
 use crate::quant::packed_matmul::matmul_transposed;
 use crate::quant::tiled_matmul;
@@ -35,7 +36,9 @@ const PACKED_MATMUL_MAX_ROWS: usize = 32;
 
 /// Backends that run the whole model: attention, the element-wise ops, RoPE, and the frozen
 /// quantized linears (by default dequantized on the host).
-pub trait ModelBackend: AttentionBackend + ElementwiseBackend + RopeBackend {
+pub trait ModelBackend:
+    AttentionBackend + ElementwiseBackend + RopeBackend + RoutingBackend
+{
     /// Quantized weights live on the device and are dequantized there per use
     /// (`quantized_linear.rs`); otherwise they stay on the host, multiplied by host kernels.
     const DEVICE_QUANTIZED: bool = false;

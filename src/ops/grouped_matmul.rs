@@ -10,9 +10,10 @@
 //! One autodiff op ([`MatmulBackend::model_grouped_matmul`]) whose backward is the two grouped
 //! products above, so the gradient of each group's rows is written once into one `[n, k]`
 //! buffer (Burn's own `narrow` per group has a backward that writes a zero `[n, k]` tensor per
-//! group: quadratic in the experts, 20 s a step at Qwen3-30B-A3B's 128). Every backend runs one
-//! GEMM per group with rows, through [`MatmulBackend::model_matmul`] (cuBLAS on CUDA); a backend
-//! may override the two trait methods to run each grouped product as one call.
+//! group: quadratic in the experts, 20 s a step at Qwen3-30B-A3B's 128). By default each grouped
+//! product is one GEMM per group with rows, through [`MatmulBackend::model_matmul`]; CUDA runs
+//! the product as one cuBLAS grouped call (`backends/cuda/grouped_gemm.rs`) and keeps the
+//! default for the stack's gradient (that file says why).
 
 use burn::backend::Autodiff;
 use burn::backend::autodiff::NodeId;

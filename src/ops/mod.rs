@@ -10,6 +10,7 @@ pub mod matmul;
 pub mod primitive;
 pub mod quantized_linear;
 pub mod rope;
+pub mod routing;
 #[cfg(test)]
 pub(crate) mod test_f64;
 pub mod visibility;

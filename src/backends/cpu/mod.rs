@@ -24,6 +24,7 @@ use crate::ops::frozen_linear::{host_linear, on_host};
 use crate::ops::matmul::MatmulBackend;
 use crate::ops::primitive::{inner, primitive};
 use crate::ops::rope::{RopeBackend, rotate_by_slices};
+use crate::ops::routing::RoutingBackend;
 use crate::quant::{QuantizedMatrix, tiled_matmul};
 
 /// On the CPU the products go straight to `matrixmultiply` (`matmul.rs`): no copies of
@@ -120,6 +121,9 @@ impl ElementwiseBackend for burn::backend::NdArray<f32> {
 }
 
 impl ElementwiseBackend for burn::backend::NdArray<f64> {}
+
+impl RoutingBackend for burn::backend::NdArray<f32> {}
+impl RoutingBackend for burn::backend::NdArray<f64> {}
 
 /// One pass on the host (`elementwise.rs`); f64 tensors take the slices.
 impl RopeBackend for burn::backend::NdArray<f32> {

@@ -149,7 +149,7 @@ fn gemm(lhs: Tensor, rhs: Tensor, acc: Option<Tensor>) -> Tensor {
 
 /// Both operands in one element type: bf16 if either is (the bf16 weight decides the GEMM's
 /// precision), else f32.
-fn common_dtype(lhs: Tensor, rhs: Tensor) -> (Tensor, Tensor) {
+pub(super) fn common_dtype(lhs: Tensor, rhs: Tensor) -> (Tensor, Tensor) {
     let dtype = if lhs.dtype == DType::BF16 || rhs.dtype == DType::BF16 {
         FloatDType::BF16
     } else {
@@ -230,20 +230,21 @@ fn batch_layout(shape: &[usize], strides: &[usize]) -> Option<(usize, usize)> {
     Some((batch, inner_stride))
 }
 
-fn to_i32(n: usize) -> i32 {
+pub(super) fn to_i32(n: usize) -> i32 {
     i32::try_from(n).expect("GEMM dimension above cuBLAS's 32-bit limit")
 }
 
-struct Blas {
-    ctx: Arc<CudaContext>,
-    handle: blas::cublasHandle_t,
+/// A cuBLAS handle and the context it was made on.
+pub(super) struct Blas {
+    pub(super) ctx: Arc<CudaContext>,
+    pub(super) handle: blas::cublasHandle_t,
 }
 
 // SAFETY: the handle is only used under the mutex that owns it.
 unsafe impl Send for Blas {}
 
 /// One cuBLAS handle per device, on the device's primary context (the one CubeCL uses).
-fn blas_handle(device: usize) -> &'static Mutex<Blas> {
+pub(super) fn blas_handle(device: usize) -> &'static Mutex<Blas> {
     static HANDLES: OnceLock<Mutex<Vec<&'static Mutex<Blas>>>> = OnceLock::new();
     let mut handles = HANDLES
         .get_or_init(Default::default)

@@ -13,16 +13,18 @@ use burn_fusion::{Fusion, FusionBackend, FusionRuntime};
 use burn_ir::{CustomOpIr, HandleContainer, OperationIr, OperationOutput, TensorIr};
 
 use super::kernel::Cube;
-use super::{cublas, dequant, flash, rope};
+use super::{cublas, dequant, flash, grouped_gemm, rope};
 use crate::ops::ModelBackend;
 use crate::ops::attention::{
     AttentionBackend, Saved, Scores, kernel_covers, sliced_backward, sliced_forward,
 };
 use crate::ops::elementwise::ElementwiseBackend;
+use crate::ops::grouped_matmul::{Stacked, grouped_by_groups};
 use crate::ops::matmul::MatmulBackend;
 use crate::ops::primitive::{inner, primitive};
 use crate::ops::quantized_linear::DeviceQuantized;
 use crate::ops::rope::RopeBackend;
+use crate::ops::routing::RoutingBackend;
 use crate::ops::visibility::Visibility;
 
 type Runtime = <Cube as FusionBackend>::FusionRuntime;
@@ -58,7 +60,55 @@ impl Operation<Runtime> for CublasMatmulAdd {
     }
 }
 
+/// The experts' grouped product (`grouped_gemm.rs`), as declared in `desc`.
+#[derive(Debug)]
+struct CublasGrouped {
+    desc: CustomOpIr,
+    stacked: Stacked,
+    counts: Vec<usize>,
+}
+
+impl Operation<Runtime> for CublasGrouped {
+    fn execute(&self, handles: &mut HandleContainer<<Runtime as FusionRuntime>::FusionHandle>) {
+        let ([lhs, rhs], [out]) = self.desc.as_fixed();
+        let lhs = handles.get_float_tensor::<Cube>(lhs);
+        let rhs = handles.get_float_tensor::<Cube>(rhs);
+        let result = grouped_gemm::grouped_matmul(lhs, rhs, self.stacked, &self.counts);
+        handles.register_float_tensor::<Cube>(&out.id, result);
+    }
+}
+
 impl MatmulBackend for Fusion<Cube> {
+    /// One `cublasGemmGroupedBatchedEx` call (where the loaded cuBLAS has it); the stack's
+    /// gradient keeps the trait's one GEMM per group (`grouped_gemm.rs` says why).
+    fn model_grouped_matmul(
+        lhs: FloatTensor<Self>,
+        rhs: FloatTensor<Self>,
+        stacked: Stacked,
+        counts: &[usize],
+    ) -> FloatTensor<Self> {
+        if !grouped_gemm::available() {
+            return grouped_by_groups::<Self>(lhs, rhs, stacked, counts);
+        }
+        let m = match stacked {
+            Stacked::AsIs => rhs.shape[2],
+            Stacked::Transposed => rhs.shape[1],
+        };
+        let shape = Shape::from([lhs.shape[0], m]);
+        let client = lhs.client.clone();
+        let streams = OperationStreams::with_inputs([&lhs, &rhs]);
+        let out = TensorIr::uninit(client.create_empty_handle(), shape, DType::F32);
+        let desc = CustomOpIr::new("cublas_grouped", &[lhs.into_ir(), rhs.into_ir()], &[out]);
+        let op = CublasGrouped {
+            desc: desc.clone(),
+            stacked,
+            counts: counts.to_vec(),
+        };
+        client
+            .register(streams, OperationIr::Custom(desc), op)
+            .output()
+    }
+
     fn model_matmul(lhs: FloatTensor<Self>, rhs: FloatTensor<Self>) -> FloatTensor<Self> {
         let client = lhs.client.clone();
         let mut dims = lhs.shape.to_vec();
@@ -325,6 +375,8 @@ fn custom<const M: usize, O: Operation<Runtime> + 'static>(
 }
 
 impl ElementwiseBackend for burn::backend::Cuda<f32> {}
+
+impl RoutingBackend for burn::backend::Cuda<f32> {}
 
 /// On CUDA, a quantized base stays packed in device memory (QLoRA's saving) and is dequantized
 /// by device kernels per use, instead of crossing PCIe as f32 on every product.

@@ -34,6 +34,7 @@ use crate::ops::matmul::MatmulBackend;
 use crate::ops::primitive::{inner, primitive};
 use crate::ops::quantized_linear::DeviceQuantized;
 use crate::ops::rope::RopeBackend;
+use crate::ops::routing::RoutingBackend;
 use crate::ops::visibility::Visibility;
 
 /// What `burn::backend::Metal<f32>` and `Vulkan<f32>` are without Burn's fusion (which a build
@@ -197,6 +198,9 @@ impl RopeBackend for Portable {
 }
 
 /// Quantized weights stay packed on the device and are dequantized by `dequant.rs` per use.
+/// Routed rows through Burn's `select` and the written backward (`ops/routing.rs`).
+impl RoutingBackend for Portable {}
+
 impl ModelBackend for Portable {
     const DEVICE_QUANTIZED: bool = true;
 

@@ -1,10 +1,12 @@
 //! `experts_grad`: an experts' stack (its own matrix and LoRA adapter per expert) on rows grouped
 //! by expert, as a mixture of experts runs it (`model/experts.rs`, `ops/grouped_matmul.rs`: on
-//! CUDA one grouped cuBLAS call per product), against float64 on the host: the output
+//! CUDA one grouped cuBLAS call per product, one GEMM per expert for the stacks' gradients),
+//! against float64 on the host: the output
 //! `y_e = x_e W_eᵀ + s (x_e A_e) B_e` and the gradients of `Σ r ⊙ y` for `x`, `A` and `B`.
 
 use burn::backend::Autodiff;
-use burn::tensor::{DType, Tensor, TensorCreationOptions, TensorData};
+use burn::tensor::ops::FloatTensor;
+use burn::tensor::{DType, Tensor, TensorCreationOptions, TensorData, TensorPrimitive};
 use rand::SeedableRng;
 use serde_json::json;
 
@@ -12,6 +14,8 @@ use super::{HALF_TOLERANCE, KERNEL_TOLERANCE, Weight, gemm, scaled_error, tensor
 use crate::model::LoraAdapter;
 use crate::model::linear::{FrozenLinear, FrozenWeight};
 use crate::ops::ModelBackend;
+use crate::ops::grouped_matmul::{Stacked, grouped_by_groups};
+use crate::ops::primitive::primitive;
 
 /// Rows per expert: an empty expert, one with a single row, and unequal groups.
 const COUNTS: [usize; 8] = [5, 0, 17, 1, 64, 3, 0, 30];
@@ -142,5 +146,49 @@ pub fn experts_grad<B: ModelBackend>(
         "in": inp, "out": out, "rank": r, "output_error": errors[0],
         "grad_errors": {"x": errors[1], "a": errors[2], "b": errors[3]},
         "tolerance": tolerance, "pass": errors.iter().all(|&e| e <= tolerance),
+    })
+}
+
+/// `grouped_products`: the backend's grouped product (one cuBLAS call on CUDA) against one GEMM
+/// per group on the same backend, for a `[groups, k, m]` stack read as is or transposed, at
+/// LoRA's rank-8 sides and widths that are not powers of two. (The stack's gradient is checked
+/// against float64 by `experts_grad`.)
+pub fn grouped_products<B: ModelBackend>(
+    device: &B::Device,
+    k: usize,
+    m: usize,
+    stacked: Stacked,
+) -> serde_json::Value {
+    let (groups, n) = (COUNTS.len(), COUNTS.iter().sum::<usize>());
+    let mut rng = rand::rngs::StdRng::seed_from_u64((k * 31 + m) as u64);
+    let x = tensor::<B, 2>(&uniform(&mut rng, n * k, 1.0), [n, k], device);
+    let shape = match stacked {
+        Stacked::AsIs => [groups, k, m],
+        Stacked::Transposed => [groups, m, k],
+    };
+    let stack = tensor::<B, 3>(&uniform(&mut rng, groups * k * m, 0.1), shape, device);
+    let values = |t: FloatTensor<B>| -> Vec<f32> {
+        Tensor::<B, 2>::from_primitive(TensorPrimitive::Float(t))
+            .into_data()
+            .convert::<f32>()
+            .into_vec()
+            .expect("f32")
+    };
+    let (x, stack) = (primitive(x), primitive(stack));
+    let got = values(B::model_grouped_matmul(
+        x.clone(),
+        stack.clone(),
+        stacked,
+        &COUNTS,
+    ));
+    let want: Vec<f64> = values(grouped_by_groups::<B>(x, stack, stacked, &COUNTS))
+        .into_iter()
+        .map(f64::from)
+        .collect();
+    let error = scaled_error(&got, &want);
+    json!({
+        "check": "grouped_products", "k": k, "m": m, "stacked": format!("{stacked:?}"),
+        "counts": COUNTS, "product_error": error, "tolerance": KERNEL_TOLERANCE,
+        "pass": error <= KERNEL_TOLERANCE,
     })
 }

@@ -31,6 +31,8 @@
 //! - `rope_grad`: the rotary embedding's output and input gradient against float64 (`rope.rs`).
 //! - `experts_grad`: an experts' stack with its adapters on rows grouped by expert (the grouped
 //!   products of a mixture of experts), output and gradients against float64 (`experts.rs`).
+//! - `grouped_products`: the grouped product (one cuBLAS call on CUDA) against one GEMM per
+//!   group on the same backend, at LoRA's rank-8 shapes and widths not powers of two.
 //! - `trajectory_experts`: two of Mixtral's blocks (top-2 of 4 experts) trained as `trajectory` is.
 //! - `rms_norm_grad`, `swiglu_grad`, `cross_entropy_grad`: the element-wise ops' outputs and
 //!   input gradients against their naive forms under the CPU's autodiff (`elementwise.rs`).
@@ -64,6 +66,7 @@ use crate::model::load::BaseStorage;
 use crate::model::{Decoder, Family, ModelConfig};
 use crate::ops::ModelBackend;
 use crate::ops::TrainBackend;
+use crate::ops::grouped_matmul::Stacked;
 use crate::recipe::{AdapterKind, Layers, LoraSection, Targets};
 use crate::train::recompute::Checkpointing;
 use crate::train::trainer::{StepSettings, Trainer};
@@ -148,12 +151,13 @@ pub struct CheckOptions {
 }
 
 /// The checks `CheckOptions::skip` may name: the trajectories, and the experts' grouped products.
-const SKIPPABLE: [&str; 5] = [
+const SKIPPABLE: [&str; 6] = [
     "trajectory",
     "trajectory_chunked_offloaded",
     "trajectory_fused_projections",
     "trajectory_experts",
     "experts_grad",
+    "grouped_products",
 ];
 
 /// Runs every check `options` asks for with `B` the device's backend; returns the JSON lines,
@@ -248,6 +252,23 @@ pub fn run<B: ModelBackend>(
             .filter(|w| matches!(w, Weight::Dense | Weight::DenseHalf(_)))
         {
             emit(experts::experts_grad::<B>(device, inp, out, weight));
+        }
+    }
+    // LoRA's rank-8 sides (A: `[in, 8]`, B: `[8, out]`) and experts' projections.
+    for (k, m) in [
+        (8, 96),
+        (8, 256),
+        (96, 8),
+        (576, 8),
+        (8, 100),
+        (16, 96),
+        (64, 96),
+    ]
+    .into_iter()
+    .filter(|_| !skipped("grouped_products"))
+    {
+        for stacked in [Stacked::AsIs, Stacked::Transposed] {
+            emit(experts::grouped_products::<B>(device, k, m, stacked));
         }
     }
     for seq in [16, 128, 512] {
