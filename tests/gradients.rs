@@ -37,6 +37,7 @@ fn batch() -> Batch {
         targets,
         mask,
         segments: None,
+        lengths: vec![6, 6],
     }
 }
 

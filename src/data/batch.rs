@@ -18,11 +18,21 @@ pub struct Batch {
     pub mask: Vec<f32>,
     /// For packed rows, the example each position belongs to (attention stays inside it).
     pub segments: Option<Vec<u32>>,
+    /// Each row's positions before its padding (`seq` for a full row).
+    pub lengths: Vec<usize>,
 }
 
 impl Batch {
     /// Positions whose loss counts.
     pub fn trained_tokens(&self) -> usize {
         self.mask.iter().filter(|&&m| m > 0.0).count()
+    }
+
+    /// `[batch, seq]`: true for a token, false for padding.
+    pub fn tokens(&self) -> Vec<bool> {
+        self.lengths
+            .iter()
+            .flat_map(|&n| (0..self.seq).map(move |i| i < n))
+            .collect()
     }
 }

@@ -159,6 +159,7 @@ impl BatchPlan {
             targets: Vec::with_capacity(cells),
             mask: Vec::with_capacity(cells),
             segments: self.packed.then(|| Vec::with_capacity(cells)),
+            lengths: Vec::with_capacity(members.len()),
         };
         for &r in members {
             for &i in &self.rows[r] {
@@ -174,7 +175,9 @@ impl BatchPlan {
                 }
             }
             // Padding is never trained, so it adds nothing to the loss (mlx-lm counts one pad).
-            let pad = seq - self.width(&self.rows[r]);
+            let width = self.width(&self.rows[r]);
+            batch.lengths.push(width);
+            let pad = seq - width;
             batch.inputs.extend(std::iter::repeat_n(self.pad_id, pad));
             batch.targets.extend(std::iter::repeat_n(self.pad_id, pad));
             batch.mask.extend(std::iter::repeat_n(0.0, pad));

@@ -161,5 +161,6 @@ pub fn random_batch(rng: &mut impl Rng, batch: usize, seq: usize, vocab: usize) 
         targets,
         mask,
         segments: None,
+        lengths: vec![seq; batch],
     }
 }

@@ -206,7 +206,7 @@ pub enum FeedForward<B: ModelBackend> {
     /// A gated MLP every token goes through.
     Dense(Mlp<B>),
     /// Experts chosen per token by a router.
-    Experts(SparseMoe<B>),
+    Experts(Box<SparseMoe<B>>),
 }
 
 impl<B: ModelBackend> FeedForward<B> {
@@ -257,7 +257,7 @@ impl<B: ModelBackend> FeedForward<B> {
     ) -> FeedForward<C> {
         match self {
             FeedForward::Dense(mlp) => FeedForward::Dense(mlp.map(f)),
-            FeedForward::Experts(moe) => FeedForward::Experts(moe.map(f)),
+            FeedForward::Experts(moe) => FeedForward::Experts(Box::new(moe.map(f))),
         }
     }
 }

@@ -20,9 +20,10 @@ use burn::tensor::{Int, Tensor, TensorData};
 use super::decoder::Mlp;
 use super::linear::FrozenLinear;
 use super::names::BlockLinear;
+use super::router_balance::RouterBalance;
 use crate::ops::elementwise::{Activation, gated};
 use crate::ops::frozen_linear::ModelBackend;
-use crate::ops::routing::pick_rows;
+use crate::ops::routing::{add_to_gradient, pick_rows};
 
 /// A block's mixture of experts.
 #[derive(Debug, Clone)]
@@ -43,6 +44,8 @@ pub struct SparseMoe<B: ModelBackend> {
     pub normalize_top_k: bool,
     /// The experts' gate activation.
     pub activation: Activation,
+    /// The load-balancing loss's counts, when training asks for it (shared by every layer).
+    pub balance: Option<RouterBalance>,
 }
 
 /// An MLP every token goes through beside its experts, its output scaled by
@@ -147,6 +150,10 @@ impl<B: ModelBackend> SparseMoe<B> {
             .into_vec()
             .expect("f32 probabilities");
         let chosen = top_k(&host, experts, k);
+        let probs = match self.balance.as_ref().and_then(|b| b.route(&host, &chosen)) {
+            Some(term) => add_to_gradient(probs, term),
+            None => probs,
+        };
         let mut weights = probs.gather(1, indices::<B, 2>(&chosen, [n, k], &device));
         if self.normalize_top_k {
             weights = weights.clone() / weights.sum_dim(1);
@@ -246,6 +253,7 @@ impl<B: ModelBackend> SparseMoe<B> {
             top_k: self.top_k,
             normalize_top_k: self.normalize_top_k,
             activation: self.activation,
+            balance: self.balance.clone(),
         }
     }
 }

@@ -231,7 +231,8 @@ impl ModelFiles {
                 post_attention_norm: optional(BlockNorm::PostAttention)?,
                 pre_mlp_norm: norm(BlockNorm::PreMlp)?,
                 mlp: match &c.moe {
-                    Some(moe) if moe.sparse(i) => FeedForward::Experts(SparseMoe {
+                    Some(moe) if moe.sparse(i) => FeedForward::Experts(Box::new(SparseMoe {
+                        balance: None,
                         router: linear(BlockLinear::Router)?,
                         gate: linear(BlockLinear::ExpertGate)?,
                         up: linear(BlockLinear::ExpertUp)?,
@@ -253,7 +254,7 @@ impl ModelFiles {
                         top_k: moe.top_k,
                         normalize_top_k: moe.normalize_top_k,
                         activation: c.quirks.activation,
-                    }),
+                    })),
                     _ => FeedForward::Dense(Mlp {
                         activation: c.quirks.activation,
                         gate_up: projections(BlockLinear::GateUp)?,

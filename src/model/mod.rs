@@ -10,6 +10,7 @@ pub mod linear;
 pub mod load;
 pub mod names;
 pub mod projections;
+pub mod router_balance;
 pub mod valid;
 pub mod weights;
 

@@ -1,4 +1,5 @@
-//! A mixture of experts' rows moved between token order and expert order.
+//! A mixture of experts' rows moved between token order and expert order, and the routers' extra
+//! gradient term ([`add_to_gradient`], the load-balancing loss's).
 //!
 //! ```text
 //! out[i] = x[picks[i]]                         x: [m, h], picks: [p] → out: [p, h]
@@ -12,6 +13,8 @@
 //! H200 (bench/NOTES.md). The rows here are picked a known number of times each, so the backward
 //! is a gather too, then a sum over the `times` copies.
 
+use std::sync::Arc;
+
 use burn::backend::Autodiff;
 use burn::backend::autodiff::checkpoint::base::Checkpointer;
 use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
@@ -19,13 +22,38 @@ use burn::backend::autodiff::grads::Gradients;
 use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
 use burn::tensor::backend::Backend;
 use burn::tensor::ops::{FloatTensor, IntTensor};
-use burn::tensor::{Int, Shape, Tensor, TensorMetadata};
+use burn::tensor::{Int, Shape, Tensor, TensorData, TensorMetadata};
 
 use super::primitive::{inner, primitive};
+
+/// A gradient term computed when the backward pass reaches it (a loss whose gradient is known in
+/// closed form only after the forward pass: the routers' load balance,
+/// `model/router_balance.rs`): the values of a `[rows, cols]` tensor, row-major.
+#[derive(Clone)]
+pub struct LateGradient(Arc<dyn Fn() -> Vec<f32> + Send + Sync>);
+
+impl LateGradient {
+    /// The term `values()` computes.
+    pub fn new(values: impl Fn() -> Vec<f32> + Send + Sync + 'static) -> Self {
+        LateGradient(Arc::new(values))
+    }
+}
+
+impl std::fmt::Debug for LateGradient {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("LateGradient")
+    }
+}
 
 /// Backends that move routed rows; the default is Burn's `select` (no backward of its own is
 /// needed off the autodiff backend).
 pub trait RoutingBackend: Backend {
+    /// `x` unchanged; in the backward pass its gradient gains `term` (nothing off the autodiff
+    /// backend, where there is no backward pass).
+    fn add_to_gradient(x: FloatTensor<Self>, _term: LateGradient) -> FloatTensor<Self> {
+        x
+    }
+
     /// `x`: `[m, h]`, `picks`: `[p]` → `[p, h]`, `out[i] = x[picks[i]]`; `back`: `[m · times]`,
     /// the outputs that picked each row (its backward's gather).
     fn pick_rows(
@@ -36,6 +64,11 @@ pub trait RoutingBackend: Backend {
     ) -> FloatTensor<Self> {
         Self::float_select(x, 0, picks)
     }
+}
+
+/// `x` unchanged; its gradient gains `term`'s values (`x`'s shape) in the backward pass.
+pub fn add_to_gradient<B: RoutingBackend>(x: Tensor<B, 2>, term: LateGradient) -> Tensor<B, 2> {
+    inner(B::add_to_gradient(primitive(x), term))
 }
 
 /// `out[i] = x[picks[i]]`, each row of `x` picked `times` times, by the outputs `back` lists
@@ -84,7 +117,39 @@ impl<B: Backend> Backward<B, 1> for PickBackward {
     }
 }
 
+#[derive(Debug)]
+struct LateBackward;
+
+impl<B: Backend> Backward<B, 1> for LateBackward {
+    type State = (LateGradient, Shape);
+
+    fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let grad = grads.consume::<B>(&ops.node);
+        let (term, shape) = ops.state;
+        let Some(node) = &ops.parents[0] else {
+            return;
+        };
+        let device = B::float_device(&grad);
+        let extra = B::float_from_data(TensorData::new((term.0)(), shape), &device);
+        let dtype = grad.dtype();
+        let extra = B::float_cast(extra, dtype.into());
+        grads.register::<B>(node.id, B::float_add(grad, extra));
+    }
+}
+
 impl<B: RoutingBackend, C: CheckpointStrategy> RoutingBackend for Autodiff<B, C> {
+    fn add_to_gradient(x: FloatTensor<Self>, term: LateGradient) -> FloatTensor<Self> {
+        let shape = x.primitive.shape();
+        match LateBackward
+            .prepare::<C>([x.node.clone()])
+            .compute_bound()
+            .stateful()
+        {
+            OpsKind::Tracked(prep) => prep.finish((term, shape), x.primitive),
+            OpsKind::UnTracked(prep) => prep.finish(x.primitive),
+        }
+    }
+
     fn pick_rows(
         x: FloatTensor<Self>,
         picks: IntTensor<Self>,

@@ -383,6 +383,15 @@ fn validate(r: &Recipe) -> Result<(), RecipeError> {
                 .into(),
         );
     }
+    if t.router_aux_loss_coef
+        .is_some_and(|c| !(c >= 0.0 && c.is_finite()))
+    {
+        return invalid(
+            "train.router_aux_loss_coef",
+            "must be a number ≥ 0 (Mixtral's and Qwen3-MoE's configs say 0.001; leave it out for none)"
+                .into(),
+        );
+    }
     if t.max_grad_norm.is_some_and(|n| !(n > 0.0 && n.is_finite())) {
         return invalid(
             "train.max_grad_norm",

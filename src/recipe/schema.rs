@@ -399,6 +399,10 @@ pub struct TrainSection {
     /// Clip by the global gradient norm; none when absent.
     #[serde(default)]
     pub max_grad_norm: Option<f64>,
+    /// A mixture of experts' router load-balancing loss, this much of it added to the loss
+    /// (transformers' `router_aux_loss_coef` with `output_router_logits`); none when absent.
+    #[serde(default)]
+    pub router_aux_loss_coef: Option<f64>,
     /// Recompute each block's activations in the backward pass, keeping only its input;
     /// default false.
     #[serde(default)]

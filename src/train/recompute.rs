@@ -124,6 +124,11 @@ pub fn loss_and_gradients<B: TrainBackend>(
         };
     }
 
+    // Every router has counted its choices: the load-balancing term's gradient is known, and
+    // the recomputed forward passes below add it without counting again.
+    if let Some(balance) = decoder.router_balance() {
+        balance.finish();
+    }
     let (value, mut upstream) =
         super::head::loss_and_input_grad(decoder, h, &batch.targets, &batch.mask, scale);
 

@@ -276,6 +276,15 @@ impl<'r, B: TrainBackend> Run<'r, B> {
         drop(loaded.files);
         let spec = AdapterSpec::from_recipe(&recipe.lora, &model.config)?;
         inject(&mut model, &spec, recipe.seed, device);
+        if let Some(coef) = recipe.train.router_aux_loss_coef.filter(|&c| c > 0.0)
+            && !model.balance_routers(coef)
+        {
+            bail!(
+                "train.router_aux_loss_coef = {coef}: {} has no experts to balance (it is a `{}` model); remove the key",
+                recipe.model.path.display(),
+                model.config.family.name()
+            );
+        }
 
         let train_plan = plan_split(recipe, &tokenizer, "train")?
             .context("the recipe's data has no train split")?;

@@ -264,9 +264,28 @@ pub fn loss_and_gradients<B: TrainBackend>(
     grad_checkpoint: Option<Checkpointing>,
     device: &B::Device,
 ) -> (f64, Vec<Tensor<B::InnerBackend, 1>>) {
-    if let Some(how) = grad_checkpoint {
-        return super::recompute::loss_and_gradients(decoder, batch, scale, how, device);
+    let balance = decoder.router_balance();
+    if let Some(balance) = &balance {
+        balance.start(batch.tokens(), scale);
     }
+    let (value, grads) = match grad_checkpoint {
+        Some(how) => super::recompute::loss_and_gradients(decoder, batch, scale, how, device),
+        None => plain_loss_and_gradients(decoder, batch, scale, device),
+    };
+    match &balance {
+        // The routers' term joined the gradients as the backward pass reached each router.
+        Some(balance) => (value + balance.end(), grads),
+        None => (value, grads),
+    }
+}
+
+/// [`loss_and_gradients`] keeping every activation for the backward pass.
+fn plain_loss_and_gradients<B: TrainBackend>(
+    decoder: &Decoder<B>,
+    batch: &Batch,
+    scale: f64,
+    device: &B::Device,
+) -> (f64, Vec<Tensor<B::InnerBackend, 1>>) {
     // The head runs a slice at a time (`head.rs`); its gradient then flows through the blocks.
     let top = decoder.forward_blocks(
         &batch.inputs,
@@ -274,6 +293,10 @@ pub fn loss_and_gradients<B: TrainBackend>(
         batch.batch,
         device,
     );
+    // Every router has counted its choices: the load-balancing term's gradient is known.
+    if let Some(balance) = decoder.router_balance() {
+        balance.finish();
+    }
     let (value, upstream) = super::head::loss_and_input_grad(
         decoder,
         top.clone().inner(),

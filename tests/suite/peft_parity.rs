@@ -14,8 +14,9 @@ use loraforge::lora::{AdapterSpec, files, inject};
 use loraforge::model::load_model;
 use loraforge::recipe::{LoraSection, OptimizerKind, Targets};
 use loraforge::train::optimizer::OptimizerConfig;
+use loraforge::train::recompute::Checkpointing;
 use loraforge::train::trainer::{
-    StepSettings, Trainer, batch_loss, gradients, parameters, set_parameters,
+    StepSettings, Trainer, loss_and_gradients, parameters, set_parameters,
 };
 use serde_json::Value;
 
@@ -23,6 +24,12 @@ type B = Autodiff<NdArray<f32>>;
 
 /// The fixture's micro-batches (`batches.json`), labels shifted as transformers shifts them.
 pub fn batches(path: &Path) -> Vec<Batch> {
+    fixture_batches(path, false)
+}
+
+/// [`batches`]; `whole_rows` keeps each row's last position too (it predicts nothing), as
+/// transformers runs it: its router counts it, for the load-balancing loss.
+fn fixture_batches(path: &Path, whole_rows: bool) -> Vec<Batch> {
     let json = common::read_json(path);
     json["micro_batches"]
         .as_array()
@@ -44,7 +51,11 @@ pub fn batches(path: &Path) -> Vec<Batch> {
                     .collect()
             };
             let (ids, labels) = (rows("input_ids"), rows("labels"));
-            let seq = ids[0].len() - 1;
+            let seq = ids[0].len() - usize::from(!whole_rows);
+            let lengths = rows("attention_mask")
+                .iter()
+                .map(|m| (m.iter().sum::<i64>() as usize).min(seq))
+                .collect();
             let mut batch = Batch {
                 batch: ids.len(),
                 seq,
@@ -52,16 +63,17 @@ pub fn batches(path: &Path) -> Vec<Batch> {
                 targets: vec![],
                 mask: vec![],
                 segments: None,
+                lengths,
             };
             for (row, lab) in ids.iter().zip(&labels) {
                 batch.inputs.extend(row[..seq].iter().map(|&v| v as u32));
-                // Labels shift by one: position t predicts label t+1; -100 is not trained.
-                batch
-                    .targets
-                    .extend(lab[1..].iter().map(|&v| v.max(0) as u32));
+                // Labels shift by one: position t predicts label t+1; -100 is not trained (nor
+                // is a whole row's last position).
+                let shifted = || lab[1..].iter().chain(whole_rows.then_some(&-100));
+                batch.targets.extend(shifted().map(|&v| v.max(0) as u32));
                 batch
                     .mask
-                    .extend(lab[1..].iter().map(|&v| if v == -100 { 0.0 } else { 1.0 }));
+                    .extend(shifted().map(|&v| if v == -100 { 0.0 } else { 1.0 }));
             }
             batch
         })
@@ -94,11 +106,24 @@ fn ten_adamw_steps_on_phi3_match_peft() {
 /// expert), so the gradients go through the routing weights and the grouped products.
 #[test]
 fn ten_adamw_steps_on_mixtral_with_the_experts_adapters_match_peft() {
+    ten_adamw_steps_match("peft-parity-mixtral", mixtral_targets());
+}
+
+/// The Mixtral fixtures' adapters: attention's four linears and the experts' down projections.
+fn mixtral_targets() -> Targets {
     let keys = ["q_proj", "k_proj", "v_proj", "o_proj"]
         .map(|l| format!("self_attn.{l}"))
         .into_iter()
         .chain(["block_sparse_moe.switch_mlp.down_proj".to_string()]);
-    ten_adamw_steps_match("peft-parity-mixtral", Targets::Keys(keys.collect()));
+    Targets::Keys(keys.collect())
+}
+
+/// The same with the routers' load-balancing loss (`train.router_aux_loss_coef`, 0.05), as
+/// transformers adds it with `output_router_logits`: padding left out of its counts, its
+/// gradient through the routers' probabilities.
+#[test]
+fn ten_adamw_steps_on_mixtral_with_the_load_balancing_loss_match_peft() {
+    ten_adamw_steps_match("peft-parity-mixtral-aux", mixtral_targets());
 }
 
 /// The fixtures' optimizer: torch's AdamW at its defaults, weight decay 0.01.
@@ -142,13 +167,35 @@ fn ten_adamw_steps_match(fixture: &str, targets: Targets) {
     let mut model = model_with_adapters(&dir, &initial_file, targets);
     let initial = parameters(&model);
     set_parameters(&mut model, &initial);
+    let balance = reference["router_aux_loss_coef"].as_f64();
+    if let Some(coef) = balance {
+        assert!(model.balance_routers(coef), "the fixture has experts");
+    }
 
-    let batches = batches(&dir.join("batches.json"));
-    let grads = batch_loss(&model, &batches[0], &device).backward();
+    let batches = fixture_batches(&dir.join("batches.json"), balance.is_some());
+    let (loss, grads) = loss_and_gradients(&model, &batches[0], 1.0, None, &device);
+    if balance.is_some() {
+        // Activation checkpointing adds the routers' term in its recomputed forward passes,
+        // also when the MLP runs 5 tokens at a time (chunks across rows and padding).
+        for how in [
+            Checkpointing::default(),
+            Checkpointing {
+                mlp_chunk_tokens: 5,
+                offload: false,
+            },
+        ] {
+            let (l, g) = loss_and_gradients(&model, &batches[0], 1.0, Some(how), &device);
+            assert!((l - loss).abs() < 1e-6, "{how:?}: loss {l} vs {loss}");
+            for (a, b) in g.iter().zip(&grads) {
+                let diff = (a.clone() - b.clone()).abs().max().into_scalar();
+                assert!(diff < 1e-5, "{how:?}: a gradient differs by {diff}");
+            }
+        }
+    }
     // Gradients of the first micro-batch alone, against torch's: put in the adapters' place,
     // they go through peft's layout as the adapters themselves do.
     let mut as_adapters = model.clone();
-    set_parameters(&mut as_adapters, &gradients(&model, &grads));
+    set_parameters(&mut as_adapters, &grads);
     let torch = common::tensors(&dir.join("first_grads.safetensors"));
     let ours = files::peft_tensors(&as_adapters);
     assert_eq!(ours.len(), torch.len(), "one gradient per peft tensor");

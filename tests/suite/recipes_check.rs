@@ -145,6 +145,14 @@ fn settings_that_would_turn_the_adapters_into_nan_are_refused() {
         ("train.min_learning_rate=nan", "train.min_learning_rate"),
         ("train.betas=[1.0, 0.999]", "train.betas"),
         ("train.max_grad_norm=nan", "train.max_grad_norm"),
+        (
+            "train.router_aux_loss_coef=-0.01",
+            "train.router_aux_loss_coef",
+        ),
+        (
+            "train.router_aux_loss_coef=nan",
+            "train.router_aux_loss_coef",
+        ),
         ("lora.alpha=inf", "lora.alpha"),
         ("train.val_batches=0", "train.val_batches"),
     ] {

@@ -91,6 +91,16 @@ fn nan_loss_stops_and_keeps_the_last_good_checkpoint() {
 }
 
 #[test]
+fn a_load_balancing_loss_without_experts_is_refused() {
+    let run = tiny_run("balance", "");
+    let err = train_err(&run.recipe, &["--set", "train.router_aux_loss_coef=0.01"]);
+    assert!(
+        err.contains("train.router_aux_loss_coef = 0.01") && err.contains("has no experts"),
+        "{err}"
+    );
+}
+
+#[test]
 fn a_compute_dtype_we_cannot_run_is_refused() {
     let run = tiny_run("dtype", "");
     let err = train_err(&run.recipe, &["--set", "model.dtype=\"bf16\""]);
