@@ -62,8 +62,8 @@ fn regroups(a: &[usize], b: &[usize]) -> bool {
 }
 
 /// Whether a stored matrix of shape `found` (a quantized one's unpacked columns) is the
-/// `expected` one: equal where both are stacks (`[4, 64, in]` is not 8 experts of 32 rows), regrouped only
-/// between a stack and its `[experts · out, in]` rows.
+/// `expected` one: equal where both are stacks (`[4, 64, in]` is not 8 experts of 32 rows),
+/// regrouped only between a stack and its `[experts · out, in]` rows.
 fn fits(found: &[usize], expected: &[usize]) -> bool {
     found == expected || (found.len() != expected.len() && regroups(found, expected))
 }
@@ -297,8 +297,7 @@ impl WeightSource {
         self.release(name);
         let weight = weight.regrouped(expected);
         let found = weight.shape();
-        let quantized = matches!(weight, HostWeight::Quantized(_));
-        if found != expected && !(quantized && regroups(&found, expected)) {
+        if !fits(&found, expected) {
             return Err(WeightError::Shape {
                 file: self.file(),
                 name: name.to_string(),

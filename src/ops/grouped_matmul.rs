@@ -10,10 +10,11 @@
 //! One autodiff op ([`MatmulBackend::model_grouped_matmul`]) whose backward is the two grouped
 //! products above, so the gradient of each group's rows is written once into one `[n, k]`
 //! buffer (Burn's own `narrow` per group has a backward that writes a zero `[n, k]` tensor per
-//! group: quadratic in the experts, 20 s a step at Qwen3-30B-A3B's 128). By default each grouped
-//! product is one GEMM per group with rows, through [`MatmulBackend::model_matmul`]; CUDA runs
-//! the product as one cuBLAS grouped call (`backends/cuda/grouped_gemm.rs`) and keeps the
-//! default for the stack's gradient (that file says why).
+//! group: quadratic in the experts, 20 s a step at Qwen3-30B-A3B's 128). By default the grouped
+//! product is one GEMM per group with rows, through [`MatmulBackend::model_matmul`]; CUDA runs it
+//! as one cuBLAS grouped call (`backends/cuda/grouped_gemm.rs`). The stack's gradient is always
+//! one GEMM per group ([`grouped_outer_by_groups`]): cuBLAS's grouped call gets it wrong (that
+//! file says how).
 
 use burn::backend::Autodiff;
 use burn::backend::autodiff::NodeId;
@@ -103,7 +104,7 @@ pub fn grouped_by_groups<B: MatmulBackend>(
     primitive(Tensor::cat(parts, 0))
 }
 
-/// The reference gradient of a stack: `x_gᵀ · dy_g` per group (its transpose for a
+/// The gradient of a stack: `x_gᵀ · dy_g` per group (its transpose for a
 /// [`Stacked::Transposed`] stack), zero for a group without rows, stacked like the matrices, in
 /// the products' dtype (f32 on CUDA, whatever the operands').
 pub fn grouped_outer_by_groups<B: MatmulBackend>(
@@ -164,7 +165,7 @@ impl<B: MatmulBackend> Backward<B, 2> for GroupedBackward {
         }
         if let Some(node) = &ops.parents[1] {
             let x = ckpt.retrieve_node_output(x.expect("x kept for dw"));
-            let dw = B::model_grouped_outer(x, grad, stacked, &counts);
+            let dw = grouped_outer_by_groups::<B>(x, grad, stacked, &counts);
             grads.register::<B>(node.id, dw);
         }
     }

@@ -18,9 +18,7 @@ use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::ops::FloatTensor;
 use burn::tensor::{Tensor, TensorMetadata};
 
-use super::grouped_matmul::{
-    Stacked, autodiff_grouped, grouped_by_groups, grouped_outer_by_groups,
-};
+use super::grouped_matmul::{Stacked, autodiff_grouped, grouped_by_groups};
 use super::primitive::{inner, primitive};
 
 /// Backends that run the model's matrix products; the default is Burn's `float_matmul`, and a
@@ -41,17 +39,6 @@ pub trait MatmulBackend: Backend {
         counts: &[usize],
     ) -> FloatTensor<Self> {
         grouped_by_groups::<Self>(lhs, rhs, stacked, counts)
-    }
-
-    /// The gradient of a grouped product's stack: `lhs_gᵀ · grad_g` per group, stacked as the
-    /// matrices are.
-    fn model_grouped_outer(
-        lhs: FloatTensor<Self>,
-        grad: FloatTensor<Self>,
-        stacked: Stacked,
-        counts: &[usize],
-    ) -> FloatTensor<Self> {
-        grouped_outer_by_groups::<Self>(lhs, grad, stacked, counts)
     }
 
     /// `lhs · rhs + acc`, `acc` shaped like the product.

@@ -79,8 +79,7 @@ impl Operation<Runtime> for CublasGrouped {
 }
 
 impl MatmulBackend for Fusion<Cube> {
-    /// One `cublasGemmGroupedBatchedEx` call (where the loaded cuBLAS has it); the stack's
-    /// gradient keeps the trait's one GEMM per group (`grouped_gemm.rs` says why).
+    /// One `cublasGemmGroupedBatchedEx` call (where the loaded cuBLAS has it).
     fn model_grouped_matmul(
         lhs: FloatTensor<Self>,
         rhs: FloatTensor<Self>,

@@ -11,8 +11,9 @@
 //!   differ in `k`. cuBLAS 12 on an H200 returned wrong results for those whenever the output's
 //!   leading dimension was not a power of two (96, 100, 576 wrong; 8, 16, 64, 256 right), with
 //!   either operand transposed, in TF32 and in full f32 (`bench check`'s `grouped_products`,
-//!   bench/NOTES.md, docs/traps.md). It runs as one GEMM per group with rows (the trait's
-//!   default): only adapters on the experts have such a gradient (the stacks of `A` and `B`).
+//!   bench/NOTES.md, docs/traps.md). It runs as one GEMM per group with rows
+//!   (`grouped_outer_by_groups`): only adapters on the experts have such a gradient (the stacks
+//!   of `A` and `B`).
 //! - **Pointers.** The problems' A/B/C pointer tables live on the device (cuBLAS reads them
 //!   there): one small buffer uploaded through CubeCL on the calling thread's stream, so it is
 //!   written before the GEMM reads it and reused only by work queued after it. (cudarc 0.19's
@@ -52,7 +53,7 @@ pub fn available() -> bool {
 /// `[groups, m, k]` → `[n, m]` in f32, each group's rows times its own matrix.
 pub fn grouped_matmul(x: Tensor, stack: Tensor, stacked: Stacked, counts: &[usize]) -> Tensor {
     let (x, stack) = common_dtype(x, stack);
-    let (x, stack) = (contiguous(x), contiguous(stack));
+    let (x, stack) = (into_contiguous(x), into_contiguous(stack));
     let ([n, k], [groups, a, b]) = (dims(&x), dims(&stack));
     assert_eq!(groups, counts.len(), "one count per group");
     // A `[k, m]` matrix is column-major `m × k` as stored (op N); a `[m, k]` one is `k × m` (op T).
@@ -189,14 +190,6 @@ fn run([a, b, c]: [&Tensor; 3], ops: &Ops, problems: &[Problem]) {
         )
         .result()
         .expect("cublasGemmGroupedBatchedEx");
-    }
-}
-
-fn contiguous(t: Tensor) -> Tensor {
-    if t.is_contiguous() {
-        t
-    } else {
-        into_contiguous(t)
     }
 }
 

@@ -8,10 +8,10 @@
 //! as custom ops (`fusion.rs`) and run on the `CubeTensor`s behind the fusion handles.
 
 pub mod cublas;
-mod grouped_gemm;
 mod dequant;
 mod flash;
 mod fusion;
+mod grouped_gemm;
 mod kernel;
 mod rope;
 

@@ -197,10 +197,10 @@ impl RopeBackend for Portable {
     }
 }
 
-/// Quantized weights stay packed on the device and are dequantized by `dequant.rs` per use.
 /// Routed rows through Burn's `select` and the written backward (`ops/routing.rs`).
 impl RoutingBackend for Portable {}
 
+/// Quantized weights stay packed on the device and are dequantized by `dequant.rs` per use.
 impl ModelBackend for Portable {
     const DEVICE_QUANTIZED: bool = true;
 
