@@ -71,12 +71,14 @@ fixtures:
     .venv-ref/bin/python scripts/fixtures/make_family_mlx.py
     .venv-ref/bin/python scripts/fixtures/make_peft_parity.py
     .venv-ref/bin/python scripts/fixtures/make_peft_parity.py gemma2
+    .venv-ref/bin/python scripts/fixtures/make_peft_parity.py phi3-parts
     .venv-ref/bin/python scripts/fixtures/make_adapter_interop.py
     .venv-ref/bin/python scripts/fixtures/make_kquant_blocks.py
     .venv-ref/bin/python scripts/fixtures/make_kquant_model.py
     .venv-ref/bin/python scripts/fixtures/make_mlx_lora_parity.py
     .venv-ref/bin/python scripts/fixtures/make_table_datasets.py
     .venv-ref/bin/python scripts/fixtures/make_foreign_adapters.py
+    .venv-ref/bin/python scripts/fixtures/make_logprobs.py
     cargo build --release && .venv-ref/bin/python scripts/fixtures/make_export_interop.py
 
 # LoRA training tokens/s on this CPU, ours vs PyTorch + peft, 1 and 2 threads (bench/results/).

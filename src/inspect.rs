@@ -17,6 +17,9 @@ pub fn report(path: &std::path::Path) -> Result<String> {
     let mut out = String::new();
     let w = &mut out;
     writeln!(w, "model         {}", path.display())?;
+    if files.path != path {
+        writeln!(w, "cached at     {}", files.path.display())?;
+    }
     writeln!(w, "format        {}", files.format.describe())?;
     writeln!(
         w,
@@ -64,6 +67,12 @@ pub fn report(path: &std::path::Path) -> Result<String> {
     let mut quirks: Vec<String> = Vec::new();
     if c.family.fuses_projections() {
         quirks.push("fused qkv_proj and gate_up_proj".into());
+    }
+    if c.rotary_dim != c.head_dim {
+        quirks.push(format!(
+            "RoPE on {} of each head's {} dimensions",
+            c.rotary_dim, c.head_dim
+        ));
     }
     if c.attention_bias {
         quirks.push("q/k/v bias".into());

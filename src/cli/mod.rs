@@ -16,7 +16,7 @@ use crate::backends::run_on;
 use bench::BenchCommand;
 use data::DataCommand;
 use fuse::FuseArgs;
-use generate::GenerateArgs;
+use generate::{CachePromptArgs, GenerateArgs};
 use recipe::RecipeCommand;
 use train::{EvalTask, TrainArgs, TrainTask};
 
@@ -40,6 +40,8 @@ enum Command {
     },
     /// Generate text from a prompt.
     Generate(GenerateArgs),
+    /// Save a prompt's KV cache, for `generate --prompt-cache-file` to continue from.
+    CachePrompt(CachePromptArgs),
     /// Train the LoRA / DoRA adapters a recipe describes.
     Train(TrainArgs),
     /// Generate on the recipe's held-out prompts with the base and the fine-tuned model.
@@ -87,8 +89,12 @@ pub fn run() -> Result<()> {
             Ok(())
         }
         Command::Generate(mut args) => {
-            args.device = crate::backends::resolve(args.device);
-            run_on(args.device, args)
+            args.target.device = crate::backends::resolve(args.target.device);
+            run_on(args.target.device, args)
+        }
+        Command::CachePrompt(mut args) => {
+            args.target.device = crate::backends::resolve(args.target.device);
+            run_on(args.target.device, args)
         }
         Command::Eval {
             recipe,

@@ -123,7 +123,7 @@ impl BenchTrainArgs {
             // is refused by `AdapterSpec::from_recipe`, which lists the keys.
             let keys = self.targets.split(',').map(|short| {
                 let short = short.trim();
-                BlockLinear::of(family)
+                BlockLinear::targetable(family)
                     .into_iter()
                     .find(|l| l.key(family).rsplit('.').next() == Some(short))
                     .map_or_else(|| short.to_string(), |l| l.key(family).to_string())

@@ -96,6 +96,7 @@ impl Shape {
             num_heads: heads,
             num_kv_heads: kv_heads,
             head_dim,
+            rotary_dim: head_dim,
             rms_norm_eps: if family.is_gemma() || family == Family::Qwen3Moe {
                 1e-6
             } else {

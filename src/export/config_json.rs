@@ -112,7 +112,8 @@ fn from_architecture(files: &ModelFiles, tokenizer: &Tokenizer) -> Value {
     config
 }
 
-/// The older spellings (`rope_theta`, `rope_scaling`, Gemma's `rope_local_base_freq` and
+/// The older spellings (`rope_theta`, `rope_scaling`, a top-level `partial_rotary_factor`,
+/// Gemma's `rope_local_base_freq` and
 /// `sliding_window_pattern`, Qwen-MoE's `num_experts`), added where `config` lacks them: what a
 /// config written from GGUF metadata spells them as, and what mlx-lm 0.32 reads: a transformers-5
 /// config spells RoPE only under `rope_parameters`, which mlx-lm ignores (it would run RoPE at
@@ -131,6 +132,11 @@ pub fn add_older_keys(config: &mut Value, c: &ModelConfig) {
     }
     if let Some((theta, _)) = c.quirks.local_rope {
         map.entry("rope_local_base_freq").or_insert(json!(theta));
+    }
+    if c.rotary_dim != c.head_dim {
+        // Both tools rotate int(head_dim · factor) dimensions: this factor gives rotary_dim.
+        map.entry("partial_rotary_factor")
+            .or_insert(json!(c.rotary_dim as f64 / c.head_dim as f64));
     }
     if let Some(period) = c.quirks.sliding_period().filter(|_| c.family.is_gemma()) {
         map.entry("sliding_window_pattern").or_insert(json!(period));

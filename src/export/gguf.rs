@@ -121,8 +121,8 @@ fn rope_vectors(model: &FusedModel) -> Vec<(&'static str, Vec<f32>)> {
     let f32s = |v: &[f64]| v.iter().map(|&f| f as f32).collect();
     match &c.rope_scaling {
         RopeScaling::Llama3 { .. } => {
-            let plain = Rope::new(c.head_dim, c.rope_theta, &RopeScaling::None);
-            let scaled = Rope::new(c.head_dim, c.rope_theta, &c.rope_scaling);
+            let plain = Rope::new(c.rotary_dim, c.rope_theta, &RopeScaling::None);
+            let scaled = Rope::new(c.rotary_dim, c.rope_theta, &c.rope_scaling);
             let divisors = plain
                 .inv_freq()
                 .iter()
@@ -177,7 +177,7 @@ fn metadata(
     arch_key("embedding_length", u32_of(c.hidden_size));
     arch_key("block_count", u32_of(c.num_layers));
     arch_key("feed_forward_length", u32_of(c.intermediate_size));
-    arch_key("rope.dimension_count", u32_of(c.head_dim));
+    arch_key("rope.dimension_count", u32_of(c.rotary_dim));
     arch_key("attention.head_count", u32_of(c.num_heads));
     arch_key("attention.head_count_kv", u32_of(c.num_kv_heads));
     arch_key("attention.key_length", u32_of(c.head_dim));

@@ -86,16 +86,19 @@ fn write_peft(adapters: &HostAdapters, base_model: &str, dir: &Path) -> Result<(
         .values()
         .next()
         .expect("read() refuses empty folders");
-    if adapters
-        .modules
-        .values()
-        .any(|a| a.rank != first.rank || a.scale != first.scale)
-    {
+    if adapters.modules.values().any(|a| a.scale != first.scale) {
         bail!(
-            "{}: the adapters differ in rank or scale between modules, which one peft config cannot describe",
+            "{}: the adapters differ in scale between modules, which one peft config cannot describe",
             adapters.dir.display()
         );
     }
+    // `r` is the smallest rank; larger ones (a fused linear's parts joined) go in rank_pattern.
+    let rank = adapters
+        .modules
+        .values()
+        .map(|a| a.rank)
+        .min()
+        .unwrap_or(first.rank);
     let layout = peft_layout(&adapters.modules);
     let layers: BTreeSet<usize> = adapters
         .modules
@@ -114,14 +117,14 @@ fn write_peft(adapters: &HostAdapters, base_model: &str, dir: &Path) -> Result<(
         safetensors_bytes(&layout.tensors, &[("format", "pt")])?,
     )?;
     let config = peft_config(&PeftConfig {
-        rank: first.rank,
+        rank,
         scale: first.scale,
         dropout: 0.0,
         rslora: false,
         dora: adapters.dora,
         modules: layout.modules,
         parameters: layout.parameters,
-        gate_up_rank: layout.gate_up_rank,
+        ranks: layout.ranks,
         layers: layers.into_iter().collect(),
         base_model: base_model.to_string(),
     });

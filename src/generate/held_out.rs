@@ -64,6 +64,7 @@ impl<'a> Responder<'a> {
             limits: GenerationLimits {
                 max_tokens: eval.max_tokens,
                 stop_at_eos: true,
+                top_logprobs: None,
             },
             sampling: SamplingConfig {
                 temperature: eval.temperature,
@@ -88,7 +89,7 @@ impl<'a> Responder<'a> {
         Ok(generate(
             model,
             self.tokenizer,
-            &ids,
+            super::Prompt::new(&ids),
             self.limits.clone(),
             self.sampling.clone(),
             device,

@@ -1,12 +1,15 @@
 //! Text generation with a KV cache, streaming decoded text as it is produced.
 
 pub mod held_out;
+pub mod logprobs;
+pub mod prompt_cache;
 pub mod sampler;
 
 use std::time::Instant;
 
 use anyhow::Result;
 
+pub use logprobs::TokenLogprobs;
 pub use sampler::{Sampler, SamplingConfig};
 
 use crate::model::{Decoder, KvCache};
@@ -34,6 +37,9 @@ pub struct Generation {
     pub ids: Vec<u32>,
     /// The generated text, decoded whole.
     pub text: String,
+    /// Each generated token's log-probability and the likeliest alternatives, when
+    /// [`GenerationLimits::top_logprobs`] asks for them.
+    pub logprobs: Vec<TokenLogprobs>,
     /// Token counts and rates.
     pub stats: GenerationStats,
 }
@@ -45,35 +51,72 @@ pub struct GenerationLimits {
     pub max_tokens: usize,
     /// Stop at one of the tokenizer's stop ids (off for fixed-length benchmarks).
     pub stop_at_eos: bool,
+    /// Record each token's log-probability with this many likeliest alternatives.
+    pub top_logprobs: Option<usize>,
 }
 
-/// Generates after `prompt_ids`, calling `on_text` with each new piece of decoded text.
+/// What generation continues: new prompt tokens, after those a prompt cache already holds.
+pub struct Prompt<'a, B: ModelBackend> {
+    /// The keys and values of `cached`, or `None` to start from nothing.
+    pub cache: Option<KvCache<B>>,
+    /// The tokens the cache holds.
+    pub cached: &'a [u32],
+    /// The tokens to run through the model first.
+    pub ids: &'a [u32],
+}
+
+impl<'a, B: ModelBackend> Prompt<'a, B> {
+    /// A prompt of these tokens alone.
+    pub fn new(ids: &'a [u32]) -> Self {
+        Prompt {
+            cache: None,
+            cached: &[],
+            ids,
+        }
+    }
+}
+
+/// Generates after the prompt, calling `on_text` with each new piece of decoded text. Only the
+/// prompt's new tokens are computed, and counted in the prompt's tokens/s.
 pub fn generate<B: ModelBackend>(
     model: &Decoder<B>,
     tokenizer: &Tokenizer,
-    prompt_ids: &[u32],
+    prompt: Prompt<'_, B>,
     limits: GenerationLimits,
     sampling: SamplingConfig,
     device: &B::Device,
     mut on_text: impl FnMut(&str),
 ) -> Result<Generation> {
+    let prompt_ids = prompt.ids;
     anyhow::ensure!(!prompt_ids.is_empty(), "the prompt is empty");
-    let mut cache = KvCache::new(model.config.num_layers);
+    let layers = model.config.num_layers;
+    let mut cache = prompt.cache.unwrap_or_else(|| KvCache::new(layers));
     let mut sampler = Sampler::new(sampling);
-    let mut context = prompt_ids.to_vec();
+    let mut context = [prompt.cached, prompt_ids].concat();
 
     let start = Instant::now();
-    let mut logits = model.next_logits(prompt_ids, &mut cache, device);
+    let mut logits = if model.cache_outdated(cache.len(), context.len()) {
+        // The cached keys were rotated for the short LongRoPE factors; this pass crosses.
+        cache = KvCache::new(layers);
+        model.next_logits(&context, &mut cache, device)
+    } else {
+        model.next_logits(prompt_ids, &mut cache, device)
+    };
     let prompt_secs = start.elapsed().as_secs_f64();
 
     let start = Instant::now();
     let mut generated = Vec::new();
+    let mut logprobs = Vec::new();
     let mut printed = 0;
     let max_tokens = limits.max_tokens;
     while generated.len() < max_tokens {
         let next = sampler.sample(&mut logits, &context);
         if limits.stop_at_eos && tokenizer.stop_ids.contains(&next) {
             break;
+        }
+        if let Some(k) = limits.top_logprobs {
+            // The sampler left the penalised logits it picked from.
+            logprobs.push(TokenLogprobs::of(&logits, next, k));
         }
         generated.push(next);
         context.push(next);
@@ -110,5 +153,6 @@ pub fn generate<B: ModelBackend>(
         },
         ids: generated,
         text,
+        logprobs,
     })
 }

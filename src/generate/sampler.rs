@@ -46,7 +46,8 @@ impl Sampler {
         Sampler { config, rng }
     }
 
-    /// Picks the next token given the logits and the tokens seen so far.
+    /// Picks the next token given the logits and the tokens seen so far; `logits` is left with
+    /// the repetition penalty applied (what the pick was made from, before the temperature).
     pub fn sample(&mut self, logits: &mut [f32], context: &[u32]) -> u32 {
         let c = &self.config;
         if c.repetition_penalty != 1.0 {

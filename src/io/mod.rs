@@ -1,8 +1,10 @@
-//! Reading and writing model files: safetensors (single and sharded), GGUF, and atomic writes.
+//! Reading and writing model files: safetensors (single and sharded), GGUF, atomic writes, and
+//! Hugging Face hub names resolved through the local cache (`hub`).
 
 pub mod atomic;
 pub mod gguf;
 pub mod gguf_write;
+pub mod hub;
 pub mod raw;
 pub mod safetensors;
 pub mod safetensors_write;

@@ -14,6 +14,7 @@ use safetensors::tensor::{Dtype, TensorView};
 use serde_json::json;
 
 use super::AdapterSpec;
+use super::fused_parts::{join_parts, split_parts};
 use super::peft_layout::peft_layout;
 use super::stored::{HostAdapter, HostAdapters, canonical, transpose_each};
 use crate::io::atomic;
@@ -47,40 +48,36 @@ pub fn safetensors_bytes(tensors: &NamedTensors, metadata: &[(&str, &str)]) -> R
     Ok(safetensors::serialize(views, metadata)?)
 }
 
-/// The adapters in mlx-lm's naming and layout (an experts' stack as its SwitchLinear holds
-/// them: `lora_a` `(experts, r, in)`, `lora_b` `(experts, out, r)`).
-pub fn mlx_tensors<B: ModelBackend>(decoder: &Decoder<B>) -> NamedTensors {
+/// The adapters in mlx-lm's naming and layout, as files hold them (see [`file_adapters`]; an
+/// experts' stack as its SwitchLinear holds them: `lora_a` `(experts, r, in)`, `lora_b`
+/// `(experts, out, r)`), and the one rank mlx-lm gives them all: an adapter of a lower rank is
+/// padded with zeros to it (the same update; reading drops the padding).
+pub fn mlx_tensors<B: ModelBackend>(decoder: &Decoder<B>) -> Result<(NamedTensors, usize)> {
+    let adapters = file_adapters(decoder)?;
+    let rank = adapters.values().map(|h| h.rank).max().unwrap_or(0);
     let mut out = NamedTensors::new();
-    for (path, adapter, experts) in decoder.adapters_with_experts() {
-        let ([rows, r], [_, out_f]) = (adapter.a.dims(), adapter.b.dims());
-        let inp = rows / experts;
-        let (a, b) = match experts {
-            1 => (
-                (vec![inp, r], to_vec(&adapter.a)),
-                (vec![r, out_f], to_vec(&adapter.b)),
-            ),
-            _ => (
-                (
-                    vec![experts, r, inp],
-                    transpose_each(&to_vec(&adapter.a), inp, r),
-                ),
-                (
-                    vec![experts, out_f, r],
-                    transpose_each(&to_vec(&adapter.b), r, out_f),
-                ),
+    for (path, h) in adapters {
+        let h = h.padded(rank);
+        let (inp, out_f) = (h.in_features, h.out_features);
+        let (a, b) = match h.experts {
+            1 => ((vec![inp, rank], h.a), (vec![rank, out_f], h.b)),
+            e => (
+                (vec![e, rank, inp], transpose_each(&h.a, inp, rank)),
+                (vec![e, out_f, rank], transpose_each(&h.b, rank, out_f)),
             ),
         };
         out.insert(format!("{path}.lora_a"), a);
         out.insert(format!("{path}.lora_b"), b);
-        if let Some(m) = &adapter.magnitude {
-            out.insert(format!("{path}.m"), (m.dims().to_vec(), to_vec(m)));
+        if let Some(m) = h.magnitude {
+            out.insert(format!("{path}.m"), (vec![out_f], m));
         }
     }
-    out
+    Ok((out, rank))
 }
 
-/// The decoder's adapters on the host, by ([`canonical`]) module path.
-pub fn host_adapters<B: ModelBackend>(decoder: &Decoder<B>) -> BTreeMap<String, HostAdapter> {
+/// The decoder's adapters on the host, by module path as the model names it (Mixtral's
+/// `block_sparse_moe`), one per adapted linear (a part of a fused linear counts on its own).
+fn adapters_on_host<B: ModelBackend>(decoder: &Decoder<B>) -> BTreeMap<String, HostAdapter> {
     decoder
         .adapters_with_experts()
         .into_iter()
@@ -96,14 +93,33 @@ pub fn host_adapters<B: ModelBackend>(decoder: &Decoder<B>) -> BTreeMap<String, 
                 scale: adapter.scale,
                 experts,
             };
-            (canonical(&path), host)
+            (path, host)
         })
         .collect()
 }
 
+/// The decoder's adapters as files hold them, by module path: the adapters of a fused linear's
+/// parts joined into one on the fused linear, which is all mlx-lm's and transformers' models
+/// have (see [`join_parts`]).
+pub fn file_adapters<B: ModelBackend>(
+    decoder: &Decoder<B>,
+) -> Result<BTreeMap<String, HostAdapter>> {
+    join_parts(adapters_on_host(decoder), &decoder.config)
+}
+
+/// [`file_adapters`] by ([`canonical`]) module path, as peft names them.
+pub fn host_adapters<B: ModelBackend>(
+    decoder: &Decoder<B>,
+) -> Result<BTreeMap<String, HostAdapter>> {
+    Ok(file_adapters(decoder)?
+        .into_iter()
+        .map(|(path, h)| (canonical(&path), h))
+        .collect())
+}
+
 /// The adapters in peft's naming and layout (see [`peft_layout`]).
-pub fn peft_tensors<B: ModelBackend>(decoder: &Decoder<B>) -> NamedTensors {
-    peft_layout(&host_adapters(decoder)).tensors
+pub fn peft_tensors<B: ModelBackend>(decoder: &Decoder<B>) -> Result<NamedTensors> {
+    Ok(peft_layout(&host_adapters(decoder)?).tensors)
 }
 
 /// Writes `adapters.safetensors` (+ a `{step:07}_adapters.safetensors` snapshot) and
@@ -116,7 +132,8 @@ pub fn save_mlx<B: ModelBackend>(
     step: Option<usize>,
 ) -> Result<()> {
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-    let bytes = safetensors_bytes(&mlx_tensors(decoder), &[])?;
+    let (tensors, rank) = mlx_tensors(decoder)?;
+    let bytes = safetensors_bytes(&tensors, &[])?;
     if let Some(step) = step {
         atomic::write(&dir.join(format!("{step:07}_adapters.safetensors")), &bytes)?;
     }
@@ -126,10 +143,10 @@ pub fn save_mlx<B: ModelBackend>(
         "model": base_model,
         "num_layers": spec.num_layers,
         "lora_parameters": {
-            "rank": spec.rank,
+            "rank": rank,
             "scale": spec.scale,
             "dropout": spec.dropout,
-            "keys": spec.keys,
+            "keys": spec.file_keys(decoder.config.family),
         },
     });
     atomic::write(
@@ -147,7 +164,7 @@ pub fn save_peft<B: ModelBackend>(
     base_model: &str,
 ) -> Result<()> {
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-    let layout = peft_layout(&host_adapters(decoder));
+    let layout = peft_layout(&host_adapters(decoder)?);
     let bytes = safetensors_bytes(&layout.tensors, &[("format", "pt")])?;
     atomic::write(&dir.join("adapter_model.safetensors"), &bytes)?;
     let config = peft_config(&PeftConfig {
@@ -158,7 +175,7 @@ pub fn save_peft<B: ModelBackend>(
         dora: spec.dora,
         modules: layout.modules,
         parameters: layout.parameters,
-        gate_up_rank: layout.gate_up_rank,
+        ranks: layout.ranks,
         layers: spec.layers.clone(),
         base_model: base_model.to_string(),
     });
@@ -185,9 +202,9 @@ pub struct PeftConfig {
     pub modules: Vec<String>,
     /// Adapted experts' parameters (`mlp.experts.down_proj`), as peft's `target_parameters`.
     pub parameters: Vec<String>,
-    /// The fused gate/up experts' rank where it is not `rank` (their `rank_pattern`, with an
-    /// `alpha_pattern` that keeps the scale).
-    pub gate_up_rank: Option<usize>,
+    /// The rank of each adapted module by peft's pattern key (its leaf name, `qkv_proj`); those
+    /// that are not `rank` go in `rank_pattern`, with an `alpha_pattern` that keeps the scale.
+    pub ranks: BTreeMap<String, usize>,
     /// The decoder blocks adapted, as peft's `layers_to_transform`.
     pub layers: Vec<usize>,
     /// `base_model_name_or_path`: the base model's path as the run or export was given it.
@@ -203,13 +220,11 @@ pub fn peft_config(c: &PeftConfig) -> serde_json::Value {
             c.scale * r as f64
         }
     };
-    let (rank_pattern, alpha_pattern) = match c.gate_up_rank {
-        Some(r) => (
-            json!({"gate_up_proj": r}),
-            json!({"gate_up_proj": scaled(r)}),
-        ),
-        None => (json!({}), json!({})),
-    };
+    let (mut rank_pattern, mut alpha_pattern) = (serde_json::Map::new(), serde_json::Map::new());
+    for (key, &r) in c.ranks.iter().filter(|(_, r)| **r != c.rank) {
+        rank_pattern.insert(key.clone(), json!(r));
+        alpha_pattern.insert(key.clone(), json!(scaled(r)));
+    }
     let alpha = scaled(c.rank);
     json!({
         "peft_type": "LORA",
@@ -239,7 +254,17 @@ pub fn load_into<B: ModelBackend>(
     file: &Path,
     device: &B::Device,
 ) -> Result<()> {
-    let modules = super::stored::read_file(file)?;
+    let ranks = decoder
+        .adapters()
+        .into_iter()
+        .map(|(path, adapter)| (path, adapter.a.dims()[1]))
+        .collect();
+    let modules = split_parts(
+        super::stored::read_file(file)?,
+        &decoder.config,
+        &ranks,
+        file,
+    )?;
     for (path, linear) in decoder.linears_mut() {
         let Some(adapter) = linear.adapter.as_mut() else {
             continue;

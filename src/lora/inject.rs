@@ -1,16 +1,19 @@
 //! Which linears get an adapter: keys relative to a block, and which blocks (mlx-lm's meaning of
 //! `num_layers`: the last N; -1 for all), or an explicit list.
 //!
-//! Where a family fuses projections (Phi-3's `qkv_proj`, `gate_up_proj`), a key of one of the
-//! fused parts (`self_attn.q_proj`, the default targets) selects the fused linear: its adapter
-//! covers all of it, as peft's and mlx-lm's Phi-3 adapters do.
+//! Where a family fuses projections (Phi-3's `qkv_proj`, `gate_up_proj`), the fused key adapts
+//! the whole linear, as peft's and mlx-lm's Phi-3 adapters do, and a part's key
+//! (`self_attn.q_proj`) adapts that part's rows alone: the fused linear is split into its parts
+//! in the adapted blocks ([`Projections::split`]), and files hold the parts' adapters joined into
+//! one on the fused linear (`fused_parts`), which mlx-lm and peft load.
 
 use anyhow::{Result, bail};
 
 use crate::model::Decoder;
 use crate::model::LoraAdapter;
-use crate::model::config::ModelConfig;
+use crate::model::config::{Family, ModelConfig};
 use crate::model::names::BlockLinear;
+use crate::model::projections::Projections;
 use crate::ops::ModelBackend;
 use crate::recipe::{AdapterKind, Layers, LoraSection, Targets};
 
@@ -46,14 +49,17 @@ impl AdapterSpec {
             Targets::Keys(keys) => keys
                 .iter()
                 .map(|key| {
-                    let linear = BlockLinear::from_key(key, config.family).filter(|l| {
-                        family_linears.contains(l) || l.fused_into().is_some()
-                    });
+                    let linear = BlockLinear::from_key(key, config.family)
+                        .filter(|l| BlockLinear::targetable(config.family).contains(l));
                     linear.ok_or_else(|| {
                         anyhow::anyhow!(
                             "lora.targets: unknown key `{key}`; valid keys for {} are {} (or \"all-linear\")",
                             config.family.name(),
-                            family_linears.iter().map(|l| l.key(config.family)).collect::<Vec<_>>().join(", ")
+                            BlockLinear::targetable(config.family)
+                                .iter()
+                                .map(|l| l.key(config.family))
+                                .collect::<Vec<_>>()
+                                .join(", ")
                         )
                     })
                 })
@@ -61,12 +67,34 @@ impl AdapterSpec {
         };
         let mut linears: Vec<BlockLinear> = Vec::new();
         for linear in named {
-            let linear = match linear.fused_into() {
-                Some(fused) if family_linears.contains(&fused) => fused,
-                _ => linear,
-            };
             if !linears.contains(&linear) {
                 linears.push(linear);
+            }
+        }
+        // A part of a fused linear (Phi-3's `q_proj` of `qkv_proj`) is adapted on its own rows;
+        // the fused linear and a part of it cannot both be.
+        let fused_of =
+            |l: &BlockLinear| l.fused_into().filter(|_| config.family.fuses_projections());
+        for part in &linears {
+            let Some(fused) = fused_of(part) else {
+                continue;
+            };
+            if linears.contains(&fused) {
+                bail!(
+                    "lora.targets: `{}` and `{}` overlap (`{}` is part of it): list the fused linear or its parts, not both",
+                    fused.key(config.family),
+                    part.key(config.family),
+                    part.key(config.family)
+                );
+            }
+            if lora.kind == AdapterKind::Dora {
+                bail!(
+                    "lora.kind = \"dora\" on `{}`, a part of {}'s fused `{}`: DoRA's magnitudes cannot be written on a part for mlx-lm or peft; target `{}` itself, or use kind = \"lora\"",
+                    part.key(config.family),
+                    config.family.name(),
+                    fused.key(config.family),
+                    fused.key(config.family),
+                );
             }
         }
         let keys: Vec<String> = linears
@@ -130,6 +158,7 @@ pub fn inject<B: ModelBackend>(
     seed: u64,
     device: &B::Device,
 ) {
+    split_adapted_parts(decoder, spec);
     let mut rng = <rand::rngs::StdRng as rand::SeedableRng>::seed_from_u64(seed);
     for (path, linear) in decoder.linears_mut() {
         if spec.targets(&path) {
@@ -147,7 +176,44 @@ pub fn inject<B: ModelBackend>(
     }
 }
 
+/// Splits the fused linears one of whose parts `spec` adapts into their parts, in the blocks it
+/// adapts (see [`Projections::split`]).
+fn split_adapted_parts<B: ModelBackend>(decoder: &mut Decoder<B>, spec: &AdapterSpec) {
+    let family = decoder.config.family;
+    let adapts_a_part = |p: &Projections<B>| match p {
+        Projections::Fused { name, .. } => name
+            .parts()
+            .iter()
+            .any(|part| spec.keys.iter().any(|k| k == part.key(family))),
+        Projections::Split(_) => false,
+    };
+    for &i in &spec.layers {
+        for projections in decoder.layers[i].projections_mut() {
+            if adapts_a_part(projections) {
+                let fused = std::mem::replace(projections, Projections::Split(Vec::new()));
+                *projections = fused.split();
+            }
+        }
+    }
+}
+
 impl AdapterSpec {
+    /// `keys` as files record them: a fused linear's key in place of its parts' (mlx-lm's and
+    /// transformers' models have only the fused linear; see `fused_parts`).
+    pub fn file_keys(&self, family: Family) -> Vec<String> {
+        let mut out: Vec<String> = Vec::new();
+        for key in &self.keys {
+            let key = BlockLinear::from_key(key, family)
+                .and_then(BlockLinear::fused_into)
+                .filter(|_| family.fuses_projections())
+                .map_or(key.as_str(), |f| f.key(family));
+            if !out.iter().any(|k| k == key) {
+                out.push(key.to_string());
+            }
+        }
+        out
+    }
+
     /// Whether the linear at `path` (`model.layers.3.self_attn.q_proj`) gets an adapter.
     pub fn targets(&self, path: &str) -> bool {
         let Some(rest) = path.strip_prefix("model.layers.") else {
@@ -158,5 +224,67 @@ impl AdapterSpec {
         };
         layer.parse().is_ok_and(|l: usize| self.layers.contains(&l))
             && self.keys.iter().any(|k| k == key)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn phi3() -> ModelConfig {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("tests/fixtures/models/phi3/config.json");
+        ModelConfig::from_config_json(&path).unwrap()
+    }
+
+    fn spec(keys: &[&str], kind: AdapterKind) -> Result<AdapterSpec> {
+        let lora = LoraSection {
+            kind,
+            rank: 4,
+            targets: Targets::Keys(keys.iter().map(|k| k.to_string()).collect()),
+            ..Default::default()
+        };
+        AdapterSpec::from_recipe(&lora, &phi3())
+    }
+
+    /// On Phi-3 a part's key adapts the part (the files name the fused linear); a fused key with
+    /// one of its parts, and DoRA on a part, are refused by name; an unknown key lists the parts.
+    #[test]
+    fn parts_of_a_fused_linear_are_targets_of_their_own() {
+        let s = spec(
+            &["self_attn.q_proj", "self_attn.v_proj", "mlp.gate_up_proj"],
+            AdapterKind::Lora,
+        )
+        .unwrap();
+        assert_eq!(
+            s.keys,
+            ["self_attn.q_proj", "self_attn.v_proj", "mlp.gate_up_proj"]
+        );
+        assert_eq!(
+            s.file_keys(Family::Phi3),
+            ["self_attn.qkv_proj", "mlp.gate_up_proj"]
+        );
+        let overlap = spec(
+            &["self_attn.qkv_proj", "self_attn.k_proj"],
+            AdapterKind::Lora,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            overlap.contains("`self_attn.qkv_proj` and `self_attn.k_proj` overlap"),
+            "{overlap}"
+        );
+        let dora = spec(&["mlp.up_proj"], AdapterKind::Dora)
+            .unwrap_err()
+            .to_string();
+        assert!(dora.contains("target `mlp.gate_up_proj` itself"), "{dora}");
+        assert!(spec(&["mlp.gate_up_proj"], AdapterKind::Dora).is_ok());
+        let unknown = spec(&["self_attn.qkv"], AdapterKind::Lora)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            unknown.contains("self_attn.qkv_proj, self_attn.q_proj, self_attn.k_proj"),
+            "{unknown}"
+        );
     }
 }

@@ -27,8 +27,10 @@ pub struct PeftLayout {
     pub modules: Vec<String>,
     /// The adapted experts' parameters (`mlp.experts.down_proj`), as `target_parameters`.
     pub parameters: Vec<String>,
-    /// The fused gate/up experts' rank, where it differs from the others' (`rank_pattern`).
-    pub gate_up_rank: Option<usize>,
+    /// Each adapted module's rank by its `rank_pattern` key: the leaf name (`qkv_proj`, or
+    /// `gate_up_proj` for the experts' fused gate and up), or the whole path where one leaf has
+    /// two ranks.
+    pub ranks: BTreeMap<String, usize>,
 }
 
 /// The experts' leaves loraforge and mlx-lm adapt (`switch_mlp.<leaf>`).
@@ -40,6 +42,7 @@ const DOWN: &str = "down_proj";
 pub fn peft_layout(adapters: &BTreeMap<String, HostAdapter>) -> PeftLayout {
     let mut tensors = NamedTensors::new();
     let mut modules = Vec::new();
+    let mut ranks = BTreeMap::new();
     // Per block's MLP (`model.layers.0.mlp`): its experts' adapters by leaf.
     let mut experts: BTreeMap<&str, BTreeMap<&str, &HostAdapter>> = BTreeMap::new();
     for (path, a) in adapters {
@@ -71,11 +74,16 @@ pub fn peft_layout(adapters: &BTreeMap<String, HostAdapter>) -> PeftLayout {
             );
         }
         let leaf = path.rsplit('.').next().unwrap_or(path).to_string();
+        // A leaf adapted at different ranks in different blocks is named by its whole path.
+        match ranks.get(&leaf) {
+            Some(&r) if r != a.rank => ranks.insert(path.clone(), a.rank),
+            _ => ranks.insert(leaf.clone(), a.rank),
+        };
         if !modules.contains(&leaf) {
             modules.push(leaf);
         }
     }
-    let (mut has_gate_up, mut has_down, mut gate_up_rank) = (false, false, None);
+    let (mut has_gate_up, mut has_down) = (false, false);
     for (mlp, leaves) in &experts {
         let gate_up: Vec<&HostAdapter> = [GATE, UP]
             .iter()
@@ -99,10 +107,7 @@ pub fn peft_layout(adapters: &BTreeMap<String, HostAdapter>) -> PeftLayout {
                 _ => [width, 2 * width],
             };
             insert_stacked(&mut tensors, &name, &gate_up, [rows[0], 2 * width]);
-            let rank: usize = gate_up.iter().map(|a| a.rank).sum();
-            if rank != gate_up[0].rank {
-                gate_up_rank = Some(rank);
-            }
+            ranks.insert("gate_up_proj".into(), gate_up.iter().map(|a| a.rank).sum());
             has_gate_up = true;
         }
     }
@@ -117,7 +122,7 @@ pub fn peft_layout(adapters: &BTreeMap<String, HostAdapter>) -> PeftLayout {
         tensors,
         modules,
         parameters,
-        gate_up_rank,
+        ranks,
     }
 }
 

@@ -71,6 +71,60 @@ impl HostAdapter {
     }
 }
 
+impl HostAdapter {
+    /// The same update at rank `rank` ≥ its own: `A` gains zero columns and `B` zero rows, which
+    /// add nothing (mlx-lm gives every adapter one rank; see `fused_parts`).
+    pub fn padded(&self, rank: usize) -> HostAdapter {
+        let (e, inp, out, r) = (self.experts, self.in_features, self.out_features, self.rank);
+        let mut a = vec![0f32; e * inp * rank];
+        for (dst, src) in a.chunks_exact_mut(rank).zip(self.a.chunks_exact(r)) {
+            dst[..r].copy_from_slice(src);
+        }
+        let mut b = vec![0f32; e * rank * out];
+        for (dst, src) in b
+            .chunks_exact_mut(rank * out)
+            .zip(self.b.chunks_exact(r * out))
+        {
+            dst[..r * out].copy_from_slice(src);
+        }
+        HostAdapter {
+            a,
+            b,
+            rank,
+            ..self.clone()
+        }
+    }
+
+    /// The same update without the trailing rank columns that are zero in both `A` and `B`
+    /// ([`Self::padded`]'s undone).
+    pub fn unpadded(self) -> HostAdapter {
+        let (inp, out, r) = (self.in_features, self.out_features, self.rank);
+        let zero = |k: usize| {
+            self.a.chunks_exact(r).all(|row| row[k] == 0.0)
+                && self
+                    .b
+                    .chunks_exact(r * out)
+                    .all(|m| m[k * out..(k + 1) * out].iter().all(|v| *v == 0.0))
+        };
+        let rank = (0..r).rev().find(|&k| !zero(k)).map_or(0, |k| k + 1);
+        if rank == r || rank == 0 {
+            return self;
+        }
+        let a = self
+            .a
+            .chunks_exact(r)
+            .flat_map(|row| row[..rank].iter().copied())
+            .collect();
+        let b = self
+            .b
+            .chunks_exact(r * out)
+            .flat_map(|m| m[..rank * out].iter().copied())
+            .collect();
+        debug_assert_eq!(self.a.len() / r, self.experts * inp);
+        HostAdapter { a, b, rank, ..self }
+    }
+}
+
 /// Every adapter of a folder, by module path (`model.layers.3.self_attn.q_proj`).
 #[derive(Debug, Clone)]
 pub struct HostAdapters {
@@ -334,7 +388,11 @@ fn read_mlx(store: &SafetensorsStore, file: &Path) -> Result<BTreeMap<String, Ho
             },
         );
     }
-    Ok(out)
+    // Zero-padded ranks (mlx-lm's one rank for all; see `fused_parts`) come back as written.
+    Ok(out
+        .into_iter()
+        .map(|(path, adapter)| (path, adapter.unpadded()))
+        .collect())
 }
 
 fn read_peft(store: &SafetensorsStore, file: &Path) -> Result<BTreeMap<String, HostAdapter>> {

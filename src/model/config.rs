@@ -271,6 +271,10 @@ pub struct ModelConfig {
     pub num_kv_heads: usize,
     /// Width of one attention head; `hidden_size / num_heads` when absent.
     pub head_dim: usize,
+    /// The leading dimensions of each head RoPE rotates: `head_dim`, or `head_dim ·
+    /// partial_rotary_factor` (Phi-4-mini: 0.75; GGUF: `rope.dimension_count`); the rest pass
+    /// through unrotated.
+    pub rotary_dim: usize,
     /// The `ε` added to the mean square in every RMSNorm (1e-6 when absent).
     pub rms_norm_eps: f64,
     /// RoPE's base `theta` (10000 when absent).
@@ -413,22 +417,28 @@ impl ModelConfig {
             } else {
                 10000.0
             });
-        let rope_scaling = match rope_params {
-            None => RopeScaling::None,
-            Some(p) => rope_scaling_from_json(p, json, head_dim, path)?,
-        };
-        let partial = rope_params
+        // transformers: `int(head_dim * partial_rotary_factor)` dimensions rotate.
+        let rotary_dim = match rope_params
             .and_then(|p| p.get("partial_rotary_factor"))
             .or_else(|| json.get("partial_rotary_factor"))
-            .and_then(Value::as_f64);
-        if let Some(f) = partial.filter(|&f| f != 1.0) {
-            return Err(ConfigError::Invalid {
-                path: path.to_string(),
-                reason: format!(
-                    "partial_rotary_factor is {f}: RoPE over part of each head (Phi-4-mini) is not supported yet; loraforge rotates whole heads (1.0)"
-                ),
-            });
-        }
+        {
+            None => head_dim,
+            Some(f) => match f.as_f64().filter(|f| *f > 0.0 && *f <= 1.0) {
+                Some(f) => (head_dim as f64 * f) as usize,
+                None => {
+                    return Err(ConfigError::Invalid {
+                        path: path.to_string(),
+                        reason: format!(
+                            "partial_rotary_factor is {f}; it must be a number in (0, 1] (the share of each head RoPE rotates)"
+                        ),
+                    });
+                }
+            },
+        };
+        let rope_scaling = match rope_params {
+            None => RopeScaling::None,
+            Some(p) => rope_scaling_from_json(p, json, rotary_dim, path)?,
+        };
         // Checked before the per-layer quirks are laid out.
         let num_layers = within(
             LAYERS_KEY,
@@ -446,6 +456,7 @@ impl ModelConfig {
             num_heads,
             num_kv_heads,
             head_dim,
+            rotary_dim,
             rms_norm_eps: json
                 .get("rms_norm_eps")
                 .and_then(Value::as_f64)
@@ -526,9 +537,12 @@ impl ModelConfig {
                 key: key("vocab_size"),
                 hint: " (and no tokenizer.ggml.tokens to count)".into(),
             })?;
+        let rotary_dim = gguf
+            .get_u64(&key("rope.dimension_count"))
+            .map_or(head_dim, |d| d as usize);
         let rope_scaling = match gguf.get_str(&key("rope.scaling.type")) {
             _ if gguf.tensor(LONG_ROPE_FACTORS[0]).is_some() => {
-                long_rope_from_gguf(gguf, arch, head_dim)?
+                long_rope_from_gguf(gguf, arch, rotary_dim)?
             }
             Some("linear") => RopeScaling::Linear {
                 factor: gguf.get_f64(&key("rope.scaling.factor")).unwrap_or(1.0),
@@ -550,6 +564,7 @@ impl ModelConfig {
                 .map(|v| v as usize)
                 .unwrap_or(num_heads),
             head_dim,
+            rotary_dim,
             rms_norm_eps: gguf
                 .get_f64(&key("attention.layer_norm_rms_epsilon"))
                 .unwrap_or(1e-6),
@@ -602,6 +617,15 @@ impl ModelConfig {
             return Err(invalid(format!(
                 "head_dim {} must be even for RoPE",
                 self.head_dim
+            )));
+        }
+        if self.rotary_dim == 0
+            || self.rotary_dim > self.head_dim
+            || !self.rotary_dim.is_multiple_of(2)
+        {
+            return Err(invalid(format!(
+                "RoPE would rotate {} of each head's {} dimensions (partial_rotary_factor; GGUF: rope.dimension_count); it must be an even number from 2 to head_dim",
+                self.rotary_dim, self.head_dim
             )));
         }
         // Far past any real model, and small enough that the sizes below cannot overflow.
@@ -1055,7 +1079,7 @@ fn long_rope_from_json(
         let values: Vec<f64> = list.iter().filter_map(Value::as_f64).collect();
         if !long_rope_factors_fit(&values, head_dim) {
             return Err(invalid(format!(
-                "rope_scaling.{key} must hold {} positive numbers (head_dim {head_dim} / 2); it holds {}",
+                "rope_scaling.{key} must hold {} positive numbers (rotated dimensions {head_dim} / 2); it holds {}",
                 head_dim / 2,
                 serde_json::to_string(list).unwrap_or_default()
             )));

@@ -26,10 +26,12 @@ use super::projections::Projections;
 use crate::ops::attention::{Scores, attention};
 use crate::ops::elementwise::{Activation, gated};
 use crate::ops::frozen_linear::ModelBackend;
-use crate::ops::rope::Rope;
+use crate::ops::rope::{Rope, rope_leading};
 
 /// One layer's cached keys and values, `[batch, kv_heads, len, head_dim]` each.
-type LayerCache<B> = Option<(Tensor<B, 4>, Tensor<B, 4>)>;
+/// One block's cached keys and values, `[batch, kv_heads, positions, head_dim]` each; `None`
+/// before the block has run.
+pub type LayerCache<B> = Option<(Tensor<B, 4>, Tensor<B, 4>)>;
 
 /// RMSNorm over the last dimension: `x / √(mean(x²) + ε) ⊙ weight`.
 #[derive(Debug, Clone)]
@@ -103,6 +105,16 @@ impl<B: ModelBackend> KvCache<B> {
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
+
+    /// Each block's cached keys and values.
+    pub fn layers(&self) -> &[LayerCache<B>] {
+        &self.layers
+    }
+
+    /// A cache holding these keys and values, one entry per block.
+    pub fn from_layers(layers: Vec<LayerCache<B>>) -> Self {
+        KvCache { layers }
+    }
 }
 
 impl<B: ModelBackend> Attention<B> {
@@ -137,8 +149,8 @@ impl<B: ModelBackend> Attention<B> {
             q = qn.forward(q);
             k = kn.forward(k);
         }
-        q = B::rope(q, layout.cos.clone(), layout.sin.clone());
-        k = B::rope(k, layout.cos.clone(), layout.sin.clone());
+        q = rope_leading(q, layout.cos.clone(), layout.sin.clone());
+        k = rope_leading(k, layout.cos.clone(), layout.sin.clone());
         if let Some(slot) = cache {
             if let Some((pk, pv)) = slot.take() {
                 k = Tensor::cat(vec![pk, k], 2);
@@ -290,6 +302,15 @@ impl<B: ModelBackend> Block<B> {
         let mut out = a.qkv.linears_mut();
         out.push((BlockLinear::O, &mut a.o_proj));
         out.extend(self.mlp.linears_mut());
+        out
+    }
+
+    /// The block's projections of one input (q, k, v; gate, up of a dense MLP), to change.
+    pub fn projections_mut(&mut self) -> Vec<&mut Projections<B>> {
+        let mut out = vec![&mut self.self_attn.qkv];
+        if let FeedForward::Dense(mlp) = &mut self.mlp {
+            out.push(&mut mlp.gate_up);
+        }
         out
     }
 

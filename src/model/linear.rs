@@ -81,6 +81,20 @@ impl<B: ModelBackend> FrozenWeight<B> {
         }
     }
 
+    /// Rows `start..start + len` as a weight of their own, held as this one is (a part of a
+    /// fused linear).
+    pub fn row_range(&self, start: usize, len: usize) -> Self {
+        match self {
+            FrozenWeight::Dense(t) => FrozenWeight::Dense(t.clone().narrow(0, start, len)),
+            FrozenWeight::Quantized(q) => {
+                FrozenWeight::Quantized(Arc::new(q.row_range(start, len)))
+            }
+            FrozenWeight::DeviceQuantized(w) => {
+                FrozenWeight::DeviceQuantized(w.row_range(start, len))
+            }
+        }
+    }
+
     /// Rows `ids` of the weight as `[ids.len(), in]` (an embedding lookup).
     pub fn rows(&self, ids: &[u32], device: &B::Device) -> Tensor<B, 2> {
         let indices = || {

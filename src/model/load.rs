@@ -59,13 +59,18 @@ pub struct ModelFiles {
 impl ModelFiles {
     /// Opens a model folder (`config.json` and safetensors) or a `.gguf` file, reading its
     /// configuration; no weights are loaded yet.
+    /// A Hugging Face name (`org/name[@revision]`) that is not a path opens its copy in the hub
+    /// cache (see [`crate::io::hub`]).
     pub fn open(path: &Path) -> Result<Self> {
-        if !path.exists() {
-            bail!(
-                "{} does not exist: give a model folder (config.json + *.safetensors) or a .gguf file",
+        let cache = crate::io::hub::cache_dir(|k| std::env::var(k).ok());
+        let resolved = match crate::io::hub::resolve_model(path, cache.as_deref()) {
+            Some(resolved) => resolved?,
+            None => bail!(
+                "{} does not exist: give a model folder (config.json + *.safetensors), a .gguf file, or a Hugging Face name (org/name) that is in the hub cache",
                 path.display()
-            );
-        }
+            ),
+        };
+        let path = resolved.as_path();
         if path.is_file() {
             let gguf = GgufFile::open(path)?;
             let config = ModelConfig::from_gguf(&gguf)?;
@@ -282,12 +287,12 @@ impl ModelFiles {
             layers,
             norm: norm(&format!("{}.weight", names::FINAL_NORM.0), h)?,
             lm_head,
-            rope: Rope::new(hd, c.rope_theta, &c.rope_scaling),
+            rope: Rope::new(c.rotary_dim, c.rope_theta, &c.rope_scaling),
             local_rope: c
                 .quirks
                 .local_rope
                 .as_ref()
-                .map(|(theta, scaling)| Rope::new(hd, *theta, scaling)),
+                .map(|(theta, scaling)| Rope::new(c.rotary_dim, *theta, scaling)),
         })
     }
 }

@@ -99,6 +99,19 @@ impl BlockLinear {
         }
     }
 
+    /// The linears a recipe's `lora.targets` may name in a block of `family`: [`Self::of`], and
+    /// the parts of a fused linear (adapted on their own rows).
+    pub fn targetable(family: Family) -> Vec<BlockLinear> {
+        let fused = family.fuses_projections();
+        Self::of(family)
+            .into_iter()
+            .flat_map(|l| {
+                let parts = if fused { l.parts() } else { &[] };
+                std::iter::once(l).chain(parts.iter().copied())
+            })
+            .collect()
+    }
+
     /// Every linear any family has.
     pub fn all() -> impl Iterator<Item = Self> {
         Self::SPLIT
@@ -624,6 +637,7 @@ mod tests {
                 num_heads: 4,
                 num_kv_heads: 2,
                 head_dim: 8,
+                rotary_dim: 8,
                 rms_norm_eps: 1e-6,
                 rope_theta: 1e4,
                 rope_scaling: RopeScaling::None,

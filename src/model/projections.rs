@@ -5,6 +5,10 @@
 //! split:  [q, k, v] = [x Wqᵀ, x Wkᵀ, x Wvᵀ]
 //! fused:  [q | k | v] = x W_qkvᵀ   (W_qkv = [Wq; Wk; Wv], one GEMM, one LoRA on the whole)
 //! ```
+//!
+//! A fused linear whose parts are adapted on their own (`self_attn.q_proj` on Phi-3) is split
+//! into its parts' rows first ([`Projections::split`]): each part then runs its own GEMM and
+//! carries its own adapter, the same product as the fused one with `ΔW = [ΔWq; 0; ΔWv]`.
 
 use burn::tensor::{FloatDType, Tensor};
 
@@ -29,6 +33,32 @@ pub enum Projections<B: ModelBackend> {
 }
 
 impl<B: ModelBackend> Projections<B> {
+    /// The same outputs as separate linears, each over its rows of the fused weight (and bias),
+    /// named by the fused linear's parts, so that each can take an adapter of its own. Split
+    /// projections come back as they are. The fused linear must not carry an adapter yet.
+    pub fn split(self) -> Self {
+        match self {
+            Projections::Fused {
+                name,
+                linear,
+                widths,
+            } => {
+                debug_assert!(linear.adapter.is_none(), "split before adapters are added");
+                let mut start = 0;
+                let parts = name.parts().iter().zip(&widths).map(|(&part, &width)| {
+                    let rows = FrozenLinear::new(
+                        linear.weight.row_range(start, width),
+                        linear.bias.clone().map(|b| b.narrow(0, start, width)),
+                    );
+                    start += width;
+                    (part, rows)
+                });
+                Projections::Split(parts.collect())
+            }
+            split => split,
+        }
+    }
+
     /// The linear whose GEMM input dtype the op feeding these projections writes.
     pub fn first(&self) -> &FrozenLinear<B> {
         match self {

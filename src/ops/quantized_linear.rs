@@ -91,6 +91,16 @@ impl<B: Backend> DeviceQuantized<B> {
         [rows, words * 32 / self.bits as usize]
     }
 
+    /// Rows `start..start + len` only (a part of a fused linear).
+    pub fn row_range(&self, start: usize, len: usize) -> Self {
+        DeviceQuantized {
+            words: self.words.clone().narrow(0, start, len),
+            scales: self.scales.clone().narrow(0, start, len),
+            biases: self.biases.clone().narrow(0, start, len),
+            ..self.clone()
+        }
+    }
+
     /// Rows `ids` only (an embedding lookup).
     pub fn select_rows(&self, ids: Tensor<B, 1, Int>) -> Self {
         DeviceQuantized {

@@ -206,6 +206,22 @@ pub trait RopeBackend: Backend {
     }
 }
 
+/// `x` (`[batch, heads, seq, head_dim]`) rotated by [`RopeBackend::rope`] over its leading
+/// `cos.dims()[3]` dimensions, the rest passed through: RoPE over part of each head
+/// (`partial_rotary_factor`, Phi-4-mini), whole heads when the tables are as wide.
+pub fn rope_leading<B: RopeBackend>(
+    x: Tensor<B, 4>,
+    cos: Tensor<B, 4>,
+    sin: Tensor<B, 4>,
+) -> Tensor<B, 4> {
+    let (d, r) = (x.dims()[3], cos.dims()[3]);
+    if r == d {
+        return B::rope(x, cos, sin);
+    }
+    let rotated = B::rope(x.clone().narrow(3, 0, r), cos, sin);
+    Tensor::cat(vec![rotated, x.narrow(3, r, d - r)], 3)
+}
+
 /// [`RopeBackend::rope`] in Burn's ops: `x ⊙ cos + [−x₂, x₁] ⊙ sin`.
 pub fn rotate_by_slices<B: Backend>(
     x: Tensor<B, 4>,

@@ -154,6 +154,19 @@ impl QuantizedMatrix {
         out
     }
 
+    /// Rows `start..start + len` as a matrix of their own (each row is packed, scaled and
+    /// offset on its own, so this is a copy of their words, scales and biases).
+    pub fn row_range(&self, start: usize, len: usize) -> Self {
+        let (wpr, gpr) = (self.words_per_row(), self.cols / self.group_size);
+        QuantizedMatrix {
+            rows: len,
+            packed: self.packed[start * wpr..(start + len) * wpr].to_vec(),
+            scales: self.scales[start * gpr..(start + len) * gpr].to_vec(),
+            biases: self.biases[start * gpr..(start + len) * gpr].to_vec(),
+            ..*self
+        }
+    }
+
     /// Reorders whole rows: row `i` of the result is row `order[i]` of `self`.
     pub fn permute_rows(&self, order: &[usize]) -> Self {
         let wpr = self.words_per_row();

@@ -75,7 +75,7 @@ pub fn save<B: ModelBackend + AutodiffBackend>(
     std::fs::create_dir_all(&new).with_context(|| format!("creating {}", new.display()))?;
     atomic::write(
         &new.join("adapters.safetensors"),
-        &safetensors_bytes(&mlx_tensors(decoder), &[])?,
+        &safetensors_bytes(&mlx_tensors(decoder)?.0, &[])?,
     )?;
     let mut moments = NamedTensors::new();
     for (i, (m, v)) in optimizer.first.iter().zip(&optimizer.second).enumerate() {

@@ -129,3 +129,13 @@ pub fn fuse_with_env(
     args.extend_from_slice(flags);
     loraforge_with_env(&args, env)
 }
+
+/// The Phi-3 fixtures' adapter targets on parts of the fused linears (q and v of `qkv_proj`,
+/// gate of `gate_up_proj`), with the unfused o and down.
+pub const PHI3_PART_KEYS: [&str; 5] = [
+    "self_attn.q_proj",
+    "self_attn.v_proj",
+    "self_attn.o_proj",
+    "mlp.gate_proj",
+    "mlp.down_proj",
+];

@@ -17,7 +17,7 @@ use std::process::Command;
 use burn::backend::NdArray;
 use burn::tensor::{Distribution, Tensor};
 use loraforge::chat::{ChatTemplate, Message};
-use loraforge::generate::{GenerationLimits, SamplingConfig, generate};
+use loraforge::generate::{GenerationLimits, Prompt, SamplingConfig, generate};
 use loraforge::lora::{AdapterSpec, files, inject};
 use loraforge::model::load_model;
 use loraforge::model::names::BlockLinear;
@@ -91,11 +91,20 @@ fn our_greedy(model: &Path, adapters: Option<&Path>, prompts: &[Vec<u32>]) -> Ve
             let limits = GenerationLimits {
                 max_tokens: TOKENS,
                 stop_at_eos: false,
+                top_logprobs: None,
             };
             let greedy = SamplingConfig::default();
-            generate(&decoder, &tokenizer, ids, limits, greedy, &device, |_| {})
-                .unwrap()
-                .ids
+            generate(
+                &decoder,
+                &tokenizer,
+                Prompt::new(ids),
+                limits,
+                greedy,
+                &device,
+                |_| {},
+            )
+            .unwrap()
+            .ids
         })
         .collect()
 }

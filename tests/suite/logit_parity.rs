@@ -107,6 +107,13 @@ fn phi3_with_fused_projections_longrope_past_its_original_length_and_a_window() 
     check_family("phi3");
 }
 
+/// Phi-4-mini's RoPE over 12 of each head's 16 dimensions, with LongRoPE past its original
+/// length and tied embeddings.
+#[test]
+fn phi4_mini_with_rope_over_part_of_each_head() {
+    check_family("phi4mini");
+}
+
 #[test]
 fn mixtral_with_top_2_of_4_experts_and_a_window() {
     check_family("mixtral");
@@ -182,6 +189,13 @@ fn mlx_gemma3_4bit_group32() {
 #[test]
 fn mlx_phi3_4bit_group32() {
     check("mlx-phi3-q4", 1e-3);
+}
+
+/// mlx_lm.convert -q (4 bits, group 32) of the Phi-4-mini fixture (RoPE over part of each
+/// head), against mlx-lm's own logits.
+#[test]
+fn mlx_phi4_mini_4bit_group32() {
+    check("mlx-phi4mini-q4", 1e-3);
 }
 
 /// mlx_lm.convert -q (4 bits, group 32) of the Mixtral fixture: the experts stacked and packed

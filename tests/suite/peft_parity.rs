@@ -101,6 +101,15 @@ fn ten_adamw_steps_on_phi3_match_peft() {
     ten_adamw_steps_match("peft-parity-phi3", all_linear());
 }
 
+/// Phi-3 with adapters on parts of its fused linears (`q_proj` and `v_proj` of `qkv_proj`,
+/// `gate_proj` of `gate_up_proj`), against peft on the same model with each fused linear swapped
+/// for one linear per part; files in the joined layout stock peft loads on the stock Phi-3.
+#[test]
+fn ten_adamw_steps_on_parts_of_phi3s_fused_linears_match_peft() {
+    let keys = common::PHI3_PART_KEYS.map(String::from).to_vec();
+    ten_adamw_steps_match("peft-parity-phi3-parts", Targets::Keys(keys));
+}
+
 /// Mixtral (top-2 of 4 experts, a window): adapters on attention and on every expert's down
 /// projection (peft's `target_parameters` on transformers 5's 3-D experts, one `A_e`, `B_e` per
 /// expert), so the gradients go through the routing weights and the grouped products.
@@ -186,9 +195,17 @@ fn ten_adamw_steps_match(fixture: &str, targets: Targets) {
         ] {
             let (l, g) = loss_and_gradients(&model, &batches[0], 1.0, Some(how), &device);
             assert!((l - loss).abs() < 1e-6, "{how:?}: loss {l} vs {loss}");
-            for (a, b) in g.iter().zip(&grads) {
+            // Summed in another order (chunks of 5 tokens): equal up to rounding, which moves with
+            // the machine and the build (session 21, an AVX2-only EPYC: 1.4e-5 of a largest
+            // element of 0.093, 2.4e-5 of 0.108 with another build; under 1e-5 on earlier
+            // sessions' machines). Without the routers' term the first gradients are 4e-4 off.
+            for (i, (a, b)) in g.iter().zip(&grads).enumerate() {
                 let diff = (a.clone() - b.clone()).abs().max().into_scalar();
-                assert!(diff < 1e-5, "{how:?}: a gradient differs by {diff}");
+                let size = b.clone().abs().max().into_scalar();
+                assert!(
+                    diff < 1e-5f32.max(5e-4 * size),
+                    "{how:?}: gradient {i} (largest element {size}) differs by {diff}"
+                );
             }
         }
     }
@@ -197,11 +214,21 @@ fn ten_adamw_steps_match(fixture: &str, targets: Targets) {
     let mut as_adapters = model.clone();
     set_parameters(&mut as_adapters, &grads);
     let torch = common::tensors(&dir.join("first_grads.safetensors"));
-    let ours = files::peft_tensors(&as_adapters);
+    let ours = files::peft_tensors(&as_adapters).unwrap();
     assert_eq!(ours.len(), torch.len(), "one gradient per peft tensor");
+    // Within 1e-5, or 5e-4 of the tensor's largest element. Mixtral with the routers' term on
+    // session 21's machine (an AVX2-only EPYC) moves more, and by how much changes between two
+    // builds of the same code, each the same on every run: 1.4e-5 of 0.09 (k_proj's lora_B),
+    // then 2.4e-5 of 0.108 (o_proj's lora_A) (docs/traps.md). Without the routers' term the
+    // gradients are 4.2e-4 off.
     for (name, (_, g)) in ours {
-        let diff = common::max_abs_diff(&g, &torch[&name]);
-        assert!(diff < 1e-5, "{name}: gradient differs by {diff}");
+        let want = &torch[&name];
+        let diff = common::max_abs_diff(&g, want);
+        let size = want.iter().fold(0f32, |m, v| m.max(v.abs()));
+        assert!(
+            diff < 1e-5f32.max(5e-4 * size),
+            "{name}: gradient differs by {diff} (largest element {size})"
+        );
     }
 
     let config = ADAMW;
@@ -256,7 +283,7 @@ fn ten_adamw_steps_match(fixture: &str, targets: Targets) {
             .sum::<f64>()
             .sqrt()
     };
-    for (name, (_, values)) in files::peft_tensors(&trainer.model) {
+    for (name, (_, values)) in files::peft_tensors(&trainer.model).unwrap() {
         let (want, start) = (&final_peft[&name], &init[&name]);
         let relative = norm(&values, want) / norm(want, start);
         assert!(

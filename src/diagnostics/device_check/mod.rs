@@ -28,7 +28,8 @@
 //!   serves it)
 //!   forward and backward, against float64 at sampled queries and keys: nothing the size of the
 //!   row squared is allocated, and indices past 2³¹ score positions stay right.
-//! - `rope_grad`: the rotary embedding's output and input gradient against float64 (`rope.rs`).
+//! - `rope_grad`: the rotary embedding's output and input gradient against float64, over whole
+//!   heads and over part of each (`rope.rs`).
 //! - `experts_grad`: an experts' stack with its adapters on rows grouped by expert (the grouped
 //!   products of a mixture of experts), output and gradients against float64 (`experts.rs`).
 //! - `grouped_products`: the grouped product (one cuBLAS call on CUDA) against one GEMM per
@@ -281,8 +282,9 @@ pub fn run<B: ModelBackend>(
         emit(attention_grad::<B>(device, case));
     }
     emit(attention::long_row::<B>(device, long_row));
-    for per_row_tables in [false, true] {
-        emit(rope::rope_grad::<B>(device, per_row_tables));
+    // Whole heads, and Phi-4-mini's 3/4 of each.
+    for (per_row_tables, rotary) in [(false, 64), (true, 64), (false, 48)] {
+        emit(rope::rope_grad::<B>(device, per_row_tables, rotary));
     }
     for check in [
         elementwise::rms_norm_grad::<B>,

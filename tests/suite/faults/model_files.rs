@@ -117,13 +117,13 @@ fn bad_phi3_keys_are_named() {
     let cases: [(&str, ConfigEdit, &str); 4] = [
         (
             "partial",
-            |c| c["rope_parameters"]["partial_rotary_factor"] = 0.75.into(),
-            "partial_rotary_factor is 0.75",
+            |c| c["rope_parameters"]["partial_rotary_factor"] = 1.5.into(),
+            "partial_rotary_factor is 1.5; it must be a number in (0, 1]",
         ),
         (
             "short",
             |c| c["rope_parameters"]["long_factor"] = serde_json::json!([1.0, 2.0]),
-            "rope_scaling.long_factor must hold 8 positive numbers (head_dim 16 / 2); it holds [1.0,2.0]",
+            "rope_scaling.long_factor must hold 8 positive numbers (rotated dimensions 16 / 2); it holds [1.0,2.0]",
         ),
         (
             "negative",
