@@ -45,6 +45,7 @@ impl ModelArgs {
 /// `loraforge generate`'s flags.
 #[derive(Args)]
 pub struct GenerateArgs {
+    /// The model, its adapters and the device.
     #[command(flatten)]
     pub target: ModelArgs,
     #[arg(long)]
@@ -152,29 +153,6 @@ fn encode_prompt(
     tokenizer.encode(&text, false)
 }
 
-/// The prompt cache at `file`, refused when another model (or other adapters, or another dtype)
-/// made it.
-fn load_prompt_cache<B: ModelBackend>(
-    file: &std::path::Path,
-    model_arg: &std::path::Path,
-    decoder: &crate::model::Decoder<B>,
-    device: &B::Device,
-) -> Result<PromptCache> {
-    let cache = PromptCache::load(file, decoder)?;
-    let ours = fingerprint(decoder, device);
-    if cache.fingerprint != ours {
-        anyhow::bail!(
-            "{} was made by another model ({}, fingerprint {}), or with other adapters or another dtype; this is {} (fingerprint {ours}): make the cache again with `loraforge cache-prompt --model {}`",
-            file.display(),
-            cache.model,
-            cache.fingerprint,
-            model_arg.display(),
-            model_arg.display()
-        );
-    }
-    Ok(cache)
-}
-
 impl BackendTask for GenerateArgs {
     type Output = ();
 
@@ -185,15 +163,11 @@ impl BackendTask for GenerateArgs {
             Some(file) => {
                 if self.chat || self.system.is_some() {
                     anyhow::bail!(
-                        "--chat (or --system) with --prompt-cache-file: the chat template renders a whole conversation, so put it all in the cache (`cache-prompt --chat`) and continue with a plain --prompt"
+                        "--chat (or --system) with --prompt-cache-file is not supported yet (prompt caches hold plain prompts): drop --chat, or drop the cache"
                     );
                 }
-                Some(load_prompt_cache(
-                    file,
-                    &self.target.model,
-                    &model.decoder,
-                    &device,
-                )?)
+                let ours = fingerprint(&model.decoder, &device);
+                Some(PromptCache::load(file, &model.decoder, &ours)?)
             }
             None => None,
         };
@@ -208,8 +182,9 @@ impl BackendTask for GenerateArgs {
         let context = model.decoder.config.max_position_embeddings;
         if cached_ids.len() + prompt_ids.len() + self.max_tokens > context {
             eprintln!(
-                "warning: the prompt is {} tokens and --max-tokens {}, past the model's context of {context} tokens (max_position_embeddings); text past it is unreliable, so shorten the prompt or lower --max-tokens",
-                prompt_ids.len(),
+                "warning: the prompt is {} tokens ({} of them cached) and --max-tokens {}, past the model's context of {context} tokens (max_position_embeddings); text past it is unreliable, so shorten the prompt or lower --max-tokens",
+                cached_ids.len() + prompt_ids.len(),
+                cached_ids.len(),
                 self.max_tokens
             );
         }

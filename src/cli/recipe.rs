@@ -24,11 +24,14 @@ pub fn run(command: RecipeCommand) -> Result<()> {
     let resolved = toml::to_string_pretty(&recipe).context("rendering the resolved recipe")?;
     println!("# {} is valid; resolved with defaults:\n", file.display());
     print!("{resolved}");
-    if !recipe.model.path.exists() {
-        eprintln!(
+    let cache = crate::io::hub::cache_dir(|k| std::env::var(k).ok());
+    match crate::io::hub::resolve_model(&recipe.model.path, cache.as_deref()) {
+        Some(Ok(_)) => {}
+        Some(Err(e)) => eprintln!("warning: model.path: {e:#}"),
+        None => eprintln!(
             "warning: model.path {} does not exist yet (fetch it before training)",
             recipe.model.path.display()
-        );
+        ),
     }
     Ok(())
 }

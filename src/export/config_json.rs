@@ -134,9 +134,14 @@ pub fn add_older_keys(config: &mut Value, c: &ModelConfig) {
         map.entry("rope_local_base_freq").or_insert(json!(theta));
     }
     if c.rotary_dim != c.head_dim {
-        // Both tools rotate int(head_dim · factor) dimensions: this factor gives rotary_dim.
-        map.entry("partial_rotary_factor")
-            .or_insert(json!(c.rotary_dim as f64 / c.head_dim as f64));
+        // Both tools rotate int(head_dim · factor) dimensions: the plain ratio where that floors
+        // back to rotary_dim, else half a dimension more.
+        let (r, d) = (c.rotary_dim as f64, c.head_dim as f64);
+        let f = match (d * (r / d)) as usize == c.rotary_dim {
+            true => r / d,
+            false => (r + 0.5) / d,
+        };
+        map.entry("partial_rotary_factor").or_insert(json!(f));
     }
     if let Some(period) = c.quirks.sliding_period().filter(|_| c.family.is_gemma()) {
         map.entry("sliding_window_pattern").or_insert(json!(period));

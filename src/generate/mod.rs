@@ -77,7 +77,8 @@ impl<'a, B: ModelBackend> Prompt<'a, B> {
 }
 
 /// Generates after the prompt, calling `on_text` with each new piece of decoded text. Only the
-/// prompt's new tokens are computed, and counted in the prompt's tokens/s.
+/// prompt's new tokens are computed, and counted in the prompt's tokens/s (but for LongRoPE
+/// crossing its pretrained length, which recomputes the cached tokens too).
 pub fn generate<B: ModelBackend>(
     model: &Decoder<B>,
     tokenizer: &Tokenizer,

@@ -4,9 +4,12 @@
 //!
 //! The file is safetensors: `layers.{i}.keys` and `layers.{i}.values`, each
 //! `[1, kv_heads, tokens, head_dim]` in f32, and in `__metadata__` the format, the token ids
-//! (JSON), the model as it was given, and its fingerprint: a hash of the configuration, the base's
-//! storage dtype, two rows of the embedding and of the head, and every adapter, so a cache made by
-//! another model, other adapters or another dtype is refused rather than silently misread.
+//! (JSON), the model as it was given, and its fingerprint: a hash of the configuration, how each
+//! weight is held (dtype or packing), two rows of the embedding and of the head, the first row and
+//! the bias of every frozen linear, and every adapter (magnitudes included), so a cache made by
+//! another model (a fine-tune of the same base too), other adapters or another dtype is refused
+//! rather than silently misread. It reads a few rows, not every weight: two models that differ
+//! only elsewhere would share it.
 
 use std::path::Path;
 
@@ -53,19 +56,34 @@ pub fn fingerprint<B: ModelBackend>(decoder: &Decoder<B>, device: &B::Device) ->
             .unwrap_or_default()
     };
     for weight in [&decoder.embed_tokens, &decoder.lm_head.weight] {
-        eat(format!("{:?}", weight_kind(weight)).as_bytes());
+        eat(weight_kind(weight).as_bytes());
         for v in rows(weight.rows(&[0, 1], device)) {
             eat(&v.to_le_bytes());
         }
     }
-    for (path, adapter) in decoder.adapters() {
-        eat(path.as_bytes());
-        for t in [&adapter.a, &adapter.b] {
-            for v in rows(t.clone()) {
-                eat(&v.to_le_bytes());
+    for block in &decoder.layers {
+        for (which, linear) in block.linears() {
+            eat(format!("{which:?}{}", weight_kind(&linear.weight)).as_bytes());
+            let bias = linear.bias.iter().map(|b| b.clone().unsqueeze::<2>());
+            for t in std::iter::once(linear.weight.rows(&[0], device)).chain(bias) {
+                for v in rows(t) {
+                    eat(&v.to_le_bytes());
+                }
             }
+            let Some(adapter) = &linear.adapter else {
+                continue;
+            };
+            let magnitude = adapter.magnitude.iter().map(|m| m.clone().unsqueeze::<2>());
+            for t in [adapter.a.clone(), adapter.b.clone()]
+                .into_iter()
+                .chain(magnitude)
+            {
+                for v in rows(t) {
+                    eat(&v.to_le_bytes());
+                }
+            }
+            eat(&adapter.scale.to_le_bytes());
         }
-        eat(&adapter.scale.to_le_bytes());
     }
     format!("{hash:016x}")
 }
@@ -134,9 +152,15 @@ impl PromptCache {
             .with_context(|| format!("writing the prompt cache {}", path.display()))
     }
 
-    /// Reads a cache written by [`Self::save`] for a model of `decoder`'s shape; a file of another
-    /// format, or whose tensors do not fit the model's blocks, is an error naming it.
-    pub fn load<B: ModelBackend>(path: &Path, decoder: &Decoder<B>) -> Result<Self> {
+    /// Reads a cache written by [`Self::save`] for `decoder`, whose [`fingerprint`] is
+    /// `fingerprint`: a file of another format, another model's cache (checked before its tensors
+    /// are read), ids past the vocabulary and tensors that do not fit the model's blocks are
+    /// errors naming the file.
+    pub fn load<B: ModelBackend>(
+        path: &Path,
+        decoder: &Decoder<B>,
+        fingerprint: &str,
+    ) -> Result<Self> {
         let store = SafetensorsStore::open_files(&[path.to_path_buf()])
             .with_context(|| format!("reading the prompt cache {}", path.display()))?;
         let meta = store.file_metadata();
@@ -164,6 +188,20 @@ impl PromptCache {
         let ids: Vec<u32> = serde_json::from_str(&field("token_ids")?)
             .with_context(|| format!("{}: `token_ids` is not a list of ids", path.display()))?;
         let c = &decoder.config;
+        let (model, made_by) = (field("model")?, field("fingerprint")?);
+        if made_by != fingerprint {
+            bail!(
+                "{} was made by another model ({model}, fingerprint {made_by}), or with other adapters or another dtype; this model's fingerprint is {fingerprint}: make the cache again with `loraforge cache-prompt` for it",
+                path.display()
+            );
+        }
+        if let Some(bad) = ids.iter().find(|&&id| id as usize >= c.vocab_size) {
+            bail!(
+                "{}: token id {bad} is past the model's vocabulary ({} tokens)",
+                path.display(),
+                c.vocab_size
+            );
+        }
         let shape = [1, c.num_kv_heads, ids.len(), c.head_dim];
         let mut layers = Vec::with_capacity(c.num_layers);
         for i in 0..c.num_layers {
@@ -190,8 +228,8 @@ impl PromptCache {
         }
         Ok(PromptCache {
             ids,
-            model: field("model")?,
-            fingerprint: field("fingerprint")?,
+            model,
+            fingerprint: made_by,
             layers,
             heads: [c.num_kv_heads, c.head_dim],
         })

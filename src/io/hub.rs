@@ -10,7 +10,7 @@
 
 use std::path::{Path, PathBuf};
 
-use anyhow::{Result, bail};
+use anyhow::{Context, Result, bail};
 
 /// A repository on the hub and the revision asked for.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -131,7 +131,8 @@ fn only_gguf(dir: &Path) -> Result<PathBuf> {
     if dir.join("config.json").exists() {
         return Ok(dir.to_path_buf());
     }
-    let mut ggufs: Vec<PathBuf> = std::fs::read_dir(dir)?
+    let mut ggufs: Vec<PathBuf> = std::fs::read_dir(dir)
+        .with_context(|| format!("reading {}", dir.display()))?
         .filter_map(|e| e.ok().map(|e| e.path()))
         .filter(|p| p.extension().is_some_and(|x| x == "gguf"))
         .collect();

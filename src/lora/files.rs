@@ -221,7 +221,12 @@ pub fn peft_config(c: &PeftConfig) -> serde_json::Value {
         }
     };
     let (mut rank_pattern, mut alpha_pattern) = (serde_json::Map::new(), serde_json::Map::new());
-    for (key, &r) in c.ranks.iter().filter(|(_, r)| **r != c.rank) {
+    // A whole path names a block whose leaf has another rank elsewhere: always written.
+    for (key, &r) in c
+        .ranks
+        .iter()
+        .filter(|(k, r)| **r != c.rank || k.contains('.'))
+    {
         rank_pattern.insert(key.clone(), json!(r));
         alpha_pattern.insert(key.clone(), json!(scaled(r)));
     }
@@ -276,6 +281,15 @@ pub fn load_into<B: ModelBackend>(
             )
         })?;
         let (a, b) = (adapter.a.dims(), adapter.b.dims());
+        // Zero rank columns read as padding come back (they add nothing, and stay zero).
+        let padded;
+        let h = match h.rank < a[1] {
+            true => {
+                padded = h.padded(a[1]);
+                &padded
+            }
+            false => h,
+        };
         let e = h.experts;
         if [e * h.in_features, h.rank] != a || [e * h.rank, h.out_features] != b {
             bail!(

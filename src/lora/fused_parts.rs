@@ -95,7 +95,7 @@ pub fn join_parts(
             if let Some(p) = part {
                 if p.scale != scale || p.in_features != inp || p.out_features != *rows {
                     bail!(
-                        "`{}`: its parts' adapters differ in scale or shape",
+                        "`{}`: its parts' adapters differ in scale or shape from the model's parts (adapters for another base?)",
                         f.fused
                     );
                 }
@@ -151,6 +151,11 @@ pub fn split_parts(
         };
         let rank: usize = wanted.iter().flatten().sum();
         let out: usize = f.parts.iter().map(|(_, rows)| rows).sum();
+        // Trailing zero rank columns were dropped on reading as padding; they add nothing.
+        let joined = match joined.rank < rank && joined.experts == 1 {
+            true => joined.padded(rank),
+            false => joined,
+        };
         if joined.rank != rank || joined.out_features != out || joined.experts != 1 {
             bail!(
                 "{}: `{}` holds one adapter of rank {} on the whole linear; this model adapts its parts ({}) at rank {rank} together: target `{}` itself, or use adapters trained on those parts",
@@ -282,7 +287,7 @@ mod tests {
         }
         let mut whole = joined;
         let fused = whole.get_mut(&format!("{p}.qkv_proj")).unwrap();
-        fused.b[q_rows + 1] = 0.5; // rank column 0 (q's) reaching k's first row
+        fused.b[q_rows + 1] = 0.5; // rank column 0 (q's) reaching k's second row
         let err = split_parts(whole, &c, &ranks, file)
             .unwrap_err()
             .to_string();

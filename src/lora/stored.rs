@@ -69,9 +69,7 @@ impl HostAdapter {
             });
         delta
     }
-}
 
-impl HostAdapter {
     /// The same update at rank `rank` ≥ its own: `A` gains zero columns and `B` zero rows, which
     /// add nothing (mlx-lm gives every adapter one rank; see `fused_parts`).
     pub fn padded(&self, rank: usize) -> HostAdapter {
@@ -96,9 +94,13 @@ impl HostAdapter {
     }
 
     /// The same update without the trailing rank columns that are zero in both `A` and `B`
-    /// ([`Self::padded`]'s undone).
+    /// (what [`Self::padded`] adds; a trained column that is exactly zero in both goes too, and
+    /// adds nothing either).
     pub fn unpadded(self) -> HostAdapter {
         let (inp, out, r) = (self.in_features, self.out_features, self.rank);
+        if r == 0 || out == 0 || inp == 0 {
+            return self;
+        }
         let zero = |k: usize| {
             self.a.chunks_exact(r).all(|row| row[k] == 0.0)
                 && self
@@ -222,9 +224,9 @@ fn matrix(store: &SafetensorsStore, file: &Path, name: &str) -> Result<(Vec<usiz
     let raw = store
         .get(name)
         .with_context(|| format!("{}: adapter tensor `{name}` is missing", file.display()))?;
-    if !matches!(raw.shape.len(), 2 | 3) {
+    if !matches!(raw.shape.len(), 2 | 3) || raw.shape.contains(&0) {
         bail!(
-            "{}: `{name}` must be 2-D (3-D for experts), found shape {:?}",
+            "{}: `{name}` must be 2-D (3-D for experts) with no empty dimension, found shape {:?}",
             file.display(),
             raw.shape
         );

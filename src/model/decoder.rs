@@ -28,7 +28,6 @@ use crate::ops::elementwise::{Activation, gated};
 use crate::ops::frozen_linear::ModelBackend;
 use crate::ops::rope::{Rope, rope_leading};
 
-/// One layer's cached keys and values, `[batch, kv_heads, len, head_dim]` each.
 /// One block's cached keys and values, `[batch, kv_heads, positions, head_dim]` each; `None`
 /// before the block has run.
 pub type LayerCache<B> = Option<(Tensor<B, 4>, Tensor<B, 4>)>;

@@ -51,7 +51,7 @@ fn a_saved_prompt_continues_as_the_whole_prompt_would() {
         .unwrap()
         .save(&file)
         .unwrap();
-    let saved = PromptCache::load(&file, decoder).unwrap();
+    let saved = PromptCache::load(&file, decoder, &fingerprint(decoder, &device)).unwrap();
     assert_eq!(
         (saved.ids.as_slice(), saved.fingerprint.clone()),
         (first.as_slice(), fingerprint(decoder, &device))

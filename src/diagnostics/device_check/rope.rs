@@ -14,6 +14,8 @@ use crate::ops::ModelBackend;
 use crate::ops::rope::RopeScaling;
 use crate::ops::rope::{Rope, rope_leading};
 
+/// The check's JSON line: RoPE over the leading `rotary` of 64 dimensions per head, one table or
+/// one per row.
 pub fn rope_grad<B: ModelBackend>(
     device: &B::Device,
     per_row_tables: bool,
