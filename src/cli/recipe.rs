@@ -24,8 +24,7 @@ pub fn run(command: RecipeCommand) -> Result<()> {
     let resolved = toml::to_string_pretty(&recipe).context("rendering the resolved recipe")?;
     println!("# {} is valid; resolved with defaults:\n", file.display());
     print!("{resolved}");
-    let cache = crate::io::hub::cache_dir(|k| std::env::var(k).ok());
-    match crate::io::hub::resolve_model(&recipe.model.path, cache.as_deref()) {
+    match crate::io::hub::resolve_model_here(&recipe.model.path) {
         Some(Ok(_)) => {}
         Some(Err(e)) => eprintln!("warning: model.path: {e:#}"),
         None => eprintln!(

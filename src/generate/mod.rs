@@ -96,13 +96,7 @@ pub fn generate<B: ModelBackend>(
     let mut context = [prompt.cached, prompt_ids].concat();
 
     let start = Instant::now();
-    let mut logits = if model.cache_outdated(cache.len(), context.len()) {
-        // The cached keys were rotated for the short LongRoPE factors; this pass crosses.
-        cache = KvCache::new(layers);
-        model.next_logits(&context, &mut cache, device)
-    } else {
-        model.next_logits(prompt_ids, &mut cache, device)
-    };
+    let mut logits = advance(model, &mut cache, &context, prompt_ids.len(), device);
     let prompt_secs = start.elapsed().as_secs_f64();
 
     let start = Instant::now();
@@ -130,14 +124,7 @@ pub fn generate<B: ModelBackend>(
         if generated.len() == max_tokens {
             break;
         }
-        logits = if model.cache_outdated(cache.len(), context.len()) {
-            // LongRoPE crossed its pretrained length: every key is rotated anew (transformers
-            // recomputes the cache there too).
-            cache = KvCache::new(model.config.num_layers);
-            model.next_logits(&context, &mut cache, device)
-        } else {
-            model.next_logits(&[next], &mut cache, device)
-        };
+        logits = advance(model, &mut cache, &context, 1, device);
     }
     let gen_secs = start.elapsed().as_secs_f64();
     let text = tokenizer.decode(&generated)?;
@@ -156,4 +143,21 @@ pub fn generate<B: ModelBackend>(
         text,
         logprobs,
     })
+}
+
+/// The next token's logits after `context`, whose last `new` tokens `cache` does not hold yet:
+/// only those run, unless LongRoPE crosses its pretrained length, where every key is rotated
+/// anew from the whole context (transformers recomputes its cache there too).
+fn advance<B: ModelBackend>(
+    model: &Decoder<B>,
+    cache: &mut KvCache<B>,
+    context: &[u32],
+    new: usize,
+    device: &B::Device,
+) -> Vec<f32> {
+    if model.cache_outdated(cache.len(), context.len()) {
+        *cache = KvCache::new(model.config.num_layers);
+        return model.next_logits(context, cache, device);
+    }
+    model.next_logits(&context[context.len() - new..], cache, device)
 }

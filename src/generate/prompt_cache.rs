@@ -14,11 +14,12 @@
 use std::path::Path;
 
 use anyhow::{Context, Result, bail};
-use burn::tensor::{Tensor, TensorData};
+use burn::tensor::Tensor;
 
 use crate::io::atomic;
 use crate::io::safetensors::SafetensorsStore;
 use crate::lora::files::{NamedTensors, safetensors_bytes};
+use crate::model::adapter::{from_vec, to_vec};
 use crate::model::{Decoder, KvCache};
 use crate::ops::frozen_linear::ModelBackend;
 
@@ -49,12 +50,7 @@ pub fn fingerprint<B: ModelBackend>(decoder: &Decoder<B>, device: &B::Device) ->
         }
     };
     eat(format!("{:?}", decoder.config).as_bytes());
-    let rows = |t: Tensor<B, 2>| {
-        t.into_data()
-            .convert::<f32>()
-            .into_vec::<f32>()
-            .unwrap_or_default()
-    };
+    let rows = |t: Tensor<B, 2>| to_vec(&t);
     for weight in [&decoder.embed_tokens, &decoder.lm_head.weight] {
         eat(weight_kind(weight).as_bytes());
         for v in rows(weight.rows(&[0, 1], device)) {
@@ -99,20 +95,13 @@ fn weight_kind<B: ModelBackend>(w: &crate::model::linear::FrozenWeight<B>) -> St
 }
 
 impl PromptCache {
-    /// The cache `decoder` filled for `ids`, taken to the host.
+    /// The cache a model of fingerprint `fingerprint` filled for `ids`, taken to the host.
     pub fn capture<B: ModelBackend>(
         cache: &KvCache<B>,
         ids: &[u32],
         model: &str,
         fingerprint: String,
     ) -> Result<Self> {
-        let host = |t: &Tensor<B, 4>| -> Vec<f32> {
-            t.clone()
-                .into_data()
-                .convert::<f32>()
-                .into_vec::<f32>()
-                .unwrap_or_default()
-        };
         let mut heads = [0, 0];
         let mut layers = Vec::new();
         for layer in cache.layers() {
@@ -121,7 +110,7 @@ impl PromptCache {
             };
             let [_, kv_heads, _, head_dim] = k.dims();
             heads = [kv_heads, head_dim];
-            layers.push((host(k), host(v)));
+            layers.push((to_vec(k), to_vec(v)));
         }
         Ok(PromptCache {
             ids: ids.to_vec(),
@@ -239,8 +228,7 @@ impl PromptCache {
     pub fn to_device<B: ModelBackend>(&self, device: &B::Device) -> KvCache<B> {
         let [kv_heads, head_dim] = self.heads;
         let shape = [1, kv_heads, self.ids.len(), head_dim];
-        let tensor =
-            |v: &Vec<f32>| Tensor::<B, 4>::from_data(TensorData::new(v.clone(), shape), device);
+        let tensor = |v: &Vec<f32>| from_vec(v.clone(), shape, device);
         KvCache::from_layers(
             self.layers
                 .iter()

@@ -108,6 +108,12 @@ pub fn snapshot(cache: &Path, repo: &RepoId) -> Result<PathBuf> {
     Ok(snapshot)
 }
 
+/// [`resolve_model`] in the hub cache this process's environment names ([`cache_dir`]).
+pub fn resolve_model_here(arg: &Path) -> Option<Result<PathBuf>> {
+    let cache = cache_dir(|k| std::env::var(k).ok());
+    resolve_model(arg, cache.as_deref())
+}
+
 /// What to open for a model argument: `arg` itself when it exists, else the cached snapshot of
 /// the hub name it spells; its only `.gguf` file when the snapshot is a GGUF repository (no
 /// `config.json`). `None` when `arg` is neither a path nor a hub name.

@@ -282,13 +282,9 @@ pub fn load_into<B: ModelBackend>(
         })?;
         let (a, b) = (adapter.a.dims(), adapter.b.dims());
         // Zero rank columns read as padding come back (they add nothing, and stay zero).
-        let padded;
         let h = match h.rank < a[1] {
-            true => {
-                padded = h.padded(a[1]);
-                &padded
-            }
-            false => h,
+            true => std::borrow::Cow::Owned(h.clone().padded(a[1])),
+            false => std::borrow::Cow::Borrowed(h),
         };
         let e = h.experts;
         if [e * h.in_features, h.rank] != a || [e * h.rank, h.out_features] != b {

@@ -301,7 +301,7 @@ mod tests {
     #[test]
     fn padding_keeps_the_update_and_comes_off() {
         let a = adapter(16, 24, 3, 1.0);
-        let padded = a.padded(8);
+        let padded = a.clone().padded(8);
         assert_eq!(padded.rank, 8);
         assert_eq!(padded.delta(), a.delta());
         let back = padded.unpadded();

@@ -44,18 +44,19 @@ impl AdapterSpec {
     pub fn from_recipe(lora: &LoraSection, config: &ModelConfig) -> Result<Self> {
         let num_blocks = config.num_layers;
         let family_linears = BlockLinear::of(config.family);
+        let targetable = BlockLinear::targetable(config.family);
         let named: Vec<BlockLinear> = match &lora.targets {
             Targets::Named(_) => family_linears.to_vec(),
             Targets::Keys(keys) => keys
                 .iter()
                 .map(|key| {
-                    let linear = BlockLinear::from_key(key, config.family)
-                        .filter(|l| BlockLinear::targetable(config.family).contains(l));
+                    let linear =
+                        BlockLinear::from_key(key, config.family).filter(|l| targetable.contains(l));
                     linear.ok_or_else(|| {
                         anyhow::anyhow!(
                             "lora.targets: unknown key `{key}`; valid keys for {} are {} (or \"all-linear\")",
                             config.family.name(),
-                            BlockLinear::targetable(config.family)
+                            targetable
                                 .iter()
                                 .map(|l| l.key(config.family))
                                 .collect::<Vec<_>>()
@@ -73,10 +74,8 @@ impl AdapterSpec {
         }
         // A part of a fused linear (Phi-3's `q_proj` of `qkv_proj`) is adapted on its own rows;
         // the fused linear and a part of it cannot both be.
-        let fused_of =
-            |l: &BlockLinear| l.fused_into().filter(|_| config.family.fuses_projections());
         for part in &linears {
-            let Some(fused) = fused_of(part) else {
+            let Some(fused) = part.fused_in(config.family) else {
                 continue;
             };
             if linears.contains(&fused) {
@@ -204,8 +203,7 @@ impl AdapterSpec {
         let mut out: Vec<String> = Vec::new();
         for key in &self.keys {
             let key = BlockLinear::from_key(key, family)
-                .and_then(BlockLinear::fused_into)
-                .filter(|_| family.fuses_projections())
+                .and_then(|l| l.fused_in(family))
                 .map_or(key.as_str(), |f| f.key(family));
             if !out.iter().any(|k| k == key) {
                 out.push(key.to_string());

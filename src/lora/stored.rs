@@ -71,9 +71,13 @@ impl HostAdapter {
     }
 
     /// The same update at rank `rank` ≥ its own: `A` gains zero columns and `B` zero rows, which
-    /// add nothing (mlx-lm gives every adapter one rank; see `fused_parts`).
-    pub fn padded(&self, rank: usize) -> HostAdapter {
+    /// add nothing (mlx-lm gives every adapter one rank; see `fused_parts`). At its own rank it
+    /// comes back as it is.
+    pub fn padded(self, rank: usize) -> HostAdapter {
         let (e, inp, out, r) = (self.experts, self.in_features, self.out_features, self.rank);
+        if rank == r {
+            return self;
+        }
         let mut a = vec![0f32; e * inp * rank];
         for (dst, src) in a.chunks_exact_mut(rank).zip(self.a.chunks_exact(r)) {
             dst[..r].copy_from_slice(src);
@@ -85,12 +89,7 @@ impl HostAdapter {
         {
             dst[..r * out].copy_from_slice(src);
         }
-        HostAdapter {
-            a,
-            b,
-            rank,
-            ..self.clone()
-        }
+        HostAdapter { a, b, rank, ..self }
     }
 
     /// The same update without the trailing rank columns that are zero in both `A` and `B`

@@ -62,8 +62,7 @@ impl ModelFiles {
     /// A Hugging Face name (`org/name[@revision]`) that is not a path opens its copy in the hub
     /// cache (see [`crate::io::hub`]).
     pub fn open(path: &Path) -> Result<Self> {
-        let cache = crate::io::hub::cache_dir(|k| std::env::var(k).ok());
-        let resolved = match crate::io::hub::resolve_model(path, cache.as_deref()) {
+        let resolved = match crate::io::hub::resolve_model_here(path) {
             Some(resolved) => resolved?,
             None => bail!(
                 "{} does not exist: give a model folder (config.json + *.safetensors), a .gguf file, or a Hugging Face name (org/name) that is in the hub cache",

@@ -143,6 +143,12 @@ impl BlockLinear {
             .find(|fused| fused.parts().contains(&self))
     }
 
+    /// The fused linear that holds this one in a block of `family` (Phi-3's `qkv_proj` for
+    /// `q_proj`); none where the family keeps projections apart.
+    pub fn fused_in(self, family: Family) -> Option<Self> {
+        self.fused_into().filter(|_| family.fuses_projections())
+    }
+
     /// How a block of `family` stores the projections of this fused linear: itself where the
     /// family fuses them, else its parts.
     pub fn stored(self, family: Family) -> Vec<Self> {
