@@ -78,6 +78,8 @@ fixtures:
     .venv-ref/bin/python scripts/fixtures/make_mlx_lora_parity.py
     .venv-ref/bin/python scripts/fixtures/make_table_datasets.py
     .venv-ref/bin/python scripts/fixtures/make_foreign_adapters.py
+    .venv-ref/bin/python scripts/fixtures/make_rotating_cache.py
+    .venv-ref/bin/python scripts/fixtures/make_chat_turns.py "$(scripts/fetch-assets.sh smollm2 | tail -n 1)"
     .venv-ref/bin/python scripts/fixtures/make_logprobs.py
     cargo build --release && .venv-ref/bin/python scripts/fixtures/make_export_interop.py
 

@@ -13,7 +13,8 @@
 # and "8b-128k", "8b-256k", "8b-256k-liger" for the longest context each side trains; "gemma2-9b",
 # "phi3-mini", "phi3-mini-qlora", "mixtral-8x7b", "mixtral-8x7b-qlora", "qwen3-30b-a3b"
 # (issue 20); "1b-data"
-# and "8b-data" for real data, issue 17's goal 5; "vk-check", "vk-tiny", "vk-smollm2", "vk-1b"
+# and "8b-data" for real data, issue 17's goal 5; "gen-8b" for issue 21's generation rows (see
+# generation() below); "vk-check", "vk-tiny", "vk-smollm2", "vk-1b"
 # for issue 19's portable path through Vulkan, with LORAFORGE_VULKAN the binary built with
 # --features vulkan and the Vulkan loader installed, each portable row once per dtype of
 # VK_DTYPES (default "f32 f16"); "vk-demo" the QLoRA demo recipe on Vulkan with DEMO_MODEL the
@@ -131,6 +132,63 @@ vk_demo() {
   find "$run" -maxdepth 2 -type f -size -2M -exec cp --parents {} "$outdir/vk-demo" \;
 }
 
+# generation BATCH...: issue 21's generation rows on GEN_MODEL (default: a random
+# Llama-3-8B-shaped bf16 folder made once by bench/reference/make_random_llama.py with the Llama 3
+# tokenizer from LLAMA3_TOKENIZER), ours (`generate --json`, --prompts at batch > 1) then
+# transformers' generate loop (bench/transformers_generate.py) at each batch, GEN_TOKENS new
+# tokens (default 128) after a 55-token prompt, end-of-sequence ignored. Lines go to
+# generate-gpu-<card>-<date>.jsonl; our peak device memory is nvidia-smi's, as in training rows.
+generation() {
+  local model=${GEN_MODEL:-/tmp/llama3-8b-random}
+  local tok=${LLAMA3_TOKENIZER:-$HOME/.cache/loraforge/tokenizers/llama3}
+  local gen_out="$outdir/generate-gpu-$card-$(date +%Y-%m-%d).jsonl"
+  local tokens=${GEN_TOKENS:-128}
+  local prompt="The history of the lighthouse begins in antiquity, when fires were lit on hills to guide ships home. Over the centuries the towers grew taller, the lamps brighter, and the keepers who tended them became figures of legend in every port along the coast, where"
+  [ -d "$model" ] || $py bench/reference/make_random_llama.py "$model" "$tok" || return
+  for batch in "$@"; do
+    nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits -lms 100 >/tmp/gpu-mem.log &
+    local sampler=$!
+    local start=$(date +%s.%N)
+    if [ "$batch" = 1 ]; then
+      timeout "${OURS_TIMEOUT:-400}" "$bin" generate --device cuda --model "$model" --prompt "$prompt" \
+        --max-tokens "$tokens" --ignore-eos --warmup --json >/tmp/gen.json 2>/tmp/gen.err
+    else
+      $py -c "import json,sys; [print(json.dumps({'prompt': sys.argv[1]})) for _ in range($batch)]" "$prompt" >/tmp/prompts.jsonl
+      timeout "${OURS_TIMEOUT:-400}" "$bin" generate --device cuda --model "$model" --prompts /tmp/prompts.jsonl \
+        --batch-size "$batch" --max-tokens "$tokens" --ignore-eos --warmup >/tmp/gen.json 2>/tmp/gen.err
+    fi
+    local rc=$?
+    kill $sampler
+    local peak_mib
+    peak_mib=$(sort -n /tmp/gpu-mem.log | tail -1)
+    $py - "$rc" "$batch" "$peak_mib" "$start" "$card" <<'PY' | tee -a "$gen_out" | cut -c1-400
+import json, re, sys, time
+rc, batch, peak, start, card = sys.argv[1:]
+wall = time.time() - float(start)
+err = open("/tmp/gen.err").read()
+row = {"bench": "loraforge_generate_gpu", "card": card, "batch": int(batch), "status": f"exit {rc}",
+       "wall_s": float(wall), "peak_device_mem_gib": int(peak) / 1024}
+load = re.search(r"blocks in ([0-9.]+) s", err)
+row["load_s"] = float(load.group(1)) if load else None
+if rc == "0" and batch == "1":
+    d = json.loads(open("/tmp/gen.json").read().strip().splitlines()[-1])
+    row.update({k: d[k] for k in ("prompt_tokens", "prompt_tps", "generation_tokens", "generation_tps")})
+elif rc == "0":
+    m = re.search(r"prompt: (\d+) tokens, ([0-9.]+) tokens-per-sec; generation: (\d+) tokens, ([0-9.]+)", err)
+    row.update({"prompt_tokens": int(m.group(1)), "prompt_tps": float(m.group(2)),
+                "generation_tokens": int(m.group(3)), "generation_tps": float(m.group(4))})
+else:
+    row["stderr_tail"] = err[-600:]
+print(json.dumps(row))
+PY
+    [ "${REFERENCE:-1}" = 0 ] && continue
+    timeout "${REFERENCE_TIMEOUT:-300}" $py bench/transformers_generate.py "$model" --device cuda \
+      --dtype bfloat16 --batch "$batch" --prompt "$prompt" --max-tokens "$tokens" 2>/dev/null \
+      | tail -n 1 | $py -c "import json,sys; d=json.loads(sys.stdin.read()); d.pop('ids'); d['card']='$card'; print(json.dumps(d))" \
+      | tee -a "$gen_out" | cut -c1-400
+  done
+}
+
 # Our side times as many steps as the reference's (8 at 1B, 6 at 8B): with 3, our median moved
 # ±2% between sittings (session 8) and the ratio with it. One warm-up step compiles our kernels.
 for s in ${SHAPES:-warmup smollm2 1b 8b 8b-nockpt 8b-qlora 8b-32k 8b-64k}; do
@@ -164,6 +222,7 @@ for s in ${SHAPES:-warmup smollm2 1b 8b 8b-nockpt 8b-qlora 8b-32k 8b-64k}; do
     8b-256k-liger) liger llama3-8b 1 262144 1 0 --grad-checkpoint ;;
     1b-data) data llama3.2-1b 8 30 5 ;;
     8b-data) data llama3-8b 4 12 3 --grad-checkpoint ;;
+    gen-8b) generation 1 8 32 ;;
     # Issue 19: the device checks and the portable path's rows beside ours on CUDA and peft.
     vk-check) "${LORAFORGE_VULKAN:-$bin}" bench check --device vulkan | tee -a "$outdir/device-check-vulkan-$card-$(date +%Y-%m-%d).jsonl" | cut -c1-200 ;;
     vk-tiny) portable tiny 4 128 3 1 ;;

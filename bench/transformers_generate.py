@@ -1,10 +1,12 @@
 #!/usr/bin/env python3
-"""Reference for `just bench-generate`: transformers generating from the same GGUF on the same CPU.
+"""Reference for `just bench-generate` and bench/gpu.sh's generation rows: transformers generating
+from the same model on the same machine.
 
-Loads the GGUF with transformers' own loader (dequantized to float32, the way it always loads
-GGUF), then times, like `loraforge generate --json`: the prompt's forward pass (prefill), and
-greedy decoding of --max-tokens tokens with the KV cache, ignoring end-of-sequence. Prints one
-JSON line with the same keys.
+A GGUF loads through transformers' own loader (dequantized to float32, the way it always loads
+GGUF); a folder loads as it is (--dtype, --device). Then it times, like `loraforge generate
+--json`: the prompt's forward pass (prefill, --batch copies of the prompt), and greedy decoding of
+--max-tokens tokens with the KV cache, ignoring end-of-sequence. Prints one JSON line with the
+same keys; with --batch the tokens/s count every row's tokens.
 """
 import argparse
 import json
@@ -22,38 +24,61 @@ def main():
     ap.add_argument("--prompt", default="Once upon a time")
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    ap.add_argument("--batch", type=int, default=1)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    folder, name = os.path.split(os.path.abspath(args.gguf))
-    tok = AutoTokenizer.from_pretrained(folder, gguf_file=name)
-    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32).eval()
+    dtype = getattr(torch, args.dtype)
+    load_start = time.perf_counter()
+    if args.gguf.endswith(".gguf"):
+        folder, name = os.path.split(os.path.abspath(args.gguf))
+        tok = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+        model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
+    else:
+        tok = AutoTokenizer.from_pretrained(args.gguf)
+        model = AutoModelForCausalLM.from_pretrained(args.gguf, dtype=dtype)
+    model = model.to(args.device).eval()
+    cuda = args.device.startswith("cuda")
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    sync()
+    load_s = time.perf_counter() - load_start
     ids = tok(args.prompt, return_tensors="pt", add_special_tokens=False).input_ids
+    ids = ids.repeat(args.batch, 1).to(args.device)
     with torch.inference_mode():
         model(ids)  # warm-up, as our binary's first call also pays one-off costs
+        sync()
         start = time.perf_counter()
         out = model(ids, use_cache=True)
+        sync()
         prompt_s = time.perf_counter() - start
         past = out.past_key_values
         nxt = out.logits[:, -1].argmax(-1, keepdim=True)
         generated = []
         start = time.perf_counter()
         for _ in range(args.max_tokens):
-            generated.append(int(nxt))
+            generated.append(nxt)
             out = model(nxt, past_key_values=past, use_cache=True)
             past = out.past_key_values
             nxt = out.logits[:, -1].argmax(-1, keepdim=True)
+        sync()
         gen_s = time.perf_counter() - start
+        generated = [int(t) for t in torch.cat(generated, dim=1)[0]]
     print(json.dumps({
         "bench": "transformers_generate",
         "model": args.gguf,
-        "device": "cpu",
+        "device": args.device,
+        "dtype": args.dtype,
+        "batch": args.batch,
         "threads": args.threads,
         "torch": torch.__version__,
+        "load_s": load_s,
         "prompt_tokens": ids.shape[1],
-        "prompt_tps": ids.shape[1] / prompt_s,
+        "prompt_tps": ids.numel() / prompt_s,
         "generation_tokens": len(generated),
-        "generation_tps": len(generated) / gen_s,
+        "generation_tps": args.batch * len(generated) / gen_s,
         "peak_memory_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        "peak_device_memory_bytes": torch.cuda.max_memory_allocated() if cuda else None,
         "ids": generated,
     }))
 

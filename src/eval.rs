@@ -104,34 +104,42 @@ pub fn run<B: ModelBackend>(
         .map(|path| load_model::<B>(path, device).map(|m| m.decoder))
         .transpose()
         .context("loading the fused export")?;
-    let mut rows = Vec::new();
     let progress = crate::progress::Progress::new(
         "generating on held-out prompts",
-        prompts.len() as u64,
-        "prompts",
+        2 + u64::from(fused_model.is_some()),
+        "models",
     );
-    for p in &prompts {
+    let questions: Vec<&str> = prompts.iter().map(|p| p.prompt.as_str()).collect();
+    let mut answers = |model| -> Result<Vec<String>> {
+        let texts = responder.answer_all(model, &questions, device)?;
         progress.inc();
-        let answer = |model| -> Result<Answer> {
-            let text = responder.answer(model, &p.prompt, device)?;
-            Ok(Answer {
+        Ok(texts)
+    };
+    let base_texts = answers(&base)?;
+    let tuned_texts = answers(&tuned)?;
+    let fused_texts = fused_model.as_ref().map(&mut answers).transpose()?;
+    let rows: Vec<EvalRow> = prompts
+        .iter()
+        .enumerate()
+        .map(|(i, p)| {
+            let answer = |text: &String| Answer {
                 contains: !p.expected_contains.is_empty()
                     && p.expected_contains
                         .iter()
                         .all(|e| text.contains(e.as_str())),
                 exact: p.expected.as_ref().is_some_and(|e| e.trim() == text.trim()),
-                text,
-            })
-        };
-        rows.push(EvalRow {
-            prompt: p.prompt.clone(),
-            expected: p.expected.clone(),
-            expected_contains: p.expected_contains.clone(),
-            base: answer(&base)?,
-            tuned: answer(&tuned)?,
-            fused: fused_model.as_ref().map(answer).transpose()?,
-        });
-    }
+                text: text.clone(),
+            };
+            EvalRow {
+                prompt: p.prompt.clone(),
+                expected: p.expected.clone(),
+                expected_contains: p.expected_contains.clone(),
+                base: answer(&base_texts[i]),
+                tuned: answer(&tuned_texts[i]),
+                fused: fused_texts.as_ref().map(|t| answer(&t[i])),
+            }
+        })
+        .collect();
     progress.finish();
     let rates = |rows: &[&EvalRow], pass: fn(&Answer) -> bool| {
         let share = |n: usize| n as f64 / rows.len().max(1) as f64;

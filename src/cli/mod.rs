@@ -1,6 +1,7 @@
 //! The command line. Each subcommand parses its arguments and hands off to the library.
 
 mod bench;
+mod chat;
 mod data;
 mod fuse;
 mod generate;
@@ -14,6 +15,7 @@ use clap::{Parser, Subcommand};
 
 use crate::backends::run_on;
 use bench::BenchCommand;
+use chat::ChatArgs;
 use data::DataCommand;
 use fuse::FuseArgs;
 use generate::{CachePromptArgs, GenerateArgs};
@@ -40,6 +42,8 @@ enum Command {
     },
     /// Generate text from a prompt.
     Generate(GenerateArgs),
+    /// Chat with a model in the terminal, its KV cache kept between turns.
+    Chat(ChatArgs),
     /// Save a prompt's KV cache, for `generate --prompt-cache-file` to continue from.
     CachePrompt(CachePromptArgs),
     /// Train the LoRA / DoRA adapters a recipe describes.
@@ -89,6 +93,10 @@ pub fn run() -> Result<()> {
             Ok(())
         }
         Command::Generate(mut args) => {
+            args.target.device = crate::backends::resolve(args.target.device);
+            run_on(args.target.device, args)
+        }
+        Command::Chat(mut args) => {
             args.target.device = crate::backends::resolve(args.target.device);
             run_on(args.target.device, args)
         }

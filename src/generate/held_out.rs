@@ -1,6 +1,7 @@
 //! The recipe's held-out prompts (`[eval] prompts`, JSON lines with `prompt` and optionally
-//! `expected` / `expected_contains`) and answering one with a model, the way `eval` and the
-//! trainer's on-demand generations both do: chat template, then the recipe's seeded sampling.
+//! `expected` / `expected_contains`) and answering them with a model, the way `eval` and the
+//! trainer's on-demand generations both do: chat template, then the recipe's seeded sampling,
+//! all prompts in one batch.
 
 use std::path::Path;
 
@@ -8,7 +9,8 @@ use anyhow::{Context, Result};
 use serde::Deserialize;
 
 use crate::chat::{ChatTemplate, Message};
-use crate::generate::{GenerationLimits, SamplingConfig, generate};
+use crate::generate::batch::generate_batch;
+use crate::generate::{GenerationLimits, SamplingConfig};
 use crate::model::Decoder;
 use crate::ops::ModelBackend;
 use crate::recipe::EvalSection;
@@ -65,6 +67,7 @@ impl<'a> Responder<'a> {
                 max_tokens: eval.max_tokens,
                 stop_at_eos: true,
                 top_logprobs: None,
+                interrupt: None,
             },
             sampling: SamplingConfig {
                 temperature: eval.temperature,
@@ -75,26 +78,31 @@ impl<'a> Responder<'a> {
         })
     }
 
-    /// The model's answer to `prompt` as a single user turn.
-    pub fn answer<B: ModelBackend>(
+    /// The model's answers to `prompts`, each a single user turn, generated as one batch.
+    pub fn answer_all<B: ModelBackend>(
         &self,
         model: &Decoder<B>,
-        prompt: &str,
+        prompts: &[&str],
         device: &B::Device,
-    ) -> Result<String> {
-        let text = self
-            .template
-            .render(&[Message::new("user", prompt)], true, None)?;
-        let ids = self.tokenizer.encode(&text, false)?;
-        Ok(generate(
+    ) -> Result<Vec<String>> {
+        let ids = prompts
+            .iter()
+            .map(|p| {
+                let text = self
+                    .template
+                    .render(&[Message::new("user", p)], true, None)?;
+                self.tokenizer.encode(&text, false)
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let out = generate_batch(
             model,
             self.tokenizer,
-            super::Prompt::new(&ids),
-            self.limits.clone(),
-            self.sampling.clone(),
+            &ids,
+            &self.limits,
+            &self.sampling,
+            None,
             device,
-            |_| {},
-        )?
-        .text)
+        )?;
+        Ok(out.rows.into_iter().map(|r| r.text).collect())
     }
 }

@@ -1,16 +1,24 @@
 //! Text generation with a KV cache, streaming decoded text as it is produced.
 
+pub mod batch;
+pub mod conversation;
 pub mod held_out;
 pub mod logprobs;
 pub mod prompt_cache;
+pub mod prompts_file;
 pub mod sampler;
+pub mod speculative;
+pub mod stream;
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
 use anyhow::Result;
 
 pub use logprobs::TokenLogprobs;
 pub use sampler::{Sampler, SamplingConfig};
+pub use stream::{Finish, Stream};
 
 use crate::model::{Decoder, KvCache};
 use crate::ops::frozen_linear::ModelBackend;
@@ -40,12 +48,14 @@ pub struct Generation {
     /// Each generated token's log-probability and the likeliest alternatives, when
     /// [`GenerationLimits::top_logprobs`] asks for them.
     pub logprobs: Vec<TokenLogprobs>,
+    /// Why it stopped.
+    pub finish: Finish,
     /// Token counts and rates.
     pub stats: GenerationStats,
 }
 
 /// How much to generate and when to stop.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, Default)]
 pub struct GenerationLimits {
     /// Most tokens to generate.
     pub max_tokens: usize,
@@ -53,12 +63,24 @@ pub struct GenerationLimits {
     pub stop_at_eos: bool,
     /// Record each token's log-probability with this many likeliest alternatives.
     pub top_logprobs: Option<usize>,
+    /// Stop after the current token once this is set (chat's Ctrl-C).
+    pub interrupt: Option<Arc<AtomicBool>>,
+}
+
+impl GenerationLimits {
+    /// Whether the interrupt flag is set.
+    pub fn interrupted(&self) -> bool {
+        self.interrupt
+            .as_ref()
+            .is_some_and(|f| f.load(Ordering::Relaxed))
+    }
 }
 
 /// What generation continues: new prompt tokens, after those a prompt cache already holds.
 pub struct Prompt<'a, B: ModelBackend> {
-    /// The keys and values of `cached`, or `None` to start from nothing.
-    pub cache: Option<KvCache<B>>,
+    /// The keys and values of `cached`, or `None` to start from nothing; left holding the
+    /// context but (after a length stop) its last token.
+    pub cache: Option<&'a mut KvCache<B>>,
     /// The tokens the cache holds.
     pub cached: &'a [u32],
     /// The tokens to run through the model first.
@@ -86,78 +108,183 @@ pub fn generate<B: ModelBackend>(
     limits: GenerationLimits,
     sampling: SamplingConfig,
     device: &B::Device,
-    mut on_text: impl FnMut(&str),
+    on_text: impl FnMut(&str),
 ) -> Result<Generation> {
     let prompt_ids = prompt.ids;
     anyhow::ensure!(!prompt_ids.is_empty(), "the prompt is empty");
-    let layers = model.config.num_layers;
-    let mut cache = prompt.cache.unwrap_or_else(|| KvCache::new(layers));
-    let mut sampler = Sampler::new(sampling);
-    let mut context = [prompt.cached, prompt_ids].concat();
+    let mut fresh = None;
+    let cache = match prompt.cache {
+        Some(cache) => cache,
+        None => fresh.insert(KvCache::new(&model.config, None)),
+    };
+    let mut stream = Stream::new([prompt.cached, prompt_ids].concat(), sampling);
 
     let start = Instant::now();
-    let mut logits = advance(model, &mut cache, &context, prompt_ids.len(), device);
+    let [mut logits] = <[_; 1]>::try_from(advance(
+        model,
+        cache,
+        &[&stream.context],
+        prompt_ids.len(),
+        device,
+    ))
+    .expect("one row");
     let prompt_secs = start.elapsed().as_secs_f64();
 
     let start = Instant::now();
-    let mut generated = Vec::new();
-    let mut logprobs = Vec::new();
-    let mut printed = 0;
-    let max_tokens = limits.max_tokens;
-    while generated.len() < max_tokens {
-        let next = sampler.sample(&mut logits, &context);
-        if limits.stop_at_eos && tokenizer.stop_ids.contains(&next) {
+    let mut text = TextOut::new(on_text);
+    while stream
+        .push(&mut logits, &limits, &tokenizer.stop_ids)
+        .is_some()
+    {
+        text.show(tokenizer, &stream.ids)?;
+        if limits.interrupted() {
+            stream.finish = Some(Finish::Interrupted);
+        }
+        if stream.finish.is_some() {
             break;
         }
-        if let Some(k) = limits.top_logprobs {
-            // The sampler left the penalised logits it picked from.
-            logprobs.push(TokenLogprobs::of(&logits, next, k));
-        }
-        generated.push(next);
-        context.push(next);
-        let text = tokenizer.decode(&generated)?;
-        // Hold back an incomplete UTF-8 sequence until its last byte arrives.
-        if !text.ends_with('\u{FFFD}') && text.len() > printed {
-            on_text(&text[printed..]);
-            printed = text.len();
-        }
-        if generated.len() == max_tokens {
-            break;
-        }
-        logits = advance(model, &mut cache, &context, 1, device);
+        [logits] = <[_; 1]>::try_from(advance(model, cache, &[&stream.context], 1, device))
+            .expect("one row");
     }
     let gen_secs = start.elapsed().as_secs_f64();
-    let text = tokenizer.decode(&generated)?;
-    if text.len() > printed {
-        on_text(&text[printed..]);
-    }
-    Ok(Generation {
-        stats: GenerationStats {
-            prompt_tokens: prompt_ids.len(),
-            prompt_tps: prompt_ids.len() as f64 / prompt_secs.max(1e-9),
-            generated_tokens: generated.len(),
-            generation_tps: generated.len() as f64 / gen_secs.max(1e-9),
-            peak_memory_bytes: crate::backends::peak_rss_bytes(),
-        },
-        ids: generated,
-        text,
-        logprobs,
-    })
+    let text = text.finish(tokenizer, &stream.ids)?;
+    let stats = GenerationStats::timed(
+        [prompt_ids.len(), stream.ids.len()],
+        [prompt_secs, gen_secs],
+    );
+    Ok(Generation::of(stream, text, stats))
 }
 
-/// The next token's logits after `context`, whose last `new` tokens `cache` does not hold yet:
-/// only those run, unless LongRoPE crosses its pretrained length, where every key is rotated
-/// anew from the whole context (transformers recomputes its cache there too).
-fn advance<B: ModelBackend>(
+impl GenerationStats {
+    /// The figures for `[prompt, generated]` tokens over `[prompt, generation]` seconds, with
+    /// the peak memory now.
+    pub fn timed([prompt, generated]: [usize; 2], [prompt_secs, gen_secs]: [f64; 2]) -> Self {
+        GenerationStats {
+            prompt_tokens: prompt,
+            prompt_tps: prompt as f64 / prompt_secs.max(1e-9),
+            generated_tokens: generated,
+            generation_tps: generated as f64 / gen_secs.max(1e-9),
+            peak_memory_bytes: crate::backends::peak_rss_bytes(),
+        }
+    }
+}
+
+impl Generation {
+    /// What `stream` produced, decoded to `text`.
+    pub fn of(stream: Stream, text: String, stats: GenerationStats) -> Self {
+        Generation {
+            finish: stream.finish.unwrap_or(Finish::Length),
+            ids: stream.ids,
+            text,
+            logprobs: stream.logprobs,
+            stats,
+        }
+    }
+}
+
+/// Streams generated text: each call shows what the ids decode to beyond what was shown,
+/// holding back an incomplete UTF-8 sequence until its last byte arrives.
+pub struct TextOut<F: FnMut(&str)> {
+    on_text: F,
+    shown: usize,
+}
+
+impl<F: FnMut(&str)> TextOut<F> {
+    /// Nothing shown yet.
+    pub fn new(on_text: F) -> Self {
+        TextOut { on_text, shown: 0 }
+    }
+
+    /// Shows the new text of `ids`, unless it ends inside a character.
+    pub fn show(&mut self, tokenizer: &Tokenizer, ids: &[u32]) -> Result<()> {
+        let text = tokenizer.decode(ids)?;
+        if !text.ends_with('\u{FFFD}') {
+            self.emit(&text);
+        }
+        Ok(())
+    }
+
+    /// Shows whatever is left and returns the whole text.
+    pub fn finish(mut self, tokenizer: &Tokenizer, ids: &[u32]) -> Result<String> {
+        let text = tokenizer.decode(ids)?;
+        self.emit(&text);
+        Ok(text)
+    }
+
+    fn emit(&mut self, text: &str) {
+        if text.len() > self.shown {
+            (self.on_text)(&text[self.shown..]);
+            self.shown = text.len();
+        }
+    }
+}
+
+/// Each row's next-token logits after its context, whose last `new` tokens `cache` does not
+/// hold yet: only those run, unless LongRoPE crosses its pretrained length, where every key is
+/// rotated anew from the whole contexts (transformers recomputes its cache there too; in a
+/// batch the longest row decides, as it does in transformers).
+pub fn advance<B: ModelBackend>(
     model: &Decoder<B>,
     cache: &mut KvCache<B>,
-    context: &[u32],
+    contexts: &[&[u32]],
     new: usize,
     device: &B::Device,
-) -> Vec<f32> {
-    if model.cache_outdated(cache.len(), context.len()) {
-        *cache = KvCache::new(model.config.num_layers);
-        return model.next_logits(context, cache, device);
+) -> Vec<Vec<f32>> {
+    if model.cache_outdated(cache.len(), cache.len() + new) {
+        let (ids, pads) = left_padded(contexts);
+        *cache = cache.emptied().padded(pads);
+        return prefill(model, cache, &ids, contexts.len(), device);
     }
-    model.next_logits(&context[context.len() - new..], cache, device)
+    let ids: Vec<u32> = contexts
+        .iter()
+        .flat_map(|c| &c[c.len() - new..])
+        .copied()
+        .collect();
+    prefill(model, cache, &ids, contexts.len(), device)
+}
+
+/// The rows left-padded to the longest (with id 0, which attention never sees), row-major, and
+/// each row's padding.
+pub fn left_padded(rows: &[&[u32]]) -> (Vec<u32>, Vec<usize>) {
+    let longest = rows.iter().map(|r| r.len()).max().unwrap_or(0);
+    let pads: Vec<usize> = rows.iter().map(|r| longest - r.len()).collect();
+    let ids = rows
+        .iter()
+        .zip(&pads)
+        .flat_map(|(r, &pad)| std::iter::repeat_n(0, pad).chain(r.iter().copied()))
+        .collect();
+    (ids, pads)
+}
+
+/// Prompt positions a pass takes at most where a bound drops keys (mlx-lm's
+/// `prefill_step_size`).
+pub const PREFILL_STEP: usize = 2048;
+
+/// Runs `ids` (`rows` rows, row-major) through the cache and returns each row's last logits: in
+/// one pass, or where a `--max-kv-size` bound keeps sinks, as mlx-lm does, in passes of
+/// [`PREFILL_STEP`] with the last token alone (which keys survive depends on how the prompt is
+/// cut).
+pub fn prefill<B: ModelBackend>(
+    model: &Decoder<B>,
+    cache: &mut KvCache<B>,
+    ids: &[u32],
+    rows: usize,
+    device: &B::Device,
+) -> Vec<Vec<f32>> {
+    let seq = ids.len() / rows;
+    if !cache.has_sinks() || seq == 1 {
+        return model.cached_logits(ids, rows, 1, cache, device);
+    }
+    let columns = |from: usize, to: usize| -> Vec<u32> {
+        ids.chunks_exact(seq)
+            .flat_map(|row| &row[from..to])
+            .copied()
+            .collect()
+    };
+    let body = seq - 1;
+    for from in (0..body).step_by(PREFILL_STEP) {
+        let to = (from + PREFILL_STEP).min(body);
+        model.forward_hidden(&columns(from, to), rows, Some(cache), device);
+    }
+    model.cached_logits(&columns(body, seq), rows, 1, cache, device)
 }

@@ -20,7 +20,7 @@ use crate::io::atomic;
 use crate::io::safetensors::SafetensorsStore;
 use crate::lora::files::{NamedTensors, safetensors_bytes};
 use crate::model::adapter::{from_vec, to_vec};
-use crate::model::{Decoder, KvCache};
+use crate::model::{Bound, Decoder, KvCache, ModelConfig};
 use crate::ops::frozen_linear::ModelBackend;
 
 /// The `format` this module writes and reads.
@@ -104,8 +104,13 @@ impl PromptCache {
     ) -> Result<Self> {
         let mut heads = [0, 0];
         let mut layers = Vec::new();
+        if !cache.holds_everything() {
+            bail!(
+                "the prompt is longer than the model's sliding window, whose blocks no longer hold its first keys; a prompt cache keeps every position, so cache a shorter prompt"
+            );
+        }
         for layer in cache.layers() {
-            let Some((k, v)) = layer else {
+            let Some((k, v)) = layer.kv() else {
                 bail!("the prompt did not run through every block");
             };
             let [_, kv_heads, _, head_dim] = k.dims();
@@ -224,15 +229,21 @@ impl PromptCache {
         })
     }
 
-    /// The cache on `device`, to continue from.
-    pub fn to_device<B: ModelBackend>(&self, device: &B::Device) -> KvCache<B> {
+    /// The cache on `device` for a model of `config`, bounded as `bound` says (see
+    /// [`KvCache::new`]), to continue from.
+    pub fn to_device<B: ModelBackend>(
+        &self,
+        config: &ModelConfig,
+        bound: Option<Bound>,
+        device: &B::Device,
+    ) -> KvCache<B> {
         let [kv_heads, head_dim] = self.heads;
         let shape = [1, kv_heads, self.ids.len(), head_dim];
         let tensor = |v: &Vec<f32>| from_vec(v.clone(), shape, device);
-        KvCache::from_layers(
+        KvCache::new(config, bound).filled(
             self.layers
                 .iter()
-                .map(|(k, v)| Some((tensor(k), tensor(v))))
+                .map(|(k, v)| (tensor(k), tensor(v)))
                 .collect(),
         )
     }

@@ -19,6 +19,7 @@ use burn::tensor::{FloatDType, Tensor};
 use super::adapter::LoraAdapter;
 use super::config::ModelConfig;
 use super::experts::SparseMoe;
+use super::kv_cache::{KvCache, LayerCache};
 use super::layout::{AttentionLayout, Layouts};
 use super::linear::{FrozenLinear, FrozenWeight};
 use super::names::{self, BlockLinear};
@@ -27,10 +28,6 @@ use crate::ops::attention::{Scores, attention};
 use crate::ops::elementwise::{Activation, gated};
 use crate::ops::frozen_linear::ModelBackend;
 use crate::ops::rope::{Rope, rope_leading};
-
-/// One block's cached keys and values, `[batch, kv_heads, positions, head_dim]` each; `None`
-/// before the block has run.
-pub type LayerCache<B> = Option<(Tensor<B, 4>, Tensor<B, 4>)>;
 
 /// RMSNorm over the last dimension: `x / √(mean(x²) + ε) ⊙ weight`.
 #[derive(Debug, Clone)]
@@ -81,41 +78,6 @@ pub struct Attention<B: ModelBackend> {
     pub scores: Scores,
 }
 
-/// Keys and values of the positions seen so far, per layer: `[batch, kv_heads, len, head_dim]`.
-#[derive(Debug, Clone)]
-pub struct KvCache<B: ModelBackend> {
-    layers: Vec<LayerCache<B>>,
-}
-
-impl<B: ModelBackend> KvCache<B> {
-    /// An empty cache for a decoder of `num_layers` blocks.
-    pub fn new(num_layers: usize) -> Self {
-        KvCache {
-            layers: vec![None; num_layers],
-        }
-    }
-
-    /// Number of positions already cached.
-    pub fn len(&self) -> usize {
-        self.layers[0].as_ref().map_or(0, |(k, _)| k.dims()[2])
-    }
-
-    /// Whether no position is cached yet.
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-
-    /// Each block's cached keys and values.
-    pub fn layers(&self) -> &[LayerCache<B>] {
-        &self.layers
-    }
-
-    /// A cache holding these keys and values, one entry per block.
-    pub fn from_layers(layers: Vec<LayerCache<B>>) -> Self {
-        KvCache { layers }
-    }
-}
-
 impl<B: ModelBackend> Attention<B> {
     /// A projection's rows for `[batch, seq]` positions, as `[batch, heads, seq, d]`.
     fn heads(&self, y: Tensor<B, 2>, [batch, seq]: [usize; 2]) -> Tensor<B, 4> {
@@ -151,11 +113,7 @@ impl<B: ModelBackend> Attention<B> {
         q = rope_leading(q, layout.cos.clone(), layout.sin.clone());
         k = rope_leading(k, layout.cos.clone(), layout.sin.clone());
         if let Some(slot) = cache {
-            if let Some((pk, pv)) = slot.take() {
-                k = Tensor::cat(vec![pk, k], 2);
-                v = Tensor::cat(vec![pv, v], 2);
-            }
-            *slot = Some((k.clone(), v.clone()));
+            (k, v) = slot.append(k, v);
         }
         let out = attention(q, k, v, &layout.visibility, self.scores)
             .swap_dims(1, 2)
@@ -407,13 +365,27 @@ impl<B: ModelBackend> Decoder<B> {
         device: &B::Device,
     ) -> Tensor<B, 3> {
         let seq = ids.len() / batch;
-        let past = cache.as_ref().map_or(0, |c| c.len());
-        let layouts = self.layouts_with(|rope| AttentionLayout::causal(rope, past, seq, device));
-        let mut slots = cache.map(|c| c.layers.iter_mut());
         let mut h = self.embed(ids, batch, device);
-        for block in &self.layers {
-            h = block.forward(h, &layouts, slots.as_mut().and_then(Iterator::next));
+        let Some(cache) = cache else {
+            let layouts = self.layout(None, batch, seq, device);
+            for block in &self.layers {
+                h = block.forward(h, &layouts, None);
+            }
+            return self.norm.forward(h);
+        };
+        let (offset, pads) = (cache.len(), cache.pads().to_vec());
+        let (global, sliding, slots) = cache.begin_pass();
+        let layout =
+            |rope: &Rope, keys| AttentionLayout::cached(rope, offset, &pads, seq, keys, device);
+        let layouts = Layouts {
+            global: layout(&self.rope, global),
+            sliding: sliding
+                .map(|keys| layout(self.local_rope.as_ref().unwrap_or(&self.rope), keys)),
+        };
+        for (block, slot) in self.layers.iter().zip(slots) {
+            h = block.forward(h, &layouts, Some(slot));
         }
+        cache.advance(seq);
         self.norm.forward(h)
     }
 
@@ -568,12 +540,28 @@ impl<B: ModelBackend> Decoder<B> {
 
     /// Runs `ids` (one sequence) through the cache and returns the last position's logits.
     pub fn next_logits(&self, ids: &[u32], cache: &mut KvCache<B>, device: &B::Device) -> Vec<f32> {
-        let hidden = self.forward_hidden(ids, 1, Some(cache), device);
-        let seq = ids.len();
-        let last = hidden.narrow(1, seq - 1, 1);
-        self.logits(last)
+        let mut rows = self.cached_logits(ids, 1, 1, cache, device);
+        rows.pop().expect("one row")
+    }
+
+    /// Runs `ids` (`batch` rows, row-major) through the cache and returns the logits of each
+    /// row's last `last` positions, row by row.
+    pub fn cached_logits(
+        &self,
+        ids: &[u32],
+        batch: usize,
+        last: usize,
+        cache: &mut KvCache<B>,
+        device: &B::Device,
+    ) -> Vec<Vec<f32>> {
+        let hidden = self.forward_hidden(ids, batch, Some(cache), device);
+        let seq = ids.len() / batch;
+        let logits = self
+            .logits(hidden.narrow(1, seq - last, last))
             .into_data()
             .into_vec::<f32>()
-            .expect("f32 logits")
+            .expect("f32 logits");
+        let vocab = logits.len() / (batch * last);
+        logits.chunks_exact(vocab).map(<[f32]>::to_vec).collect()
     }
 }

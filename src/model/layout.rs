@@ -10,6 +10,7 @@
 
 use burn::tensor::{Tensor, backend::Backend};
 
+use super::kv_cache::CachedKeys;
 use crate::ops::rope::Rope;
 use crate::ops::visibility::Visibility;
 
@@ -33,6 +34,61 @@ impl<B: Backend> AttentionLayout<B> {
             cos,
             sin,
             visibility: Visibility::causal(past),
+        }
+    }
+
+    /// `seq` new tokens per row after `offset` positions of which a cache keeps `keys`, rows
+    /// left-padded by `pads` (empty: one unpadded row). Each row's positions count from its
+    /// first real token; a query sees the kept keys and the new ones up to itself, through the
+    /// cache bound's window, never padding (a padding query sees only itself, so its row of
+    /// scores is never empty).
+    pub fn cached(
+        rope: &Rope,
+        offset: usize,
+        pads: &[usize],
+        seq: usize,
+        keys: CachedKeys,
+        device: &B::Device,
+    ) -> Self {
+        let window = keys.bound.map(|b| b.max);
+        if pads.iter().all(|&p| p == 0) {
+            let positions: Vec<usize> = (offset..offset + seq).collect();
+            let (cos, sin) = rope.tables(&positions, 1, device);
+            let visibility = Visibility::causal(keys.kept).with_window(window);
+            return AttentionLayout {
+                cos,
+                sin,
+                visibility,
+            };
+        }
+        let keep = keys.bound.map_or(0, |b| b.keep);
+        let mut positions = Vec::with_capacity(pads.len() * seq);
+        let mut starts = Vec::with_capacity(pads.len() * seq);
+        for &pad in pads {
+            // The kept index of the row's first real position: sinks are positions
+            // `0..keep`, kept key `i ≥ keep` is position `i + dropped`.
+            let first = match pad <= keep {
+                true => pad,
+                false => pad.saturating_sub(keys.dropped).max(keep),
+            };
+            for t in 0..seq {
+                let position = offset + t;
+                positions.push(position.saturating_sub(pad));
+                starts.push(match position < pad {
+                    true => keys.kept + t,
+                    false => first,
+                } as u32);
+            }
+        }
+        let (cos, sin) = rope.tables(&positions, pads.len(), device);
+        let visibility = Visibility {
+            past: keys.kept,
+            ..Visibility::packed(starts, pads.len(), device)
+        };
+        AttentionLayout {
+            cos,
+            sin,
+            visibility: visibility.with_window(window),
         }
     }
 

@@ -5,6 +5,7 @@ pub mod adapter;
 pub mod config;
 pub mod decoder;
 pub mod experts;
+pub mod kv_cache;
 pub mod layout;
 pub mod linear;
 pub mod load;
@@ -16,5 +17,6 @@ pub mod weights;
 
 pub use adapter::LoraAdapter;
 pub use config::{Family, ModelConfig};
-pub use decoder::{Decoder, KvCache};
+pub use decoder::Decoder;
+pub use kv_cache::{Bound, KvCache};
 pub use load::{LoadedModel, ModelFiles, ModelFormat, load_model};

@@ -62,14 +62,17 @@ impl Scores {
 /// causal and packed rules; a soft-cap, or a sliding window that hides some of the keys (one at
 /// least as long as the keys hides none: Mistral's 4096 at a 2048-token row), only kernels that
 /// take them ([`AttentionBackend::KERNELS_TAKE_WINDOW_AND_SOFTCAP`]); others take the sliced
-/// form.
+/// form. Rows with first keys after a cache (a padded batch decoding) always take it: the
+/// kernels read first keys only for packed training rows, which have no cache.
 pub fn kernel_covers<B: AttentionBackend>(
     visibility: &Visibility<B>,
     scores: Scores,
     keys: usize,
 ) -> bool {
-    B::KERNELS_TAKE_WINDOW_AND_SOFTCAP
-        || (visibility.window.is_none_or(|w| w >= keys) && scores.softcap.is_none())
+    let rows_fit = visibility.starts.is_none() || visibility.past == 0;
+    rows_fit
+        && (B::KERNELS_TAKE_WINDOW_AND_SOFTCAP
+            || (visibility.window.is_none_or(|w| w >= keys) && scores.softcap.is_none()))
 }
 
 /// Backends that run the model's attention: the defaults are the sliced forms in Burn's ops;

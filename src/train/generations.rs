@@ -35,6 +35,10 @@ impl HeldOutGenerations {
         })
     }
 
+    fn questions(&self) -> Vec<&str> {
+        self.prompts.iter().map(String::as_str).collect()
+    }
+
     /// Answers from the base (first time only) and from `model`, which carries the adapters.
     pub fn generate<B: ModelBackend>(
         &mut self,
@@ -49,24 +53,20 @@ impl HeldOutGenerations {
             for (_, linear) in base.linears_mut() {
                 linear.adapter = None;
             }
-            let answers = self
-                .prompts
-                .iter()
-                .map(|p| responder.answer(&base, p, device))
-                .collect::<Result<_>>()?;
-            self.base_answers = Some(answers);
+            self.base_answers = Some(responder.answer_all(&base, &self.questions(), device)?);
         }
         let base = self.base_answers.as_ref().expect("filled above");
-        self.prompts
+        let tuned = responder.answer_all(model, &self.questions(), device)?;
+        Ok(self
+            .prompts
             .iter()
             .zip(base)
-            .map(|(prompt, base)| {
-                Ok(GenerationRow {
-                    prompt: prompt.clone(),
-                    base: base.clone(),
-                    tuned: responder.answer(model, prompt, device)?,
-                })
+            .zip(tuned)
+            .map(|((prompt, base), tuned)| GenerationRow {
+                prompt: prompt.clone(),
+                base: base.clone(),
+                tuned,
             })
-            .collect()
+            .collect())
     }
 }

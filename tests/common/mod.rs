@@ -57,6 +57,46 @@ pub fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
         .fold(0.0, f32::max)
 }
 
+/// Runs `tmux` with these arguments and returns its stdout.
+pub fn tmux(args: &[&str]) -> String {
+    let out = Command::new("tmux")
+        .args(args)
+        .output()
+        .expect("tmux is needed for this test (.ci/run installs it: apt-get install tmux)");
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Starts `command` in a detached tmux session of `width` × `height` cells.
+pub fn tmux_session(session: &str, [width, height]: [u16; 2], command: &str) {
+    let (width, height) = (width.to_string(), height.to_string());
+    tmux(&[
+        "new-session",
+        "-d",
+        "-s",
+        session,
+        "-x",
+        &width,
+        "-y",
+        &height,
+        command,
+    ]);
+}
+
+/// Polls `check` every 200 ms for up to `secs` seconds.
+pub fn wait_for<T>(secs: u64, what: &str, mut check: impl FnMut() -> Option<T>) -> T {
+    let start = std::time::Instant::now();
+    loop {
+        if let Some(v) = check() {
+            return v;
+        }
+        assert!(
+            start.elapsed() < std::time::Duration::from_secs(secs),
+            "timed out waiting for {what}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+}
+
 /// Runs the loraforge binary built for these tests.
 pub fn loraforge(args: &[&str]) -> std::process::Output {
     loraforge_with_env(args, &[])

@@ -2,34 +2,9 @@
 //! progress bar, the chart and a train loss equal to `metrics.jsonl`'s for the step shown;
 //! `s` writes a checkpoint; `q` stops with the checkpoint saved and the terminal restored.
 
-use crate::common;
+use crate::common::{self, tmux, tmux_session, wait_for};
 
 use std::path::Path;
-use std::process::Command;
-use std::time::{Duration, Instant};
-
-fn tmux(args: &[&str]) -> String {
-    let out = Command::new("tmux")
-        .args(args)
-        .output()
-        .expect("tmux is needed for this test (apt install tmux)");
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-/// Polls `check` every 200 ms for up to `secs` seconds.
-fn wait_for<T>(secs: u64, what: &str, mut check: impl FnMut() -> Option<T>) -> T {
-    let start = Instant::now();
-    loop {
-        if let Some(v) = check() {
-            return v;
-        }
-        assert!(
-            start.elapsed() < Duration::from_secs(secs),
-            "timed out waiting for {what}"
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    }
-}
 
 fn events(run_dir: &Path, kind: &str) -> Vec<serde_json::Value> {
     std::fs::read_to_string(run_dir.join("metrics.jsonl"))
@@ -73,17 +48,7 @@ fn dashboard_under_tmux_shows_progress_saves_on_s_and_stops_on_q() {
         env!("CARGO_BIN_EXE_loraforge"),
         run.recipe.display()
     );
-    tmux(&[
-        "new-session",
-        "-d",
-        "-s",
-        &session,
-        "-x",
-        "100",
-        "-y",
-        "30",
-        &command,
-    ]);
+    tmux_session(&session, [100, 30], &command);
     let screen = || tmux(&["capture-pane", "-p", "-t", &session]);
 
     // A frame with a train loss shown next to the step it belongs to.

@@ -92,6 +92,7 @@ fn our_greedy(model: &Path, adapters: Option<&Path>, prompts: &[Vec<u32>]) -> Ve
                 max_tokens: TOKENS,
                 stop_at_eos: false,
                 top_logprobs: None,
+                interrupt: None,
             };
             let greedy = SamplingConfig::default();
             generate(

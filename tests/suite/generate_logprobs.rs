@@ -24,6 +24,7 @@ fn token_logprobs_match_mlx_lm() {
             max_tokens: want.len(),
             stop_at_eos: false,
             top_logprobs: Some(5),
+            interrupt: None,
         };
         let sampling = SamplingConfig {
             repetition_penalty: penalty,

@@ -77,7 +77,7 @@ fn check_family_files(name: &str) {
     // The script generates with `min_new_tokens`, so transformers never picks the stop id.
     let config = common::read_json(&dir.join("config.json"));
     let eos = config["eos_token_id"].as_u64().map(|id| id as usize);
-    let mut cache = KvCache::new(decoder.config.num_layers);
+    let mut cache = KvCache::new(&decoder.config, None);
     let mut next = prompt;
     let mut got = Vec::new();
     while got.len() < want.len() {

@@ -12,6 +12,7 @@ static ALLOCATOR: loraforge::memory_budget::Budgeted<std::alloc::System> =
 mod common;
 
 mod adapter_interop;
+mod chat_repl;
 mod cpu_blas;
 mod dashboard;
 mod data_parallel;
@@ -23,7 +24,10 @@ mod export;
 mod export_mlx;
 mod faults;
 mod foreign_adapters;
+mod generate_batch;
 mod generate_logprobs;
+mod generate_rotating;
+mod generate_speculative;
 mod gguf_kquants;
 mod hub_cache;
 mod layers;

@@ -25,6 +25,7 @@ fn a_saved_prompt_continues_as_the_whole_prompt_would() {
         max_tokens: 12,
         stop_at_eos: false,
         top_logprobs: Some(2),
+        interrupt: None,
     };
     let sampling = || SamplingConfig {
         repetition_penalty: 1.2,
@@ -45,7 +46,7 @@ fn a_saved_prompt_continues_as_the_whole_prompt_would() {
     let dir = common::temp_dir("prompt-cache");
     std::fs::create_dir_all(&dir).unwrap();
     let file = dir.join("cache.safetensors");
-    let mut cache = KvCache::new(decoder.config.num_layers);
+    let mut cache = KvCache::new(&decoder.config, None);
     decoder.next_logits(&first, &mut cache, &device);
     PromptCache::capture(&cache, &first, "mlx-q4-g64", fingerprint(decoder, &device))
         .unwrap()
@@ -56,8 +57,9 @@ fn a_saved_prompt_continues_as_the_whole_prompt_would() {
         (saved.ids.as_slice(), saved.fingerprint.clone()),
         (first.as_slice(), fingerprint(decoder, &device))
     );
+    let mut cache = saved.to_device(&decoder.config, None, &device);
     let prompt = Prompt {
-        cache: Some(saved.to_device(&device)),
+        cache: Some(&mut cache),
         cached: &saved.ids,
         ids: &then,
     };

@@ -39,7 +39,7 @@ fn greedy_tokens_and_logits_match_transformers() {
     assert_eq!(prompt, common::ids(&greedy["prompt_ids"]));
 
     // First-step logits: the top 20 agree in order and value.
-    let mut cache = KvCache::new(model.decoder.config.num_layers);
+    let mut cache = KvCache::new(&model.decoder.config, None);
     let mut logits = model.decoder.next_logits(&prompt, &mut cache, &device);
     let first = &reference["logits_first_step"];
     for (id, value) in common::ids(&first["top_ids"])
