@@ -103,7 +103,16 @@ impl<'m, B: ModelBackend> Conversation<'m, B> {
             sampling.clone(),
             device,
             on_text,
-        )?;
+        );
+        let generation = match generation {
+            Ok(generation) => generation,
+            Err(e) => {
+                // What the cache holds after a failed turn is unknown: the next starts over.
+                self.cache = self.cache.emptied();
+                self.held.clear();
+                return Err(e);
+            }
+        };
         let context = [&prompt_ids[..], &generation.ids].concat();
         self.held = context[..self.cache.len().min(context.len())].to_vec();
         self.messages.push(Message::new("user", user));
