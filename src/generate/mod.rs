@@ -120,14 +120,7 @@ pub fn generate<B: ModelBackend>(
     let mut stream = Stream::new([prompt.cached, prompt_ids].concat(), sampling);
 
     let start = Instant::now();
-    let [mut logits] = <[_; 1]>::try_from(advance(
-        model,
-        cache,
-        &[&stream.context],
-        prompt_ids.len(),
-        device,
-    ))
-    .expect("one row");
+    let mut logits = advance_one(model, cache, &stream.context, prompt_ids.len(), device);
     let prompt_secs = start.elapsed().as_secs_f64();
 
     let start = Instant::now();
@@ -137,14 +130,10 @@ pub fn generate<B: ModelBackend>(
         .is_some()
     {
         text.show(tokenizer, &stream.ids)?;
-        if limits.interrupted() {
-            stream.finish = Some(Finish::Interrupted);
-        }
         if stream.finish.is_some() {
             break;
         }
-        [logits] = <[_; 1]>::try_from(advance(model, cache, &[&stream.context], 1, device))
-            .expect("one row");
+        logits = advance_one(model, cache, &stream.context, 1, device);
     }
     let gen_secs = start.elapsed().as_secs_f64();
     let text = text.finish(tokenizer, &stream.ids)?;
@@ -241,6 +230,18 @@ pub fn advance<B: ModelBackend>(
         .copied()
         .collect();
     prefill(model, cache, &ids, contexts.len(), device)
+}
+
+/// [`advance`] for one sequence: its next-token logits.
+pub fn advance_one<B: ModelBackend>(
+    model: &Decoder<B>,
+    cache: &mut KvCache<B>,
+    context: &[u32],
+    new: usize,
+    device: &B::Device,
+) -> Vec<f32> {
+    let mut rows = advance(model, cache, &[context], new, device);
+    rows.pop().expect("advance returns one row per context")
 }
 
 /// The rows left-padded to the longest (with id 0, which attention never sees), row-major, and

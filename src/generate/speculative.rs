@@ -8,8 +8,7 @@ use anyhow::{Result, bail};
 
 use super::stream::Stream;
 use super::{
-    Generation, GenerationLimits, GenerationStats, Sampler, SamplingConfig, TextOut, advance,
-    prefill,
+    Generation, GenerationLimits, GenerationStats, Sampler, SamplingConfig, TextOut, advance_one,
 };
 use crate::model::{Decoder, KvCache};
 use crate::ops::frozen_linear::ModelBackend;
@@ -87,8 +86,7 @@ pub fn generate_speculative<B: ModelBackend>(
     let mut acceptance = Acceptance::default();
 
     let start = Instant::now();
-    let [mut first] =
-        <[_; 1]>::try_from(prefill(model, &mut cache, prompt, 1, device)).expect("one row");
+    let mut first = advance_one(model, &mut cache, prompt, prompt.len(), device);
     let prompt_secs = start.elapsed().as_secs_f64();
 
     let start = Instant::now();
@@ -105,9 +103,7 @@ pub fn generate_speculative<B: ModelBackend>(
         let mut proposed = stream.context.clone();
         for _ in 0..k {
             let new = proposed.len() - draft_cache.len();
-            let [mut logits] =
-                <[_; 1]>::try_from(advance(draft, &mut draft_cache, &[&proposed], new, device))
-                    .expect("one row");
+            let mut logits = advance_one(draft, &mut draft_cache, &proposed, new, device);
             let d = draft_sampler.sample(&mut logits, &proposed);
             proposed.push(d);
         }

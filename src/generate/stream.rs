@@ -43,7 +43,8 @@ impl Stream {
     }
 
     /// Picks the next token from `logits` (left as the sampler picked from them) and keeps it,
-    /// unless it stops the sequence; returns the token kept.
+    /// unless it stops the sequence; returns the token kept. The sequence ends after it at
+    /// `max_tokens`, or when the limits' interrupt flag is set.
     pub fn push(
         &mut self,
         logits: &mut [f32],
@@ -69,6 +70,9 @@ impl Stream {
         self.context.push(next);
         if self.ids.len() == limits.max_tokens {
             self.finish = Some(Finish::Length);
+        }
+        if limits.interrupted() {
+            self.finish = Some(Finish::Interrupted);
         }
         Some(next)
     }

@@ -364,25 +364,23 @@ impl<B: ModelBackend> Decoder<B> {
         cache: Option<&mut KvCache<B>>,
         device: &B::Device,
     ) -> Tensor<B, 3> {
+        let Some(cache) = cache else {
+            return self
+                .norm
+                .forward(self.forward_blocks(ids, None, batch, device));
+        };
         let seq = ids.len() / batch;
         let mut h = self.embed(ids, batch, device);
-        let Some(cache) = cache else {
-            let layouts = self.layout(None, batch, seq, device);
-            for block in &self.layers {
-                h = block.forward(h, &layouts, None);
-            }
-            return self.norm.forward(h);
+        let pass = cache.begin_pass();
+        let layout = |rope: &Rope, keys| {
+            AttentionLayout::cached(rope, pass.offset, pass.pads, seq, keys, device)
         };
-        let (offset, pads) = (cache.len(), cache.pads().to_vec());
-        let (global, sliding, slots) = cache.begin_pass();
-        let layout =
-            |rope: &Rope, keys| AttentionLayout::cached(rope, offset, &pads, seq, keys, device);
+        let local_rope = self.local_rope.as_ref().unwrap_or(&self.rope);
         let layouts = Layouts {
-            global: layout(&self.rope, global),
-            sliding: sliding
-                .map(|keys| layout(self.local_rope.as_ref().unwrap_or(&self.rope), keys)),
+            global: layout(&self.rope, pass.global),
+            sliding: pass.sliding.map(|keys| layout(local_rope, keys)),
         };
-        for (block, slot) in self.layers.iter().zip(slots) {
+        for (block, slot) in self.layers.iter().zip(pass.slots) {
             h = block.forward(h, &layouts, Some(slot));
         }
         cache.advance(seq);

@@ -114,7 +114,7 @@ impl<B: ModelBackend> LayerCache<B> {
 }
 
 /// What the next pass's queries of one kind of block (global or sliding) see of the cache.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct CachedKeys {
     /// Keys held before the pass.
     pub kept: usize,
@@ -122,6 +122,21 @@ pub struct CachedKeys {
     pub dropped: usize,
     /// The block's bound, whose `max` is the queries' window.
     pub bound: Option<Bound>,
+}
+
+/// One pass through a cache: where its new positions start, each row's padding, what the
+/// global and the sliding blocks' queries see, and each block's slot, in order.
+pub struct Pass<'a, B: ModelBackend> {
+    /// Positions seen before the pass (padding included).
+    pub offset: usize,
+    /// Each row's left padding (empty for one unpadded row).
+    pub pads: &'a [usize],
+    /// What a global block's queries see.
+    pub global: CachedKeys,
+    /// What a sliding block's queries see, where the model has any.
+    pub sliding: Option<CachedKeys>,
+    /// Each block's cache, first to last.
+    pub slots: Vec<&'a mut LayerCache<B>>,
 }
 
 /// Every block's cache, with the positions seen and each row's left padding.
@@ -221,9 +236,9 @@ impl<B: ModelBackend> KvCache<B> {
         self.layers.iter().all(|l| l.dropped == 0)
     }
 
-    /// Trims bounded blocks before a pass and returns what the global and the sliding blocks'
-    /// queries see; then each block's slot for the pass, in order.
-    pub fn begin_pass(&mut self) -> (CachedKeys, Option<CachedKeys>, Vec<&mut LayerCache<B>>) {
+    /// Trims bounded blocks before a pass and returns what its queries see and each block's
+    /// slot.
+    pub fn begin_pass(&mut self) -> Pass<'_, B> {
         for layer in &mut self.layers {
             layer.make_room();
         }
@@ -236,9 +251,16 @@ impl<B: ModelBackend> KvCache<B> {
                 bound: layer.bound,
             })
         };
-        let global = keys(false).unwrap_or_else(|| keys(true).expect("a block"));
+        // A model whose blocks all slide has no global layout to speak of: any will do.
+        let global = keys(false).or_else(|| keys(true)).unwrap_or_default();
         let sliding = keys(true);
-        (global, sliding, self.layers.iter_mut().collect())
+        Pass {
+            offset: self.offset,
+            pads: &self.pads,
+            global,
+            sliding,
+            slots: self.layers.iter_mut().collect(),
+        }
     }
 
     /// Counts `n` positions as seen, after a pass over them.

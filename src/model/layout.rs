@@ -52,13 +52,10 @@ impl<B: Backend> AttentionLayout<B> {
     ) -> Self {
         let window = keys.bound.map(|b| b.max);
         if pads.iter().all(|&p| p == 0) {
-            let positions: Vec<usize> = (offset..offset + seq).collect();
-            let (cos, sin) = rope.tables(&positions, 1, device);
             let visibility = Visibility::causal(keys.kept).with_window(window);
             return AttentionLayout {
-                cos,
-                sin,
                 visibility,
+                ..AttentionLayout::causal(rope, offset, seq, device)
             };
         }
         let keep = keys.bound.map_or(0, |b| b.keep);
