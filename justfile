@@ -65,6 +65,7 @@ fixtures:
     scripts/setup-reference-venv.sh
     .venv-ref/bin/python scripts/fixtures/make_tiny_models.py
     .venv-ref/bin/python scripts/fixtures/make_mlx_quantized.py
+    .venv-ref/bin/python scripts/fixtures/make_convert_reference.py
     .venv-ref/bin/python scripts/fixtures/make_smollm2_reference.py "$(scripts/fetch-assets.sh smollm2 | tail -n 1)"
     .venv-ref/bin/python scripts/fixtures/make_family_models.py
     .venv-ref/bin/python scripts/fixtures/make_family_gguf.py

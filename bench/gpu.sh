@@ -13,8 +13,8 @@
 # and "8b-128k", "8b-256k", "8b-256k-liger" for the longest context each side trains; "gemma2-9b",
 # "phi3-mini", "phi3-mini-qlora", "mixtral-8x7b", "mixtral-8x7b-qlora", "qwen3-30b-a3b"
 # (issue 20); "1b-data"
-# and "8b-data" for real data, issue 17's goal 5; "gen-8b" for issue 21's generation rows (see
-# generation() below); "vk-check", "vk-tiny", "vk-smollm2", "vk-1b"
+# and "8b-data" for real data, issue 17's goal 5; "gen-8b" (bf16) and "gen-8b-q4" (4-bit) for issue 21's
+# generation rows (see generation() below); "vk-check", "vk-tiny", "vk-smollm2", "vk-1b"
 # for issue 19's portable path through Vulkan, with LORAFORGE_VULKAN the binary built with
 # --features vulkan and the Vulkan loader installed, each portable row once per dtype of
 # VK_DTYPES (default "f32 f16"); "vk-demo" the QLoRA demo recipe on Vulkan with DEMO_MODEL the
@@ -145,28 +145,39 @@ generation() {
   local tokens=${GEN_TOKENS:-128}
   local prompt="The history of the lighthouse begins in antiquity, when fires were lit on hills to guide ships home. Over the centuries the towers grew taller, the lamps brighter, and the keepers who tended them became figures of legend in every port along the coast, where"
   [ -d "$model" ] || $py bench/reference/make_random_llama.py "$model" "$tok" || return
+  # GEN_QUANT=q4: ours on `loraforge convert -q` of the folder (MLX affine 4-bit, group 64, every
+  # matrix), transformers with bitsandbytes NF4 (the decoder's linears; head and embedding bf16).
+  local quant=${GEN_QUANT:-none} ref_quant=none ours_model=$model
+  if [ "$quant" = q4 ]; then
+    ref_quant=nf4 ours_model=$model-q4
+    if [ ! -d "$ours_model" ]; then
+      local t0=$(date +%s.%N)
+      "$bin" convert --model "$model" --out "$ours_model" -q 2>&1 | tail -1
+      $py -c "import json,sys,time; print(json.dumps({'bench': 'loraforge_convert', 'card': sys.argv[1], 'flags': '-q', 'seconds': time.time() - float(sys.argv[2])}))" "$card" "$t0" | tee -a "$gen_out"
+    fi
+  fi
   for batch in "$@"; do
     nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits -lms 100 >/tmp/gpu-mem.log &
     local sampler=$!
     local start=$(date +%s.%N)
     if [ "$batch" = 1 ]; then
-      timeout "${OURS_TIMEOUT:-400}" "$bin" generate --device cuda --model "$model" --prompt "$prompt" \
+      timeout "${OURS_TIMEOUT:-400}" "$bin" generate --device cuda --model "$ours_model" --prompt "$prompt" \
         --max-tokens "$tokens" --ignore-eos --warmup --json >/tmp/gen.json 2>/tmp/gen.err
     else
       $py -c "import json,sys; [print(json.dumps({'prompt': sys.argv[1]})) for _ in range($batch)]" "$prompt" >/tmp/prompts.jsonl
-      timeout "${OURS_TIMEOUT:-400}" "$bin" generate --device cuda --model "$model" --prompts /tmp/prompts.jsonl \
+      timeout "${OURS_TIMEOUT:-400}" "$bin" generate --device cuda --model "$ours_model" --prompts /tmp/prompts.jsonl \
         --batch-size "$batch" --max-tokens "$tokens" --ignore-eos --warmup >/tmp/gen.json 2>/tmp/gen.err
     fi
     local rc=$?
     kill $sampler
     local peak_mib
     peak_mib=$(sort -n /tmp/gpu-mem.log | tail -1)
-    $py - "$rc" "$batch" "$peak_mib" "$start" "$card" <<'PY' | tee -a "$gen_out" | cut -c1-400
+    $py - "$rc" "$batch" "$peak_mib" "$start" "$card" "$quant" <<'PY' | tee -a "$gen_out" | cut -c1-400
 import json, re, sys, time
-rc, batch, peak, start, card = sys.argv[1:]
+rc, batch, peak, start, card, quant = sys.argv[1:]
 wall = time.time() - float(start)
 err = open("/tmp/gen.err").read()
-row = {"bench": "loraforge_generate_gpu", "card": card, "batch": int(batch), "status": f"exit {rc}",
+row = {"bench": "loraforge_generate_gpu", "card": card, "quant": quant, "batch": int(batch), "status": f"exit {rc}",
        "wall_s": float(wall), "peak_device_mem_gib": int(peak) / 1024}
 load = re.search(r"blocks in ([0-9.]+) s", err)
 row["load_s"] = float(load.group(1)) if load else None
@@ -183,7 +194,7 @@ print(json.dumps(row))
 PY
     [ "${REFERENCE:-1}" = 0 ] && continue
     timeout "${REFERENCE_TIMEOUT:-300}" $py bench/transformers_generate.py "$model" --device cuda \
-      --dtype bfloat16 --batch "$batch" --prompt "$prompt" --max-tokens "$tokens" 2>/dev/null \
+      --dtype bfloat16 --quant "$ref_quant" --batch "$batch" --prompt "$prompt" --max-tokens "$tokens" 2>/tmp/ref.err \
       | tail -n 1 | $py -c "import json,sys; d=json.loads(sys.stdin.read()); d.pop('ids'); d['card']='$card'; print(json.dumps(d))" \
       | tee -a "$gen_out" | cut -c1-400
   done
@@ -223,6 +234,7 @@ for s in ${SHAPES:-warmup smollm2 1b 8b 8b-nockpt 8b-qlora 8b-32k 8b-64k}; do
     1b-data) data llama3.2-1b 8 30 5 ;;
     8b-data) data llama3-8b 4 12 3 --grad-checkpoint ;;
     gen-8b) generation 1 8 32 ;;
+    gen-8b-q4) GEN_QUANT=q4 generation 1 8 32 ;;
     # Issue 19: the device checks and the portable path's rows beside ours on CUDA and peft.
     vk-check) "${LORAFORGE_VULKAN:-$bin}" bench check --device vulkan | tee -a "$outdir/device-check-vulkan-$card-$(date +%Y-%m-%d).jsonl" | cut -c1-200 ;;
     vk-tiny) portable tiny 4 128 3 1 ;;

@@ -27,6 +27,9 @@ def main():
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     ap.add_argument("--batch", type=int, default=1)
+    ap.add_argument("--quant", default="none", choices=["none", "nf4"],
+                    help="nf4: the decoder's linears as bitsandbytes 4-bit NF4, computing in "
+                         "--dtype (the head and embedding stay in --dtype); needs bitsandbytes")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     dtype = getattr(torch, args.dtype)
@@ -35,10 +38,20 @@ def main():
         folder, name = os.path.split(os.path.abspath(args.gguf))
         tok = AutoTokenizer.from_pretrained(folder, gguf_file=name)
         model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
+    elif args.quant == "nf4":
+        from transformers import BitsAndBytesConfig
+        tok = AutoTokenizer.from_pretrained(args.gguf)
+        nf4 = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                 bnb_4bit_compute_dtype=dtype)
+        model = AutoModelForCausalLM.from_pretrained(args.gguf, dtype=dtype,
+                                                     quantization_config=nf4,
+                                                     device_map=args.device)
     else:
         tok = AutoTokenizer.from_pretrained(args.gguf)
         model = AutoModelForCausalLM.from_pretrained(args.gguf, dtype=dtype)
-    model = model.to(args.device).eval()
+    if args.quant == "none":
+        model = model.to(args.device)
+    model = model.eval()
     cuda = args.device.startswith("cuda")
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     sync()
@@ -69,6 +82,7 @@ def main():
         "model": args.gguf,
         "device": args.device,
         "dtype": args.dtype,
+        "quant": args.quant,
         "batch": args.batch,
         "threads": args.threads,
         "torch": torch.__version__,

@@ -35,6 +35,10 @@ pub enum BenchCommand {
         /// many minutes in CI.
         #[arg(long, value_name = "CHECK")]
         skip: Vec<String>,
+        /// The trajectories' vocabulary, if not the tiny shape's 32,000 (CI's lavapipe runs
+        /// 2,048: the head and the loss were most of each step there).
+        #[arg(long, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(2..))]
+        vocab: Option<usize>,
     },
     /// Timed LoRA training steps on a random model of a known shape; prints one JSON line with
     /// the fields of bench/peft_lora_bench.py.
@@ -61,6 +65,7 @@ pub fn run(command: BenchCommand) -> Result<()> {
             long_row,
             max_head_dim,
             skip,
+            vocab,
         } => {
             let device = crate::backends::resolve(device);
             let options = CheckOptions {
@@ -72,6 +77,7 @@ pub fn run(command: BenchCommand) -> Result<()> {
                 long_row: long_row as usize,
                 max_head_dim: max_head_dim as usize,
                 skip,
+                vocab,
             };
             run_on(device, DeviceCheckTask(options)).map(|_| ())
         }

@@ -48,6 +48,8 @@ pub fn run(args: FuseArgs) -> Result<()> {
         dtype: args.dtype,
         gguf_type: args.gguf_type,
         force: args.force,
+        quantize: None,
+        convert: None,
     };
     let report = crate::export::export(&args.model, args.adapters.as_deref(), &opts)?;
     println!("{}", report.summary());

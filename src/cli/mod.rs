@@ -2,6 +2,7 @@
 
 mod bench;
 mod chat;
+mod convert;
 mod data;
 mod fuse;
 mod generate;
@@ -16,6 +17,7 @@ use clap::{Parser, Subcommand};
 use crate::backends::run_on;
 use bench::BenchCommand;
 use chat::ChatArgs;
+use convert::ConvertArgs;
 use data::DataCommand;
 use fuse::FuseArgs;
 use generate::{CachePromptArgs, GenerateArgs};
@@ -57,6 +59,9 @@ enum Command {
         #[arg(long = "set", value_name = "KEY=VALUE")]
         overrides: Vec<String>,
     },
+    /// Convert a model to an mlx-community folder (optionally quantized) as mlx_lm.convert does,
+    /// or to GGUF.
+    Convert(ConvertArgs),
     /// Fold adapters into their base and export it for mlx-lm, transformers or llama.cpp.
     Fuse(FuseArgs),
     /// Draw a run's loss curves and learning rate into a PNG (RUN_DIR/loss.png).
@@ -118,6 +123,7 @@ pub fn run() -> Result<()> {
             recipe.device = crate::backends::resolve(recipe.device);
             run_on(recipe.device, TrainTask { args, recipe })
         }
+        Command::Convert(args) => convert::run(args),
         Command::Fuse(args) => fuse::run(args),
         Command::Bench { command } => bench::run(command),
         Command::Data { command } => data::run(command),

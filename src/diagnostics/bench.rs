@@ -87,6 +87,10 @@ pub struct BenchTrainArgs {
     /// Seed of the random weights, the adapters' initialisation and the batches.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
+    /// The shape's vocabulary, replaced (CI's lavapipe runs the tiny shape at 2,048: its
+    /// 32,000-wide head and loss were most of each step there).
+    #[arg(long, conflicts_with = "data", value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(2..))]
+    pub vocab: Option<usize>,
     /// Train on this dataset (JSON Lines, Parquet or CSV rows, as a recipe's data file) instead
     /// of random tokens: --seq is then its max_seq_len and --batch its rows per step.
     #[arg(long, requires = "tokenizer")]
@@ -147,7 +151,8 @@ pub fn bench_train<B: TrainBackend>(
     storage: BaseStorage,
     device: &B::Device,
 ) -> Result<serde_json::Value> {
-    let config = args.shape.config();
+    let mut config = args.shape.config();
+    config.vocab_size = args.vocab.unwrap_or(config.vocab_size);
     if let Some(half) = storage.half {
         B::check_half(half, device)?;
     }

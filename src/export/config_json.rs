@@ -113,7 +113,7 @@ fn from_architecture(files: &ModelFiles, tokenizer: &Tokenizer) -> Value {
 }
 
 /// The older spellings (`rope_theta`, `rope_scaling`, a top-level `partial_rotary_factor`,
-/// Gemma's `rope_local_base_freq` and
+/// Gemma's `rope_local_base_freq`, Gemma 3's
 /// `sliding_window_pattern`, Qwen-MoE's `num_experts`), added where `config` lacks them: what a
 /// config written from GGUF metadata spells them as, and what mlx-lm 0.32 reads: a transformers-5
 /// config spells RoPE only under `rope_parameters`, which mlx-lm ignores (it would run RoPE at
@@ -143,7 +143,13 @@ pub fn add_older_keys(config: &mut Value, c: &ModelConfig) {
         };
         map.entry("partial_rotary_factor").or_insert(json!(f));
     }
-    if let Some(period) = c.quirks.sliding_period().filter(|_| c.family.is_gemma()) {
+    // Gemma 3's reader takes the period from here; Gemma 2's (mlx-lm's, transformers', ours)
+    // alternate by definition and never read it.
+    if let Some(period) = c
+        .quirks
+        .sliding_period()
+        .filter(|_| c.family == Family::Gemma3)
+    {
         map.entry("sliding_window_pattern").or_insert(json!(period));
     }
 }

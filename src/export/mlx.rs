@@ -9,13 +9,14 @@
 use std::collections::BTreeMap;
 use std::path::Path;
 
-use anyhow::{Result, bail};
+use anyhow::{Context, Result, bail};
 use serde_json::{Value, json};
 
 use super::fuse::{FusedModel, Survival};
+use super::mlx_convert::{self, Setting};
 use super::{ExportOptions, FloatDtype};
-use crate::io::RawDtype;
 use crate::io::safetensors_write::{Group, PlannedTensor, index_json, write_shards};
+use crate::io::{RawDtype, python_json};
 use crate::model::names::TensorSpec;
 use crate::model::weights::HostWeight;
 use crate::quant::QuantizedMatrix;
@@ -39,6 +40,8 @@ enum Storage {
         bits: u32,
         group: usize,
     },
+    /// A float matrix quantized as `mlx_lm.convert -q` does (in the written float type first).
+    Quantize(Setting),
 }
 
 pub fn write(
@@ -59,6 +62,12 @@ pub fn write(
         .iter()
         .map(|spec| storage(model, opts, spec))
         .collect();
+    if opts.quantize.is_some() && storages.iter().any(|s| matches!(s, Storage::Keep { .. })) {
+        bail!(
+            "{} is already quantized; -q quantizes a float model: pass its float original, or write it in float first (-d)",
+            model.files.path.display()
+        );
+    }
     let groups: Vec<Group> = model
         .specs
         .iter()
@@ -78,15 +87,12 @@ pub fn write(
                 HostWeight::Quantized(q) => packed_bytes(q, dtype),
                 HostWeight::Dense { .. } => unreachable!("planned from the stored layout"),
             },
+            Storage::Quantize(s) => {
+                let values = dtype.round_trip(&tensor.values());
+                packed_bytes(&quantized(&values, spec, s.bits, s.group, dtype)?, dtype)
+            }
             Storage::Requantize { bits, group } => {
-                let (rows, cols) = rows_cols(spec);
-                let encode = |w: &[f32]| -> Result<QuantizedMatrix> {
-                    let mut q = quantize(w, rows, cols, bits, group)?;
-                    // Scales and biases are stored in the model's dtype; measure what reads back.
-                    q.scales = dtype.round_trip(&q.scales);
-                    q.biases = dtype.round_trip(&q.biases);
-                    Ok(q)
-                };
+                let encode = |w: &[f32]| quantized(w, spec, bits, group, dtype);
                 let (base, fused) = (tensor.base_values(), tensor.values());
                 let (q_base, q_fused) = (encode(&base)?, encode(&fused)?);
                 survival.add(
@@ -102,38 +108,87 @@ pub fn write(
     };
     let written = write_shards(dir, &groups, MAX_SHARD_BYTES, &[("format", "mlx")], produce)?;
     progress.finish();
-    super::write_json(
-        &dir.join("model.safetensors.index.json"),
-        &index_json(&written, model.parameter_count()),
-    )?;
-
-    let mut config = super::config_json::config_json(model.files, tokenizer, dtype);
-    super::config_json::add_older_keys(&mut config, &model.files.config);
-    if let Some(quantization) = quantization_json(model, &storages)
-        && let Some(map) = config.as_object_mut()
-    {
-        map.insert("quantization".into(), quantization.clone());
-        map.insert("quantization_config".into(), quantization);
+    let index = index_json(&written, model.parameter_count());
+    let quantization = match &opts.quantize {
+        Some(q) => Some(q.config_json(&settings(model, &storages))),
+        None => quantization_json(model, &storages),
+    };
+    match (&opts.convert, &model.files.config_json) {
+        (Some(_), Some(source)) => {
+            let config = mlx_convert::config(model.files, source, quantization);
+            write_python_json(&dir.join("model.safetensors.index.json"), &index)?;
+            write_python_json(&dir.join("config.json"), &config)?;
+        }
+        _ => {
+            super::write_json(&dir.join("model.safetensors.index.json"), &index)?;
+            let mut config = super::config_json::config_json(model.files, tokenizer, dtype);
+            super::config_json::add_older_keys(&mut config, &model.files.config);
+            if let Some(quantization) = quantization
+                && let Some(map) = config.as_object_mut()
+            {
+                map.insert("quantization".into(), quantization.clone());
+                map.insert("quantization_config".into(), quantization);
+            }
+            super::write_json(&dir.join("config.json"), &config)?;
+        }
     }
-    super::write_json(&dir.join("config.json"), &config)?;
     super::tokenizer_files::write(model.files, tokenizer, dir)?;
 
-    let encoding = match storages
-        .iter()
-        .find(|s| matches!(s, Storage::Requantize { .. }))
-    {
-        Some(Storage::Requantize { bits, group }) => {
-            format!("{bits}-bit MLX affine (group {group})")
-        }
-        _ => dtype.torch_name().to_string(),
+    let encoding = match storages.iter().find_map(|s| match *s {
+        Storage::Requantize { bits, group } => Some((bits, group)),
+        Storage::Quantize(s) => Some((s.bits, s.group)),
+        _ => None,
+    }) {
+        Some((bits, group)) => format!("{bits}-bit MLX affine (group {group})"),
+        None => dtype.torch_name().to_string(),
     };
-    let usage = format!(
-        "mlx_lm.generate --model {} --prompt \"Hello\"",
-        opts.out.display()
-    );
-    let card = super::card::model_card(model, "mlx", &encoding, &survival, &usage);
+    let card = match &opts.convert {
+        Some(convert) => mlx_convert::model_card(convert.base_model.as_deref()),
+        None => {
+            let usage = format!(
+                "mlx_lm.generate --model {} --prompt \"Hello\"",
+                opts.out.display()
+            );
+            super::card::model_card(model, "mlx", &encoding, &survival, &usage)
+        }
+    };
     std::fs::write(dir.join("README.md"), card)?;
     Ok((survival, encoding))
+}
+
+/// `value` as Python's `json.dump(indent=4)` writes it, as mlx-lm writes its JSON files.
+fn write_python_json(path: &Path, value: &Value) -> Result<()> {
+    std::fs::write(path, python_json::dump(value, 4))
+        .with_context(|| format!("writing {}", path.display()))
+}
+
+/// Each quantized matrix's module and setting, for `convert`'s `quantization` object.
+fn settings<'a>(model: &'a FusedModel, storages: &[Storage]) -> Vec<(&'a str, Setting)> {
+    model
+        .specs
+        .iter()
+        .zip(storages)
+        .filter_map(|(spec, s)| match *s {
+            Storage::Quantize(s) => Some((spec.module(), s)),
+            _ => None,
+        })
+        .collect()
+}
+
+/// `w` (the matrix of `spec`) quantized, its scales and biases rounded to `dtype` as they are
+/// stored, so that what the writer measures is what reads back.
+fn quantized(
+    w: &[f32],
+    spec: &TensorSpec,
+    bits: u32,
+    group: usize,
+    dtype: FloatDtype,
+) -> Result<QuantizedMatrix> {
+    let (rows, cols) = rows_cols(spec);
+    let mut q = quantize(w, rows, cols, bits, group)?;
+    q.scales = dtype.round_trip(&q.scales);
+    q.biases = dtype.round_trip(&q.biases);
+    Ok(q)
 }
 
 fn storage(model: &FusedModel, opts: &ExportOptions, spec: &TensorSpec) -> Storage {
@@ -141,7 +196,13 @@ fn storage(model: &FusedModel, opts: &ExportOptions, spec: &TensorSpec) -> Stora
         return Storage::Float;
     }
     match model.files.weights.stored_quantization(&spec.name) {
-        None => Storage::Float,
+        None => match opts
+            .quantize
+            .and_then(|q| q.setting(spec, &model.files.config))
+        {
+            Some(setting) => Storage::Quantize(setting),
+            None => Storage::Float,
+        },
         Some((bits, group)) if model.adapter(spec).is_none() => Storage::Keep { bits, group },
         Some((_, group)) => Storage::Requantize {
             bits: opts.requant_bits,
@@ -153,7 +214,9 @@ fn storage(model: &FusedModel, opts: &ExportOptions, spec: &TensorSpec) -> Stora
 fn planned(spec: &TensorSpec, storage: Storage, dtype: FloatDtype) -> Group {
     match storage {
         Storage::Float => vec![PlannedTensor::new(&spec.name, dtype.raw(), &spec.shape)],
-        Storage::Keep { bits, group } | Storage::Requantize { bits, group } => {
+        Storage::Keep { bits, group }
+        | Storage::Requantize { bits, group }
+        | Storage::Quantize(Setting { bits, group, .. }) => {
             // An experts' stack keeps its leading `[experts, out]`, as mlx-lm's SwitchLinear.
             let (&cols, leading) = spec.shape.split_last().expect("a matrix");
             let module = spec.module();
@@ -195,7 +258,9 @@ fn quantization_json(model: &FusedModel, storages: &[Storage]) -> Option<Value> 
         .zip(storages)
         .filter_map(|(spec, s)| match *s {
             Storage::Float => None,
-            Storage::Keep { bits, group } | Storage::Requantize { bits, group } => {
+            Storage::Keep { bits, group }
+            | Storage::Requantize { bits, group }
+            | Storage::Quantize(Setting { bits, group, .. }) => {
                 Some((spec.module(), (bits, group)))
             }
         })

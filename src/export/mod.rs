@@ -9,6 +9,7 @@ pub mod fuse;
 mod gguf;
 mod hf;
 mod mlx;
+pub mod mlx_convert;
 mod tokenizer_files;
 
 use std::collections::BTreeMap;
@@ -22,6 +23,7 @@ use crate::lora::stored::{HostAdapters, canonical};
 use crate::model::ModelFiles;
 pub use crate::recipe::{ExportFormat, FloatDtype, GgufType};
 use fuse::{FusedModel, Survival};
+pub use mlx_convert::{MixedRecipe, Quantize};
 
 impl FloatDtype {
     /// The base's own float type (`torch_dtype` of its config); f16 for GGUF and others.
@@ -103,6 +105,18 @@ pub struct ExportOptions {
     pub gguf_type: GgufType,
     /// Replace `out` if it exists.
     pub force: bool,
+    /// Quantize the float matrices as `mlx_lm.convert -q` does (mlx).
+    pub quantize: Option<Quantize>,
+    /// Write `config.json`, the index and the card as `mlx_lm.convert` does (mlx):
+    /// `loraforge convert`.
+    pub convert: Option<Convert>,
+}
+
+/// What `loraforge convert` adds to an mlx export's options.
+#[derive(Debug, Clone, Default)]
+pub struct Convert {
+    /// The hub repository converted, for the card's `base_model`; `None` for a local folder.
+    pub base_model: Option<String>,
 }
 
 impl ExportOptions {
@@ -122,6 +136,8 @@ impl ExportOptions {
             dtype: section.dtype,
             gguf_type: section.gguf_type,
             force: true,
+            quantize: None,
+            convert: None,
         }
     }
 }

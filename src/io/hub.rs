@@ -7,6 +7,8 @@
 //!   models--{org}--{name}/refs/{revision}     the commit the revision points at (main: latest)
 //!   models--{org}--{name}/snapshots/{commit}/ the files (links into blobs/)
 //! ```
+//!
+//! A name the cache lacks is downloaded into it (`hub_download.rs`).
 
 use std::path::{Path, PathBuf};
 
@@ -108,10 +110,40 @@ pub fn snapshot(cache: &Path, repo: &RepoId) -> Result<PathBuf> {
     Ok(snapshot)
 }
 
-/// [`resolve_model`] in the hub cache this process's environment names ([`cache_dir`]).
+/// [`resolve_model`] in the hub cache this process's environment names ([`cache_dir`]); a hub
+/// name the cache lacks, or holds only part of (an interrupted download), is downloaded into
+/// it (`hub_download`), unless `HF_HUB_OFFLINE` is set.
 pub fn resolve_model_here(arg: &Path) -> Option<Result<PathBuf>> {
-    let cache = cache_dir(|k| std::env::var(k).ok());
-    resolve_model(arg, cache.as_deref())
+    let var = |k: &str| std::env::var(k).ok();
+    let cache = cache_dir(var);
+    let found = resolve_model(arg, cache.as_deref())?;
+    let offline = super::hub_download::offline(var);
+    let missing = match found {
+        Ok(path) if arg.exists() || offline || super::hub_download::complete(&path) => {
+            return Some(Ok(path));
+        }
+        Ok(partial) => anyhow::anyhow!("{} lacks its weights", partial.display()),
+        Err(missing) => missing,
+    };
+    let (Some(repo), Some(cache)) = (arg.to_str().and_then(RepoId::parse), cache) else {
+        return Some(Err(missing));
+    };
+    if offline {
+        return Some(Err(
+            missing.context("HF_HUB_OFFLINE is set, so it was not downloaded")
+        ));
+    }
+    Some(
+        super::hub_download::download(&repo, &cache, var)
+            .and_then(|dir| only_gguf(&dir))
+            .with_context(|| {
+                format!(
+                    "`{}` is not a path, nor whole in the Hugging Face cache at {}",
+                    arg.display(),
+                    cache.join(repo.folder()).display()
+                )
+            }),
+    )
 }
 
 /// What to open for a model argument: `arg` itself when it exists, else the cached snapshot of
@@ -189,7 +221,7 @@ mod tests {
     }
 
     #[test]
-    fn the_cache_comes_from_hf_hub_cache_then_hf_home_then_home() {
+    fn the_cache_and_offline_mode_come_from_the_environment() {
         let env = |pairs: &'static [(&'static str, &'static str)]| {
             move |k: &str| {
                 pairs
@@ -209,5 +241,10 @@ mod tests {
             Some(PathBuf::from("/u/.cache/huggingface/hub"))
         );
         assert_eq!(cache_dir(env(&[])), None);
+        let offline = super::super::hub_download::offline;
+        assert!(offline(env(&[("HF_HUB_OFFLINE", "1")])));
+        assert!(offline(env(&[("TRANSFORMERS_OFFLINE", "true")])));
+        assert!(!offline(env(&[("HF_HUB_OFFLINE", "0")])));
+        assert!(!offline(env(&[])));
     }
 }

@@ -5,6 +5,8 @@ pub mod atomic;
 pub mod gguf;
 pub mod gguf_write;
 pub mod hub;
+pub mod hub_download;
+pub mod python_json;
 pub mod raw;
 pub mod safetensors;
 pub mod safetensors_write;

@@ -143,8 +143,11 @@ impl MlxQuantization {
                     overrides.insert(key.clone(), None);
                 }
                 Value::Object(o) => {
+                    // `null` is the default: mlx-lm 0.32 writes it for every module of a mixed
+                    // recipe converted without --q-group-size, and reads it as the default.
                     let g = o
                         .get("group_size")
+                        .filter(|v| !v.is_null())
                         .map_or(Some(group_size), |v| {
                             v.as_u64().and_then(|g| g.try_into().ok())
                         })

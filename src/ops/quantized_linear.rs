@@ -103,10 +103,24 @@ impl<B: Backend> DeviceQuantized<B> {
 
     /// Rows `ids` only (an embedding lookup).
     pub fn select_rows(&self, ids: Tensor<B, 1, Int>) -> Self {
+        // Scales of one group a row (`[rows, 1]`) are selected as a vector: Burn's CUDA `select`
+        // on a `[rows, 1]` tensor read the wrong memory (session 23: 64-wide rows in groups of
+        // 64, as a 4-bit g64 model's embedding at hidden 64; `bench check`'s embedding_q4).
+        let per_row = |t: &Tensor<B, 2>| {
+            let [rows, groups] = t.dims();
+            match groups {
+                1 => t
+                    .clone()
+                    .reshape([rows])
+                    .select(0, ids.clone())
+                    .unsqueeze_dim::<2>(1),
+                _ => t.clone().select(0, ids.clone()),
+            }
+        };
         DeviceQuantized {
             words: self.words.clone().select(0, ids.clone()),
-            scales: self.scales.clone().select(0, ids.clone()),
-            biases: self.biases.clone().select(0, ids),
+            scales: per_row(&self.scales),
+            biases: per_row(&self.biases),
             ..self.clone()
         }
     }

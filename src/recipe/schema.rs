@@ -508,10 +508,16 @@ pub enum ExportFormat {
 #[serde(rename_all = "lowercase")]
 pub enum FloatDtype {
     /// 32-bit IEEE float.
+    #[serde(alias = "float32")]
+    #[value(alias = "float32")]
     F32,
     /// 16-bit IEEE half float.
+    #[serde(alias = "float16")]
+    #[value(alias = "float16")]
     F16,
     /// bfloat16: 16 bits with f32's exponent range.
+    #[serde(alias = "bfloat16")]
+    #[value(alias = "bfloat16")]
     Bf16,
 }
 

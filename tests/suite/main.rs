@@ -13,6 +13,7 @@ mod common;
 
 mod adapter_interop;
 mod chat_repl;
+mod convert;
 mod cpu_blas;
 mod dashboard;
 mod data_parallel;
@@ -37,7 +38,6 @@ mod packing;
 mod peft_parity;
 mod plot;
 mod prompt_cache;
-mod quantize_mlx;
 mod recipes_check;
 mod smollm2;
 mod table_datasets;

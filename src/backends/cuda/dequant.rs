@@ -2,11 +2,9 @@
 //! (QLoRA). Burn's integer and float ops took several passes and a full-size i32 intermediate
 //! (2 GB for Llama 3's 128256-row head).
 
+use super::kernel::{self, Args, ByScales, Tensor, empty, u32_of};
 use burn::tensor::{DType, Shape};
 use burn_cubecl::kernel::into_contiguous;
-use cudarc::driver::CudaFunction;
-
-use super::kernel::{self, Args, Tensor, empty, u32_of};
 
 const SOURCE: &str = include_str!("dequant.cu");
 const THREADS: u32 = 256;
@@ -39,12 +37,7 @@ pub fn dequantize(
         "a group of {group} splits the {per_word} codes of a {bits}-bit word"
     );
     let out = empty(&scales, Shape::new([rows, words_per_row * per_word]), dtype);
-    let kernels = kernels(words.device.index, bits);
-    let function = match dtype {
-        DType::BF16 => &kernels.bf16,
-        DType::F32 => &kernels.f32,
-        other => panic!("dequantizing to {other:?}: only bf16 and f32"),
-    };
+    let function = kernels(words.device.index, bits).of(dtype);
     let n_words = rows * words_per_row;
     let mut args = Args::default();
     args.pointers(&[&words, &scales, &biases, &out]);
@@ -56,19 +49,9 @@ pub fn dequantize(
     out
 }
 
-/// The kernels for one bit width on one device.
-struct Kernels {
-    bf16: CudaFunction,
-    f32: CudaFunction,
-}
-
-fn kernels(device: usize, bits: u32) -> &'static Kernels {
-    static KERNELS: kernel::Cache<(usize, u32), Kernels> = kernel::Cache::new();
+fn kernels(device: usize, bits: u32) -> &'static ByScales {
+    static KERNELS: kernel::Cache<(usize, u32), ByScales> = kernel::Cache::new();
     kernel::cached(&KERNELS, (device, bits), || {
-        let module = kernel::module(device, "dequant.cu", SOURCE, &[format!("BITS={bits}")]);
-        Kernels {
-            bf16: kernel::function(&module, "dequantize_bf16", 0),
-            f32: kernel::function(&module, "dequantize_f32", 0),
-        }
+        ByScales::build(device, "dequant.cu", SOURCE, bits, "dequantize")
     })
 }

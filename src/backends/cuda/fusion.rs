@@ -13,7 +13,7 @@ use burn_fusion::{Fusion, FusionBackend, FusionRuntime};
 use burn_ir::{CustomOpIr, HandleContainer, OperationIr, OperationOutput, TensorIr};
 
 use super::kernel::Cube;
-use super::{cublas, dequant, flash, grouped_gemm, rope};
+use super::{cublas, dequant, flash, grouped_gemm, qgemv, rope};
 use crate::ops::ModelBackend;
 use crate::ops::attention::{
     AttentionBackend, Saved, Scores, kernel_covers, sliced_backward, sliced_forward,
@@ -148,41 +148,60 @@ impl MatmulBackend for Fusion<Cube> {
     }
 }
 
-/// `out = dequantize(words, scales, biases)`, as declared in `desc`.
+/// An op over a packed weight's words, scales and biases (its last three inputs), as declared in
+/// `desc`: with no other input, the dense matrix; after the activations `x`, `x · Wᵀ` read
+/// packed.
 #[derive(Debug)]
-struct Dequantize {
+struct PackedOp {
     desc: CustomOpIr,
     bits: u32,
     group: usize,
 }
 
-impl Operation<Runtime> for Dequantize {
+impl Operation<Runtime> for PackedOp {
     fn execute(&self, handles: &mut HandleContainer<<Runtime as FusionRuntime>::FusionHandle>) {
-        let ([words, scales, biases], [out]) = self.desc.as_fixed();
-        let words = handles.get_int_tensor::<Cube>(words);
-        let scales = handles.get_float_tensor::<Cube>(scales);
-        let biases = handles.get_float_tensor::<Cube>(biases);
-        let dense = dequant::dequantize([words, scales, biases], self.bits, self.group, out.dtype);
-        handles.register_float_tensor::<Cube>(&out.id, dense);
+        let inputs = &self.desc.inputs;
+        let n = inputs.len();
+        let words = handles.get_int_tensor::<Cube>(&inputs[n - 3]);
+        let scales = handles.get_float_tensor::<Cube>(&inputs[n - 2]);
+        let biases = handles.get_float_tensor::<Cube>(&inputs[n - 1]);
+        let out = &self.desc.outputs[0];
+        let result = match n {
+            3 => dequant::dequantize([words, scales, biases], self.bits, self.group, out.dtype),
+            _ => {
+                let x = handles.get_float_tensor::<Cube>(&inputs[0]);
+                qgemv::qgemv([x, words, scales, biases], self.bits, self.group)
+            }
+        };
+        handles.register_float_tensor::<Cube>(&out.id, result);
     }
 }
 
-/// `w` as the dense matrix its GEMM reads (bf16 for a bf16 base), in one kernel.
-pub fn dequantize(w: &DeviceQuantized<Fusion<Cube>>) -> FloatTensor<Fusion<Cube>> {
+/// Registers [`PackedOp`] `name` over `x` (if given) and `w`, making `shape` in `dtype`.
+fn packed_op(
+    name: &'static str,
+    x: Option<FloatTensor<Fusion<Cube>>>,
+    w: &DeviceQuantized<Fusion<Cube>>,
+    shape: Shape,
+    dtype: DType,
+) -> FloatTensor<Fusion<Cube>> {
     let words = w.words.clone().into_primitive();
     let scales = primitive(w.scales.clone());
     let biases = primitive(w.biases.clone());
     let client = scales.client.clone();
-    let streams = OperationStreams::with_inputs([&words, &scales, &biases]);
-    let dtype = w.gemm_dtype();
-    let out = TensorIr::uninit(
-        client.create_empty_handle(),
-        Shape::from(w.dims().to_vec()),
-        dtype,
-    );
-    let inputs = [words.into_ir(), scales.into_ir(), biases.into_ir()];
-    let desc = CustomOpIr::new("dequantize", &inputs, &[out]);
-    let op = Dequantize {
+    let mut tensors = vec![&words, &scales, &biases];
+    if let Some(x) = &x {
+        tensors.insert(0, x);
+    }
+    let streams = OperationStreams::with_inputs(tensors);
+    let out = TensorIr::uninit(client.create_empty_handle(), shape, dtype);
+    let inputs: Vec<TensorIr> = x
+        .into_iter()
+        .chain([words, scales, biases])
+        .map(|t| t.into_ir())
+        .collect();
+    let desc = CustomOpIr::new(name, &inputs, &[out]);
+    let op = PackedOp {
         desc: desc.clone(),
         bits: w.bits,
         group: w.group,
@@ -190,6 +209,21 @@ pub fn dequantize(w: &DeviceQuantized<Fusion<Cube>>) -> FloatTensor<Fusion<Cube>
     client
         .register(streams, OperationIr::Custom(desc), op)
         .output()
+}
+
+/// `w` as the dense matrix its GEMM reads (bf16 for a bf16 base), in one kernel.
+pub fn dequantize(w: &DeviceQuantized<Fusion<Cube>>) -> FloatTensor<Fusion<Cube>> {
+    let shape = Shape::from(w.dims().to_vec());
+    packed_op("dequantize", None, w, shape, w.gemm_dtype())
+}
+
+/// `x · deq(W)ᵀ` for a few rows of `x` (decoding), from the packed words.
+fn quantized_gemv(
+    x: FloatTensor<Fusion<Cube>>,
+    w: &DeviceQuantized<Fusion<Cube>>,
+) -> FloatTensor<Fusion<Cube>> {
+    let shape = Shape::new([x.shape[0], w.dims()[0]]);
+    packed_op("quantized_gemv", Some(x), w, shape, DType::F32)
 }
 
 /// `(out, lse) = attention(q, k, v)` under the causal rule, and for packed rows each query's
@@ -384,5 +418,18 @@ impl ModelBackend for burn::backend::Cuda<f32> {
 
     fn dequantize_for_gemm(w: &DeviceQuantized<Self>) -> FloatTensor<Self> {
         dequantize(w)
+    }
+
+    /// Up to [`qgemv::MAX_ROWS`] rows (decoding) read the packed words directly; more rows
+    /// dequantize once for the GEMM.
+    fn device_quantized_linear(
+        x: FloatTensor<Self>,
+        w: &DeviceQuantized<Self>,
+    ) -> FloatTensor<Self> {
+        if x.shape.num_dims() == 2 && x.shape[0] <= qgemv::MAX_ROWS && x.dtype == DType::F32 {
+            quantized_gemv(x, w)
+        } else {
+            crate::ops::quantized_linear::forward(x, w)
+        }
     }
 }

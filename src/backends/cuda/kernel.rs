@@ -68,6 +68,33 @@ pub fn function(module: &Arc<CudaModule>, name: &str, shared: u32) -> CudaFuncti
     function
 }
 
+/// One kernel of a packed-weight source (`-DBITS`) compiled for bf16 scales and for f32 ones
+/// (`{stem}_bf16`, `{stem}_f32`), for one bit width on one device.
+pub struct ByScales {
+    bf16: CudaFunction,
+    f32: CudaFunction,
+}
+
+impl ByScales {
+    /// `stem`'s two kernels in `source` (`name` in messages), compiled with `-DBITS=bits`.
+    pub fn build(device: usize, name: &str, source: &str, bits: u32, stem: &str) -> Self {
+        let module = module(device, name, source, &[format!("BITS={bits}")]);
+        ByScales {
+            bf16: function(&module, &format!("{stem}_bf16"), 0),
+            f32: function(&module, &format!("{stem}_f32"), 0),
+        }
+    }
+
+    /// The kernel for scales in `dtype`.
+    pub fn of(&self, dtype: DType) -> &CudaFunction {
+        match dtype {
+            DType::BF16 => &self.bf16,
+            DType::F32 => &self.f32,
+            other => panic!("{other:?} scales: only bf16 and f32"),
+        }
+    }
+}
+
 /// The device address of the tensor's first element (the pooled offset included).
 pub fn pointer(t: &Tensor) -> u64 {
     t.client

@@ -13,6 +13,7 @@ mod flash;
 mod fusion;
 mod grouped_gemm;
 mod kernel;
+mod qgemv;
 mod rope;
 
 pub use fusion::dequantize;

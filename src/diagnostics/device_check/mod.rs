@@ -68,6 +68,7 @@ use crate::model::{Decoder, Family, ModelConfig};
 use crate::ops::ModelBackend;
 use crate::ops::TrainBackend;
 use crate::ops::grouped_matmul::Stacked;
+use crate::quant::QuantizedMatrix;
 use crate::recipe::{AdapterKind, Layers, LoraSection, Targets};
 use crate::train::recompute::Checkpointing;
 use crate::train::trainer::{StepSettings, Trainer};
@@ -149,6 +150,8 @@ pub struct CheckOptions {
     pub max_head_dim: usize,
     /// Checks not to run, by name (of [`SKIPPABLE`]).
     pub skip: Vec<String>,
+    /// The trajectories' vocabulary, if not the tiny shape's 32,000.
+    pub vocab: Option<usize>,
 }
 
 /// The checks `CheckOptions::skip` may name: the trajectories, and the experts' grouped products.
@@ -172,6 +175,7 @@ pub fn run<B: ModelBackend>(
         long_row,
         max_head_dim,
         skip,
+        vocab,
     } = options;
     if let Some(unknown) = skip.iter().find(|s| !SKIPPABLE.contains(&s.as_str())) {
         bail!("--skip {unknown}: not a check that can be skipped (those are {SKIPPABLE:?})");
@@ -191,7 +195,8 @@ pub fn run<B: ModelBackend>(
         lines.push(line);
     };
     let plain = StepSettings::default();
-    let tiny = Shape::Tiny.config();
+    let mut tiny = Shape::Tiny.config();
+    tiny.vocab_size = vocab.unwrap_or(tiny.vocab_size);
     // Phi-3's block: q, k, v and gate, up as fused linears whose outputs split.
     let fused = ModelConfig {
         family: Family::Phi3,
@@ -239,7 +244,14 @@ pub fn run<B: ModelBackend>(
     weights.extend(half.map(Weight::DenseHalf));
     weights.push(Weight::Q4);
     weights.extend(half.map(Weight::Q4Half));
-    for (n, inp, out) in [(7, 64, 96), (256, 576, 1536), (1000, 2048, 512)] {
+    // One and eight rows are decoding's (read packed on CUDA); the others go through the GEMM.
+    for (n, inp, out) in [
+        (1, 2048, 512),
+        (7, 64, 96),
+        (8, 576, 1536),
+        (256, 576, 1536),
+        (1000, 2048, 512),
+    ] {
         for &weight in &weights {
             emit(linear::<B>(device, n, inp, out, weight));
         }
@@ -253,6 +265,14 @@ pub fn run<B: ModelBackend>(
             .filter(|w| matches!(w, Weight::Dense | Weight::DenseHalf(_)))
         {
             emit(experts::experts_grad::<B>(device, inp, out, weight));
+        }
+    }
+    for &weight in weights
+        .iter()
+        .filter(|w| matches!(w, Weight::Q4 | Weight::Q4Half(_)))
+    {
+        for cols in [64, 128] {
+            emit(embedding_rows::<B>(device, cols, weight));
         }
     }
     // LoRA's rank-8 sides (A: `[in, 8]`, B: `[8, out]`) and experts' projections.
@@ -456,21 +476,27 @@ fn linear<B: ModelBackend>(
         None
     };
     w = w.iter().map(|&v| kind.round(v)).collect();
-    let frozen = |device: &B::Device| -> FrozenLinear<Autodiff<B>> {
+    fn frozen<C: ModelBackend>(
+        weight: &Option<Arc<QuantizedMatrix>>,
+        w: &[f64],
+        kind: Weight,
+        [out, inp]: [usize; 2],
+        device: &C::Device,
+    ) -> FrozenLinear<C> {
         FrozenLinear::new(
-            match &weight {
+            match weight {
                 Some(q) => FrozenWeight::quantized((**q).clone(), kind.half(), device),
                 None if let Some(half) = kind.half() => FrozenWeight::Dense(Tensor::from_data(
-                    TensorData::new(w.clone(), [out, inp]),
+                    TensorData::new(w.to_vec(), [out, inp]),
                     TensorCreationOptions::new(device.clone()).with_dtype(DType::from(half)),
                 )),
-                None => FrozenWeight::Dense(tensor(&w, [out, inp], device)),
+                None => FrozenWeight::Dense(tensor(w, [out, inp], device)),
             },
             None,
         )
-    };
+    }
     let xd = tensor::<Autodiff<B>, 3>(&x, [1, n, inp], device).require_grad();
-    let y = frozen(device).forward(xd.clone());
+    let y = frozen::<Autodiff<B>>(&weight, &w, kind, [out, inp], device).forward(xd.clone());
     let loss = (y.clone() * tensor::<Autodiff<B>, 3>(&r, [1, n, out], device)).sum();
     let grads = loss.backward();
     let dx: Vec<f32> = xd
@@ -481,18 +507,68 @@ fn linear<B: ModelBackend>(
         .into_vec()
         .expect("f32");
     let y: Vec<f32> = y.into_data().convert::<f32>().into_vec().expect("f32");
+    // The same product as inference runs it, without autodiff: on CUDA, up to 8 rows of a
+    // quantized weight are read packed (`backends/cuda/qgemv.cu`).
+    let plain: Vec<f32> = frozen::<B>(&weight, &w, kind, [out, inp], device)
+        .forward(tensor::<B, 3>(&x, [1, n, inp], device))
+        .into_data()
+        .convert::<f32>()
+        .into_vec()
+        .expect("f32");
 
     let y_ref = gemm(&x, &w, n, inp, out, true);
     let dx_ref = gemm(&r, &w, n, out, inp, false);
     let (fwd, bwd) = (scaled_error(&y, &y_ref), scaled_error(&dx, &dx_ref));
+    let inference = scaled_error(&plain, &y_ref);
     let tolerance = match kind.half() {
         Some(_) => HALF_TOLERANCE,
         None => KERNEL_TOLERANCE,
     };
     json!({
         "check": kind.check(), "n": n, "in": inp, "out": out,
-        "forward_error": fwd, "input_grad_error": bwd, "tolerance": tolerance,
-        "pass": fwd <= tolerance && bwd <= tolerance,
+        "forward_error": fwd, "input_grad_error": bwd, "inference_error": inference,
+        "tolerance": tolerance,
+        "pass": fwd <= tolerance && bwd <= tolerance && inference <= tolerance,
+    })
+}
+
+/// An embedding lookup from a 4-bit weight (groups of 64, so a 64-wide row is one group)
+/// against the host's dequantization of the same rows.
+fn embedding_rows<B: ModelBackend>(
+    device: &B::Device,
+    cols: usize,
+    kind: Weight,
+) -> serde_json::Value {
+    let rows = 96;
+    let mut rng = rand::rngs::StdRng::seed_from_u64(cols as u64);
+    let w: Vec<f32> = uniform(&mut rng, rows * cols, 0.05)
+        .into_iter()
+        .map(|v| v as f32)
+        .collect();
+    let q = crate::quant::quantize::quantize(&w, rows, cols, 4, 64).expect("valid geometry");
+    let ids = [3u32, 0, 95, 3, 41];
+    let want: Vec<f64> = ids
+        .iter()
+        .flat_map(|&id| {
+            let mut row = vec![0f32; cols];
+            q.dequantize_row(id as usize, &mut row);
+            row.into_iter().map(|v| kind.round(f64::from(v)))
+        })
+        .collect();
+    let got: Vec<f32> = FrozenWeight::<B>::quantized(q, kind.half(), device)
+        .rows(&ids, device)
+        .into_data()
+        .convert::<f32>()
+        .into_vec()
+        .expect("f32");
+    let error = scaled_error(&got, &want);
+    let tolerance = match kind.half() {
+        Some(_) => HALF_TOLERANCE,
+        None => KERNEL_TOLERANCE,
+    };
+    json!({
+        "check": format!("embedding_{}", kind.check().trim_start_matches("linear_")), "cols": cols,
+        "error": error, "tolerance": tolerance, "pass": error <= tolerance,
     })
 }
 
