@@ -99,10 +99,11 @@ pub fn download(
 }
 
 /// Whether a snapshot holds its weights: its `.gguf` file, `model.safetensors`, or the index
-/// (downloaded last, after every shard).
+/// (downloaded last, after every shard). A GGUF file resolved from a snapshot is whole.
 pub fn complete(snapshot: &Path) -> bool {
     let has = |name: &str| snapshot.join(name).exists();
-    has("model.safetensors.index.json")
+    snapshot.is_file()
+        || has("model.safetensors.index.json")
         || has("model.safetensors")
         || std::fs::read_dir(snapshot)
             .into_iter()

@@ -35,7 +35,28 @@ fn a_hub_name_opens_its_cached_snapshot_and_a_missing_one_names_the_cache() {
     let commit = "0123456789abcdef0123456789abcdef01234567";
     build_cache(&root, commit);
     let cache = root.to_str().unwrap();
-    let env = [("HF_HUB_CACHE", cache)];
+    // Online, but nothing listens at the endpoint: a cached name must need no network.
+    let env = [
+        ("HF_HUB_CACHE", cache),
+        ("HF_ENDPOINT", "http://127.0.0.1:9"),
+        ("HF_HUB_OFFLINE", ""),
+    ];
+    // A GGUF repository's snapshot opens its one file, also without asking the hub.
+    let gguf = root.join("models--test-org--tiny-gguf");
+    std::fs::create_dir_all(gguf.join("snapshots").join(commit)).unwrap();
+    std::fs::create_dir_all(gguf.join("refs")).unwrap();
+    std::fs::write(gguf.join("refs/main"), commit).unwrap();
+    std::fs::copy(
+        common::fixture("models/gemma3.gguf"),
+        gguf.join("snapshots").join(commit).join("gemma3.gguf"),
+    )
+    .unwrap();
+    let out = common::loraforge_with_env(&["inspect", "test-org/tiny-gguf"], &env);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 
     let out = common::loraforge_with_env(&["inspect", "test-org/tiny-llama"], &env);
     let stdout = String::from_utf8_lossy(&out.stdout);
