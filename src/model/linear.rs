@@ -103,12 +103,7 @@ impl<B: ModelBackend> FrozenWeight<B> {
         };
         match self {
             FrozenWeight::Dense(t) => to_f32(t.clone().select(0, indices())),
-            // The backend's own dequantization of the selected rows: on CUDA, Burn's fused
-            // element-wise form broadcast the scales of single-group rows (64 columns in groups
-            // of 64) wrongly, so 4-bit g64 embeddings came out wrong there (session 23).
-            FrozenWeight::DeviceQuantized(w) => {
-                to_f32(inner(B::dequantize_for_gemm(&w.select_rows(indices()))))
-            }
+            FrozenWeight::DeviceQuantized(w) => w.select_rows(indices()).dequantize(),
             FrozenWeight::Quantized(q) => {
                 let mut out = vec![0f32; ids.len() * q.cols];
                 for (row, &id) in out.chunks_exact_mut(q.cols).zip(ids) {
