@@ -82,20 +82,14 @@ pub fn download(
         cache.display(),
         files.len()
     );
-    let mut last = None;
+    let mut snapshot = None;
     for file in &files {
-        last = Some(fetch(&hub, file, &id, &endpoint)?);
+        let path = fetch(&hub, file, &id, &endpoint)?;
+        // `snapshots/<commit>/<file>`: the folder is the file's, up as many levels as it is deep.
+        let depth = Path::new(file).components().count();
+        snapshot = path.ancestors().nth(depth).map(Path::to_path_buf);
     }
-    let last = last.ok_or_else(|| anyhow!("`{id}` has no files to download"))?;
-    // `snapshots/<commit>/<file>`: the folder is the file's, up as many levels as it is deep.
-    let depth = Path::new(files.last().expect("one file at least"))
-        .components()
-        .count();
-    Ok(last
-        .ancestors()
-        .nth(depth)
-        .expect("a snapshot holds its files")
-        .to_path_buf())
+    snapshot.ok_or_else(|| anyhow!("`{id}` has no files to download"))
 }
 
 /// Whether a snapshot holds its weights: its `.gguf` file, `model.safetensors`, or the index
@@ -115,6 +109,19 @@ pub fn complete(snapshot: &Path) -> bool {
 /// weights last and the index after them, so that [`complete`] can tell a finished download.
 fn chosen<'a>(id: &str, names: impl Iterator<Item = &'a str>) -> Result<Vec<String>> {
     let names: Vec<&str> = names.collect();
+    // The listing comes from the endpoint (HF_ENDPOINT may name any server): a name that is
+    // not a plain relative path would be written outside the snapshot.
+    if let Some(bad) = names.iter().find(|n| {
+        n.is_empty()
+            || n.contains('\\')
+            || !Path::new(n)
+                .components()
+                .all(|c| matches!(c, std::path::Component::Normal(_)))
+    }) {
+        bail!(
+            "`{id}`'s file list names `{bad}`, which is not a path inside the repository; refusing to download from this endpoint"
+        );
+    }
     let mut wanted: Vec<String> = names
         .iter()
         .filter(|n| WANTED.iter().any(|p| glob(p, n)))
@@ -237,5 +244,16 @@ mod tests {
         let err = chosen("a/b", ["x.Q4.gguf", "x.Q8.gguf"].into_iter()).unwrap_err();
         assert!(err.to_string().contains("several GGUF files"), "{err}");
         assert!(chosen("a/b", ["README.md"].into_iter()).is_err());
+        for hostile in [
+            "../../escape.json",
+            "/etc/model.safetensors",
+            "a\\..\\b.json",
+        ] {
+            let err = chosen("a/b", ["config.json", hostile].into_iter()).unwrap_err();
+            assert!(
+                err.to_string().contains("not a path inside the repository"),
+                "{err}"
+            );
+        }
     }
 }
