@@ -44,6 +44,18 @@ enum Storage {
     Quantize(Setting),
 }
 
+impl Storage {
+    /// `(bits, group)` of a quantized storage; `None` for float.
+    fn quantized(self) -> Option<(u32, usize)> {
+        match self {
+            Storage::Float => None,
+            Storage::Keep { bits, group }
+            | Storage::Requantize { bits, group }
+            | Storage::Quantize(Setting { bits, group, .. }) => Some((bits, group)),
+        }
+    }
+}
+
 pub fn write(
     model: &FusedModel,
     tokenizer: &Tokenizer,
@@ -134,11 +146,12 @@ pub fn write(
     }
     super::tokenizer_files::write(model.files, tokenizer, dir)?;
 
-    let encoding = match storages.iter().find_map(|s| match *s {
-        Storage::Requantize { bits, group } => Some((bits, group)),
-        Storage::Quantize(s) => Some((s.bits, s.group)),
-        _ => None,
-    }) {
+    // The encoding written anew (kept matrices are the base's).
+    let encoding = match storages
+        .iter()
+        .filter(|s| !matches!(s, Storage::Keep { .. }))
+        .find_map(|s| s.quantized())
+    {
         Some((bits, group)) => format!("{bits}-bit MLX affine (group {group})"),
         None => dtype.torch_name().to_string(),
     };
@@ -212,11 +225,9 @@ fn storage(model: &FusedModel, opts: &ExportOptions, spec: &TensorSpec) -> Stora
 }
 
 fn planned(spec: &TensorSpec, storage: Storage, dtype: FloatDtype) -> Group {
-    match storage {
-        Storage::Float => vec![PlannedTensor::new(&spec.name, dtype.raw(), &spec.shape)],
-        Storage::Keep { bits, group }
-        | Storage::Requantize { bits, group }
-        | Storage::Quantize(Setting { bits, group, .. }) => {
+    match storage.quantized() {
+        None => vec![PlannedTensor::new(&spec.name, dtype.raw(), &spec.shape)],
+        Some((bits, group)) => {
             // An experts' stack keeps its leading `[experts, out]`, as mlx-lm's SwitchLinear.
             let (&cols, leading) = spec.shape.split_last().expect("a matrix");
             let module = spec.module();
@@ -256,14 +267,7 @@ fn quantization_json(model: &FusedModel, storages: &[Storage]) -> Option<Value> 
         .specs
         .iter()
         .zip(storages)
-        .filter_map(|(spec, s)| match *s {
-            Storage::Float => None,
-            Storage::Keep { bits, group }
-            | Storage::Requantize { bits, group }
-            | Storage::Quantize(Setting { bits, group, .. }) => {
-                Some((spec.module(), (bits, group)))
-            }
-        })
+        .filter_map(|(spec, s)| Some((spec.module(), s.quantized()?)))
         .collect();
     let mut counts: BTreeMap<(u32, usize), usize> = BTreeMap::new();
     for (_, setting) in &settings {

@@ -128,7 +128,7 @@ impl Quantize {
             .iter()
             .filter(|(_, s)| s.recorded.is_some())
             .collect();
-        recorded.sort_by_key(|(module, _)| mlx_lm_order(module));
+        recorded.sort_by_cached_key(|(module, _)| mlx_lm_order(module));
         for (module, s) in recorded {
             let mut entry = json!({"group_size": s.group, "bits": s.bits});
             if s.recorded == Some(true) {

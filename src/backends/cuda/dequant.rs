@@ -2,9 +2,10 @@
 //! (QLoRA). Burn's integer and float ops took several passes and a full-size i32 intermediate
 //! (2 GB for Llama 3's 128256-row head).
 
-use super::kernel::{self, Args, ByScales, Tensor, empty, u32_of};
 use burn::tensor::{DType, Shape};
 use burn_cubecl::kernel::into_contiguous;
+
+use super::kernel::{self, Args, ByScales, Tensor, empty, u32_of};
 
 const SOURCE: &str = include_str!("dequant.cu");
 const THREADS: u32 = 256;

@@ -2,9 +2,10 @@
 //! batch-8 decoding of a quantized model, where dequantizing the whole matrix every step took
 //! 82% of an 8B model's decode step on an H200 (bench/NOTES.md, session 23).
 
-use super::kernel::{self, Args, ByScales, Tensor, empty, u32_of};
 use burn::tensor::{DType, Shape};
 use burn_cubecl::kernel::into_contiguous;
+
+use super::kernel::{self, Args, ByScales, Tensor, empty, u32_of};
 
 const SOURCE: &str = include_str!("qgemv.cu");
 /// Warps a block (one output each), as `WARPS` in the kernel.
