@@ -138,6 +138,9 @@ vk_demo() {
 # transformers' generate loop (bench/transformers_generate.py) at each batch, GEN_TOKENS new
 # tokens (default 128) after a 55-token prompt, end-of-sequence ignored. Lines go to
 # generate-gpu-<card>-<date>.jsonl; our peak device memory is nvidia-smi's, as in training rows.
+# GEN_BATCHES: the batch sizes (default "1 8 32"). Our line's `decode` says how batch 1 decoded:
+# "session" (the whole-step decode session, `src/backends/cuda/decode.rs`) or, with
+# LORAFORGE_DECODE=ops in the environment, "ops" (op by op, for comparison).
 generation() {
   local model=${GEN_MODEL:-/tmp/llama3-8b-random}
   local tok=${LLAMA3_TOKENIZER:-$HOME/.cache/loraforge/tokenizers/llama3}
@@ -177,7 +180,9 @@ import json, re, sys, time
 rc, batch, peak, start, card, quant = sys.argv[1:]
 wall = time.time() - float(start)
 err = open("/tmp/gen.err").read()
+import os
 row = {"bench": "loraforge_generate_gpu", "card": card, "quant": quant, "batch": int(batch), "status": f"exit {rc}",
+       "decode": os.environ.get("LORAFORGE_DECODE", "session"),
        "wall_s": float(wall), "peak_device_mem_gib": int(peak) / 1024}
 load = re.search(r"blocks in ([0-9.]+) s", err)
 row["load_s"] = float(load.group(1)) if load else None
@@ -233,8 +238,8 @@ for s in ${SHAPES:-warmup smollm2 1b 8b 8b-nockpt 8b-qlora 8b-32k 8b-64k}; do
     8b-256k-liger) liger llama3-8b 1 262144 1 0 --grad-checkpoint ;;
     1b-data) data llama3.2-1b 8 30 5 ;;
     8b-data) data llama3-8b 4 12 3 --grad-checkpoint ;;
-    gen-8b) generation 1 8 32 ;;
-    gen-8b-q4) GEN_QUANT=q4 generation 1 8 32 ;;
+    gen-8b) generation ${GEN_BATCHES:-1 8 32} ;;
+    gen-8b-q4) GEN_QUANT=q4 generation ${GEN_BATCHES:-1 8 32} ;;
     # Issue 19: the device checks and the portable path's rows beside ours on CUDA and peft.
     vk-check) "${LORAFORGE_VULKAN:-$bin}" bench check --device vulkan | tee -a "$outdir/device-check-vulkan-$card-$(date +%Y-%m-%d).jsonl" | cut -c1-200 ;;
     vk-tiny) portable tiny 4 128 3 1 ;;

@@ -21,6 +21,7 @@ pub use sampler::{Sampler, SamplingConfig};
 pub use stream::{Finish, Stream};
 
 use crate::model::{Decoder, KvCache};
+use crate::ops::decode::DecodeSession;
 use crate::ops::frozen_linear::ModelBackend;
 use crate::tokenizer::Tokenizer;
 
@@ -124,16 +125,24 @@ pub fn generate<B: ModelBackend>(
     let prompt_secs = start.elapsed().as_secs_f64();
 
     let start = Instant::now();
+    let mut session = decode_session(model, cache, limits.max_tokens);
+    if session.is_some() {
+        // The session holds the keys and values now; they come back when it ends.
+        *cache = cache.emptied();
+    }
     let mut text = TextOut::new(on_text);
-    while stream
-        .push(&mut logits, &limits, &tokenizer.stop_ids)
-        .is_some()
-    {
+    while let Some(id) = stream.push(&mut logits, &limits, &tokenizer.stop_ids) {
         text.show(tokenizer, &stream.ids)?;
         if stream.finish.is_some() {
             break;
         }
-        logits = advance_one(model, cache, &stream.context, 1, device);
+        logits = match session.as_mut() {
+            Some(session) => session.step(id),
+            None => advance_one(model, cache, &stream.context, 1, device),
+        };
+    }
+    if let Some(session) = session {
+        *cache = cache.refilled(session.into_kv());
     }
     let gen_secs = start.elapsed().as_secs_f64();
     let text = text.finish(tokenizer, &stream.ids)?;
@@ -206,6 +215,23 @@ impl<F: FnMut(&str)> TextOut<F> {
             self.shown = text.len();
         }
     }
+}
+
+/// A session running the decode steps whole where the backend has one for this model and the
+/// cache is one unpadded, unbounded row (`ops/decode.rs`); `LORAFORGE_DECODE=ops` keeps the
+/// op-by-op path (for comparisons).
+fn decode_session<B: ModelBackend>(
+    model: &Decoder<B>,
+    cache: &KvCache<B>,
+    room: usize,
+) -> Option<Box<dyn DecodeSession<B>>> {
+    if std::env::var_os("LORAFORGE_DECODE").is_some_and(|v| v == "ops")
+        || !cache.pads().is_empty()
+        || cache.bounded()
+    {
+        return None;
+    }
+    B::decode_session(model.decode_model()?, cache.kv_primitives()?, room)
 }
 
 /// Each row's next-token logits after its context, whose last `new` tokens `cache` does not

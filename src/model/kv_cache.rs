@@ -10,10 +10,12 @@
 //! Rows of a batch are left-padded to one length: row `r`'s first `pads[r]` positions are
 //! padding, hidden from its queries, and its RoPE positions count from its first real token.
 
+use burn::tensor::ops::FloatTensor;
 use burn::tensor::{Int, Tensor, TensorData};
 
 use super::config::ModelConfig;
 use crate::ops::frozen_linear::ModelBackend;
+use crate::ops::primitive::{inner, primitive};
 
 /// How many keys a bounded block keeps: mlx-lm's `max_kv_size` and `keep`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -202,6 +204,30 @@ impl<B: ModelBackend> KvCache<B> {
             offset: 0,
             pads: self.pads.clone(),
         }
+    }
+
+    /// Each block's keys and values as the float primitives a decode session takes
+    /// (`ModelBackend::decode_session`); `None` before the first pass.
+    pub fn kv_primitives(&self) -> Option<Vec<[FloatTensor<B>; 2]>> {
+        self.layers
+            .iter()
+            .map(|l| {
+                l.kv()
+                    .map(|(k, v)| [primitive(k.clone()), primitive(v.clone())])
+            })
+            .collect()
+    }
+
+    /// An empty cache with the same bounds and padding, holding the keys and values a decode
+    /// session hands back.
+    pub fn refilled(&self, kv: Vec<[FloatTensor<B>; 2]>) -> Self {
+        let kv = kv.into_iter().map(|[k, v]| (inner(k), inner(v)));
+        self.emptied().filled(kv.collect())
+    }
+
+    /// Whether any block's cache is bounded (by `--max-kv-size` or a sliding window).
+    pub fn bounded(&self) -> bool {
+        self.layers.iter().any(|l| l.bound.is_some())
     }
 
     /// Whether a bound keeps sinks, so which keys survive depends on how a prompt is cut.

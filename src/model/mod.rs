@@ -3,6 +3,7 @@
 
 pub mod adapter;
 pub mod config;
+pub mod decode;
 pub mod decoder;
 pub mod experts;
 pub mod kv_cache;

@@ -20,6 +20,7 @@ use burn::tensor::ops::FloatTensor;
 use burn::tensor::{FloatDType, Tensor, TensorData};
 
 use super::attention::AttentionBackend;
+use super::decode::{DecodeModel, DecodeSession};
 use super::elementwise::ElementwiseBackend;
 use super::primitive::{inner, primitive};
 use super::quantized_linear::DeviceQuantized;
@@ -61,6 +62,17 @@ pub trait ModelBackend:
         w: &DeviceQuantized<Self>,
     ) -> FloatTensor<Self> {
         super::quantized_linear::forward(x, w)
+    }
+
+    /// A session running `model`'s decode steps whole, continuing the keys and values `kv`
+    /// (`[1, kv_heads, len, head_dim]` per block) with room for `room` more positions; `None`
+    /// where this backend decodes op by op.
+    fn decode_session(
+        _model: DecodeModel<Self>,
+        _kv: Vec<[FloatTensor<Self>; 2]>,
+        _room: usize,
+    ) -> Option<Box<dyn DecodeSession<Self>>> {
+        None
     }
 
     /// `x`: `[n, in]` → `[n, out]`.

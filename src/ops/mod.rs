@@ -3,6 +3,7 @@
 //! `crate::backends`.
 
 pub mod attention;
+pub mod decode;
 pub mod elementwise;
 pub mod frozen_linear;
 pub mod grouped_matmul;

@@ -139,6 +139,12 @@ impl Rope {
         &self.inv_freq
     }
 
+    /// Whether one table serves every position: no LongRoPE (whose frequencies and magnitude
+    /// change with the pass's length).
+    pub fn plain(&self) -> bool {
+        self.long.is_none() && self.magnitude == 1.0
+    }
+
     /// The frequencies of a pass over `len` positions (LongRoPE: the long ones once `len`
     /// exceeds the pretrained length, as transformers picks them from the pass's last position).
     fn inv_freq_for(&self, len: usize) -> &[f32] {

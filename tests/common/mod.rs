@@ -10,6 +10,12 @@ pub fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
 }
 
+/// Whether the tests run in CI (`CI` set), where the longest checks run a shorter form: CI has
+/// two cores and a time budget (README, "Tests").
+pub fn in_ci() -> bool {
+    std::env::var_os("CI").is_some()
+}
+
 pub fn fixture(rel: &str) -> PathBuf {
     root().join("tests/fixtures").join(rel)
 }

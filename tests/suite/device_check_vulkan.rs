@@ -40,7 +40,7 @@ fn on_lavapipe(args: &[&str]) -> Option<std::process::Output> {
 
 #[test]
 fn every_device_check_passes_on_lavapipe() {
-    let args = [
+    let mut args = vec![
         "bench",
         "check",
         "--device",
@@ -60,6 +60,13 @@ fn every_device_check_passes_on_lavapipe() {
         "--vocab",
         "2048",
     ];
+    if common::in_ci() {
+        // Each trajectory compiles its kernels anew on lavapipe; these two differ from
+        // `trajectory` in the training loop's host-side paths (checkpointing, offload, fused
+        // projections), which device_check_cpu runs in CI and the GPU machine runs on its card.
+        args.extend(["--skip", "trajectory_chunked_offloaded"]);
+        args.extend(["--skip", "trajectory_fused_projections"]);
+    }
     let Some(out) = on_lavapipe(&args) else {
         return;
     };
@@ -94,8 +101,15 @@ fn losses(out: &std::process::Output) -> Vec<f64> {
         .collect()
 }
 
+/// By hand only: in CI the check's `trajectory` and `trajectory_half` (f16, scaled loss) train
+/// the tiny shape on lavapipe against the CPU already, and this test's own kernel compilations
+/// took 9 minutes of CI's two cores.
 #[test]
 fn tiny_training_steps_on_lavapipe_give_the_cpus_losses() {
+    if common::in_ci() {
+        eprintln!("skipped in CI: the lavapipe check's trajectories cover it");
+        return;
+    }
     let args = |device, dtype| {
         [
             "bench",

@@ -13,11 +13,12 @@ use burn_fusion::{Fusion, FusionBackend, FusionRuntime};
 use burn_ir::{CustomOpIr, HandleContainer, OperationIr, OperationOutput, TensorIr};
 
 use super::kernel::Cube;
-use super::{cublas, dequant, flash, grouped_gemm, qgemv, rope};
+use super::{cublas, decode, dequant, flash, grouped_gemm, qgemv, rope};
 use crate::ops::ModelBackend;
 use crate::ops::attention::{
     AttentionBackend, Saved, Scores, kernel_covers, sliced_backward, sliced_forward,
 };
+use crate::ops::decode::{DecodeModel, DecodeSession};
 use crate::ops::elementwise::ElementwiseBackend;
 use crate::ops::grouped_matmul::{Stacked, grouped_by_groups};
 use crate::ops::matmul::MatmulBackend;
@@ -415,6 +416,15 @@ impl RoutingBackend for burn::backend::Cuda<f32> {}
 /// by device kernels per use, instead of crossing PCIe as f32 on every product.
 impl ModelBackend for burn::backend::Cuda<f32> {
     const DEVICE_QUANTIZED: bool = true;
+
+    fn decode_session(
+        model: DecodeModel<Self>,
+        kv: Vec<[FloatTensor<Self>; 2]>,
+        room: usize,
+    ) -> Option<Box<dyn DecodeSession<Self>>> {
+        let session = decode::Session::open(model, kv, room)?;
+        Some(Box::new(session))
+    }
 
     fn dequantize_for_gemm(w: &DeviceQuantized<Self>) -> FloatTensor<Self> {
         dequantize(w)

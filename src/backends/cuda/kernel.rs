@@ -13,7 +13,7 @@ use burn_cubecl::CubeBackend;
 use burn_cubecl::cubecl::cuda::CudaRuntime;
 use burn_cubecl::ops::numeric::empty_device_contiguous_dtype;
 use burn_cubecl::tensor::CubeTensor;
-use cudarc::driver::sys::CUfunction_attribute;
+use cudarc::driver::sys::{CUfunction_attribute, CUstream};
 use cudarc::driver::{CudaFunction, CudaModule, result as driver};
 use cudarc::nvrtc::{CompileOptions, compile_ptx_with_opts};
 
@@ -147,6 +147,12 @@ impl Args {
         self.0.push(Arg::Pointer(tensor.map_or(0, pointer)));
     }
 
+    /// Device addresses taken earlier (from [`pointer`]; 0 for null), of buffers the caller
+    /// keeps alive.
+    pub fn addresses(&mut self, addresses: &[u64]) {
+        self.0.extend(addresses.iter().map(|&a| Arg::Pointer(a)));
+    }
+
     /// An `int`.
     pub fn int(&mut self, n: usize) {
         self.0
@@ -185,33 +191,67 @@ pub fn launch(
     threads: u32,
     shared: u32,
     out: &Tensor,
-    mut args: Args,
+    args: Args,
 ) {
-    if grid.0 == 0 || grid.1 == 0 || grid.2 == 0 {
-        return;
+    Queue::of(out).launch(function, grid, threads, shared, args);
+}
+
+/// Where a buffer's work runs: its device and the CubeCL stream that orders it.
+#[derive(Clone, Copy)]
+pub struct Queue {
+    device: usize,
+    stream: CUstream,
+}
+
+impl Queue {
+    /// The queue of `t`'s buffer (the calling thread's CubeCL stream).
+    pub fn of(t: &Tensor) -> Self {
+        let stream = t
+            .client
+            .get_resource(t.handle.clone())
+            .expect("CUDA buffer")
+            .resource()
+            .stream;
+        Queue {
+            device: t.device.index,
+            stream: stream.cast(),
+        }
     }
-    let stream = out
-        .client
-        .get_resource(out.handle.clone())
-        .expect("output buffer")
-        .resource()
-        .stream;
-    let mut params = args.params();
-    // SAFETY: the callers build `args` in the order and types of the kernel's signature
-    // (pointers to buffers the caller keeps alive, i32 sizes, i64 strides, f32 scalars), and the
-    // launch is queued on the stream CubeCL orders these buffers' other work on.
-    unsafe {
-        super::context(out.device.index)
-            .bind_to_thread()
-            .expect("bind the CUDA context");
-        driver::launch_kernel(
-            function.cu_function(),
-            grid,
-            (threads, 1, 1),
-            shared,
-            stream.cast(),
-            &mut params,
-        )
-        .unwrap_or_else(|e| panic!("launch a kernel: {e:?}"));
+
+    /// The CUDA stream.
+    pub fn stream(self) -> CUstream {
+        self.stream
+    }
+
+    /// Queues `function`; `args` must match the kernel's signature.
+    pub fn launch(
+        self,
+        function: &CudaFunction,
+        grid: (u32, u32, u32),
+        threads: u32,
+        shared: u32,
+        mut args: Args,
+    ) {
+        if grid.0 == 0 || grid.1 == 0 || grid.2 == 0 {
+            return;
+        }
+        let mut params = args.params();
+        // SAFETY: the callers build `args` in the order and types of the kernel's signature
+        // (pointers to buffers the caller keeps alive, i32 sizes, i64 strides, f32 scalars),
+        // and the launch is queued on the stream CubeCL orders these buffers' other work on.
+        unsafe {
+            super::context(self.device)
+                .bind_to_thread()
+                .expect("bind the CUDA context");
+            driver::launch_kernel(
+                function.cu_function(),
+                grid,
+                (threads, 1, 1),
+                shared,
+                self.stream,
+                &mut params,
+            )
+            .unwrap_or_else(|e| panic!("launch a kernel: {e:?}"));
+        }
     }
 }

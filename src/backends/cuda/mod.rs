@@ -8,6 +8,7 @@
 //! as custom ops (`fusion.rs`) and run on the `CubeTensor`s behind the fusion handles.
 
 pub mod cublas;
+mod decode;
 mod dequant;
 mod flash;
 mod fusion;

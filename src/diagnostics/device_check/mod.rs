@@ -35,6 +35,9 @@
 //! - `grouped_products`: the grouped product (one cuBLAS call on CUDA) against one GEMM per
 //!   group on the same backend, at LoRA's rank-8 shapes and widths not powers of two.
 //! - `trajectory_experts`: two of Mixtral's blocks (top-2 of 4 experts) trained as `trajectory` is.
+//! - `decode_session` (`_q4`, `_bf16`, ...): the whole-step decode session, where the backend
+//!   has one (CUDA), against its op-by-op path over 8 tokens, and its cache handed back
+//!   (`decode.rs`).
 //! - `rms_norm_grad`, `swiglu_grad`, `cross_entropy_grad`: the element-wise ops' outputs and
 //!   input gradients against their naive forms under the CPU's autodiff (`elementwise.rs`).
 //!
@@ -45,6 +48,7 @@
 //! same whatever the scale of the values.
 
 mod attention;
+mod decode;
 mod elementwise;
 mod experts;
 mod rope;
@@ -274,6 +278,11 @@ pub fn run<B: ModelBackend>(
         for cols in [64, 128] {
             emit(embedding_rows::<B>(device, cols, weight));
         }
+    }
+    for &weight in &weights {
+        decode::decode_session::<B>(device, weight, tiny.vocab_size)
+            .into_iter()
+            .for_each(&mut emit);
     }
     // LoRA's rank-8 sides (A: `[in, 8]`, B: `[8, out]`) and experts' projections.
     for (k, m) in [

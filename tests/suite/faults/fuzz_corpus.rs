@@ -44,11 +44,7 @@ fn mutations(input: &[u8], count: usize) -> Vec<Vec<u8>> {
 #[test]
 fn every_fuzz_target_survives_its_corpus_and_mutations() {
     // Mutations a target, spread over its corpus: the corpora grow with each long run.
-    let budget = if std::env::var("CI").is_ok() {
-        10_000
-    } else {
-        30_000
-    };
+    let budget = if common::in_ci() { 10_000 } else { 30_000 };
     for (name, target) in loraforge::diagnostics::fuzz::TARGETS {
         let dir = common::root().join("fuzz/corpus").join(name);
         let inputs: Vec<Vec<u8>> = std::fs::read_dir(&dir)

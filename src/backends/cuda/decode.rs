@@ -1,0 +1,602 @@
+//! The decode session on CUDA (`ops/decode.rs`): one token through a Llama-shaped model in eight
+//! kernel launches a block (`decode.cu`), on buffers allocated once, with the weights' and
+//! buffers' addresses taken once. Op by op, Burn's host work for the few dozen ops a block
+//! (fusion, allocation, launch) outlasted the GPU's, so an 8B model decoded at 25-35 tokens/s
+//! with the GPU mostly idle (bench/NOTES.md, session 23).
+//!
+//! The keys and values move into buffers of `[1, kv_heads, capacity, head_dim]` a block when the
+//! session opens (room for up to 1,024 more positions, doubled whenever full), and back into
+//! Burn tensors (views of those buffers) when it ends.
+
+use burn::tensor::ops::FloatTensor;
+use burn::tensor::{DType, Shape, Tensor as BurnTensor, TensorData};
+use burn_cubecl::kernel::into_contiguous;
+use burn_fusion::stream::OperationStreams;
+use burn_fusion::{Client, FusionBackend, NoOp};
+use burn_ir::{BackendIr, InitOperationIr, OperationIr, OperationOutput};
+use cudarc::driver::{CudaFunction, result as driver};
+
+use super::kernel::{self, Args, Queue, Tensor, empty, pointer, u32_of};
+use crate::ops::decode::{DecodeLinear, DecodeMatrix, DecodeModel, DecodeSession};
+use crate::ops::primitive::{inner, primitive};
+
+const SOURCE: &str = include_str!("decode.cu");
+/// Positions of room a session's cache starts with beyond the prompt (it doubles when full).
+const FIRST_ROOM: usize = 1024;
+/// Warps a block of the products, as `WARPS` in the kernel.
+const WARPS: usize = 4;
+/// Output rows a warp of the products takes, as `R` in the kernel.
+const ROWS: usize = 4;
+
+type Cuda = burn::backend::Cuda<f32>;
+
+/// How a matrix is held, which picks the module its products run in.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, Debug)]
+enum Kind {
+    Dense(Float),
+    Packed { bits: u32, scales: Float },
+}
+
+/// The two float types the kernels read.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, Debug)]
+enum Float {
+    Bf16,
+    F32,
+}
+
+impl Float {
+    fn of(dtype: DType) -> Option<Self> {
+        match dtype {
+            DType::BF16 => Some(Float::Bf16),
+            DType::F32 => Some(Float::F32),
+            _ => None,
+        }
+    }
+
+    /// The type's name in `decode.cu`.
+    fn name(self) -> &'static str {
+        match self {
+            Float::Bf16 => "bf16",
+            Float::F32 => "float",
+        }
+    }
+}
+
+/// One module's kernels (`decode.cu` compiled for a matrix kind and a cache dtype).
+struct Kernels {
+    linear: CudaFunction,
+    gated: CudaFunction,
+    embed: CudaFunction,
+    rms_norm: CudaFunction,
+    rope_append: CudaFunction,
+    attend: CudaFunction,
+}
+
+fn kernels(device: usize, kind: Kind, kv: Float) -> &'static Kernels {
+    static KERNELS: kernel::Cache<(usize, Kind, Float), Kernels> = kernel::Cache::new();
+    kernel::cached(&KERNELS, (device, kind, kv), || {
+        let mut defines = vec![format!("KV_T={}", kv.name())];
+        match kind {
+            Kind::Dense(t) => defines.push(format!("DENSE_T={}", t.name())),
+            Kind::Packed { bits, scales } => {
+                defines.push(format!("BITS={bits}"));
+                defines.push(format!("SCALE_T={}", scales.name()));
+            }
+        }
+        let module = kernel::module(device, "decode.cu", SOURCE, &defines);
+        let f = |name| kernel::function(&module, name, 0);
+        Kernels {
+            linear: f("linear"),
+            gated: f("gated"),
+            embed: f("embed"),
+            rms_norm: f("rms_norm"),
+            rope_append: f("rope_append"),
+            attend: f("attend"),
+        }
+    })
+}
+
+/// A matrix on the device: its buffers (kept alive) and the kernel arguments that name it.
+struct Matrix {
+    kind: Kind,
+    _buffers: Vec<Tensor>,
+    /// Dense: the matrix; packed: words, scales, biases.
+    addresses: Vec<u64>,
+    group: usize,
+}
+
+impl Matrix {
+    fn new(m: DecodeMatrix<Cuda>) -> Option<Self> {
+        let (kind, buffers, group) = match m {
+            DecodeMatrix::Dense(w) => {
+                let w = float(w);
+                (Kind::Dense(Float::of(w.dtype)?), vec![w], 0)
+            }
+            DecodeMatrix::Packed {
+                words,
+                scales,
+                biases,
+                bits,
+                group,
+            } => {
+                let words = into_contiguous(words.client.clone().resolve_tensor_int::<Cube>(words));
+                // Rows are read 4 words at a time.
+                if !words.meta.shape()[1].is_multiple_of(4) {
+                    return None;
+                }
+                let [scales, biases] = [scales, biases].map(float);
+                let scales_dtype = Float::of(scales.dtype)?;
+                if biases.dtype != scales.dtype {
+                    return None;
+                }
+                let kind = Kind::Packed {
+                    bits,
+                    scales: scales_dtype,
+                };
+                (kind, vec![words, scales, biases], group)
+            }
+        };
+        let addresses: Vec<u64> = buffers.iter().map(pointer).collect();
+        // The dense rows are read 16 bytes at a time.
+        if addresses.iter().any(|a| a % 16 != 0) {
+            return None;
+        }
+        Some(Matrix {
+            kind,
+            _buffers: buffers,
+            addresses,
+            group,
+        })
+    }
+
+    /// The kernel's parameters for this matrix (`MATRIX_PARAMS`).
+    fn push(&self, args: &mut Args) {
+        args.addresses(&self.addresses);
+        if matches!(self.kind, Kind::Packed { .. }) {
+            args.int(self.group);
+        }
+    }
+
+    /// The parameters of an absent segment of this kind: null matrices.
+    fn push_none(kind: Kind, args: &mut Args) {
+        match kind {
+            Kind::Dense(_) => args.addresses(&[0]),
+            Kind::Packed { .. } => {
+                args.addresses(&[0, 0, 0]);
+                args.int(1);
+            }
+        }
+    }
+}
+
+/// A buffer kept alive with its device address, taken once.
+struct Buffer {
+    tensor: Tensor,
+    at: u64,
+}
+
+impl Buffer {
+    fn new(tensor: Tensor) -> Self {
+        Buffer {
+            at: pointer(&tensor),
+            tensor,
+        }
+    }
+}
+
+/// A linear: its matrix, bias and output features.
+struct Linear {
+    matrix: Matrix,
+    bias: Option<Buffer>,
+    out: usize,
+}
+
+impl Linear {
+    fn new(l: DecodeLinear<Cuda>) -> Option<Self> {
+        Some(Linear {
+            matrix: Matrix::new(l.matrix)?,
+            bias: l.bias.map(|b| Buffer::new(float(b))),
+            out: l.out,
+        })
+    }
+
+    /// The bias's address, 0 for none.
+    fn bias(&self) -> u64 {
+        self.bias.as_ref().map_or(0, |b| b.at)
+    }
+}
+
+/// One block on the device.
+struct Block {
+    attn_norm: Buffer,
+    qkv: [Linear; 3],
+    o: Linear,
+    mlp_norm: Buffer,
+    gate_up: [Linear; 2],
+    down: Linear,
+}
+
+/// Activations of one position, f32, allocated once.
+struct Scratch {
+    h: Buffer,
+    a: Buffer,
+    q: Buffer,
+    k: Buffer,
+    v: Buffer,
+    attn: Buffer,
+    mlp: Buffer,
+    logits: Buffer,
+    scores: Buffer,
+}
+
+/// A decode session over one model on one device.
+pub struct Session {
+    queue: Queue,
+    kv_dtype: DType,
+    kv_float: Float,
+    device: usize,
+    embed: Matrix,
+    blocks: Vec<Block>,
+    norm: Buffer,
+    head: Linear,
+    /// Per block, keys and values `[1, kv_heads, capacity, head_dim]`.
+    cache: Vec<[Buffer; 2]>,
+    inv_freq: Buffer,
+    scratch: Scratch,
+    hidden: usize,
+    intermediate: usize,
+    heads: [usize; 3],
+    eps: f32,
+    scale: f32,
+    /// Positions held.
+    len: usize,
+    capacity: usize,
+    client: Client<<Cube as FusionBackend>::FusionRuntime>,
+}
+
+type Cube = kernel::Cube;
+
+/// The CubeCL tensor behind a fusion tensor, contiguous.
+fn float(t: FloatTensor<Cuda>) -> Tensor {
+    into_contiguous(t.client.clone().resolve_tensor_float::<Cube>(t))
+}
+
+impl Session {
+    /// A session over `model` continuing `kv` with room for `room` more positions; `None` where
+    /// a matrix or the cache is held in a way the kernels do not read.
+    pub fn open(
+        model: DecodeModel<Cuda>,
+        kv: Vec<[FloatTensor<Cuda>; 2]>,
+        room: usize,
+    ) -> Option<Self> {
+        let first = kv.first()?;
+        let client = first[0].client.clone();
+        let kv_dtype = first[0].dtype;
+        let kv_float = Float::of(kv_dtype)?;
+        let [heads, kv_heads, d] = model.heads;
+        let embed = Matrix::new(model.embed)?;
+        let blocks = model
+            .blocks
+            .into_iter()
+            .map(|b| {
+                let [q, k, v] = b.qkv;
+                let [gate, up] = b.gate_up;
+                Some(Block {
+                    attn_norm: Buffer::new(float(b.attn_norm)),
+                    qkv: [Linear::new(q)?, Linear::new(k)?, Linear::new(v)?],
+                    o: Linear::new(b.o)?,
+                    mlp_norm: Buffer::new(float(b.mlp_norm)),
+                    gate_up: [Linear::new(gate)?, Linear::new(up)?],
+                    down: Linear::new(b.down)?,
+                })
+            })
+            .collect::<Option<Vec<_>>>()?;
+        // One launch reads q, k and v, one the gate and up: each set held alike.
+        let alike = |ls: &[Linear]| ls.iter().all(|l| l.matrix.kind == ls[0].matrix.kind);
+        if !blocks.iter().all(|b| alike(&b.qkv) && alike(&b.gate_up)) {
+            return None;
+        }
+        let intermediate = blocks.first()?.gate_up[0].out;
+        let head = Linear::new(model.head)?;
+        let like = float(model.norm);
+        let len = kv_len(first)?;
+        let capacity = len + room.min(FIRST_ROOM) + 1;
+        let queue = Queue::of(&like);
+        let buffer = |shape: Vec<usize>, dtype| empty(&like, Shape::from(shape), dtype);
+        let f32 = |n: usize| Buffer::new(buffer(vec![n], DType::F32));
+        let cache = kv
+            .into_iter()
+            .map(|[k, v]| {
+                let copy = |t: FloatTensor<Cuda>| {
+                    let src = float(t);
+                    let shape = src.meta.shape();
+                    if shape.num_dims() != 4 || shape[2] != len || src.dtype != kv_dtype {
+                        return None;
+                    }
+                    let dst = Buffer::new(kv_buffer(&like, [kv_heads, capacity, d], kv_dtype));
+                    copy_rows(
+                        queue,
+                        src.dtype,
+                        (pointer(&src), len),
+                        (dst.at, capacity),
+                        [kv_heads, len, d],
+                    )?;
+                    Some(dst)
+                };
+                Some([copy(k)?, copy(v)?])
+            })
+            .collect::<Option<Vec<_>>>()?;
+        let inv_freq = TensorData::new(model.inv_freq, [d / 2]);
+        let inv_freq = BurnTensor::<Cuda, 1>::from_data(inv_freq, &like.device);
+        let scratch = Scratch {
+            h: f32(model.hidden),
+            a: f32(model.hidden),
+            q: f32(heads * d),
+            k: f32(kv_heads * d),
+            v: f32(kv_heads * d),
+            attn: f32(heads * d),
+            mlp: f32(intermediate),
+            logits: f32(head.out),
+            scores: f32(heads * capacity),
+        };
+        Some(Session {
+            queue,
+            kv_dtype,
+            kv_float,
+            device: like.device.index,
+            embed,
+            blocks,
+            norm: Buffer::new(like),
+            head,
+            cache,
+            inv_freq: Buffer::new(float(primitive(inv_freq))),
+            scratch,
+            hidden: model.hidden,
+            intermediate,
+            heads: model.heads,
+            eps: model.eps,
+            scale: model.scale,
+            len,
+            capacity,
+            client,
+        })
+    }
+
+    /// `y0 = x W0ᵀ (+ bias) (+ residual)`, and as many more segments as `rest` holds (≤ 2)
+    /// written to their own outputs, in one launch.
+    fn linear(
+        &self,
+        x: &Buffer,
+        cols: usize,
+        first: (&Linear, Option<&Buffer>, &Buffer),
+        rest: &[(&Linear, &Buffer)],
+    ) {
+        let (l0, residual, y0) = first;
+        let kind = l0.matrix.kind;
+        let mut args = Args::default();
+        args.addresses(&[x.at]);
+        args.int(cols);
+        l0.matrix.push(&mut args);
+        args.addresses(&[l0.bias(), residual.map_or(0, |r| r.at), y0.at]);
+        args.int(l0.out);
+        let mut groups = l0.out.div_ceil(ROWS);
+        for i in 0..2 {
+            match rest.get(i) {
+                Some((l, y)) => {
+                    l.matrix.push(&mut args);
+                    args.addresses(&[l.bias(), y.at]);
+                    args.int(l.out);
+                    groups += l.out.div_ceil(ROWS);
+                }
+                None => {
+                    Matrix::push_none(kind, &mut args);
+                    args.addresses(&[0, 0]);
+                    args.int(0);
+                }
+            }
+        }
+        let grid = (u32_of(groups.div_ceil(WARPS)), 1, 1);
+        self.queue.launch(
+            &self.kernels(kind).linear,
+            grid,
+            (WARPS * 32) as u32,
+            0,
+            args,
+        );
+    }
+
+    /// Doubles the positions the cache holds (keys, values and the scores' scratch), copying
+    /// what it holds.
+    fn grow(&mut self) {
+        let [heads, kv_heads, d] = self.heads;
+        let capacity = self.capacity * 2;
+        let like = &self.norm.tensor;
+        for pair in &mut self.cache {
+            for old in pair.iter_mut() {
+                let new = Buffer::new(kv_buffer(like, [kv_heads, capacity, d], self.kv_dtype));
+                copy_rows(
+                    self.queue,
+                    self.kv_dtype,
+                    (old.at, self.capacity),
+                    (new.at, capacity),
+                    [kv_heads, self.len, d],
+                )
+                .expect("copy the cache into its larger buffer");
+                *old = new;
+            }
+        }
+        self.scratch.scores = Buffer::new(empty(like, Shape::from([heads * capacity]), DType::F32));
+        self.capacity = capacity;
+    }
+
+    fn kernels(&self, kind: Kind) -> &'static Kernels {
+        kernels(self.device, kind, self.kv_float)
+    }
+
+    fn rms_norm(&self, x: &Buffer, w: &Buffer, y: &Buffer, kind: Kind) {
+        let mut args = Args::default();
+        args.addresses(&[x.at, w.at, y.at]);
+        args.int(self.hidden);
+        args.float(self.eps);
+        self.queue
+            .launch(&self.kernels(kind).rms_norm, (1, 1, 1), 1024, 0, args);
+    }
+
+    fn block(&self, i: usize) {
+        let b = &self.blocks[i];
+        let s = &self.scratch;
+        let [heads, kv_heads, d] = self.heads;
+        let kind = b.qkv[0].matrix.kind;
+        let k = self.kernels(kind);
+        self.rms_norm(&s.h, &b.attn_norm, &s.a, kind);
+        let [q, kp, vp] = &b.qkv;
+        self.linear(
+            &s.a,
+            self.hidden,
+            (q, None, &s.q),
+            &[(kp, &s.k), (vp, &s.v)],
+        );
+        let [kc, vc] = &self.cache[i];
+        let mut args = Args::default();
+        args.addresses(&[s.q.at, s.k.at, s.v.at, kc.at, vc.at, self.inv_freq.at]);
+        for n in [self.len, heads, kv_heads, d, self.capacity] {
+            args.int(n);
+        }
+        self.queue.launch(
+            &k.rope_append,
+            (u32_of(heads + kv_heads), 1, 1),
+            u32_of(d / 2),
+            0,
+            args,
+        );
+        let mut args = Args::default();
+        args.addresses(&[s.q.at, kc.at, vc.at, s.attn.at, s.scores.at]);
+        for n in [heads, kv_heads, d, self.len + 1, self.capacity] {
+            args.int(n);
+        }
+        args.float(self.scale);
+        self.queue
+            .launch(&k.attend, (u32_of(heads), 1, 1), 256, 0, args);
+        self.linear(&s.attn, heads * d, (&b.o, Some(&s.h), &s.h), &[]);
+        let kind = b.gate_up[0].matrix.kind;
+        self.rms_norm(&s.h, &b.mlp_norm, &s.a, kind);
+        let [gate, up] = &b.gate_up;
+        let mut args = Args::default();
+        args.addresses(&[s.a.at]);
+        args.int(self.hidden);
+        gate.matrix.push(&mut args);
+        up.matrix.push(&mut args);
+        args.addresses(&[s.mlp.at]);
+        args.int(self.intermediate);
+        let grid = (
+            u32_of(self.intermediate.div_ceil(ROWS).div_ceil(WARPS)),
+            1,
+            1,
+        );
+        self.queue.launch(
+            &self.kernels(kind).gated,
+            grid,
+            (WARPS * 32) as u32,
+            0,
+            args,
+        );
+        self.linear(&s.mlp, self.intermediate, (&b.down, Some(&s.h), &s.h), &[]);
+    }
+}
+
+impl DecodeSession<Cuda> for Session {
+    fn step(&mut self, id: u32) -> Vec<f32> {
+        if self.len == self.capacity {
+            self.grow();
+        }
+        let s = &self.scratch;
+        let mut args = Args::default();
+        self.embed.push(&mut args);
+        args.int(id as usize);
+        args.int(self.hidden);
+        args.addresses(&[s.h.at]);
+        self.queue.launch(
+            &self.kernels(self.embed.kind).embed,
+            (u32_of(self.hidden.div_ceil(256)), 1, 1),
+            256,
+            0,
+            args,
+        );
+        for i in 0..self.blocks.len() {
+            self.block(i);
+        }
+        let kind = self.head.matrix.kind;
+        self.rms_norm(&s.h, &self.norm, &s.a, kind);
+        self.linear(&s.a, self.hidden, (&self.head, None, &s.logits), &[]);
+        self.len += 1;
+        let mut logits = vec![0f32; self.head.out];
+        // SAFETY: `logits` holds `head.out` f32s, the buffer's size; the copy is queued after
+        // the product on the same stream and waited for before `logits` is read.
+        unsafe {
+            driver::memcpy_dtoh_async(&mut logits, s.logits.at, self.queue.stream())
+                .expect("copy the logits");
+            driver::stream::synchronize(self.queue.stream()).expect("wait for the decode step");
+        }
+        logits
+    }
+
+    fn into_kv(self: Box<Self>) -> Vec<[FloatTensor<Cuda>; 2]> {
+        let wrap = |t: Tensor| {
+            let shape = t.meta.shape().clone();
+            let handle = Cube::float_tensor_handle(t);
+            let client = self.client.clone();
+            let desc = InitOperationIr::create(shape, self.kv_dtype, || {
+                client.register_tensor_handle(handle)
+            });
+            let whole = client
+                .register(
+                    OperationStreams::default(),
+                    OperationIr::Init(desc),
+                    NoOp::<Cube>::new(),
+                )
+                .output();
+            primitive(inner::<Cuda, 4>(whole).narrow(2, 0, self.len))
+        };
+        self.cache
+            .iter()
+            .map(|[k, v]| [wrap(k.tensor.clone()), wrap(v.tensor.clone())])
+            .collect()
+    }
+}
+
+/// Positions held by a block's keys `[1, kv_heads, len, head_dim]`.
+fn kv_len(kv: &[FloatTensor<Cuda>; 2]) -> Option<usize> {
+    let shape = &kv[0].shape;
+    (shape.num_dims() == 4 && shape[0] == 1).then(|| shape[2])
+}
+
+/// A block's keys or values, `[1, kv_heads, capacity, head_dim]` (the rank Burn's cache holds).
+fn kv_buffer(like: &Tensor, [heads, capacity, d]: [usize; 3], dtype: DType) -> Tensor {
+    empty(like, Shape::from([1, heads, capacity, d]), dtype)
+}
+
+/// Copies the first `len` rows of each of `heads` heads from `src` (`from_rows` rows a head) to
+/// `dst` (`to_rows` a head), rows of `d` values of `dtype`.
+fn copy_rows(
+    queue: Queue,
+    dtype: DType,
+    (from, from_rows): (u64, usize),
+    (to, to_rows): (u64, usize),
+    [heads, len, d]: [usize; 3],
+) -> Option<()> {
+    let row = d * dtype.size();
+    for h in 0..heads {
+        // SAFETY: both ranges lie inside their buffers (`len` is at most either's rows a head),
+        // which live until the copies, queued on the stream that orders their other work, run.
+        unsafe {
+            driver::memcpy_dtod_async(
+                to + (h * to_rows * row) as u64,
+                from + (h * from_rows * row) as u64,
+                len * row,
+                queue.stream(),
+            )
+            .ok()?;
+        }
+    }
+    Some(())
+}

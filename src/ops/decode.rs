@@ -1,0 +1,93 @@
+//! One-token decode steps run as a whole by a backend (`ModelBackend::decode_session`), for the
+//! backends where running the model op by op costs more host time than the step's GPU work
+//! (CUDA: `backends/cuda/decode.rs`).
+//!
+//! The model is handed over as plain tensors: a Llama-shaped decoder (RMSNorm, grouped-query
+//! attention with full-width RoPE, a SwiGLU MLP, optional q/k/v biases), every matrix dense or
+//! MLX-packed. The step is the op-by-op path's math (`model/decoder.rs`):
+//!
+//! ```text
+//! h = embed(id);  per block: h += attn(rmsnorm(h)) Woᵀ;  h += (silu(a Wgᵀ) ⊙ a Wuᵀ) Wdᵀ, a = rmsnorm(h)
+//! logits = rmsnorm(h) W_headᵀ
+//! ```
+
+use burn::tensor::backend::Backend;
+use burn::tensor::ops::{FloatTensor, IntTensor};
+
+/// A frozen `[out, in]` matrix as the step reads it.
+pub enum DecodeMatrix<B: Backend> {
+    /// f32 or bf16, row-major.
+    Dense(FloatTensor<B>),
+    /// MLX affine: `words` i32 `[out, in · bits / 32]`, `scales` and `biases` `[out, in / group]`.
+    Packed {
+        /// The packed codes.
+        words: IntTensor<B>,
+        /// Each group's scale.
+        scales: FloatTensor<B>,
+        /// Each group's offset.
+        biases: FloatTensor<B>,
+        /// Bits a code (2, 4 or 8).
+        bits: u32,
+        /// Codes sharing a scale.
+        group: usize,
+    },
+}
+
+/// A linear: its matrix and an optional f32 bias.
+pub struct DecodeLinear<B: Backend> {
+    /// `[out, in]`.
+    pub matrix: DecodeMatrix<B>,
+    /// `[out]`, f32.
+    pub bias: Option<FloatTensor<B>>,
+    /// Output features.
+    pub out: usize,
+}
+
+/// One block's weights; the norms' gains are f32.
+pub struct DecodeBlock<B: Backend> {
+    /// The RMSNorm before attention.
+    pub attn_norm: FloatTensor<B>,
+    /// Query, key and value projections.
+    pub qkv: [DecodeLinear<B>; 3],
+    /// The heads' outputs back onto the residual stream.
+    pub o: DecodeLinear<B>,
+    /// The RMSNorm before the MLP.
+    pub mlp_norm: FloatTensor<B>,
+    /// The MLP's gate and up projections.
+    pub gate_up: [DecodeLinear<B>; 2],
+    /// The MLP's down projection.
+    pub down: DecodeLinear<B>,
+}
+
+/// A Llama-shaped decoder, as a decode session reads it.
+pub struct DecodeModel<B: Backend> {
+    /// `[vocab, hidden]`.
+    pub embed: DecodeMatrix<B>,
+    /// The blocks, first to last.
+    pub blocks: Vec<DecodeBlock<B>>,
+    /// The final RMSNorm's gain (f32).
+    pub norm: FloatTensor<B>,
+    /// `[vocab, hidden]`.
+    pub head: DecodeLinear<B>,
+    /// Width of the residual stream.
+    pub hidden: usize,
+    /// Query heads, key/value heads and their width.
+    pub heads: [usize; 3],
+    /// RMSNorm's ε.
+    pub eps: f32,
+    /// RoPE's frequency of each pair of dimensions (`head_dim / 2`).
+    pub inv_freq: Vec<f32>,
+    /// What `q · k` is multiplied by.
+    pub scale: f32,
+}
+
+/// A decode session: the model's keys and values in buffers of their own with room to grow, and
+/// a step that runs one token through every block.
+pub trait DecodeSession<B: Backend> {
+    /// Runs token `id` at the next position and returns the next-token logits.
+    fn step(&mut self, id: u32) -> Vec<f32>;
+
+    /// The keys and values of every position run so far, per block, `[1, kv_heads, len,
+    /// head_dim]` each, in the dtype the session was handed them.
+    fn into_kv(self: Box<Self>) -> Vec<[FloatTensor<B>; 2]>;
+}
