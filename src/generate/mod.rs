@@ -131,19 +131,24 @@ pub fn generate<B: ModelBackend>(
         *cache = cache.emptied();
     }
     let mut text = TextOut::new(on_text);
-    while let Some(id) = stream.push(&mut logits, &limits, &tokenizer.stop_ids) {
-        text.show(tokenizer, &stream.ids)?;
-        if stream.finish.is_some() {
-            break;
+    let decoded = (|| -> Result<()> {
+        while let Some(id) = stream.push(&mut logits, &limits, &tokenizer.stop_ids) {
+            text.show(tokenizer, &stream.ids)?;
+            if stream.finish.is_some() {
+                break;
+            }
+            logits = match session.as_mut() {
+                Some(session) => session.step(id),
+                None => advance_one(model, cache, &stream.context, 1, device),
+            };
         }
-        logits = match session.as_mut() {
-            Some(session) => session.step(id),
-            None => advance_one(model, cache, &stream.context, 1, device),
-        };
-    }
+        Ok(())
+    })();
+    // Back in the caller's cache however the loop ended (a chat continues from it).
     if let Some(session) = session {
         *cache = cache.refilled(session.into_kv());
     }
+    decoded?;
     let gen_secs = start.elapsed().as_secs_f64();
     let text = text.finish(tokenizer, &stream.ids)?;
     let stats = GenerationStats::timed(

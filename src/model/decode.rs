@@ -75,6 +75,10 @@ fn block<B: ModelBackend>(b: &Block<B>, scale: f32) -> Option<DecodeBlock<B>> {
     if !plain {
         return None;
     }
+    // The gate and up kernel adds no bias (no family we load has one there).
+    if mlp.gate_up.linears().iter().any(|(_, l)| l.bias.is_some()) {
+        return None;
+    }
     Some(DecodeBlock {
         attn_norm: gain(&b.input_layernorm.weight),
         qkv: split::<B, 3>(&a.qkv)?,

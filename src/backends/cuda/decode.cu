@@ -12,10 +12,11 @@
 //   logits = rmsnorm(h) W_headᵀ
 //
 // A matrix is dense (bf16 or f32 `[n, cols]`) or MLX-affine packed (`qgemv.cu` has the math):
-// `DENSE_T` picks the one a module is compiled for (`-DDENSE_T=bf16|f32`, or `-DBITS=2|4|8`
-// with `-DSCALE_T=bf16|f32` for packed ones). As in the op-by-op path, a bf16 matrix reads its
-// input rounded to bf16 (the op-by-op path casts a GEMM's input to the weight's dtype); sums are
-// f32. Every product is a GEMV: one warp an output row, its lanes reading the row coalesced once.
+// `DENSE_T` picks the one a module is compiled for (`-DDENSE_T=bf16|float`, or `-DBITS=2|4|8`
+// with `-DSCALE_T=bf16|float` for packed ones). As in the op-by-op path, a dense bf16 matrix
+// reads its input rounded to bf16 (the op-by-op path casts a GEMM's input to the weight's
+// dtype); a packed one reads it in f32 (where the op-by-op path, with bf16 scales, rounds it:
+// within the device check's bf16 tolerance). Sums are f32. Every product is a GEMV: one warp an output row, its lanes reading the row coalesced once.
 // The keys and values are held as `KV_T` (bf16 or f32, `-DKV_T`), `[kv_heads][capacity][d]`.
 
 #define WARPS 4
@@ -64,7 +65,7 @@ __device__ __forceinline__ float warp_max(float v) {
 #if defined(BITS)
 #define PER_WORD (32 / BITS)
 #ifndef SCALE_T
-#error "packed matrices need -DSCALE_T=bf16|f32"
+#error "packed matrices need -DSCALE_T=bf16|float"
 #endif
 typedef SCALE_T scale_t;
 // A packed matrix: words [n][cols / PER_WORD], scales and biases [n][cols / group].
@@ -178,11 +179,11 @@ __device__ __forceinline__ float element(const Matrix& m, int n, int c, int cols
 #define MATRIX_PARAMS(i) const dense_t *w##i
 #define MATRIX(i) Matrix{w##i}
 #else
-#error "compile with -DDENSE_T=bf16|f32 or -DBITS=2|4|8"
+#error "compile with -DDENSE_T=bf16|float or -DBITS=2|4|8"
 #endif
 
 #ifndef KV_T
-#error "compile with -DKV_T=bf16|f32"
+#error "compile with -DKV_T=bf16|float"
 #endif
 typedef KV_T kv_t;
 

@@ -310,7 +310,10 @@ impl Session {
                 let copy = |t: FloatTensor<Cuda>| {
                     let src = float(t);
                     let shape = src.meta.shape();
-                    if shape.num_dims() != 4 || shape[2] != len || src.dtype != kv_dtype {
+                    if shape.num_dims() != 4
+                        || [shape[1], shape[2], shape[3]] != [kv_heads, len, d]
+                        || src.dtype != kv_dtype
+                    {
                         return None;
                     }
                     let dst = Buffer::new(kv_buffer(&like, [kv_heads, capacity, d], kv_dtype));
