@@ -230,7 +230,8 @@ fn decode_session<B: ModelBackend>(
     cache: &KvCache<B>,
     room: usize,
 ) -> Option<Box<dyn DecodeSession<B>>> {
-    if std::env::var_os("LORAFORGE_DECODE").is_some_and(|v| v == "ops")
+    if !B::DECODE_SESSIONS
+        || std::env::var_os("LORAFORGE_DECODE").is_some_and(|v| v == "ops")
         || !cache.pads().is_empty()
         || cache.bounded()
     {

@@ -64,6 +64,10 @@ pub trait ModelBackend:
         super::quantized_linear::forward(x, w)
     }
 
+    /// Whether [`Self::decode_session`] may give a session (so `generate` hands the model over
+    /// only then).
+    const DECODE_SESSIONS: bool = false;
+
     /// A session running `model`'s decode steps whole, continuing the keys and values `kv`
     /// (`[1, kv_heads, len, head_dim]` per block) with room for `room` more positions; `None`
     /// where this backend decodes op by op.

@@ -96,17 +96,19 @@ fn kernels(device: usize, kind: Kind, kv: Float) -> &'static Kernels {
     })
 }
 
-/// A matrix on the device: its buffers (kept alive) and the kernel arguments that name it.
+/// A matrix on the device: its buffers, the kernel arguments that name it, and the kernels
+/// compiled for it (looked up once, not per launch).
 struct Matrix {
     kind: Kind,
-    _buffers: Vec<Tensor>,
     /// Dense: the matrix; packed: words, scales, biases.
-    addresses: Vec<u64>,
+    buffers: Vec<Buffer>,
     group: usize,
+    kernels: &'static Kernels,
 }
 
 impl Matrix {
-    fn new(m: DecodeMatrix<Cuda>) -> Option<Self> {
+    /// `m` on the device, its kernels compiled for caches held in `kv`.
+    fn new(m: DecodeMatrix<Cuda>, kv: Float) -> Option<Self> {
         let (kind, buffers, group) = match m {
             DecodeMatrix::Dense(w) => {
                 let w = float(w);
@@ -136,22 +138,25 @@ impl Matrix {
                 (kind, vec![words, scales, biases], group)
             }
         };
-        let addresses: Vec<u64> = buffers.iter().map(pointer).collect();
-        // The dense rows are read 16 bytes at a time.
-        if addresses.iter().any(|a| a % 16 != 0) {
+        let kernels = kernels(buffers[0].device.index, kind, kv);
+        let buffers: Vec<Buffer> = buffers.into_iter().map(Buffer::new).collect();
+        // Rows are read 16 bytes at a time.
+        if buffers.iter().any(|b| b.at % 16 != 0) {
             return None;
         }
         Some(Matrix {
             kind,
-            _buffers: buffers,
-            addresses,
+            buffers,
             group,
+            kernels,
         })
     }
 
     /// The kernel's parameters for this matrix (`MATRIX_PARAMS`).
     fn push(&self, args: &mut Args) {
-        args.addresses(&self.addresses);
+        for b in &self.buffers {
+            args.addresses(&[b.at]);
+        }
         if matches!(self.kind, Kind::Packed { .. }) {
             args.int(self.group);
         }
@@ -192,9 +197,9 @@ struct Linear {
 }
 
 impl Linear {
-    fn new(l: DecodeLinear<Cuda>) -> Option<Self> {
+    fn new(l: DecodeLinear<Cuda>, kv: Float) -> Option<Self> {
         Some(Linear {
-            matrix: Matrix::new(l.matrix)?,
+            matrix: Matrix::new(l.matrix, kv)?,
             bias: l.bias.map(|b| Buffer::new(float(b))),
             out: l.out,
         })
@@ -233,8 +238,6 @@ struct Scratch {
 pub struct Session {
     queue: Queue,
     kv_dtype: DType,
-    kv_float: Float,
-    device: usize,
     embed: Matrix,
     blocks: Vec<Block>,
     norm: Buffer,
@@ -274,7 +277,8 @@ impl Session {
         let kv_dtype = first[0].dtype;
         let kv_float = Float::of(kv_dtype)?;
         let [heads, kv_heads, d] = model.heads;
-        let embed = Matrix::new(model.embed)?;
+        let embed = Matrix::new(model.embed, kv_float)?;
+        let linear = |l| Linear::new(l, kv_float);
         let blocks = model
             .blocks
             .into_iter()
@@ -283,11 +287,11 @@ impl Session {
                 let [gate, up] = b.gate_up;
                 Some(Block {
                     attn_norm: Buffer::new(float(b.attn_norm)),
-                    qkv: [Linear::new(q)?, Linear::new(k)?, Linear::new(v)?],
-                    o: Linear::new(b.o)?,
+                    qkv: [linear(q)?, linear(k)?, linear(v)?],
+                    o: linear(b.o)?,
                     mlp_norm: Buffer::new(float(b.mlp_norm)),
-                    gate_up: [Linear::new(gate)?, Linear::new(up)?],
-                    down: Linear::new(b.down)?,
+                    gate_up: [linear(gate)?, linear(up)?],
+                    down: linear(b.down)?,
                 })
             })
             .collect::<Option<Vec<_>>>()?;
@@ -297,7 +301,7 @@ impl Session {
             return None;
         }
         let intermediate = blocks.first()?.gate_up[0].out;
-        let head = Linear::new(model.head)?;
+        let head = linear(model.head)?;
         let like = float(model.norm);
         let len = kv_len(first)?;
         let capacity = len + room.min(FIRST_ROOM) + 1;
@@ -345,8 +349,6 @@ impl Session {
         Some(Session {
             queue,
             kv_dtype,
-            kv_float,
-            device: like.device.index,
             embed,
             blocks,
             norm: Buffer::new(like),
@@ -400,7 +402,7 @@ impl Session {
         }
         let grid = (u32_of(groups.div_ceil(WARPS)), 1, 1);
         self.queue.launch(
-            &self.kernels(kind).linear,
+            &l0.matrix.kernels.linear,
             grid,
             (WARPS * 32) as u32,
             0,
@@ -432,26 +434,21 @@ impl Session {
         self.capacity = capacity;
     }
 
-    fn kernels(&self, kind: Kind) -> &'static Kernels {
-        kernels(self.device, kind, self.kv_float)
-    }
-
-    fn rms_norm(&self, x: &Buffer, w: &Buffer, y: &Buffer, kind: Kind) {
+    /// `y = rmsnorm(x) ⊙ w` over the residual stream's width, by `k`'s kernel.
+    fn rms_norm(&self, x: &Buffer, w: &Buffer, y: &Buffer, k: &Kernels) {
         let mut args = Args::default();
         args.addresses(&[x.at, w.at, y.at]);
         args.int(self.hidden);
         args.float(self.eps);
-        self.queue
-            .launch(&self.kernels(kind).rms_norm, (1, 1, 1), 1024, 0, args);
+        self.queue.launch(&k.rms_norm, (1, 1, 1), 1024, 0, args);
     }
 
     fn block(&self, i: usize) {
         let b = &self.blocks[i];
         let s = &self.scratch;
         let [heads, kv_heads, d] = self.heads;
-        let kind = b.qkv[0].matrix.kind;
-        let k = self.kernels(kind);
-        self.rms_norm(&s.h, &b.attn_norm, &s.a, kind);
+        let k = b.qkv[0].matrix.kernels;
+        self.rms_norm(&s.h, &b.attn_norm, &s.a, k);
         let [q, kp, vp] = &b.qkv;
         self.linear(
             &s.a,
@@ -481,9 +478,8 @@ impl Session {
         self.queue
             .launch(&k.attend, (u32_of(heads), 1, 1), 256, 0, args);
         self.linear(&s.attn, heads * d, (&b.o, Some(&s.h), &s.h), &[]);
-        let kind = b.gate_up[0].matrix.kind;
-        self.rms_norm(&s.h, &b.mlp_norm, &s.a, kind);
         let [gate, up] = &b.gate_up;
+        self.rms_norm(&s.h, &b.mlp_norm, &s.a, gate.matrix.kernels);
         let mut args = Args::default();
         args.addresses(&[s.a.at]);
         args.int(self.hidden);
@@ -497,7 +493,7 @@ impl Session {
             1,
         );
         self.queue.launch(
-            &self.kernels(kind).gated,
+            &gate.matrix.kernels.gated,
             grid,
             (WARPS * 32) as u32,
             0,
@@ -519,7 +515,7 @@ impl DecodeSession<Cuda> for Session {
         args.int(self.hidden);
         args.addresses(&[s.h.at]);
         self.queue.launch(
-            &self.kernels(self.embed.kind).embed,
+            &self.embed.kernels.embed,
             (u32_of(self.hidden.div_ceil(256)), 1, 1),
             256,
             0,
@@ -528,8 +524,7 @@ impl DecodeSession<Cuda> for Session {
         for i in 0..self.blocks.len() {
             self.block(i);
         }
-        let kind = self.head.matrix.kind;
-        self.rms_norm(&s.h, &self.norm, &s.a, kind);
+        self.rms_norm(&s.h, &self.norm, &s.a, self.head.matrix.kernels);
         self.linear(&s.a, self.hidden, (&self.head, None, &s.logits), &[]);
         self.len += 1;
         let mut logits = vec![0f32; self.head.out];

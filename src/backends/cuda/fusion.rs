@@ -416,6 +416,7 @@ impl RoutingBackend for burn::backend::Cuda<f32> {}
 /// by device kernels per use, instead of crossing PCIe as f32 on every product.
 impl ModelBackend for burn::backend::Cuda<f32> {
     const DEVICE_QUANTIZED: bool = true;
+    const DECODE_SESSIONS: bool = true;
 
     fn decode_session(
         model: DecodeModel<Self>,

@@ -25,7 +25,7 @@ pub fn decode_session<B: ModelBackend>(
     device: &B::Device,
     weight: Weight,
     vocab: usize,
-) -> Option<serde_json::Value> {
+) -> anyhow::Result<Option<serde_json::Value>> {
     let config = ModelConfig {
         family: Family::Qwen2,
         num_kv_heads: 2,
@@ -37,17 +37,20 @@ pub fn decode_session<B: ModelBackend>(
         half: weight.half(),
         quantize: matches!(weight, Weight::Q4 | Weight::Q4Half(_)).then_some((4, 64)),
     };
-    let model = random_model_files(config.clone(), 7)
-        .build_quantized::<B>(device, storage)
-        .expect("random tiny model");
+    let model = random_model_files(config.clone(), 7).build_quantized::<B>(device, storage)?;
     let mut rng = rand::rngs::StdRng::seed_from_u64(11);
     let ids: Vec<u32> = (0..PROMPT + STEPS + 1)
         .map(|_| rng.random_range(0..vocab as u32))
         .collect();
     let mut ops = KvCache::new(&model.config, None);
     model.cached_logits(&ids[..PROMPT], 1, 1, &mut ops, device);
+    let (Some(decoder), Some(kv)) = (model.decode_model(), ops.kv_primitives()) else {
+        return Ok(None);
+    };
     // Room for 2 more positions: the cache doubles during the steps.
-    let mut session = B::decode_session(model.decode_model()?, ops.kv_primitives()?, 2)?;
+    let Some(mut session) = B::decode_session(decoder, kv, 2) else {
+        return Ok(None);
+    };
     let mut worst: f64 = 0.0;
     for &id in &ids[PROMPT..PROMPT + STEPS] {
         let reference = model.next_logits(&[id], &mut ops, device);
@@ -64,11 +67,11 @@ pub fn decode_session<B: ModelBackend>(
         Some(_) => HALF_TOLERANCE,
     };
     let name = weight.check().replace("linear", "decode_session");
-    Some(json!({
+    Ok(Some(json!({
         "check": name, "shape": "tiny", "family": "qwen2", "prompt": PROMPT, "steps": STEPS,
         "max_relative_diff": worst, "handed_back_diff": handed_back, "tolerance": tolerance,
         "pass": worst <= tolerance && handed_back <= tolerance,
-    }))
+    })))
 }
 
 /// `max |got − want| / max |want|`.

@@ -184,6 +184,9 @@ pub fn run<B: ModelBackend>(
     if let Some(unknown) = skip.iter().find(|s| !SKIPPABLE.contains(&s.as_str())) {
         bail!("--skip {unknown}: not a check that can be skipped (those are {SKIPPABLE:?})");
     }
+    if vocab == Some(0) {
+        bail!("--vocab 0: the trajectories need at least one token; give --vocab 1 or more");
+    }
     let skipped = |name: &str| skip.iter().any(|s| s == name);
     let chunked = StepSettings {
         grad_checkpoint: Some(Checkpointing {
@@ -280,7 +283,7 @@ pub fn run<B: ModelBackend>(
         }
     }
     for &weight in &weights {
-        decode::decode_session::<B>(device, weight, tiny.vocab_size)
+        decode::decode_session::<B>(device, weight, tiny.vocab_size)?
             .into_iter()
             .for_each(&mut emit);
     }
