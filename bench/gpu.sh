@@ -141,12 +141,17 @@ vk_demo() {
 # GEN_BATCHES: the batch sizes (default "1 8 32"). Our line's `decode` says how batch 1 decoded:
 # "session" (the whole-step decode session, `src/backends/cuda/decode.rs`) or, with
 # LORAFORGE_DECODE=ops in the environment, "ops" (op by op, for comparison).
+# GEN_PROMPT_REPEAT=N: the prompt N times over (each line says its prompt_tokens), for the
+# prompt's throughput at a length where the launches count less. LORAFORGE_DECODE_TILE (the
+# decode session's products' tile, src/backends/cuda/decode.rs) is recorded as `tile`.
 generation() {
   local model=${GEN_MODEL:-/tmp/llama3-8b-random}
   local tok=${LLAMA3_TOKENIZER:-$HOME/.cache/loraforge/tokenizers/llama3}
   local gen_out="$outdir/generate-gpu-$card-$(date +%Y-%m-%d).jsonl"
   local tokens=${GEN_TOKENS:-128}
   local prompt="The history of the lighthouse begins in antiquity, when fires were lit on hills to guide ships home. Over the centuries the towers grew taller, the lamps brighter, and the keepers who tended them became figures of legend in every port along the coast, where"
+  local part=$prompt
+  for _ in $(seq 2 "${GEN_PROMPT_REPEAT:-1}"); do prompt="$prompt $part"; done
   [ -d "$model" ] || $py bench/reference/make_random_llama.py "$model" "$tok" || return
   # GEN_QUANT=q4: ours on `loraforge convert -q` of the folder (MLX affine 4-bit, group 64, every
   # matrix), transformers with bitsandbytes NF4 (the decoder's linears; head and embedding bf16).
@@ -183,6 +188,7 @@ err = open("/tmp/gen.err").read()
 import os
 row = {"bench": "loraforge_generate_gpu", "card": card, "quant": quant, "batch": int(batch), "status": f"exit {rc}",
        "decode": os.environ.get("LORAFORGE_DECODE", "session"),
+       "tile": os.environ.get("LORAFORGE_DECODE_TILE", "default"),
        "wall_s": float(wall), "peak_device_mem_gib": int(peak) / 1024}
 load = re.search(r"blocks in ([0-9.]+) s", err)
 row["load_s"] = float(load.group(1)) if load else None

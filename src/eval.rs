@@ -11,7 +11,7 @@ use serde::Serialize;
 
 use crate::generate::held_out::Responder;
 use crate::io::atomic;
-use crate::model::load::{load_model, load_model_quantized};
+use crate::model::load::load_model_quantized;
 use crate::ops::ModelBackend;
 use crate::recipe::Recipe;
 
@@ -100,8 +100,13 @@ pub fn run<B: ModelBackend>(
     let base = loaded.decoder;
     let mut tuned = base.clone();
     crate::lora::files::attach(&mut tuned, adapters, device)?;
+    // The fused export in the dtype the base ran in (it is not quantized again).
+    let fused_storage = crate::model::load::BaseStorage {
+        quantize: None,
+        ..storage
+    };
     let fused_model = fused
-        .map(|path| load_model::<B>(path, device).map(|m| m.decoder))
+        .map(|path| load_model_quantized::<B>(path, device, fused_storage).map(|m| m.decoder))
         .transpose()
         .context("loading the fused export")?;
     let progress = crate::progress::Progress::new(

@@ -42,8 +42,13 @@ pub enum Event {
     Validation {
         /// Optimizer steps done when it was measured.
         step: usize,
-        /// Mean loss per trained token over the evaluated batches (`val_batches`).
+        /// Mean loss per trained token over the evaluated batches (`val_batches`), with the
+        /// routers' load-balancing term where training adds one (as transformers' is).
         loss: f64,
+        /// The part of `loss` that is the routers' load-balancing term
+        /// (`train.router_aux_loss_coef` · aux), when training adds one.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        router_aux_loss: Option<f64>,
         /// Wall time the evaluation took, in seconds.
         seconds: f64,
     },
@@ -63,9 +68,13 @@ pub enum Event {
     Test {
         /// Optimizer steps done when it was measured.
         step: usize,
-        /// Mean loss per trained token over the whole test split.
+        /// Mean loss per trained token over the whole test split (with the routers' term, as
+        /// `Validation`'s).
         loss: f64,
-        /// `exp(loss)`.
+        /// The part of `loss` that is the routers' load-balancing term, when training adds one.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        router_aux_loss: Option<f64>,
+        /// `exp` of the cross-entropy (`loss` without the routers' term).
         perplexity: f64,
     },
     /// Answers to the recipe's held-out prompts, base vs fine-tuned (on request during training,
@@ -111,8 +120,13 @@ impl GenerationRow {
 pub struct TrainReport {
     /// Optimizer steps done.
     pub step: usize,
-    /// Mean training loss over the steps since the previous report.
+    /// Mean training loss over the steps since the previous report (with the routers'
+    /// load-balancing term where `train.router_aux_loss_coef` adds one, as transformers' is).
     pub loss: f64,
+    /// The part of `loss` that is the routers' load-balancing term (coef · aux), when training
+    /// adds one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub router_aux_loss: Option<f64>,
     /// The learning rate of the latest step.
     pub learning_rate: f64,
     /// Mean global gradient norm, before clipping, over the steps since the previous report.

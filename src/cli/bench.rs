@@ -39,6 +39,11 @@ pub enum BenchCommand {
         /// 2,048: the head and the loss were most of each step there).
         #[arg(long, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(2..))]
         vocab: Option<usize>,
+        /// AdamW steps of each trajectory (CI's lavapipe runs 8: a step of the tiny shape takes
+        /// about 10 s there, most of its check).
+        #[arg(long, default_value_t = crate::diagnostics::device_check::STEPS,
+              value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(4..=1000))]
+        steps: usize,
     },
     /// Timed LoRA training steps on a random model of a known shape; prints one JSON line with
     /// the fields of bench/peft_lora_bench.py.
@@ -66,6 +71,7 @@ pub fn run(command: BenchCommand) -> Result<()> {
             max_head_dim,
             skip,
             vocab,
+            steps,
         } => {
             let device = crate::backends::resolve(device);
             let options = CheckOptions {
@@ -78,6 +84,7 @@ pub fn run(command: BenchCommand) -> Result<()> {
                 max_head_dim: max_head_dim as usize,
                 skip,
                 vocab,
+                steps,
             };
             run_on(device, DeviceCheckTask(options)).map(|_| ())
         }

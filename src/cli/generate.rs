@@ -16,9 +16,10 @@ use crate::generate::prompt_cache::{PromptCache, fingerprint};
 use crate::generate::sampler::argmax;
 use crate::generate::speculative::{check_vocabulary, generate_speculative};
 use crate::generate::{GenerationLimits, Prompt, SamplingConfig, generate};
-use crate::model::{Bound, KvCache, load_model};
+use crate::model::load::{BaseStorage, load_model_quantized};
+use crate::model::{Bound, KvCache};
 use crate::ops::ModelBackend;
-use crate::recipe::DeviceKind;
+use crate::recipe::{DeviceKind, Dtype};
 
 /// The model a command runs on: where it is, the adapters to apply, the device.
 #[derive(Args)]
@@ -33,15 +34,30 @@ pub struct ModelArgs {
     /// Where to run: `auto` (the default) picks CUDA when a GPU answers, else the CPU.
     #[arg(long, value_enum, default_value_t = DeviceKind::Auto)]
     pub device: DeviceKind,
+    /// How dense weights are held: `auto` (the default) in bf16 on CUDA (a model's usual
+    /// dtype; half the bytes a token reads) and f32 elsewhere; `f32` widens them on CUDA too.
+    #[arg(long, value_enum, default_value_t = Dtype::Auto)]
+    pub dtype: Dtype,
 }
 
 impl ModelArgs {
+    /// How this command holds a base model's weights on its (resolved) device.
+    pub fn storage(&self) -> Result<BaseStorage> {
+        BaseStorage::for_device(self.dtype, None, self.device).map_err(|_| {
+            let name = |v: &dyn std::fmt::Debug| format!("{v:?}").to_lowercase();
+            let (dtype, device) = (name(&self.dtype), name(&self.device));
+            anyhow::anyhow!(
+                "--dtype {dtype} on --device {device}: the CPU computes in f32, CUDA in f32 or bf16, Metal and Vulkan in f32, bf16 or f16 (where the device has it); leave --dtype at auto or pick another"
+            )
+        })
+    }
+
     /// The model on `device`, with the adapters applied.
     pub fn load<B: ModelBackend>(
         &self,
         device: &B::Device,
     ) -> Result<crate::model::LoadedModel<B>> {
-        let mut model = load_model::<B>(&self.model, device)?;
+        let mut model = load_model_quantized::<B>(&self.model, device, self.storage()?)?;
         if let Some(dir) = &self.adapters {
             crate::lora::files::attach(&mut model.decoder, dir, device)?;
         }
@@ -306,7 +322,7 @@ impl BackendTask for GenerateArgs {
         };
         let (out, acceptance) = match &self.draft_model {
             Some(path) => {
-                let draft = load_model::<B>(path, &device)?;
+                let draft = load_model_quantized::<B>(path, &device, self.target.storage()?)?;
                 let draft_tokenizer = crate::tokenizer::for_model(&draft.files)?;
                 check_vocabulary(&tokenizer, &draft_tokenizer)
                     .with_context(|| format!("draft model {}", path.display()))?;

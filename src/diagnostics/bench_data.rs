@@ -15,7 +15,7 @@ use crate::model::{Decoder, ModelFiles};
 use crate::ops::ModelBackend;
 use crate::recipe::{FieldNames, Overflow};
 use crate::tokenizer::{self, Tokenizer};
-use crate::train::run::evaluate_loss;
+use crate::train::run::{evaluate_loss, first_batches};
 
 /// A dataset's batches in the order one seeded epoch visits them.
 pub struct DataBatches {
@@ -124,7 +124,7 @@ impl DataBatches {
                 pack,
                 "--data",
             )?;
-            Ok(evaluate_loss(model, &plan, -1, device))
+            Ok(evaluate_loss(model, first_batches(&plan, -1), device).loss)
         };
         Ok((loss(false)?, loss(true)?))
     }

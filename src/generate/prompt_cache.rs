@@ -185,7 +185,7 @@ impl PromptCache {
         let (model, made_by) = (field("model")?, field("fingerprint")?);
         if made_by != fingerprint {
             bail!(
-                "{} was made by another model ({model}, fingerprint {made_by}), or with other adapters or another dtype; this model's fingerprint is {fingerprint}: make the cache again with `loraforge cache-prompt` for it",
+                "{} was made by another model ({model}, fingerprint {made_by}), or with other adapters or another dtype; this model's fingerprint is {fingerprint}: make the cache again with `loraforge cache-prompt` for it (a cache made on CUDA before `--dtype` existed held the weights in f32: `--dtype f32` reads it)",
                 path.display()
             );
         }

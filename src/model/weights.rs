@@ -9,6 +9,7 @@ use serde_json::Value;
 use super::config::{Family, ModelConfig};
 use super::names::{Role, gguf_name, per_expert_names, role_of};
 use crate::io::gguf::{GgmlType, GgufFile, TensorInfo};
+use crate::io::raw::RawDtype;
 use crate::io::safetensors::SafetensorsStore;
 use crate::quant::QuantizedMatrix;
 use crate::quant::ggml;
@@ -257,8 +258,29 @@ impl WeightSource {
         }
     }
 
+    /// Weight `name` as its stored bytes when it is a plain bf16 matrix of exactly `shape` in a
+    /// safetensors file (for a device that holds it in bf16 as it is, without widening it to
+    /// f32 and back); `None` for anything else, which [`WeightSource::load`] reads. Call
+    /// [`WeightSource::release`] once the bytes are copied.
+    pub fn stored_bf16(&self, name: &str, shape: [usize; 2]) -> Option<&[u8]> {
+        let WeightSource::Safetensors {
+            store,
+            quantization,
+            ..
+        } = self
+        else {
+            return None;
+        };
+        let raw = store.get(name)?;
+        let plain = raw.dtype == RawDtype::BF16
+            && raw.shape == shape
+            && raw.bytes.len() == shape[0] * shape[1] * 2
+            && mlx_setting(store, quantization.as_ref(), name).is_none();
+        plain.then_some(raw.bytes)
+    }
+
     /// Once a weight is copied out, its file pages need not stay resident.
-    fn release(&self, name: &str) {
+    pub fn release(&self, name: &str) {
         match self {
             WeightSource::Safetensors { store, .. } => {
                 let module = name.strip_suffix(".weight").unwrap_or(name);

@@ -15,9 +15,9 @@ use burn::backend::autodiff::checkpoint::base::Checkpointer;
 use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
 use burn::backend::autodiff::grads::Gradients;
 use burn::backend::autodiff::ops::{Backward, Ops, OpsKind, unary};
-use burn::tensor::backend::Backend;
+use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::ops::FloatTensor;
-use burn::tensor::{FloatDType, Tensor, TensorData};
+use burn::tensor::{DType, FloatDType, Tensor, TensorData};
 
 use super::attention::AttentionBackend;
 use super::decode::{DecodeModel, DecodeSession};
@@ -48,6 +48,13 @@ pub trait ModelBackend:
     /// what to set instead where it does not.
     fn check_half(_half: FloatDType, _device: &Self::Device) -> anyhow::Result<()> {
         Ok(())
+    }
+
+    /// A `[rows, cols]` bf16 matrix from its stored little-endian bytes, held in bf16 (a bf16
+    /// base loaded without widening to f32 and back). Backends with a direct copy override it.
+    fn bf16_matrix(bytes: &[u8], shape: [usize; 2], device: &Self::Device) -> FloatTensor<Self> {
+        let data = TensorData::from_bytes_vec(bytes.to_vec(), shape, DType::BF16);
+        Self::float_from_data(data, device)
     }
 
     /// A device-held quantized weight as the dense `[out, in]` matrix its GEMM reads (bf16 for
@@ -165,6 +172,10 @@ impl<B: ModelBackend, C: CheckpointStrategy> ModelBackend for Autodiff<B, C> {
 
     fn check_half(half: FloatDType, device: &Self::Device) -> anyhow::Result<()> {
         B::check_half(half, device)
+    }
+
+    fn bf16_matrix(bytes: &[u8], shape: [usize; 2], device: &Self::Device) -> FloatTensor<Self> {
+        <Self as AutodiffBackend>::from_inner(B::bf16_matrix(bytes, shape, device))
     }
 
     fn device_quantized_linear(

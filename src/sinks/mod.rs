@@ -51,8 +51,25 @@ impl MetricsFile {
     }
 }
 
+/// `{split}/loss`, and `{split}/router_aux_loss` (the part of it that is the routers' term) where
+/// training balances a mixture of experts' routers.
+fn write_loss(
+    w: &mut EventFileWriter,
+    split: &str,
+    step: i64,
+    (loss, router_aux): (f64, Option<f64>),
+    t: f64,
+) -> Result<()> {
+    w.scalar(&format!("{split}/loss"), step, loss as f32, t)?;
+    if let Some(aux) = router_aux {
+        w.scalar(&format!("{split}/router_aux_loss"), step, aux as f32, t)?;
+    }
+    Ok(())
+}
+
 /// Scalars `train/loss`, `val/loss`, `test/loss`, `test/perplexity`, `learning_rate`,
-/// `grad_norm`, `tokens_per_sec`, `it_per_sec`, `memory/peak_gb`; the resolved recipe as text.
+/// `grad_norm`, `tokens_per_sec`, `it_per_sec`, `memory/peak_gb` (and `*/router_aux_loss` where
+/// training balances a mixture of experts' routers); the resolved recipe as text.
 pub struct TensorBoard {
     writer: EventFileWriter,
 }
@@ -73,7 +90,7 @@ impl TensorBoard {
         match event {
             Event::Train(r) => {
                 let step = r.step as i64;
-                w.scalar("train/loss", step, r.loss as f32, t)?;
+                write_loss(w, "train", step, (r.loss, r.router_aux_loss), t)?;
                 w.scalar("learning_rate", step, r.learning_rate as f32, t)?;
                 w.scalar("grad_norm", step, r.grad_norm as f32, t)?;
                 w.scalar("tokens_per_sec", step, r.tokens_per_sec as f32, t)?;
@@ -82,15 +99,19 @@ impl TensorBoard {
                     w.scalar("memory/peak_gb", step, (bytes as f64 / 1e9) as f32, t)?;
                 }
             }
-            Event::Validation { step, loss, .. } => {
-                w.scalar("val/loss", *step as i64, *loss as f32, t)?
-            }
+            Event::Validation {
+                step,
+                loss,
+                router_aux_loss,
+                ..
+            } => write_loss(w, "val", *step as i64, (*loss, *router_aux_loss), t)?,
             Event::Test {
                 step,
                 loss,
+                router_aux_loss,
                 perplexity,
             } => {
-                w.scalar("test/loss", *step as i64, *loss as f32, t)?;
+                write_loss(w, "test", *step as i64, (*loss, *router_aux_loss), t)?;
                 w.scalar("test/perplexity", *step as i64, *perplexity as f32, t)?;
             }
             Event::Warning { message } => w.text("warnings", 0, message, t)?,

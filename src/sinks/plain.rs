@@ -17,9 +17,10 @@ pub fn plain_line(event: &Event) -> String {
             start_step + 1
         ),
         Event::Train(r) => format!(
-            "Iter {}: Train loss {:.3}, Learning Rate {}, Grad norm {:.3}, It/sec {:.3}, Tokens/sec {:.1}, Trained Tokens {}, Peak mem {:.3} GB",
+            "Iter {}: Train loss {:.3}{}, Learning Rate {}, Grad norm {:.3}, It/sec {:.3}, Tokens/sec {:.1}, Trained Tokens {}, Peak mem {:.3} GB",
             r.step,
             r.loss,
+            router_part(r.router_aux_loss),
             python_sci(r.learning_rate),
             r.grad_norm,
             r.it_per_sec,
@@ -30,18 +31,24 @@ pub fn plain_line(event: &Event) -> String {
         Event::Validation {
             step,
             loss,
+            router_aux_loss,
             seconds,
         } => {
-            format!("Iter {step}: Val loss {loss:.3}, Val took {seconds:.3}s")
+            let aux = router_part(*router_aux_loss);
+            format!("Iter {step}: Val loss {loss:.3}{aux}, Val took {seconds:.3}s")
         }
         Event::Saved { step, dir } => {
             format!("Iter {step}: Saved adapter weights to {}", dir.display())
         }
         Event::Warning { message } => format!("warning: {message}"),
         Event::Test {
-            loss, perplexity, ..
+            loss,
+            router_aux_loss,
+            perplexity,
+            ..
         } => {
-            format!("Test loss {loss:.3}, Test ppl {perplexity:.3}")
+            let aux = router_part(*router_aux_loss);
+            format!("Test loss {loss:.3}{aux}, Test ppl {perplexity:.3}")
         }
         Event::Generations { step, rows } => {
             let mut out = format!(
@@ -60,6 +67,11 @@ pub fn plain_line(event: &Event) -> String {
             out
         }
     }
+}
+
+/// The routers' share of a loss, where training adds one: ` (router aux 0.012)`.
+fn router_part(aux: Option<f64>) -> String {
+    aux.map_or(String::new(), |a| format!(" (router aux {a:.3})"))
 }
 
 /// `x` as Python's `f"{x:.3e}"` writes it (`1.000e-05`; Rust writes `1.000e-5`).
@@ -87,6 +99,7 @@ mod tests {
         let line = plain_line(&Event::Train(TrainReport {
             step: 10,
             loss: 2.3454,
+            router_aux_loss: None,
             learning_rate: 1e-5,
             grad_norm: 0.87,
             it_per_sec: 0.46,
@@ -102,9 +115,20 @@ mod tests {
         let val = plain_line(&Event::Validation {
             step: 20,
             loss: 1.5,
+            router_aux_loss: None,
             seconds: 2.25,
         });
         assert_eq!(val, "Iter 20: Val loss 1.500, Val took 2.250s");
+        let moe = plain_line(&Event::Validation {
+            step: 20,
+            loss: 1.5,
+            router_aux_loss: Some(0.0125),
+            seconds: 2.25,
+        });
+        assert_eq!(
+            moe,
+            "Iter 20: Val loss 1.500 (router aux 0.013), Val took 2.250s"
+        );
         assert_eq!(python_sci(2e-4), "2.000e-04");
         assert_eq!(python_sci(123456.0), "1.235e+05");
     }

@@ -24,7 +24,7 @@ use super::optimizer::OptimizerConfig;
 use super::recompute::Checkpointing;
 use super::run_state::{self, TrainState};
 use super::schedule::Schedule;
-use super::trainer::{NonFiniteLoss, StepError, StepSettings, Trainer, batch_loss};
+use super::trainer::{NonFiniteLoss, StepError, StepSettings, StepStats, Trainer, batch_loss};
 use crate::data::{Batch, BatchPlan, Encoder, encode_split, plan_batches};
 use crate::distributed::{CollectiveError, Communicator, Group};
 use crate::events::{Controls, Event, TrainReport};
@@ -157,7 +157,7 @@ fn train_worker<B: TrainBackend>(
         run.state.step += 1;
         let tokens: usize = batches.iter().map(Batch::trained_tokens).sum();
         run.state.trained_tokens += tokens;
-        window.add(stats.loss, stats.grad_norm, tokens);
+        window.add(&stats, tokens);
 
         let step = run.state.step;
         let last = step == run.total_steps;
@@ -428,10 +428,12 @@ impl<'r, B: TrainBackend> Run<'r, B> {
         let started = Instant::now();
         if let Some(valid) = &self.valid_plan {
             let model = self.trainer.model.valid();
-            let loss = evaluate_loss(&model, valid, self.recipe.train.val_batches, &self.device);
+            let batches = first_batches(valid, self.recipe.train.val_batches);
+            let eval = evaluate_loss(&model, batches, &self.device);
             emit(Event::Validation {
                 step: self.state.step,
-                loss,
+                loss: eval.loss,
+                router_aux_loss: eval.router_aux,
                 seconds: started.elapsed().as_secs_f64(),
             });
         }
@@ -492,11 +494,13 @@ impl<'r, B: TrainBackend> Run<'r, B> {
     /// The test split's loss, when the data has one.
     fn test(&self, emit: &mut dyn FnMut(Event)) -> Result<()> {
         if let Some(test) = plan_split(self.recipe, &self.tokenizer, "test")? {
-            let loss = evaluate_loss(&self.trainer.model.valid(), &test, -1, &self.device);
+            let batches = first_batches(&test, -1);
+            let eval = evaluate_loss(&self.trainer.model.valid(), batches, &self.device);
             emit(Event::Test {
                 step: self.state.step,
-                loss,
-                perplexity: loss.exp(),
+                loss: eval.loss,
+                router_aux_loss: eval.router_aux,
+                perplexity: (eval.loss - eval.router_aux.unwrap_or(0.0)).exp(),
             });
         }
         Ok(())
@@ -534,30 +538,50 @@ fn next_batch(plan: &BatchPlan, seed: u64, consumed: usize) -> Batch {
     plan.batch(plan.epoch_order(seed, epoch)[position])
 }
 
-/// Token-weighted mean loss over the first `max_batches` batches (all when negative): a fixed
-/// subset, the same at every evaluation.
+/// A split's loss, measured as training measures it.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Evaluation {
+    /// Token-weighted mean of the batches' losses: the cross-entropy plus, where training adds
+    /// it, the routers' load-balancing term (each batch's, as transformers' evaluation loss).
+    pub loss: f64,
+    /// The part of `loss` that is the routers' term, when training adds one.
+    pub router_aux: Option<f64>,
+}
+
+/// The first `max_batches` batches of `plan` (all when negative): a fixed subset, the same at
+/// every evaluation.
+pub fn first_batches(plan: &BatchPlan, max_batches: i64) -> impl Iterator<Item = Batch> + '_ {
+    let n = usize::try_from(max_batches).map_or(plan.len(), |n| n.min(plan.len()));
+    (0..n).map(|i| plan.batch(i))
+}
+
+/// The loss over `batches`, measured as training measures it.
 pub fn evaluate_loss<B: ModelBackend>(
     model: &Decoder<B>,
-    plan: &BatchPlan,
-    max_batches: i64,
+    batches: impl IntoIterator<Item = Batch>,
     device: &B::Device,
-) -> f64 {
-    let n = if max_batches < 0 {
-        plan.len()
-    } else {
-        (max_batches as usize).min(plan.len())
-    };
-    let (mut sum, mut count) = (0.0, 0usize);
-    for i in 0..n {
-        let batch = plan.batch(i);
-        let tokens = batch.trained_tokens();
+) -> Evaluation {
+    let balance = model.router_balance();
+    let (mut sum, mut aux_sum, mut count) = (0.0, 0.0, 0usize);
+    for batch in batches {
+        let tokens = batch.trained_tokens() as f64;
+        if let Some(balance) = &balance {
+            balance.start(batch.tokens(), 1.0);
+        }
         let loss = batch_loss(model, &batch, device)
             .into_scalar()
             .elem::<f64>();
-        sum += loss * tokens as f64;
-        count += tokens;
+        // The routers counted this batch's choices as they ran; no gradient follows.
+        let aux = balance.as_ref().map_or(0.0, |b| b.end());
+        sum += (loss + aux) * tokens;
+        aux_sum += aux * tokens;
+        count += batch.trained_tokens();
     }
-    sum / count.max(1) as f64
+    let count = count.max(1) as f64;
+    Evaluation {
+        loss: sum / count,
+        router_aux: balance.map(|_| aux_sum / count),
+    }
 }
 
 /// Throughput and loss averaged over the steps since the last report.
@@ -566,6 +590,7 @@ struct Window {
     excluded: Duration,
     steps: usize,
     loss: f64,
+    router_aux: Option<f64>,
     norm: f64,
     tokens: usize,
 }
@@ -577,15 +602,19 @@ impl Window {
             excluded: Default::default(),
             steps: 0,
             loss: 0.0,
+            router_aux: None,
             norm: 0.0,
             tokens: 0,
         }
     }
 
-    fn add(&mut self, loss: f64, norm: f64, tokens: usize) {
+    fn add(&mut self, stats: &StepStats, tokens: usize) {
         self.steps += 1;
-        self.loss += loss;
-        self.norm += norm;
+        self.loss += stats.loss;
+        if let Some(aux) = stats.router_aux {
+            *self.router_aux.get_or_insert(0.0) += aux;
+        }
+        self.norm += stats.grad_norm;
         self.tokens += tokens;
     }
 
@@ -601,6 +630,7 @@ impl Window {
         TrainReport {
             step,
             loss: self.loss / steps,
+            router_aux_loss: self.router_aux.map(|aux| aux / steps),
             learning_rate: lr,
             grad_norm: self.norm / steps,
             it_per_sec: self.steps as f64 / secs,

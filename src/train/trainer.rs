@@ -44,10 +44,20 @@ pub struct StepSettings {
 /// What one step measured.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct StepStats {
-    /// Mean loss over the micro-batches.
+    /// Mean loss over the micro-batches (with the routers' load-balancing term, if any).
     pub loss: f64,
+    /// The part of `loss` that is the routers' load-balancing term, when training adds one.
+    pub router_aux: Option<f64>,
     /// Global gradient norm before clipping.
     pub grad_norm: f64,
+}
+
+/// What a step's micro-batches summed: their losses (the routers' terms included), the routers'
+/// terms alone, and their gradients.
+struct Accumulated<B: TrainBackend> {
+    loss: f64,
+    router_aux: f64,
+    grads: Option<Vec<Tensor<B::InnerBackend, 1>>>,
 }
 
 /// A step whose loss or gradient norm was not finite: the adapters were not updated.
@@ -142,8 +152,9 @@ impl<B: TrainBackend> Trainer<B> {
     /// One optimizer update over `micro_batches` at learning rate `lr`. A non-finite loss
     /// leaves the adapters and the optimizer as they were.
     pub fn step(&mut self, micro_batches: &[Batch], lr: f64) -> Result<StepStats, NonFiniteLoss> {
-        let (loss_sum, grads) = self.accumulate(micro_batches.iter(), micro_batches.len());
-        self.apply(loss_sum / micro_batches.len() as f64, grads, lr)
+        let n = micro_batches.len() as f64;
+        let sums = self.accumulate(micro_batches.iter(), micro_batches.len());
+        self.apply(sums.loss / n, sums.router_aux / n, sums.grads, lr)
     }
 
     /// [`Trainer::step`] as one of the workers of `comm`: this worker runs its share of the
@@ -158,14 +169,16 @@ impl<B: TrainBackend> Trainer<B> {
     ) -> Result<StepStats, StepError> {
         let total = micro_batches.len();
         let mine = shard(total, comm.rank(), comm.world()).map(|k| &micro_batches[k]);
-        let (loss_sum, grads) = self.accumulate(mine, total);
-        let grads = grads.unwrap_or_else(|| self.params.iter().map(|p| p.zeros_like()).collect());
+        let sums = self.accumulate(mine, total);
+        let grads =
+            (sums.grads).unwrap_or_else(|| self.params.iter().map(|p| p.zeros_like()).collect());
         let mut flat = flatten(&grads);
-        flat.push(loss_sum as f32);
+        flat.extend([sums.loss as f32, sums.router_aux as f32]);
         comm.all_reduce_sum(&mut flat)?;
-        let loss = f64::from(flat.pop().expect("the loss was pushed")) / total as f64;
+        let mut mean = || f64::from(flat.pop().expect("the sums were pushed")) / total as f64;
+        let (router_aux, loss) = (mean(), mean());
         let grads = unflatten(&flat, &grads, &self.device);
-        Ok(self.apply(loss, Some(grads), lr)?)
+        Ok(self.apply(loss, router_aux, Some(grads), lr)?)
     }
 
     /// The summed loss of `batches` and the sum of their gradients, each micro-batch's loss
@@ -174,13 +187,16 @@ impl<B: TrainBackend> Trainer<B> {
         &self,
         batches: impl Iterator<Item = &'a Batch>,
         total: usize,
-    ) -> (f64, Option<Vec<Tensor<B::InnerBackend, 1>>>) {
+    ) -> Accumulated<B> {
         let scale = 1.0 / total as f64;
-        let mut accumulated: Option<Vec<_>> = None;
-        let mut loss_sum = 0.0;
+        let mut sums = Accumulated {
+            loss: 0.0,
+            router_aux: 0.0,
+            grads: None,
+        };
         for batch in batches {
             let grad_scale = self.gradient_scale(batch, total);
-            let (loss, grads) = loss_and_gradients(
+            let (loss, router_aux, grads) = loss_and_gradients(
                 &self.model,
                 batch,
                 scale * grad_scale,
@@ -195,17 +211,20 @@ impl<B: TrainBackend> Trainer<B> {
             } else {
                 grads
             };
-            loss_sum += loss;
-            accumulated = Some(add_gradients(accumulated, grads));
+            sums.loss += loss;
+            sums.router_aux += router_aux;
+            sums.grads = Some(add_gradients(sums.grads, grads));
         }
-        (loss_sum, accumulated)
+        sums
     }
 
-    /// The update from a step's mean `loss` and summed gradients: the norm, clipping, the
-    /// optimizer, the adapters written back. Nothing changes when either is not finite.
+    /// The update from a step's mean `loss` (of which `router_aux` is the routers' term) and
+    /// summed gradients: the norm, clipping, the optimizer, the adapters written back. Nothing
+    /// changes when either is not finite.
     fn apply(
         &mut self,
         loss: f64,
+        router_aux: f64,
         grads: Option<Vec<Tensor<B::InnerBackend, 1>>>,
         lr: f64,
     ) -> Result<StepStats, NonFiniteLoss> {
@@ -223,7 +242,12 @@ impl<B: TrainBackend> Trainer<B> {
         }
         self.optimizer.update(&mut self.params, &grads, lr);
         set_parameters(&mut self.model, &self.params);
-        Ok(StepStats { loss, grad_norm })
+        let router_aux = self.model.router_balance().map(|_| router_aux);
+        Ok(StepStats {
+            loss,
+            router_aux,
+            grad_norm,
+        })
     }
 }
 
@@ -254,16 +278,17 @@ pub fn batch_loss<B: ModelBackend>(
     masked_cross_entropy(logits, &batch.targets, &batch.mask, grad_dtype).0
 }
 
-/// The batch's mean loss and the gradients of `scale ×` that loss (`scale` = 1 / accumulation
-/// steps), flattened in [`parameters`] order. With `grad_checkpoint`, block activations are
-/// recomputed in the backward pass instead of kept (see [`super::recompute`]).
+/// The batch's mean loss (with the routers' load-balancing term, if any), that term alone (0
+/// without one), and the gradients of `scale ×` the loss (`scale` = 1 / accumulation steps),
+/// flattened in [`parameters`] order. With `grad_checkpoint`, block activations are recomputed
+/// in the backward pass instead of kept (see [`super::recompute`]).
 pub fn loss_and_gradients<B: TrainBackend>(
     decoder: &Decoder<B>,
     batch: &Batch,
     scale: f64,
     grad_checkpoint: Option<Checkpointing>,
     device: &B::Device,
-) -> (f64, Vec<Tensor<B::InnerBackend, 1>>) {
+) -> (f64, f64, Vec<Tensor<B::InnerBackend, 1>>) {
     let balance = decoder.router_balance();
     if let Some(balance) = &balance {
         balance.start(batch.tokens(), scale);
@@ -272,11 +297,9 @@ pub fn loss_and_gradients<B: TrainBackend>(
         Some(how) => super::recompute::loss_and_gradients(decoder, batch, scale, how, device),
         None => plain_loss_and_gradients(decoder, batch, scale, device),
     };
-    match &balance {
-        // The routers' term joined the gradients as the backward pass reached each router.
-        Some(balance) => (value + balance.end(), grads),
-        None => (value, grads),
-    }
+    // The routers' term joined the gradients as the backward pass reached each router.
+    let router_aux = balance.map_or(0.0, |b| b.end());
+    (value + router_aux, router_aux, grads)
 }
 
 /// [`loss_and_gradients`] keeping every activation for the backward pass.

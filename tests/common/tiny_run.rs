@@ -12,6 +12,11 @@ pub struct TinyRun {
 /// `extra` is appended to the recipe (later keys win within a table only if not repeated, so
 /// pass whole tables that the base recipe lacks, e.g. `[export]`).
 pub fn tiny_run(tag: &str, train_overrides: &str) -> TinyRun {
+    tiny_run_on(tag, "models/llama-linearrope-untied", train_overrides)
+}
+
+/// [`tiny_run`] on another fixture model (`models/mixtral`, ...).
+pub fn tiny_run_on(tag: &str, model: &str, train_overrides: &str) -> TinyRun {
     let dir = super::temp_dir(&format!("tiny-{tag}"));
     let line = |i: usize| {
         let words = [
@@ -27,7 +32,7 @@ pub fn tiny_run(tag: &str, train_overrides: &str) -> TinyRun {
     };
     write("train.jsonl", 0..24);
     write("valid.jsonl", 100..106);
-    let model = super::fixture("models/llama-linearrope-untied");
+    let model = super::fixture(model);
     let recipe = format!(
         r#"name = "tiny-{tag}"
 seed = 3
@@ -76,6 +81,6 @@ pub fn val_losses(stdout: &str) -> Vec<f64> {
     stdout
         .lines()
         .filter_map(|l| l.split("Val loss ").nth(1))
-        .map(|rest| rest.split(',').next().unwrap().parse().unwrap())
+        .map(|rest| rest.split([',', ' ']).next().unwrap().parse().unwrap())
         .collect()
 }

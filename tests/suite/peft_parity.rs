@@ -15,6 +15,7 @@ use loraforge::model::load_model;
 use loraforge::recipe::{LoraSection, OptimizerKind, Targets};
 use loraforge::train::optimizer::OptimizerConfig;
 use loraforge::train::recompute::Checkpointing;
+use loraforge::train::run::evaluate_loss;
 use loraforge::train::trainer::{
     StepSettings, Trainer, loss_and_gradients, parameters, set_parameters,
 };
@@ -135,6 +136,33 @@ fn ten_adamw_steps_on_mixtral_with_the_load_balancing_loss_match_peft() {
     ten_adamw_steps_match("peft-parity-mixtral-aux", mixtral_targets());
 }
 
+/// Validation measures the loss as training does: with the routers' load-balancing term (the
+/// first micro-batch's loss in transformers' forward pass with `output_router_logits`, before
+/// any step), which it also reports apart; without balancing, the cross-entropy alone.
+#[test]
+fn validation_loss_carries_the_routers_term_as_transformers_does() {
+    let dir = common::fixture("peft-parity-mixtral-aux");
+    let reference: Value = common::read_json(&dir.join("reference.json"));
+    let device = Default::default();
+    let initial_file = dir.join("adapter_init/adapter_model.safetensors");
+    let mut model = model_with_adapters(&dir, &initial_file, mixtral_targets());
+    let first = fixture_batches(&dir.join("batches.json"), true).swap_remove(0);
+    let plain = evaluate_loss(&model.valid(), [first.clone()], &device);
+    assert_eq!(plain.router_aux, None);
+    let coef = reference["router_aux_loss_coef"].as_f64().unwrap();
+    assert!(model.balance_routers(coef));
+    let balanced = evaluate_loss(&model.valid(), [first], &device);
+    let want = reference["micro_losses"][0].as_f64().unwrap();
+    let rel = (balanced.loss - want).abs() / want;
+    assert!(rel < 1e-5, "loss {} vs transformers {want}", balanced.loss);
+    let aux = balanced.router_aux.expect("the routers' term, reported");
+    assert!(aux > 0.0);
+    assert!(
+        (balanced.loss - aux - plain.loss).abs() < 1e-9,
+        "{balanced:?} = {plain:?} + the routers' term"
+    );
+}
+
 /// The fixtures' optimizer: torch's AdamW at its defaults, weight decay 0.01.
 pub const ADAMW: OptimizerConfig = OptimizerConfig {
     kind: OptimizerKind::Adamw,
@@ -182,7 +210,7 @@ fn ten_adamw_steps_match(fixture: &str, targets: Targets) {
     }
 
     let batches = fixture_batches(&dir.join("batches.json"), balance.is_some());
-    let (loss, grads) = loss_and_gradients(&model, &batches[0], 1.0, None, &device);
+    let (loss, _, grads) = loss_and_gradients(&model, &batches[0], 1.0, None, &device);
     if balance.is_some() {
         // Activation checkpointing adds the routers' term in its recomputed forward passes,
         // also when the MLP runs 5 tokens at a time (chunks across rows and padding).
@@ -193,7 +221,7 @@ fn ten_adamw_steps_match(fixture: &str, targets: Targets) {
                 offload: false,
             },
         ] {
-            let (l, g) = loss_and_gradients(&model, &batches[0], 1.0, Some(how), &device);
+            let (l, _, g) = loss_and_gradients(&model, &batches[0], 1.0, Some(how), &device);
             assert!((l - loss).abs() < 1e-6, "{how:?}: loss {l} vs {loss}");
             // Summed in another order (chunks of 5 tokens): equal up to rounding, which moves with
             // the machine and the build (session 21, an AVX2-only EPYC: 1.4e-5 of a largest
@@ -252,6 +280,11 @@ fn ten_adamw_steps_match(fixture: &str, targets: Targets) {
     for (step, pair) in batches.chunks(2).enumerate() {
         let stats = trainer.step(pair, 1e-2).unwrap();
         let (loss, norm) = (stats.loss, stats.grad_norm);
+        assert_eq!(
+            stats.router_aux.is_some(),
+            balance.is_some(),
+            "the routers' term reported"
+        );
         let rel = (loss - want_losses[step]).abs() / want_losses[step];
         assert!(
             rel < 1e-4,

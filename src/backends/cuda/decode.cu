@@ -1,25 +1,26 @@
-// The decode step's kernels (`decode.rs`): one token of a Llama-shaped model in eight launches
-// a block, every buffer allocated once, instead of the few dozen Burn ops a block that left an
-// 8B model's step host-bound on an H200 (bench/NOTES.md, session 24).
+// The decode step's kernels (`decode.rs`): one token of a Llama-shaped model in six launches a
+// block, every buffer allocated once, instead of the few dozen Burn ops a block that left an 8B
+// model's step host-bound on an H200 (bench/NOTES.md, sessions 24 and 25).
 //
 //   h   = embed(id)
-//   a   = rmsnorm(h) ⊙ w                                       rms_norm
-//   q,k,v = a Wqᵀ + bq, a Wkᵀ + bk, a Wvᵀ + bv                  linear (three segments)
-//   q,k = rope(q, k) at position p; K[p], V[p] = k, v          rope_append
+//   q,k,v = a Wqᵀ + bq, a Wkᵀ + bk, a Wvᵀ + bv,  a = rmsnorm(h) ⊙ w    linear (three segments)
+//   q,k = rope(q, k) at position p; K[p], V[p] = k, v                  rope_append
 //   o   = softmax(q Kᵀ · scale) V   (each query head on its group's key head)   attend
-//   h  += o Woᵀ                                                linear (residual)
-//   h  += (silu(a Wgᵀ) ⊙ a Wuᵀ) Wdᵀ,  a = rmsnorm(h) ⊙ w       rms_norm, gated, linear
-//   logits = rmsnorm(h) W_headᵀ
+//   h  += o Woᵀ                                                        linear (residual)
+//   m   = silu(a Wgᵀ) ⊙ a Wuᵀ,  a = rmsnorm(h) ⊙ w                     gated
+//   h  += m Wdᵀ                                                        linear (residual)
+//   logits = rmsnorm(h) W_headᵀ                                        linear
 //
+// Each RMSNorm is folded into the product after it (see "The products" below).
 // A matrix is dense (bf16 or f32 `[n, cols]`) or MLX-affine packed (`qgemv.cu` has the math):
 // `DENSE_T` picks the one a module is compiled for (`-DDENSE_T=bf16|float`, or `-DBITS=2|4|8`
-// with `-DSCALE_T=bf16|float` for packed ones). As in the op-by-op path, a dense bf16 matrix
-// reads its input rounded to bf16 (the op-by-op path casts a GEMM's input to the weight's
-// dtype); a packed one reads it in f32 (where the op-by-op path, with bf16 scales, rounds it:
-// within the device check's bf16 tolerance). Sums are f32. Every product is a GEMV: one warp an output row, its lanes reading the row coalesced once.
+// with `-DSCALE_T=bf16|float` for packed ones). As the op-by-op path casts a GEMM's input to
+// its weight's dtype, a dense bf16 matrix reads its input rounded to bf16: x ⊙ gain where the
+// norm is folded in, before the 1/rms scale (the op-by-op path rounds rmsnorm(x) ⊙ gain: the
+// same size of error, not the same values); a packed one reads it in f32 (where the op-by-op
+// path, with bf16 scales, rounds it). Both within the device check's bf16 tolerance. Sums are
+// f32.
 // The keys and values are held as `KV_T` (bf16 or f32, `-DKV_T`), `[kv_heads][capacity][d]`.
-
-#define WARPS 4
 
 typedef unsigned int u32;
 typedef unsigned short u16;
@@ -54,13 +55,47 @@ __device__ __forceinline__ float warp_max(float v) {
 }
 
 // ---------------------------------------------------------------------------------------------
-// R consecutive rows of a matrix times the activation row x: each lane's partial sums (reduced
-// by the caller). A warp takes R rows so that each chunk of x, loaded once into registers,
-// serves R rows, and R loads of the matrix are in flight at once: the 4-bit products of an 8B
-// model went from 10 to 6 ms a token with it on an H200 (bf16 ones stayed near 2 TB/s of the
-// card's 4.8; bench/NOTES.md, session 24).
+// The products, each block taking ROWS_A_BLOCK consecutive output rows of one matrix (or of two,
+// for gate and up), each output row summed by one thread at the end (`products`):
+// - dense rows: a block of THREADS threads takes R rows, its threads splitting each row's
+//   columns 16 bytes at a time, x loaded once for the R rows (and both matrices), the partial
+//   sums added in shared memory. An 8B model in bf16 on an H200 (ncu, session 25): gate/up at
+//   4.2 TB/s, the other products at 3.3 TB/s, of the card's 4.8.
+// - packed rows: x staged in shared memory once a block, each warp taking R rows (below).
+//
+// A product may fold in the RMSNorm before it: given the norm's gain, it reads x ⊙ gain,
+// accumulates Σ x² alongside (each block reads all of x), and scales its sums by
+// 1 / √(Σ x² / cols + ε) at the end: rmsnorm(x) W ᵀ = (x ⊙ gain) Wᵀ / rms(x).
 
-#define R 4
+#ifndef R
+#error "compile with -DR=<output rows a block (dense) or a warp (packed)>"
+#endif
+#ifndef THREADS
+#error "compile with -DTHREADS=<threads a block of the products>"
+#endif
+
+// Loads x[c, c + N) into xs, times the norm's gain when there is one (adding the x² to ss).
+template <int N>
+__device__ __forceinline__ void load_x(const float* __restrict__ x, const float* __restrict__ gain,
+                                       int c, float (&xs)[N], float& ss) {
+#pragma unroll
+    for (int j = 0; j < N; j += 4) {
+        const float4 v = __ldg(reinterpret_cast<const float4*>(x + c + j));
+        xs[j] = v.x, xs[j + 1] = v.y, xs[j + 2] = v.z, xs[j + 3] = v.w;
+    }
+    if (gain) {
+#pragma unroll
+        for (int j = 0; j < N; j += 4) {
+            const float4 g = __ldg(reinterpret_cast<const float4*>(gain + c + j));
+            const float gs[4] = {g.x, g.y, g.z, g.w};
+#pragma unroll
+            for (int i = 0; i < 4; ++i) {
+                ss = fmaf(xs[j + i], xs[j + i], ss);
+                xs[j + i] *= gs[i];
+            }
+        }
+    }
+}
 
 #if defined(BITS)
 #define PER_WORD (32 / BITS)
@@ -76,48 +111,143 @@ struct Matrix {
     int group;
 };
 
-// Lanes take 4 consecutive words (16 bytes, 4 · PER_WORD columns) of each row at a time: the
-// row's words are a multiple of 4 (`decode.rs` checks). For each word, Σ q·x and Σ x over its
-// columns, scaled and offset by its group's scale and bias.
-// Lanes take 4 consecutive words (16 bytes, 4 · PER_WORD columns) of each row at a time: the
-// row's words are a multiple of 4 (`decode.rs` checks). For each word, Σ q·x and Σ x over its
-// columns, scaled and offset by its group's scale and bias.
-__device__ __forceinline__ void rows_dot(const Matrix& m, int n0, int rows,
-                                         const float* __restrict__ x, int cols, int lane,
-                                         float acc[R]) {
-    constexpr int COLS = 4 * PER_WORD;
-    const int quads = cols / COLS;
-    const int groups = cols / m.group;
-    for (int q = lane; q < quads; q += 32) {
-        const int k0 = q * COLS;
-        float xs[COLS];
+// Codes become floats without a conversion instruction: OR-ing a code that sits in the low 23
+// bits into 2²³'s bit pattern gives the float 2²³ + code · 2^lo, and subtracting 2²³ leaves
+// code · 2^lo exactly. Codes above bit 23 are shifted down by HI first. The x values are
+// scaled by 2^-lo beforehand (once a block), so each product is code · x with its usual
+// rounding (MLX's qmv scales x by 1/16ᵏ the same way). Per code: one LOP3, one FADD, one FFMA.
+#define HI ((23 / BITS) * BITS)
+__host__ __device__ constexpr int code_shift(int j) {
+    return j * BITS + BITS <= 23 ? j * BITS : j * BITS - HI;
+}
+
+// A packed block's rows: each warp takes R rows (a block THREADS / 32 · R), each lane a chunk
+// of 4 words of each (16 bytes; the warp's loads of a row coalesced, R of them in flight a lane).
+// A chunk lies in one group. x, read by every row, is staged once a block in shared memory,
+// loaded coalesced: scaled for the codes (above) and by the norm's gain, with each chunk's Σ x
+// beside it, its float4s swizzled (float4 j of chunk c at j ^ SWIZZLE(c)) so that the 8 lanes of
+// a 16-byte shared load phase, reading float4 j of chunks c .. c + 7, hit distinct banks. Session 25 measured what the 4-bit products of an 8B
+// model do without these: x read by each thread from global memory 32 columns at a time, 0.5
+// TB/s; a word a lane, 0.5-0.9 TB/s (too few loads in flight).
+#define ROWS_A_BLOCK (R * (THREADS / 32))
+#define CHUNK (4 * PER_WORD)
+#define F (CHUNK / 4)
+// F float4s a chunk: 4 at 8 bits (two chunks a phase share a key), 8 or 16 below.
+#define SWIZZLE(c) (((c) / (F >= 8 ? 1 : 8 / F)) % F)
+
+// Stages x (⊙ gain) into xs [cols] and each chunk's Σ into csum [cols / CHUNK]; returns
+// 1 / rms(x) with a gain (1 without).
+__device__ __forceinline__ float stage_x(const float* __restrict__ x,
+                                         const float* __restrict__ gain, float eps, int cols,
+                                         float* xs, float* csum) {
+    __shared__ float partial[THREADS / 32];
+    float ss = 0.0f;
+    // Thread t takes float4s t, t + THREADS, ...: F consecutive threads share a chunk (THREADS
+    // is a multiple of F), and sum it by shuffles, every lane of a warp taking part in each
+    // round (those past the end with zeros).
+    for (int base = 0; base < cols / 4; base += THREADS) {
+        const int f = base + threadIdx.x;
+        float v[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+        if (f < cols / 4) load_x(x, gain, f * 4, v, ss);
+        const int c = f / F, j = f % F;
+        float4 scaled;
+        float* out = reinterpret_cast<float*>(&scaled);
+        float sum = 0.0f;
 #pragma unroll
-        for (int j = 0; j < COLS; j += 4) {
-            const float4 v = *reinterpret_cast<const float4*>(x + k0 + j);
-            xs[j] = v.x, xs[j + 1] = v.y, xs[j + 2] = v.z, xs[j + 3] = v.w;
+        for (int i = 0; i < 4; ++i) {
+            sum += v[i];
+            out[i] = v[i] * __uint_as_float((u32)(127 - code_shift((j * 4 + i) % PER_WORD)) << 23);
         }
-        uint4 w[R];
+        if (f < cols / 4) reinterpret_cast<float4*>(xs)[c * F + (j ^ SWIZZLE(c))] = scaled;
 #pragma unroll
-        for (int r = 0; r < R; ++r)
-            if (r < rows) w[r] = __ldg(reinterpret_cast<const uint4*>(m.words) + (i64)(n0 + r) * quads + q);
+        for (int o = F / 2; o > 0; o >>= 1) sum += __shfl_xor_sync(0xffffffff, sum, o);
+        if (j == 0 && f < cols / 4) csum[c] = sum;
+    }
+    ss = warp_sum(ss);
+    if ((threadIdx.x & 31) == 0) partial[threadIdx.x >> 5] = ss;
+    __syncthreads();
+    if (!gain) return 1.0f;
+    ss = 0.0f;
 #pragma unroll
-        for (int r = 0; r < R; ++r) {
-            if (r >= rows) break;
-            const u32 words[4] = {w[r].x, w[r].y, w[r].z, w[r].w};
+    for (int w = 0; w < THREADS / 32; ++w) ss += partial[w];
+    return rsqrtf(ss / (float)cols + eps);
+}
+
+// Σ code · x over word w (PER_WORD codes) against the staged, scaled x.
+__device__ __forceinline__ float word_dot(u32 w, const float* xs) {
+    const u32 hi = w >> HI;
+    float dot = 0.0f;
 #pragma unroll
-            for (int i = 0; i < 4; ++i) {
-                const i64 g = (i64)(n0 + r) * groups + (k0 + i * PER_WORD) / m.group;
-                float dot = 0.0f, sum = 0.0f;
+    for (int j = 0; j < PER_WORD; ++j) {
+        const u32 part = j * BITS + BITS <= 23 ? w : hi;
+        const u32 mask = ((1u << BITS) - 1) << code_shift(j);
+        dot = fmaf(__uint_as_float((part & mask) | 0x4B000000u) - 8388608.0f, xs[j], dot);
+    }
+    return dot;
+}
+
+// Rows first .. first + rows (≤ ROWS_A_BLOCK) of M matrices times rmsnorm?(x): on return, the
+// thread holding output row first + r has each matrix's result in out and returns r; others
+// return -1. Needs (cols + cols / CHUNK) floats of dynamic shared memory.
+template <int M>
+__device__ __forceinline__ int products(const Matrix (&m)[M], int first, int rows,
+                                        const float* __restrict__ x,
+                                        const float* __restrict__ gain, float eps, int cols,
+                                        float (&out)[M]) {
+    extern __shared__ float4 staged[];
+    float* xs = reinterpret_cast<float*>(staged);
+    float* csum = xs + cols;
+    const float inv = stage_x(x, gain, eps, cols, xs, csum);
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    const int r0 = warp * R, mine = min(R, rows - r0);
+    if (mine <= 0) return -1;
+    const int chunks = cols / CHUNK;
+    float acc[M][R];
 #pragma unroll
-                for (int j = 0; j < PER_WORD; ++j) {
-                    const float xj = xs[i * PER_WORD + j];
-                    dot = fmaf((float)((words[i] >> (j * BITS)) & ((1u << BITS) - 1)), xj, dot);
-                    sum += xj;
-                }
-                acc[r] = fmaf(load(m.scales + g), dot, fmaf(load(m.biases + g), sum, acc[r]));
+    for (int i = 0; i < M; ++i)
+#pragma unroll
+        for (int r = 0; r < R; ++r) acc[i][r] = 0.0f;
+#pragma unroll 2
+    for (int c = lane; c < chunks; c += 32) {
+        uint4 w[M][R];
+#pragma unroll
+        for (int i = 0; i < M; ++i)
+#pragma unroll
+            for (int r = 0; r < R; ++r)
+                if (r < mine)
+                    w[i][r] = __ldg(reinterpret_cast<const uint4*>(m[i].words) + (i64)(first + r0 + r) * chunks + c);
+        float xc[CHUNK];
+#pragma unroll
+        for (int j = 0; j < F; ++j) {
+            const float4 v = staged[c * F + (j ^ SWIZZLE(c))];
+            xc[4 * j] = v.x, xc[4 * j + 1] = v.y, xc[4 * j + 2] = v.z, xc[4 * j + 3] = v.w;
+        }
+        const float xsum = csum[c];
+#pragma unroll
+        for (int i = 0; i < M; ++i) {
+            const int groups = cols / m[i].group, g = c * CHUNK / m[i].group;
+#pragma unroll
+            for (int r = 0; r < R; ++r) {
+                if (r >= mine) break;
+                const u32 ws[4] = {w[i][r].x, w[i][r].y, w[i][r].z, w[i][r].w};
+                float dot = 0.0f;
+#pragma unroll
+                for (int k = 0; k < 4; ++k) dot += word_dot(ws[k], xc + k * PER_WORD);
+                const i64 at = (i64)(first + r0 + r) * groups + g;
+                acc[i][r] = fmaf(load(m[i].scales + at), dot,
+                                 fmaf(load(m[i].biases + at), xsum, acc[i][r]));
             }
         }
     }
+    int held = -1;
+#pragma unroll
+    for (int r = 0; r < R; ++r)
+#pragma unroll
+        for (int i = 0; i < M; ++i) {
+            const float v = warp_sum(acc[i][r]);
+            if (lane == r && r < mine) out[i] = v * inv, held = r0 + r;
+        }
+    return held;
 }
 
 __device__ __forceinline__ float element(const Matrix& m, int n, int c, int cols) {
@@ -134,43 +264,100 @@ struct Matrix {
     const dense_t* w;
 };
 
-// Lanes take 16 bytes of each row at a time (8 bf16 or 4 f32 values); a bf16 row reads x
-// rounded to bf16, as the op-by-op path casts a GEMM's input to its weight's dtype.
-__device__ __forceinline__ void rows_dot(const Matrix& m, int n0, int rows,
-                                         const float* __restrict__ x, int cols, int lane,
-                                         float acc[R]) {
+// R rows of M matrices from row n0 times x, 16 bytes of each row (8 bf16 or 4 f32 values) a
+// thread at a time; a bf16 row reads x rounded to bf16, as the op-by-op path casts a GEMM's
+// input to its weight's dtype.
+template <int M>
+__device__ __forceinline__ void rows_dot(const Matrix (&m)[M], int n0, int rows,
+                                         const float* __restrict__ x,
+                                         const float* __restrict__ gain, int cols,
+                                         float (&acc)[M][R], float& ss) {
     constexpr int V = 16 / sizeof(dense_t);
-    for (int c = lane * V; c < cols; c += 32 * V) {
+    for (int c = threadIdx.x * V; c < cols; c += THREADS * V) {
         float xs[V];
-#pragma unroll
-        for (int j = 0; j < V; j += 4) {
-            const float4 v = *reinterpret_cast<const float4*>(x + c + j);
-            xs[j] = v.x, xs[j + 1] = v.y, xs[j + 2] = v.z, xs[j + 3] = v.w;
-        }
+        load_x(x, gain, c, xs, ss);
         if constexpr (sizeof(dense_t) == 2) {
 #pragma unroll
             for (int j = 0; j < V; ++j) xs[j] = round_bf16(xs[j]);
         }
-        uint4 w[R];
+        uint4 w[M][R];
 #pragma unroll
-        for (int r = 0; r < R; ++r)
-            if (r < rows) w[r] = __ldg(reinterpret_cast<const uint4*>(m.w + (i64)(n0 + r) * cols + c));
+        for (int i = 0; i < M; ++i)
+#pragma unroll
+            for (int r = 0; r < R; ++r)
+                if (r < rows) w[i][r] = __ldg(reinterpret_cast<const uint4*>(m[i].w + (i64)(n0 + r) * cols + c));
+#pragma unroll
+        for (int i = 0; i < M; ++i)
+#pragma unroll
+            for (int r = 0; r < R; ++r) {
+                if (r >= rows) break;
+                const u32 ws[4] = {w[i][r].x, w[i][r].y, w[i][r].z, w[i][r].w};
+                if constexpr (sizeof(dense_t) == 2) {
+#pragma unroll
+                    for (int j = 0; j < 4; ++j) {
+                        acc[i][r] = fmaf(__uint_as_float(ws[j] << 16), xs[2 * j], acc[i][r]);
+                        acc[i][r] = fmaf(__uint_as_float(ws[j] & 0xffff0000u), xs[2 * j + 1], acc[i][r]);
+                    }
+                } else {
+#pragma unroll
+                    for (int j = 0; j < 4; ++j) acc[i][r] = fmaf(__uint_as_float(ws[j]), xs[j], acc[i][r]);
+                }
+            }
+    }
+}
+
+// A dense block's rows: R of them, every thread over all R.
+#define ROWS_A_BLOCK R
+
+// The block's sums: on return, thread r < R of the block holds acc[i][r] summed over the block's
+// threads in acc[i][0] ... (every i), and the block's Σ x² in ss.
+template <int M>
+__device__ __forceinline__ void block_sum(float (&acc)[M][R], float& ss) {
+    __shared__ float partial[THREADS / 32][M * R + 1];
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+#pragma unroll
+    for (int i = 0; i < M; ++i)
 #pragma unroll
         for (int r = 0; r < R; ++r) {
-            if (r >= rows) break;
-            const u32 ws[4] = {w[r].x, w[r].y, w[r].z, w[r].w};
-            if constexpr (sizeof(dense_t) == 2) {
+            const float v = warp_sum(acc[i][r]);
+            if (lane == 0) partial[warp][i * R + r] = v;
+        }
+    ss = warp_sum(ss);
+    if (lane == 0) partial[warp][M * R] = ss;
+    __syncthreads();
+    if (threadIdx.x < R) {
+        ss = 0.0f;
+        for (int w = 0; w < THREADS / 32; ++w) ss += partial[w][M * R];
 #pragma unroll
-                for (int j = 0; j < 4; ++j) {
-                    acc[r] = fmaf(__uint_as_float(ws[j] << 16), xs[2 * j], acc[r]);
-                    acc[r] = fmaf(__uint_as_float(ws[j] & 0xffff0000u), xs[2 * j + 1], acc[r]);
-                }
-            } else {
-#pragma unroll
-                for (int j = 0; j < 4; ++j) acc[r] = fmaf(__uint_as_float(ws[j]), xs[j], acc[r]);
-            }
+        for (int i = 0; i < M; ++i) {
+            float v = 0.0f;
+            for (int w = 0; w < THREADS / 32; ++w) v += partial[w][i * R + threadIdx.x];
+            acc[i][0] = v;
         }
     }
+}
+
+
+// Rows first .. first + rows (≤ R) of M matrices times rmsnorm?(x): on return, thread r holds
+// output row first + r's results in out and returns r; others return -1.
+template <int M>
+__device__ __forceinline__ int products(const Matrix (&m)[M], int first, int rows,
+                                        const float* __restrict__ x,
+                                        const float* __restrict__ gain, float eps, int cols,
+                                        float (&out)[M]) {
+    float acc[M][R], ss = 0.0f;
+#pragma unroll
+    for (int i = 0; i < M; ++i)
+#pragma unroll
+        for (int r = 0; r < R; ++r) acc[i][r] = 0.0f;
+    rows_dot(m, first, rows, x, gain, cols, acc, ss);
+    block_sum(acc, ss);
+    const int r = threadIdx.x;
+    if (r >= rows) return -1;
+    const float inv = gain ? rsqrtf(ss / (float)cols + eps) : 1.0f;
+#pragma unroll
+    for (int i = 0; i < M; ++i) out[i] = acc[i][0] * inv;
+    return r;
 }
 
 __device__ __forceinline__ float element(const Matrix& m, int n, int c, int cols) {
@@ -187,67 +374,55 @@ __device__ __forceinline__ float element(const Matrix& m, int n, int c, int cols
 #endif
 typedef KV_T kv_t;
 
-// ---------------------------------------------------------------------------------------------
-// y_i = x W_iᵀ (+ bias_i) (+ residual_i) for up to three matrices read by one launch (q, k and v
-// share theirs): warp t takes rows R·t.. of the first matrix's ⌈n0 / R⌉ row groups, then the
-// second's, then the third's. A null bias or residual is left out; residual may be y itself
-// (h += o Woᵀ).
-extern "C" __global__ void __launch_bounds__(WARPS * 32)
-    linear(const float* __restrict__ x, int cols, MATRIX_PARAMS(0), const float* bias0,
-           const float* residual0, float* y0, int n0, MATRIX_PARAMS(1), const float* bias1,
-           float* y1, int n1, MATRIX_PARAMS(2), const float* bias2, float* y2, int n2) {
-    const int lane = threadIdx.x & 31;
-    int t = blockIdx.x * WARPS + (threadIdx.x >> 5);
-    const int t0 = (n0 + R - 1) / R, t1 = (n1 + R - 1) / R, t2 = (n2 + R - 1) / R;
-    Matrix m;
+// y_i = rmsnorm?(x) W_iᵀ (+ bias_i) (+ residual_i) for up to three matrices read by one launch
+// (q, k and v share theirs): block t takes rows ROWS_A_BLOCK · t.. of the first matrix's row
+// groups, then the second's, then the third's. A null gain, bias or residual is left out;
+// residual may be y itself (h += o Woᵀ).
+extern "C" __global__ void __launch_bounds__(THREADS)
+    linear(const float* __restrict__ x, const float* __restrict__ gain, float eps, int cols,
+           MATRIX_PARAMS(0), const float* bias0, const float* residual0, float* y0, int n0,
+           MATRIX_PARAMS(1), const float* bias1, float* y1, int n1, MATRIX_PARAMS(2),
+           const float* bias2, float* y2, int n2) {
+    int t = blockIdx.x;
+    const int t0 = (n0 + ROWS_A_BLOCK - 1) / ROWS_A_BLOCK;
+    const int t1 = (n1 + ROWS_A_BLOCK - 1) / ROWS_A_BLOCK;
+    const int t2 = (n2 + ROWS_A_BLOCK - 1) / ROWS_A_BLOCK;
+    Matrix m[1];
     const float* bias;
     const float* residual = nullptr;
     float* y;
     int n;
     if (t < t0) {
-        m = MATRIX(0), bias = bias0, residual = residual0, y = y0, n = n0;
+        m[0] = MATRIX(0), bias = bias0, residual = residual0, y = y0, n = n0;
     } else if ((t -= t0) < t1) {
-        m = MATRIX(1), bias = bias1, y = y1, n = n1;
+        m[0] = MATRIX(1), bias = bias1, y = y1, n = n1;
     } else if ((t -= t1) < t2) {
-        m = MATRIX(2), bias = bias2, y = y2, n = n2;
+        m[0] = MATRIX(2), bias = bias2, y = y2, n = n2;
     } else {
         return;
     }
-    const int first = t * R, rows = min(R, n - first);
-    float acc[R];
-#pragma unroll
-    for (int r = 0; r < R; ++r) acc[r] = 0.0f;
-    rows_dot(m, first, rows, x, cols, lane, acc);
-#pragma unroll
-    for (int r = 0; r < R; ++r) {
-        const float v = warp_sum(acc[r]);
-        if (lane == 0 && r < rows) {
-            float out = v;
-            if (bias) out += bias[first + r];
-            if (residual) out += residual[first + r];
-            y[first + r] = out;
-        }
-    }
+    const int first = t * ROWS_A_BLOCK;
+    float out[1];
+    const int r = products(m, first, min(ROWS_A_BLOCK, n - first), x, gain, eps, cols, out);
+    if (r < 0) return;
+    float v = out[0];
+    if (bias) v += bias[first + r];
+    if (residual) v += residual[first + r];
+    y[first + r] = v;
 }
 
-// y = silu(x W_gᵀ) ⊙ (x W_uᵀ): R gate rows and the same up rows a warp.
-extern "C" __global__ void __launch_bounds__(WARPS * 32)
-    gated(const float* __restrict__ x, int cols, MATRIX_PARAMS(0), MATRIX_PARAMS(1), float* y,
-          int n_out) {
-    const int lane = threadIdx.x & 31;
-    const int first = (blockIdx.x * WARPS + (threadIdx.x >> 5)) * R;
-    if (first >= n_out) return;
-    const int rows = min(R, n_out - first);
-    float g[R], u[R];
-#pragma unroll
-    for (int r = 0; r < R; ++r) g[r] = u[r] = 0.0f;
-    rows_dot(MATRIX(0), first, rows, x, cols, lane, g);
-    rows_dot(MATRIX(1), first, rows, x, cols, lane, u);
-#pragma unroll
-    for (int r = 0; r < R; ++r) {
-        const float gr = warp_sum(g[r]), ur = warp_sum(u[r]);
-        if (lane == 0 && r < rows) y[first + r] = gr / (1.0f + expf(-gr)) * ur;
-    }
+// y = silu(a W_gᵀ) ⊙ (a W_uᵀ), a = rmsnorm(x) ⊙ gain: ROWS_A_BLOCK gate rows and the same up rows
+// a block.
+extern "C" __global__ void __launch_bounds__(THREADS)
+    gated(const float* __restrict__ x, const float* __restrict__ gain, float eps, int cols,
+          MATRIX_PARAMS(0), MATRIX_PARAMS(1), float* y, int n_out) {
+    const int first = blockIdx.x * ROWS_A_BLOCK;
+    const Matrix m[2] = {MATRIX(0), MATRIX(1)};
+    float out[2];
+    const int r = products(m, first, min(ROWS_A_BLOCK, n_out - first), x, gain, eps, cols, out);
+    if (r < 0) return;
+    const float g = out[0], u = out[1];
+    y[first + r] = g / (1.0f + expf(-g)) * u;
 }
 
 // y = row `id` of the matrix (the embedding lookup), in f32.
@@ -257,26 +432,6 @@ extern "C" __global__ void embed(MATRIX_PARAMS(0), int id, int cols, float* y) {
 }
 
 // ---------------------------------------------------------------------------------------------
-// y = x / √(mean(x²) + ε) ⊙ w over one row of n; one block of 1024 threads.
-extern "C" __global__ void __launch_bounds__(1024)
-    rms_norm(const float* __restrict__ x, const float* __restrict__ w, float* __restrict__ y,
-             int n, float eps) {
-    __shared__ float partial[32];
-    float ss = 0.0f;
-    for (int i = threadIdx.x; i < n; i += blockDim.x) ss = fmaf(x[i], x[i], ss);
-    ss = warp_sum(ss);
-    if ((threadIdx.x & 31) == 0) partial[threadIdx.x >> 5] = ss;
-    __syncthreads();
-    if (threadIdx.x < 32) {
-        float t = threadIdx.x < (blockDim.x >> 5) ? partial[threadIdx.x] : 0.0f;
-        t = warp_sum(t);
-        if (threadIdx.x == 0) partial[0] = t;
-    }
-    __syncthreads();
-    const float inv = 1.0f / sqrtf(partial[0] / (float)n + eps);
-    for (int i = threadIdx.x; i < n; i += blockDim.x) y[i] = x[i] * inv * w[i];
-}
-
 // RoPE (rotate_half layout) of q's `heads` and k's `kv_heads` heads at position `pos`, in
 // place for q; k rotated and v copied into the caches' row `pos`. One block a head, d/2
 // threads, thread i rotating the pair (i, i + d/2) with angle pos · inv_freq[i].

@@ -1,4 +1,4 @@
-//! The decode session on CUDA (`ops/decode.rs`): one token through a Llama-shaped model in eight
+//! The decode session on CUDA (`ops/decode.rs`): one token through a Llama-shaped model in six
 //! kernel launches a block (`decode.cu`), on buffers allocated once, with the weights' and
 //! buffers' addresses taken once. Op by op, Burn's host work for the few dozen ops a block
 //! (fusion, allocation, launch) outlasted the GPU's, so an 8B model decoded at 25-35 tokens/s
@@ -11,22 +11,16 @@
 use burn::tensor::ops::FloatTensor;
 use burn::tensor::{DType, Shape, Tensor as BurnTensor, TensorData};
 use burn_cubecl::kernel::into_contiguous;
-use burn_fusion::stream::OperationStreams;
-use burn_fusion::{Client, FusionBackend, NoOp};
-use burn_ir::{BackendIr, InitOperationIr, OperationIr, OperationOutput};
 use cudarc::driver::{CudaFunction, result as driver};
 
 use super::kernel::{self, Args, Queue, Tensor, empty, pointer, u32_of};
+use super::upload::into_fusion;
 use crate::ops::decode::{DecodeLinear, DecodeMatrix, DecodeModel, DecodeSession};
 use crate::ops::primitive::{inner, primitive};
 
 const SOURCE: &str = include_str!("decode.cu");
 /// Positions of room a session's cache starts with beyond the prompt (it doubles when full).
 const FIRST_ROOM: usize = 1024;
-/// Warps a block of the products, as `WARPS` in the kernel.
-const WARPS: usize = 4;
-/// Output rows a warp of the products takes, as `R` in the kernel.
-const ROWS: usize = 4;
 
 type Cuda = burn::backend::Cuda<f32>;
 
@@ -35,6 +29,78 @@ type Cuda = burn::backend::Cuda<f32>;
 enum Kind {
     Dense(Float),
     Packed { bits: u32, scales: Float },
+}
+
+/// Shared memory a packed product may stage its input in: at most 200 KiB (of an H100's or
+/// H200's 227; inputs up to about 49,600 wide at 4 bits), within what the device allows a block
+/// beside the kernel's own partial sums (`staging_limit`).
+const MAX_STAGED: usize = 200 * 1024;
+
+/// The packed products' static shared memory: a float per warp, 16 warps at most.
+const STATIC_SHARED: usize = 64;
+
+/// Dynamic shared memory a packed product may take on `device` (an A100 allows a block 163 KiB,
+/// consumer cards 99).
+fn staging_limit(device: usize) -> usize {
+    (super::max_shared_bytes(device) as usize)
+        .saturating_sub(STATIC_SHARED)
+        .min(MAX_STAGED)
+}
+
+impl Kind {
+    /// Dynamic shared memory a product over `cols` inputs takes: a packed one stages x and
+    /// each chunk's sum (`decode.cu`).
+    fn staged(self, cols: usize) -> usize {
+        match self {
+            Kind::Dense(_) => 0,
+            Kind::Packed { bits, .. } => 4 * (cols + cols / chunk(bits)),
+        }
+    }
+}
+
+/// Columns a lane of a packed product reads at a time: 4 words (`CHUNK` in `decode.cu`).
+fn chunk(bits: u32) -> usize {
+    4 * 32 / bits as usize
+}
+
+/// How the products split their work: `R` and `THREADS` in `decode.cu` (output rows a block for
+/// dense matrices, a warp for packed ones; threads a block).
+#[derive(Clone, Copy, PartialEq, Eq, Hash, Debug)]
+struct Tile {
+    rows: usize,
+    threads: usize,
+}
+
+impl Tile {
+    /// The tile for `kind`: dense rows 4 a block of 256 threads, packed ones 4 a warp in blocks
+    /// of 128 (bench/NOTES.md, session 25). `LORAFORGE_DECODE_TILE=RxT` (rows x threads)
+    /// overrides it, for measuring others.
+    fn of(kind: Kind) -> Self {
+        let tile = std::env::var("LORAFORGE_DECODE_TILE").ok().and_then(|v| {
+            let (rows, threads) = v.split_once('x')?;
+            let (rows, threads) = (rows.parse().ok()?, threads.parse().ok()?);
+            let fits = [1, 2, 4, 8].contains(&rows) && [32, 64, 128, 256, 512].contains(&threads);
+            fits.then_some(Tile { rows, threads })
+        });
+        tile.unwrap_or(match kind {
+            Kind::Dense(_) => Tile {
+                rows: 4,
+                threads: 256,
+            },
+            Kind::Packed { .. } => Tile {
+                rows: 4,
+                threads: 128,
+            },
+        })
+    }
+
+    /// Output rows a block of `kind`'s products takes (`ROWS_A_BLOCK`).
+    fn rows_a_block(self, kind: Kind) -> usize {
+        match kind {
+            Kind::Dense(_) => self.rows,
+            Kind::Packed { .. } => self.rows * self.threads / 32,
+        }
+    }
 }
 
 /// The two float types the kernels read.
@@ -67,15 +133,22 @@ struct Kernels {
     linear: CudaFunction,
     gated: CudaFunction,
     embed: CudaFunction,
-    rms_norm: CudaFunction,
     rope_append: CudaFunction,
     attend: CudaFunction,
+    tile: Tile,
+    /// Dynamic shared memory the products may take (0 for dense ones).
+    staging: usize,
 }
 
 fn kernels(device: usize, kind: Kind, kv: Float) -> &'static Kernels {
-    static KERNELS: kernel::Cache<(usize, Kind, Float), Kernels> = kernel::Cache::new();
-    kernel::cached(&KERNELS, (device, kind, kv), || {
-        let mut defines = vec![format!("KV_T={}", kv.name())];
+    static KERNELS: kernel::Cache<(usize, Kind, Float, Tile), Kernels> = kernel::Cache::new();
+    let tile = Tile::of(kind);
+    kernel::cached(&KERNELS, (device, kind, kv, tile), || {
+        let mut defines = vec![
+            format!("KV_T={}", kv.name()),
+            format!("R={}", tile.rows),
+            format!("THREADS={}", tile.threads),
+        ];
         match kind {
             Kind::Dense(t) => defines.push(format!("DENSE_T={}", t.name())),
             Kind::Packed { bits, scales } => {
@@ -85,13 +158,20 @@ fn kernels(device: usize, kind: Kind, kv: Float) -> &'static Kernels {
         }
         let module = kernel::module(device, "decode.cu", SOURCE, &defines);
         let f = |name| kernel::function(&module, name, 0);
+        // The packed products stage their input in dynamic shared memory.
+        let staging = match kind {
+            Kind::Dense(_) => 0,
+            Kind::Packed { .. } => staging_limit(device),
+        };
+        let product = |name| kernel::function(&module, name, u32_of(staging));
         Kernels {
-            linear: f("linear"),
-            gated: f("gated"),
+            linear: product("linear"),
+            gated: product("gated"),
             embed: f("embed"),
-            rms_norm: f("rms_norm"),
             rope_append: f("rope_append"),
             attend: f("attend"),
+            tile,
+            staging,
         }
     })
 }
@@ -122,8 +202,8 @@ impl Matrix {
                 group,
             } => {
                 let words = into_contiguous(words.client.clone().resolve_tensor_int::<Cube>(words));
-                // Rows are read 4 words at a time.
-                if !words.meta.shape()[1].is_multiple_of(4) {
+                // A lane reads 4 words at a time, all in one group.
+                if group == 0 || !group.is_multiple_of(chunk(bits)) {
                     return None;
                 }
                 let [scales, biases] = [scales, biases].map(float);
@@ -140,7 +220,7 @@ impl Matrix {
         };
         let kernels = kernels(buffers[0].device.index, kind, kv);
         let buffers: Vec<Buffer> = buffers.into_iter().map(Buffer::new).collect();
-        // Rows are read 16 bytes at a time.
+        // Rows are read up to 16 bytes at a time.
         if buffers.iter().any(|b| b.at % 16 != 0) {
             return None;
         }
@@ -224,7 +304,6 @@ struct Block {
 /// Activations of one position, f32, allocated once.
 struct Scratch {
     h: Buffer,
-    a: Buffer,
     q: Buffer,
     k: Buffer,
     v: Buffer,
@@ -254,7 +333,6 @@ pub struct Session {
     /// Positions held.
     len: usize,
     capacity: usize,
-    client: Client<<Cube as FusionBackend>::FusionRuntime>,
 }
 
 type Cube = kernel::Cube;
@@ -273,7 +351,6 @@ impl Session {
         room: usize,
     ) -> Option<Self> {
         let first = kv.first()?;
-        let client = first[0].client.clone();
         let kv_dtype = first[0].dtype;
         let kv_float = Float::of(kv_dtype)?;
         let [heads, kv_heads, d] = model.heads;
@@ -302,7 +379,28 @@ impl Session {
         }
         let intermediate = blocks.first()?.gate_up[0].out;
         let head = linear(model.head)?;
+        // The products read the norms' gains 16 bytes at a time.
+        let aligned = |b: &Buffer| b.at.is_multiple_of(16);
+        if !blocks
+            .iter()
+            .all(|b| aligned(&b.attn_norm) && aligned(&b.mlp_norm))
+        {
+            return None;
+        }
+        // A packed product stages its whole input in shared memory.
+        let widest = model.hidden.max(intermediate).max(heads * d);
+        let too_wide = blocks
+            .iter()
+            .flat_map(|b| [&b.qkv[0], &b.o, &b.gate_up[0], &b.down])
+            .chain([&head])
+            .any(|l| l.matrix.kind.staged(widest) > l.matrix.kernels.staging);
+        if too_wide {
+            return None;
+        }
         let like = float(model.norm);
+        if !pointer(&like).is_multiple_of(16) {
+            return None;
+        }
         let len = kv_len(first)?;
         let capacity = len + room.min(FIRST_ROOM) + 1;
         let queue = Queue::of(&like);
@@ -337,7 +435,6 @@ impl Session {
         let inv_freq = BurnTensor::<Cuda, 1>::from_data(inv_freq, &like.device);
         let scratch = Scratch {
             h: f32(model.hidden),
-            a: f32(model.hidden),
             q: f32(heads * d),
             k: f32(kv_heads * d),
             v: f32(kv_heads * d),
@@ -363,35 +460,33 @@ impl Session {
             scale: model.scale,
             len,
             capacity,
-            client,
         })
     }
 
-    /// `y0 = x W0ᵀ (+ bias) (+ residual)`, and as many more segments as `rest` holds (≤ 2)
-    /// written to their own outputs, in one launch.
+    /// `y0 = norm(x) W0ᵀ (+ bias) (+ residual)`, and as many more segments as `rest` holds (≤ 2)
+    /// written to their own outputs, in one launch; `norm` is the RMSNorm's gain folded in
+    /// before the product, if any.
     fn linear(
         &self,
-        x: &Buffer,
-        cols: usize,
+        (x, norm, cols): (&Buffer, Option<&Buffer>, usize),
         first: (&Linear, Option<&Buffer>, &Buffer),
         rest: &[(&Linear, &Buffer)],
     ) {
         let (l0, residual, y0) = first;
         let kind = l0.matrix.kind;
-        let mut args = Args::default();
-        args.addresses(&[x.at]);
-        args.int(cols);
+        let rows = l0.matrix.kernels.tile.rows_a_block(kind);
+        let mut args = self.input(x, norm, cols);
         l0.matrix.push(&mut args);
         args.addresses(&[l0.bias(), residual.map_or(0, |r| r.at), y0.at]);
         args.int(l0.out);
-        let mut groups = l0.out.div_ceil(ROWS);
+        let mut blocks = l0.out.div_ceil(rows);
         for i in 0..2 {
             match rest.get(i) {
                 Some((l, y)) => {
                     l.matrix.push(&mut args);
                     args.addresses(&[l.bias(), y.at]);
                     args.int(l.out);
-                    groups += l.out.div_ceil(ROWS);
+                    blocks += l.out.div_ceil(rows);
                 }
                 None => {
                     Matrix::push_none(kind, &mut args);
@@ -400,14 +495,21 @@ impl Session {
                 }
             }
         }
-        let grid = (u32_of(groups.div_ceil(WARPS)), 1, 1);
-        self.queue.launch(
-            &l0.matrix.kernels.linear,
-            grid,
-            (WARPS * 32) as u32,
-            0,
-            args,
-        );
+        let kernels = l0.matrix.kernels;
+        let shape = ((u32_of(blocks), 1, 1), u32_of(kernels.tile.threads));
+        let staged = u32_of(kind.staged(cols));
+        self.queue
+            .launch(&kernels.linear, shape.0, shape.1, staged, args);
+    }
+
+    /// A product's first arguments: its input, the RMSNorm gain folded in (null for none), ε and
+    /// the input's width.
+    fn input(&self, x: &Buffer, norm: Option<&Buffer>, cols: usize) -> Args {
+        let mut args = Args::default();
+        args.addresses(&[x.at, norm.map_or(0, |n| n.at)]);
+        args.float(self.eps);
+        args.int(cols);
+        args
     }
 
     /// Doubles the positions the cache holds (keys, values and the scores' scratch), copying
@@ -434,25 +536,14 @@ impl Session {
         self.capacity = capacity;
     }
 
-    /// `y = rmsnorm(x) ⊙ w` over the residual stream's width, by `k`'s kernel.
-    fn rms_norm(&self, x: &Buffer, w: &Buffer, y: &Buffer, k: &Kernels) {
-        let mut args = Args::default();
-        args.addresses(&[x.at, w.at, y.at]);
-        args.int(self.hidden);
-        args.float(self.eps);
-        self.queue.launch(&k.rms_norm, (1, 1, 1), 1024, 0, args);
-    }
-
     fn block(&self, i: usize) {
         let b = &self.blocks[i];
         let s = &self.scratch;
         let [heads, kv_heads, d] = self.heads;
         let k = b.qkv[0].matrix.kernels;
-        self.rms_norm(&s.h, &b.attn_norm, &s.a, k);
         let [q, kp, vp] = &b.qkv;
         self.linear(
-            &s.a,
-            self.hidden,
+            (&s.h, Some(&b.attn_norm), self.hidden),
             (q, None, &s.q),
             &[(kp, &s.k), (vp, &s.v)],
         );
@@ -477,29 +568,22 @@ impl Session {
         args.float(self.scale);
         self.queue
             .launch(&k.attend, (u32_of(heads), 1, 1), 256, 0, args);
-        self.linear(&s.attn, heads * d, (&b.o, Some(&s.h), &s.h), &[]);
+        self.linear((&s.attn, None, heads * d), (&b.o, Some(&s.h), &s.h), &[]);
         let [gate, up] = &b.gate_up;
-        self.rms_norm(&s.h, &b.mlp_norm, &s.a, gate.matrix.kernels);
-        let mut args = Args::default();
-        args.addresses(&[s.a.at]);
-        args.int(self.hidden);
+        let mut args = self.input(&s.h, Some(&b.mlp_norm), self.hidden);
         gate.matrix.push(&mut args);
         up.matrix.push(&mut args);
         args.addresses(&[s.mlp.at]);
         args.int(self.intermediate);
-        let grid = (
-            u32_of(self.intermediate.div_ceil(ROWS).div_ceil(WARPS)),
-            1,
-            1,
-        );
-        self.queue.launch(
-            &gate.matrix.kernels.gated,
-            grid,
-            (WARPS * 32) as u32,
-            0,
-            args,
-        );
-        self.linear(&s.mlp, self.intermediate, (&b.down, Some(&s.h), &s.h), &[]);
+        let (kernels, kind) = (gate.matrix.kernels, gate.matrix.kind);
+        let rows = kernels.tile.rows_a_block(kind);
+        let grid = (u32_of(self.intermediate.div_ceil(rows)), 1, 1);
+        let threads = u32_of(kernels.tile.threads);
+        let staged = u32_of(kind.staged(self.hidden));
+        self.queue
+            .launch(&kernels.gated, grid, threads, staged, args);
+        let mlp = (&s.mlp, None, self.intermediate);
+        self.linear(mlp, (&b.down, Some(&s.h), &s.h), &[]);
     }
 }
 
@@ -524,8 +608,8 @@ impl DecodeSession<Cuda> for Session {
         for i in 0..self.blocks.len() {
             self.block(i);
         }
-        self.rms_norm(&s.h, &self.norm, &s.a, self.head.matrix.kernels);
-        self.linear(&s.a, self.hidden, (&self.head, None, &s.logits), &[]);
+        let h = (&s.h, Some(&self.norm), self.hidden);
+        self.linear(h, (&self.head, None, &s.logits), &[]);
         self.len += 1;
         let mut logits = vec![0f32; self.head.out];
         // SAFETY: `logits` holds `head.out` f32s, the buffer's size; the copy is queued after
@@ -539,22 +623,7 @@ impl DecodeSession<Cuda> for Session {
     }
 
     fn into_kv(self: Box<Self>) -> Vec<[FloatTensor<Cuda>; 2]> {
-        let wrap = |t: Tensor| {
-            let shape = t.meta.shape().clone();
-            let handle = Cube::float_tensor_handle(t);
-            let client = self.client.clone();
-            let desc = InitOperationIr::create(shape, self.kv_dtype, || {
-                client.register_tensor_handle(handle)
-            });
-            let whole = client
-                .register(
-                    OperationStreams::default(),
-                    OperationIr::Init(desc),
-                    NoOp::<Cube>::new(),
-                )
-                .output();
-            primitive(inner::<Cuda, 4>(whole).narrow(2, 0, self.len))
-        };
+        let wrap = |t: Tensor| primitive(inner::<Cuda, 4>(into_fusion(t)).narrow(2, 0, self.len));
         self.cache
             .iter()
             .map(|[k, v]| [wrap(k.tensor.clone()), wrap(v.tensor.clone())])

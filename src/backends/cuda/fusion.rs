@@ -427,6 +427,11 @@ impl ModelBackend for burn::backend::Cuda<f32> {
         Some(Box::new(session))
     }
 
+    /// From the file's pages into the weight's buffer (`upload.rs`), without a host copy.
+    fn bf16_matrix(bytes: &[u8], shape: [usize; 2], device: &Self::Device) -> FloatTensor<Self> {
+        super::upload::bf16_matrix(bytes, shape, device)
+    }
+
     fn dequantize_for_gemm(w: &DeviceQuantized<Self>) -> FloatTensor<Self> {
         dequantize(w)
     }

@@ -16,6 +16,7 @@ mod grouped_gemm;
 mod kernel;
 mod qgemv;
 mod rope;
+mod upload;
 
 pub use fusion::dequantize;
 

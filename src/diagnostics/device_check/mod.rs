@@ -2,8 +2,8 @@
 //! One command to run on a GPU machine (issue 4, acceptance 5). It prints one JSON line per check
 //! and fails if any is off:
 //!
-//! - `trajectory`: the tiny shape trained for 20 steps on the device follows the CPU f32 run's
-//!   losses within 1e-2 relative. Same random weights (seeded on the host), the CPU run's initial
+//! - `trajectory`: the tiny shape trained for 20 steps (`--steps`) on the device follows the CPU
+//!   f32 run's losses within 1e-2 relative. Same random weights (seeded on the host), the CPU run's initial
 //!   adapters copied to the device, the same batches. `trajectory_chunked_offloaded`: the same
 //!   on the device with activation checkpointing, the MLP run 128 tokens at a time (4 chunks a
 //!   batch) and the block inputs kept in host memory (`train/recompute.rs`), against the CPU's
@@ -79,7 +79,8 @@ use crate::train::trainer::{StepSettings, Trainer};
 
 type CpuTrain = Autodiff<NdArray<f32>>;
 
-const STEPS: usize = 20;
+/// The trajectories' steps unless `--steps` says otherwise.
+pub const STEPS: usize = 20;
 const TRAJECTORY_TOLERANCE: f64 = 1e-2;
 /// AdamW's step for the trajectory. Adam moves every weight by about the learning rate whatever
 /// its gradient's size, so a gradient component that rounding flips changes the path by a full
@@ -156,6 +157,8 @@ pub struct CheckOptions {
     pub skip: Vec<String>,
     /// The trajectories' vocabulary, if not the tiny shape's 32,000.
     pub vocab: Option<usize>,
+    /// AdamW steps of each trajectory ([`STEPS`] by default).
+    pub steps: usize,
 }
 
 /// The checks `CheckOptions::skip` may name: the trajectories, and the experts' grouped products.
@@ -180,6 +183,7 @@ pub fn run<B: ModelBackend>(
         max_head_dim,
         skip,
         vocab,
+        steps,
     } = options;
     if let Some(unknown) = skip.iter().find(|s| !SKIPPABLE.contains(&s.as_str())) {
         bail!("--skip {unknown}: not a check that can be skipped (those are {SKIPPABLE:?})");
@@ -234,7 +238,7 @@ pub fn run<B: ModelBackend>(
             continue;
         }
         emit(trajectory::<Autodiff<B>>(
-            device, name, config, settings, None,
+            device, name, config, settings, None, steps,
         )?);
     }
     if let Some(half) = half {
@@ -245,6 +249,7 @@ pub fn run<B: ModelBackend>(
             &tiny,
             plain,
             Some(half),
+            steps,
         )?);
     }
     let mut weights = vec![Weight::Dense];
@@ -351,7 +356,7 @@ fn lora() -> LoraSection {
     }
 }
 
-/// A tiny model's losses over 20 AdamW steps, on the CPU (plain steps) and on the device
+/// A tiny model's losses over `steps` AdamW steps, on the CPU (plain steps) and on the device
 /// (steps with `settings`).
 fn trajectory<D: TrainBackend>(
     device: &D::Device,
@@ -359,6 +364,7 @@ fn trajectory<D: TrainBackend>(
     config: &ModelConfig,
     settings: StepSettings,
     half: Option<FloatDType>,
+    steps: usize,
 ) -> Result<serde_json::Value> {
     let config = config.clone();
     let files = random_model_files(config.clone(), 0);
@@ -373,8 +379,8 @@ fn trajectory<D: TrainBackend>(
     let mut dev = files.build_quantized::<D>(device, storage)?;
     inject(&mut dev, &spec, 1, device);
     copy_adapters(&cpu, &mut dev, device);
-    let (cpu_losses, cpu_norm) = train_steps(cpu, StepSettings::default(), &cpu_device);
-    let (dev_losses, dev_norm) = train_steps(dev, settings, device);
+    let (cpu_losses, cpu_norm) = train_steps(cpu, StepSettings::default(), &cpu_device, steps);
+    let (dev_losses, dev_norm) = train_steps(dev, settings, device, steps);
     // The first step's gradient norm, from identical weights: Adam's steps hardly depend on the
     // gradients' overall size, so the losses alone would not see a gradient off by a factor
     // (an f16 run's loss scale not undone).
@@ -384,13 +390,13 @@ fn trajectory<D: TrainBackend>(
         .zip(&dev_losses)
         .map(|(c, d)| ((c - d) / c).abs())
         .fold(0.0, f64::max);
-    let fall = cpu_losses[0] - cpu_losses[STEPS - 1];
+    let fall = cpu_losses[0] - cpu_losses[steps - 1];
     let tolerance = match half {
         Some(_) => HALF_TRAJECTORY_TOLERANCE,
         None => TRAJECTORY_TOLERANCE,
     };
     Ok(json!({
-        "check": name, "shape": "tiny", "family": config.family.name(), "steps": STEPS,
+        "check": name, "shape": "tiny", "family": config.family.name(), "steps": steps,
         "cpu_losses": cpu_losses, "device_losses": dev_losses,
         "loss_fall": fall, "max_relative_diff": worst, "tolerance": tolerance,
         "cpu_first_grad_norm": cpu_norm, "device_first_grad_norm": dev_norm,
@@ -417,11 +423,12 @@ fn copy_adapters<A: ModelBackend, D: ModelBackend>(
     }
 }
 
-/// The losses of `STEPS` steps, and the first step's gradient norm.
+/// The losses of `steps` steps, and the first step's gradient norm.
 fn train_steps<D: TrainBackend>(
     model: Decoder<D>,
     settings: StepSettings,
     device: &D::Device,
+    steps: usize,
 ) -> (Vec<f64>, f64) {
     let mut trainer = Trainer::new(model, plain_adamw(), settings, device);
     // One batch, seen every step: the adapters memorise it, so the loss falls steeply and a
@@ -429,14 +436,14 @@ fn train_steps<D: TrainBackend>(
     // ln(vocab), where any two backends agree).
     let mut rng = rand::rngs::StdRng::seed_from_u64(2);
     let batch = random_batch(&mut rng, 4, 128, trainer.model.config.vocab_size);
-    let steps: Vec<(f64, f64)> = (0..STEPS)
+    let stats: Vec<(f64, f64)> = (0..steps)
         .map(|_| {
             trainer
                 .step(std::slice::from_ref(&batch), LEARNING_RATE)
                 .map_or_else(|e| (e.loss, e.grad_norm), |s| (s.loss, s.grad_norm))
         })
         .collect();
-    (steps.iter().map(|s| s.0).collect(), steps[0].1)
+    (stats.iter().map(|s| s.0).collect(), stats[0].1)
 }
 
 fn uniform(rng: &mut impl Rng, len: usize, bound: f64) -> Vec<f64> {

@@ -338,6 +338,28 @@ fn a_tokenizer_with_ids_past_the_embedding_is_refused() {
     );
 }
 
+#[test]
+fn a_dtype_the_device_cannot_compute_is_refused_by_its_flag() {
+    let model = common::fixture("models/llama-linearrope-untied");
+    let out = common::loraforge(&[
+        "generate",
+        "--model",
+        model.to_str().unwrap(),
+        "--prompt",
+        "hi",
+        "--device",
+        "cpu",
+        "--dtype",
+        "bf16",
+    ]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    assert!(
+        err.contains("--dtype bf16 on --device cpu") && err.contains("leave --dtype at auto"),
+        "{err}"
+    );
+}
+
 /// GGUF bytes: `metadata` as (key, type, value bytes), then tensor infos as (name, dims, ggml
 /// type, offset), aligned data of `data` zero bytes.
 fn gguf_bytes(
