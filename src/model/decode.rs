@@ -31,7 +31,6 @@ impl<B: ModelBackend> Decoder<B> {
             && self.local_rope.is_none()
             && self.rope.plain()
             && self.rope.inv_freq().len() * 2 == c.head_dim
-            && c.head_dim.is_multiple_of(2)
             && c.head_dim <= 256
             && c.num_kv_heads > 0
             && c.num_heads.is_multiple_of(c.num_kv_heads)

@@ -133,14 +133,10 @@ impl ModelFiles {
         }
         let c = &self.config;
         let (h, hd) = (c.hidden_size, c.head_dim);
+        // A bf16 matrix for a bf16 base goes to the device as it is stored.
+        let as_stored = storage.quantize.is_none() && storage.half == Some(FloatDType::BF16);
         let matrix = |name: &str, rows: usize, cols: usize| -> Result<FrozenWeight<B>> {
-            // A bf16 matrix for a bf16 base goes to the device as it is stored.
-            let as_stored = storage.quantize.is_none() && storage.half == Some(FloatDType::BF16);
-            if let Some(bytes) = self
-                .weights
-                .stored_bf16(name, [rows, cols])
-                .filter(|_| as_stored)
-            {
+            if as_stored && let Some(bytes) = self.weights.stored_bf16(name, [rows, cols]) {
                 let w = B::bf16_matrix(bytes, [rows, cols], device);
                 self.weights.release(name);
                 return Ok(FrozenWeight::Dense(inner::<B, 2>(w)));

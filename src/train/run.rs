@@ -562,7 +562,7 @@ pub fn evaluate_loss<B: ModelBackend>(
     device: &B::Device,
 ) -> Evaluation {
     let balance = model.router_balance();
-    let (mut sum, mut aux_sum, mut count) = (0.0, 0.0, 0usize);
+    let (mut sum, mut aux_sum, mut count) = (0.0, 0.0, 0.0);
     for batch in batches {
         let tokens = batch.trained_tokens() as f64;
         if let Some(balance) = &balance {
@@ -575,9 +575,9 @@ pub fn evaluate_loss<B: ModelBackend>(
         let aux = balance.as_ref().map_or(0.0, |b| b.end());
         sum += (loss + aux) * tokens;
         aux_sum += aux * tokens;
-        count += batch.trained_tokens();
+        count += tokens;
     }
-    let count = count.max(1) as f64;
+    let count = f64::max(count, 1.0);
     Evaluation {
         loss: sum / count,
         router_aux: balance.map(|_| aux_sum / count),

@@ -221,7 +221,7 @@ impl Matrix {
         let kernels = kernels(buffers[0].device.index, kind, kv);
         let buffers: Vec<Buffer> = buffers.into_iter().map(Buffer::new).collect();
         // Rows are read up to 16 bytes at a time.
-        if buffers.iter().any(|b| b.at % 16 != 0) {
+        if !buffers.iter().all(Buffer::aligned) {
             return None;
         }
         Some(Matrix {
@@ -240,6 +240,11 @@ impl Matrix {
         if matches!(self.kind, Kind::Packed { .. }) {
             args.int(self.group);
         }
+    }
+
+    /// Output rows a block of this matrix's products takes.
+    fn rows_a_block(&self) -> usize {
+        self.kernels.tile.rows_a_block(self.kind)
     }
 
     /// The parameters of an absent segment of this kind: null matrices.
@@ -266,6 +271,11 @@ impl Buffer {
             at: pointer(&tensor),
             tensor,
         }
+    }
+
+    /// Whether the buffer can be read 16 bytes at a time.
+    fn aligned(&self) -> bool {
+        self.at.is_multiple_of(16)
     }
 }
 
@@ -380,11 +390,9 @@ impl Session {
         let intermediate = blocks.first()?.gate_up[0].out;
         let head = linear(model.head)?;
         // The products read the norms' gains 16 bytes at a time.
-        let aligned = |b: &Buffer| b.at.is_multiple_of(16);
-        if !blocks
-            .iter()
-            .all(|b| aligned(&b.attn_norm) && aligned(&b.mlp_norm))
-        {
+        let norm = Buffer::new(float(model.norm));
+        let gains = blocks.iter().flat_map(|b| [&b.attn_norm, &b.mlp_norm]);
+        if !gains.chain([&norm]).all(Buffer::aligned) {
             return None;
         }
         // A packed product stages its whole input in shared memory.
@@ -397,14 +405,11 @@ impl Session {
         if too_wide {
             return None;
         }
-        let like = float(model.norm);
-        if !pointer(&like).is_multiple_of(16) {
-            return None;
-        }
+        let like = &norm.tensor;
         let len = kv_len(first)?;
         let capacity = len + room.min(FIRST_ROOM) + 1;
-        let queue = Queue::of(&like);
-        let buffer = |shape: Vec<usize>, dtype| empty(&like, Shape::from(shape), dtype);
+        let queue = Queue::of(like);
+        let buffer = |shape: Vec<usize>, dtype| empty(like, Shape::from(shape), dtype);
         let f32 = |n: usize| Buffer::new(buffer(vec![n], DType::F32));
         let cache = kv
             .into_iter()
@@ -418,7 +423,7 @@ impl Session {
                     {
                         return None;
                     }
-                    let dst = Buffer::new(kv_buffer(&like, [kv_heads, capacity, d], kv_dtype));
+                    let dst = Buffer::new(kv_buffer(like, [kv_heads, capacity, d], kv_dtype));
                     copy_rows(
                         queue,
                         src.dtype,
@@ -448,7 +453,7 @@ impl Session {
             kv_dtype,
             embed,
             blocks,
-            norm: Buffer::new(like),
+            norm,
             head,
             cache,
             inv_freq: Buffer::new(float(primitive(inv_freq))),
@@ -474,7 +479,7 @@ impl Session {
     ) {
         let (l0, residual, y0) = first;
         let kind = l0.matrix.kind;
-        let rows = l0.matrix.kernels.tile.rows_a_block(kind);
+        let rows = l0.matrix.rows_a_block();
         let mut args = self.input(x, norm, cols);
         l0.matrix.push(&mut args);
         args.addresses(&[l0.bias(), residual.map_or(0, |r| r.at), y0.at]);
@@ -495,11 +500,23 @@ impl Session {
                 }
             }
         }
-        let kernels = l0.matrix.kernels;
-        let shape = ((u32_of(blocks), 1, 1), u32_of(kernels.tile.threads));
-        let staged = u32_of(kind.staged(cols));
+        let kernel = &l0.matrix.kernels.linear;
+        self.launch_product(kernel, &l0.matrix, blocks, cols, args);
+    }
+
+    /// Queues `kernel`, a product of `matrix`'s kind over `cols` inputs, in `blocks` blocks.
+    fn launch_product(
+        &self,
+        kernel: &CudaFunction,
+        matrix: &Matrix,
+        blocks: usize,
+        cols: usize,
+        args: Args,
+    ) {
+        let threads = u32_of(matrix.kernels.tile.threads);
+        let staged = u32_of(matrix.kind.staged(cols));
         self.queue
-            .launch(&kernels.linear, shape.0, shape.1, staged, args);
+            .launch(kernel, (u32_of(blocks), 1, 1), threads, staged, args);
     }
 
     /// A product's first arguments: its input, the RMSNorm gain folded in (null for none), ε and
@@ -575,13 +592,9 @@ impl Session {
         up.matrix.push(&mut args);
         args.addresses(&[s.mlp.at]);
         args.int(self.intermediate);
-        let (kernels, kind) = (gate.matrix.kernels, gate.matrix.kind);
-        let rows = kernels.tile.rows_a_block(kind);
-        let grid = (u32_of(self.intermediate.div_ceil(rows)), 1, 1);
-        let threads = u32_of(kernels.tile.threads);
-        let staged = u32_of(kind.staged(self.hidden));
-        self.queue
-            .launch(&kernels.gated, grid, threads, staged, args);
+        let blocks = self.intermediate.div_ceil(gate.matrix.rows_a_block());
+        let kernel = &gate.matrix.kernels.gated;
+        self.launch_product(kernel, &gate.matrix, blocks, self.hidden, args);
         let mlp = (&s.mlp, None, self.intermediate);
         self.linear(mlp, (&b.down, Some(&s.h), &s.h), &[]);
     }

@@ -3,8 +3,8 @@
 //! and fails if any is off:
 //!
 //! - `trajectory`: the tiny shape trained for 20 steps (`--steps`) on the device follows the CPU
-//!   f32 run's losses within 1e-2 relative. Same random weights (seeded on the host), the CPU run's initial
-//!   adapters copied to the device, the same batches. `trajectory_chunked_offloaded`: the same
+//!   f32 run's losses within 1e-2 relative. Same random weights (seeded on the host), the CPU
+//!   run's initial adapters copied to the device, the same batches. `trajectory_chunked_offloaded`: the same
 //!   on the device with activation checkpointing, the MLP run 128 tokens at a time (4 chunks a
 //!   batch) and the block inputs kept in host memory (`train/recompute.rs`), against the CPU's
 //!   plain run. `trajectory_half`: the base held in the device's 16-bit float (bf16 on CUDA,
