@@ -13,7 +13,6 @@ use crate::chat::{ChatTemplate, Message};
 use crate::generate::batch::generate_batch;
 use crate::generate::conversation::rewind_to_prefix;
 use crate::generate::prompt_cache::{PromptCache, fingerprint};
-use crate::generate::sampler::argmax;
 use crate::generate::speculative::{check_vocabulary, generate_speculative};
 use crate::generate::{GenerationLimits, Prompt, SamplingConfig, generate};
 use crate::model::load::{BaseStorage, load_model_quantized};
@@ -288,13 +287,27 @@ impl BackendTask for GenerateArgs {
         }
         let (sampling, limits) = (self.sampling.config(), self.limits());
         if self.warmup {
+            // Two tokens through the path the timed run takes: the decode session, where the
+            // backend has one, compiles its kernels at its first step.
+            let short = GenerationLimits {
+                max_tokens: 2,
+                ..limits.clone()
+            };
             let mut scratch = KvCache::new(&model.decoder.config, bound);
-            let first = model
-                .decoder
-                .next_logits(&prompt_ids, &mut scratch, &device);
-            model
-                .decoder
-                .next_logits(&[argmax(&first)], &mut scratch, &device);
+            let prompt = Prompt {
+                cache: Some(&mut scratch),
+                cached: &[],
+                ids: &prompt_ids,
+            };
+            generate(
+                &model.decoder,
+                &tokenizer,
+                prompt,
+                short,
+                sampling.clone(),
+                &device,
+                |_| {},
+            )?;
         }
         let echo = !self.json;
         if echo {

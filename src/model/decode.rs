@@ -112,8 +112,8 @@ fn linear<B: ModelBackend>(l: &FrozenLinear<B>) -> Option<DecodeLinear<B>> {
     })
 }
 
-/// A dense f32 or bf16 matrix, or one packed on the device, whose rows the session's kernels
-/// read 16 bytes at a time (a multiple of 8 columns).
+/// A dense f32 or bf16 matrix, or a packed one (on the device or the host), whose rows the
+/// session's kernels read 16 bytes at a time (a multiple of 8 columns).
 fn matrix<B: ModelBackend>(w: &FrozenWeight<B>) -> Option<DecodeMatrix<B>> {
     if !w.dims()[1].is_multiple_of(8) {
         return None;
@@ -134,6 +134,7 @@ fn matrix<B: ModelBackend>(w: &FrozenWeight<B>) -> Option<DecodeMatrix<B>> {
                 group: q.group,
             })
         }
+        FrozenWeight::Quantized(q) => Some(DecodeMatrix::Host(q.clone())),
         _ => None,
     }
 }

@@ -1,6 +1,6 @@
 //! One-token decode steps run as a whole by a backend (`ModelBackend::decode_session`), for the
-//! backends where running the model op by op costs more host time than the step's GPU work
-//! (CUDA: `backends/cuda/decode.rs`).
+//! backends where running the model op by op costs more host time than the step's work (CUDA:
+//! `backends/cuda/decode.rs`; the CPU: `backends/cpu/decode.rs`).
 //!
 //! The model is handed over as plain tensors: a Llama-shaped decoder (RMSNorm, grouped-query
 //! attention with full-width RoPE, a SwiGLU MLP, optional q/k/v biases), every matrix dense or
@@ -11,8 +11,12 @@
 //! logits = rmsnorm(h) W_headᵀ
 //! ```
 
+use std::sync::Arc;
+
 use burn::tensor::backend::Backend;
 use burn::tensor::ops::{FloatTensor, IntTensor};
+
+use crate::quant::QuantizedMatrix;
 
 /// A frozen `[out, in]` matrix as the step reads it.
 pub enum DecodeMatrix<B: Backend> {
@@ -31,6 +35,9 @@ pub enum DecodeMatrix<B: Backend> {
         /// Codes sharing a scale.
         group: usize,
     },
+    /// Packed on the host (MLX affine, any width), as backends without device quantization
+    /// hold it.
+    Host(Arc<QuantizedMatrix>),
 }
 
 /// A linear: its matrix and an optional f32 bias.
@@ -57,6 +64,43 @@ pub struct DecodeBlock<B: Backend> {
     pub gate_up: [DecodeLinear<B>; 2],
     /// The MLP's down projection.
     pub down: DecodeLinear<B>,
+}
+
+/// A block as a session holds it: its gains as `G`, its linears as `L`.
+pub struct SessionBlock<G, L> {
+    /// The RMSNorm's gain before attention.
+    pub attn_norm: G,
+    /// Query, key and value projections.
+    pub qkv: [L; 3],
+    /// The heads' outputs back onto the residual stream.
+    pub o: L,
+    /// The RMSNorm's gain before the MLP.
+    pub mlp_norm: G,
+    /// The MLP's gate and up projections.
+    pub gate_up: [L; 2],
+    /// The MLP's down projection.
+    pub down: L,
+}
+
+impl<B: Backend> DecodeBlock<B> {
+    /// The block with each gain taken by `gain` and each linear by `linear`; `None` where
+    /// either declines one.
+    pub fn take<G, L>(
+        self,
+        gain: impl Fn(FloatTensor<B>) -> Option<G>,
+        linear: impl Fn(DecodeLinear<B>) -> Option<L>,
+    ) -> Option<SessionBlock<G, L>> {
+        let [q, k, v] = self.qkv;
+        let [gate, up] = self.gate_up;
+        Some(SessionBlock {
+            attn_norm: gain(self.attn_norm)?,
+            qkv: [linear(q)?, linear(k)?, linear(v)?],
+            o: linear(self.o)?,
+            mlp_norm: gain(self.mlp_norm)?,
+            gate_up: [linear(gate)?, linear(up)?],
+            down: linear(self.down)?,
+        })
+    }
 }
 
 /// A Llama-shaped decoder, as a decode session reads it.

@@ -1,6 +1,6 @@
 //! `loraforge bench check --device cpu`: the device checks a GPU machine runs (frozen linears,
 //! the attention layer, the attention op's gradients, RoPE's and the element-wise ops' gradients,
-//! the trajectory), run on the
+//! the trajectory, the decode session against the op-by-op path), run on the
 //! CPU backend against their float64 references, so CI keeps the check code itself working
 //! between GPU sittings.
 
@@ -16,6 +16,8 @@ fn every_device_check_passes_on_the_cpu() {
             "trajectory_chunked_offloaded",
             "linear_dense",
             "linear_q4",
+            "decode_session_dense",
+            "decode_session_q4",
             "attention",
             "attention_grad",
             "rope_grad",

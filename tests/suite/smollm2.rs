@@ -60,6 +60,54 @@ fn greedy_tokens_and_logits_match_transformers() {
     assert_eq!(generated, common::ids(&greedy["ids_ignoring_eos"]));
 }
 
+/// The CPU's decode session (`backends/cpu/decode.rs`) continues the prompt's cache: its greedy
+/// tokens are transformers', and each step's logits the op-by-op path's.
+#[test]
+fn the_cpu_decode_session_decodes_as_transformers_and_the_op_path_do() {
+    use loraforge::ops::ModelBackend;
+    let path = common::asset("smollm2");
+    let reference = reference();
+    let device = Default::default();
+    let model = load_model::<B>(&path, &device).unwrap();
+    let prompt = common::ids(&reference["greedy"]["prompt_ids"]);
+    let config = &model.decoder.config;
+    let mut ops = KvCache::new(config, None);
+    model.decoder.next_logits(&prompt, &mut ops, &device);
+    let mut cache = KvCache::new(config, None);
+    let mut logits = model.decoder.next_logits(&prompt, &mut cache, &device);
+    let decoder = model
+        .decoder
+        .decode_model()
+        .expect("SmolLM2 is Llama-shaped");
+    // Room for 8: the cache grows on the way.
+    let mut session = B::decode_session(decoder, cache.kv_primitives().unwrap(), 8)
+        .expect("the CPU opens a session for the packed model");
+    let mut generated = Vec::new();
+    for _ in 0..32 {
+        let next = argmax(&logits);
+        generated.push(next);
+        logits = session.step(next);
+        let want = model.decoder.next_logits(&[next], &mut ops, &device);
+        let worst = common::max_abs_diff(&logits, &want);
+        assert!(
+            worst < 1e-3,
+            "step {}: logits differ by {worst}",
+            generated.len()
+        );
+    }
+    assert_eq!(
+        generated,
+        common::ids(&reference["greedy"]["ids_ignoring_eos"])
+    );
+    // The keys and values handed back continue op by op as the op path's own.
+    let mut handed = cache.refilled(session.into_kv());
+    let last = argmax(&logits);
+    let after = model.decoder.next_logits(&[last], &mut handed, &device);
+    let want = model.decoder.next_logits(&[last], &mut ops, &device);
+    let worst = common::max_abs_diff(&after, &want);
+    assert!(worst < 1e-3, "after the session: logits differ by {worst}");
+}
+
 #[test]
 fn cli_answers_paris() {
     let path = common::asset("smollm2");

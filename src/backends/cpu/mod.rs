@@ -4,8 +4,10 @@
 //! log-sum-exp (`softmax.rs`). f64 tensors (the finite-difference checks) take Burn's ops.
 
 pub mod blas;
+mod decode;
 pub mod elementwise;
 pub mod matmul;
+mod products;
 pub mod softmax;
 
 use std::sync::Arc;
@@ -16,6 +18,7 @@ use burn::tensor::{DType, FloatDType, Int, Tensor};
 
 use crate::ops::ModelBackend;
 use crate::ops::attention::{AttentionBackend, softmax_backward_ops};
+use crate::ops::decode::{DecodeModel, DecodeSession};
 use crate::ops::elementwise::{
     ElementwiseBackend, cast, cross_entropy_backward_ops, logsumexp_ops, swiglu_backward_ops,
     swiglu_ops,
@@ -140,6 +143,17 @@ impl RopeBackend for burn::backend::NdArray<f64> {}
 /// On the CPU, every product runs from the packed weight: row by row for a few rows, tile by
 /// tile through sgemm for many (`quant/tiled_matmul.rs`), so no dense copy of `W` is made.
 impl ModelBackend for burn::backend::NdArray<f32> {
+    const DECODE_SESSIONS: bool = true;
+
+    fn decode_session(
+        model: DecodeModel<Self>,
+        kv: Vec<[FloatTensor<Self>; 2]>,
+        room: usize,
+    ) -> Option<Box<dyn DecodeSession<Self>>> {
+        let session = decode::Session::open(model, kv, room)?;
+        Some(Box::new(session))
+    }
+
     fn quantized_linear(x: FloatTensor<Self>, w: &Arc<QuantizedMatrix>) -> FloatTensor<Self> {
         let x = inner::<Self, 2>(x);
         let [n, _] = x.dims();

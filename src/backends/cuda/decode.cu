@@ -55,20 +55,21 @@ __device__ __forceinline__ float warp_max(float v) {
 }
 
 // ---------------------------------------------------------------------------------------------
-// The products, each block taking ROWS_A_BLOCK consecutive output rows of one matrix (or of two,
-// for gate and up), each output row summed by one thread at the end (`products`):
-// - dense rows: a block of THREADS threads takes R rows, its threads splitting each row's
-//   columns 16 bytes at a time, x loaded once for the R rows (and both matrices), the partial
-//   sums added in shared memory. An 8B model in bf16 on an H200 (ncu, session 25): gate/up at
-//   4.2 TB/s, the other products at 3.3 TB/s, of the card's 4.8.
-// - packed rows: x staged in shared memory once a block, each warp taking R rows (below).
+// The products. A launch's rows are split into tasks of R consecutive rows of one matrix (or of
+// two, for gate and up), and each output row is summed by one thread at the end (`run`):
+// - dense rows: a block a task, its THREADS threads splitting each row's columns 16 bytes at a
+//   time, x loaded once for the R rows (and both matrices), the partial sums added in shared
+//   memory. An 8B model in bf16 on an H200 (ncu, session 25): gate/up at 4.2 TB/s, the other
+//   products at 3.3 TB/s, of the card's 4.8.
+// - packed rows: a warp a task, x staged in shared memory once a block, the blocks as many as the
+//   device holds at once, their warps taking one task after another (below).
 //
 // A product may fold in the RMSNorm before it: given the norm's gain, it reads x ⊙ gain,
 // accumulates Σ x² alongside (each block reads all of x), and scales its sums by
 // 1 / √(Σ x² / cols + ε) at the end: rmsnorm(x) W ᵀ = (x ⊙ gain) Wᵀ / rms(x).
 
 #ifndef R
-#error "compile with -DR=<output rows a block (dense) or a warp (packed)>"
+#error "compile with -DR=<output rows a task: a block's (dense) or a warp's (packed)>"
 #endif
 #ifndef THREADS
 #error "compile with -DTHREADS=<threads a block of the products>"
@@ -97,18 +98,27 @@ __device__ __forceinline__ void load_x(const float* __restrict__ x, const float*
     }
 }
 
+// A task: R rows (fewer at a matrix's end) of M matrices from row `first`, in segment `seg` of
+// the launch. `Mat` is the matrix type (`Matrix`, packed or dense, below).
+template <int M, class Mat = struct Matrix>
+struct Task {
+    Mat m[M];
+    int first, rows, seg;
+};
+
 #if defined(BITS)
 #define PER_WORD (32 / BITS)
 #ifndef SCALE_T
 #error "packed matrices need -DSCALE_T=bf16|float"
 #endif
 typedef SCALE_T scale_t;
-// A packed matrix: words [n][cols / PER_WORD], scales and biases [n][cols / group].
+// A packed matrix: words [n][cols / PER_WORD], scales and biases [n][cols >> gshift] (groups
+// of 2^gshift codes).
 struct Matrix {
     const u32* words;
     const scale_t* scales;
     const scale_t* biases;
-    int group;
+    int gshift;
 };
 
 // Codes become floats without a conversion instruction: OR-ing a code that sits in the low 23
@@ -121,19 +131,31 @@ __host__ __device__ constexpr int code_shift(int j) {
     return j * BITS + BITS <= 23 ? j * BITS : j * BITS - HI;
 }
 
-// A packed block's rows: each warp takes R rows (a block THREADS / 32 · R), each lane a chunk
-// of 4 words of each (16 bytes; the warp's loads of a row coalesced, R of them in flight a lane).
-// A chunk lies in one group. x, read by every row, is staged once a block in shared memory,
-// loaded coalesced: scaled for the codes (above) and by the norm's gain, with each chunk's Σ x
-// beside it, its float4s swizzled (float4 j of chunk c at j ^ SWIZZLE(c)) so that the 8 lanes of
-// a 16-byte shared load phase, reading float4 j of chunks c .. c + 7, hit distinct banks. Session 25 measured what the 4-bit products of an 8B
-// model do without these: x read by each thread from global memory 32 columns at a time, 0.5
-// TB/s; a word a lane, 0.5-0.9 TB/s (too few loads in flight).
-#define ROWS_A_BLOCK (R * (THREADS / 32))
+// A packed task: R rows taken by one warp, each lane a chunk of 4 words of each row at a time
+// (16 bytes; the warp's loads of a row coalesced), the next chunk's words, scales and biases
+// loaded while the current one is summed (`fetch` into one of two `Chunk`s, `accumulate` from
+// the other), so that 2 · R · M loads of 16 bytes are in flight a lane. A chunk lies in one
+// group. x, read by every row, is staged once a block in shared memory, loaded coalesced:
+// scaled for the codes (above) and by the norm's gain, with each chunk's Σ x beside it, its
+// float4s swizzled (float4 j of chunk c at j ^ SWIZZLE(c)) so that the 8 lanes of a 16-byte
+// shared load phase, reading float4 j of chunks c .. c + 7, hit distinct banks. The launch has
+// as many blocks as the device holds at once (fewer if there are fewer tasks), each of their
+// warps taking tasks t, t + warps of the launch, ..., so x is staged once a block rather than
+// once every R · THREADS / 32 rows. Session 25 measured what the 4-bit products of an 8B model
+// do without these: x read by each thread from global memory 32 columns at a time, 0.5 TB/s; a
+// word a lane, 0.5-0.9 TB/s; staged, 4 words a lane, one load a row in flight and a block every
+// 16 rows, 0.70 TB/s (1.07 for gate and up).
 #define CHUNK (4 * PER_WORD)
 #define F (CHUNK / 4)
 // F float4s a chunk: 4 at 8 bits (two chunks a phase share a key), 8 or 16 below.
 #define SWIZZLE(c) (((c) / (F >= 8 ? 1 : 8 / F)) % F)
+
+// 2²³'s bit pattern, read back from shared memory (`stage_x` writes it) so that the compiler
+// cannot see it is a constant: each code's LOP3 then takes its mask as the immediate and the
+// pattern from this one register. With both known, the pattern was the immediate and every
+// mask a register rebuilt by a move before each use (session 26's SASS: a move for every two
+// codes).
+__shared__ u32 magic_slot;
 
 // Stages x (⊙ gain) into xs [cols] and each chunk's Σ into csum [cols / CHUNK]; returns
 // 1 / rms(x) with a gain (1 without).
@@ -141,6 +163,7 @@ __device__ __forceinline__ float stage_x(const float* __restrict__ x,
                                          const float* __restrict__ gain, float eps, int cols,
                                          float* xs, float* csum) {
     __shared__ float partial[THREADS / 32];
+    if (threadIdx.x == 0) magic_slot = 0x4B000000u;
     float ss = 0.0f;
     // Thread t takes float4s t, t + THREADS, ...: F consecutive threads share a chunk (THREADS
     // is a multiple of F), and sum it by shuffles, every lane of a warp taking part in each
@@ -174,90 +197,123 @@ __device__ __forceinline__ float stage_x(const float* __restrict__ x,
 }
 
 // Σ code · x over word w (PER_WORD codes) against the staged, scaled x.
-__device__ __forceinline__ float word_dot(u32 w, const float* xs) {
+__device__ __forceinline__ float word_dot(u32 w, const float* xs, u32 magic) {
     const u32 hi = w >> HI;
     float dot = 0.0f;
 #pragma unroll
     for (int j = 0; j < PER_WORD; ++j) {
         const u32 part = j * BITS + BITS <= 23 ? w : hi;
         const u32 mask = ((1u << BITS) - 1) << code_shift(j);
-        dot = fmaf(__uint_as_float((part & mask) | 0x4B000000u) - 8388608.0f, xs[j], dot);
+        dot = fmaf(__uint_as_float((part & mask) | magic) - 8388608.0f, xs[j], dot);
     }
     return dot;
 }
 
-// Rows first .. first + rows (≤ ROWS_A_BLOCK) of M matrices times rmsnorm?(x): on return, the
-// thread holding output row first + r has each matrix's result in out and returns r; others
-// return -1. Needs (cols + cols / CHUNK) floats of dynamic shared memory.
+// The words of R rows of M matrices at one chunk, with each row's group scale and bias (zeros
+// for rows past the task's end and chunks past the row's, which then add nothing).
 template <int M>
-__device__ __forceinline__ int products(const Matrix (&m)[M], int first, int rows,
-                                        const float* __restrict__ x,
-                                        const float* __restrict__ gain, float eps, int cols,
-                                        float (&out)[M]) {
+struct Chunk {
+    uint4 w[M][R];
+    float scale[M][R], bias[M][R];
+};
+
+// Loads chunk c of the task's rows into k. Every load is made (rows past the task's end read
+// its last row, chunks past the row's end its last chunk), its scale and bias zeroed instead:
+// no branch around each load.
+template <int M>
+__device__ __forceinline__ void fetch(const Task<M>& t, int c, int chunks, int cols,
+                                      Chunk<M>& k) {
+    const bool in = c < chunks;
+    const int cc = in ? c : chunks - 1;
+#pragma unroll
+    for (int i = 0; i < M; ++i)
+#pragma unroll
+        for (int r = 0; r < R; ++r) {
+            const bool live = in && r < t.rows;
+            const int row = t.first + min(r, t.rows - 1);
+            k.w[i][r] = __ldg(reinterpret_cast<const uint4*>(t.m[i].words) + (row * chunks + cc));
+            const int g = t.m[i].gshift;
+            const int at = row * (cols >> g) + ((cc * CHUNK) >> g);
+            const float scale = load(t.m[i].scales + at), bias = load(t.m[i].biases + at);
+            k.scale[i][r] = live ? scale : 0.0f;
+            k.bias[i][r] = live ? bias : 0.0f;
+        }
+}
+
+// acc[i][r] += scale · Σ code · x + bias · Σ x over chunk c of row r of matrix i, x read from
+// its staged copy (chunk 0's for a chunk past the end, whose scales and biases are zeros).
+template <int M>
+__device__ __forceinline__ void accumulate(const Chunk<M>& k, int c, int chunks,
+                                           const float* csum, u32 magic, float (&acc)[M][R]) {
+    extern __shared__ float4 staged[];
+    c = c < chunks ? c : 0;
+    float xc[CHUNK];
+#pragma unroll
+    for (int j = 0; j < F; ++j) {
+        const float4 v = staged[c * F + (j ^ SWIZZLE(c))];
+        xc[4 * j] = v.x, xc[4 * j + 1] = v.y, xc[4 * j + 2] = v.z, xc[4 * j + 3] = v.w;
+    }
+    const float xsum = csum[c];
+#pragma unroll
+    for (int i = 0; i < M; ++i)
+#pragma unroll
+        for (int r = 0; r < R; ++r) {
+            const u32 ws[4] = {k.w[i][r].x, k.w[i][r].y, k.w[i][r].z, k.w[i][r].w};
+            float dot = 0.0f;
+#pragma unroll
+            for (int q = 0; q < 4; ++q) dot += word_dot(ws[q], xc + q * PER_WORD, magic);
+            acc[i][r] = fmaf(k.scale[i][r], dot, fmaf(k.bias[i][r], xsum, acc[i][r]));
+        }
+}
+
+// Runs a launch's `tasks` tasks (`at(t)` gives task t) over rmsnorm?(x), handing each output
+// row's results to `emit(task, r, out)` (out[i]: matrix i's row task.first + r). Needs (cols +
+// cols / CHUNK) floats of dynamic shared memory.
+template <int M, class At, class Emit>
+__device__ __forceinline__ void run(int tasks, At at, Emit emit, const float* __restrict__ x,
+                                    const float* __restrict__ gain, float eps, int cols) {
     extern __shared__ float4 staged[];
     float* xs = reinterpret_cast<float*>(staged);
     float* csum = xs + cols;
     const float inv = stage_x(x, gain, eps, cols, xs, csum);
-    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-    const int r0 = warp * R, mine = min(R, rows - r0);
-    if (mine <= 0) return -1;
+    const int warps = THREADS / 32, warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     const int chunks = cols / CHUNK;
-    float acc[M][R];
-#pragma unroll
-    for (int i = 0; i < M; ++i)
-#pragma unroll
-        for (int r = 0; r < R; ++r) acc[i][r] = 0.0f;
-#pragma unroll 2
-    for (int c = lane; c < chunks; c += 32) {
-        uint4 w[M][R];
+    const u32 magic = *reinterpret_cast<volatile u32*>(&magic_slot);
+    for (int t = blockIdx.x * warps + warp; t < tasks; t += gridDim.x * warps) {
+        const Task<M> task = at(t);
+        float acc[M][R];
 #pragma unroll
         for (int i = 0; i < M; ++i)
 #pragma unroll
-            for (int r = 0; r < R; ++r)
-                if (r < mine)
-                    w[i][r] = __ldg(reinterpret_cast<const uint4*>(m[i].words) + (i64)(first + r0 + r) * chunks + c);
-        float xc[CHUNK];
-#pragma unroll
-        for (int j = 0; j < F; ++j) {
-            const float4 v = staged[c * F + (j ^ SWIZZLE(c))];
-            xc[4 * j] = v.x, xc[4 * j + 1] = v.y, xc[4 * j + 2] = v.z, xc[4 * j + 3] = v.w;
+            for (int r = 0; r < R; ++r) acc[i][r] = 0.0f;
+        Chunk<M> a, b;
+        fetch(task, lane, chunks, cols, a);
+        for (int c = lane; c < chunks; c += 64) {
+            fetch(task, c + 32, chunks, cols, b);
+            accumulate(a, c, chunks, csum, magic, acc);
+            fetch(task, c + 64, chunks, cols, a);
+            accumulate(b, c + 32, chunks, csum, magic, acc);
         }
-        const float xsum = csum[c];
+        float out[M];
 #pragma unroll
-        for (int i = 0; i < M; ++i) {
-            const int groups = cols / m[i].group, g = c * CHUNK / m[i].group;
+        for (int r = 0; r < R; ++r)
 #pragma unroll
-            for (int r = 0; r < R; ++r) {
-                if (r >= mine) break;
-                const u32 ws[4] = {w[i][r].x, w[i][r].y, w[i][r].z, w[i][r].w};
-                float dot = 0.0f;
-#pragma unroll
-                for (int k = 0; k < 4; ++k) dot += word_dot(ws[k], xc + k * PER_WORD);
-                const i64 at = (i64)(first + r0 + r) * groups + g;
-                acc[i][r] = fmaf(load(m[i].scales + at), dot,
-                                 fmaf(load(m[i].biases + at), xsum, acc[i][r]));
+            for (int i = 0; i < M; ++i) {
+                const float v = warp_sum(acc[i][r]);
+                if (lane == r) out[i] = v * inv;
             }
-        }
+        if (lane < task.rows) emit(task, lane, out);
     }
-    int held = -1;
-#pragma unroll
-    for (int r = 0; r < R; ++r)
-#pragma unroll
-        for (int i = 0; i < M; ++i) {
-            const float v = warp_sum(acc[i][r]);
-            if (lane == r && r < mine) out[i] = v * inv, held = r0 + r;
-        }
-    return held;
 }
 
 __device__ __forceinline__ float element(const Matrix& m, int n, int c, int cols) {
     const u32 word = m.words[(i64)n * (cols / PER_WORD) + c / PER_WORD];
     const float q = (float)((word >> ((c % PER_WORD) * BITS)) & ((1u << BITS) - 1));
-    const i64 g = (i64)n * (cols / m.group) + c / m.group;
+    const i64 g = (i64)n * (cols >> m.gshift) + (c >> m.gshift);
     return load(m.scales + g) * q + load(m.biases + g);
 }
-#define MATRIX_PARAMS(i) const u32 *words##i, const scale_t *scales##i, const scale_t *qbias##i, int group##i
-#define MATRIX(i) Matrix{words##i, scales##i, qbias##i, group##i}
+#define MATRIX_PARAMS(i) const u32 *words##i, const scale_t *scales##i, const scale_t *qbias##i, int gshift##i
+#define MATRIX(i) Matrix{words##i, scales##i, qbias##i, gshift##i}
 #elif defined(DENSE_T)
 typedef DENSE_T dense_t;
 struct Matrix {
@@ -306,9 +362,6 @@ __device__ __forceinline__ void rows_dot(const Matrix (&m)[M], int n0, int rows,
     }
 }
 
-// A dense block's rows: R of them, every thread over all R.
-#define ROWS_A_BLOCK R
-
 // The block's sums: on return, thread r < R of the block holds acc[i][r] summed over the block's
 // threads in acc[i][0] ... (every i), and the block's Σ x² in ss.
 template <int M>
@@ -338,26 +391,31 @@ __device__ __forceinline__ void block_sum(float (&acc)[M][R], float& ss) {
 }
 
 
-// Rows first .. first + rows (≤ R) of M matrices times rmsnorm?(x): on return, thread r holds
-// output row first + r's results in out and returns r; others return -1.
-template <int M>
-__device__ __forceinline__ int products(const Matrix (&m)[M], int first, int rows,
-                                        const float* __restrict__ x,
-                                        const float* __restrict__ gain, float eps, int cols,
-                                        float (&out)[M]) {
-    float acc[M][R], ss = 0.0f;
+// Runs a launch's `tasks` tasks (`at(t)` gives task t), a block a task, over rmsnorm?(x),
+// handing each output row's results to `emit(task, r, out)` (out[i]: matrix i's row task.first
+// + r), from thread r of the block.
+template <int M, class At, class Emit>
+__device__ __forceinline__ void run(int tasks, At at, Emit emit, const float* __restrict__ x,
+                                    const float* __restrict__ gain, float eps, int cols) {
+    for (int t = blockIdx.x; t < tasks; t += gridDim.x) {
+        const Task<M> task = at(t);
+        float acc[M][R], ss = 0.0f;
 #pragma unroll
-    for (int i = 0; i < M; ++i)
+        for (int i = 0; i < M; ++i)
 #pragma unroll
-        for (int r = 0; r < R; ++r) acc[i][r] = 0.0f;
-    rows_dot(m, first, rows, x, gain, cols, acc, ss);
-    block_sum(acc, ss);
-    const int r = threadIdx.x;
-    if (r >= rows) return -1;
-    const float inv = gain ? rsqrtf(ss / (float)cols + eps) : 1.0f;
+            for (int r = 0; r < R; ++r) acc[i][r] = 0.0f;
+        rows_dot(task.m, task.first, task.rows, x, gain, cols, acc, ss);
+        block_sum(acc, ss);
+        const int r = threadIdx.x;
+        if (r < task.rows) {
+            const float inv = gain ? rsqrtf(ss / (float)cols + eps) : 1.0f;
+            float out[M];
 #pragma unroll
-    for (int i = 0; i < M; ++i) out[i] = acc[i][0] * inv;
-    return r;
+            for (int i = 0; i < M; ++i) out[i] = acc[i][0] * inv;
+            emit(task, r, out);
+        }
+        __syncthreads();  // block_sum's shared sums are the next task's
+    }
 }
 
 __device__ __forceinline__ float element(const Matrix& m, int n, int c, int cols) {
@@ -375,71 +433,74 @@ __device__ __forceinline__ float element(const Matrix& m, int n, int c, int cols
 typedef KV_T kv_t;
 
 // y_i = rmsnorm?(x) W_iᵀ (+ bias_i) (+ residual_i) for up to three matrices read by one launch
-// (q, k and v share theirs): block t takes rows ROWS_A_BLOCK · t.. of the first matrix's row
-// groups, then the second's, then the third's. A null gain, bias or residual is left out;
-// residual may be y itself (h += o Woᵀ).
+// (q, k and v share theirs): the tasks cover the first matrix's rows, R at a time, then the
+// second's, then the third's. A null gain, bias or residual is left out; residual may be y
+// itself (h += o Woᵀ).
 extern "C" __global__ void __launch_bounds__(THREADS)
     linear(const float* __restrict__ x, const float* __restrict__ gain, float eps, int cols,
            MATRIX_PARAMS(0), const float* bias0, const float* residual0, float* y0, int n0,
            MATRIX_PARAMS(1), const float* bias1, float* y1, int n1, MATRIX_PARAMS(2),
            const float* bias2, float* y2, int n2) {
-    int t = blockIdx.x;
-    const int t0 = (n0 + ROWS_A_BLOCK - 1) / ROWS_A_BLOCK;
-    const int t1 = (n1 + ROWS_A_BLOCK - 1) / ROWS_A_BLOCK;
-    const int t2 = (n2 + ROWS_A_BLOCK - 1) / ROWS_A_BLOCK;
-    Matrix m[1];
-    const float* bias;
-    const float* residual = nullptr;
-    float* y;
-    int n;
-    if (t < t0) {
-        m[0] = MATRIX(0), bias = bias0, residual = residual0, y = y0, n = n0;
-    } else if ((t -= t0) < t1) {
-        m[0] = MATRIX(1), bias = bias1, y = y1, n = n1;
-    } else if ((t -= t1) < t2) {
-        m[0] = MATRIX(2), bias = bias2, y = y2, n = n2;
-    } else {
-        return;
-    }
-    const int first = t * ROWS_A_BLOCK;
-    float out[1];
-    const int r = products(m, first, min(ROWS_A_BLOCK, n - first), x, gain, eps, cols, out);
-    if (r < 0) return;
-    float v = out[0];
-    if (bias) v += bias[first + r];
-    if (residual) v += residual[first + r];
-    y[first + r] = v;
+    const int t0 = (n0 + R - 1) / R, t1 = (n1 + R - 1) / R, t2 = (n2 + R - 1) / R;
+    const auto at = [&](int t) {
+        Task<1> task;
+        task.seg = t < t0 ? 0 : t < t0 + t1 ? 1 : 2;
+        task.m[0] = task.seg == 0 ? MATRIX(0) : task.seg == 1 ? MATRIX(1) : MATRIX(2);
+        task.first = (t - (task.seg == 0 ? 0 : task.seg == 1 ? t0 : t0 + t1)) * R;
+        task.rows = min(R, (task.seg == 0 ? n0 : task.seg == 1 ? n1 : n2) - task.first);
+        return task;
+    };
+    const auto emit = [&](const Task<1>& task, int r, const float (&out)[1]) {
+        const int row = task.first + r;
+        const float* bias = task.seg == 0 ? bias0 : task.seg == 1 ? bias1 : bias2;
+        float* y = task.seg == 0 ? y0 : task.seg == 1 ? y1 : y2;
+        float v = out[0];
+        if (bias) v += bias[row];
+        if (task.seg == 0 && residual0) v += residual0[row];
+        y[row] = v;
+    };
+    run<1>(t0 + t1 + t2, at, emit, x, gain, eps, cols);
 }
 
-// y = silu(a W_gᵀ) ⊙ (a W_uᵀ), a = rmsnorm(x) ⊙ gain: ROWS_A_BLOCK gate rows and the same up rows
-// a block.
+// y = silu(a W_gᵀ) ⊙ (a W_uᵀ), a = rmsnorm(x) ⊙ gain: a task takes R gate rows and the same up
+// rows.
 extern "C" __global__ void __launch_bounds__(THREADS)
     gated(const float* __restrict__ x, const float* __restrict__ gain, float eps, int cols,
           MATRIX_PARAMS(0), MATRIX_PARAMS(1), float* y, int n_out) {
-    const int first = blockIdx.x * ROWS_A_BLOCK;
-    const Matrix m[2] = {MATRIX(0), MATRIX(1)};
-    float out[2];
-    const int r = products(m, first, min(ROWS_A_BLOCK, n_out - first), x, gain, eps, cols, out);
-    if (r < 0) return;
-    const float g = out[0], u = out[1];
-    y[first + r] = g / (1.0f + expf(-g)) * u;
+    const auto at = [&](int t) {
+        Task<2> task;
+        task.m[0] = MATRIX(0), task.m[1] = MATRIX(1);
+        task.first = t * R, task.rows = min(R, n_out - task.first), task.seg = 0;
+        return task;
+    };
+    const auto emit = [&](const Task<2>& task, int r, const float (&out)[2]) {
+        const float g = out[0], u = out[1];
+        y[task.first + r] = g / (1.0f + expf(-g)) * u;
+    };
+    run<2>((n_out + R - 1) / R, at, emit, x, gain, eps, cols);
 }
 
-// y = row `id` of the matrix (the embedding lookup), in f32.
-extern "C" __global__ void embed(MATRIX_PARAMS(0), int id, int cols, float* y) {
+// The step's token and position are read from `step` ({id, position}, written before each
+// step), not passed by value, so that a step's launches are the same every step and replay as
+// one CUDA graph (`decode.rs`).
+
+// y = row `step[0]` of the matrix (the embedding lookup), in f32.
+extern "C" __global__ void embed(MATRIX_PARAMS(0), const int* __restrict__ step, int cols,
+                                 float* y) {
     const int c = blockIdx.x * blockDim.x + threadIdx.x;
-    if (c < cols) y[c] = element(MATRIX(0), id, c, cols);
+    if (c < cols) y[c] = element(MATRIX(0), step[0], c, cols);
 }
 
 // ---------------------------------------------------------------------------------------------
-// RoPE (rotate_half layout) of q's `heads` and k's `kv_heads` heads at position `pos`, in
-// place for q; k rotated and v copied into the caches' row `pos`. One block a head, d/2
+// RoPE (rotate_half layout) of q's `heads` and k's `kv_heads` heads at position pos = step[1],
+// in place for q; k rotated and v copied into the caches' row pos. One block a head, d/2
 // threads, thread i rotating the pair (i, i + d/2) with angle pos · inv_freq[i].
 extern "C" __global__ void rope_append(float* q, const float* __restrict__ k,
                                        const float* __restrict__ v, kv_t* kc, kv_t* vc,
-                                       const float* __restrict__ inv_freq, int pos, int heads,
-                                       int kv_heads, int d, int capacity) {
-    const int h = blockIdx.x, i = threadIdx.x, half = d / 2;
+                                       const float* __restrict__ inv_freq,
+                                       const int* __restrict__ step, int heads, int kv_heads,
+                                       int d, int capacity) {
+    const int h = blockIdx.x, i = threadIdx.x, half = d / 2, pos = step[1];
     const float angle = (float)pos * inv_freq[i];
     const float c = cosf(angle), s = sinf(angle);
     if (h < heads) {
@@ -460,13 +521,17 @@ extern "C" __global__ void rope_append(float* q, const float* __restrict__ k,
     store(vrow + i + half, v[(i64)kh * d + i + half]);
 }
 
-// o[h] = softmax(q[h] · K[g]ᵀ · scale) V[g] over the first `len` cached positions, g = h / (heads
-// / kv_heads). One block of 256 threads a query head; the scores go through `scores` ([heads]
-// [capacity] f32 scratch).
+// o[h] = softmax(q[h] · K[g]ᵀ · scale) V[g] over the first len = step[1] + 1 cached positions,
+// g = h / (heads / kv_heads). One block of 256 threads a query head, a warp a position's score;
+// the scores go through `scores` ([heads][capacity] f32 scratch). (A thread a position, its key
+// row read 16 bytes at a time, measured slower: 14.2 µs a block against 10.9 at ~100 positions
+// of an 8B model on an H200, session 26: too few threads at short lengths.)
 extern "C" __global__ void __launch_bounds__(256)
     attend(const float* __restrict__ q, const kv_t* __restrict__ kc,
            const kv_t* __restrict__ vc, float* __restrict__ o, float* __restrict__ scores,
-           int heads, int kv_heads, int d, int len, int capacity, float scale) {
+           const int* __restrict__ step, int heads, int kv_heads, int d, int capacity,
+           float scale) {
+    const int len = step[1] + 1;
     __shared__ float partial[8];
     __shared__ float acc[256];
     const int h = blockIdx.x, warp = threadIdx.x >> 5, lane = threadIdx.x & 31;

@@ -1,6 +1,7 @@
 //! The decode session on CUDA (`ops/decode.rs`): one token through a Llama-shaped model in six
 //! kernel launches a block (`decode.cu`), on buffers allocated once, with the weights' and
-//! buffers' addresses taken once. Op by op, Burn's host work for the few dozen ops a block
+//! buffers' addresses taken once, the step's launches captured as a CUDA graph at its first step
+//! and replayed with one launch after. Op by op, Burn's host work for the few dozen ops a block
 //! (fusion, allocation, launch) outlasted the GPU's, so an 8B model decoded at 25-35 tokens/s
 //! with the GPU mostly idle (bench/NOTES.md, session 23).
 //!
@@ -11,11 +12,12 @@
 use burn::tensor::ops::FloatTensor;
 use burn::tensor::{DType, Shape, Tensor as BurnTensor, TensorData};
 use burn_cubecl::kernel::into_contiguous;
+use cudarc::driver::sys::{CUgraphExec, CUgraphInstantiate_flags_enum, CUstreamCaptureMode};
 use cudarc::driver::{CudaFunction, result as driver};
 
 use super::kernel::{self, Args, Queue, Tensor, empty, pointer, u32_of};
 use super::upload::into_fusion;
-use crate::ops::decode::{DecodeLinear, DecodeMatrix, DecodeModel, DecodeSession};
+use crate::ops::decode::{DecodeLinear, DecodeMatrix, DecodeModel, DecodeSession, SessionBlock};
 use crate::ops::primitive::{inner, primitive};
 
 const SOURCE: &str = include_str!("decode.cu");
@@ -63,8 +65,8 @@ fn chunk(bits: u32) -> usize {
     4 * 32 / bits as usize
 }
 
-/// How the products split their work: `R` and `THREADS` in `decode.cu` (output rows a block for
-/// dense matrices, a warp for packed ones; threads a block).
+/// How the products split their work: `R` and `THREADS` in `decode.cu` (output rows a task,
+/// which a block takes for dense matrices and a warp for packed ones; threads a block).
 #[derive(Clone, Copy, PartialEq, Eq, Hash, Debug)]
 struct Tile {
     rows: usize,
@@ -72,9 +74,10 @@ struct Tile {
 }
 
 impl Tile {
-    /// The tile for `kind`: dense rows 4 a block of 256 threads, packed ones 4 a warp in blocks
-    /// of 128 (bench/NOTES.md, session 25). `LORAFORGE_DECODE_TILE=RxT` (rows x threads)
-    /// overrides it, for measuring others.
+    /// The tile for `kind`: dense rows 4 a block of 256 threads (session 25), packed ones 2 a
+    /// warp in blocks of 256 (session 26: 243-246 tokens/s on an 8B model at 4 bits, against
+    /// 193 with 4 a warp in blocks of 128; bench/NOTES.md). `LORAFORGE_DECODE_TILE=RxT` (rows
+    /// x threads) overrides it, for measuring others.
     fn of(kind: Kind) -> Self {
         let tile = std::env::var("LORAFORGE_DECODE_TILE").ok().and_then(|v| {
             let (rows, threads) = v.split_once('x')?;
@@ -88,18 +91,10 @@ impl Tile {
                 threads: 256,
             },
             Kind::Packed { .. } => Tile {
-                rows: 4,
-                threads: 128,
+                rows: 2,
+                threads: 256,
             },
         })
-    }
-
-    /// Output rows a block of `kind`'s products takes (`ROWS_A_BLOCK`).
-    fn rows_a_block(self, kind: Kind) -> usize {
-        match kind {
-            Kind::Dense(_) => self.rows,
-            Kind::Packed { .. } => self.rows * self.threads / 32,
-        }
     }
 }
 
@@ -138,6 +133,17 @@ struct Kernels {
     tile: Tile,
     /// Dynamic shared memory the products may take (0 for dense ones).
     staging: usize,
+}
+
+impl Kernels {
+    /// Blocks a launch of `tasks` tasks takes: a block a task for dense matrices, a warp a task
+    /// for packed ones.
+    fn blocks(&self, kind: Kind, tasks: usize) -> usize {
+        match kind {
+            Kind::Dense(_) => tasks,
+            Kind::Packed { .. } => tasks.div_ceil(self.tile.threads / 32),
+        }
+    }
 }
 
 fn kernels(device: usize, kind: Kind, kv: Float) -> &'static Kernels {
@@ -202,8 +208,12 @@ impl Matrix {
                 group,
             } => {
                 let words = into_contiguous(words.client.clone().resolve_tensor_int::<Cube>(words));
-                // A lane reads 4 words at a time, all in one group.
-                if group == 0 || !group.is_multiple_of(chunk(bits)) {
+                // A lane reads 4 words at a time, all in one group; groups are found by shifts,
+                // and offsets in 32 bits.
+                let fits = group.is_power_of_two()
+                    && group.is_multiple_of(chunk(bits))
+                    && words.meta.shape().num_elements() / 4 <= i32::MAX as usize;
+                if !fits {
                     return None;
                 }
                 let [scales, biases] = [scales, biases].map(float);
@@ -217,6 +227,8 @@ impl Matrix {
                 };
                 (kind, vec![words, scales, biases], group)
             }
+            // Widths the device does not dequantize (3, 5, 6 bits) stay on the host.
+            DecodeMatrix::Host(_) => return None,
         };
         let kernels = kernels(buffers[0].device.index, kind, kv);
         let buffers: Vec<Buffer> = buffers.into_iter().map(Buffer::new).collect();
@@ -238,13 +250,13 @@ impl Matrix {
             args.addresses(&[b.at]);
         }
         if matches!(self.kind, Kind::Packed { .. }) {
-            args.int(self.group);
+            args.int(self.group.trailing_zeros() as usize);
         }
     }
 
-    /// Output rows a block of this matrix's products takes.
-    fn rows_a_block(&self) -> usize {
-        self.kernels.tile.rows_a_block(self.kind)
+    /// Output rows a task of this matrix's products takes.
+    fn rows_a_task(&self) -> usize {
+        self.kernels.tile.rows
     }
 
     /// The parameters of an absent segment of this kind: null matrices.
@@ -253,7 +265,7 @@ impl Matrix {
             Kind::Dense(_) => args.addresses(&[0]),
             Kind::Packed { .. } => {
                 args.addresses(&[0, 0, 0]);
-                args.int(1);
+                args.int(0);
             }
         }
     }
@@ -302,14 +314,7 @@ impl Linear {
 }
 
 /// One block on the device.
-struct Block {
-    attn_norm: Buffer,
-    qkv: [Linear; 3],
-    o: Linear,
-    mlp_norm: Buffer,
-    gate_up: [Linear; 2],
-    down: Linear,
-}
+type Block = SessionBlock<Buffer, Linear>;
 
 /// Activations of one position, f32, allocated once.
 struct Scratch {
@@ -321,6 +326,9 @@ struct Scratch {
     mlp: Buffer,
     logits: Buffer,
     scores: Buffer,
+    /// The step's token and position, `[id, pos]` i32, written before each step (the kernels
+    /// read them from here so that every step's launches are alike, and replay as one graph).
+    step: Buffer,
 }
 
 /// A decode session over one model on one device.
@@ -343,6 +351,25 @@ pub struct Session {
     /// Positions held.
     len: usize,
     capacity: usize,
+    /// A step's launches captured as a CUDA graph, replayed each step with one launch (the
+    /// host's work for 194 launches of an 8B model is gone); made at the first step after the
+    /// session opens or its cache grows (which moves the buffers), `None` until then.
+    graph: Option<Graph>,
+    /// Whether the driver refused the capture once (not asked again).
+    graph_refused: bool,
+}
+
+/// An instantiated CUDA graph, destroyed with it.
+struct Graph(CUgraphExec);
+
+impl Drop for Graph {
+    fn drop(&mut self) {
+        // SAFETY: the graph was instantiated by `capture` and is destroyed once; a graph
+        // replay still queued keeps its own reference until it runs.
+        unsafe {
+            let _ = driver::graph::exec_destroy(self.0);
+        }
+    }
 }
 
 type Cube = kernel::Cube;
@@ -366,22 +393,12 @@ impl Session {
         let [heads, kv_heads, d] = model.heads;
         let embed = Matrix::new(model.embed, kv_float)?;
         let linear = |l| Linear::new(l, kv_float);
+        let gain = |g| Some(Buffer::new(float(g)));
         let blocks = model
             .blocks
             .into_iter()
-            .map(|b| {
-                let [q, k, v] = b.qkv;
-                let [gate, up] = b.gate_up;
-                Some(Block {
-                    attn_norm: Buffer::new(float(b.attn_norm)),
-                    qkv: [linear(q)?, linear(k)?, linear(v)?],
-                    o: linear(b.o)?,
-                    mlp_norm: Buffer::new(float(b.mlp_norm)),
-                    gate_up: [linear(gate)?, linear(up)?],
-                    down: linear(b.down)?,
-                })
-            })
-            .collect::<Option<Vec<_>>>()?;
+            .map(|b| b.take(gain, linear))
+            .collect::<Option<Vec<Block>>>()?;
         // One launch reads q, k and v, one the gate and up: each set held alike.
         let alike = |ls: &[Linear]| ls.iter().all(|l| l.matrix.kind == ls[0].matrix.kind);
         if !blocks.iter().all(|b| alike(&b.qkv) && alike(&b.gate_up)) {
@@ -447,6 +464,7 @@ impl Session {
             mlp: f32(intermediate),
             logits: f32(head.out),
             scores: f32(heads * capacity),
+            step: Buffer::new(buffer(vec![2], DType::I32)),
         };
         Some(Session {
             queue,
@@ -465,6 +483,8 @@ impl Session {
             scale: model.scale,
             len,
             capacity,
+            graph: None,
+            graph_refused: false,
         })
     }
 
@@ -479,19 +499,19 @@ impl Session {
     ) {
         let (l0, residual, y0) = first;
         let kind = l0.matrix.kind;
-        let rows = l0.matrix.rows_a_block();
+        let rows = l0.matrix.rows_a_task();
         let mut args = self.input(x, norm, cols);
         l0.matrix.push(&mut args);
         args.addresses(&[l0.bias(), residual.map_or(0, |r| r.at), y0.at]);
         args.int(l0.out);
-        let mut blocks = l0.out.div_ceil(rows);
+        let mut tasks = l0.out.div_ceil(rows);
         for i in 0..2 {
             match rest.get(i) {
                 Some((l, y)) => {
                     l.matrix.push(&mut args);
                     args.addresses(&[l.bias(), y.at]);
                     args.int(l.out);
-                    blocks += l.out.div_ceil(rows);
+                    tasks += l.out.div_ceil(rows);
                 }
                 None => {
                     Matrix::push_none(kind, &mut args);
@@ -501,20 +521,23 @@ impl Session {
             }
         }
         let kernel = &l0.matrix.kernels.linear;
-        self.launch_product(kernel, &l0.matrix, blocks, cols, args);
+        self.launch_product(kernel, &l0.matrix, tasks, cols, args);
     }
 
-    /// Queues `kernel`, a product of `matrix`'s kind over `cols` inputs, in `blocks` blocks.
+    /// Queues `kernel`, a product of `matrix`'s kind over `cols` inputs, `tasks` tasks of its
+    /// tile's rows.
     fn launch_product(
         &self,
         kernel: &CudaFunction,
         matrix: &Matrix,
-        blocks: usize,
+        tasks: usize,
         cols: usize,
         args: Args,
     ) {
-        let threads = u32_of(matrix.kernels.tile.threads);
+        let kernels = matrix.kernels;
+        let threads = u32_of(kernels.tile.threads);
         let staged = u32_of(matrix.kind.staged(cols));
+        let blocks = kernels.blocks(matrix.kind, tasks);
         self.queue
             .launch(kernel, (u32_of(blocks), 1, 1), threads, staged, args);
     }
@@ -566,8 +589,16 @@ impl Session {
         );
         let [kc, vc] = &self.cache[i];
         let mut args = Args::default();
-        args.addresses(&[s.q.at, s.k.at, s.v.at, kc.at, vc.at, self.inv_freq.at]);
-        for n in [self.len, heads, kv_heads, d, self.capacity] {
+        args.addresses(&[
+            s.q.at,
+            s.k.at,
+            s.v.at,
+            kc.at,
+            vc.at,
+            self.inv_freq.at,
+            s.step.at,
+        ]);
+        for n in [heads, kv_heads, d, self.capacity] {
             args.int(n);
         }
         self.queue.launch(
@@ -578,8 +609,8 @@ impl Session {
             args,
         );
         let mut args = Args::default();
-        args.addresses(&[s.q.at, kc.at, vc.at, s.attn.at, s.scores.at]);
-        for n in [heads, kv_heads, d, self.len + 1, self.capacity] {
+        args.addresses(&[s.q.at, kc.at, vc.at, s.attn.at, s.scores.at, s.step.at]);
+        for n in [heads, kv_heads, d, self.capacity] {
             args.int(n);
         }
         args.float(self.scale);
@@ -592,23 +623,21 @@ impl Session {
         up.matrix.push(&mut args);
         args.addresses(&[s.mlp.at]);
         args.int(self.intermediate);
-        let blocks = self.intermediate.div_ceil(gate.matrix.rows_a_block());
+        let tasks = self.intermediate.div_ceil(gate.matrix.rows_a_task());
         let kernel = &gate.matrix.kernels.gated;
-        self.launch_product(kernel, &gate.matrix, blocks, self.hidden, args);
+        self.launch_product(kernel, &gate.matrix, tasks, self.hidden, args);
         let mlp = (&s.mlp, None, self.intermediate);
         self.linear(mlp, (&b.down, Some(&s.h), &s.h), &[]);
     }
 }
 
-impl DecodeSession<Cuda> for Session {
-    fn step(&mut self, id: u32) -> Vec<f32> {
-        if self.len == self.capacity {
-            self.grow();
-        }
+impl Session {
+    /// Queues one step's launches: the token's embedding, every block, the head.
+    fn queue_step(&self) {
         let s = &self.scratch;
         let mut args = Args::default();
         self.embed.push(&mut args);
-        args.int(id as usize);
+        args.addresses(&[s.step.at]);
         args.int(self.hidden);
         args.addresses(&[s.h.at]);
         self.queue.launch(
@@ -623,14 +652,66 @@ impl DecodeSession<Cuda> for Session {
         }
         let h = (&s.h, Some(&self.norm), self.hidden);
         self.linear(h, (&self.head, None, &s.logits), &[]);
+    }
+
+    /// A step's launches captured into a graph, or the driver's reason for refusing (the step
+    /// then launches them one by one).
+    fn capture(&self) -> Result<Graph, driver::DriverError> {
+        let stream = self.queue.stream();
+        let mode = CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL;
+        // SAFETY: the stream is CubeCL's for these buffers; while it captures, this thread
+        // queues only the step's launches on it, and the capture is ended before returning.
+        unsafe {
+            driver::stream::begin_capture(stream, mode)?;
+            self.queue_step();
+            let graph = driver::stream::end_capture(stream)?;
+            let exec = driver::graph::instantiate(graph, CUgraphInstantiate_flags_enum(0));
+            let _ = driver::graph::destroy(graph);
+            exec.map(Graph)
+        }
+    }
+}
+
+impl DecodeSession<Cuda> for Session {
+    fn step(&mut self, id: u32) -> Vec<f32> {
+        if self.len == self.capacity {
+            self.grow();
+            self.graph = None;
+        }
+        let stream = self.queue.stream();
+        let step = [id as i32, self.len as i32];
+        // SAFETY: `step` outlives the copy (the step waits for the stream before returning).
+        unsafe {
+            driver::memcpy_htod_async(self.scratch.step.at, &step, stream)
+                .expect("copy the step's token and position");
+        }
+        if self.graph.is_none() && !self.graph_refused {
+            match self.capture() {
+                Ok(graph) => self.graph = Some(graph),
+                Err(e) => {
+                    eprintln!(
+                        "note: the decode step could not be captured as a CUDA graph ({e:?}); its kernels are launched one by one"
+                    );
+                    self.graph_refused = true;
+                }
+            }
+        }
+        match &self.graph {
+            // SAFETY: the graph's launches read and write the session's buffers, alive as long
+            // as the graph (it is dropped when the cache grows, before any buffer is).
+            Some(graph) => unsafe {
+                driver::graph::launch(graph.0, stream).expect("launch the decode step's graph");
+            },
+            None => self.queue_step(),
+        }
         self.len += 1;
         let mut logits = vec![0f32; self.head.out];
         // SAFETY: `logits` holds `head.out` f32s, the buffer's size; the copy is queued after
         // the product on the same stream and waited for before `logits` is read.
         unsafe {
-            driver::memcpy_dtoh_async(&mut logits, s.logits.at, self.queue.stream())
+            driver::memcpy_dtoh_async(&mut logits, self.scratch.logits.at, stream)
                 .expect("copy the logits");
-            driver::stream::synchronize(self.queue.stream()).expect("wait for the decode step");
+            driver::stream::synchronize(stream).expect("wait for the decode step");
         }
         logits
     }

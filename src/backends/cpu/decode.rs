@@ -1,0 +1,314 @@
+//! The decode session on the CPU (`ops/decode.rs`): one token through a Llama-shaped model as a
+//! few passes over host buffers allocated once, the products straight from the packed codes
+//! (`products.rs`), one parallel pass a product (q, k and v together; gate, up and the gating
+//! together). Op by op, each block cost about forty Burn ops and seven rayon hand-offs a token,
+//! and each packed row was expanded into a scratch buffer before its dot product: SmolLM2-135M
+//! decoded at transformers' speed (bench/NOTES.md).
+//!
+//! The keys and values are `[kv_heads, capacity, head_dim]` f32 a block, room for up to 1,024
+//! more positions, doubled whenever full; handed back as `[1, kv_heads, len, head_dim]` tensors.
+
+use burn::backend::NdArray;
+use burn::tensor::ops::FloatTensor;
+use burn::tensor::{Tensor, TensorMetadata, TensorPrimitive};
+use burn_ndarray::NdArrayTensor;
+
+use super::elementwise::tensor;
+use super::products::{Matrix, gated, products};
+use crate::ops::decode::{DecodeLinear, DecodeMatrix, DecodeModel, DecodeSession, SessionBlock};
+use crate::ops::primitive::primitive;
+
+type Cpu = NdArray<f32>;
+
+/// Positions of room a session's cache starts with beyond the prompt (it doubles when full).
+const FIRST_ROOM: usize = 1024;
+
+/// A linear: its matrix and optional bias.
+struct Linear {
+    matrix: Matrix,
+    bias: Option<Vec<f32>>,
+}
+
+impl Linear {
+    fn new(l: DecodeLinear<Cpu>) -> Option<Self> {
+        Some(Linear {
+            matrix: matrix(l.matrix)?,
+            bias: match l.bias {
+                Some(b) => Some(values::<1>(b)?),
+                None => None,
+            },
+        })
+    }
+
+    /// Adds the bias to `y`, if any.
+    fn add_bias(&self, y: &mut [f32]) {
+        if let Some(b) = &self.bias {
+            y.iter_mut().zip(b).for_each(|(y, b)| *y += b);
+        }
+    }
+}
+
+/// One block's weights.
+type Block = SessionBlock<Vec<f32>, Linear>;
+
+/// One position's activations, allocated once.
+struct Scratch {
+    h: Vec<f32>,
+    a: Vec<f32>,
+    q: Vec<f32>,
+    k: Vec<f32>,
+    v: Vec<f32>,
+    attn: Vec<f32>,
+    mlp: Vec<f32>,
+    out: Vec<f32>,
+    scores: Vec<f32>,
+}
+
+/// A decode session over one model on the CPU.
+pub struct Session {
+    embed: Matrix,
+    blocks: Vec<Block>,
+    norm: Vec<f32>,
+    head: Linear,
+    /// Per block, keys and values `[kv_heads, capacity, head_dim]`.
+    cache: Vec<[Vec<f32>; 2]>,
+    inv_freq: Vec<f32>,
+    scratch: Scratch,
+    heads: [usize; 3],
+    eps: f32,
+    scale: f32,
+    /// Positions held.
+    len: usize,
+    capacity: usize,
+}
+
+/// A matrix as the session reads it: dense f32 in row-major order, or packed on the host.
+fn matrix(m: DecodeMatrix<Cpu>) -> Option<Matrix> {
+    match m {
+        DecodeMatrix::Dense(w) => {
+            let plain = match &w {
+                NdArrayTensor::F32(s) => s.ndim() == 2 && s.view().is_standard_layout(),
+                _ => false,
+            };
+            plain.then_some(Matrix::Dense(w))
+        }
+        DecodeMatrix::Host(m) => Some(Matrix::Packed(m)),
+        DecodeMatrix::Packed { .. } => None,
+    }
+}
+
+/// A rank-`D` f32 tensor's values in row-major order.
+fn values<const D: usize>(t: FloatTensor<Cpu>) -> Option<Vec<f32>> {
+    Tensor::<Cpu, D>::from_primitive(TensorPrimitive::Float(t))
+        .into_data()
+        .into_vec()
+        .ok()
+}
+
+impl Session {
+    /// A session over `model` continuing `kv` with room for `room` more positions; `None` where
+    /// a matrix or the cache is held in a way the session does not read.
+    pub fn open(
+        model: DecodeModel<Cpu>,
+        kv: Vec<[FloatTensor<Cpu>; 2]>,
+        room: usize,
+    ) -> Option<Self> {
+        let [heads, kv_heads, d] = model.heads;
+        let blocks = model
+            .blocks
+            .into_iter()
+            .map(|b| b.take(values::<1>, Linear::new))
+            .collect::<Option<Vec<Block>>>()?;
+        let intermediate = blocks.first()?.gate_up[0].matrix.rows();
+        let head = Linear::new(model.head)?;
+        let len = *kv.first()?[0].shape().get(2)?;
+        let capacity = len + room.min(FIRST_ROOM) + 1;
+        let cache = kv
+            .into_iter()
+            .map(|[k, v]| {
+                Some([
+                    grown(k, [kv_heads, len, d], capacity)?,
+                    grown(v, [kv_heads, len, d], capacity)?,
+                ])
+            })
+            .collect::<Option<Vec<_>>>()?;
+        let zeros = |n| vec![0f32; n];
+        Some(Session {
+            embed: matrix(model.embed)?,
+            blocks,
+            norm: values::<1>(model.norm)?,
+            scratch: Scratch {
+                h: zeros(model.hidden),
+                a: zeros(model.hidden),
+                q: zeros(heads * d),
+                k: zeros(kv_heads * d),
+                v: zeros(kv_heads * d),
+                attn: zeros(heads * d),
+                mlp: zeros(intermediate),
+                out: zeros(model.hidden),
+                scores: zeros(capacity),
+            },
+            head,
+            cache,
+            inv_freq: model.inv_freq,
+            heads: model.heads,
+            eps: model.eps,
+            scale: model.scale,
+            len,
+            capacity,
+        })
+    }
+
+    /// Doubles the positions the cache holds.
+    fn grow(&mut self) {
+        let [_, kv_heads, d] = self.heads;
+        let capacity = self.capacity * 2;
+        for pair in &mut self.cache {
+            for old in pair.iter_mut() {
+                *old = moved(old, [kv_heads, self.len, d], self.capacity, capacity);
+            }
+        }
+        self.scratch.scores.resize(capacity, 0.0);
+        self.capacity = capacity;
+    }
+
+    fn block(&mut self, i: usize) {
+        let b = &self.blocks[i];
+        let s = &mut self.scratch;
+        let [heads, kv_heads, d] = self.heads;
+        rms_norm(&s.h, &b.attn_norm, self.eps, &mut s.a);
+        let [q, k, v] = &b.qkv;
+        products(
+            &mut [
+                (&q.matrix, &mut s.q),
+                (&k.matrix, &mut s.k),
+                (&v.matrix, &mut s.v),
+            ],
+            &s.a,
+        );
+        q.add_bias(&mut s.q);
+        k.add_bias(&mut s.k);
+        v.add_bias(&mut s.v);
+        let pos = self.len;
+        for head in s.q.chunks_exact_mut(d).chain(s.k.chunks_exact_mut(d)) {
+            rope(head, &self.inv_freq, pos);
+        }
+        let [kc, vc] = &mut self.cache[i];
+        for h in 0..kv_heads {
+            let at = (h * self.capacity + pos) * d;
+            kc[at..at + d].copy_from_slice(&s.k[h * d..][..d]);
+            vc[at..at + d].copy_from_slice(&s.v[h * d..][..d]);
+        }
+        let group = heads / kv_heads;
+        for h in 0..heads {
+            let base = (h / group) * self.capacity * d;
+            let keys = &kc[base..base + (pos + 1) * d];
+            let vals = &vc[base..base + (pos + 1) * d];
+            attend(
+                &s.q[h * d..][..d],
+                keys,
+                vals,
+                self.scale,
+                &mut s.scores[..=pos],
+                &mut s.attn[h * d..][..d],
+            );
+        }
+        products(&mut [(&b.o.matrix, &mut s.out)], &s.attn);
+        b.o.add_bias(&mut s.out);
+        s.h.iter_mut().zip(&s.out).for_each(|(h, o)| *h += o);
+        rms_norm(&s.h, &b.mlp_norm, self.eps, &mut s.a);
+        let [gate, up] = &b.gate_up;
+        gated(&gate.matrix, &up.matrix, &s.a, &mut s.mlp);
+        products(&mut [(&b.down.matrix, &mut s.out)], &s.mlp);
+        b.down.add_bias(&mut s.out);
+        s.h.iter_mut().zip(&s.out).for_each(|(h, o)| *h += o);
+    }
+}
+
+impl DecodeSession<Cpu> for Session {
+    fn step(&mut self, id: u32) -> Vec<f32> {
+        if self.len == self.capacity {
+            self.grow();
+        }
+        self.embed.row(id as usize, &mut self.scratch.h);
+        for i in 0..self.blocks.len() {
+            self.block(i);
+        }
+        let s = &mut self.scratch;
+        rms_norm(&s.h, &self.norm, self.eps, &mut s.a);
+        let mut logits = vec![0f32; self.head.matrix.rows()];
+        products(&mut [(&self.head.matrix, &mut logits)], &s.a);
+        self.head.add_bias(&mut logits);
+        self.len += 1;
+        logits
+    }
+
+    fn into_kv(self: Box<Self>) -> Vec<[FloatTensor<Cpu>; 2]> {
+        let [_, kv_heads, d] = self.heads;
+        let shape = [kv_heads, self.len, d];
+        let back = |c: &[f32]| {
+            let held = moved(c, shape, self.capacity, self.len);
+            primitive(tensor(held, [1, kv_heads, self.len, d]))
+        };
+        self.cache.iter().map(|[k, v]| [back(k), back(v)]).collect()
+    }
+}
+
+/// `out = x / √(mean(x²) + ε) ⊙ gain`, as `model/norm.rs` computes it.
+fn rms_norm(x: &[f32], gain: &[f32], eps: f32, out: &mut [f32]) {
+    let mean = x.iter().map(|v| v * v).sum::<f32>() / x.len() as f32;
+    let rms = (mean + eps).sqrt();
+    for ((o, x), g) in out.iter_mut().zip(x).zip(gain) {
+        *o = x / rms * g;
+    }
+}
+
+/// RoPE (rotate_half layout) of one head at position `pos`: pair `(i, i + d/2)` turned by
+/// `pos · inv_freq[i]`.
+fn rope(x: &mut [f32], inv_freq: &[f32], pos: usize) {
+    let half = x.len() / 2;
+    for (i, f) in inv_freq.iter().enumerate() {
+        let (sin, cos) = (pos as f32 * f).sin_cos();
+        let (a, b) = (x[i], x[i + half]);
+        x[i] = a * cos - b * sin;
+        x[i + half] = b * cos + a * sin;
+    }
+}
+
+/// `out = softmax(q · Kᵀ · scale) V` over the positions of `keys` and `values` (`[len, d]`).
+fn attend(q: &[f32], keys: &[f32], values: &[f32], scale: f32, p: &mut [f32], out: &mut [f32]) {
+    let d = q.len();
+    for (p, k) in p.iter_mut().zip(keys.chunks_exact(d)) {
+        *p = q.iter().zip(k).map(|(q, k)| q * k).sum::<f32>() * scale;
+    }
+    let max = p.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let mut total = 0.0;
+    for p in p.iter_mut() {
+        *p = (*p - max).exp();
+        total += *p;
+    }
+    out.fill(0.0);
+    for (p, v) in p.iter().zip(values.chunks_exact(d)) {
+        let w = p / total;
+        out.iter_mut().zip(v).for_each(|(o, v)| *o += w * v);
+    }
+}
+
+/// The keys or values `t` (`[1, heads, len, d]` f32), in a buffer of `capacity` rows a head.
+fn grown(t: FloatTensor<Cpu>, [heads, len, d]: [usize; 3], capacity: usize) -> Option<Vec<f32>> {
+    if t.shape().as_slice() != [1, heads, len, d] {
+        return None;
+    }
+    let held = values::<4>(t)?;
+    Some(moved(&held, [heads, len, d], len, capacity))
+}
+
+/// The first `len` rows of each of `heads` heads of `from` (`from_rows` rows of `d` a head) in
+/// a new buffer of `to_rows` rows a head.
+fn moved(from: &[f32], [heads, len, d]: [usize; 3], from_rows: usize, to_rows: usize) -> Vec<f32> {
+    let mut to = vec![0f32; heads * to_rows * d];
+    for h in 0..heads {
+        to[h * to_rows * d..][..len * d].copy_from_slice(&from[h * from_rows * d..][..len * d]);
+    }
+    to
+}
