@@ -287,10 +287,13 @@ impl BackendTask for GenerateArgs {
         }
         let (sampling, limits) = (self.sampling.config(), self.limits());
         if self.warmup {
-            // Two tokens through the path the timed run takes: the decode session, where the
-            // backend has one, compiles its kernels at its first step.
+            // Two tokens through the path the timed run takes, whatever they are: the decode
+            // session, where the backend has one, compiles its kernels when it opens and
+            // captures its step at the first.
             let short = GenerationLimits {
                 max_tokens: 2,
+                stop_at_eos: false,
+                top_logprobs: None,
                 ..limits.clone()
             };
             let mut scratch = KvCache::new(&model.decoder.config, bound);

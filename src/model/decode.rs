@@ -1,8 +1,9 @@
 //! The decoder handed to a backend's decode session (`ops/decode.rs`), where its shape is one the
 //! session runs: a Llama-shaped model (Llama, Mistral without a window, Qwen2) without unfused
-//! adapters, every matrix dense (f32 or bf16) or packed on the device. Anything else
+//! adapters, every matrix dense (f32 or bf16) or packed (on the device, or on the host for
+//! backends that hold it there: the CPU's session reads it, CUDA's declines it). Anything else
 //! (Gemma's norms and caps, Phi-3's fused linears, experts, q/k norms, sliding layers,
-//! LongRoPE, RoPE over part of a head, host-held quantized weights, adapters) stays op by op.
+//! LongRoPE, RoPE over part of a head, adapters) stays op by op.
 
 use burn::tensor::{DType, FloatDType, Tensor};
 

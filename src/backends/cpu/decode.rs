@@ -119,6 +119,9 @@ impl Session {
             .into_iter()
             .map(|b| b.take(values::<1>, Linear::new))
             .collect::<Option<Vec<Block>>>()?;
+        if kv.len() != blocks.len() {
+            return None;
+        }
         let intermediate = blocks.first()?.gate_up[0].matrix.rows();
         let head = Linear::new(model.head)?;
         let len = *kv.first()?[0].shape().get(2)?;

@@ -57,19 +57,22 @@ impl Matrix {
     /// `y[i] = W[first + i] · x` for every `i < y.len()`; `sums`: `x`'s group sums for this
     /// matrix's group size (packed only).
     fn rows_times(&self, first: usize, x: &[f32], sums: &[f32], y: &mut [f32]) {
+        // The SIMD loads below trust these (the session builds every call to fit them).
+        assert!(x.len() == self.cols() && first + y.len() <= self.rows());
         match self {
             Matrix::Dense(w) => {
                 let (w, cols) = (dense(w), x.len());
-                let done = y.len() / 4 * 4;
-                let (quads, rest) = y.split_at_mut(done);
-                for (i, out) in quads.chunks_exact_mut(4).enumerate() {
-                    dense_rows::<4>(w, cols, first + 4 * i, x, out);
-                }
-                for (i, out) in rest.chunks_mut(1).enumerate() {
-                    dense_rows::<1>(w, cols, first + done + i, x, out);
-                }
+                by_rows(
+                    y,
+                    first,
+                    |row, out| dense_rows::<4>(w, cols, row, x, out),
+                    |row, out| dense_rows::<1>(w, cols, row, x, out),
+                );
             }
-            Matrix::Packed(m) => packed_rows(m, first, x, sums, y),
+            Matrix::Packed(m) => {
+                assert_eq!(sums.len(), m.cols / m.group_size);
+                packed_rows(m, first, x, sums, y);
+            }
         }
     }
 
@@ -78,6 +81,25 @@ impl Matrix {
             Matrix::Dense(_) => None,
             Matrix::Packed(m) => Some(m.group_size),
         }
+    }
+}
+
+/// Rows `first..first + y.len()` into `y`, four at a time through `four` (its row and four
+/// outputs) and the last few one at a time through `one`.
+#[inline(always)]
+fn by_rows(
+    y: &mut [f32],
+    first: usize,
+    mut four: impl FnMut(usize, &mut [f32]),
+    mut one: impl FnMut(usize, &mut [f32]),
+) {
+    let done = y.len() / 4 * 4;
+    let (quads, rest) = y.split_at_mut(done);
+    for (i, out) in quads.chunks_exact_mut(4).enumerate() {
+        four(first + 4 * i, out);
+    }
+    for (i, out) in rest.chunks_mut(1).enumerate() {
+        one(first + done + i, out);
     }
 }
 
@@ -200,25 +222,22 @@ mod simd {
         sums: &[f32],
         y: &mut [f32],
     ) {
-        let done = y.len() / 4 * 4;
-        let (quads, rest) = y.split_at_mut(done);
-        // SAFETY (all four): as the caller's, for the rows each call takes.
-        unsafe {
-            for (i, out) in quads.chunks_exact_mut(4).enumerate() {
-                match m.bits {
-                    4 => rows::<4, 4>(m, first + 4 * i, x, sums, out),
-                    8 => rows::<8, 4>(m, first + 4 * i, x, sums, out),
-                    _ => rows::<2, 4>(m, first + 4 * i, x, sums, out),
-                }
+        // SAFETY (both): as the caller's, for the rows each call takes.
+        let four = |row, out: &mut [f32]| unsafe {
+            match m.bits {
+                4 => rows::<4, 4>(m, row, x, sums, out),
+                8 => rows::<8, 4>(m, row, x, sums, out),
+                _ => rows::<2, 4>(m, row, x, sums, out),
             }
-            for (i, out) in rest.chunks_mut(1).enumerate() {
-                match m.bits {
-                    4 => rows::<4, 1>(m, first + done + i, x, sums, out),
-                    8 => rows::<8, 1>(m, first + done + i, x, sums, out),
-                    _ => rows::<2, 1>(m, first + done + i, x, sums, out),
-                }
+        };
+        let one = |row, out: &mut [f32]| unsafe {
+            match m.bits {
+                4 => rows::<4, 1>(m, row, x, sums, out),
+                8 => rows::<8, 1>(m, row, x, sums, out),
+                _ => rows::<2, 1>(m, row, x, sums, out),
             }
-        }
+        };
+        super::by_rows(y, first, four, one);
     }
 
     /// `R` rows from `first` of a `BITS`-bit matrix times `x`.

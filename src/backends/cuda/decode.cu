@@ -138,13 +138,14 @@ __host__ __device__ constexpr int code_shift(int j) {
 // group. x, read by every row, is staged once a block in shared memory, loaded coalesced:
 // scaled for the codes (above) and by the norm's gain, with each chunk's Σ x beside it, its
 // float4s swizzled (float4 j of chunk c at j ^ SWIZZLE(c)) so that the 8 lanes of a 16-byte
-// shared load phase, reading float4 j of chunks c .. c + 7, hit distinct banks. The launch has
-// as many blocks as the device holds at once (fewer if there are fewer tasks), each of their
-// warps taking tasks t, t + warps of the launch, ..., so x is staged once a block rather than
-// once every R · THREADS / 32 rows. Session 25 measured what the 4-bit products of an 8B model
-// do without these: x read by each thread from global memory 32 columns at a time, 0.5 TB/s; a
-// word a lane, 0.5-0.9 TB/s; staged, 4 words a lane, one load a row in flight and a block every
-// 16 rows, 0.70 TB/s (1.07 for gate and up).
+// shared load phase, reading float4 j of chunks c .. c + 7, hit distinct banks. A launch has a
+// warp a task (a block every R · THREADS / 32 rows, each staging x); `run` loops so that fewer
+// blocks could take more tasks, but a grid of as many blocks as the device holds, warps taking
+// tasks in fixed turns, was slower (session 26: 2.26 tasks a warp left a third of the run to
+// the warps holding a third). Session 25 measured what the 4-bit products of an 8B model do
+// without these: x read by each thread from global memory 32 columns at a time, 0.5 TB/s; a word
+// a lane, 0.5-0.9 TB/s; staged, 4 words a lane, one load a row in flight, 0.70 TB/s (1.07 for
+// gate and up).
 #define CHUNK (4 * PER_WORD)
 #define F (CHUNK / 4)
 // F float4s a chunk: 4 at 8 bits (two chunks a phase share a key), 8 or 16 below.

@@ -555,6 +555,8 @@ impl Session {
     /// Doubles the positions the cache holds (keys, values and the scores' scratch), copying
     /// what it holds.
     fn grow(&mut self) {
+        // The graph names the buffers about to be freed.
+        self.graph = None;
         let [heads, kv_heads, d] = self.heads;
         let capacity = self.capacity * 2;
         let like = &self.norm.tensor;
@@ -676,7 +678,6 @@ impl DecodeSession<Cuda> for Session {
     fn step(&mut self, id: u32) -> Vec<f32> {
         if self.len == self.capacity {
             self.grow();
-            self.graph = None;
         }
         let stream = self.queue.stream();
         let step = [id as i32, self.len as i32];

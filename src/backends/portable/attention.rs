@@ -5,17 +5,20 @@
 //! ```text
 //! forward, one query per unit, keys in tiles of K and V staged in shared memory:
 //!     s_j = (q · scale) · k_j      (keys start(i) ..= past + i only)
+//!     s_j = cap · tanh(s_j / cap)  (Gemma 2's soft-cap, when set)
 //!     m' = max(m, max_j s_j)   acc = acc · e^(m − m') + Σ_j e^(s_j − m') v_j   l likewise
 //!     out = acc / l            lse = m + ln l
 //! dQ, one query per unit, the same tiles:
 //!     p_j = e^(s_j − lse)   ds_j = p_j (dO · v_j − D)   dq = scale · Σ_j ds_j k_j
+//!     (soft-capped: ds_j · (1 − tanh²(s_j / cap)), the raw score's gradient)
 //! dK, dV, one key per unit, tiles of queries (and every query head the kv head serves):
 //!     dv = Σ_i p_i dO_i      dk = Σ_i ds_i (q_i · scale)
 //! ```
 //!
 //! `D = rowsum(dO ⊙ O)` comes in computed. Nothing of size `seq × keys` exists; the rule of which
 //! keys a query sees ([`crate::ops::visibility`]) is applied per key, with packed rows' first
-//! keys read from `starts` (`[rows, seq]` f32). Shared memory stays within 32 KiB a cube (Metal's
+//! keys read from `starts` (`[rows, seq]` f32) and a sliding window's first key `past + i + 1 −
+//! window` as a lower bound. Shared memory stays within 32 KiB a cube (Metal's
 //! limit): a tile holds `TILE_FLOATS / d` rows of K and as many of V (16 KiB each).
 
 use burn::tensor::{DType, Shape};
@@ -36,6 +39,23 @@ pub const MAX_HEAD_DIM: usize = 128;
 
 /// Below this, the scores' running maximum starts (WGSL has no `-inf` literal).
 const FLOOR: f32 = -1.0e30;
+
+/// What a call's scores are beside `scale · q kᵀ`: a sliding window (0 for none) and Gemma 2's
+/// soft-cap.
+#[derive(Clone, Copy, Debug)]
+pub struct Rule {
+    /// Keys a query sees, itself included; 0 for all.
+    pub window: u32,
+    /// `cap · tanh(s / cap)`, when set.
+    pub softcap: Option<f32>,
+}
+
+impl Rule {
+    /// The kernels' arguments for the soft-cap: the cap (1 when unset) and whether it applies.
+    fn cap(self) -> (f32, bool) {
+        (self.softcap.unwrap_or(1.0), self.softcap.is_some())
+    }
+}
 
 /// The shapes of one call: `q` `[batch, heads, seq, d]`, `k`/`v` `[batch, kv_heads, keys, d]`.
 struct Layout {
@@ -83,7 +103,9 @@ pub fn forward<R: CubeRuntime>(
     [q, k, v]: [CubeTensor<R>; 3],
     starts: Option<CubeTensor<R>>,
     scale: f32,
+    rule: Rule,
 ) -> (CubeTensor<R>, CubeTensor<R>) {
+    let (cap, capped) = rule.cap();
     let l = Layout::new(&q, &k);
     let [q, k, v] = [q, k, v].map(into_contiguous);
     let packed = starts.is_some();
@@ -106,9 +128,12 @@ pub fn forward<R: CubeRuntime>(
         l.heads as u32,
         l.kv_heads as u32,
         scale,
+        rule.window,
+        cap,
         l.d,
         l.tile_rows(),
         packed,
+        capped,
     );
     (out, lse)
 }
@@ -119,7 +144,9 @@ pub fn backward<R: CubeRuntime>(
     [q, k, v, d_out, lse, delta]: [CubeTensor<R>; 6],
     starts: Option<CubeTensor<R>>,
     scale: f32,
+    rule: Rule,
 ) -> (CubeTensor<R>, CubeTensor<R>, CubeTensor<R>) {
+    let (cap, capped) = rule.cap();
     let l = Layout::new(&q, &k);
     let [q, k, v, d_out, lse, delta] = [q, k, v, d_out, lse, delta].map(into_contiguous);
     let packed = starts.is_some();
@@ -155,9 +182,12 @@ pub fn backward<R: CubeRuntime>(
         l.heads as u32,
         l.kv_heads as u32,
         scale,
+        rule.window,
+        cap,
         l.d,
         l.tile_rows(),
         packed,
+        capped,
     );
     let [qa, ka, va, sa, oa, la, da] = args();
     dkdv_kernel::launch::<R>(
@@ -178,9 +208,12 @@ pub fn backward<R: CubeRuntime>(
         l.heads as u32,
         l.kv_heads as u32,
         scale,
+        rule.window,
+        cap,
         l.d,
         l.tile_rows() / 2,
         packed,
+        capped,
     );
     (dq, dk, dv)
 }
@@ -225,6 +258,39 @@ fn last_of(first: usize, n: usize) -> usize {
         end = n;
     }
     end - 1
+}
+
+/// The first key a query at position `last` (its own key) sees: `first`, or later where a
+/// window of `window` keys (0: none) starts after it.
+#[cube]
+fn window_start(first: usize, last: usize, window: u32) -> usize {
+    let mut lo = first;
+    let w = window as usize;
+    if w > 0 && last + 1 > w && last + 1 - w > lo {
+        lo = last + 1 - w;
+    }
+    lo
+}
+
+/// `cap · tanh(s / cap)` where `capped`, else `s`.
+#[cube]
+fn capped_score(s: f32, cap: f32, #[comptime] capped: bool) -> f32 {
+    let mut out = s;
+    if capped {
+        out = (s / cap).tanh() * cap;
+    }
+    out
+}
+
+/// The soft-cap's derivative at the raw score `s`, `1 − tanh²(s / cap)`, where `capped`.
+#[cube]
+fn cap_slope(s: f32, cap: f32, #[comptime] capped: bool) -> f32 {
+    let mut slope = 1.0f32;
+    if capped {
+        let t = (s / cap).tanh();
+        slope = 1.0 - t * t;
+    }
+    slope
 }
 
 /// `a · b` over `d` floats, `a` in registers and `b` from shared memory at `offset`.
@@ -338,6 +404,7 @@ fn query_block(
     keys: u32,
     heads: u32,
     kv_heads: u32,
+    window: u32,
     #[comptime] d: usize,
     #[comptime] tile_keys: usize,
     #[comptime] packed: bool,
@@ -353,9 +420,13 @@ fn query_block(
     let active = i < seq;
     let mut lo = 0usize;
     if active {
-        lo = first_key(starts, b, i, seq, packed);
+        lo = window_start(first_key(starts, b, i, seq, packed), past + i, window);
     }
-    let cube_lo = first_key(starts, b, first_query, seq, packed);
+    let cube_lo = window_start(
+        first_key(starts, b, first_query, seq, packed),
+        past + first_query,
+        window,
+    );
     QueryBlock {
         keys,
         active,
@@ -398,11 +469,16 @@ fn forward_kernel(
     heads: u32,
     kv_heads: u32,
     scale: f32,
+    window: u32,
+    cap: f32,
     #[comptime] d: usize,
     #[comptime] tile_keys: usize,
     #[comptime] packed: bool,
+    #[comptime] capped: bool,
 ) {
-    let block = query_block(starts, seq, keys, heads, kv_heads, d, tile_keys, packed);
+    let block = query_block(
+        starts, seq, keys, heads, kv_heads, window, d, tile_keys, packed,
+    );
     let query = load_row(q, block.q_row, scale, block.active, d);
     let mut acc = zeros(d);
     let mut m = f32::new(FLOOR);
@@ -421,7 +497,7 @@ fn forward_kernel(
                 let key = tile + j;
                 let mut s = f32::new(FLOOR);
                 if key >= block.lo && key <= block.hi {
-                    s = dot(&query, &k_tile, j * d, d);
+                    s = capped_score(dot(&query, &k_tile, j * d, d), cap, capped);
                 }
                 scores[j] = s;
                 if s > tile_max {
@@ -471,11 +547,16 @@ fn dq_kernel(
     heads: u32,
     kv_heads: u32,
     scale: f32,
+    window: u32,
+    cap: f32,
     #[comptime] d: usize,
     #[comptime] tile_keys: usize,
     #[comptime] packed: bool,
+    #[comptime] capped: bool,
 ) {
-    let block = query_block(starts, seq, keys, heads, kv_heads, d, tile_keys, packed);
+    let block = query_block(
+        starts, seq, keys, heads, kv_heads, window, d, tile_keys, packed,
+    );
     let query = load_row(q, block.q_row, scale, block.active, d);
     let grad = load_row(d_out, block.q_row, 1.0, block.active, d);
     let mut row_lse = 0.0f32;
@@ -496,9 +577,10 @@ fn dq_kernel(
             for j in 0..tile_keys {
                 let key = tile + j;
                 if key >= block.lo && key <= block.hi {
-                    let p = (dot(&query, &k_tile, j * d, d) - row_lse).exp();
+                    let s = dot(&query, &k_tile, j * d, d);
+                    let p = (capped_score(s, cap, capped) - row_lse).exp();
                     let ds = p * (dot(&grad, &v_tile, j * d, d) - row_delta);
-                    add_scaled(&mut acc, ds, &k_tile, j * d, d);
+                    add_scaled(&mut acc, ds * cap_slope(s, cap, capped), &k_tile, j * d, d);
                 }
             }
         }
@@ -529,9 +611,12 @@ fn dkdv_kernel(
     heads: u32,
     kv_heads: u32,
     scale: f32,
+    window: u32,
+    cap: f32,
     #[comptime] d: usize,
     #[comptime] tile_queries: usize,
     #[comptime] packed: bool,
+    #[comptime] capped: bool,
 ) {
     let seq = seq as usize;
     let keys = keys as usize;
@@ -567,18 +652,31 @@ fn dkdv_kernel(
             if first_key(starts, b, tile, seq, packed) > last_key {
                 break;
             }
+            // Nor, under a window, once the tile's first query's window starts past them.
+            if window > 0 && tile + past >= last_key + window as usize {
+                break;
+            }
             stage(q, &mut q_tile, q_base, tile, seq, scale, tile_queries, d);
             stage(d_out, &mut o_tile, q_base, tile, seq, 1.0, tile_queries, d);
             sync_cube();
             if active {
                 for t in 0..tile_queries {
                     let i = tile + t;
-                    if i < seq && j <= past + i && j >= first_key(starts, b, i, seq, packed) {
+                    let first =
+                        window_start(first_key(starts, b, i, seq, packed), past + i, window);
+                    if i < seq && j <= past + i && j >= first {
                         let row = bh * seq + i;
-                        let p = (dot(&key, &q_tile, t * d, d) - lse[row]).exp();
+                        let s = dot(&key, &q_tile, t * d, d);
+                        let p = (capped_score(s, cap, capped) - lse[row]).exp();
                         add_scaled(&mut dv_acc, p, &o_tile, t * d, d);
                         let ds = p * (dot(&value, &o_tile, t * d, d) - delta[row]);
-                        add_scaled(&mut dk_acc, ds, &q_tile, t * d, d);
+                        add_scaled(
+                            &mut dk_acc,
+                            ds * cap_slope(s, cap, capped),
+                            &q_tile,
+                            t * d,
+                            d,
+                        );
                     }
                 }
             }

@@ -70,6 +70,8 @@ impl MatmulBackend for Portable {
 /// Flash attention in CubeCL (`attention.rs`), for head dimensions up to
 /// [`attention::MAX_HEAD_DIM`].
 impl AttentionBackend for Portable {
+    const KERNELS_TAKE_WINDOW_AND_SOFTCAP: bool = true;
+
     fn fused_attention(head_dim: usize, _device: &Self::Device) -> bool {
         head_dim <= attention::MAX_HEAD_DIM
     }
@@ -88,7 +90,9 @@ impl AttentionBackend for Portable {
             .starts
             .as_ref()
             .map(|s| primitive(s.device.clone()));
-        let (out, lse) = attention::forward([q, k, v].map(primitive), starts, scores.scale as f32);
+        let rule = rule(visibility, scores);
+        let (out, lse) =
+            attention::forward([q, k, v].map(primitive), starts, scores.scale as f32, rule);
         (inner(out), inner(lse))
     }
 
@@ -101,8 +105,9 @@ impl AttentionBackend for Portable {
         }
         let delta = (d_out.clone() * saved.out).sum_dim(3);
         let inputs = [saved.q, saved.k, saved.v, d_out, saved.lse, delta].map(primitive);
+        let rule = rule(&saved.visibility, saved.scores);
         let starts = saved.visibility.starts.map(|s| primitive(s.device));
-        let (dq, dk, dv) = attention::backward(inputs, starts, saved.scores.scale as f32);
+        let (dq, dk, dv) = attention::backward(inputs, starts, saved.scores.scale as f32, rule);
         (inner(dq), inner(dk), inner(dv))
     }
 }
@@ -237,6 +242,16 @@ impl ModelBackend for Portable {
         let words = w.words.clone().into_primitive();
         let [scales, biases] = [&w.scales, &w.biases].map(|t| primitive(t.clone()));
         dequant::dequantize([words, scales, biases], w.bits, w.group, w.gemm_dtype())
+    }
+}
+
+/// The kernels' window (0 for none) and soft-cap for a call.
+fn rule(visibility: &Visibility<Portable>, scores: Scores) -> attention::Rule {
+    attention::Rule {
+        window: visibility
+            .window
+            .map_or(0, |w| u32::try_from(w).unwrap_or(u32::MAX)),
+        softcap: scores.softcap.map(|c| c as f32),
     }
 }
 
