@@ -75,7 +75,7 @@ struct Tile {
 
 impl Tile {
     /// The tile for `kind`: dense rows 4 a block of 256 threads (session 25), packed ones 2 a
-    /// warp in blocks of 256 (session 26: 243-246 tokens/s on an 8B model at 4 bits, against
+    /// warp in blocks of 256 (session 26: 239-246 tokens/s on an 8B model at 4 bits, against
     /// 193 with 4 a warp in blocks of 128; bench/NOTES.md). `LORAFORGE_DECODE_TILE=RxT` (rows
     /// x threads) overrides it, for measuring others.
     fn of(kind: Kind) -> Self {
