@@ -18,6 +18,12 @@ use burn::tensor::ops::{FloatTensor, IntTensor};
 
 use crate::quant::QuantizedMatrix;
 
+/// Positions a session's cache holds when it opens over `len` with `room` more to come: room
+/// for up to 1,024 of them (the sessions double the cache whenever it fills) and one more.
+pub fn first_capacity(len: usize, room: usize) -> usize {
+    len + room.min(1024) + 1
+}
+
 /// A frozen `[out, in]` matrix as the step reads it.
 pub enum DecodeMatrix<B: Backend> {
     /// f32 or bf16, row-major.

@@ -15,13 +15,12 @@ use burn_ndarray::NdArrayTensor;
 
 use super::elementwise::tensor;
 use super::products::{Matrix, gated, products};
-use crate::ops::decode::{DecodeLinear, DecodeMatrix, DecodeModel, DecodeSession, SessionBlock};
+use crate::ops::decode::{
+    DecodeLinear, DecodeMatrix, DecodeModel, DecodeSession, SessionBlock, first_capacity,
+};
 use crate::ops::primitive::primitive;
 
 type Cpu = NdArray<f32>;
-
-/// Positions of room a session's cache starts with beyond the prompt (it doubles when full).
-const FIRST_ROOM: usize = 1024;
 
 /// A linear: its matrix and optional bias.
 struct Linear {
@@ -62,6 +61,8 @@ struct Scratch {
     mlp: Vec<f32>,
     out: Vec<f32>,
     scores: Vec<f32>,
+    /// The position's RoPE angles' sines and cosines, `head_dim / 2`.
+    turn: Vec<(f32, f32)>,
 }
 
 /// A decode session over one model on the CPU.
@@ -125,7 +126,7 @@ impl Session {
         let intermediate = blocks.first()?.gate_up[0].matrix.rows();
         let head = Linear::new(model.head)?;
         let len = *kv.first()?[0].shape().get(2)?;
-        let capacity = len + room.min(FIRST_ROOM) + 1;
+        let capacity = first_capacity(len, room);
         let cache = kv
             .into_iter()
             .map(|[k, v]| {
@@ -150,6 +151,7 @@ impl Session {
                 mlp: zeros(intermediate),
                 out: zeros(model.hidden),
                 scores: zeros(capacity),
+                turn: vec![(0.0, 0.0); d / 2],
             },
             head,
             cache,
@@ -194,7 +196,7 @@ impl Session {
         v.add_bias(&mut s.v);
         let pos = self.len;
         for head in s.q.chunks_exact_mut(d).chain(s.k.chunks_exact_mut(d)) {
-            rope(head, &self.inv_freq, pos);
+            rope(head, &s.turn);
         }
         let [kc, vc] = &mut self.cache[i];
         for h in 0..kv_heads {
@@ -234,6 +236,11 @@ impl DecodeSession<Cpu> for Session {
             self.grow();
         }
         self.embed.row(id as usize, &mut self.scratch.h);
+        // This position's angles, `pos · inv_freq[i]`, for every block's heads.
+        let pos = self.len as f32;
+        for (t, f) in self.scratch.turn.iter_mut().zip(&self.inv_freq) {
+            *t = (pos * f).sin_cos();
+        }
         for i in 0..self.blocks.len() {
             self.block(i);
         }
@@ -266,12 +273,11 @@ fn rms_norm(x: &[f32], gain: &[f32], eps: f32, out: &mut [f32]) {
     }
 }
 
-/// RoPE (rotate_half layout) of one head at position `pos`: pair `(i, i + d/2)` turned by
-/// `pos · inv_freq[i]`.
-fn rope(x: &mut [f32], inv_freq: &[f32], pos: usize) {
+/// RoPE (rotate_half layout) of one head: pair `(i, i + d/2)` turned by the angle whose sine
+/// and cosine are `turn[i]`.
+fn rope(x: &mut [f32], turn: &[(f32, f32)]) {
     let half = x.len() / 2;
-    for (i, f) in inv_freq.iter().enumerate() {
-        let (sin, cos) = (pos as f32 * f).sin_cos();
+    for (i, &(sin, cos)) in turn.iter().enumerate() {
         let (a, b) = (x[i], x[i + half]);
         x[i] = a * cos - b * sin;
         x[i + half] = b * cos + a * sin;

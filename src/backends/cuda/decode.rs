@@ -17,13 +17,12 @@ use cudarc::driver::{CudaFunction, result as driver};
 
 use super::kernel::{self, Args, Queue, Tensor, empty, pointer, u32_of};
 use super::upload::into_fusion;
-use crate::ops::decode::{DecodeLinear, DecodeMatrix, DecodeModel, DecodeSession, SessionBlock};
+use crate::ops::decode::{
+    DecodeLinear, DecodeMatrix, DecodeModel, DecodeSession, SessionBlock, first_capacity,
+};
 use crate::ops::primitive::{inner, primitive};
 
 const SOURCE: &str = include_str!("decode.cu");
-/// Positions of room a session's cache starts with beyond the prompt (it doubles when full).
-const FIRST_ROOM: usize = 1024;
-
 type Cuda = burn::backend::Cuda<f32>;
 
 /// How a matrix is held, which picks the module its products run in.
@@ -424,7 +423,7 @@ impl Session {
         }
         let like = &norm.tensor;
         let len = kv_len(first)?;
-        let capacity = len + room.min(FIRST_ROOM) + 1;
+        let capacity = first_capacity(len, room);
         let queue = Queue::of(like);
         let buffer = |shape: Vec<usize>, dtype| empty(like, Shape::from(shape), dtype);
         let f32 = |n: usize| Buffer::new(buffer(vec![n], DType::F32));
