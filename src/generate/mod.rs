@@ -121,11 +121,23 @@ pub fn generate<B: ModelBackend>(
     let mut stream = Stream::new([prompt.cached, prompt_ids].concat(), sampling);
 
     let start = Instant::now();
-    let mut logits = advance_one(model, cache, &stream.context, prompt_ids.len(), device);
+    // A short prompt runs in the decode session, opened before it (`ModelBackend::
+    // SESSION_PROMPT`); a longer one op by op, the session opening after it.
+    let room = prompt_ids.len() + limits.max_tokens;
+    let session_first = prompt_ids.len() <= B::SESSION_PROMPT;
+    let mut session = session_first
+        .then(|| decode_session(model, cache, room))
+        .flatten();
+    let mut logits = match session.as_mut() {
+        Some(session) => session.run(prompt_ids),
+        None => advance_one(model, cache, &stream.context, prompt_ids.len(), device),
+    };
     let prompt_secs = start.elapsed().as_secs_f64();
 
     let start = Instant::now();
-    let mut session = decode_session(model, cache, limits.max_tokens);
+    if !session_first {
+        session = decode_session(model, cache, limits.max_tokens);
+    }
     if session.is_some() {
         // The session holds the keys and values now; they come back when it ends.
         *cache = cache.emptied();
@@ -138,7 +150,7 @@ pub fn generate<B: ModelBackend>(
                 break;
             }
             logits = match session.as_mut() {
-                Some(session) => session.step(id),
+                Some(session) => session.run(&[id]),
                 None => advance_one(model, cache, &stream.context, 1, device),
             };
         }
@@ -237,7 +249,11 @@ fn decode_session<B: ModelBackend>(
     {
         return None;
     }
-    B::decode_session(model.decode_model()?, cache.kv_primitives()?, room)
+    let kv = match cache.is_empty() {
+        true => Vec::new(),
+        false => cache.kv_primitives()?,
+    };
+    B::decode_session(model.decode_model()?, kv, room)
 }
 
 /// Each row's next-token logits after its context, whose last `new` tokens `cache` does not

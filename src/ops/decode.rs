@@ -134,8 +134,9 @@ pub struct DecodeModel<B: Backend> {
 /// A decode session: the model's keys and values in buffers of their own with room to grow, and
 /// a step that runs one token through every block.
 pub trait DecodeSession<B: Backend> {
-    /// Runs token `id` at the next position and returns the next-token logits.
-    fn step(&mut self, id: u32) -> Vec<f32>;
+    /// Runs `ids` at the next positions and returns the logits after the last: one id is a
+    /// decode step; more are a prompt (CUDA's session runs them in one pass).
+    fn run(&mut self, ids: &[u32]) -> Vec<f32>;
 
     /// The keys and values of every position run so far, per block, `[1, kv_heads, len,
     /// head_dim]` each, in the dtype the session was handed them.

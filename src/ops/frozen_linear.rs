@@ -75,9 +75,14 @@ pub trait ModelBackend:
     /// only then).
     const DECODE_SESSIONS: bool = false;
 
+    /// Prompts of at most this many new tokens run through a decode session
+    /// ([`DecodeSession::run`]) when one opens; longer ones run op by op before it opens (as
+    /// every prompt does where this is 0).
+    const SESSION_PROMPT: usize = 0;
+
     /// A session running `model`'s decode steps whole, continuing the keys and values `kv`
-    /// (`[1, kv_heads, len, head_dim]` per block) with room for `room` more positions; `None`
-    /// where this backend decodes op by op.
+    /// (`[1, kv_heads, len, head_dim]` per block; none for an empty cache) with room for `room`
+    /// more positions; `None` where this backend decodes op by op.
     fn decode_session(
         _model: DecodeModel<Self>,
         _kv: Vec<[FloatTensor<Self>; 2]>,

@@ -3,8 +3,8 @@
 //!
 //! The MLX affine layout (`quant/affine.rs`) stays as it is: the packed u32 words go up as i32
 //! bit patterns, the scales and biases as f32, or in the base's 16-bit float (as MLX stores them:
-//! half the bytes, 0.5 GB at 8B). Dequantizing `[rows, cols]` at `bits` (2, 4 or 8,
-//! so that codes never straddle words) is
+//! half the bytes, 0.5 GB at 8B). Codes of 3, 5 or 6 bits (K-quant GGUFs) go up widened to 4
+//! or 8 bits, so that codes never straddle words. Dequantizing `[rows, cols]` at `bits` is
 //!
 //! ```text
 //! q[r, w·k + j] = (words[r, w] >> (j·bits)) & (2^bits − 1)        k = 32 / bits codes per word
@@ -35,8 +35,18 @@ use super::matmul::matmul;
 use super::primitive::{inner, primitive};
 use crate::quant::QuantizedMatrix;
 
-/// Bit widths whose codes never cross a 32-bit word.
+/// Bit widths whose codes never cross a 32-bit word: the device kernels' layouts.
 pub const DEVICE_BITS: [u32; 3] = [2, 4, 8];
+
+/// The device width that holds `bits`-bit codes: 3 → 4, 5 and 6 → 8, the others themselves.
+/// The codes are exact in the wider words; the memory is 1 more bit a weight for 3 and 6 bits
+/// (a Q3_K or Q6_K GGUF), 3 more for 5 (Q5_K).
+fn device_width(bits: u32) -> u32 {
+    DEVICE_BITS
+        .into_iter()
+        .find(|&b| b >= bits)
+        .expect("at most 8 bits a code")
+}
 
 /// A quantized weight held on the device in the MLX affine layout, dequantized there per use.
 #[derive(Debug, Clone)]
@@ -56,15 +66,25 @@ pub struct DeviceQuantized<B: Backend> {
 }
 
 impl<B: Backend> DeviceQuantized<B> {
-    /// Uploads `q`; `None` for a bit width the device path does not take.
+    /// Uploads `q`, its codes widened to a [`DEVICE_BITS`] width where they are not one; `None`
+    /// where a widened word would hold codes of two groups (a group of fewer codes than a word).
     pub fn upload(
         q: &QuantizedMatrix,
         half: Option<FloatDType>,
         device: &B::Device,
     ) -> Option<Self> {
-        if !DEVICE_BITS.contains(&q.bits) {
+        let bits = device_width(q.bits);
+        if !q.group_size.is_multiple_of(32 / bits as usize) {
             return None;
         }
+        let widened;
+        let q = match bits == q.bits {
+            true => q,
+            false => {
+                widened = q.widened(bits);
+                &widened
+            }
+        };
         let (rows, groups) = (q.rows, q.cols / q.group_size);
         let words: Vec<i32> = q.packed.iter().map(|&w| w as i32).collect();
         let dtype = dtype_or_f32(half);
@@ -231,15 +251,16 @@ mod tests {
     use burn::backend::NdArray;
 
     #[test]
-    fn dequantizes_as_the_host_does_at_each_width() {
+    fn dequantizes_as_the_host_does_at_each_width_widened_where_codes_straddle_words() {
         let device = Default::default();
         let (rows, cols) = (3, 128);
         let values: Vec<f32> = (0..rows * cols)
             .map(|i| ((i * 37 % 101) as f32 - 50.0) / 40.0)
             .collect();
-        for bits in DEVICE_BITS {
+        for bits in crate::quant::affine::SUPPORTED_BITS {
             let q = crate::quant::quantize::quantize(&values, rows, cols, bits, 32).unwrap();
             let on_device = DeviceQuantized::<NdArray<f32>>::upload(&q, None, &device).unwrap();
+            assert_eq!(on_device.bits, device_width(bits));
             let got: Vec<f32> = on_device.dequantize().into_data().into_vec().unwrap();
             assert_eq!(got, q.dequantize(), "{bits} bits");
             let ids = Tensor::from_data(TensorData::new(vec![2i64, 0], [2]), &device);

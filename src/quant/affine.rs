@@ -167,6 +167,36 @@ impl QuantizedMatrix {
         }
     }
 
+    /// The same codes, scales and biases with each code in `bits` ≥ [`Self::bits`] bits (a
+    /// 3-bit Q3_K matrix in 4-bit words, say, for kernels whose codes never straddle a word):
+    /// it dequantizes to the same values, bit for bit.
+    pub fn widened(&self, bits: u32) -> Self {
+        assert!(
+            bits >= self.bits,
+            "{} bits do not hold {}-bit codes",
+            bits,
+            self.bits
+        );
+        let (from, to) = (self.words_per_row(), self.cols * bits as usize / 32);
+        let mut packed = vec![0u32; self.rows * to];
+        packed
+            .par_chunks_mut(to)
+            .zip(self.packed.par_chunks(from))
+            .for_each(|(wide, row)| {
+                for c in 0..self.cols {
+                    let code = read_bits(row, c * self.bits as usize, self.bits);
+                    write_bits(wide, c * bits as usize, bits, code);
+                }
+            });
+        QuantizedMatrix {
+            bits,
+            packed,
+            scales: self.scales.clone(),
+            biases: self.biases.clone(),
+            ..*self
+        }
+    }
+
     /// Reorders whole rows: row `i` of the result is row `order[i]` of `self`.
     pub fn permute_rows(&self, order: &[usize]) -> Self {
         let wpr = self.words_per_row();

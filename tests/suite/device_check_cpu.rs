@@ -16,6 +16,8 @@ fn every_device_check_passes_on_the_cpu() {
             "trajectory_chunked_offloaded",
             "linear_dense",
             "linear_q4",
+            "linear_q3_g16",
+            "linear_q6_g16",
             "decode_session_dense",
             "decode_session_q4",
             "attention",

@@ -86,7 +86,7 @@ fn the_cpu_decode_session_decodes_as_transformers_and_the_op_path_do() {
     for _ in 0..32 {
         let next = argmax(&logits);
         generated.push(next);
-        logits = session.step(next);
+        logits = session.run(&[next]);
         let want = model.decoder.next_logits(&[next], &mut ops, &device);
         let worst = common::max_abs_diff(&logits, &want);
         assert!(

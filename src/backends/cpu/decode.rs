@@ -107,8 +107,8 @@ fn values<const D: usize>(t: FloatTensor<Cpu>) -> Option<Vec<f32>> {
 }
 
 impl Session {
-    /// A session over `model` continuing `kv` with room for `room` more positions; `None` where
-    /// a matrix or the cache is held in a way the session does not read.
+    /// A session over `model` continuing `kv` (none: no positions yet) with room for `room` more
+    /// positions; `None` where a matrix or the cache is held in a way the session does not read.
     pub fn open(
         model: DecodeModel<Cpu>,
         kv: Vec<[FloatTensor<Cpu>; 2]>,
@@ -120,22 +120,31 @@ impl Session {
             .into_iter()
             .map(|b| b.take(values::<1>, Linear::new))
             .collect::<Option<Vec<Block>>>()?;
-        if kv.len() != blocks.len() {
+        if !kv.is_empty() && kv.len() != blocks.len() {
             return None;
         }
         let intermediate = blocks.first()?.gate_up[0].matrix.rows();
         let head = Linear::new(model.head)?;
-        let len = *kv.first()?[0].shape().get(2)?;
+        let len = match kv.first() {
+            Some(first) => *first[0].shape().get(2)?,
+            None => 0,
+        };
         let capacity = first_capacity(len, room);
-        let cache = kv
-            .into_iter()
-            .map(|[k, v]| {
-                Some([
-                    grown(k, [kv_heads, len, d], capacity)?,
-                    grown(v, [kv_heads, len, d], capacity)?,
-                ])
-            })
-            .collect::<Option<Vec<_>>>()?;
+        let cache = match kv.is_empty() {
+            true => {
+                let zeros = || vec![0f32; kv_heads * capacity * d];
+                blocks.iter().map(|_| [zeros(), zeros()]).collect()
+            }
+            false => kv
+                .into_iter()
+                .map(|[k, v]| {
+                    Some([
+                        grown(k, [kv_heads, len, d], capacity)?,
+                        grown(v, [kv_heads, len, d], capacity)?,
+                    ])
+                })
+                .collect::<Option<Vec<_>>>()?,
+        };
         let zeros = |n| vec![0f32; n];
         Some(Session {
             embed: matrix(model.embed)?,
@@ -230,7 +239,8 @@ impl Session {
     }
 }
 
-impl DecodeSession<Cpu> for Session {
+impl Session {
+    /// Runs token `id` at the next position and returns the next-token logits.
     fn step(&mut self, id: u32) -> Vec<f32> {
         if self.len == self.capacity {
             self.grow();
@@ -251,6 +261,17 @@ impl DecodeSession<Cpu> for Session {
         self.head.add_bias(&mut logits);
         self.len += 1;
         logits
+    }
+}
+
+impl DecodeSession<Cpu> for Session {
+    /// A token at a time (`ModelBackend::SESSION_PROMPT` is 0 here: the op-by-op path's GEMMs
+    /// run a prompt faster, so a session gets single steps).
+    fn run(&mut self, ids: &[u32]) -> Vec<f32> {
+        ids.iter()
+            .map(|&id| self.step(id))
+            .last()
+            .expect("tokens to run")
     }
 
     fn into_kv(self: Box<Self>) -> Vec<[FloatTensor<Cpu>; 2]> {

@@ -31,7 +31,7 @@ use burn_cubecl::kernel::into_contiguous;
 use cudarc::cublas::{result as cublas, sys as blas};
 use cudarc::driver::CudaContext;
 
-use super::kernel::{self, Cube, Tensor, cast};
+use super::kernel::{self, Cube, Queue, Tensor, cast};
 
 /// `lhs`: `[..., m, k]`, `rhs`: `[..., k, n]` with the same leading (batch) dimensions →
 /// `[..., m, n]` in f32.
@@ -257,4 +257,62 @@ pub(super) fn blas_handle(device: usize) -> &'static Mutex<Blas> {
         handles.push(Box::leak(Box::new(Mutex::new(Blas { ctx, handle }))));
     }
     handles[device]
+}
+
+/// `y[rows, out] = x[rows, inner] · w[out, inner]ᵀ` (added onto `y` when `accumulate`) on raw
+/// device addresses, queued on `queue`: `x` and `w` of `dtype` (bf16 on tensor cores with f32
+/// sums, or f32 as TF32, as [`matmul`] runs them), `y` f32 with `ldy` floats a row (so that `w`
+/// may be a slab of a taller matrix, its results a slab of `y`'s columns). The decode session's
+/// prompt pass (`decode/prefill.rs`) calls it on buffers it allocated once.
+pub fn gemm_rows(
+    queue: Queue,
+    dtype: DType,
+    [x, w, y]: [u64; 3],
+    [rows, out, inner]: [usize; 3],
+    ldy: usize,
+    accumulate: bool,
+) {
+    let (data_type, compute) = match dtype {
+        DType::BF16 => (
+            blas::cudaDataType_t::CUDA_R_16BF,
+            blas::cublasComputeType_t::CUBLAS_COMPUTE_32F,
+        ),
+        _ => (
+            blas::cudaDataType_t::CUDA_R_32F,
+            blas::cublasComputeType_t::CUBLAS_COMPUTE_32F_FAST_TF32,
+        ),
+    };
+    let (alpha, beta) = (1f32, if accumulate { 1f32 } else { 0f32 });
+    let blas = blas_handle(queue.device());
+    let blas = blas.lock().expect("cuBLAS handle");
+    // Column-major, yᵀ [out, rows] = wᵀᵀ · xᵀ: w read as its transpose (op T, `inner` a row),
+    // x as is (op N).
+    // SAFETY: the caller's buffers hold at least these extents and live until the GEMM, queued
+    // on the stream that orders their other work, has run.
+    unsafe {
+        blas.ctx.bind_to_thread().expect("bind the CUDA context");
+        cublas::set_stream(blas.handle, queue.stream().cast()).expect("cublasSetStream");
+        cublas::gemm_ex(
+            blas.handle,
+            blas::cublasOperation_t::CUBLAS_OP_T,
+            blas::cublasOperation_t::CUBLAS_OP_N,
+            to_i32(out),
+            to_i32(rows),
+            to_i32(inner),
+            (&raw const alpha).cast(),
+            w as *const c_void,
+            data_type,
+            to_i32(inner),
+            x as *const c_void,
+            data_type,
+            to_i32(inner),
+            (&raw const beta).cast(),
+            y as *mut c_void,
+            blas::cudaDataType_t::CUDA_R_32F,
+            to_i32(ldy),
+            compute,
+            blas::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
+        )
+        .expect("cublasGemmEx");
+    }
 }

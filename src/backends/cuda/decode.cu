@@ -112,6 +112,8 @@ struct Task {
 #error "packed matrices need -DSCALE_T=bf16|float"
 #endif
 typedef SCALE_T scale_t;
+// The prompt pass's GEMMs read the matrix dequantized to its scales' type (`dequant.cu`).
+typedef scale_t gemm_t;
 // A packed matrix: words [n][cols / PER_WORD], scales and biases [n][cols >> gshift] (groups
 // of 2^gshift codes).
 struct Matrix {
@@ -139,10 +141,11 @@ __host__ __device__ constexpr int code_shift(int j) {
 // scaled for the codes (above) and by the norm's gain, with each chunk's Σ x beside it, its
 // float4s swizzled (float4 j of chunk c at j ^ SWIZZLE(c)) so that the 8 lanes of a 16-byte
 // shared load phase, reading float4 j of chunks c .. c + 7, hit distinct banks. A launch has a
-// warp a task (a block every R · THREADS / 32 rows, each staging x); `run` loops so that fewer
-// blocks could take more tasks, but a grid of as many blocks as the device holds, warps taking
-// tasks in fixed turns, was slower (session 26: 2.26 tasks a warp left a third of the run to
-// the warps holding a third). Session 25 measured what the 4-bit products of an 8B model do
+// warp a task (a block every R · THREADS / 32 rows, each staging x), whose first two chunks are
+// fetched before x is staged, so that the weights' first loads wait beside the staging instead
+// of after it. A grid of as many blocks as the device holds, warps taking tasks in fixed turns,
+// was slower (session 26: 2.26 tasks a warp left a third of the run to the warps holding a
+// third). Session 25 measured what the 4-bit products of an 8B model do
 // without these: x read by each thread from global memory 32 columns at a time, 0.5 TB/s; a word
 // a lane, 0.5-0.9 TB/s; staged, 4 words a lane, one load a row in flight, 0.70 TB/s (1.07 for
 // gate and up).
@@ -267,44 +270,47 @@ __device__ __forceinline__ void accumulate(const Chunk<M>& k, int c, int chunks,
         }
 }
 
-// Runs a launch's `tasks` tasks (`at(t)` gives task t) over rmsnorm?(x), handing each output
-// row's results to `emit(task, r, out)` (out[i]: matrix i's row task.first + r). Needs (cols +
-// cols / CHUNK) floats of dynamic shared memory.
+// Runs a launch's `tasks` tasks (`at(t)` gives task t), a warp a task, over rmsnorm?(x), handing
+// each output row's results to `emit(task, r, out)` (out[i]: matrix i's row task.first + r).
+// Needs (cols + cols / CHUNK) floats of dynamic shared memory.
 template <int M, class At, class Emit>
 __device__ __forceinline__ void run(int tasks, At at, Emit emit, const float* __restrict__ x,
                                     const float* __restrict__ gain, float eps, int cols) {
     extern __shared__ float4 staged[];
     float* xs = reinterpret_cast<float*>(staged);
     float* csum = xs + cols;
-    const float inv = stage_x(x, gain, eps, cols, xs, csum);
-    const int warps = THREADS / 32, warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     const int chunks = cols / CHUNK;
+    // The warp's task (a launch has one for every warp but the last block's spare ones), its
+    // first two chunks in flight while x is staged.
+    const int t = blockIdx.x * (THREADS / 32) + warp;
+    const Task<M> task = at(min(t, tasks - 1));
+    Chunk<M> a, b;
+    fetch(task, lane, chunks, cols, a);
+    fetch(task, lane + 32, chunks, cols, b);
+    const float inv = stage_x(x, gain, eps, cols, xs, csum);
+    if (t >= tasks) return;
     const u32 magic = *reinterpret_cast<volatile u32*>(&magic_slot);
-    for (int t = blockIdx.x * warps + warp; t < tasks; t += gridDim.x * warps) {
-        const Task<M> task = at(t);
-        float acc[M][R];
+    float acc[M][R];
 #pragma unroll
-        for (int i = 0; i < M; ++i)
+    for (int i = 0; i < M; ++i)
 #pragma unroll
-            for (int r = 0; r < R; ++r) acc[i][r] = 0.0f;
-        Chunk<M> a, b;
-        fetch(task, lane, chunks, cols, a);
-        for (int c = lane; c < chunks; c += 64) {
-            fetch(task, c + 32, chunks, cols, b);
-            accumulate(a, c, chunks, csum, magic, acc);
-            fetch(task, c + 64, chunks, cols, a);
-            accumulate(b, c + 32, chunks, csum, magic, acc);
-        }
-        float out[M];
-#pragma unroll
-        for (int r = 0; r < R; ++r)
-#pragma unroll
-            for (int i = 0; i < M; ++i) {
-                const float v = warp_sum(acc[i][r]);
-                if (lane == r) out[i] = v * inv;
-            }
-        if (lane < task.rows) emit(task, lane, out);
+        for (int r = 0; r < R; ++r) acc[i][r] = 0.0f;
+    for (int c = lane; c < chunks; c += 64) {
+        accumulate(a, c, chunks, csum, magic, acc);
+        fetch(task, c + 64, chunks, cols, a);
+        accumulate(b, c + 32, chunks, csum, magic, acc);
+        fetch(task, c + 96, chunks, cols, b);
     }
+    float out[M];
+#pragma unroll
+    for (int r = 0; r < R; ++r)
+#pragma unroll
+        for (int i = 0; i < M; ++i) {
+            const float v = warp_sum(acc[i][r]);
+            if (lane == r) out[i] = v * inv;
+        }
+    if (lane < task.rows) emit(task, lane, out);
 }
 
 __device__ __forceinline__ float element(const Matrix& m, int n, int c, int cols) {
@@ -317,6 +323,8 @@ __device__ __forceinline__ float element(const Matrix& m, int n, int c, int cols
 #define MATRIX(i) Matrix{words##i, scales##i, qbias##i, gshift##i}
 #elif defined(DENSE_T)
 typedef DENSE_T dense_t;
+// The prompt pass's GEMMs read the matrix as it is held.
+typedef dense_t gemm_t;
 struct Matrix {
     const dense_t* w;
 };
@@ -485,71 +493,114 @@ extern "C" __global__ void __launch_bounds__(THREADS)
 // step), not passed by value, so that a step's launches are the same every step and replay as
 // one CUDA graph (`decode.rs`).
 
-// y = row `step[0]` of the matrix (the embedding lookup), in f32.
-extern "C" __global__ void embed(MATRIX_PARAMS(0), const int* __restrict__ step, int cols,
+// Row t of y = row ids[t] of the matrix (the embedding lookup), in f32; a step passes `step` as
+// `ids` (its token first), the prompt pass its tokens, a row of blocks each (grid.y).
+extern "C" __global__ void embed(MATRIX_PARAMS(0), const int* __restrict__ ids, int cols,
                                  float* y) {
-    const int c = blockIdx.x * blockDim.x + threadIdx.x;
-    if (c < cols) y[c] = element(MATRIX(0), step[0], c, cols);
+    const int c = blockIdx.x * blockDim.x + threadIdx.x, t = blockIdx.y;
+    if (c < cols) y[(i64)t * cols + c] = element(MATRIX(0), ids[t], c, cols);
 }
 
 // ---------------------------------------------------------------------------------------------
-// RoPE (rotate_half layout) of q's `heads` and k's `kv_heads` heads at position pos = step[1],
-// in place for q; k rotated and v copied into the caches' row pos. One block a head, d/2
+// RoPE (rotate_half layout) of q's `heads` and k's `kv_heads` heads at position step[1] + t for
+// row t (grid.y: one row for a step, the prompt's tokens for the prompt pass), in place for q;
+// k rotated and v copied into the caches' row of that position. One block a head and row, d/2
 // threads, thread i rotating the pair (i, i + d/2) with angle pos · inv_freq[i].
 extern "C" __global__ void rope_append(float* q, const float* __restrict__ k,
                                        const float* __restrict__ v, kv_t* kc, kv_t* vc,
                                        const float* __restrict__ inv_freq,
                                        const int* __restrict__ step, int heads, int kv_heads,
                                        int d, int capacity) {
-    const int h = blockIdx.x, i = threadIdx.x, half = d / 2, pos = step[1];
+    const int h = blockIdx.x, t = blockIdx.y, i = threadIdx.x, half = d / 2, pos = step[1] + t;
     const float angle = (float)pos * inv_freq[i];
     const float c = cosf(angle), s = sinf(angle);
     if (h < heads) {
-        float* x = q + (i64)h * d;
+        float* x = q + ((i64)t * heads + h) * d;
         const float a = x[i], b = x[i + half];
         x[i] = a * c - b * s;
         x[i + half] = b * c + a * s;
         return;
     }
     const int kh = h - heads;
-    const float* x = k + (i64)kh * d;
-    const float a = x[i], b = x[i + half];
+    const i64 row = ((i64)t * kv_heads + kh) * d;
+    const float a = k[row + i], b = k[row + i + half];
     kv_t* krow = kc + ((i64)kh * capacity + pos) * d;
     kv_t* vrow = vc + ((i64)kh * capacity + pos) * d;
     store(krow + i, a * c - b * s);
     store(krow + i + half, b * c + a * s);
-    store(vrow + i, v[(i64)kh * d + i]);
-    store(vrow + i + half, v[(i64)kh * d + i + half]);
+    store(vrow + i, v[row + i]);
+    store(vrow + i + half, v[row + i + half]);
 }
 
-// o[h] = softmax(q[h] · K[g]ᵀ · scale) V[g] over the first len = step[1] + 1 cached positions,
-// g = h / (heads / kv_heads). One block of 256 threads a query head, a warp a position's score;
-// the scores go through `scores` ([heads][capacity] f32 scratch). (A thread a position, its key
-// row read 16 bytes at a time, measured slower: 14.2 µs a block against 10.9 at ~100 positions
-// of an 8B model on an H200, session 26: too few threads at short lengths.)
+// The 16-byte vector `raw` of a key or value row as KV values.
+#define KV_V (16 / (int)sizeof(kv_t))
+__device__ __forceinline__ void unpack(uint4 raw, float (&v)[KV_V]) {
+    const u32 w[4] = {raw.x, raw.y, raw.z, raw.w};
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+        if constexpr (sizeof(kv_t) == 4) {
+            v[i] = __uint_as_float(w[i]);
+        } else {
+            v[2 * i] = __uint_as_float(w[i] << 16);
+            v[2 * i + 1] = __uint_as_float(w[i] & 0xffff0000u);
+        }
+    }
+}
+
+// o[h] = softmax(q[h] · K[g]ᵀ · scale) V[g] over the first len = step[1] + 1 + t cached
+// positions for row t (grid.y; each of the prompt pass's rows sees the keys up to its own),
+// g = h / (heads / kv_heads). One block of 256 threads a query head and row; the scores go
+// through `scores` ([rows][heads][capacity] f32 scratch). Every row is read 16 bytes a load:
+// - scores: 8 lanes a position, lane i taking the row's vectors i, i + 8, ... against the query's
+//   same values held in registers, so a warp has 4 positions and the block 32 in flight;
+// - values: a thread a vector of the row's d / KV_V, the block's threads split into
+//   256 / (d / KV_V) ways, each way summing every ways-th position, then the ways added up.
+// Needs d a multiple of 8 · KV_V (`decode.rs` checks). Session 26's kernel, a warp a position's
+// score and a thread a column of the values, took 10.9 µs a block at ~100 positions of an 8B
+// model (H200); a thread a position, 14.2.
 extern "C" __global__ void __launch_bounds__(256)
     attend(const float* __restrict__ q, const kv_t* __restrict__ kc,
            const kv_t* __restrict__ vc, float* __restrict__ o, float* __restrict__ scores,
            const int* __restrict__ step, int heads, int kv_heads, int d, int capacity,
            float scale) {
-    const int len = step[1] + 1;
+    constexpr int MAX_LOADS = 256 / (8 * KV_V);  // a lane's vectors of a key row (d ≤ 256)
+    const int t = blockIdx.y, len = step[1] + 1 + t;
     __shared__ float partial[8];
-    __shared__ float acc[256];
+    __shared__ float acc[256 * KV_V];
     const int h = blockIdx.x, warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     const int g = h / (heads / kv_heads);
-    const float* qh = q + (i64)h * d;
-    const kv_t* keys = kc + (i64)g * capacity * d;
-    const kv_t* values = vc + (i64)g * capacity * d;
-    float* s = scores + (i64)h * capacity;
-    for (int j = warp; j < len; j += 8) {
-        float dot = 0.0f;
-        for (int c = lane; c < d; c += 32) dot = fmaf(qh[c], load(keys + (i64)j * d + c), dot);
-        dot = warp_sum(dot);
-        if (lane == 0) s[j] = dot * scale;
-    }
-    __syncthreads();
+    const i64 head = (i64)t * heads + h;
+    const float* qh = q + head * d;
+    const uint4* keys = reinterpret_cast<const uint4*>(kc + (i64)g * capacity * d);
+    const uint4* values = reinterpret_cast<const uint4*>(vc + (i64)g * capacity * d);
+    float* s = scores + head * capacity;
+    const int sub = lane & 7, slot = lane >> 3, loads = d / (8 * KV_V), vecs = d / KV_V;
+    float qr[MAX_LOADS][KV_V];
+#pragma unroll
+    for (int u = 0; u < MAX_LOADS; ++u)
+#pragma unroll
+        for (int e = 0; e < KV_V; ++e) qr[u][e] = u < loads ? qh[(sub + 8 * u) * KV_V + e] : 0.0f;
     float m = -3.402823466e38f;
-    for (int j = threadIdx.x; j < len; j += 256) m = fmaxf(m, s[j]);
+    for (int j0 = warp * 4; j0 < len; j0 += 32) {
+        const int j = j0 + slot, row = min(j, len - 1);
+        float dot = 0.0f;
+#pragma unroll
+        for (int u = 0; u < MAX_LOADS; ++u) {
+            if (u < loads) {
+                float k[KV_V];
+                unpack(__ldg(keys + (i64)row * vecs + sub + 8 * u), k);
+#pragma unroll
+                for (int e = 0; e < KV_V; ++e) dot = fmaf(qr[u][e], k[e], dot);
+            }
+        }
+#pragma unroll
+        for (int x = 4; x > 0; x >>= 1) dot += __shfl_xor_sync(0xffffffff, dot, x);
+        dot *= scale;
+        if (j < len) {
+            if (sub == 0) s[j] = dot;
+            m = fmaxf(m, dot);
+        }
+    }
     m = warp_max(m);
     if (lane == 0) partial[warp] = m;
     __syncthreads();
@@ -567,17 +618,70 @@ extern "C" __global__ void __launch_bounds__(256)
     __syncthreads();
     total = 0.0f;
     for (int w = 0; w < 8; ++w) total += partial[w];
-    // Threads split as `ways` groups of d columns; each group sums every ways-th position.
-    const int ways = 256 / d;
-    const int c = threadIdx.x % d, way = threadIdx.x / d;
-    float sum = 0.0f;
+    const int ways = 256 / vecs, vec = threadIdx.x % vecs, way = threadIdx.x / vecs;
+    float sum[KV_V];
+#pragma unroll
+    for (int e = 0; e < KV_V; ++e) sum[e] = 0.0f;
     if (way < ways)
-        for (int j = way; j < len; j += ways) sum = fmaf(s[j], load(values + (i64)j * d + c), sum);
-    acc[threadIdx.x] = sum;
+        for (int j = way; j < len; j += ways) {
+            float v[KV_V];
+            unpack(__ldg(values + (i64)j * vecs + vec), v);
+            const float p = s[j];
+#pragma unroll
+            for (int e = 0; e < KV_V; ++e) sum[e] = fmaf(p, v[e], sum[e]);
+        }
+#pragma unroll
+    for (int e = 0; e < KV_V; ++e) acc[way * d + vec * KV_V + e] = sum[e];
     __syncthreads();
     if (threadIdx.x < d) {
         float out = 0.0f;
         for (int w = 0; w < ways; ++w) out += acc[w * d + threadIdx.x];
-        o[(i64)h * d + threadIdx.x] = out / total;
+        o[head * d + threadIdx.x] = out / total;
     }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The prompt pass (`decode/prefill.rs`): a prompt's tokens through every block at once, the
+// products as cuBLAS GEMMs over `gemm_t` inputs (the matrix's type; packed matrices dequantized
+// a slab of rows at a time by `dequant.cu`), the same `embed`, `rope_append` and `attend` as a step over one
+// row a token (grid.y), and these between them, in the op-by-op path's roundings: each writes
+// its result in `gemm_t`, the type the op-by-op path casts a GEMM's input to.
+
+// y[row] = x[row] / rms(x[row]) ⊙ gain, one block of 256 threads a row.
+extern "C" __global__ void __launch_bounds__(256)
+    rmsnorm_rows(const float* __restrict__ x, const float* __restrict__ gain, float eps, int cols,
+                 gemm_t* __restrict__ y) {
+    __shared__ float partial[8];
+    const i64 row = (i64)blockIdx.x * cols;
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    float ss = 0.0f;
+    for (int c = threadIdx.x; c < cols; c += 256) ss = fmaf(x[row + c], x[row + c], ss);
+    ss = warp_sum(ss);
+    if (lane == 0) partial[warp] = ss;
+    __syncthreads();
+    ss = 0.0f;
+#pragma unroll
+    for (int w = 0; w < 8; ++w) ss += partial[w];
+    const float inv = rsqrtf(ss / (float)cols + eps);
+    for (int c = threadIdx.x; c < cols; c += 256) store(y + row + c, x[row + c] * inv * gain[c]);
+}
+
+// y = silu(g) ⊙ u over n values.
+extern "C" __global__ void silu_mul(const float* __restrict__ g, const float* __restrict__ u,
+                                    gemm_t* __restrict__ y, int n) {
+    const int i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i < n) store(y + i, g[i] / (1.0f + expf(-g[i])) * u[i]);
+}
+
+// y[row] += bias over rows of n values (total values in all).
+extern "C" __global__ void add_bias(float* __restrict__ y, const float* __restrict__ bias, int n,
+                                    int total) {
+    const int i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i < total) y[i] += bias[i % n];
+}
+
+// y = x over n values, in the GEMM's input type.
+extern "C" __global__ void to_gemm(const float* __restrict__ x, gemm_t* __restrict__ y, int n) {
+    const int i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i < n) store(y + i, x[i]);
 }

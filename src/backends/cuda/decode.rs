@@ -22,6 +22,10 @@ use crate::ops::decode::{
 };
 use crate::ops::primitive::{inner, primitive};
 
+mod prefill;
+
+pub use prefill::ROWS as PROMPT_ROWS;
+
 const SOURCE: &str = include_str!("decode.cu");
 type Cuda = burn::backend::Cuda<f32>;
 
@@ -129,6 +133,11 @@ struct Kernels {
     embed: CudaFunction,
     rope_append: CudaFunction,
     attend: CudaFunction,
+    // The prompt pass's (`prefill.rs`).
+    rmsnorm_rows: CudaFunction,
+    silu_mul: CudaFunction,
+    to_gemm: CudaFunction,
+    add_bias: CudaFunction,
     tile: Tile,
     /// Dynamic shared memory the products may take (0 for dense ones).
     staging: usize,
@@ -175,6 +184,10 @@ fn kernels(device: usize, kind: Kind, kv: Float) -> &'static Kernels {
             embed: f("embed"),
             rope_append: f("rope_append"),
             attend: f("attend"),
+            rmsnorm_rows: f("rmsnorm_rows"),
+            silu_mul: f("silu_mul"),
+            to_gemm: f("to_gemm"),
+            add_bias: f("add_bias"),
             tile,
             staging,
         }
@@ -226,7 +239,7 @@ impl Matrix {
                 };
                 (kind, vec![words, scales, biases], group)
             }
-            // Widths the device does not dequantize (3, 5, 6 bits) stay on the host.
+            // Packed on the host (groups of fewer codes than a device word holds).
             DecodeMatrix::Host(_) => return None,
         };
         let kernels = kernels(buffers[0].device.index, kind, kv);
@@ -379,17 +392,22 @@ fn float(t: FloatTensor<Cuda>) -> Tensor {
 }
 
 impl Session {
-    /// A session over `model` continuing `kv` with room for `room` more positions; `None` where
-    /// a matrix or the cache is held in a way the kernels do not read.
+    /// A session over `model` continuing `kv` (none: no positions yet) with room for `room` more
+    /// positions; `None` where a matrix or the cache is held in a way the kernels do not read.
     pub fn open(
         model: DecodeModel<Cuda>,
         kv: Vec<[FloatTensor<Cuda>; 2]>,
         room: usize,
     ) -> Option<Self> {
-        let first = kv.first()?;
-        let kv_dtype = first[0].dtype;
+        // An empty cache starts in f32, the type the op-by-op path writes keys and values in on
+        // CUDA (RoPE's output, the projection's).
+        let kv_dtype = kv.first().map_or(DType::F32, |first| first[0].dtype);
         let kv_float = Float::of(kv_dtype)?;
         let [heads, kv_heads, d] = model.heads;
+        // Attention reads a key row as 8 lanes' 16-byte vectors.
+        if !d.is_multiple_of(8 * 16 / kv_dtype.size()) {
+            return None;
+        }
         let embed = Matrix::new(model.embed, kv_float)?;
         let linear = |l| Linear::new(l, kv_float);
         let gain = |g| Some(Buffer::new(float(g)));
@@ -422,36 +440,46 @@ impl Session {
             return None;
         }
         let like = &norm.tensor;
-        let len = kv_len(first)?;
+        let len = match kv.first() {
+            Some(first) => kv_len(first)?,
+            None => 0,
+        };
+        if !kv.is_empty() && kv.len() != blocks.len() {
+            return None;
+        }
         let capacity = first_capacity(len, room);
         let queue = Queue::of(like);
         let buffer = |shape: Vec<usize>, dtype| empty(like, Shape::from(shape), dtype);
         let f32 = |n: usize| Buffer::new(buffer(vec![n], DType::F32));
-        let cache = kv
-            .into_iter()
-            .map(|[k, v]| {
-                let copy = |t: FloatTensor<Cuda>| {
-                    let src = float(t);
-                    let shape = src.meta.shape();
-                    if shape.num_dims() != 4
-                        || [shape[1], shape[2], shape[3]] != [kv_heads, len, d]
-                        || src.dtype != kv_dtype
-                    {
-                        return None;
-                    }
-                    let dst = Buffer::new(kv_buffer(like, [kv_heads, capacity, d], kv_dtype));
-                    copy_rows(
-                        queue,
-                        src.dtype,
-                        (pointer(&src), len),
-                        (dst.at, capacity),
-                        [kv_heads, len, d],
-                    )?;
-                    Some(dst)
-                };
-                Some([copy(k)?, copy(v)?])
-            })
-            .collect::<Option<Vec<_>>>()?;
+        let fresh = || Buffer::new(kv_buffer(like, [kv_heads, capacity, d], kv_dtype));
+        let cache = if kv.is_empty() {
+            blocks.iter().map(|_| [fresh(), fresh()]).collect()
+        } else {
+            kv.into_iter()
+                .map(|[k, v]| {
+                    let copy = |t: FloatTensor<Cuda>| {
+                        let src = float(t);
+                        let shape = src.meta.shape();
+                        if shape.num_dims() != 4
+                            || [shape[1], shape[2], shape[3]] != [kv_heads, len, d]
+                            || src.dtype != kv_dtype
+                        {
+                            return None;
+                        }
+                        let dst = fresh();
+                        copy_rows(
+                            queue,
+                            src.dtype,
+                            (pointer(&src), len),
+                            (dst.at, capacity),
+                            [kv_heads, len, d],
+                        )?;
+                        Some(dst)
+                    };
+                    Some([copy(k)?, copy(v)?])
+                })
+                .collect::<Option<Vec<_>>>()?
+        };
         let inv_freq = TensorData::new(model.inv_freq, [d / 2]);
         let inv_freq = BurnTensor::<Cuda, 1>::from_data(inv_freq, &like.device);
         let scratch = Scratch {
@@ -590,15 +618,8 @@ impl Session {
         );
         let [kc, vc] = &self.cache[i];
         let mut args = Args::default();
-        args.addresses(&[
-            s.q.at,
-            s.k.at,
-            s.v.at,
-            kc.at,
-            vc.at,
-            self.inv_freq.at,
-            s.step.at,
-        ]);
+        args.addresses(&[s.q.at, s.k.at, s.v.at, kc.at, vc.at]);
+        args.addresses(&[self.inv_freq.at, s.step.at]);
         for n in [heads, kv_heads, d, self.capacity] {
             args.int(n);
         }
@@ -673,7 +694,8 @@ impl Session {
     }
 }
 
-impl DecodeSession<Cuda> for Session {
+impl Session {
+    /// Runs token `id` at the next position (the step's graph) and returns the logits.
     fn step(&mut self, id: u32) -> Vec<f32> {
         if self.len == self.capacity {
             self.grow();
@@ -705,6 +727,12 @@ impl DecodeSession<Cuda> for Session {
             None => self.queue_step(),
         }
         self.len += 1;
+        self.logits()
+    }
+
+    /// The head's output, copied back once the queued work has run.
+    fn logits(&self) -> Vec<f32> {
+        let stream = self.queue.stream();
         let mut logits = vec![0f32; self.head.out];
         // SAFETY: `logits` holds `head.out` f32s, the buffer's size; the copy is queued after
         // the product on the same stream and waited for before `logits` is read.
@@ -714,6 +742,16 @@ impl DecodeSession<Cuda> for Session {
             driver::stream::synchronize(stream).expect("wait for the decode step");
         }
         logits
+    }
+}
+
+impl DecodeSession<Cuda> for Session {
+    /// One id runs as a step (its launches replayed as a graph), more as a prompt (`prefill.rs`).
+    fn run(&mut self, ids: &[u32]) -> Vec<f32> {
+        match ids {
+            [id] => self.step(*id),
+            _ => self.prompt(ids),
+        }
     }
 
     fn into_kv(self: Box<Self>) -> Vec<[FloatTensor<Cuda>; 2]> {

@@ -5,7 +5,7 @@
 use burn::tensor::{DType, Shape};
 use burn_cubecl::kernel::into_contiguous;
 
-use super::kernel::{self, Args, ByScales, Tensor, empty, u32_of};
+use super::kernel::{self, Args, ByScales, Queue, Tensor, empty, pointer, u32_of};
 
 const SOURCE: &str = include_str!("dequant.cu");
 const THREADS: u32 = 256;
@@ -38,16 +38,46 @@ pub fn dequantize(
         "a group of {group} splits the {per_word} codes of a {bits}-bit word"
     );
     let out = empty(&scales, Shape::new([rows, words_per_row * per_word]), dtype);
-    let function = kernels(words.device.index, bits).of(dtype);
-    let n_words = rows * words_per_row;
-    let mut args = Args::default();
-    args.pointers(&[&words, &scales, &biases, &out]);
-    args.long(n_words);
-    args.int(words_per_row);
-    args.int(group);
-    let grid = (u32_of(n_words.div_ceil(THREADS as usize)), 1, 1);
-    kernel::launch(function, grid, THREADS, 0, &out, args);
+    let addresses = [&words, &scales, &biases, &out].map(pointer);
+    let layout = Packing {
+        bits,
+        group,
+        words_per_row,
+    };
+    dequantize_rows(Queue::of(&out), dtype, addresses, rows, layout);
     out
+}
+
+/// How a packed matrix's rows are laid out.
+#[derive(Clone, Copy)]
+pub struct Packing {
+    /// Bits a code (2, 4 or 8).
+    pub bits: u32,
+    /// Codes sharing a scale (a multiple of a word's codes).
+    pub group: usize,
+    /// Packed words a row.
+    pub words_per_row: usize,
+}
+
+/// Queues the dequantization of `rows` rows laid out as `layout` on raw device addresses:
+/// `[words, scales, biases, out]`, each at the first row (so a slab of a taller matrix may be
+/// dequantized into a buffer of its own), scales, biases and `out` in `dtype`.
+pub fn dequantize_rows(
+    queue: Queue,
+    dtype: DType,
+    addresses: [u64; 4],
+    rows: usize,
+    layout: Packing,
+) {
+    let function = kernels(queue.device(), layout.bits).of(dtype);
+    let n_words = rows * layout.words_per_row;
+    let mut args = Args::default();
+    args.addresses(&addresses);
+    args.long(n_words);
+    args.int(layout.words_per_row);
+    args.int(layout.group);
+    let grid = (u32_of(n_words.div_ceil(THREADS as usize)), 1, 1);
+    queue.launch(function, grid, THREADS, 0, args);
 }
 
 fn kernels(device: usize, bits: u32) -> &'static ByScales {

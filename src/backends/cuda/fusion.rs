@@ -417,6 +417,10 @@ impl RoutingBackend for burn::backend::Cuda<f32> {}
 impl ModelBackend for burn::backend::Cuda<f32> {
     const DEVICE_QUANTIZED: bool = true;
     const DECODE_SESSIONS: bool = true;
+    /// A prompt pass's GEMMs through cuBLAS on the session's buffers, its launches a few a
+    /// block where the op-by-op path's host work cost ~40 ms a prompt on an 8B model; longer
+    /// prompts go op by op (flash attention, no `[rows, heads, positions]` scores).
+    const SESSION_PROMPT: usize = decode::PROMPT_ROWS;
 
     fn decode_session(
         model: DecodeModel<Self>,

@@ -223,6 +223,11 @@ impl Queue {
         self.stream
     }
 
+    /// The device's index.
+    pub fn device(self) -> usize {
+        self.device
+    }
+
     /// Queues `function`; `args` must match the kernel's signature.
     pub fn launch(
         self,

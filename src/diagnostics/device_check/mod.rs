@@ -11,8 +11,9 @@
 //!   f16 on the portable backend, whose runs scale the loss), against the CPU's f32 run. Each
 //!   also compares the first step's gradient norm (Adam's path alone would not show a gradient
 //!   off by a constant factor).
-//! - `linear_dense`, `linear_q4` (and `_bf16` / `_f16` where the device holds such a base): the frozen
-//!   linear (float, and 4-bit quantized, dequantized on the device) against float64 on the CPU,
+//! - `linear_dense`, `linear_q4` (and `_bf16` / `_f16` where the device holds such a base),
+//!   `linear_q3_g16`, `linear_q6_g16` (a Q3_K's and a Q6_K's widths, widened on the device): the
+//!   frozen linear (float, and quantized, dequantized on the device) against float64 on the CPU,
 //!   on random inputs (never zeros) at several shapes: `y = x Wᵀ` and the input gradient
 //!   `dx = r W` of `Σ r ⊙ y`.
 //! - `attention`: the first attention layer of the tiny shape (projections, RoPE, causal
@@ -36,8 +37,8 @@
 //!   group on the same backend, at LoRA's rank-8 shapes and widths not powers of two.
 //! - `trajectory_experts`: two of Mixtral's blocks (top-2 of 4 experts) trained as `trajectory` is.
 //! - `decode_session` (`_q4`, `_bf16`, ...): the whole-step decode session, where the backend
-//!   has one (CUDA), against its op-by-op path over 8 tokens, and its cache handed back
-//!   (`decode.rs`).
+//!   has one (CUDA, the CPU), against its op-by-op path over 8 tokens, its cache handed back,
+//!   and a session opened empty running the prompt itself (CUDA's prompt pass; `decode.rs`).
 //! - `rms_norm_grad`, `swiglu_grad`, `cross_entropy_grad`: the element-wise ops' outputs and
 //!   input gradients against their naive forms under the CPU's autodiff (`elementwise.rs`).
 //!
@@ -111,13 +112,25 @@ enum Weight {
     Q4,
     /// Dequantized to a 16-bit float for the GEMM, as such a base's quantized weights are.
     Q4Half(FloatDType),
+    /// 3 or 6 bits in groups of 16, a Q3_K or Q6_K GGUF's (widened to 4 or 8 bits on the
+    /// device).
+    KQuant(u32),
 }
 
 impl Weight {
     fn half(self) -> Option<FloatDType> {
         match self {
             Weight::DenseHalf(h) | Weight::Q4Half(h) => Some(h),
-            Weight::Dense | Weight::Q4 => None,
+            Weight::Dense | Weight::Q4 | Weight::KQuant(_) => None,
+        }
+    }
+
+    /// Bits and group of a quantized weight.
+    fn quantized(self) -> Option<(u32, usize)> {
+        match self {
+            Weight::Q4 | Weight::Q4Half(_) => Some((4, 64)),
+            Weight::KQuant(bits) => Some((bits, 16)),
+            Weight::Dense | Weight::DenseHalf(_) => None,
         }
     }
 
@@ -133,13 +146,14 @@ impl Weight {
     /// The check's name.
     fn check(self) -> String {
         let name = match self {
-            Weight::Dense | Weight::DenseHalf(_) => "linear_dense",
-            Weight::Q4 | Weight::Q4Half(_) => "linear_q4",
+            Weight::Dense | Weight::DenseHalf(_) => "linear_dense".into(),
+            Weight::Q4 | Weight::Q4Half(_) => "linear_q4".into(),
+            Weight::KQuant(bits) => format!("linear_q{bits}_g16"),
         };
         match self.half() {
             Some(FloatDType::BF16) => format!("{name}_bf16"),
             Some(_) => format!("{name}_f16"),
-            None => name.into(),
+            None => name,
         }
     }
 }
@@ -266,6 +280,12 @@ pub fn run<B: ModelBackend>(
     ] {
         for &weight in &weights {
             emit(linear::<B>(device, n, inp, out, weight));
+        }
+    }
+    // K-quant widths: read packed for one row, dequantized for the GEMM at 256.
+    for (n, inp, out) in [(1, 2048, 512), (256, 576, 1536)] {
+        for bits in [3, 6] {
+            emit(linear::<B>(device, n, inp, out, Weight::KQuant(bits)));
         }
     }
     for (inp, out) in [(64, 96), (576, 256)]
@@ -474,7 +494,8 @@ fn tensor<B: burn::tensor::backend::Backend, const D: usize>(
     Tensor::from_data(TensorData::new(values.to_vec(), shape), device)
 }
 
-/// `y = x Wᵀ` and `dx` on the device against f64, for a dense (f32 or bf16) or a 4-bit weight.
+/// `y = x Wᵀ` and `dx` on the device against f64, for a dense (f32 or bf16) or a quantized
+/// weight.
 fn linear<B: ModelBackend>(
     device: &B::Device,
     n: usize,
@@ -486,9 +507,10 @@ fn linear<B: ModelBackend>(
     let x = uniform(&mut rng, n * inp, 1.0);
     let mut w = uniform(&mut rng, out * inp, 0.05);
     let r = uniform(&mut rng, n * out, 1.0);
-    let weight = if matches!(kind, Weight::Q4 | Weight::Q4Half(_)) {
+    let weight = if let Some((bits, group)) = kind.quantized() {
         let w32: Vec<f32> = w.iter().map(|&v| v as f32).collect();
-        let q = crate::quant::quantize::quantize(&w32, out, inp, 4, 64).expect("valid geometry");
+        let q =
+            crate::quant::quantize::quantize(&w32, out, inp, bits, group).expect("valid geometry");
         w = q.dequantize().into_iter().map(f64::from).collect();
         Some(Arc::new(q))
     } else {
