@@ -54,6 +54,27 @@ __device__ __forceinline__ float warp_max(float v) {
     return v;
 }
 
+// Programmatic dependent launch (sm_90 and later; `decode.rs` launches the step's kernels so):
+// a kernel may start while the one before it in the stream still runs, so its blocks are
+// scheduled and its first weight loads issued meanwhile. Each kernel lets the next start at
+// once, and waits for the one before it to finish (its writes visible) before reading anything
+// a kernel writes: before that wait, only the frozen weights are read. Launched the usual way,
+// both are no-ops. What a kernel writes is read through plain pointers, never `const
+// __restrict__` ones or `__ldg`: those are taken as unchanging for the kernel's life, and NVVM
+// hoisted such loads above the wait (the SASS showed attention's query loads before ACQBULK).
+// A step's token and position (`step`) are written by the host before the step, not by a
+// kernel.
+__device__ __forceinline__ void let_next_start() {
+#if __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.launch_dependents;" :::);
+#endif
+}
+__device__ __forceinline__ void wait_for_previous() {
+#if __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+}
+
 // ---------------------------------------------------------------------------------------------
 // The products. A launch's rows are split into tasks of R consecutive rows of one matrix (or of
 // two, for gate and up), and each output row is summed by one thread at the end (`run`):
@@ -77,11 +98,11 @@ __device__ __forceinline__ float warp_max(float v) {
 
 // Loads x[c, c + N) into xs, times the norm's gain when there is one (adding the x² to ss).
 template <int N>
-__device__ __forceinline__ void load_x(const float* __restrict__ x, const float* __restrict__ gain,
+__device__ __forceinline__ void load_x(const float* x, const float* __restrict__ gain,
                                        int c, float (&xs)[N], float& ss) {
 #pragma unroll
     for (int j = 0; j < N; j += 4) {
-        const float4 v = __ldg(reinterpret_cast<const float4*>(x + c + j));
+        const float4 v = *reinterpret_cast<const float4*>(x + c + j);
         xs[j] = v.x, xs[j + 1] = v.y, xs[j + 2] = v.z, xs[j + 3] = v.w;
     }
     if (gain) {
@@ -163,7 +184,7 @@ __shared__ u32 magic_slot;
 
 // Stages x (⊙ gain) into xs [cols] and each chunk's Σ into csum [cols / CHUNK]; returns
 // 1 / rms(x) with a gain (1 without).
-__device__ __forceinline__ float stage_x(const float* __restrict__ x,
+__device__ __forceinline__ float stage_x(const float* x,
                                          const float* __restrict__ gain, float eps, int cols,
                                          float* xs, float* csum) {
     __shared__ float partial[THREADS / 32];
@@ -223,7 +244,8 @@ struct Chunk {
 
 // Loads chunk c of the task's rows into k. Every load is made (rows past the task's end read
 // its last row, chunks past the row's end its last chunk), its scale and bias zeroed instead:
-// no branch around each load.
+// no branch around each load. Plain loads, not `__ldg`: NVVM moves those freely, and sank the
+// first chunks' below `wait_for_previous` (`run`), where they were to be in flight already.
 template <int M>
 __device__ __forceinline__ void fetch(const Task<M>& t, int c, int chunks, int cols,
                                       Chunk<M>& k) {
@@ -235,7 +257,7 @@ __device__ __forceinline__ void fetch(const Task<M>& t, int c, int chunks, int c
         for (int r = 0; r < R; ++r) {
             const bool live = in && r < t.rows;
             const int row = t.first + min(r, t.rows - 1);
-            k.w[i][r] = __ldg(reinterpret_cast<const uint4*>(t.m[i].words) + (row * chunks + cc));
+            k.w[i][r] = reinterpret_cast<const uint4*>(t.m[i].words)[row * chunks + cc];
             const int g = t.m[i].gshift;
             const int at = row * (cols >> g) + ((cc * CHUNK) >> g);
             const float scale = load(t.m[i].scales + at), bias = load(t.m[i].biases + at);
@@ -274,7 +296,7 @@ __device__ __forceinline__ void accumulate(const Chunk<M>& k, int c, int chunks,
 // each output row's results to `emit(task, r, out)` (out[i]: matrix i's row task.first + r).
 // Needs (cols + cols / CHUNK) floats of dynamic shared memory.
 template <int M, class At, class Emit>
-__device__ __forceinline__ void run(int tasks, At at, Emit emit, const float* __restrict__ x,
+__device__ __forceinline__ void run(int tasks, At at, Emit emit, const float* x,
                                     const float* __restrict__ gain, float eps, int cols) {
     extern __shared__ float4 staged[];
     float* xs = reinterpret_cast<float*>(staged);
@@ -282,12 +304,14 @@ __device__ __forceinline__ void run(int tasks, At at, Emit emit, const float* __
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     const int chunks = cols / CHUNK;
     // The warp's task (a launch has one for every warp but the last block's spare ones), its
-    // first two chunks in flight while x is staged.
+    // first two chunks in flight while the kernel before finishes and x is staged.
     const int t = blockIdx.x * (THREADS / 32) + warp;
     const Task<M> task = at(min(t, tasks - 1));
+    let_next_start();
     Chunk<M> a, b;
     fetch(task, lane, chunks, cols, a);
     fetch(task, lane + 32, chunks, cols, b);
+    wait_for_previous();
     const float inv = stage_x(x, gain, eps, cols, xs, csum);
     if (t >= tasks) return;
     const u32 magic = *reinterpret_cast<volatile u32*>(&magic_slot);
@@ -334,8 +358,8 @@ struct Matrix {
 // input to its weight's dtype.
 template <int M>
 __device__ __forceinline__ void rows_dot(const Matrix (&m)[M], int n0, int rows,
-                                         const float* __restrict__ x,
-                                         const float* __restrict__ gain, int cols,
+                                         const float* x, const float* __restrict__ gain,
+                                         int cols,
                                          float (&acc)[M][R], float& ss) {
     constexpr int V = 16 / sizeof(dense_t);
     for (int c = threadIdx.x * V; c < cols; c += THREADS * V) {
@@ -404,8 +428,10 @@ __device__ __forceinline__ void block_sum(float (&acc)[M][R], float& ss) {
 // handing each output row's results to `emit(task, r, out)` (out[i]: matrix i's row task.first
 // + r), from thread r of the block.
 template <int M, class At, class Emit>
-__device__ __forceinline__ void run(int tasks, At at, Emit emit, const float* __restrict__ x,
+__device__ __forceinline__ void run(int tasks, At at, Emit emit, const float* x,
                                     const float* __restrict__ gain, float eps, int cols) {
+    let_next_start();
+    wait_for_previous();
     for (int t = blockIdx.x; t < tasks; t += gridDim.x) {
         const Task<M> task = at(t);
         float acc[M][R], ss = 0.0f;
@@ -446,7 +472,7 @@ typedef KV_T kv_t;
 // second's, then the third's. A null gain, bias or residual is left out; residual may be y
 // itself (h += o Woᵀ).
 extern "C" __global__ void __launch_bounds__(THREADS)
-    linear(const float* __restrict__ x, const float* __restrict__ gain, float eps, int cols,
+    linear(const float* x, const float* __restrict__ gain, float eps, int cols,
            MATRIX_PARAMS(0), const float* bias0, const float* residual0, float* y0, int n0,
            MATRIX_PARAMS(1), const float* bias1, float* y1, int n1, MATRIX_PARAMS(2),
            const float* bias2, float* y2, int n2) {
@@ -474,7 +500,7 @@ extern "C" __global__ void __launch_bounds__(THREADS)
 // y = silu(a W_gᵀ) ⊙ (a W_uᵀ), a = rmsnorm(x) ⊙ gain: a task takes R gate rows and the same up
 // rows.
 extern "C" __global__ void __launch_bounds__(THREADS)
-    gated(const float* __restrict__ x, const float* __restrict__ gain, float eps, int cols,
+    gated(const float* x, const float* __restrict__ gain, float eps, int cols,
           MATRIX_PARAMS(0), MATRIX_PARAMS(1), float* y, int n_out) {
     const auto at = [&](int t) {
         Task<2> task;
@@ -498,6 +524,8 @@ extern "C" __global__ void __launch_bounds__(THREADS)
 extern "C" __global__ void embed(MATRIX_PARAMS(0), const int* __restrict__ ids, int cols,
                                  float* y) {
     const int c = blockIdx.x * blockDim.x + threadIdx.x, t = blockIdx.y;
+    let_next_start();
+    wait_for_previous();
     if (c < cols) y[(i64)t * cols + c] = element(MATRIX(0), ids[t], c, cols);
 }
 
@@ -506,11 +534,13 @@ extern "C" __global__ void embed(MATRIX_PARAMS(0), const int* __restrict__ ids, 
 // row t (grid.y: one row for a step, the prompt's tokens for the prompt pass), in place for q;
 // k rotated and v copied into the caches' row of that position. One block a head and row, d/2
 // threads, thread i rotating the pair (i, i + d/2) with angle pos · inv_freq[i].
-extern "C" __global__ void rope_append(float* q, const float* __restrict__ k,
-                                       const float* __restrict__ v, kv_t* kc, kv_t* vc,
+extern "C" __global__ void rope_append(float* q, const float* k, const float* v, kv_t* kc,
+                                       kv_t* vc,
                                        const float* __restrict__ inv_freq,
                                        const int* __restrict__ step, int heads, int kv_heads,
                                        int d, int capacity) {
+    let_next_start();
+    wait_for_previous();
     const int h = blockIdx.x, t = blockIdx.y, i = threadIdx.x, half = d / 2, pos = step[1] + t;
     const float angle = (float)pos * inv_freq[i];
     const float c = cosf(angle), s = sinf(angle);
@@ -559,11 +589,13 @@ __device__ __forceinline__ void unpack(uint4 raw, float (&v)[KV_V]) {
 // score and a thread a column of the values, took 10.9 µs a block at ~100 positions of an 8B
 // model (H200); a thread a position, 14.2.
 extern "C" __global__ void __launch_bounds__(256)
-    attend(const float* __restrict__ q, const kv_t* __restrict__ kc,
-           const kv_t* __restrict__ vc, float* __restrict__ o, float* __restrict__ scores,
+    attend(const float* q, const kv_t* kc, const kv_t* vc, float* __restrict__ o,
+           float* __restrict__ scores,
            const int* __restrict__ step, int heads, int kv_heads, int d, int capacity,
            float scale) {
     constexpr int MAX_LOADS = 256 / (8 * KV_V);  // a lane's vectors of a key row (d ≤ 256)
+    let_next_start();
+    wait_for_previous();
     const int t = blockIdx.y, len = step[1] + 1 + t;
     __shared__ float partial[8];
     __shared__ float acc[256 * KV_V];
@@ -588,7 +620,7 @@ extern "C" __global__ void __launch_bounds__(256)
         for (int u = 0; u < MAX_LOADS; ++u) {
             if (u < loads) {
                 float k[KV_V];
-                unpack(__ldg(keys + (i64)row * vecs + sub + 8 * u), k);
+                unpack(keys[(i64)row * vecs + sub + 8 * u], k);
 #pragma unroll
                 for (int e = 0; e < KV_V; ++e) dot = fmaf(qr[u][e], k[e], dot);
             }
@@ -625,7 +657,7 @@ extern "C" __global__ void __launch_bounds__(256)
     if (way < ways)
         for (int j = way; j < len; j += ways) {
             float v[KV_V];
-            unpack(__ldg(values + (i64)j * vecs + vec), v);
+            unpack(values[(i64)j * vecs + vec], v);
             const float p = s[j];
 #pragma unroll
             for (int e = 0; e < KV_V; ++e) sum[e] = fmaf(p, v[e], sum[e]);

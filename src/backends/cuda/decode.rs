@@ -9,6 +9,8 @@
 //! session opens (room for up to 1,024 more positions, doubled whenever full), and back into
 //! Burn tensors (views of those buffers) when it ends.
 
+use std::cell::Cell;
+
 use burn::tensor::ops::FloatTensor;
 use burn::tensor::{DType, Shape, Tensor as BurnTensor, TensorData};
 use burn_cubecl::kernel::into_contiguous;
@@ -369,6 +371,10 @@ pub struct Session {
     graph: Option<Graph>,
     /// Whether the driver refused the capture once (not asked again).
     graph_refused: bool,
+    /// Whether the step's kernels are launched to overlap the one before them (programmatic
+    /// dependent launch: compute capability 9.0 and later, unless `LORAFORGE_DECODE_PDL=0`;
+    /// cleared if the driver refuses one).
+    overlap: Cell<bool>,
 }
 
 /// An instantiated CUDA graph, destroyed with it.
@@ -512,6 +518,10 @@ impl Session {
             capacity,
             graph: None,
             graph_refused: false,
+            overlap: Cell::new(
+                super::compute_capability(queue.device()).0 >= 9
+                    && std::env::var_os("LORAFORGE_DECODE_PDL").is_none_or(|v| v != "0"),
+            ),
         })
     }
 
@@ -565,8 +575,35 @@ impl Session {
         let threads = u32_of(kernels.tile.threads);
         let staged = u32_of(matrix.kind.staged(cols));
         let blocks = kernels.blocks(matrix.kind, tasks);
-        self.queue
-            .launch(kernel, (u32_of(blocks), 1, 1), threads, staged, args);
+        self.launch(kernel, (u32_of(blocks), 1, 1), threads, staged, args);
+    }
+
+    /// Queues one of the step's kernels, each of which waits for the kernel before it before
+    /// reading what that one writes (`decode.cu`): overlapped with that kernel's end where the
+    /// device allows it (`overlap`).
+    fn launch(
+        &self,
+        kernel: &CudaFunction,
+        grid: (u32, u32, u32),
+        threads: u32,
+        shared: u32,
+        args: Args,
+    ) {
+        if self.overlap.get() {
+            let overlapped =
+                self.queue
+                    .launch_overlapped(kernel, grid, threads, shared, args.clone());
+            match overlapped {
+                Ok(()) => return,
+                Err(e) => {
+                    eprintln!(
+                        "note: the driver refused an overlapped launch ({e:?}); the decode step's kernels are launched the usual way"
+                    );
+                    self.overlap.set(false);
+                }
+            }
+        }
+        self.queue.launch(kernel, grid, threads, shared, args);
     }
 
     /// A product's first arguments: its input, the RMSNorm gain folded in (null for none), ε and
@@ -623,7 +660,7 @@ impl Session {
         for n in [heads, kv_heads, d, self.capacity] {
             args.int(n);
         }
-        self.queue.launch(
+        self.launch(
             &k.rope_append,
             (u32_of(heads + kv_heads), 1, 1),
             u32_of(d / 2),
@@ -636,8 +673,7 @@ impl Session {
             args.int(n);
         }
         args.float(self.scale);
-        self.queue
-            .launch(&k.attend, (u32_of(heads), 1, 1), 256, 0, args);
+        self.launch(&k.attend, (u32_of(heads), 1, 1), 256, 0, args);
         self.linear((&s.attn, None, heads * d), (&b.o, Some(&s.h), &s.h), &[]);
         let [gate, up] = &b.gate_up;
         let mut args = self.input(&s.h, Some(&b.mlp_norm), self.hidden);

@@ -13,7 +13,7 @@ use burn_cubecl::CubeBackend;
 use burn_cubecl::cubecl::cuda::CudaRuntime;
 use burn_cubecl::ops::numeric::empty_device_contiguous_dtype;
 use burn_cubecl::tensor::CubeTensor;
-use cudarc::driver::sys::{CUfunction_attribute, CUstream};
+use cudarc::driver::sys::{self, CUfunction_attribute, CUstream};
 use cudarc::driver::{CudaFunction, CudaModule, result as driver};
 use cudarc::nvrtc::{CompileOptions, compile_ptx_with_opts};
 
@@ -123,9 +123,10 @@ pub fn u32_of(n: usize) -> u32 {
 }
 
 /// A kernel's arguments, in the order of its signature.
-#[derive(Default)]
+#[derive(Default, Clone)]
 pub struct Args(Vec<Arg>);
 
+#[derive(Clone)]
 enum Arg {
     Pointer(u64),
     Int(i32),
@@ -226,6 +227,56 @@ impl Queue {
     /// The device's index.
     pub fn device(self) -> usize {
         self.device
+    }
+
+    /// Queues `function` so that it may start while the kernel before it in the stream still
+    /// runs (programmatic dependent launch, sm_90 and later): the kernel must wait for that one
+    /// (`griddepcontrol.wait`, `decode.cu`) before reading anything earlier work writes. The
+    /// driver's error where it refuses the launch.
+    pub fn launch_overlapped(
+        self,
+        function: &CudaFunction,
+        grid: (u32, u32, u32),
+        threads: u32,
+        shared: u32,
+        mut args: Args,
+    ) -> Result<(), driver::DriverError> {
+        if grid.0 == 0 || grid.1 == 0 || grid.2 == 0 {
+            return Ok(());
+        }
+        let mut params = args.params();
+        let mut attribute = sys::CUlaunchAttribute {
+            id: sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION,
+            pad: [0; 4],
+            value: sys::CUlaunchAttributeValue {
+                programmaticStreamSerializationAllowed: 1,
+            },
+        };
+        let config = sys::CUlaunchConfig {
+            gridDimX: grid.0,
+            gridDimY: grid.1,
+            gridDimZ: grid.2,
+            blockDimX: threads,
+            blockDimY: 1,
+            blockDimZ: 1,
+            sharedMemBytes: shared,
+            hStream: self.stream,
+            attrs: &raw mut attribute,
+            numAttrs: 1,
+        };
+        // SAFETY: as `launch`'s; `config` and its attribute outlive the call, which copies them.
+        unsafe {
+            super::context(self.device)
+                .bind_to_thread()
+                .expect("bind the CUDA context");
+            sys::cuLaunchKernelEx(
+                &raw const config,
+                function.cu_function(),
+                params.as_mut_ptr(),
+                std::ptr::null_mut(),
+            )
+            .result()
+        }
     }
 
     /// Queues `function`; `args` must match the kernel's signature.
