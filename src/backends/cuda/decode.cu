@@ -59,9 +59,9 @@ __device__ __forceinline__ float warp_max(float v) {
 // scheduled and its first weight loads issued meanwhile. Each kernel lets the next start at
 // once, and waits for the one before it to finish (its writes visible) before reading anything
 // a kernel writes: before that wait, only the frozen weights are read. Launched the usual way,
-// both are no-ops. What a kernel writes is read through plain pointers, never `const
-// __restrict__` ones or `__ldg`: those are taken as unchanging for the kernel's life, and NVVM
-// hoisted such loads above the wait (the SASS showed attention's query loads before ACQBULK).
+// both are no-ops. What a kernel writes is read through plain pointers, never `__restrict__`
+// ones (their no-alias promise lets NVVM move loads across the wait's asm, which it is not
+// handed) or `__ldg` (invariant loads): the SASS showed attention's query loads above ACQBULK.
 // A step's token and position (`step`) are written by the host before the step, not by a
 // kernel.
 __device__ __forceinline__ void let_next_start() {
@@ -244,9 +244,10 @@ struct Chunk {
 
 // Loads chunk c of the task's rows into k. Every load is made (rows past the task's end read
 // its last row, chunks past the row's end its last chunk), its scale and bias zeroed instead:
-// no branch around each load. Plain loads, not `__ldg`: NVVM moves those freely, and sank the
-// first chunks' below `wait_for_previous` (`run`), where they were to be in flight already.
-template <int M>
+// no branch around each load. The first chunks (EARLY) by plain loads, not `__ldg`: NVVM moves
+// those freely, and sank them below `wait_for_previous` (`run`), where they were to be in
+// flight already.
+template <bool EARLY = false, int M>
 __device__ __forceinline__ void fetch(const Task<M>& t, int c, int chunks, int cols,
                                       Chunk<M>& k) {
     const bool in = c < chunks;
@@ -257,7 +258,8 @@ __device__ __forceinline__ void fetch(const Task<M>& t, int c, int chunks, int c
         for (int r = 0; r < R; ++r) {
             const bool live = in && r < t.rows;
             const int row = t.first + min(r, t.rows - 1);
-            k.w[i][r] = reinterpret_cast<const uint4*>(t.m[i].words)[row * chunks + cc];
+            const uint4* words = reinterpret_cast<const uint4*>(t.m[i].words) + (row * chunks + cc);
+            k.w[i][r] = EARLY ? *words : __ldg(words);
             const int g = t.m[i].gshift;
             const int at = row * (cols >> g) + ((cc * CHUNK) >> g);
             const float scale = load(t.m[i].scales + at), bias = load(t.m[i].biases + at);
@@ -309,8 +311,8 @@ __device__ __forceinline__ void run(int tasks, At at, Emit emit, const float* x,
     const Task<M> task = at(min(t, tasks - 1));
     let_next_start();
     Chunk<M> a, b;
-    fetch(task, lane, chunks, cols, a);
-    fetch(task, lane + 32, chunks, cols, b);
+    fetch<true>(task, lane, chunks, cols, a);
+    fetch<true>(task, lane + 32, chunks, cols, b);
     wait_for_previous();
     const float inv = stage_x(x, gain, eps, cols, xs, csum);
     if (t >= tasks) return;
@@ -589,8 +591,7 @@ __device__ __forceinline__ void unpack(uint4 raw, float (&v)[KV_V]) {
 // score and a thread a column of the values, took 10.9 µs a block at ~100 positions of an 8B
 // model (H200); a thread a position, 14.2.
 extern "C" __global__ void __launch_bounds__(256)
-    attend(const float* q, const kv_t* kc, const kv_t* vc, float* __restrict__ o,
-           float* __restrict__ scores,
+    attend(const float* q, const kv_t* kc, const kv_t* vc, float* o, float* scores,
            const int* __restrict__ step, int heads, int kv_heads, int d, int capacity,
            float scale) {
     constexpr int MAX_LOADS = 256 / (8 * KV_V);  // a lane's vectors of a key row (d ≤ 256)
@@ -677,7 +678,8 @@ extern "C" __global__ void __launch_bounds__(256)
 // products as cuBLAS GEMMs over `gemm_t` inputs (the matrix's type; packed matrices dequantized
 // a slab of rows at a time by `dequant.cu`), the same `embed`, `rope_append` and `attend` as a step over one
 // row a token (grid.y), and these between them, in the op-by-op path's roundings: each writes
-// its result in `gemm_t`, the type the op-by-op path casts a GEMM's input to.
+// its result in `gemm_t`, the type the op-by-op path casts a GEMM's input to. These are launched
+// the usual way, never overlapped (they do not wait, and read through `__restrict__`).
 
 // y[row] = x[row] / rms(x[row]) ⊙ gain, one block of 256 threads a row.
 extern "C" __global__ void __launch_bounds__(256)

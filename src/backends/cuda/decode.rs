@@ -14,7 +14,9 @@ use std::cell::Cell;
 use burn::tensor::ops::FloatTensor;
 use burn::tensor::{DType, Shape, Tensor as BurnTensor, TensorData};
 use burn_cubecl::kernel::into_contiguous;
-use cudarc::driver::sys::{CUgraphExec, CUgraphInstantiate_flags_enum, CUstreamCaptureMode};
+use cudarc::driver::sys::{
+    CUgraphExec, CUgraphInstantiate_flags_enum, CUstreamCaptureMode, CUstreamCaptureStatus,
+};
 use cudarc::driver::{CudaFunction, result as driver};
 
 use super::kernel::{self, Args, Queue, Tensor, empty, pointer, u32_of};
@@ -593,17 +595,26 @@ impl Session {
             let overlapped =
                 self.queue
                     .launch_overlapped(kernel, grid, threads, shared, args.clone());
-            match overlapped {
-                Ok(()) => return,
-                Err(e) => {
-                    eprintln!(
-                        "note: the driver refused an overlapped launch ({e:?}); the decode step's kernels are launched the usual way"
-                    );
-                    self.overlap.set(false);
-                }
+            let Err(e) = overlapped else {
+                return;
+            };
+            eprintln!(
+                "note: the driver refused an overlapped launch ({e:?}); the decode step's kernels are launched the usual way"
+            );
+            self.overlap.set(false);
+            // Inside a capture the refusal has spoilt it: `step` captures again without.
+            if self.capturing() {
+                return;
             }
         }
         self.queue.launch(kernel, grid, threads, shared, args);
+    }
+
+    /// Whether the session's stream is capturing a graph.
+    fn capturing(&self) -> bool {
+        // SAFETY: the stream is CubeCL's, alive as long as the session.
+        let status = unsafe { driver::stream::is_capturing(self.queue.stream()) };
+        status.is_ok_and(|s| s != CUstreamCaptureStatus::CU_STREAM_CAPTURE_STATUS_NONE)
     }
 
     /// A product's first arguments: its input, the RMSNorm gain folded in (null for none), ε and
@@ -744,7 +755,13 @@ impl Session {
                 .expect("copy the step's token and position");
         }
         if self.graph.is_none() && !self.graph_refused {
-            match self.capture() {
+            let overlapping = self.overlap.get();
+            let mut captured = self.capture();
+            if captured.is_err() && overlapping && !self.overlap.get() {
+                // An overlapped launch was refused inside the capture: once more without.
+                captured = self.capture();
+            }
+            match captured {
                 Ok(graph) => self.graph = Some(graph),
                 Err(e) => {
                     eprintln!(

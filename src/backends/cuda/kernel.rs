@@ -245,12 +245,14 @@ impl Queue {
             return Ok(());
         }
         let mut params = args.params();
+        // SAFETY: the value is a C union of plain integers and structs of them: all zeros is
+        // one of its values.
+        let mut value: sys::CUlaunchAttributeValue = unsafe { std::mem::zeroed() };
+        value.programmaticStreamSerializationAllowed = 1;
         let mut attribute = sys::CUlaunchAttribute {
             id: sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION,
             pad: [0; 4],
-            value: sys::CUlaunchAttributeValue {
-                programmaticStreamSerializationAllowed: 1,
-            },
+            value,
         };
         let config = sys::CUlaunchConfig {
             gridDimX: grid.0,
