@@ -1,8 +1,8 @@
 //! The decode session's prompt pass: a prompt's tokens through every block at once on the
 //! session's own buffers, each product one cuBLAS GEMM (`cublas::gemm_rows`), the rest the
 //! step's kernels over a row a token (`decode.cu`'s last section). Op by op, an 8B model's
-//! 53-token prompt took ~40-70 ms on an H200 whatever its length up to ~500 tokens: Burn's host
-//! work for a few dozen ops a block, not the GPU's (bench/NOTES.md, session 27).
+//! prompt took 37-79 ms on an H200 at 53 tokens and 40 ms at 530: Burn's host work for a few
+//! dozen ops a block, not the GPU's (bench/NOTES.md, sessions 22-25).
 //!
 //! ```text
 //! H = embed(ids)
