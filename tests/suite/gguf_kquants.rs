@@ -2,8 +2,11 @@
 //! gguf-py does, on random super-blocks (one with a subnormal f16 scale) written by
 //! `scripts/fixtures/make_kquant_blocks.py`. The one difference is the sign of a zero: ggml's
 //! `d·sc·q` with a negative scale and `q = 0` is −0, our `scale·c + bias` is +0 (equal values).
+//! They do so too as a device holds them (3-, 5- and 6-bit codes widened to 4 or 8 bits).
 
+use burn::backend::NdArray;
 use loraforge::io::gguf::GgmlType;
+use loraforge::ops::quantized_linear::DeviceQuantized;
 use loraforge::quant::ggml::to_affine;
 
 use crate::common;
@@ -31,17 +34,23 @@ fn k_quant_blocks_dequantize_bit_for_bit_as_gguf_py() {
         // Eight super-blocks as a [2, 1024] matrix: rows of four blocks.
         let (rows, cols) = (2, want.len() / 2);
         let q = to_affine(kind, rows, cols, blocks.data()).expect("a K-quant");
-        let got = q.dequantize();
-        assert_eq!(got.len(), want.len(), "{name}");
         let same = |g: f32, w: f32| g.to_bits() == w.to_bits() || (g == 0.0 && w == 0.0);
-        let differing = got
-            .iter()
-            .zip(&want)
-            .filter(|(g, w)| !same(**g, **w))
-            .count();
+        let differing = |got: &[f32]| {
+            assert_eq!(got.len(), want.len(), "{name}");
+            got.iter()
+                .zip(&want)
+                .filter(|(g, w)| !same(**g, **w))
+                .count()
+        };
+        let on_host = differing(&q.dequantize());
+        assert_eq!(on_host, 0, "{name}: {on_host} values differ from gguf-py's");
+        // As a device holds it: 3-, 5- and 6-bit codes widened to 4 or 8 bits.
+        let held = DeviceQuantized::<NdArray<f32>>::upload(&q, None, &Default::default())
+            .expect("every K-quant's groups fit a device word");
+        let on_device = differing(&held.dequantize().into_data().into_vec::<f32>().unwrap());
         assert_eq!(
-            differing, 0,
-            "{name}: {differing} values differ from gguf-py's"
+            on_device, 0,
+            "{name} on a device: {on_device} values differ"
         );
         assert!(
             want.iter().any(|&v| v != 0.0),
@@ -56,7 +65,6 @@ fn k_quant_blocks_dequantize_bit_for_bit_as_gguf_py() {
 /// packed weights (host products from the packed codes for a few rows) as the dense path does.
 #[test]
 fn a_k_quant_gguf_gives_the_logits_of_its_dequantized_copy() {
-    use burn::backend::NdArray;
     use loraforge::model::load_model;
 
     let device = Default::default();
