@@ -66,16 +66,19 @@ fn row_body(m: &QuantizedMatrix, row: usize, x: &[f32], scratch: &mut [f32], out
     }
 }
 
-/// Dot product with eight independent accumulators, so the compiler can keep them in one SIMD
-/// register (a single running sum would force strictly sequential adds).
+/// Dot product with 32 independent accumulators: four 8-wide SIMD registers, each a chain of
+/// fused multiply-adds that does not wait on the others. (With eight, one register, every
+/// multiply-add waited on the last: SmolLM2's 20-token prompt ran at 120 tokens/s on 2 cores
+/// against transformers' 222; session 27.)
 #[inline(always)]
 fn dot(a: &[f32], b: &[f32]) -> f32 {
-    let mut acc = [0f32; 8];
-    let (a8, a_rest) = a.split_at(a.len() / 8 * 8);
-    let (b8, b_rest) = b.split_at(a8.len());
-    for (x, y) in a8.chunks_exact(8).zip(b8.chunks_exact(8)) {
-        for k in 0..8 {
-            acc[k] += x[k] * y[k];
+    const LANES: usize = 32;
+    let mut acc = [0f32; LANES];
+    let (a32, a_rest) = a.split_at(a.len() / LANES * LANES);
+    let (b32, b_rest) = b.split_at(a32.len());
+    for (x, y) in a32.chunks_exact(LANES).zip(b32.chunks_exact(LANES)) {
+        for k in 0..LANES {
+            acc[k] = x[k].mul_add(y[k], acc[k]);
         }
     }
     let tail: f32 = a_rest.iter().zip(b_rest).map(|(x, y)| x * y).sum();
