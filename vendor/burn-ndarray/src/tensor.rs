@@ -462,7 +462,12 @@ mod utils {
                             }
                             vec
                         }
-                        Err(array) => array.into_iter().collect(),
+                        // Shared (a tensor read by several ops): one copy of its memory, where
+                        // upstream walked it element by element (loraforge's PATCH.md).
+                        Err(array) => match array.as_slice() {
+                            Some(values) => values.to_vec(),
+                            None => array.into_iter().collect(),
+                        },
                     }
                 } else {
                     array.into_iter().collect()
