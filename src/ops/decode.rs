@@ -13,6 +13,7 @@
 
 use std::sync::Arc;
 
+use burn::tensor::TensorMetadata;
 use burn::tensor::backend::Backend;
 use burn::tensor::ops::{FloatTensor, IntTensor};
 
@@ -22,6 +23,17 @@ use crate::quant::QuantizedMatrix;
 /// for up to 1,024 of them (the sessions double the cache whenever it fills) and one more.
 pub fn first_capacity(len: usize, room: usize) -> usize {
     len + room.min(1024) + 1
+}
+
+/// Positions the keys and values `kv` that a session of `blocks` blocks opens over hold: 0 for
+/// none (an empty cache), `None` where they are not one row (`[1, kv_heads, len, head_dim]`) for
+/// every block.
+pub fn cached_positions<B: Backend>(kv: &[[FloatTensor<B>; 2]], blocks: usize) -> Option<usize> {
+    let Some(first) = kv.first() else {
+        return Some(0);
+    };
+    let shape = first[0].shape();
+    (kv.len() == blocks && shape.num_dims() == 4 && shape[0] == 1).then(|| shape[2])
 }
 
 /// A frozen `[out, in]` matrix as the step reads it.

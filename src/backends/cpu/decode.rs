@@ -16,7 +16,8 @@ use burn_ndarray::NdArrayTensor;
 use super::elementwise::tensor;
 use super::products::{Matrix, gated, products};
 use crate::ops::decode::{
-    DecodeLinear, DecodeMatrix, DecodeModel, DecodeSession, SessionBlock, first_capacity,
+    DecodeLinear, DecodeMatrix, DecodeModel, DecodeSession, SessionBlock, cached_positions,
+    first_capacity,
 };
 use crate::ops::primitive::primitive;
 
@@ -120,15 +121,9 @@ impl Session {
             .into_iter()
             .map(|b| b.take(values::<1>, Linear::new))
             .collect::<Option<Vec<Block>>>()?;
-        if !kv.is_empty() && kv.len() != blocks.len() {
-            return None;
-        }
+        let len = cached_positions::<Cpu>(&kv, blocks.len())?;
         let intermediate = blocks.first()?.gate_up[0].matrix.rows();
         let head = Linear::new(model.head)?;
-        let len = match kv.first() {
-            Some(first) => *first[0].shape().get(2)?,
-            None => 0,
-        };
         let capacity = first_capacity(len, room);
         let cache = match kv.is_empty() {
             true => {

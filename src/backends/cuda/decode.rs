@@ -22,7 +22,8 @@ use cudarc::driver::{CudaFunction, result as driver};
 use super::kernel::{self, Args, Queue, Tensor, empty, pointer, u32_of};
 use super::upload::into_fusion;
 use crate::ops::decode::{
-    DecodeLinear, DecodeMatrix, DecodeModel, DecodeSession, SessionBlock, first_capacity,
+    DecodeLinear, DecodeMatrix, DecodeModel, DecodeSession, SessionBlock, cached_positions,
+    first_capacity,
 };
 use crate::ops::primitive::{inner, primitive};
 
@@ -448,13 +449,7 @@ impl Session {
             return None;
         }
         let like = &norm.tensor;
-        let len = match kv.first() {
-            Some(first) => kv_len(first)?,
-            None => 0,
-        };
-        if !kv.is_empty() && kv.len() != blocks.len() {
-            return None;
-        }
+        let len = cached_positions::<Cuda>(&kv, blocks.len())?;
         let capacity = first_capacity(len, room);
         let queue = Queue::of(like);
         let buffer = |shape: Vec<usize>, dtype| empty(like, Shape::from(shape), dtype);
@@ -589,12 +584,12 @@ impl Session {
         grid: (u32, u32, u32),
         threads: u32,
         shared: u32,
-        args: Args,
+        mut args: Args,
     ) {
         if self.overlap.get() {
-            let overlapped =
-                self.queue
-                    .launch_overlapped(kernel, grid, threads, shared, args.clone());
+            let overlapped = self
+                .queue
+                .launch_overlapped(kernel, grid, threads, shared, &mut args);
             let Err(e) = overlapped else {
                 return;
             };
@@ -814,12 +809,6 @@ impl DecodeSession<Cuda> for Session {
             .map(|[k, v]| [wrap(k.tensor.clone()), wrap(v.tensor.clone())])
             .collect()
     }
-}
-
-/// Positions held by a block's keys `[1, kv_heads, len, head_dim]`.
-fn kv_len(kv: &[FloatTensor<Cuda>; 2]) -> Option<usize> {
-    let shape = &kv[0].shape;
-    (shape.num_dims() == 4 && shape[0] == 1).then(|| shape[2])
 }
 
 /// A block's keys or values, `[1, kv_heads, capacity, head_dim]` (the rank Burn's cache holds).

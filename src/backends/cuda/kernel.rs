@@ -123,10 +123,9 @@ pub fn u32_of(n: usize) -> u32 {
 }
 
 /// A kernel's arguments, in the order of its signature.
-#[derive(Default, Clone)]
+#[derive(Default)]
 pub struct Args(Vec<Arg>);
 
-#[derive(Clone)]
 enum Arg {
     Pointer(u64),
     Int(i32),
@@ -232,14 +231,14 @@ impl Queue {
     /// Queues `function` so that it may start while the kernel before it in the stream still
     /// runs (programmatic dependent launch, sm_90 and later): the kernel must wait for that one
     /// (`griddepcontrol.wait`, `decode.cu`) before reading anything earlier work writes. The
-    /// driver's error where it refuses the launch.
+    /// driver's error where it refuses the launch (`args` left for a launch the usual way).
     pub fn launch_overlapped(
         self,
         function: &CudaFunction,
         grid: (u32, u32, u32),
         threads: u32,
         shared: u32,
-        mut args: Args,
+        args: &mut Args,
     ) -> Result<(), driver::DriverError> {
         if grid.0 == 0 || grid.1 == 0 || grid.2 == 0 {
             return Ok(());
