@@ -16,6 +16,7 @@
 
 use burn::tensor::activation::softmax;
 use burn::tensor::{Int, Tensor, TensorData};
+use rayon::prelude::*;
 
 use super::decoder::Mlp;
 use super::linear::FrozenLinear;
@@ -104,23 +105,44 @@ impl Routes {
 }
 
 /// Each row's `k` most probable experts (`probs`: `[rows, experts]` row-major), the most
-/// probable first, the lower expert first among equals → `[rows · k]`.
+/// probable first, the lower expert first among equals → `[rows · k]`. A NaN ranks below every
+/// number (it still fills a row of NaNs).
+///
+/// On the host between two device passes, so its time is the GPU's idle time: rows of 64 in
+/// parallel, and past its first `k` a row's values are compared only with the `k`-th best so
+/// far (8,192 rows of 128 experts: 7.6 ms in one loop, ~3 ms over the 2-core VM's threads).
 fn top_k(probs: &[f32], experts: usize, k: usize) -> Vec<i64> {
-    let mut chosen = Vec::with_capacity(probs.len() / experts * k);
-    let mut best: Vec<(f32, i64)> = Vec::with_capacity(k + 1);
-    for row in probs.chunks_exact(experts) {
-        best.clear();
-        for (e, &p) in row.iter().enumerate() {
-            // A NaN ranks below every number (it still fills a row of NaNs).
-            let p = if p.is_nan() { f32::NEG_INFINITY } else { p };
-            let at = best.iter().position(|&(q, _)| p > q).unwrap_or(best.len());
-            if at < k {
+    const ROWS: usize = 64;
+    let mut chosen = vec![0i64; probs.len() / experts * k];
+    chosen
+        .par_chunks_mut(ROWS * k)
+        .zip(probs.par_chunks(ROWS * experts))
+        .for_each(|(out, rows)| {
+            let mut best: Vec<(f32, i64)> = Vec::with_capacity(k + 1);
+            let enter = |best: &mut Vec<(f32, i64)>, p: f32, e: usize| {
+                let at = best.iter().position(|&(q, _)| p > q).unwrap_or(best.len());
                 best.insert(at, (p, e as i64));
                 best.truncate(k);
+            };
+            for (row, out) in rows.chunks_exact(experts).zip(out.chunks_exact_mut(k)) {
+                best.clear();
+                for (e, &p) in row[..k].iter().enumerate() {
+                    enter(&mut best, if p.is_nan() { f32::NEG_INFINITY } else { p }, e);
+                }
+                // A later value enters only above the k-th (a NaN never does; an equal value
+                // loses to the lower expert already there).
+                let mut floor = best[k - 1].0;
+                for (e, &p) in row.iter().enumerate().skip(k) {
+                    if p > floor {
+                        enter(&mut best, p, e);
+                        floor = best[k - 1].0;
+                    }
+                }
+                for (slot, &(_, e)) in out.iter_mut().zip(&best) {
+                    *slot = e;
+                }
             }
-        }
-        chosen.extend(best.iter().map(|&(_, e)| e));
-    }
+        });
     chosen
 }
 
@@ -277,5 +299,39 @@ mod tests {
         let probs = [0.1, 0.4, 0.1, 0.4, 0.7, 0.05, 0.2, 0.05];
         assert_eq!(top_k(&probs, 4, 2), [1, 3, 0, 2]);
         assert_eq!(top_k(&[f32::NAN, 0.5, 0.2], 3, 2), [1, 2]);
+    }
+
+    #[test]
+    fn top_k_is_a_stable_sort_by_probability_over_many_rows() {
+        // 300 rows (several parallel chunks) of 16 experts drawn from 5 values and NaN, so
+        // ties and NaNs land anywhere; against each row sorted whole (stable, NaN last).
+        let (rows, experts, k) = (300, 16, 5);
+        let mut state = 7u64;
+        let probs: Vec<f32> = (0..rows * experts)
+            .map(|_| {
+                state = state.wrapping_mul(6364136223846793005).wrapping_add(1);
+                match (state >> 33) % 6 {
+                    5 => f32::NAN,
+                    v => v as f32 / 4.0,
+                }
+            })
+            .collect();
+        let want: Vec<i64> = probs
+            .chunks_exact(experts)
+            .flat_map(|row| {
+                let mut order: Vec<usize> = (0..experts).collect();
+                let key = |e: usize| {
+                    if row[e].is_nan() {
+                        f32::NEG_INFINITY
+                    } else {
+                        row[e]
+                    }
+                };
+                order.sort_by(|&a, &b| key(b).total_cmp(&key(a)));
+                order.into_iter().take(k).map(|e| e as i64)
+            })
+            .collect();
+        assert_eq!(top_k(&probs, experts, k), want);
+        assert_eq!(top_k(&probs, experts, experts).len(), rows * experts);
     }
 }
