@@ -26,9 +26,9 @@ pub enum BenchCommand {
         /// none does); a CPU's Vulkan driver (lavapipe) takes hours at the default.
         #[arg(long, default_value_t = 65_536, value_parser = clap::value_parser!(u32).range(64..))]
         long_row: u32,
-        /// Skips the attention cases with wider heads (16, 32, 64 or 128): lavapipe's LLVM
-        /// takes many minutes over the 128-wide kernels.
-        #[arg(long, default_value_t = 128, value_parser = clap::value_parser!(u32).range(16..=128))]
+        /// Skips the attention cases with wider heads (16, 32, 64, 96, 128, 160 or 256):
+        /// lavapipe's LLVM takes many minutes over the 128-wide kernels.
+        #[arg(long, default_value_t = 256, value_parser = clap::value_parser!(u32).range(16..=256))]
         max_head_dim: u32,
         /// Skips a trajectory check (`trajectory_experts`, ...) or `experts_grad` by name
         /// (repeatable): lavapipe compiles kernels for every expert's row count, which takes

@@ -1,12 +1,13 @@
 // Flash attention, forward and backward, on bf16 tensor cores with f32 accumulation.
 //
-// Compiled at run time by NVRTC (`flash.rs`) once per head dimension, `-DHEAD_DIM=d`
-// (a multiple of 16, at most 128). `to_bf16` first copies the operands that are re-read tile by
-// tile (K and V; scale·Q and dO in the backward pass) to contiguous bf16 `[batch·heads][rows][D]`
-// (K and V at their own head count: with grouped-query attention, `group` consecutive query heads
-// read one kv head), which the kernels stream into shared memory with `cp.async`, double-buffered. The queries (and
-// dO in the dQ kernel), read once per block, come straight from the f32 tensors. Outputs are
-// contiguous f32.
+// Compiled at run time by NVRTC (`flash.rs`) once per head dimension, `-DHEAD_DIM=d` (a multiple
+// of 16 up to 128, or of 32 up to 256). `to_bf16` first copies the operands that are re-read
+// tile by tile (K and V; scale·Q and dO in the backward pass) to contiguous bf16
+// `[batch·heads][rows][D]` (K and V at their own head count: with grouped-query attention,
+// `group` consecutive query heads read one kv head), which the kernels stream into shared memory
+// with `cp.async`, double-buffered. The queries (and dO in the dQ kernel), read once per block,
+// come straight from the f32 tensors (past 128 columns, staged in shared memory first). Outputs
+// are contiguous f32.
 //
 // The math, per (batch, head), with S = scale · Q Kᵀ + mask, the mask -inf where a query does not
 // see a key. Query i sees keys start(i) ..= past + i: the causal rule (past = keys − seq cached
@@ -15,13 +16,13 @@
 // applied to the tiles that need it, from `starts` ([batch][seq], f32; null for plain rows,
 // where start(i) = 0).
 //
-//   forward   (one block per 128 queries, keys in tiles of 64):
+//   forward   (one block per BLOCK_ROWS queries, keys in tiles of 64):
 //               m = running row max, l = running Σ exp(S − m), O = running Σ exp(S − m) V
 //               out = O / l        lse = m + log l   (natural log, what the caller keeps)
 //   backward  D = rowsum(dO ⊙ out) (computed by the caller), P = exp(S − lse):
-//     dq kernel   (one block per 128 queries, keys in tiles of 32):
+//     dq kernel   (one block per BLOCK_ROWS queries, keys in tiles of 32):
 //               dP = dO Vᵀ    dS = P ⊙ (dP − D)    dQ = scale · dS K
-//     dkdv kernel (one block per 128 keys, queries in tiles of 32):
+//     dkdv kernel (one block per BLOCK_ROWS keys, queries in tiles of 32):
 //               Sᵀ = K (scale·Q)ᵀ    Pᵀ = exp(Sᵀ − lse)    dV = Pᵀ dO
 //               dPᵀ = V dOᵀ          dSᵀ = Pᵀ ⊙ (dPᵀ − D)   dK = dSᵀ (scale·Q)
 //
@@ -32,9 +33,10 @@
 // it. Tiles that no query of a block sees (before its first query's example, after its last
 // query) are not visited at all.
 //
-// Each warp owns 16 rows (queries, or keys in dkdv); the scores never leave its registers. Every
-// product is `mma.sync.m16n8k16` (bf16 in, f32 out), whose fragments are (g = lane / 4,
-// t = lane % 4):
+// Each warp owns 16 rows (queries, or keys in dkdv); the scores never leave its registers. Past
+// 128 columns two warps share each 16 rows (SPLIT), each accumulating half of the output's
+// columns, and both compute the rows' scores whole. Every product is `mma.sync.m16n8k16` (bf16
+// in, f32 out), whose fragments are (g = lane / 4, t = lane % 4):
 //   A 16×16, four 32-bit registers of two bf16:  a0 (row g,   cols 2t, 2t+1)
 //                                                a1 (row g+8, cols 2t, 2t+1)
 //                                                a2 (row g,   cols 2t+8, 2t+9)
@@ -59,6 +61,13 @@
 // d = 128 the same cap spills 300-1200 bytes a thread and the 8B step was 9% slower.
 #define MIN_BLOCKS (D <= 64 ? 2 : 1)
 #define ROW (D + 8) // row stride (bf16 elements) of a staged [rows][D] tile: +8 spreads the banks
+// Warps that share one group of 16 rows, each accumulating COLS of the output's columns: two past
+// 128, where a warp's 16 rows of f32 accumulators (two such in the backward) would not fit its
+// registers. The pair computes the rows' scores twice (1.5x the forward's tensor-core work, 1.5x
+// the dK/dV kernel's) rather than trade partial sums through shared memory at every tile.
+#define SPLIT (D > 128 ? 2 : 1)
+#define COLS (D / SPLIT)
+#define BLOCK_ROWS (128 / SPLIT) // queries (keys in the dK/dV kernel) a block: 16 a warp group
 
 typedef unsigned int u32;
 typedef unsigned short u16;
@@ -172,48 +181,110 @@ __device__ __forceinline__ void rows_a(u32 (*a)[4], const float* src, i64 rs, in
     }
 }
 
-// The A fragments of a warp's 16 rows (from `row`) of a staged [rows][ROW] tile.
-__device__ __forceinline__ void staged_a(u32 (*a)[4], const u16* tile, int row, int g, int t) {
-#pragma unroll
-    for (int c = 0; c < D / 16; ++c) {
-        const u16* p = tile + (row + g) * ROW + c * 16 + 2 * t;
-        a[c][0] = lds(p);
-        a[c][1] = lds(p + 8 * ROW);
-        a[c][2] = lds(p + 8);
-        a[c][3] = lds(p + 8 * ROW + 8);
+#if D > 128
+// The A operand of `mul_rows`, a warp's 16 rows: past 128 columns they stay in a staged
+// [rows][ROW] tile and each product reads them 16 columns at a time (held, they would take 64
+// registers, and the dQ kernel holds two).
+struct RowsA {
+    const u16* tile;
+    int row;
+};
+
+// A warp's 16 rows (from `row`) of a staged [rows][ROW] tile as an A operand.
+__device__ __forceinline__ void tile_rows(RowsA& a, const u16* tile, int row, int, int) {
+    a.tile = tile;
+    a.row = row;
+}
+
+// The block's rows r0..r0+BLOCK_ROWS of an f32 matrix (row stride rs), times `mul`, staged as
+// bf16 in `tile` ([BLOCK_ROWS][ROW], zeros past row n) by the whole block; `a` gets the warp's
+// 16 from `row`. The tile is read after the caller's next __syncthreads.
+__device__ __forceinline__ void global_rows(RowsA& a, u16* tile, const float* src, i64 rs, int r0,
+                                            int row, int n, float mul, int, int) {
+    for (int i = threadIdx.x; i < BLOCK_ROWS * D / 4; i += THREADS) {
+        const int r = i / (D / 4), c = i % (D / 4) * 4;
+        uint2 x = make_uint2(0u, 0u);
+        if (r0 + r < n) {
+            const float4 f = *reinterpret_cast<const float4*>(src + (i64)(r0 + r) * rs + c);
+            x = make_uint2(pack_bf16(f.x * mul, f.y * mul), pack_bf16(f.z * mul, f.w * mul));
+        }
+        *reinterpret_cast<uint2*>(tile + r * ROW + c) = x;
     }
+    tile_rows(a, tile, row, 0, 0);
 }
 
 // acc[j] += A · Mᵀ for the 8-row groups j of a staged [8·TILES][ROW] tile M (B[k][n] = M[n][k]).
 template <int TILES>
-__device__ __forceinline__ void mul_rows(float (*acc)[4], const u32 (*a)[4], const u16* m, int g,
+__device__ __forceinline__ void mul_rows(float (*acc)[4], const RowsA& a, const u16* m, int g,
+                                         int t) {
+#pragma unroll
+    for (int c = 0; c < D / 16; ++c) {
+        const u16* p = a.tile + (a.row + g) * ROW + c * 16 + 2 * t;
+        const u32 a0 = lds(p), a1 = lds(p + 8 * ROW), a2 = lds(p + 8), a3 = lds(p + 8 * ROW + 8);
+#pragma unroll
+        for (int j = 0; j < TILES; ++j) {
+            const u16* row = m + (j * 8 + g) * ROW + c * 16 + 2 * t;
+            mma(acc[j], a0, a1, a2, a3, lds(row), lds(row + 8));
+        }
+    }
+}
+#else
+// The A operand of `mul_rows`, a warp's 16 rows, as fragments in registers.
+struct RowsA {
+    u32 f[D / 16][4];
+};
+
+// The A fragments of a warp's 16 rows (from `row`) of a staged [rows][ROW] tile.
+__device__ __forceinline__ void tile_rows(RowsA& a, const u16* tile, int row, int g, int t) {
+#pragma unroll
+    for (int c = 0; c < D / 16; ++c) {
+        const u16* p = tile + (row + g) * ROW + c * 16 + 2 * t;
+        a.f[c][0] = lds(p);
+        a.f[c][1] = lds(p + 8 * ROW);
+        a.f[c][2] = lds(p + 8);
+        a.f[c][3] = lds(p + 8 * ROW + 8);
+    }
+}
+
+// The A fragments of the warp's 16 rows r0 + row.. of an f32 matrix (row stride rs), times
+// `mul` (zeros past row n), read straight from it; `tile` is not used.
+__device__ __forceinline__ void global_rows(RowsA& a, u16*, const float* src, i64 rs, int r0,
+                                            int row, int n, float mul, int g, int t) {
+    rows_a(a.f, src, rs, r0 + row + g, n, mul, t);
+}
+
+// acc[j] += A · Mᵀ for the 8-row groups j of a staged [8·TILES][ROW] tile M (B[k][n] = M[n][k]).
+template <int TILES>
+__device__ __forceinline__ void mul_rows(float (*acc)[4], const RowsA& a, const u16* m, int g,
                                          int t) {
 #pragma unroll
     for (int j = 0; j < TILES; ++j) {
 #pragma unroll
         for (int c = 0; c < D / 16; ++c) {
             const u16* row = m + (j * 8 + g) * ROW + c * 16 + 2 * t;
-            mma(acc[j], a[c][0], a[c][1], a[c][2], a[c][3], lds(row), lds(row + 8));
+            mma(acc[j], a.f[c][0], a.f[c][1], a.f[c][2], a.f[c][3], lds(row), lds(row + 8));
         }
     }
 }
+#endif
 
-// acc[dn] += X · M where X is [16][16·CHUNKS] given as C fragments x[2·CHUNKS][4], and M a
-// staged row-major [16·CHUNKS][ROW] tile (B[k][n] = M[k][n], read by ldmatrix.trans: lanes
+// acc[dn] += X · M[:, col0 + 8·dn ..] for the warp's COLS columns from col0, where X is
+// [16][16·CHUNKS] given as C fragments x[2·CHUNKS][4], and M a staged row-major
+// [16·CHUNKS][ROW] tile (B[k][n] = M[k][n], read by ldmatrix.trans: lanes
 // 0-15 address rows k0..k0+15 at column n0, lanes 16-31 the same rows at n0 + 8, and the four
 // registers come back as b0, b1 of columns n0.. and b0, b1 of columns n0+8..).
 template <int CHUNKS>
 __device__ __forceinline__ void mul_cols(float (*acc)[4], const float (*x)[4], const u16* m,
-                                         int lane) {
+                                         int col0, int lane) {
 #pragma unroll
     for (int kk = 0; kk < CHUNKS; ++kk) {
         const u32 a0 = pack_bf16(x[2 * kk][0], x[2 * kk][1]);
         const u32 a1 = pack_bf16(x[2 * kk][2], x[2 * kk][3]);
         const u32 a2 = pack_bf16(x[2 * kk + 1][0], x[2 * kk + 1][1]);
         const u32 a3 = pack_bf16(x[2 * kk + 1][2], x[2 * kk + 1][3]);
-        const u16* base = m + (kk * 16 + lane % 16) * ROW + (lane / 16) * 8;
+        const u16* base = m + (kk * 16 + lane % 16) * ROW + col0 + (lane / 16) * 8;
 #pragma unroll
-        for (int dn = 0; dn < D / 8; dn += 2) {
+        for (int dn = 0; dn < COLS / 8; dn += 2) {
             u32 b0, b1, b2, b3;
             asm volatile(
                 "ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];"
@@ -257,14 +328,14 @@ struct Mask {
                (window == 0 || k_lo > past + q_hi - window);
     }
 
-    // The key tiles (of TILE keys) that the 128 queries from q0 may see: from the first query's
-    // example start (or its window's first key) to the last query's causal end. Returns the
-    // first; `tiles` gets the count.
+    // The key tiles (of TILE keys) that the BLOCK_ROWS queries from q0 may see: from the first
+    // query's example start (or its window's first key) to the last query's causal end. Returns
+    // the first; `tiles` gets the count.
     template <int TILE>
     __device__ __forceinline__ int key_tiles(int q0, int& tiles) const {
         const int lo = window == 0 ? start(q0) : max(start(q0), max(0, past + q0 - window + 1));
         const int first = lo / TILE;
-        const int end = min(keys, past + min(q0 + 128, seq));
+        const int end = min(keys, past + min(q0 + BLOCK_ROWS, seq));
         tiles = (end + TILE - 1) / TILE - first;
         return first;
     }
@@ -324,12 +395,13 @@ __device__ __forceinline__ void add_mask(float (*s)[4], const Mask& mask, int r,
     else add_mask_as<TILES, KEY_ROWS, false>(s, mask, r, c0, t);
 }
 
-// A C fragment of rows (r, r+8) written to a contiguous [n][D] f32 matrix, times `mul`.
+// The C fragments of rows (r, r+8), the warp's COLS columns from col0, written to a contiguous
+// [n][D] f32 matrix, times `mul`.
 __device__ __forceinline__ void store_rows(float* dst, const float (*acc)[4], int r, int n,
-                                           float mul0, float mul1, int t) {
+                                           int col0, float mul0, float mul1, int t) {
 #pragma unroll
-    for (int dn = 0; dn < D / 8; ++dn) {
-        const int col = dn * 8 + 2 * t;
+    for (int dn = 0; dn < COLS / 8; ++dn) {
+        const int col = col0 + dn * 8 + 2 * t;
         if (r < n) *reinterpret_cast<float2*>(dst + (i64)r * D + col) =
             make_float2(acc[dn][0] * mul0, acc[dn][1] * mul0);
         if (r + 8 < n) *reinterpret_cast<float2*>(dst + (i64)(r + 8) * D + col) =
@@ -362,10 +434,13 @@ extern "C" __global__ void __launch_bounds__(THREADS)
 // with its index (it sees more keys) and a key block's shrinks, so the row blocks are the grid's
 // slowest dimension (z), visited from the longest: the forward and dQ kernels take the last
 // query blocks first, the dK/dV kernel the first key blocks.
-__device__ __forceinline__ int query_block() { return (gridDim.z - 1 - blockIdx.z) * 128; }
+__device__ __forceinline__ int query_block() {
+    return (gridDim.z - 1 - blockIdx.z) * BLOCK_ROWS;
+}
 
-// What a forward or dQ block works on: query head h of batch row b, its 128 queries from q0, the
-// kv head they read (grouped-query attention), and the row's mask. Grid (heads, batch, blocks).
+// What a forward or dQ block works on: query head h of batch row b, its BLOCK_ROWS queries from
+// q0, the kv head they read (grouped-query attention), and the row's mask. Grid (heads, batch,
+// blocks).
 struct QueryBlock {
     int b, h, q0;
     i64 bh, kv; // (batch, head) and (batch, kv head) indices
@@ -380,8 +455,9 @@ struct QueryBlock {
 
 #define FWD_KEYS 64
 
-// Grid (heads, batch, ⌈seq / 128⌉), the last query blocks (the most keys) first; dynamic shared
-// memory: K and V, [2][FWD_KEYS][ROW] each.
+// Grid (heads, batch, ⌈seq / BLOCK_ROWS⌉), the last query blocks (the most keys) first; dynamic
+// shared memory: K and V, [2][FWD_KEYS][ROW] each, then (D > 128) the block's scale·Q,
+// [BLOCK_ROWS][ROW].
 // k, v: bf16 [batch·kv_heads][keys][D], query head h reading kv head h / group (grouped-query
 // attention: kv_heads = heads / group). out: [batch, heads, seq, D]; lse: [batch, heads, seq].
 extern "C" __global__ void __launch_bounds__(THREADS, MIN_BLOCKS)
@@ -393,7 +469,10 @@ extern "C" __global__ void __launch_bounds__(THREADS, MIN_BLOCKS)
     extern __shared__ __align__(16) u16 shared[];
     u16* k_tiles = shared;
     u16* v_tiles = shared + 2 * FWD_KEYS * ROW;
+    u16* q_rows = v_tiles + 2 * FWD_KEYS * ROW;
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
+    // This warp's first row in the block and first output column.
+    const int row = warp / SPLIT * 16, col0 = warp % SPLIT * COLS;
     const QueryBlock blk(starts, heads, seq, keys, group, window);
     const int q0 = blk.q0;
     const i64 bh = blk.bh;
@@ -401,7 +480,7 @@ extern "C" __global__ void __launch_bounds__(THREADS, MIN_BLOCKS)
     q += blk.b * qb + blk.h * qh;
     k += blk.kv * keys * D;
     v += blk.kv * keys * D;
-    const int w0 = q0 + warp * 16; // this warp's first query
+    const int w0 = q0 + row; // this warp's first query
     const int r0 = w0 + g, r1 = r0 + 8;
 
     int tiles;
@@ -410,10 +489,10 @@ extern "C" __global__ void __launch_bounds__(THREADS, MIN_BLOCKS)
     load_tile<FWD_KEYS>(v_tiles, v, first * FWD_KEYS, keys);
     cp_commit();
 
-    u32 qa[D / 16][4];
-    rows_a(qa, q, qt, r0, seq, scale, t);
-    float o[D / 8][4];
-    zero<D / 8>(o);
+    RowsA qa;
+    global_rows(qa, q_rows, q, qt, q0, row, seq, scale, g, t);
+    float o[COLS / 8][4];
+    zero<COLS / 8>(o);
     float m0 = NEG_INF, m1 = NEG_INF, l0 = 0.f, l1 = 0.f;
 
     for (int it = 0; it < tiles; ++it) {
@@ -453,7 +532,7 @@ extern "C" __global__ void __launch_bounds__(THREADS, MIN_BLOCKS)
         l0 *= alpha0;
         l1 *= alpha1;
 #pragma unroll
-        for (int dn = 0; dn < D / 8; ++dn) {
+        for (int dn = 0; dn < COLS / 8; ++dn) {
             o[dn][0] *= alpha0;
             o[dn][1] *= alpha0;
             o[dn][2] *= alpha1;
@@ -468,14 +547,14 @@ extern "C" __global__ void __launch_bounds__(THREADS, MIN_BLOCKS)
             l0 += s[j][0] + s[j][1];
             l1 += s[j][2] + s[j][3];
         }
-        mul_cols<FWD_KEYS / 16>(o, s, vs, lane);
+        mul_cols<FWD_KEYS / 16>(o, s, vs, col0, lane);
         __syncthreads(); // the next iteration's loads overwrite the other buffer
     }
 
     l0 = row_sum(l0);
     l1 = row_sum(l1);
-    store_rows(out + bh * seq * D, o, r0, seq, 1.f / l0, 1.f / l1, t);
-    if (t == 0) {
+    store_rows(out + bh * seq * D, o, r0, seq, col0, 1.f / l0, 1.f / l1, t);
+    if (t == 0 && col0 == 0) {
         if (r0 < seq) lse[bh * seq + r0] = m0 + __logf(l0);
         if (r1 < seq) lse[bh * seq + r1] = m1 + __logf(l1);
     }
@@ -483,8 +562,8 @@ extern "C" __global__ void __launch_bounds__(THREADS, MIN_BLOCKS)
 
 #define DQ_KEYS 32
 
-// Grid (heads, batch, ⌈seq / 128⌉) as in the forward kernel; dynamic shared memory: K and V,
-// [2][DQ_KEYS][ROW] each.
+// Grid (heads, batch, ⌈seq / BLOCK_ROWS⌉) as in the forward kernel; dynamic shared memory: K and
+// V, [2][DQ_KEYS][ROW] each, then (D > 128) the block's scale·Q and dO, [BLOCK_ROWS][ROW] each.
 // k, v: bf16 [batch·kv_heads][keys][D] (as in the forward kernel); lse, delta:
 // [batch, heads, seq]; dq: [batch, heads, seq, D].
 extern "C" __global__ void __launch_bounds__(THREADS, MIN_BLOCKS)
@@ -497,7 +576,10 @@ extern "C" __global__ void __launch_bounds__(THREADS, MIN_BLOCKS)
     extern __shared__ __align__(16) u16 shared[];
     u16* k_tiles = shared;
     u16* v_tiles = shared + 2 * DQ_KEYS * ROW;
+    u16* q_rows = v_tiles + 2 * DQ_KEYS * ROW;
+    u16* o_rows = q_rows + BLOCK_ROWS * ROW;
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
+    const int row = warp / SPLIT * 16, col0 = warp % SPLIT * COLS;
     const QueryBlock blk(starts, heads, seq, keys, group, window);
     const int q0 = blk.q0;
     const i64 bh = blk.bh;
@@ -508,7 +590,7 @@ extern "C" __global__ void __launch_bounds__(THREADS, MIN_BLOCKS)
     v += blk.kv * keys * D;
     lse += bh * seq;
     delta += bh * seq;
-    const int w0 = q0 + warp * 16; // this warp's first query
+    const int w0 = q0 + row; // this warp's first query
     const int r0 = w0 + g, r1 = r0 + 8;
 
     int tiles;
@@ -517,15 +599,15 @@ extern "C" __global__ void __launch_bounds__(THREADS, MIN_BLOCKS)
     load_tile<DQ_KEYS>(v_tiles, v, first * DQ_KEYS, keys);
     cp_commit();
 
-    u32 qa[D / 16][4], da[D / 16][4];
-    rows_a(qa, q, qt, r0, seq, scale, t);
-    rows_a(da, d_out, ot, r0, seq, 1.f, t);
+    RowsA qa, da;
+    global_rows(qa, q_rows, q, qt, q0, row, seq, scale, g, t);
+    global_rows(da, o_rows, d_out, ot, q0, row, seq, 1.f, g, t);
     // −lse in log2 units; -inf on rows past the last query, whose P is then 0.
     const float nl0 = r0 < seq ? -lse[r0] * LOG2E : NEG_INF;
     const float nl1 = r1 < seq ? -lse[r1] * LOG2E : NEG_INF;
     const float dl0 = r0 < seq ? delta[r0] : 0.f, dl1 = r1 < seq ? delta[r1] : 0.f;
-    float acc[D / 8][4];
-    zero<D / 8>(acc);
+    float acc[COLS / 8][4];
+    zero<COLS / 8>(acc);
 
     for (int it = 0; it < tiles; ++it) {
         const int k0 = (first + it) * DQ_KEYS;
@@ -554,10 +636,10 @@ extern "C" __global__ void __launch_bounds__(THREADS, MIN_BLOCKS)
                     exp2_approx(fmaf(s[j][2 + e], LOG2E, nl1)) * (dp[j][2 + e] - dl1) * c1;
             }
         }
-        mul_cols<DQ_KEYS / 16>(acc, s, ks, lane);
+        mul_cols<DQ_KEYS / 16>(acc, s, ks, col0, lane);
         __syncthreads();
     }
-    store_rows(dq + bh * seq * D, acc, r0, seq, scale, scale, t);
+    store_rows(dq + bh * seq * D, acc, r0, seq, col0, scale, scale, t);
 }
 
 #define KV_QUERIES 32
@@ -576,12 +658,13 @@ __device__ __forceinline__ void load_stats(float* dst, const float* lse, const f
     }
 }
 
-// Grid (kv_heads, batch, ⌈keys / 128⌉), the first key blocks (the most queries) first; dynamic
-// shared memory: K and V [128][ROW] each, scale·Q and dO [2][KV_QUERIES][ROW] each, then the
-// query tile's lse and D, [2][2][KV_QUERIES] f32. k, v: bf16 [batch·kv_heads][keys][D]; qs (= scale·Q),
-// o (= dO): bf16 [batch·heads][seq][D]; lse, delta: [batch, heads, seq]; dk, dv:
-// [batch, kv_heads, keys, D]. A kv head's gradients sum over the `group` query heads that read
-// it: the block streams the query tiles of each in turn into the same accumulators.
+// Grid (kv_heads, batch, ⌈keys / BLOCK_ROWS⌉), the first key blocks (the most queries) first;
+// dynamic shared memory: K and V [BLOCK_ROWS][ROW] each, scale·Q and dO [2][KV_QUERIES][ROW]
+// each, then the query tile's lse and D, [2][2][KV_QUERIES] f32. k, v: bf16
+// [batch·kv_heads][keys][D]; qs (= scale·Q), o (= dO): bf16 [batch·heads][seq][D]; lse, delta:
+// [batch, heads, seq]; dk, dv: [batch, kv_heads, keys, D]. A kv head's gradients sum over the
+// `group` query heads that read it: the block streams the query tiles of each in turn into the
+// same accumulators.
 extern "C" __global__ void __launch_bounds__(THREADS, MIN_BLOCKS)
     attention_backward_dkdv(const u16* __restrict__ qs, const u16* __restrict__ k,
                             const u16* __restrict__ v, const float* __restrict__ starts,
@@ -591,13 +674,13 @@ extern "C" __global__ void __launch_bounds__(THREADS, MIN_BLOCKS)
                             int window, float softcap) {
     extern __shared__ __align__(16) u16 shared[];
     u16* k_rows = shared;
-    u16* v_rows = k_rows + 128 * ROW;
-    u16* q_tiles = v_rows + 128 * ROW;
+    u16* v_rows = k_rows + BLOCK_ROWS * ROW;
+    u16* q_tiles = v_rows + BLOCK_ROWS * ROW;
     u16* o_tiles = q_tiles + 2 * KV_QUERIES * ROW;
     float* stats = reinterpret_cast<float*>(o_tiles + 2 * KV_QUERIES * ROW);
 
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
-    const int b = blockIdx.y, k0 = blockIdx.z * 128;
+    const int b = blockIdx.y, k0 = blockIdx.z * BLOCK_ROWS;
     const int past = keys - seq;
     const i64 kv = (i64)b * gridDim.x + blockIdx.x;
     const i64 bh = (i64)b * heads + (i64)blockIdx.x * group; // the group's first query head
@@ -608,27 +691,29 @@ extern "C" __global__ void __launch_bounds__(THREADS, MIN_BLOCKS)
     const Mask mask{starts ? starts + (i64)b * seq : nullptr, past, seq, keys, window};
     lse += bh * seq;
     delta += bh * seq;
-    const int w0 = warp * 16; // this warp's first key row within the block
+    const int w0 = warp / SPLIT * 16; // this warp's first key row within the block
+    const int col0 = warp % SPLIT * COLS; // and its first output column
     const int key0 = k0 + w0 + g; // this lane's keys: key0, key0 + 8
 
     // The first query that may see key k0 is k0 - past; the last, the last one whose example
     // starts at or before the block's last key (and, with a window, whose window still reaches
     // key k0).
     const int first = max(0, k0 - past) / KV_QUERIES * KV_QUERIES;
-    const int seeing = mask.queries_seeing(first, k0 + 127);
-    const int end = window == 0 ? seeing : min(seeing, k0 + 127 - past + window);
+    const int last = k0 + BLOCK_ROWS - 1;
+    const int seeing = mask.queries_seeing(first, last);
+    const int end = window == 0 ? seeing : min(seeing, last - past + window);
     const int tiles = first < end ? (end - first + KV_QUERIES - 1) / KV_QUERIES : 0;
     const int steps = tiles * group; // tile it % tiles of query head it / tiles
-    load_tile<128>(k_rows, k, k0, keys);
-    load_tile<128>(v_rows, v, k0, keys);
+    load_tile<BLOCK_ROWS>(k_rows, k, k0, keys);
+    load_tile<BLOCK_ROWS>(v_rows, v, k0, keys);
     load_tile<KV_QUERIES>(q_tiles, qs, first, seq);
     load_tile<KV_QUERIES>(o_tiles, o, first, seq);
     load_stats(stats, lse, delta, first, seq);
     cp_commit();
 
-    float dk_acc[D / 8][4], dv_acc[D / 8][4];
-    zero<D / 8>(dk_acc);
-    zero<D / 8>(dv_acc);
+    float dk_acc[COLS / 8][4], dv_acc[COLS / 8][4];
+    zero<COLS / 8>(dk_acc);
+    zero<COLS / 8>(dv_acc);
 
     for (int it = 0; it < steps; ++it) {
         const int c0 = first + it % tiles * KV_QUERIES;
@@ -647,8 +732,8 @@ extern "C" __global__ void __launch_bounds__(THREADS, MIN_BLOCKS)
         zero<KV_QUERIES / 8>(st);
         zero<KV_QUERIES / 8>(dpt);
         {
-            u32 ka[D / 16][4];
-            staged_a(ka, k_rows, w0, g, t);
+            RowsA ka;
+            tile_rows(ka, k_rows, w0, g, t);
             mul_rows<KV_QUERIES / 8>(st, ka, qt, g, t);
         }
         if (softcap > 0.f) soft_cap<KV_QUERIES / 8>(st, softcap);
@@ -656,8 +741,8 @@ extern "C" __global__ void __launch_bounds__(THREADS, MIN_BLOCKS)
         if (!mask.none(c0, c0 + KV_QUERIES - 1, k0 + w0, k0 + w0 + 15))
             add_mask<KV_QUERIES / 8, true>(st, mask, key0, c0, t);
         {
-            u32 va[D / 16][4];
-            staged_a(va, v_rows, w0, g, t);
+            RowsA va;
+            tile_rows(va, v_rows, w0, g, t);
             mul_rows<KV_QUERIES / 8>(dpt, va, ot, g, t);
         }
 #pragma unroll
@@ -677,11 +762,11 @@ extern "C" __global__ void __launch_bounds__(THREADS, MIN_BLOCKS)
                 dpt[j][2 + e] = p1 * (dpt[j][2 + e] - dl) * c1;
             }
         }
-        mul_cols<KV_QUERIES / 16>(dv_acc, st, ot, lane);
-        mul_cols<KV_QUERIES / 16>(dk_acc, dpt, qt, lane);
+        mul_cols<KV_QUERIES / 16>(dv_acc, st, ot, col0, lane);
+        mul_cols<KV_QUERIES / 16>(dk_acc, dpt, qt, col0, lane);
         __syncthreads();
     }
     cp_wait<0>(); // when no query sees these keys, the first loads are still in flight
-    store_rows(dk + kv * keys * D, dk_acc, key0, keys, 1.f, 1.f, t);
-    store_rows(dv + kv * keys * D, dv_acc, key0, keys, 1.f, 1.f, t);
+    store_rows(dk + kv * keys * D, dk_acc, key0, keys, col0, 1.f, 1.f, t);
+    store_rows(dv + kv * keys * D, dv_acc, key0, keys, col0, 1.f, 1.f, t);
 }

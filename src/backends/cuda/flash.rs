@@ -18,22 +18,30 @@ use super::kernel::{self, Args, Tensor, cast, empty, pointer, u32_of};
 
 const SOURCE: &str = include_str!("attention.cu");
 const THREADS: u32 = 256;
-/// Queries per block of the forward and dQ kernels, keys per block of the dK/dV kernel.
-const BLOCK_ROWS: usize = 128;
+/// The widest head whose rows a warp accumulates whole; past it two warps share each 16 rows,
+/// each with half the columns (`SPLIT` in the source), so a block holds half the rows.
+const WHOLE_ROWS_UP_TO: usize = 128;
+
+/// Queries per block of the forward and dQ kernels, keys per block of the dK/dV kernel
+/// (`BLOCK_ROWS` in the source).
+fn block_rows(head_dim: usize) -> usize {
+    if head_dim > WHOLE_ROWS_UP_TO { 64 } else { 128 }
+}
 /// Key tiles of the forward and dQ kernels, query tiles of the dK/dV kernel (`FWD_KEYS`,
 /// `DQ_KEYS`, `KV_QUERIES` in the source), each double-buffered in shared memory.
 const FWD_KEYS: usize = 64;
 const DQ_KEYS: usize = 32;
 const KV_QUERIES: usize = 32;
 
-/// Whether the kernels serve this head dimension on this device: a multiple of 16 up to 128
-/// (the registers of a 16-row tile's accumulators), bf16 `mma.sync` (compute capability 8+), and
-/// the shared memory the dK/dV kernel asks for.
+/// Whether the kernels serve this head dimension on this device: a multiple of 16 up to 128, or
+/// of 32 up to 256 (Gemma's heads; each warp of a pair then takes a multiple of 16 columns), bf16
+/// `mma.sync` (compute capability 8+), and the shared memory each kernel asks for.
 pub fn supports(head_dim: usize, device: usize) -> bool {
-    head_dim.is_multiple_of(16)
-        && (16..=128).contains(&head_dim)
+    let step = if head_dim > WHOLE_ROWS_UP_TO { 32 } else { 16 };
+    head_dim.is_multiple_of(step)
+        && (16..=256).contains(&head_dim)
         && super::compute_capability(device).0 >= 8
-        && SharedBytes::new(head_dim).dkdv <= super::max_shared_bytes(device)
+        && SharedBytes::new(head_dim).largest() <= super::max_shared_bytes(device)
 }
 
 /// `out = softmax(scale · q kᵀ + mask) v` and each query's log-sum-exp of its scores.
@@ -190,10 +198,10 @@ impl Layout {
         Shape::new([self.batch, self.heads, self.seq, 1])
     }
 
-    /// One block per head (of `heads` heads), per batch row, per [`BLOCK_ROWS`] of `rows`: the
+    /// One block per head (of `heads` heads), per batch row, per [`block_rows`] of `rows`: the
     /// row blocks slowest, so the kernels can start the longest first (`attention.cu`).
     fn grid(&self, rows: usize, heads: usize) -> (u32, u32, u32) {
-        let blocks = rows.div_ceil(BLOCK_ROWS);
+        let blocks = rows.div_ceil(block_rows(self.d));
         (u32_of(heads), u32_of(self.batch), u32_of(blocks))
     }
 }
@@ -290,12 +298,24 @@ impl SharedBytes {
     fn new(head_dim: usize) -> Self {
         let row = 2 * (head_dim + 8);
         let bytes = |rows: usize| u32_of(rows * row);
+        let block = block_rows(head_dim);
+        // Past WHOLE_ROWS_UP_TO the block's scale·Q (and dO) rows are staged too.
+        let staged = if head_dim > WHOLE_ROWS_UP_TO {
+            block
+        } else {
+            0
+        };
         Self {
-            forward: bytes(2 * 2 * FWD_KEYS),
-            dq: bytes(2 * 2 * DQ_KEYS),
+            forward: bytes(2 * 2 * FWD_KEYS + staged),
+            dq: bytes(2 * 2 * DQ_KEYS + 2 * staged),
             // K and V, the double-buffered scale·Q and dO tiles, and their lse and D in f32.
-            dkdv: bytes(2 * BLOCK_ROWS + 2 * 2 * KV_QUERIES) + u32_of(2 * 2 * KV_QUERIES * 4),
+            dkdv: bytes(2 * block + 2 * 2 * KV_QUERIES) + u32_of(2 * 2 * KV_QUERIES * 4),
         }
+    }
+
+    /// What the hungriest kernel asks for.
+    fn largest(&self) -> u32 {
+        self.forward.max(self.dq).max(self.dkdv)
     }
 }
 

@@ -108,7 +108,7 @@ impl AttentionCase {
         }
     }
 
-    pub(super) const ALL: [Self; 17] = [
+    pub(super) const ALL: [Self; 22] = [
         Self {
             sliced: true,
             ..Self::new(4, 0, 64, 32)
@@ -167,6 +167,26 @@ impl AttentionCase {
         Self {
             window: Some(16),
             ..Self::new(4, 37, 1, 64)
+        },
+        // Past 128 columns the CUDA kernels split each 16 rows' columns over two warps (Gemma's
+        // 256-wide heads; 160: each warp an odd number of 16-column chunks).
+        Self::new(4, 0, 200, 256),
+        Self {
+            group: 2,
+            window: Some(37),
+            softcap: Some(1.0),
+            ..Self::new(4, 5, 300, 256)
+        },
+        Self {
+            group: 2,
+            examples: 3,
+            ..Self::new(4, 0, 520, 256)
+        },
+        Self::new(4, 37, 1, 256),
+        Self {
+            window: Some(50),
+            softcap: Some(5.0),
+            ..Self::new(2, 0, 150, 160)
         },
     ];
 
