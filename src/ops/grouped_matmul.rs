@@ -12,9 +12,9 @@
 //! buffer (Burn's own `narrow` per group has a backward that writes a zero `[n, k]` tensor per
 //! group: quadratic in the experts, 20 s a step at Qwen3-30B-A3B's 128). By default the grouped
 //! product is one GEMM per group with rows, through [`MatmulBackend::model_matmul`]; CUDA runs it
-//! as one cuBLAS grouped call (`backends/cuda/grouped_gemm.rs`). The stack's gradient is always
-//! one GEMM per group ([`grouped_outer_by_groups`]): cuBLAS's grouped call gets it wrong (that
-//! file says how).
+//! as one cuBLAS grouped call (`backends/cuda/grouped_gemm.rs`). The stack's gradient, whose
+//! groups differ in the contracted dimension (which cuBLAS's grouped call gets wrong, that file
+//! says how), is a few batched products over zero-padded groups ([`grouped_outer`]).
 
 use burn::backend::Autodiff;
 use burn::backend::autodiff::NodeId;
@@ -22,9 +22,9 @@ use burn::backend::autodiff::checkpoint::base::Checkpointer;
 use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
 use burn::backend::autodiff::grads::Gradients;
 use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
-use burn::tensor::Tensor;
 use burn::tensor::backend::Backend;
 use burn::tensor::ops::FloatTensor;
+use burn::tensor::{Int, Tensor, TensorData};
 
 use super::matmul::MatmulBackend;
 use super::primitive::{inner, primitive};
@@ -107,44 +107,115 @@ pub fn grouped_by_groups<B: MatmulBackend>(
 /// The gradient of a stack: `x_gᵀ · dy_g` per group (its transpose for a
 /// [`Stacked::Transposed`] stack), zero for a group without rows, stacked like the matrices, in
 /// the products' dtype (f32 on CUDA, whatever the operands').
-pub fn grouped_outer_by_groups<B: MatmulBackend>(
+///
+/// A few batched products instead of one per group: the groups, largest first, are cut into
+/// [`buckets`]; each bucket's rows are gathered into `[groups, rows, ·]` blocks padded to its
+/// largest group (the wider operand padded with copies of the group's own first row, the
+/// narrower with zeros, so a padded row adds nothing and a NaN stays in its group) and
+/// multiplied in one [`MatmulBackend::model_matmul`]. Qwen3-30B-A3B's 128 experts route about
+/// evenly, so each of its stacks is one call where there were 128.
+pub fn grouped_outer<B: MatmulBackend>(
     x: FloatTensor<B>,
     dy: FloatTensor<B>,
     stacked: Stacked,
     counts: &[usize],
 ) -> FloatTensor<B> {
     let (x, dy): (Tensor<B, 2>, Tensor<B, 2>) = (inner(x), inner(dy));
-    let ([_, k], [_, m], device) = (x.dims(), dy.dims(), x.device());
-    let shape = match stacked {
-        Stacked::AsIs => [k, m],
-        Stacked::Transposed => [m, k],
-    };
-    let mut start = 0;
-    let products: Vec<Option<Tensor<B, 2>>> = counts
+    let ([n, k], [_, m], device) = (x.dims(), dy.dims(), x.device());
+    let starts: Vec<usize> = counts
         .iter()
-        .map(|&count| {
-            let rows = |t: &Tensor<B, 2>| t.clone().narrow(0, start, count);
-            let product = (count > 0).then(|| {
-                let (lhs, rhs) = match stacked {
-                    Stacked::AsIs => (rows(&x).transpose(), rows(&dy)),
-                    Stacked::Transposed => (rows(&dy).transpose(), rows(&x)),
-                };
-                inner(B::model_matmul(primitive(lhs), primitive(rhs)))
-            });
-            start += count;
-            product
+        .scan(0, |start, &c| {
+            let here = *start;
+            *start += c;
+            Some(here)
         })
         .collect();
-    let dtype = products
-        .iter()
-        .flatten()
-        .next()
-        .map_or(x.dtype(), Tensor::dtype);
-    let parts = products
-        .into_iter()
-        .map(|p| p.unwrap_or_else(|| Tensor::zeros(shape, (&device, dtype))))
-        .collect();
-    primitive(Tensor::stack::<3>(parts, 0))
+    // The narrower operand gains one zero row (index n), the padding's partner.
+    let zero_x = k <= m;
+    let pad = |t: Tensor<B, 2>| {
+        let width = t.dims()[1];
+        let zeros = Tensor::zeros([1, width], (&device, t.dtype()));
+        Tensor::cat(vec![t, zeros], 0)
+    };
+    let (x, dy) = if zero_x { (pad(x), dy) } else { (x, pad(dy)) };
+    let ids = |values: Vec<i64>| {
+        let len = values.len();
+        Tensor::<B, 1, Int>::from_data(TensorData::new(values, [len]), &device)
+    };
+    let mut products = Vec::new();
+    // Where each group's gradient lands among the products' (`None`: no rows).
+    let mut places = vec![None; counts.len()];
+    let mut placed = 0;
+    for bucket in buckets(counts) {
+        let rows = counts[bucket[0]];
+        let (mut real, mut padded) = (Vec::new(), Vec::new());
+        for &g in &bucket {
+            places[g] = Some(placed);
+            placed += 1;
+            for i in 0..rows {
+                let row = starts[g] + i.min(counts[g] - 1);
+                real.push(row as i64);
+                padded.push(if i < counts[g] { row } else { n } as i64);
+            }
+        }
+        let (x_ids, dy_ids) = if zero_x {
+            (padded, real)
+        } else {
+            (real, padded)
+        };
+        let groups = bucket.len();
+        let xs = x.clone().select(0, ids(x_ids)).reshape([groups, rows, k]);
+        let dys = dy.clone().select(0, ids(dy_ids)).reshape([groups, rows, m]);
+        let (lhs, rhs) = match stacked {
+            Stacked::AsIs => (xs.swap_dims(1, 2), dys),
+            Stacked::Transposed => (dys.swap_dims(1, 2), xs),
+        };
+        products.push(inner::<B, 3>(B::model_matmul(
+            primitive(lhs),
+            primitive(rhs),
+        )));
+    }
+    let shape = match stacked {
+        Stacked::AsIs => [1, k, m],
+        Stacked::Transposed => [1, m, k],
+    };
+    let dtype = products.first().map_or(x.dtype(), Tensor::dtype);
+    if placed < counts.len() {
+        products.push(Tensor::zeros(shape, (&device, dtype)));
+    }
+    let order: Vec<i64> = places.iter().map(|p| p.unwrap_or(placed) as i64).collect();
+    let stack = Tensor::cat(products, 0);
+    if order.iter().enumerate().all(|(g, &p)| p == g as i64) {
+        return primitive(stack);
+    }
+    primitive(stack.select(0, ids(order)))
+}
+
+/// Rows a bucket may pad beyond a quarter of its real rows (so small groups share a call).
+const BUCKET_SLACK_ROWS: usize = 64;
+
+/// The groups with rows, largest first, cut where one more group would pad its bucket (every
+/// group to the bucket's first, largest one) to more than 5/4 of its real rows plus
+/// [`BUCKET_SLACK_ROWS`]: the padded blocks stay within that of the rows themselves.
+fn buckets(counts: &[usize]) -> Vec<Vec<usize>> {
+    let mut order: Vec<usize> = (0..counts.len()).filter(|&g| counts[g] > 0).collect();
+    order.sort_by_key(|&g| std::cmp::Reverse(counts[g]));
+    let mut buckets: Vec<Vec<usize>> = Vec::new();
+    let mut real = 0;
+    for g in order {
+        let fits = buckets.last().is_some_and(|bucket| {
+            let padded = (bucket.len() + 1) * counts[bucket[0]];
+            4 * padded <= 5 * (real + counts[g]) + 4 * BUCKET_SLACK_ROWS
+        });
+        if fits {
+            real += counts[g];
+            buckets.last_mut().expect("a bucket").push(g);
+        } else {
+            real = counts[g];
+            buckets.push(vec![g]);
+        }
+    }
+    buckets
 }
 
 #[derive(Debug)]
@@ -165,7 +236,7 @@ impl<B: MatmulBackend> Backward<B, 2> for GroupedBackward {
         }
         if let Some(node) = &ops.parents[1] {
             let x = ckpt.retrieve_node_output(x.expect("x kept for dw"));
-            let dw = grouped_outer_by_groups::<B>(x, grad, stacked, &counts);
+            let dw = grouped_outer::<B>(x, grad, stacked, &counts);
             grads.register::<B>(node.id, dw);
         }
     }
@@ -243,17 +314,29 @@ mod tests {
 
     #[test]
     fn the_written_backward_is_autodiffs_of_the_row_by_row_definition() {
-        let counts = [3, 0, 1, 2];
-        let upstream = random([6, 4], 1.0);
+        // One bucket, with an empty group.
+        the_backward_matches_the_definition(&[3, 0, 1, 2], 5, 4);
+        // Three buckets (300; 120; 9 and 1) and an empty group, both operands the narrower.
+        assert_eq!(
+            buckets(&[300, 0, 9, 120, 1]),
+            [vec![0], vec![3], vec![2, 4]]
+        );
+        the_backward_matches_the_definition(&[300, 0, 9, 120, 1], 3, 5);
+        the_backward_matches_the_definition(&[300, 0, 9, 120, 1], 5, 3);
+    }
+
+    fn the_backward_matches_the_definition(counts: &[usize], k: usize, m: usize) {
+        let (n, groups) = (counts.iter().sum(), counts.len());
+        let upstream = random([n, m], 1.0);
         for stacked in [Stacked::AsIs, Stacked::Transposed] {
-            let x = random([6, 5], 1.0).require_grad();
-            // The stack as held ([groups, 5, 4], or [groups, 4, 5] read transposed).
+            let x = random([n, k], 1.0).require_grad();
+            // The stack as held ([groups, k, m], or [groups, m, k] read transposed).
             let stack = match stacked {
-                Stacked::AsIs => random([4, 5, 4], 1.0),
-                Stacked::Transposed => random([4, 4, 5], 1.0),
+                Stacked::AsIs => random([groups, k, m], 1.0),
+                Stacked::Transposed => random([groups, m, k], 1.0),
             }
             .require_grad();
-            let y = grouped_matmul(x.clone(), stack.clone(), stacked, &counts);
+            let y = grouped_matmul(x.clone(), stack.clone(), stacked, counts);
             let grads = (y * upstream.clone()).sum().backward();
             let (dx, dstack) = (x.grad(&grads).unwrap(), stack.grad(&grads).unwrap());
 
@@ -263,11 +346,29 @@ mod tests {
                 Stacked::AsIs => stack2.clone(),
                 Stacked::Transposed => stack2.clone().swap_dims(1, 2),
             };
-            let grads = (by_rows(&x2, &w2, &counts) * upstream.clone())
+            let grads = (by_rows(&x2, &w2, counts) * upstream.clone())
                 .sum()
                 .backward();
             assert_same(dx, x2.grad(&grads).unwrap());
             assert_same(dstack, stack2.grad(&grads).unwrap());
+        }
+    }
+
+    #[test]
+    fn buckets_pad_at_most_a_quarter_more_rows_than_they_hold() {
+        // Even routing: one bucket. Skewed routing: several, each within its bound.
+        let even: Vec<usize> = (0..128).map(|g| 500 + (g * 37) % 60).collect();
+        assert_eq!(buckets(&even).len(), 1);
+        let skewed: Vec<usize> = (0..64).map(|g| 4000 >> (g % 12)).collect();
+        let cut = buckets(&skewed);
+        assert!(cut.len() > 1 && cut.len() < 20, "{cut:?}");
+        let mut seen: Vec<usize> = cut.concat();
+        seen.sort();
+        assert_eq!(seen, (0..64).collect::<Vec<_>>());
+        for bucket in cut {
+            let padded = bucket.len() * skewed[bucket[0]];
+            let real: usize = bucket.iter().map(|&g| skewed[g]).sum();
+            assert!(4 * padded <= 5 * real + 4 * BUCKET_SLACK_ROWS, "{bucket:?}");
         }
     }
 }

@@ -11,9 +11,9 @@
 //!   differ in `k`. cuBLAS 12 on an H200 returned wrong results for those whenever the output's
 //!   leading dimension was not a power of two (96, 100, 576 wrong; 8, 16, 64, 256 right), with
 //!   either operand transposed, in TF32 and in full f32 (`bench check`'s `grouped_products`,
-//!   bench/NOTES.md, docs/traps.md). It runs as one GEMM per group with rows
-//!   (`grouped_outer_by_groups`): only adapters on the experts have such a gradient (the stacks
-//!   of `A` and `B`).
+//!   bench/NOTES.md, docs/traps.md). It runs as a few batched GEMMs over zero-padded groups
+//!   (`ops::grouped_matmul::grouped_outer`): only adapters on the experts have such a gradient
+//!   (the stacks of `A` and `B`).
 //! - **Pointers.** The problems' A/B/C pointer tables live on the device (cuBLAS reads them
 //!   there): one small buffer uploaded through CubeCL on the calling thread's stream, so it is
 //!   written before the GEMM reads it and reused only by work queued after it. (cudarc 0.19's
