@@ -111,7 +111,8 @@ pub fn grouped_by_groups<B: MatmulBackend>(
 /// A few batched products instead of one per group: the groups, largest first, are cut into
 /// [`buckets`]; each bucket's rows are gathered into `[groups, rows, ·]` blocks padded to its
 /// largest group (the wider operand padded with copies of the group's own first row, the
-/// narrower with zeros, so a padded row adds nothing and a NaN stays in its group) and
+/// narrower with zeros, so a padded row adds nothing and a NaN stays in its group; an infinity
+/// there turns its group's gradient NaN rather than infinite) and
 /// multiplied in one [`MatmulBackend::model_matmul`]. Qwen3-30B-A3B's 128 experts route about
 /// evenly, so each of its stacks is one call where there were 128.
 pub fn grouped_outer<B: MatmulBackend>(
@@ -122,6 +123,18 @@ pub fn grouped_outer<B: MatmulBackend>(
 ) -> FloatTensor<B> {
     let (x, dy): (Tensor<B, 2>, Tensor<B, 2>) = (inner(x), inner(dy));
     let ([n, k], [_, m], device) = (x.dims(), dy.dims(), x.device());
+    let shape = match stacked {
+        Stacked::AsIs => [k, m],
+        Stacked::Transposed => [m, k],
+    };
+    let buckets = buckets(counts);
+    if buckets.is_empty() {
+        let [a, b] = shape;
+        return primitive(Tensor::<B, 3>::zeros(
+            [counts.len(), a, b],
+            (&device, x.dtype()),
+        ));
+    }
     let starts: Vec<usize> = counts
         .iter()
         .scan(0, |start, &c| {
@@ -146,14 +159,14 @@ pub fn grouped_outer<B: MatmulBackend>(
     // Where each group's gradient lands among the products' (`None`: no rows).
     let mut places = vec![None; counts.len()];
     let mut placed = 0;
-    for bucket in buckets(counts) {
+    for bucket in buckets {
         let rows = counts[bucket[0]];
         let (mut real, mut padded) = (Vec::new(), Vec::new());
         for &g in &bucket {
             places[g] = Some(placed);
             placed += 1;
             for i in 0..rows {
-                let row = starts[g] + i.min(counts[g] - 1);
+                let row = starts[g] + if i < counts[g] { i } else { 0 };
                 real.push(row as i64);
                 padded.push(if i < counts[g] { row } else { n } as i64);
             }
@@ -175,13 +188,9 @@ pub fn grouped_outer<B: MatmulBackend>(
             primitive(rhs),
         )));
     }
-    let shape = match stacked {
-        Stacked::AsIs => [1, k, m],
-        Stacked::Transposed => [1, m, k],
-    };
-    let dtype = products.first().map_or(x.dtype(), Tensor::dtype);
     if placed < counts.len() {
-        products.push(Tensor::zeros(shape, (&device, dtype)));
+        let [a, b] = shape;
+        products.push(Tensor::zeros([1, a, b], (&device, products[0].dtype())));
     }
     let order: Vec<i64> = places.iter().map(|p| p.unwrap_or(placed) as i64).collect();
     let stack = Tensor::cat(products, 0);

@@ -108,7 +108,7 @@ impl AttentionCase {
         }
     }
 
-    pub(super) const ALL: [Self; 22] = [
+    pub(super) const ALL: [Self; 24] = [
         Self {
             sliced: true,
             ..Self::new(4, 0, 64, 32)
@@ -184,9 +184,19 @@ impl AttentionCase {
         },
         Self::new(4, 37, 1, 256),
         Self {
+            group: 2,
+            examples: 3,
+            window: Some(50),
+            ..Self::new(4, 0, 520, 256)
+        },
+        Self {
             window: Some(50),
             softcap: Some(5.0),
             ..Self::new(2, 0, 150, 160)
+        },
+        Self {
+            group: 4,
+            ..Self::new(8, 3, 300, 160)
         },
     ];
 
