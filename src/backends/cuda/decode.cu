@@ -519,12 +519,12 @@ extern "C" __global__ void __launch_bounds__(THREADS)
 
 // The step's token and position are read from `step` ({id, position}, written before each
 // step), not passed by value, so that a step's launches are the same every step and replay as
-// one CUDA graph (`decode.rs`).
+// one CUDA graph (`decode.rs`). Not `__restrict__`: the compiler would then read it through the
+// read-only cache before the kernel's wait, safe only while no kernel ever writes it.
 
 // Row t of y = row ids[t] of the matrix (the embedding lookup), in f32; a step passes `step` as
 // `ids` (its token first), the prompt pass its tokens, a row of blocks each (grid.y).
-extern "C" __global__ void embed(MATRIX_PARAMS(0), const int* __restrict__ ids, int cols,
-                                 float* y) {
+extern "C" __global__ void embed(MATRIX_PARAMS(0), const int* ids, int cols, float* y) {
     const int c = blockIdx.x * blockDim.x + threadIdx.x, t = blockIdx.y;
     let_next_start();
     wait_for_previous();
@@ -539,7 +539,7 @@ extern "C" __global__ void embed(MATRIX_PARAMS(0), const int* __restrict__ ids, 
 extern "C" __global__ void rope_append(float* q, const float* k, const float* v, kv_t* kc,
                                        kv_t* vc,
                                        const float* __restrict__ inv_freq,
-                                       const int* __restrict__ step, int heads, int kv_heads,
+                                       const int* step, int heads, int kv_heads,
                                        int d, int capacity) {
     let_next_start();
     wait_for_previous();
@@ -592,7 +592,7 @@ __device__ __forceinline__ void unpack(uint4 raw, float (&v)[KV_V]) {
 // model (H200); a thread a position, 14.2.
 extern "C" __global__ void __launch_bounds__(256)
     attend(const float* q, const kv_t* kc, const kv_t* vc, float* o, float* scores,
-           const int* __restrict__ step, int heads, int kv_heads, int d, int capacity,
+           const int* step, int heads, int kv_heads, int d, int capacity,
            float scale) {
     constexpr int MAX_LOADS = 256 / (8 * KV_V);  // a lane's vectors of a key row (d ≤ 256)
     let_next_start();

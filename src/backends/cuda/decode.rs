@@ -15,7 +15,8 @@ use burn::tensor::ops::FloatTensor;
 use burn::tensor::{DType, Shape, Tensor as BurnTensor, TensorData};
 use burn_cubecl::kernel::into_contiguous;
 use cudarc::driver::sys::{
-    CUgraphExec, CUgraphInstantiate_flags_enum, CUstreamCaptureMode, CUstreamCaptureStatus,
+    CUgraphExec, CUgraphInstantiate_flags_enum, CUresult, CUstreamCaptureMode,
+    CUstreamCaptureStatus,
 };
 use cudarc::driver::{CudaFunction, result as driver};
 
@@ -46,8 +47,9 @@ enum Kind {
 /// beside the kernel's own partial sums (`staging_limit`).
 const MAX_STAGED: usize = 200 * 1024;
 
-/// The packed products' static shared memory: a float per warp, 16 warps at most.
-const STATIC_SHARED: usize = 64;
+/// The packed products' static shared memory: a float per warp (16 warps at most, at the widest
+/// tile `LORAFORGE_DECODE_TILE` may ask for) and the kernel's other small slots.
+const STATIC_SHARED: usize = 4 * (512 / 32) + 16;
 
 /// Dynamic shared memory a packed product may take on `device` (an A100 allows a block 163 KiB,
 /// consumer cards 99).
@@ -378,6 +380,10 @@ pub struct Session {
     /// dependent launch: compute capability 9.0 and later, unless `LORAFORGE_DECODE_PDL=0`;
     /// cleared if the driver refuses one).
     overlap: Cell<bool>,
+    /// Whether a refused overlapped launch has spoilt the capture under way: the rest of the
+    /// step is not queued into it, and `capture` reports it failed (the driver may have ended
+    /// the capture, or kept it without that kernel).
+    spoilt: Cell<bool>,
 }
 
 /// An instantiated CUDA graph, destroyed with it.
@@ -519,6 +525,7 @@ impl Session {
                 super::compute_capability(queue.device()).0 >= 9
                     && std::env::var_os("LORAFORGE_DECODE_PDL").is_none_or(|v| v != "0"),
             ),
+            spoilt: Cell::new(false),
         })
     }
 
@@ -586,6 +593,9 @@ impl Session {
         shared: u32,
         mut args: Args,
     ) {
+        if self.spoilt.get() {
+            return;
+        }
         if self.overlap.get() {
             let overlapped = self
                 .queue
@@ -599,6 +609,7 @@ impl Session {
             self.overlap.set(false);
             // Inside a capture the refusal has spoilt it: `step` captures again without.
             if self.capturing() {
+                self.spoilt.set(true);
                 return;
             }
         }
@@ -726,9 +737,19 @@ impl Session {
         // SAFETY: the stream is CubeCL's for these buffers; while it captures, this thread
         // queues only the step's launches on it, and the capture is ended before returning.
         unsafe {
+            self.spoilt.set(false);
             driver::stream::begin_capture(stream, mode)?;
             self.queue_step();
-            let graph = driver::stream::end_capture(stream)?;
+            let graph = driver::stream::end_capture(stream);
+            if self.spoilt.replace(false) {
+                if let Ok(graph) = graph {
+                    let _ = driver::graph::destroy(graph);
+                }
+                return Err(driver::DriverError(
+                    CUresult::CUDA_ERROR_STREAM_CAPTURE_INVALIDATED,
+                ));
+            }
+            let graph = graph?;
             let exec = driver::graph::instantiate(graph, CUgraphInstantiate_flags_enum(0));
             let _ = driver::graph::destroy(graph);
             exec.map(Graph)
