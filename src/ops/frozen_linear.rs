@@ -27,13 +27,8 @@ use super::quantized_linear::DeviceQuantized;
 use super::rope::RopeBackend;
 use super::routing::RoutingBackend;
 use crate::quant::QuantizedMatrix;
-use crate::quant::packed_matmul::matmul_transposed;
+use crate::quant::packed_matmul::{MAX_ROWS as PACKED_MATMUL_MAX_ROWS, matmul_transposed};
 use crate::quant::tiled_matmul;
-
-/// Up to this many rows, the product runs from the packed codes on the host (measured on
-/// SmolLM2, 2 cores: 22-token prompts 43 → 82 tokens/s); beyond it, dequantizing once and
-/// running the backend's GEMM is faster.
-const PACKED_MATMUL_MAX_ROWS: usize = 32;
 
 /// Backends that run the whole model: attention, the element-wise ops, RoPE, and the frozen
 /// quantized linears (by default dequantized on the host).

@@ -99,14 +99,16 @@ impl QuantizedMatrix {
         let words = &self.packed[row * wpr..(row + 1) * wpr];
         let groups_per_row = self.cols / self.group_size;
         let bits = self.bits as usize;
+        // Whole words a group (2-bit groups of 8 fill half a word: read code by code).
+        let whole = (self.group_size * bits).is_multiple_of(32);
         for (g, chunk) in out.chunks_exact_mut(self.group_size).enumerate() {
             let scale = self.scales[row * groups_per_row + g];
             let bias = self.biases[row * groups_per_row + g];
             let first_bit = g * self.group_size * bits;
             match self.bits {
-                4 => dequant_words::<4>(&words[first_bit / 32..], scale, bias, chunk),
-                8 => dequant_words::<8>(&words[first_bit / 32..], scale, bias, chunk),
-                2 => dequant_words::<2>(&words[first_bit / 32..], scale, bias, chunk),
+                4 if whole => dequant_words::<4>(&words[first_bit / 32..], scale, bias, chunk),
+                8 if whole => dequant_words::<8>(&words[first_bit / 32..], scale, bias, chunk),
+                2 if whole => dequant_words::<2>(&words[first_bit / 32..], scale, bias, chunk),
                 _ => {
                     for (i, v) in chunk.iter_mut().enumerate() {
                         let q = read_bits(words, first_bit + i * bits, self.bits);
@@ -254,6 +256,35 @@ pub fn write_bits(words: &mut [u32], pos: usize, bits: u32, value: u32) {
     if shift + bits > 32 {
         words[w + 1] |= value >> (32 - shift);
     }
+}
+
+/// A random `[rows, cols]` matrix at `bits`, groups of `group`, from `seed` (tests).
+#[cfg(test)]
+pub(crate) fn random_matrix(
+    rows: usize,
+    cols: usize,
+    bits: u32,
+    group: usize,
+    seed: u64,
+) -> QuantizedMatrix {
+    use rand::{Rng, SeedableRng};
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let codes: Vec<u32> = (0..rows * cols)
+        .map(|_| rng.random_range(0..1u32 << bits))
+        .collect();
+    let groups = rows * cols / group;
+    let scales = (0..groups).map(|_| rng.random_range(0.001..0.05)).collect();
+    let biases = (0..groups).map(|_| rng.random_range(-0.3..0.3)).collect();
+    QuantizedMatrix::new(
+        rows,
+        cols,
+        bits,
+        group,
+        pack_codes(&codes, bits),
+        scales,
+        biases,
+    )
+    .unwrap()
 }
 
 #[cfg(test)]

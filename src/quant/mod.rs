@@ -4,6 +4,8 @@
 pub mod affine;
 pub mod ggml;
 pub mod ggml_k;
+#[cfg(target_arch = "x86_64")]
+pub mod lanes;
 pub mod packed_matmul;
 pub mod quantize;
 pub mod tiled_matmul;

@@ -5,6 +5,11 @@
 //! and each packed row was expanded into a scratch buffer before its dot product: SmolLM2-135M
 //! decoded at transformers' speed (bench/NOTES.md).
 //!
+//! A prompt (up to [`PASS_ROWS`] tokens a pass) runs the same way over all its tokens at once:
+//! each product over every token's row (`products::rows_product`: two packed rows against four
+//! inputs a block), each token's attention over the keys up to its own position, tokens and
+//! heads in parallel.
+//!
 //! The keys and values are `[kv_heads, capacity, head_dim]` f32 a block, room for up to 1,024
 //! more positions, doubled whenever full; handed back as `[1, kv_heads, len, head_dim]` tensors.
 
@@ -12,9 +17,10 @@ use burn::backend::NdArray;
 use burn::tensor::ops::FloatTensor;
 use burn::tensor::{Tensor, TensorMetadata, TensorPrimitive};
 use burn_ndarray::NdArrayTensor;
+use rayon::prelude::*;
 
 use super::elementwise::tensor;
-use super::products::{Matrix, gated, products};
+use super::products::{Matrix, gated, products, rows_product, silu_times};
 use crate::ops::decode::{
     DecodeLinear, DecodeMatrix, DecodeModel, DecodeSession, SessionBlock, cached_positions,
     first_capacity,
@@ -22,6 +28,10 @@ use crate::ops::decode::{
 use crate::ops::primitive::primitive;
 
 type Cpu = NdArray<f32>;
+
+/// A prompt pass's tokens at most: the packed products' row limit
+/// (`quant::packed_matmul::MAX_ROWS`); a longer run of tokens takes several passes.
+pub const PASS_ROWS: usize = crate::quant::packed_matmul::MAX_ROWS;
 
 /// A linear: its matrix and optional bias.
 struct Linear {
@@ -45,6 +55,16 @@ impl Linear {
         if let Some(b) = &self.bias {
             y.iter_mut().zip(b).for_each(|(y, b)| *y += b);
         }
+    }
+
+    /// `x Wᵀ (+ bias)` for `n` rows of `x` → `[n, out]`.
+    fn rows(&self, x: &[f32], n: usize) -> Vec<f32> {
+        let mut y = rows_product(&self.matrix, x, n);
+        if self.bias.is_some() {
+            y.chunks_exact_mut(self.matrix.rows())
+                .for_each(|row| self.add_bias(row));
+        }
+        y
     }
 }
 
@@ -224,13 +244,13 @@ impl Session {
         }
         products(&mut [(&b.o.matrix, &mut s.out)], &s.attn);
         b.o.add_bias(&mut s.out);
-        s.h.iter_mut().zip(&s.out).for_each(|(h, o)| *h += o);
+        add_into(&mut s.h, &s.out);
         rms_norm(&s.h, &b.mlp_norm, self.eps, &mut s.a);
         let [gate, up] = &b.gate_up;
         gated(&gate.matrix, &up.matrix, &s.a, &mut s.mlp);
         products(&mut [(&b.down.matrix, &mut s.out)], &s.mlp);
         b.down.add_bias(&mut s.out);
-        s.h.iter_mut().zip(&s.out).for_each(|(h, o)| *h += o);
+        add_into(&mut s.h, &s.out);
     }
 }
 
@@ -259,12 +279,103 @@ impl Session {
     }
 }
 
+impl Session {
+    /// Runs `ids` (at most [`PASS_ROWS`]) at the next positions in one pass and returns the
+    /// logits after the last.
+    fn pass(&mut self, ids: &[u32]) -> Vec<f32> {
+        let rows = ids.len();
+        while self.len + rows > self.capacity {
+            self.grow();
+        }
+        let hidden = self.scratch.h.len();
+        let mut h = vec![0f32; rows * hidden];
+        for (row, &id) in h.chunks_exact_mut(hidden).zip(ids) {
+            self.embed.row(id as usize, row);
+        }
+        // Each row's angles, `(len + t) · inv_freq[i]`.
+        let turns: Vec<Vec<(f32, f32)>> = (0..rows)
+            .map(|t| {
+                let pos = (self.len + t) as f32;
+                self.inv_freq.iter().map(|f| (pos * f).sin_cos()).collect()
+            })
+            .collect();
+        for i in 0..self.blocks.len() {
+            self.block_rows(i, &mut h, &turns);
+        }
+        self.scratch.h.copy_from_slice(&h[(rows - 1) * hidden..]);
+        let s = &mut self.scratch;
+        rms_norm(&s.h, &self.norm, self.eps, &mut s.a);
+        let mut logits = vec![0f32; self.head.matrix.rows()];
+        products(&mut [(&self.head.matrix, &mut logits)], &s.a);
+        self.head.add_bias(&mut logits);
+        self.len += rows;
+        logits
+    }
+
+    /// Block `i` over the pass's rows `h` (`[rows, hidden]`, row `t` at position `len + t`,
+    /// whose RoPE angles are `turns[t]`).
+    fn block_rows(&mut self, i: usize, h: &mut [f32], turns: &[Vec<(f32, f32)>]) {
+        let rows = turns.len();
+        let b = &self.blocks[i];
+        let [heads, kv_heads, d] = self.heads;
+        let (len, capacity, scale) = (self.len, self.capacity, self.scale);
+        let a = rms_norm_rows(h, &b.attn_norm, self.eps);
+        let [q, k, v] = &b.qkv;
+        let (mut qs, mut ks, vs) = (q.rows(&a, rows), k.rows(&a, rows), v.rows(&a, rows));
+        for (t, turn) in turns.iter().enumerate() {
+            let q_heads = qs[t * heads * d..][..heads * d].chunks_exact_mut(d);
+            let k_heads = ks[t * kv_heads * d..][..kv_heads * d].chunks_exact_mut(d);
+            for head in q_heads.chain(k_heads) {
+                rope(head, turn);
+            }
+        }
+        let [kc, vc] = &mut self.cache[i];
+        for t in 0..rows {
+            for h in 0..kv_heads {
+                let at = (h * capacity + len + t) * d;
+                let from = (t * kv_heads + h) * d;
+                kc[at..at + d].copy_from_slice(&ks[from..from + d]);
+                vc[at..at + d].copy_from_slice(&vs[from..from + d]);
+            }
+        }
+        // Query head `j % heads` of row `j / heads`, over the keys up to its own position.
+        let group = heads / kv_heads;
+        let mut attn = vec![0f32; rows * heads * d];
+        let (kc, vc) = (&*kc, &*vc);
+        attn.par_chunks_mut(d).enumerate().for_each_init(
+            || vec![0f32; capacity],
+            |scores, (j, out)| {
+                let (t, h) = (j / heads, j % heads);
+                let seen = len + t + 1;
+                let base = (h / group) * capacity * d;
+                let (keys, vals) = (&kc[base..][..seen * d], &vc[base..][..seen * d]);
+                attend(
+                    &qs[j * d..][..d],
+                    keys,
+                    vals,
+                    scale,
+                    &mut scores[..seen],
+                    out,
+                );
+            },
+        );
+        add_into(h, &b.o.rows(&attn, rows));
+        let a = rms_norm_rows(h, &b.mlp_norm, self.eps);
+        let [gate, up] = &b.gate_up;
+        let mut mlp = gate.rows(&a, rows);
+        silu_times(&mut mlp, &up.rows(&a, rows));
+        add_into(h, &b.down.rows(&mlp, rows));
+    }
+}
+
 impl DecodeSession<Cpu> for Session {
-    /// A token at a time (`ModelBackend::SESSION_PROMPT` is 0 here: the op-by-op path's GEMMs
-    /// run a prompt faster, so a session gets single steps).
+    /// One token is a step; more run in passes of up to [`PASS_ROWS`].
     fn run(&mut self, ids: &[u32]) -> Vec<f32> {
-        ids.iter()
-            .map(|&id| self.step(id))
+        if let [id] = ids {
+            return self.step(*id);
+        }
+        ids.chunks(PASS_ROWS)
+            .map(|chunk| self.pass(chunk))
             .last()
             .expect("tokens to run")
     }
@@ -287,6 +398,23 @@ fn rms_norm(x: &[f32], gain: &[f32], eps: f32, out: &mut [f32]) {
     for ((o, x), g) in out.iter_mut().zip(x).zip(gain) {
         *o = x / rms * g;
     }
+}
+
+/// [`rms_norm`] of each row of `x` (rows of `gain.len()`).
+fn rms_norm_rows(x: &[f32], gain: &[f32], eps: f32) -> Vec<f32> {
+    let mut out = vec![0f32; x.len()];
+    for (x, out) in x
+        .chunks_exact(gain.len())
+        .zip(out.chunks_exact_mut(gain.len()))
+    {
+        rms_norm(x, gain, eps, out);
+    }
+    out
+}
+
+/// `h += y`.
+fn add_into(h: &mut [f32], y: &[f32]) {
+    h.iter_mut().zip(y).for_each(|(h, y)| *h += y);
 }
 
 /// RoPE (rotate_half layout) of one head: pair `(i, i + d/2)` turned by the angle whose sine

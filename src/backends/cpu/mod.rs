@@ -145,6 +145,8 @@ impl RopeBackend for burn::backend::NdArray<f64> {}
 impl ModelBackend for burn::backend::NdArray<f32> {
     const DECODE_SESSIONS: bool = true;
 
+    const SESSION_PROMPT: usize = decode::PASS_ROWS;
+
     fn decode_session(
         model: DecodeModel<Self>,
         kv: Vec<[FloatTensor<Self>; 2]>,

@@ -6,16 +6,23 @@
 //! codes, `Σ x_g` computed once a product), its codes unpacked straight into SIMD lanes (AVX2 +
 //! FMA where the CPU has them, at 2, 4 and 8 bits): the row is never expanded in memory. Other
 //! widths, and CPUs without AVX2, dequantize each row into a scratch buffer and take one dot
-//! product, as the op-by-op path does (`quant/packed_matmul.rs`).
+//! product, as the op-by-op path does (`quant/packed_matmul.rs`). The prompt pass's products
+//! over several inputs are [`rows_product`].
 
 use std::sync::Arc;
 
-use burn::tensor::TensorMetadata;
-
+use burn::backend::NdArray;
+use burn::tensor::ops::FloatTensorOps;
+use burn::tensor::{Tensor, TensorMetadata, TensorPrimitive};
 use burn_ndarray::NdArrayTensor;
 use rayon::prelude::*;
 
+use super::elementwise::tensor;
+use super::matmul::product;
 use crate::quant::QuantizedMatrix;
+use crate::quant::packed_matmul::matmul_transposed;
+
+type Cpu = NdArray<f32>;
 
 /// Weights a task of a product covers, about: enough to amortise rayon's hand-off, few enough
 /// to balance the threads.
@@ -111,6 +118,23 @@ fn dense(w: &NdArrayTensor) -> &[f32] {
     }
 }
 
+/// `x Wᵀ` for `n` inputs (`x`: `[n, cols]`, row-major) → `[n, rows]`, the prompt pass's
+/// products: packed through `quant/packed_matmul.rs` (two rows against four inputs a block),
+/// dense through the backend's GEMM (`matmul.rs`), `W` read transposed in place.
+pub fn rows_product(m: &Matrix, x: &[f32], n: usize) -> Vec<f32> {
+    match m {
+        Matrix::Packed(m) => matmul_transposed(m, x, n),
+        Matrix::Dense(w) => {
+            let x = tensor(x.to_vec(), [n, m.cols()]).into_primitive().tensor();
+            let y = product(x, Cpu::float_transpose(w.clone()), None);
+            Tensor::<Cpu, 2>::from_primitive(TensorPrimitive::Float(y))
+                .into_data()
+                .into_vec()
+                .expect("f32 products")
+        }
+    }
+}
+
 /// `ys[i] = W_i x` for each `(W_i, ys[i])`, in one parallel pass over all their rows.
 pub fn products(pairs: &mut [(&Matrix, &mut [f32])], x: &[f32]) {
     let sums: Vec<Vec<f32>> = pairs
@@ -137,10 +161,15 @@ pub fn gated(gate: &Matrix, up: &Matrix, x: &[f32], y: &mut [f32]) {
         let mut u = vec![0f32; y.len()];
         gate.rows_times(i * rows, x, &sums[0], y);
         up.rows_times(i * rows, x, &sums[1], &mut u);
-        for (g, u) in y.iter_mut().zip(&u) {
-            *g = *g / (1.0 + (-*g).exp()) * u;
-        }
+        silu_times(y, &u);
     });
+}
+
+/// `g = silu(g) ⊙ u`, SwiGLU's gating.
+pub fn silu_times(g: &mut [f32], u: &[f32]) {
+    for (g, u) in g.iter_mut().zip(u) {
+        *g = *g / (1.0 + (-*g).exp()) * u;
+    }
 }
 
 /// Output rows a task takes for rows of `cols` weights: a multiple of 4.
@@ -178,8 +207,8 @@ fn dense_rows<const R: usize>(w: &[f32], cols: usize, first: usize, x: &[f32], o
 /// Packed rows `first..first + y.len()` times `x`.
 fn packed_rows(m: &QuantizedMatrix, first: usize, x: &[f32], sums: &[f32], y: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
-    if simd::fits(m) {
-        // SAFETY: `fits` checked the CPU's features and the matrix's layout.
+    if crate::quant::lanes::fit(m) {
+        // SAFETY: `fit` checked the CPU's features and the matrix's layout.
         unsafe { simd::packed_rows(m, first, x, sums, y) };
         return;
     }
@@ -201,19 +230,12 @@ mod simd {
     use std::arch::x86_64::*;
 
     use crate::quant::QuantizedMatrix;
-
-    /// Whether the CPU has AVX2 and FMA and `m`'s codes come eight at a time in whole groups.
-    pub fn fits(m: &QuantizedMatrix) -> bool {
-        matches!(m.bits, 2 | 4 | 8)
-            && m.group_size.is_multiple_of(8)
-            && is_x86_feature_detected!("avx2")
-            && is_x86_feature_detected!("fma")
-    }
+    use crate::quant::lanes::codes;
 
     /// Packed rows `first..first + y.len()` times `x`, four rows at a time.
     ///
     /// # Safety
-    /// [`fits`] holds for `m`; `x` and `sums` hold its columns and groups; the rows exist.
+    /// `quant::lanes::fit` holds for `m`; `x` and `sums` hold its columns and groups; the rows exist.
     #[target_feature(enable = "avx2,fma")]
     pub unsafe fn packed_rows(
         m: &QuantizedMatrix,
@@ -280,32 +302,6 @@ mod simd {
         }
     }
 
-    /// Codes `8v .. 8v + 8` of the row at `words`, as i32 lanes.
-    #[target_feature(enable = "avx2")]
-    #[inline]
-    unsafe fn codes<const BITS: usize>(words: *const u32, v: usize) -> __m256i {
-        // SAFETY: the caller's: the codes lie within the row.
-        unsafe {
-            match BITS {
-                4 => {
-                    let shifts = _mm256_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28);
-                    let w = _mm256_set1_epi32(*words.add(v) as i32);
-                    _mm256_and_si256(_mm256_srlv_epi32(w, shifts), _mm256_set1_epi32(0xf))
-                }
-                8 => _mm256_cvtepu8_epi32(_mm_loadl_epi64(words.add(2 * v).cast())),
-                _ => {
-                    let half = (v % 2) as i32 * 16;
-                    let shifts = _mm256_add_epi32(
-                        _mm256_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14),
-                        _mm256_set1_epi32(half),
-                    );
-                    let w = _mm256_set1_epi32(*words.add(v / 2) as i32);
-                    _mm256_and_si256(_mm256_srlv_epi32(w, shifts), _mm256_set1_epi32(0x3))
-                }
-            }
-        }
-    }
-
     /// The eight lanes' sum.
     #[target_feature(enable = "avx2")]
     #[inline]
@@ -321,28 +317,7 @@ mod tests {
     use rand::{Rng, SeedableRng};
 
     use super::*;
-    use crate::quant::affine::{SUPPORTED_BITS, pack_codes};
-
-    /// A random `[rows, cols]` matrix at `bits`, groups of `group`.
-    fn packed(rows: usize, cols: usize, bits: u32, group: usize, seed: u64) -> QuantizedMatrix {
-        let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
-        let codes: Vec<u32> = (0..rows * cols)
-            .map(|_| rng.random_range(0..1u32 << bits))
-            .collect();
-        let groups = rows * cols / group;
-        let scales = (0..groups).map(|_| rng.random_range(0.001..0.05)).collect();
-        let biases = (0..groups).map(|_| rng.random_range(-0.3..0.3)).collect();
-        QuantizedMatrix::new(
-            rows,
-            cols,
-            bits,
-            group,
-            pack_codes(&codes, bits),
-            scales,
-            biases,
-        )
-        .unwrap()
-    }
+    use crate::quant::affine::{SUPPORTED_BITS, random_matrix as packed};
 
     /// `W x` in f64 from the dequantized rows.
     fn reference(w: &[f32], cols: usize, x: &[f32]) -> Vec<f64> {
