@@ -221,8 +221,9 @@ for s in ${SHAPES:-warmup smollm2 1b 8b 8b-nockpt 8b-qlora 8b-32k 8b-64k}; do
     1b-ckpt) ours llama3.2-1b 8 2048 8 1 --grad-checkpoint; reference llama3.2-1b 8 2048 8 3 --grad-checkpoint ;;
     8b) ours llama3-8b 4 2048 6 1 --grad-checkpoint; reference llama3-8b 4 2048 6 2 --grad-checkpoint; liger llama3-8b 4 2048 6 2 --grad-checkpoint; unsloth llama3-8b 4 2048 6 2 --grad-checkpoint ;;
     8b-nockpt) ours llama3-8b 4 2048 6 1; liger llama3-8b 4 2048 6 2; unsloth llama3-8b 4 2048 6 2 ;;
-    # Issue 20: Gemma 2 9B (head dim 256: our flash kernels stop at 128, so ours runs the sliced
-    # attention; the reference runs eager, as transformers recommends: SDPA drops the soft-cap).
+    # Issue 20: Gemma 2 9B (head dim 256: our flash kernels' two-warp split since session 28, the
+    # sliced attention before; the reference runs eager, as transformers recommends: SDPA drops
+    # the soft-cap).
     gemma2-9b) ours gemma2-9b 4 2048 6 1 --grad-checkpoint; reference gemma2-9b 4 2048 6 2 --grad-checkpoint --attn eager; liger gemma2-9b 4 2048 6 2 --grad-checkpoint --attn eager ;;
     # Issue 20: Phi-3.5-mini (fused qkv_proj and gate_up_proj), bf16 and QLoRA.
     phi3-mini) ours phi3-mini 8 2048 8 1 --grad-checkpoint; reference phi3-mini 8 2048 8 3 --grad-checkpoint; liger phi3-mini 8 2048 8 3 --grad-checkpoint ;;

@@ -92,12 +92,21 @@ impl QuantizedMatrix {
         read_bits(words, col * self.bits as usize, self.bits)
     }
 
-    /// Dequantizes one row into `out` (`cols` long).
+    /// Dequantizes one row into `out` (`cols` long): eight codes at a time where the CPU has
+    /// AVX2 and the width allows (`lanes.rs`), the same values either way.
     #[inline(always)]
     pub fn dequantize_row(&self, row: usize, out: &mut [f32]) {
         let wpr = self.words_per_row();
         let words = &self.packed[row * wpr..(row + 1) * wpr];
         let groups_per_row = self.cols / self.group_size;
+        #[cfg(target_arch = "x86_64")]
+        if super::lanes::fit(self.bits, self.group_size) {
+            let groups = row * groups_per_row..(row + 1) * groups_per_row;
+            let (scales, biases) = (&self.scales[groups.clone()], &self.biases[groups]);
+            // SAFETY: `fit` checked the CPU and the width; the slices are the row's.
+            unsafe { super::lanes::dequantize_row(self.bits, words, scales, biases, out) };
+            return;
+        }
         let bits = self.bits as usize;
         // Whole words a group (2-bit groups of 8 fill half a word: read code by code).
         let whole = (self.group_size * bits).is_multiple_of(32);

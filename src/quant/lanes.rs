@@ -4,13 +4,11 @@
 
 use std::arch::x86_64::*;
 
-use super::QuantizedMatrix;
-
-/// Whether `m`'s codes come eight at a time in whole groups at a width [`codes`] reads, and the
-/// CPU has AVX2 and FMA.
-pub fn fit(m: &QuantizedMatrix) -> bool {
-    matches!(m.bits, 2 | 4 | 8)
-        && m.group_size.is_multiple_of(8)
+/// Whether codes of `bits` bits in groups of `group` come eight at a time in whole groups at a
+/// width [`codes`] reads, and the CPU has AVX2 and FMA.
+pub fn fit(bits: u32, group: usize) -> bool {
+    matches!(bits, 2 | 4 | 8)
+        && group.is_multiple_of(8)
         && is_x86_feature_detected!("avx2")
         && is_x86_feature_detected!("fma")
 }
@@ -44,37 +42,46 @@ pub unsafe fn codes<const BITS: usize>(words: *const u32, v: usize) -> __m256i {
     }
 }
 
-/// Row `row` of `m` dequantized into `out` (`m.cols` long), eight codes at a time: the same
-/// `scale · q + bias` as [`QuantizedMatrix::dequantize_row`], rounded the same way (a multiply,
-/// then an add).
+/// One row dequantized into `out`, eight codes at a time: `words` its `bits`-bit codes,
+/// `scales` and `biases` its groups' (`out.len() / scales.len()` codes each). The same
+/// `scale · q + bias` as `QuantizedMatrix::dequantize_row`'s word path, rounded the same way (a
+/// multiply, then an add).
 ///
 /// # Safety
-/// [`fit`] holds for `m`; the row exists.
+/// [`fit`] holds for `bits` and the group; `words` holds the row's codes.
 #[target_feature(enable = "avx2,fma")]
-pub unsafe fn dequantize_row(m: &QuantizedMatrix, row: usize, out: &mut [f32]) {
+pub unsafe fn dequantize_row(
+    bits: u32,
+    words: &[u32],
+    scales: &[f32],
+    biases: &[f32],
+    out: &mut [f32],
+) {
     // SAFETY: as the caller's.
     unsafe {
-        match m.bits {
-            4 => dequantize::<4>(m, row, out),
-            8 => dequantize::<8>(m, row, out),
-            _ => dequantize::<2>(m, row, out),
+        match bits {
+            4 => dequantize::<4>(words, scales, biases, out),
+            8 => dequantize::<8>(words, scales, biases, out),
+            _ => dequantize::<2>(words, scales, biases, out),
         }
     }
 }
 
 #[target_feature(enable = "avx2,fma")]
-unsafe fn dequantize<const BITS: usize>(m: &QuantizedMatrix, row: usize, out: &mut [f32]) {
-    assert_eq!(out.len(), m.cols, "a row's values");
-    let words = m.packed[row * m.words_per_row()..].as_ptr();
-    let groups = m.cols / m.group_size;
-    let vectors = m.group_size / 8;
-    for g in 0..groups {
-        let at = row * groups + g;
-        let (scale, bias) = (_mm256_set1_ps(m.scales[at]), _mm256_set1_ps(m.biases[at]));
+unsafe fn dequantize<const BITS: usize>(
+    words: &[u32],
+    scales: &[f32],
+    biases: &[f32],
+    out: &mut [f32],
+) {
+    assert!(words.len() * 32 >= out.len() * BITS && biases.len() == scales.len());
+    let vectors = out.len() / scales.len() / 8;
+    for (g, (&scale, &bias)) in scales.iter().zip(biases).enumerate() {
+        let (scale, bias) = (_mm256_set1_ps(scale), _mm256_set1_ps(bias));
         for v in g * vectors..(g + 1) * vectors {
-            // SAFETY: vector `v` of the row lies within its words, and `8v + 8 <= cols`.
+            // SAFETY: vector `v` lies within the row's words (asserted) and `8v + 8 <= out.len()`.
             unsafe {
-                let q = _mm256_cvtepi32_ps(codes::<BITS>(words, v));
+                let q = _mm256_cvtepi32_ps(codes::<BITS>(words.as_ptr(), v));
                 let values = _mm256_add_ps(_mm256_mul_ps(q, scale), bias);
                 _mm256_storeu_ps(out.as_mut_ptr().add(8 * v), values);
             }
@@ -85,22 +92,52 @@ unsafe fn dequantize<const BITS: usize>(m: &QuantizedMatrix, row: usize, out: &m
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::quant::affine::random_matrix;
+    use crate::quant::QuantizedMatrix;
+    use crate::quant::affine::pack_codes;
 
     #[test]
-    fn rows_dequantize_bit_for_bit_as_the_scalar_path() {
+    fn rows_dequantize_to_scale_times_code_plus_bias() {
+        let (rows, cols) = (3, 96);
         for bits in [2u32, 4, 8] {
             for group in [8, 16, 32] {
-                let m = random_matrix(3, 96, bits, group, u64::from(bits) + group as u64);
-                if !fit(&m) {
+                if !fit(bits, group) {
                     return; // a CPU without AVX2: nothing to compare
                 }
-                for row in 0..m.rows {
-                    let (mut want, mut got) = (vec![0f32; m.cols], vec![0f32; m.cols]);
-                    m.dequantize_row(row, &mut want);
-                    // SAFETY: `fit` holds; the row exists.
-                    unsafe { dequantize_row(&m, row, &mut got) };
-                    assert_eq!(got, want, "{bits} bits, groups of {group}, row {row}");
+                let codes: Vec<u32> = (0..rows * cols)
+                    .map(|i| ((i * 29 + 3) % (1 << bits)) as u32)
+                    .collect();
+                let groups = rows * cols / group;
+                let scales: Vec<f32> = (0..groups).map(|g| 0.013 * (g as f32 + 0.7)).collect();
+                let biases: Vec<f32> = (0..groups).map(|g| 0.31 - 0.057 * g as f32).collect();
+                let want: Vec<f32> = (0..rows * cols)
+                    .map(|i| scales[i / group] * codes[i] as f32 + biases[i / group])
+                    .collect();
+                let m = QuantizedMatrix::new(
+                    rows,
+                    cols,
+                    bits,
+                    group,
+                    pack_codes(&codes, bits),
+                    scales,
+                    biases,
+                )
+                .unwrap();
+                // Through the matrix (which takes this path) and straight.
+                assert_eq!(m.dequantize(), want, "{bits} bits, groups of {group}");
+                let (wpr, gpr) = (m.words_per_row(), cols / group);
+                for row in 0..rows {
+                    let mut got = vec![0f32; cols];
+                    // SAFETY: `fit` holds; the slices are the row's.
+                    unsafe {
+                        dequantize_row(
+                            bits,
+                            &m.packed[row * wpr..][..wpr],
+                            &m.scales[row * gpr..][..gpr],
+                            &m.biases[row * gpr..][..gpr],
+                            &mut got,
+                        )
+                    };
+                    assert_eq!(got, want[row * cols..][..cols], "{bits} bits, row {row}");
                 }
             }
         }

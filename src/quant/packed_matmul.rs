@@ -65,8 +65,8 @@ fn dot(a: &[f32], b: &[f32]) -> f32 {
     acc.iter().sum::<f32>() + tail
 }
 
-/// The AVX2 + FMA kernel: two weight rows, dequantized once into an L1 scratch (eight codes at a
-/// time, `quant/lanes.rs`), against four inputs at a time, eight 8-wide accumulators (one per row and input), summed across their
+/// The AVX2 + FMA kernel: two weight rows, dequantized once into an L1 scratch, against four
+/// inputs at a time, eight 8-wide accumulators (one per row and input), summed across their
 /// lanes together at the end.
 ///
 /// One row against one input at a time (session 27) loaded a row value and an input value for
@@ -78,7 +78,6 @@ mod avx2 {
     use std::arch::x86_64::*;
 
     use super::QuantizedMatrix;
-    use crate::quant::lanes;
 
     /// Inputs a block takes.
     const INPUTS: usize = 4;
@@ -91,18 +90,12 @@ mod avx2 {
         let cols = m.cols;
         let rows = out.len() / n;
         let mut scratch = vec![0f32; 2 * cols];
-        let lanes = lanes::fit(m);
-        let dequantize = |row, out: &mut [f32]| match lanes {
-            // SAFETY: `fit` checked the CPU and the matrix's layout.
-            true => unsafe { lanes::dequantize_row(m, row, out) },
-            false => m.dequantize_row(row, out),
-        };
         for pair in (0..rows).step_by(2) {
             let two = pair + 1 < rows;
             let (w0, w1) = scratch.split_at_mut(cols);
-            dequantize(first + pair, w0);
+            m.dequantize_row(first + pair, w0);
             if two {
-                dequantize(first + pair + 1, w1);
+                m.dequantize_row(first + pair + 1, w1);
             } else {
                 w1.copy_from_slice(w0);
             }

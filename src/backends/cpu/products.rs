@@ -207,7 +207,7 @@ fn dense_rows<const R: usize>(w: &[f32], cols: usize, first: usize, x: &[f32], o
 /// Packed rows `first..first + y.len()` times `x`.
 fn packed_rows(m: &QuantizedMatrix, first: usize, x: &[f32], sums: &[f32], y: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
-    if crate::quant::lanes::fit(m) {
+    if crate::quant::lanes::fit(m.bits, m.group_size) {
         // SAFETY: `fit` checked the CPU's features and the matrix's layout.
         unsafe { simd::packed_rows(m, first, x, sums, y) };
         return;
