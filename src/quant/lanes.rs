@@ -112,16 +112,9 @@ mod tests {
                 let want: Vec<f32> = (0..rows * cols)
                     .map(|i| scales[i / group] * codes[i] as f32 + biases[i / group])
                     .collect();
-                let m = QuantizedMatrix::new(
-                    rows,
-                    cols,
-                    bits,
-                    group,
-                    pack_codes(&codes, bits),
-                    scales,
-                    biases,
-                )
-                .unwrap();
+                let words = pack_codes(&codes, bits);
+                let m = QuantizedMatrix::new(rows, cols, bits, group, words, scales, biases);
+                let m = m.unwrap();
                 // Through the matrix (which takes this path) and straight.
                 assert_eq!(m.dequantize(), want, "{bits} bits, groups of {group}");
                 let (wpr, gpr) = (m.words_per_row(), cols / group);
