@@ -47,7 +47,7 @@ pub enum GgufError {
     },
     /// A tensor is stored in a GGML type we cannot read (the i-quants, for one).
     #[error(
-        "{path}: tensor `{tensor}` uses GGML type {kind}, which loraforge cannot read yet (supported: F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K); convert the model with another quantization"
+        "{path}: tensor `{tensor}` uses GGML type {kind}, which loraforge cannot read yet (supported: F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K, IQ4_NL, IQ4_XS); convert the model with another quantization"
     )]
     UnsupportedType {
         /// The file.
@@ -171,6 +171,10 @@ pub enum GgmlType {
     Q4_1,
     /// Blocks of 32 signed 8-bit codes with one f16 scale (34 bytes).
     Q8_0,
+    /// Blocks of 32 5-bit codes with one f16 scale, centred on 16 (22 bytes).
+    Q5_0,
+    /// Blocks of 32 5-bit codes with an f16 scale and an f16 minimum (24 bytes).
+    Q5_1,
     /// Super-blocks of 256 2-bit codes, 16 groups with 4-bit scales and minimums (84 bytes).
     Q2_K,
     /// Super-blocks of 256 3-bit codes, 16 groups with 6-bit signed scales (110 bytes).
@@ -181,22 +185,31 @@ pub enum GgmlType {
     Q5_K,
     /// Super-blocks of 256 6-bit codes, 16 groups with 8-bit signed scales (210 bytes).
     Q6_K,
+    /// Blocks of 32 4-bit indices into 16 fixed, unevenly spaced levels, one f16 scale (18
+    /// bytes).
+    IQ4_NL,
+    /// Super-blocks of 256 IQ4_NL indices, 8 groups with 6-bit scales (136 bytes).
+    IQ4_XS,
 }
 
 impl GgmlType {
     /// Every type we read.
-    const ALL: [GgmlType; 11] = [
+    const ALL: [GgmlType; 15] = [
         GgmlType::F32,
         GgmlType::F16,
         GgmlType::BF16,
         GgmlType::Q4_0,
         GgmlType::Q4_1,
         GgmlType::Q8_0,
+        GgmlType::Q5_0,
+        GgmlType::Q5_1,
         GgmlType::Q2_K,
         GgmlType::Q3_K,
         GgmlType::Q4_K,
         GgmlType::Q5_K,
         GgmlType::Q6_K,
+        GgmlType::IQ4_NL,
+        GgmlType::IQ4_XS,
     ];
 
     /// The type stored under ggml's `id`, or its name for a type we do not read.
@@ -214,12 +227,16 @@ impl GgmlType {
             GgmlType::F16 => 1,
             GgmlType::Q4_0 => 2,
             GgmlType::Q4_1 => 3,
+            GgmlType::Q5_0 => 6,
+            GgmlType::Q5_1 => 7,
             GgmlType::Q8_0 => 8,
             GgmlType::Q2_K => 10,
             GgmlType::Q3_K => 11,
             GgmlType::Q4_K => 12,
             GgmlType::Q5_K => 13,
             GgmlType::Q6_K => 14,
+            GgmlType::IQ4_NL => 20,
+            GgmlType::IQ4_XS => 23,
             GgmlType::BF16 => 30,
         }
     }
@@ -232,6 +249,10 @@ impl GgmlType {
             GgmlType::Q4_0 => (32, 18),
             GgmlType::Q4_1 => (32, 20),
             GgmlType::Q8_0 => (32, 34),
+            GgmlType::Q5_0 => (32, 22),
+            GgmlType::Q5_1 => (32, 24),
+            GgmlType::IQ4_NL => (32, 18),
+            GgmlType::IQ4_XS => (256, 136),
             GgmlType::Q2_K => (256, 84),
             GgmlType::Q3_K => (256, 110),
             GgmlType::Q4_K => (256, 144),
@@ -617,10 +638,10 @@ mod tests {
         assert_eq!(
             names,
             [
-                "F32", "F16", "BF16", "Q4_0", "Q4_1", "Q8_0", "Q2_K", "Q3_K", "Q4_K", "Q5_K",
-                "Q6_K"
+                "F32", "F16", "BF16", "Q4_0", "Q4_1", "Q8_0", "Q5_0", "Q5_1", "Q2_K", "Q3_K",
+                "Q4_K", "Q5_K", "Q6_K", "IQ4_NL", "IQ4_XS"
             ]
         );
-        assert_eq!(GgmlType::from_id(20), Err("IQ4_NL (type id 20)".into()));
+        assert_eq!(GgmlType::from_id(16), Err("IQ2_XXS (type id 16)".into()));
     }
 }

@@ -249,8 +249,10 @@ impl WeightSource {
                 let info = gguf_tensor(g, name)?;
                 match info.kind {
                     GgmlType::Q4_0 | GgmlType::Q4_1 => Some((4, 32)),
+                    GgmlType::Q5_0 | GgmlType::Q5_1 => Some((5, 32)),
                     GgmlType::Q8_0 => Some((8, 32)),
                     GgmlType::F32 | GgmlType::F16 | GgmlType::BF16 => None,
+                    GgmlType::IQ4_NL | GgmlType::IQ4_XS => None,
                     k => crate::quant::ggml_k::layout(k),
                 }
             }

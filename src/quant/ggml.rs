@@ -1,10 +1,15 @@
 //! GGUF blocks mapped onto the MLX affine layout, so a GGUF base stays quantized in memory.
 //!
-//! Every supported block type is affine with group 32:
+//! Every 32-element block type is affine with group 32:
 //! - Q4_1: f16 `d`, f16 `m`, 16 bytes of nibbles, `w = d*q + m`; byte j holds element j in its
 //!   low nibble and element j+16 in its high nibble.
 //! - Q4_0: f16 `d`, 16 bytes of nibbles, `w = d*(q - 8)`: scale `d`, bias `-8d`.
+//! - Q5_1 and Q5_0: as Q4_1 and Q4_0 (Q5_0 centred on 16) with each code's fifth bit in 4 bytes
+//!   `qh` after the scale(s), bit j for element j: scale `d`, bias `m` or `-16d`.
 //! - Q8_0: f16 `d`, 32 signed bytes, `w = d*q`: code `q+128`, scale `d`, bias `-128d`.
+//!
+//! The K-quants map onto affine groups in `ggml_k.rs`; IQ4_NL and IQ4_XS, whose levels are not
+//! evenly spaced, are read as floats (`ggml_iq4.rs`).
 //!
 //! The products are exact in f32 (an f16 times a code of at most 8 bits), so dequantizing the
 //! affine form gives bit-for-bit the values ggml's own dequantization gives.
@@ -24,7 +29,10 @@ pub fn to_affine(kind: GgmlType, rows: usize, cols: usize, data: &[u8]) -> Optio
         GgmlType::Q4_0 => (4u32, 18),
         GgmlType::Q4_1 => (4, 20),
         GgmlType::Q8_0 => (8, 34),
+        GgmlType::Q5_0 => (5, 22),
+        GgmlType::Q5_1 => (5, 24),
         GgmlType::F32 | GgmlType::F16 | GgmlType::BF16 => return None,
+        GgmlType::IQ4_NL | GgmlType::IQ4_XS => return None,
         k => return super::ggml_k::to_affine(k, rows, cols, data),
     };
     let n_blocks = rows * cols / GROUP;
@@ -52,6 +60,24 @@ pub fn to_affine(kind: GgmlType, rows: usize, cols: usize, data: &[u8]) -> Optio
                 scales.push(d);
                 biases.push(bias);
             }
+            GgmlType::Q5_0 | GgmlType::Q5_1 => {
+                let (bias, rest) = if kind == GgmlType::Q5_1 {
+                    (
+                        f16::from_le_bytes([block[2], block[3]]).to_f32(),
+                        &block[4..],
+                    )
+                } else {
+                    (-16.0 * d, &block[2..])
+                };
+                let high = u32::from_le_bytes([rest[0], rest[1], rest[2], rest[3]]);
+                let fifth = |j: usize| ((high >> j) & 1) << 4;
+                for (j, &byte) in rest[4..20].iter().enumerate() {
+                    write_bits(words, j * 5, 5, u32::from(byte & 0x0F) | fifth(j));
+                    write_bits(words, (j + 16) * 5, 5, u32::from(byte >> 4) | fifth(j + 16));
+                }
+                scales.push(d);
+                biases.push(bias);
+            }
             GgmlType::Q8_0 => {
                 for (j, &byte) in block[2..34].iter().enumerate() {
                     write_bits(words, j * 8, 8, (i32::from(byte as i8) + 128) as u32);
@@ -68,7 +94,7 @@ pub fn to_affine(kind: GgmlType, rows: usize, cols: usize, data: &[u8]) -> Optio
     )
 }
 
-/// Reads a float GGUF tensor (F32, F16, BF16) as f32.
+/// Reads a GGUF tensor held as floats (F32, F16, BF16; IQ4_NL and IQ4_XS, dequantized) as f32.
 pub fn float_values(kind: GgmlType, data: &[u8]) -> Option<Vec<f32>> {
     let raw = crate::io::RawTensor {
         name: "",
@@ -76,7 +102,7 @@ pub fn float_values(kind: GgmlType, data: &[u8]) -> Option<Vec<f32>> {
             GgmlType::F32 => crate::io::RawDtype::F32,
             GgmlType::F16 => crate::io::RawDtype::F16,
             GgmlType::BF16 => crate::io::RawDtype::BF16,
-            _ => return None,
+            _ => return super::ggml_iq4::values(kind, data),
         },
         shape: &[],
         bytes: data,

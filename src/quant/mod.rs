@@ -3,6 +3,7 @@
 
 pub mod affine;
 pub mod ggml;
+pub mod ggml_iq4;
 pub mod ggml_k;
 #[cfg(target_arch = "x86_64")]
 pub mod lanes;

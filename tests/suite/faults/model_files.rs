@@ -268,12 +268,13 @@ fn tiny_gguf(path: &Path, tensor: &str, ggml_type: u32, block_bytes: usize) {
 
 #[test]
 fn gguf_with_unsupported_tensor_type_names_type_and_tensor() {
-    // IQ4_NL (type 20): an i-quant, which we do not read (the K-quants we do).
-    let path = std::env::temp_dir().join(format!("lf-bad-iq4nl-{}.gguf", std::process::id()));
-    tiny_gguf(&path, "blk.0.attn_q.weight", 20, 18);
+    // IQ2_XXS (type 16, 66 bytes a block of 256): an i-quant we do not read (IQ4_NL and
+    // IQ4_XS we do).
+    let path = std::env::temp_dir().join(format!("lf-bad-iq2xxs-{}.gguf", std::process::id()));
+    tiny_gguf(&path, "blk.0.attn_q.weight", 16, 66);
     let err = load_error(&path);
     assert!(
-        err.contains("IQ4_NL") && err.contains("blk.0.attn_q.weight"),
+        err.contains("IQ2_XXS") && err.contains("blk.0.attn_q.weight"),
         "{err}"
     );
 }
