@@ -44,36 +44,28 @@ pub fn to_affine(kind: GgmlType, rows: usize, cols: usize, data: &[u8]) -> Optio
         let d = f16::from_le_bytes([block[0], block[1]]).to_f32();
         let words = &mut packed[b * words_per_block..(b + 1) * words_per_block];
         match kind {
-            GgmlType::Q4_0 | GgmlType::Q4_1 => {
-                let (bias, qs) = if kind == GgmlType::Q4_1 {
-                    (
-                        f16::from_le_bytes([block[2], block[3]]).to_f32(),
-                        &block[4..20],
-                    )
-                } else {
-                    (-8.0 * d, &block[2..18])
-                };
-                for (j, &byte) in qs.iter().enumerate() {
-                    write_bits(words, j * 4, 4, u32::from(byte & 0x0F));
-                    write_bits(words, (j + 16) * 4, 4, u32::from(byte >> 4));
-                }
-                scales.push(d);
-                biases.push(bias);
-            }
-            GgmlType::Q5_0 | GgmlType::Q5_1 => {
-                let (bias, rest) = if kind == GgmlType::Q5_1 {
-                    (
+            GgmlType::Q4_0 | GgmlType::Q4_1 | GgmlType::Q5_0 | GgmlType::Q5_1 => {
+                let centre = if bits == 5 { 16.0 } else { 8.0 };
+                let (bias, rest) = match kind {
+                    GgmlType::Q4_1 | GgmlType::Q5_1 => (
                         f16::from_le_bytes([block[2], block[3]]).to_f32(),
                         &block[4..],
-                    )
-                } else {
-                    (-16.0 * d, &block[2..])
+                    ),
+                    _ => (-centre * d, &block[2..]),
                 };
-                let high = u32::from_le_bytes([rest[0], rest[1], rest[2], rest[3]]);
-                let fifth = |j: usize| ((high >> j) & 1) << 4;
-                for (j, &byte) in rest[4..20].iter().enumerate() {
-                    write_bits(words, j * 5, 5, u32::from(byte & 0x0F) | fifth(j));
-                    write_bits(words, (j + 16) * 5, 5, u32::from(byte >> 4) | fifth(j + 16));
+                // Q5's fifth bits, bit j for element j, in 4 bytes before the nibbles.
+                let (high, qs) = match bits {
+                    5 => (
+                        u32::from_le_bytes([rest[0], rest[1], rest[2], rest[3]]),
+                        &rest[4..20],
+                    ),
+                    _ => (0, &rest[..16]),
+                };
+                let code = |nibble: u8, j: usize| u32::from(nibble) | (((high >> j) & 1) << 4);
+                let bits = bits as usize;
+                for (j, &byte) in qs.iter().enumerate() {
+                    write_bits(words, j * bits, bits as u32, code(byte & 0x0F, j));
+                    write_bits(words, (j + 16) * bits, bits as u32, code(byte >> 4, j + 16));
                 }
                 scales.push(d);
                 biases.push(bias);
