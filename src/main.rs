@@ -24,6 +24,16 @@ fn main() -> ExitCode {
         // SAFETY: no other thread exists yet.
         unsafe { std::env::set_var("KMP_BLOCKTIME", "0") };
     }
+    // matrixmultiply (the built-in GEMM) sizes its own thread pool from MATMUL_NUM_THREADS, else
+    // from the cores: told RAYON_NUM_THREADS=1, a run still multiplied on both of the VM's cores
+    // (a 220-token SmolLM2 prompt: 391-396 tokens/s, 310 with both at 1; bench/NOTES.md). It
+    // follows RAYON_NUM_THREADS unless set itself.
+    if let Some(threads) = std::env::var_os("RAYON_NUM_THREADS")
+        && std::env::var_os("MATMUL_NUM_THREADS").is_none()
+    {
+        // SAFETY: no other thread exists yet.
+        unsafe { std::env::set_var("MATMUL_NUM_THREADS", threads) };
+    }
     match loraforge::cli::run() {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
