@@ -215,7 +215,11 @@ pub fn bench_train<B: TrainBackend>(
     let mut times = Vec::new();
     let mut losses = Vec::new();
     let (mut timed_tokens, mut timed_trained) = (0, 0);
+    let mut routing = [std::time::Duration::ZERO; 2];
     for i in 0..args.warmup_steps + args.steps {
+        if i == args.warmup_steps {
+            crate::model::experts::take_routing_time();
+        }
         let (batch, tokens) = match &data {
             Some(data) => data.batch(i),
             None => (
@@ -242,6 +246,9 @@ pub fn bench_train<B: TrainBackend>(
             timed_trained += batch.trained_tokens();
         }
         losses.push(loss);
+    }
+    if args.steps > 0 {
+        routing = crate::model::experts::take_routing_time();
     }
 
     let (n_dec, n_head) = frozen_linear_params(&config);
@@ -304,6 +311,11 @@ pub fn bench_train<B: TrainBackend>(
             "mfu": fpt_known.map(|fpt| fpt * tps / peak),
             "peak_mem_bytes": crate::backends::peak_rss_bytes(),
             "peak_mem_kind": "peak RSS of the process (whole lifetime)",
+            "moe_routing_host_ms_per_step": config.moe.is_some().then(|| {
+                let per_step = |d: std::time::Duration| d.as_secs_f64() * 1e3 / args.steps as f64;
+                json!({"reading": per_step(routing[0]), "choosing": per_step(routing[1]),
+                       "what": "host time in the routers over the timed steps: waiting for and reading the probabilities (the device drains first), then the top-k, the sort and the indices' upload"})
+            }),
         },
     });
     Ok(result)

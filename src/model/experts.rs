@@ -14,6 +14,9 @@
 //! are summed with their weights. The choice of experts is not differentiated (as in
 //! transformers); the weights `w_e` are, back into `x` through the router.
 
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
 use burn::tensor::activation::softmax;
 use burn::tensor::{Int, Tensor, TensorData};
 use rayon::prelude::*;
@@ -25,6 +28,27 @@ use super::router_balance::RouterBalance;
 use crate::ops::elementwise::{Activation, gated};
 use crate::ops::frozen_linear::ModelBackend;
 use crate::ops::routing::{add_to_gradient, pick_rows};
+
+/// Host time the routers have spent since the last [`take_routing_time`], in nanoseconds:
+/// waiting for and reading their probabilities, then choosing (the top-k, the sort by expert
+/// and the indices' upload). On a GPU the device idles through both.
+static ROUTING_NANOS: [AtomicU64; 2] = [AtomicU64::new(0), AtomicU64::new(0)];
+
+/// The routers' host time since the last call, `[reading, choosing]`, and zero from here
+/// (`bench train` reports it per step).
+pub fn take_routing_time() -> [Duration; 2] {
+    ROUTING_NANOS
+        .each_ref()
+        .map(|n| Duration::from_nanos(n.swap(0, Ordering::Relaxed)))
+}
+
+/// Adds the time since `since` to counter `which` of [`ROUTING_NANOS`]; returns now.
+fn count_routing(which: usize, since: Instant) -> Instant {
+    let now = Instant::now();
+    let nanos = u64::try_from((now - since).as_nanos()).unwrap_or(u64::MAX);
+    ROUTING_NANOS[which].fetch_add(nanos, Ordering::Relaxed);
+    now
+}
 
 /// A block's mixture of experts.
 #[derive(Debug, Clone)]
@@ -165,12 +189,14 @@ impl<B: ModelBackend> SparseMoe<B> {
         let probs = softmax(self.router.forward_rows(x.clone()), 1);
         let experts = probs.dims()[1];
         // The choice is made on the host: one read of `[n, experts]` probabilities.
+        let started = Instant::now();
         let host: Vec<f32> = probs
             .clone()
             .into_data()
             .convert::<f32>()
             .into_vec()
             .expect("f32 probabilities");
+        let read = count_routing(0, started);
         let chosen = top_k(&host, experts, k);
         let probs = match self.balance.as_ref().and_then(|b| b.route(&host, &chosen)) {
             Some(term) => add_to_gradient(probs, term),
@@ -181,21 +207,13 @@ impl<B: ModelBackend> SparseMoe<B> {
             weights = weights.clone() / weights.sum_dim(1);
         }
         let routes = Routes::new(&chosen, experts, k);
-        let places = indices::<B, 1>(&routes.places, [n * k], &device);
+        let [tokens, places, slots] = [&routes.tokens, &routes.places, &routes.slots]
+            .map(|v| indices::<B, 1>(v, [n * k], &device));
+        count_routing(1, read);
         // Token order → expert order (each token picked k times) and back (each row once).
-        let rows = pick_rows(
-            x.clone(),
-            indices::<B, 1>(&routes.tokens, [n * k], &device),
-            places.clone(),
-            k,
-        );
+        let rows = pick_rows(x.clone(), tokens, places.clone(), k);
         let y = self.experts(rows, &routes.counts);
-        let y = pick_rows(
-            y,
-            places,
-            indices::<B, 1>(&routes.slots, [n * k], &device),
-            1,
-        );
+        let y = pick_rows(y, places, slots, 1);
         let mut out = (y.reshape([n, k, hidden]) * weights.unsqueeze_dim::<3>(2))
             .sum_dim(1)
             .reshape([n, hidden]);

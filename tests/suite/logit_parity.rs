@@ -119,6 +119,23 @@ fn mixtral_with_top_2_of_4_experts_and_a_window() {
     check_family("mixtral");
 }
 
+/// The routers count their host time (what `bench train` reports per step for a mixture of
+/// experts): a forward pass of the Mixtral fixture adds to both counters.
+#[test]
+fn routers_count_their_host_time() {
+    let device = Default::default();
+    let decoder = load_model::<B>(&common::fixture("models/mixtral"), &device)
+        .unwrap()
+        .decoder;
+    let ids: Vec<u32> = (0..16).map(|i| (i * 7 + 3) % 64).collect();
+    let _ = decoder.forward(&ids, 1, &device);
+    let [reading, choosing] = loraforge::model::experts::take_routing_time();
+    assert!(
+        !reading.is_zero() && !choosing.is_zero(),
+        "{reading:?} {choosing:?}"
+    );
+}
+
 /// No GGUF copy: llama.cpp (and gguf-py's tensor table) builds every Qwen2-MoE layer as experts,
 /// so a dense layer (`mlp_only_layers`) has no llama.cpp name; mlx-lm cannot hold one either.
 #[test]
