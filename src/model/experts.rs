@@ -24,6 +24,7 @@ use rayon::prelude::*;
 use super::decoder::Mlp;
 use super::linear::FrozenLinear;
 use super::names::BlockLinear;
+use super::route_memo;
 use super::router_balance::RouterBalance;
 use crate::ops::elementwise::{Activation, gated};
 use crate::ops::frozen_linear::ModelBackend;
@@ -71,6 +72,8 @@ pub struct SparseMoe<B: ModelBackend> {
     pub activation: Activation,
     /// The load-balancing loss's counts, when training asks for it (shared by every layer).
     pub balance: Option<RouterBalance>,
+    /// This router's identity in a checkpointed step's memo of choices (`route_memo.rs`).
+    pub id: usize,
 }
 
 /// An MLP every token goes through beside its experts, its output scaled by
@@ -188,17 +191,31 @@ impl<B: ModelBackend> SparseMoe<B> {
         let x = x.reshape([n, hidden]);
         let probs = softmax(self.router.forward_rows(x.clone()), 1);
         let experts = probs.dims()[1];
-        // The choice is made on the host: one read of `[n, experts]` probabilities.
+        // The choice is made on the host from one read of `[n, experts]` probabilities, or
+        // replayed in a checkpointed step's recomputed forward (`route_memo.rs`).
+        let recalled = route_memo::recall(self.id);
         let started = Instant::now();
-        let host: Vec<f32> = probs
-            .clone()
-            .into_data()
-            .convert::<f32>()
-            .into_vec()
-            .expect("f32 probabilities");
+        let host: Vec<f32> = match recalled {
+            Some(_) => Vec::new(),
+            None => probs
+                .clone()
+                .into_data()
+                .convert::<f32>()
+                .into_vec()
+                .expect("f32 probabilities"),
+        };
         let read = count_routing(0, started);
-        let chosen = top_k(&host, experts, k);
-        let probs = match self.balance.as_ref().and_then(|b| b.route(&host, &chosen)) {
+        let chosen = recalled.unwrap_or_else(|| {
+            let chosen = top_k(&host, experts, k);
+            route_memo::remember(self.id, &chosen);
+            chosen
+        });
+        assert_eq!(chosen.len(), n * k, "one choice of {k} experts a row");
+        let probs = match self
+            .balance
+            .as_ref()
+            .and_then(|b| b.route(n, &host, &chosen))
+        {
             Some(term) => add_to_gradient(probs, term),
             None => probs,
         };
@@ -294,6 +311,7 @@ impl<B: ModelBackend> SparseMoe<B> {
             normalize_top_k: self.normalize_top_k,
             activation: self.activation,
             balance: self.balance.clone(),
+            id: self.id,
         }
     }
 }

@@ -245,6 +245,7 @@ impl ModelFiles {
                 mlp: match &c.moe {
                     Some(moe) if moe.sparse(i) => FeedForward::Experts(Box::new(SparseMoe {
                         balance: None,
+                        id: super::route_memo::new_router(),
                         router: linear(BlockLinear::Router)?,
                         gate: linear(BlockLinear::ExpertGate)?,
                         up: linear(BlockLinear::ExpertUp)?,

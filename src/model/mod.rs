@@ -12,6 +12,7 @@ pub mod linear;
 pub mod load;
 pub mod names;
 pub mod projections;
+pub mod route_memo;
 pub mod router_balance;
 pub mod valid;
 pub mod weights;

@@ -124,22 +124,23 @@ impl RouterBalance {
         b.coef * b.experts as f64 * aux / (b.rows * b.rows)
     }
 
-    /// A router's `[rows, experts]` probabilities and `[rows, top_k]` choices (host, row-major):
-    /// counted while counting; the gradient term of these rows once it is known (`None` outside
-    /// a step).
-    pub fn route(&self, probs: &[f32], chosen: &[i64]) -> Option<LateGradient> {
+    /// A router's `rows` of `[rows, experts]` probabilities and `[rows, top_k]` choices (host,
+    /// row-major): counted while counting; the gradient term of these rows once it is known
+    /// (`None` outside a step). The probabilities are read only while counting (a recomputed
+    /// forward, whose choices are replayed, hands none).
+    pub fn route(&self, rows: usize, probs: &[f32], chosen: &[i64]) -> Option<LateGradient> {
         let mut b = self.lock();
         if b.phase == Phase::Idle || b.tokens.is_empty() {
             return None;
         }
         let experts = b.experts;
-        let rows = probs.len() / experts;
         let top_k = chosen.len() / rows.max(1);
         let start = b.cursor;
         let len = b.tokens.len();
         let mask: Vec<bool> = (0..rows).map(|i| b.tokens[(start + i) % len]).collect();
         b.cursor = (start + rows) % len;
         if b.phase == Phase::Counting {
+            assert_eq!(probs.len(), rows * experts, "the probabilities are counted");
             for (i, &token) in mask.iter().enumerate() {
                 if !token {
                     continue;

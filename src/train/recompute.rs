@@ -33,6 +33,7 @@ use super::trainer::{adapter_gradients, add_gradients};
 use crate::data::Batch;
 use crate::model::Decoder;
 use crate::model::decoder::Block;
+use crate::model::route_memo;
 use crate::ops::elementwise::cast;
 use crate::ops::{ModelBackend, TrainBackend};
 
@@ -103,6 +104,8 @@ pub fn loss_and_gradients<B: TrainBackend>(
     let inner_layout = layout.valid();
     let kept_dtype = decoder.layers[0].self_attn.qkv.first().input_dtype();
     let mut inputs = Vec::with_capacity(decoder.layers.len());
+    // The routers' choices are made here once and replayed by the recomputed blocks.
+    route_memo::record();
     let mut h = decoder.embed(&batch.inputs, batch.batch, device).inner();
     let activations_dtype = Some(h.dtype().into());
     for (l, block) in decoder.layers.iter().enumerate() {
@@ -129,6 +132,7 @@ pub fn loss_and_gradients<B: TrainBackend>(
     if let Some(balance) = decoder.router_balance() {
         balance.finish();
     }
+    route_memo::replay();
     let (value, mut upstream) =
         super::head::loss_and_input_grad(decoder, h, &batch.targets, &batch.mask, scale);
 
@@ -170,6 +174,7 @@ pub fn loss_and_gradients<B: TrainBackend>(
                 .expect("a block's output depends on its input");
         }
     }
+    route_memo::forget();
     (value, per_block.into_iter().rev().flatten().collect())
 }
 
