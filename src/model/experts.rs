@@ -193,7 +193,7 @@ impl<B: ModelBackend> SparseMoe<B> {
         let experts = probs.dims()[1];
         // The choice is made on the host from one read of `[n, experts]` probabilities, or
         // replayed in a checkpointed step's recomputed forward (`route_memo.rs`).
-        let recalled = route_memo::recall(self.id);
+        let recalled = route_memo::recall(self.id, n * k);
         let started = Instant::now();
         let host: Vec<f32> = match recalled {
             Some(_) => Vec::new(),

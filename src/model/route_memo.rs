@@ -1,6 +1,6 @@
 //! The routers' choices in a checkpointed step, made once: the step's first forward pass records
 //! each router's choices, and the recomputed forward of each block in its backward pass replays
-//! them (`train/recompute.rs` brackets the two).
+//! them (`train/recompute.rs` holds a [`Step`] across the two).
 //!
 //! A recomputed router would choose the same experts from the same probabilities, but only after
 //! reading them to the host: on a GPU one more drain of the device and host round trip per
@@ -52,19 +52,29 @@ fn set(phase: Phase, clear: bool) {
     });
 }
 
+/// A checkpointed step's memo on this thread: recording from [`record`], replaying from
+/// [`Step::replay`], and emptied and off again when dropped (so a step that unwinds leaves
+/// nothing for a later forward pass on the thread to replay).
+#[must_use = "the memo is off again when the step is dropped"]
+pub struct Step(());
+
 /// Starts recording this thread's routers' choices (a checkpointed step's forward pass).
-pub fn record() {
+pub fn record() -> Step {
     set(Phase::Recording, true);
+    Step(())
 }
 
-/// Ends the recording: from here each router replays what it recorded.
-pub fn replay() {
-    set(Phase::Replaying, false);
+impl Step {
+    /// Ends the recording: from here each router replays what it recorded.
+    pub fn replay(&self) {
+        set(Phase::Replaying, false);
+    }
 }
 
-/// Ends the step: the routers choose for themselves again, and the memo is emptied.
-pub fn forget() {
-    set(Phase::Off, true);
+impl Drop for Step {
+    fn drop(&mut self) {
+        set(Phase::Off, true);
+    }
 }
 
 /// Keeps `router`'s `chosen` experts while recording.
@@ -79,11 +89,15 @@ pub fn remember(router: usize, chosen: &[i64]) {
     });
 }
 
-/// `router`'s next recorded choices while replaying (`None` otherwise, or when it has none
-/// left: it then chooses for itself).
-pub fn recall(router: usize) -> Option<Vec<i64>> {
+/// `router`'s next recorded choices for `len` ids while replaying (`None` otherwise, or when it
+/// has none left or they are not `len` long: it then chooses for itself).
+pub fn recall(router: usize, len: usize) -> Option<Vec<i64>> {
     MEMO.with_borrow_mut(|m| match m.phase {
-        Phase::Replaying => m.choices.get_mut(&router)?.pop_front(),
+        Phase::Replaying => m
+            .choices
+            .get_mut(&router)?
+            .pop_front()
+            .filter(|c| c.len() == len),
         _ => None,
     })
 }
@@ -93,26 +107,37 @@ mod tests {
     use super::*;
 
     #[test]
-    fn each_router_replays_its_choices_in_order_only_between_record_and_forget() {
+    fn each_router_replays_its_choices_in_order_only_while_a_step_lasts() {
         let (a, b) = (new_router(), new_router());
         remember(a, &[9]);
-        assert_eq!(recall(a), None, "off: nothing kept");
-        record();
-        remember(a, &[1, 2]);
-        remember(b, &[3]);
-        remember(a, &[4]);
-        assert_eq!(recall(a), None, "recording: nothing replayed");
-        replay();
-        assert_eq!(recall(a), Some(vec![1, 2]));
-        assert_eq!(recall(b), Some(vec![3]));
-        remember(b, &[7]);
-        assert_eq!(recall(a), Some(vec![4]));
-        assert_eq!(recall(a), None, "used up");
-        assert_eq!(recall(b), None, "replaying records nothing");
-        forget();
-        record();
-        replay();
-        assert_eq!(recall(a), None, "a new step starts empty");
-        forget();
+        assert_eq!(recall(a, 1), None, "off: nothing kept");
+        {
+            let step = record();
+            remember(a, &[1, 2]);
+            remember(b, &[3]);
+            remember(a, &[4]);
+            assert_eq!(recall(a, 2), None, "recording: nothing replayed");
+            step.replay();
+            assert_eq!(recall(a, 2), Some(vec![1, 2]));
+            assert_eq!(recall(b, 2), None, "another length: chosen anew");
+            remember(b, &[7]);
+            assert_eq!(recall(a, 1), Some(vec![4]));
+            assert_eq!(recall(a, 1), None, "used up");
+            assert_eq!(recall(b, 1), None, "replaying records nothing");
+            remember(a, &[5]);
+        }
+        let step = record();
+        step.replay();
+        assert_eq!(recall(a, 1), None, "a new step starts empty");
+        drop(step);
+        // A step that unwinds leaves the memo off.
+        let unwound = std::panic::catch_unwind(|| {
+            let step = record();
+            remember(a, &[6]);
+            step.replay();
+            panic!("a failing step");
+        });
+        assert!(unwound.is_err());
+        assert_eq!(recall(a, 1), None, "off after the unwind");
     }
 }

@@ -21,6 +21,9 @@ const LEVELS: [i8; 16] = [
 
 /// The values of an IQ4_NL or IQ4_XS tensor's whole blocks `data`; `None` for other types.
 pub fn values(kind: GgmlType, data: &[u8]) -> Option<Vec<f32>> {
+    if !matches!(kind, GgmlType::IQ4_NL | GgmlType::IQ4_XS) {
+        return None;
+    }
     let (per_block, block_bytes) = kind.block();
     let mut out = Vec::with_capacity(data.len() / block_bytes * per_block);
     for block in data.chunks_exact(block_bytes) {
@@ -35,7 +38,7 @@ pub fn values(kind: GgmlType, data: &[u8]) -> Option<Vec<f32>> {
                     thirty_two(d * (scale - 32) as f32, qs, &mut out);
                 }
             }
-            _ => return None,
+            _ => unreachable!("checked above"),
         }
     }
     Some(out)

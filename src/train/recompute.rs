@@ -105,7 +105,7 @@ pub fn loss_and_gradients<B: TrainBackend>(
     let kept_dtype = decoder.layers[0].self_attn.qkv.first().input_dtype();
     let mut inputs = Vec::with_capacity(decoder.layers.len());
     // The routers' choices are made here once and replayed by the recomputed blocks.
-    route_memo::record();
+    let routes = route_memo::record();
     let mut h = decoder.embed(&batch.inputs, batch.batch, device).inner();
     let activations_dtype = Some(h.dtype().into());
     for (l, block) in decoder.layers.iter().enumerate() {
@@ -132,7 +132,7 @@ pub fn loss_and_gradients<B: TrainBackend>(
     if let Some(balance) = decoder.router_balance() {
         balance.finish();
     }
-    route_memo::replay();
+    routes.replay();
     let (value, mut upstream) =
         super::head::loss_and_input_grad(decoder, h, &batch.targets, &batch.mask, scale);
 
@@ -174,7 +174,7 @@ pub fn loss_and_gradients<B: TrainBackend>(
                 .expect("a block's output depends on its input");
         }
     }
-    route_memo::forget();
+    drop(routes);
     (value, per_block.into_iter().rev().flatten().collect())
 }
 
