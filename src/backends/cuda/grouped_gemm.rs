@@ -15,9 +15,10 @@
 //!   (`ops::grouped_matmul::grouped_outer`): only adapters on the experts have such a gradient
 //!   (the stacks of `A` and `B`).
 //! - **Pointers.** The problems' A/B/C pointer tables live on the device (cuBLAS reads them
-//!   there): one small buffer uploaded through CubeCL on the calling thread's stream, so it is
-//!   written before the GEMM reads it and reused only by work queued after it. (cudarc 0.19's
-//!   `grouped_gemm` passes host arrays there.)
+//!   there): one small buffer allocated, filled and freed in the stream's order
+//!   (`cuMemAllocAsync`, an async copy, `cuMemFreeAsync` after the GEMM), not a CubeCL buffer,
+//!   which returns to its pool when its handle drops, before the GEMM has read it (docs/traps.md).
+//!   (cudarc 0.19's `grouped_gemm` passes host arrays there.)
 //! - **Precision.** cuBLAS's grouped GEMM writes bf16 for bf16 operands (no f32 output, unlike
 //!   `cublasGemmEx`), so the product of a bf16 stack is rounded once to bf16 and then widened to
 //!   f32. f32 operands run on TF32 tensor cores, as `cublas.rs` runs them.
@@ -29,6 +30,7 @@ use std::sync::OnceLock;
 use burn::tensor::{DType, FloatDType, Shape};
 use burn_cubecl::kernel::into_contiguous;
 use cudarc::cublas::sys as blas;
+use cudarc::driver::result as driver;
 
 use super::cublas::{blas_handle, common_dtype, to_i32};
 use super::kernel::{self, Tensor, cast, pointer};
@@ -127,14 +129,26 @@ fn run([a, b, c]: [&Tensor; 3], ops: &Ops, problems: &[Problem]) {
                 .map(|p| base + p.offsets[operand] as u64 * size),
         );
     }
-    let bytes: Vec<u8> = table.iter().flat_map(|p| p.to_ne_bytes()).collect();
     let client = &c.client;
-    let table = client.create_from_slice(&bytes);
-    let table = client
-        .get_resource(table)
-        .expect("pointer table")
+    let stream = client
+        .get_resource(c.handle.clone())
+        .expect("output buffer")
         .resource()
-        .ptr;
+        .stream;
+    let blas = blas_handle(c.device.index);
+    let blas = blas.lock().expect("cuBLAS handle");
+    blas.ctx.bind_to_thread().expect("bind the CUDA context");
+    // The table in memory allocated, filled and freed in the stream's order: a CubeCL buffer
+    // went back to its pool when its handle dropped, before the GEMM had read it, and another
+    // stream could write it first (session 28's check: CUBLAS_STATUS_INTERNAL_ERROR once the
+    // recomputed blocks stopped draining the device at every router).
+    // SAFETY: `table` outlives the call (a copy from pageable memory is staged before it
+    // returns); the pointer is freed on the same stream after the GEMM.
+    let table_ptr = unsafe {
+        let ptr = driver::malloc_async(stream.cast(), table.len() * 8).expect("pointer table");
+        driver::memcpy_htod_async(ptr, &table, stream.cast()).expect("copy the pointer table");
+        ptr
+    };
     let count = problems.len();
     let per_problem = |f: &dyn Fn(&Problem) -> usize| -> Vec<i32> {
         problems.iter().map(|p| to_i32(f(p))).collect()
@@ -151,20 +165,13 @@ fn run([a, b, c]: [&Tensor; 3], ops: &Ops, problems: &[Problem]) {
         vec![to_i32(ops.ldc); count],
     );
     let (alpha, beta, ones) = (vec![1f32; count], vec![0f32; count], vec![1i32; count]);
-    let stream = client
-        .get_resource(c.handle.clone())
-        .expect("output buffer")
-        .resource()
-        .stream;
-    let blas = blas_handle(c.device.index);
-    let blas = blas.lock().expect("cuBLAS handle");
-    let pointers = |operand: usize| (table + (operand * count * 8) as u64) as *const *const c_void;
+    let pointers =
+        |operand: usize| (table_ptr + (operand * count * 8) as u64) as *const *const c_void;
     // SAFETY: the table holds `count` pointers per operand into live CubeCL allocations of at
     // least the extents the problems describe; the call runs on the stream of the output's
     // allocation (the calling thread's CubeCL stream), after the table's upload and the kernels
     // that wrote the operands, and before any reuse of these buffers.
     unsafe {
-        blas.ctx.bind_to_thread().expect("bind the CUDA context");
         cudarc::cublas::result::set_stream(blas.handle, stream.cast()).expect("cublasSetStream");
         blas::cublasGemmGroupedBatchedEx(
             blas.handle,
@@ -190,6 +197,7 @@ fn run([a, b, c]: [&Tensor; 3], ops: &Ops, problems: &[Problem]) {
         )
         .result()
         .expect("cublasGemmGroupedBatchedEx");
+        driver::free_async(table_ptr, stream.cast()).expect("free the pointer table");
     }
 }
 
