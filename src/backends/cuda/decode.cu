@@ -719,3 +719,15 @@ extern "C" __global__ void to_gemm(const float* __restrict__ x, gemm_t* __restri
     const int i = blockIdx.x * blockDim.x + threadIdx.x;
     if (i < n) store(y + i, x[i]);
 }
+
+// y[r, c] (+)= Σ_s part[s][r, c] over a split product's `splits` parts of rows × cols floats
+// each (`qgemm.cu`'s), in the order of the parts; y has ldy floats a row.
+extern "C" __global__ void sum_splits(const float* __restrict__ part, float* __restrict__ y,
+                                      int cols, int ldy, int n, int splits, int accumulate) {
+    const int i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= n) return;
+    float sum = 0.0f;
+    for (int s = 0; s < splits; ++s) sum += part[(i64)s * n + i];
+    float* at = y + (i64)(i / cols) * ldy + i % cols;
+    *at = accumulate ? *at + sum : sum;
+}

@@ -145,6 +145,7 @@ struct Kernels {
     silu_mul: CudaFunction,
     to_gemm: CudaFunction,
     add_bias: CudaFunction,
+    sum_splits: CudaFunction,
     tile: Tile,
     /// Dynamic shared memory the products may take (0 for dense ones).
     staging: usize,
@@ -195,6 +196,7 @@ fn kernels(device: usize, kind: Kind, kv: Float) -> &'static Kernels {
             silu_mul: f("silu_mul"),
             to_gemm: f("to_gemm"),
             add_bias: f("add_bias"),
+            sum_splits: f("sum_splits"),
             tile,
             staging,
         }

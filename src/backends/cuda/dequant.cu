@@ -19,12 +19,6 @@ typedef unsigned int u32;
 typedef unsigned short u16;
 typedef long long i64;
 
-__device__ __forceinline__ u32 pack_bf16(float lo, float hi) {
-    u32 r;
-    asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));
-    return r;
-}
-
 __device__ __forceinline__ void store(u16* dst, const float* v) {
     u32* pairs = reinterpret_cast<u32*>(dst);
 #pragma unroll

@@ -7,7 +7,8 @@ use burn_cubecl::kernel::into_contiguous;
 
 use super::kernel::{self, Args, ByScales, Queue, Tensor, empty, pointer, u32_of};
 
-const SOURCE: &str = include_str!("dequant.cu");
+/// `dequant.cu` after the bf16 helpers it shares.
+const SOURCE: &str = concat!(include_str!("bf16_mma.cuh"), include_str!("dequant.cu"));
 const THREADS: u32 = 256;
 
 /// `words`: i32 `[rows, cols · bits / 32]`; `scales`, `biases`: `[rows, cols / group]` in `dtype`

@@ -16,7 +16,8 @@ use cudarc::driver::CudaFunction;
 
 use super::kernel::{self, Args, Tensor, cast, empty, pointer, u32_of};
 
-const SOURCE: &str = include_str!("attention.cu");
+/// `attention.cu` after the bf16 helpers it shares.
+const SOURCE: &str = concat!(include_str!("bf16_mma.cuh"), include_str!("attention.cu"));
 const THREADS: u32 = 256;
 /// The widest head whose rows a warp accumulates whole; past it two warps share each 16 rows,
 /// each with half the columns (`SPLIT` in the source), so a block holds half the rows.

@@ -14,6 +14,7 @@ mod flash;
 mod fusion;
 mod grouped_gemm;
 mod kernel;
+mod qgemm;
 mod qgemv;
 mod rope;
 mod upload;
@@ -33,6 +34,8 @@ struct Device {
     compute_capability: (i32, i32),
     /// The most shared memory one block may ask for (with the opt-in attribute), in bytes.
     max_shared_bytes: u32,
+    /// Streaming multiprocessors (132 on an H100 SXM or H200).
+    multiprocessors: usize,
 }
 
 fn device(ordinal: usize) -> &'static Device {
@@ -49,10 +52,14 @@ fn device(ordinal: usize) -> &'static Device {
         let max_shared_bytes = context
             .attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN)
             .expect("query the shared memory per block");
+        let multiprocessors = context
+            .attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
+            .expect("query the multiprocessors");
         devices.push(Box::leak(Box::new(Device {
             context,
             compute_capability,
             max_shared_bytes: u32::try_from(max_shared_bytes).unwrap_or(0),
+            multiprocessors: usize::try_from(multiprocessors).unwrap_or(1).max(1),
         })));
     }
     devices[ordinal]
@@ -68,4 +75,8 @@ fn compute_capability(ordinal: usize) -> (i32, i32) {
 
 fn max_shared_bytes(ordinal: usize) -> u32 {
     device(ordinal).max_shared_bytes
+}
+
+fn multiprocessors(ordinal: usize) -> usize {
+    device(ordinal).multiprocessors
 }

@@ -66,7 +66,7 @@ pub(super) fn attention<B: ModelBackend>(
 
 /// Where the backend's fused attention kernel serves this head dimension, its products are bf16
 /// (as PyTorch's SDPA in a bf16 run): the bf16 tolerance.
-fn attention_tolerance<B: ModelBackend>(head_dim: usize, device: &B::Device) -> f64 {
+pub(super) fn attention_tolerance<B: ModelBackend>(head_dim: usize, device: &B::Device) -> f64 {
     if B::fused_attention(head_dim, device) {
         HALF_TOLERANCE
     } else {

@@ -6,7 +6,8 @@
 //! the way), then the keys and values the session hands back are continued op by op for one
 //! more token. A second session, opened over an empty cache, runs a prompt of 300 tokens itself
 //! (on CUDA, the prompt pass: GEMMs over its tokens, two passes of up to 256), then two steps,
-//! against the op-by-op path's logits of the same tokens (`prompt_pass_diff`). Backends without
+//! against the op-by-op path's logits of the same tokens (`prompt_pass_diff`, judged by the fused
+//! attention's tolerance where the reference's prompt runs it). Backends without
 //! a session print nothing.
 
 use burn::tensor::FloatDType;
@@ -14,6 +15,7 @@ use rand::{Rng, SeedableRng};
 use serde_json::json;
 
 use super::super::random::{Shape, random_model_files};
+use super::attention::attention_tolerance;
 use super::{HALF_TOLERANCE, KERNEL_TOLERANCE, Weight, scaled_error};
 use crate::model::load::BaseStorage;
 use crate::model::{Decoder, KvCache};
@@ -72,13 +74,18 @@ pub fn decode_session<B: ModelBackend>(
         Some(FloatDType::F32) | None => KERNEL_TOLERANCE,
         Some(_) => HALF_TOLERANCE,
     };
+    // The op-by-op reference runs the long prompt's attention through the backend's fused
+    // kernels where they serve the head, bf16 inside: that comparison carries their error
+    // (session 28: the f32 row at 2.02e-3 with its products in full f32).
+    let prompt_tolerance = tolerance.max(attention_tolerance::<B>(config.head_dim, device));
     let name = weight.check().replace("linear", "decode_session");
     Ok(Some(json!({
         "check": name, "shape": "tiny", "family": "qwen2", "prompt": PROMPT, "steps": STEPS,
         "long_prompt": LONG_PROMPT,
         "max_relative_diff": worst, "handed_back_diff": handed_back,
         "prompt_pass_diff": prompt_worst, "tolerance": tolerance,
-        "pass": worst.max(handed_back).max(prompt_worst) <= tolerance,
+        "prompt_tolerance": prompt_tolerance,
+        "pass": worst.max(handed_back) <= tolerance && prompt_worst <= prompt_tolerance,
     })))
 }
 

@@ -23,7 +23,8 @@ use cudarc::driver::result as driver;
 use super::super::cublas::gemm_rows;
 use super::super::dequant::{Packing, dequantize_rows};
 use super::super::kernel::{Args, empty, u32_of};
-use super::{Buffer, Kind, Linear, Session};
+use super::super::qgemm::{self, qgemm};
+use super::{Block, Buffer, Kind, Linear, Session};
 
 /// Tokens a prompt pass takes at most (`Session::prompt` cuts longer prompts).
 pub const ROWS: usize = 256;
@@ -47,6 +48,8 @@ fn slab_bytes() -> usize {
 /// One pass's buffers, `rows` tokens.
 struct Pass {
     rows: usize,
+    /// The type the GEMMs read their inputs in (`a`'s, the slab's).
+    gemm: DType,
     ids: Buffer,
     h: Buffer,
     /// The GEMMs' input (a norm's output, the heads' outputs, the MLP's gated values).
@@ -62,6 +65,12 @@ struct Pass {
     slab: Option<Buffer>,
     /// The slab's bytes a matrix's rows are dequantized in.
     slab_bytes: usize,
+    /// `qgemm`'s parts of a split product (`sum_splits` adds them up); `None` where none splits.
+    part: Option<Buffer>,
+    /// How packed matrices are read, decided once a pass (the variables read once).
+    reading: Reading,
+    /// Warps that keep the device's loads in flight (`qgemm::parts`): 8 a multiprocessor.
+    warps: usize,
 }
 
 impl Session {
@@ -84,15 +93,28 @@ impl Session {
 
     /// The one type every block's GEMMs read their input in, if they share one.
     fn gemm_input(&self) -> Option<DType> {
-        let mut linears = self.blocks.iter().flat_map(|b| {
-            let [q, k, v] = &b.qkv;
-            let [gate, up] = &b.gate_up;
-            [q, k, v, &b.o, gate, up, &b.down]
-        });
-        let first = gemm_dtype(linears.next()?.matrix.kind);
+        let mut linears = self.blocks.iter().flat_map(|b| self.products(b));
+        let first = gemm_dtype(linears.next()?.0.matrix.kind);
         linears
-            .all(|l| gemm_dtype(l.matrix.kind) == first)
+            .all(|(l, _)| gemm_dtype(l.matrix.kind) == first)
             .then_some(first)
+    }
+
+    /// A block's products with the inputs each reads.
+    fn products<'a>(&self, b: &'a Block) -> [(&'a Linear, usize); 7] {
+        let [q, k, v] = &b.qkv;
+        let [gate, up] = &b.gate_up;
+        let attention = self.heads[0] * self.heads[2];
+        let (hidden, intermediate) = (self.hidden, self.intermediate);
+        [
+            (q, hidden),
+            (k, hidden),
+            (v, hidden),
+            (&b.o, attention),
+            (gate, hidden),
+            (up, hidden),
+            (&b.down, intermediate),
+        ]
     }
 
     /// Runs `ids` (at most [`ROWS`], the cache with room for them) in one pass whose GEMMs read
@@ -139,16 +161,23 @@ impl Session {
         let buffer = |n: usize, dtype| Buffer::new(empty(like, Shape::from([n]), dtype));
         let widest = self.hidden.max(heads * d).max(self.intermediate);
         // Room for any matrix's slab: at least a row of the widest.
-        let packed = self.blocks.iter().any(|b| {
-            let [q, ..] = &b.qkv;
-            [q, &b.o, &b.gate_up[0], &b.down]
-                .iter()
-                .any(|l| matches!(l.matrix.kind, Kind::Packed { .. }))
+        let products = self.blocks.iter().flat_map(|b| self.products(b));
+        let reading = Reading::of_environment();
+        // A slab where a packed matrix is not read packed.
+        let packed = products.clone().any(|(l, cols)| {
+            matches!(l.matrix.kind, Kind::Packed { .. }) && !reading.fused(l, cols)
         });
         let slab_bytes = slab_bytes();
         let slab = packed.then(|| buffer((slab_bytes / gemm.size()).max(widest), gemm));
+        let warps = 8 * super::super::multiprocessors(self.queue.device());
+        // The parts' room for the widest split.
+        let parts = products
+            .map(|(l, cols)| reading.part_floats(l, cols, rows, warps))
+            .max()
+            .unwrap_or(0);
         Pass {
             rows,
+            gemm,
             ids: buffer(rows, DType::I32),
             h: buffer(rows * self.hidden, DType::F32),
             a: buffer(rows * widest, gemm),
@@ -161,6 +190,9 @@ impl Session {
             scores: buffer(rows * heads * self.capacity, DType::F32),
             slab,
             slab_bytes,
+            part: (parts > 0).then(|| buffer(parts, DType::F32)),
+            reading,
+            warps,
         }
     }
 
@@ -249,32 +281,39 @@ impl Session {
     fn product(&self, pass: &Pass, l: &Linear, cols: usize, y: &Buffer, accumulate: bool) {
         let m = &l.matrix;
         let gemm = gemm_dtype(m.kind);
-        let dims = |out| [pass.rows, out, cols];
         match m.kind {
             Kind::Dense(_) => {
-                let at = [pass.a.at, m.buffers[0].at, y.at];
-                gemm_rows(self.queue, gemm, at, dims(l.out), l.out, accumulate);
+                let w = m.buffers[0].at;
+                self.gemm(pass, [w, y.at], [l.out, cols], l.out, accumulate);
             }
             Kind::Packed { bits, .. } => {
-                let slab = pass.slab.as_ref().expect("a slab for packed matrices");
-                let layout = Packing {
-                    bits,
-                    group: m.group,
-                    words_per_row: cols * bits as usize / 32,
-                };
-                // A row's bytes of words, and of scales (or biases).
-                let row_words = (layout.words_per_row * 4) as u64;
-                let row_scales = ((cols >> m.group.trailing_zeros()) * gemm.size()) as u64;
                 let [words, scales, biases] = [0, 1, 2].map(|j| m.buffers[j].at);
-                let step = (pass.slab_bytes / (cols * gemm.size())).max(1);
-                for first in (0..l.out).step_by(step) {
-                    let (rows, at) = (step.min(l.out - first), first as u64);
-                    let parts = [words + at * row_words, scales + at * row_scales];
-                    let parts = [parts[0], parts[1], biases + at * row_scales, slab.at];
-                    dequantize_rows(self.queue, gemm, parts, rows, layout);
-                    let operands = [pass.a.at, slab.at, y.at + at * 4];
-                    let dims = [pass.rows, rows, cols];
-                    gemm_rows(self.queue, gemm, operands, dims, l.out, accumulate);
+                let layout = packing(l, cols, bits);
+                if pass.reading.fused(l, cols) {
+                    let dims = [pass.rows, l.out, cols];
+                    let p = pass.reading.parts(pass.rows, l.out, cols, bits, pass.warps);
+                    let part = pass.part.as_ref().filter(|_| p > 1);
+                    let to = part.map_or(y.at, |part| part.at);
+                    let operands = [pass.a.at, words, scales, biases, to];
+                    qgemm(self.queue, operands, dims, layout, l.out, accumulate, p);
+                    if part.is_some() {
+                        self.sum_parts(pass, y.at, [l.out, l.out], p, accumulate);
+                    }
+                } else {
+                    let slab = pass.slab.as_ref().expect("a slab for packed matrices");
+                    // A row's bytes of words, and of scales (or biases).
+                    let row_words = (layout.words_per_row * 4) as u64;
+                    let row_scales = ((cols >> m.group.trailing_zeros()) * gemm.size()) as u64;
+                    // Rows a slab holds.
+                    let step = (pass.slab_bytes / (cols * gemm.size())).max(1);
+                    for first in (0..l.out).step_by(step) {
+                        let (rows, at) = (step.min(l.out - first), first as u64);
+                        let parts = [words + at * row_words, scales + at * row_scales];
+                        let parts = [parts[0], parts[1], biases + at * row_scales, slab.at];
+                        dequantize_rows(self.queue, gemm, parts, rows, layout);
+                        let y = y.at + at * 4;
+                        self.gemm(pass, [slab.at, y], [rows, cols], l.out, accumulate);
+                    }
                 }
             }
         }
@@ -288,6 +327,50 @@ impl Session {
             self.queue.launch(kernel, grid, 256, 0, args);
         }
     }
+
+    /// `y[r, c] (+)= Σ_p pass.part[p][r, c]` over the pass's rows and `out` columns, `y` with
+    /// `ldy` floats a row.
+    fn sum_parts(
+        &self,
+        pass: &Pass,
+        y: u64,
+        [out, ldy]: [usize; 2],
+        parts: usize,
+        accumulate: bool,
+    ) {
+        let part = pass.part.as_ref().expect("room for the parts");
+        let kernel = &self.blocks[0].qkv[0].matrix.kernels.sum_splits;
+        let n = pass.rows * out;
+        let mut args = Args::default();
+        args.addresses(&[part.at, y]);
+        for v in [out, ldy, n, parts, usize::from(accumulate)] {
+            args.int(v);
+        }
+        let grid = (u32_of(n.div_ceil(256)), 1, 1);
+        self.queue.launch(kernel, grid, 256, 0, args);
+    }
+
+    /// `y = pass.a · wᵀ` over `cols` inputs and `out` outputs, `y` with `ldy` floats a row, or
+    /// added onto it when `accumulate`: one cuBLAS GEMM (its own kernels fill the GPU at a
+    /// prompt's few rows: splitting the inputs measured slower, bench/NOTES.md session 29).
+    fn gemm(
+        &self,
+        pass: &Pass,
+        [w, y]: [u64; 2],
+        [out, cols]: [usize; 2],
+        ldy: usize,
+        accumulate: bool,
+    ) {
+        let operands = [pass.a.at, w, y];
+        gemm_rows(
+            self.queue,
+            pass.gemm,
+            operands,
+            [pass.rows, out, cols],
+            ldy,
+            accumulate,
+        );
+    }
 }
 
 /// The type a matrix's GEMM reads: a dense matrix's own, a packed one's scales' (`gemm_t` in
@@ -299,5 +382,62 @@ fn gemm_dtype(kind: Kind) -> DType {
     match float {
         super::Float::Bf16 => DType::BF16,
         super::Float::F32 => DType::F32,
+    }
+}
+
+/// `l`'s packing over `cols` inputs at `bits`.
+fn packing(l: &Linear, cols: usize, bits: u32) -> Packing {
+    Packing {
+        bits,
+        group: l.matrix.group,
+        words_per_row: cols * bits as usize / 32,
+    }
+}
+
+/// How a pass reads its packed matrices: `LORAFORGE_PROMPT_FUSED=0` keeps the slabs and
+/// `LORAFORGE_PROMPT_SPLITS=N` sets `qgemm`'s parts (for comparisons), read once a pass so that
+/// its buffers and its products agree.
+#[derive(Clone, Copy)]
+struct Reading {
+    fused: bool,
+    asked_parts: Option<usize>,
+}
+
+impl Reading {
+    fn of_environment() -> Self {
+        Reading {
+            fused: std::env::var_os("LORAFORGE_PROMPT_FUSED").is_none_or(|v| v != "0"),
+            asked_parts: std::env::var("LORAFORGE_PROMPT_SPLITS")
+                .ok()
+                .and_then(|v| v.parse().ok()),
+        }
+    }
+
+    /// Whether `qgemm` reads `l` packed (its words 16-byte aligned, its layout one it takes).
+    fn fused(self, l: &Linear, cols: usize) -> bool {
+        let Kind::Packed { bits, .. } = l.matrix.kind else {
+            return false;
+        };
+        let scales = gemm_dtype(l.matrix.kind);
+        self.fused
+            && l.matrix.buffers[0].aligned()
+            && qgemm::supports(packing(l, cols, bits), scales, cols)
+    }
+
+    /// `qgemm`'s parts for a product of `rows` tokens ([`qgemm::parts`]).
+    fn parts(self, rows: usize, out: usize, cols: usize, bits: u32, warps: usize) -> usize {
+        qgemm::parts(rows, out, cols, bits, warps, self.asked_parts)
+    }
+
+    /// Floats of `pass.part` a product of `l` over `cols` inputs and `rows` tokens needs:
+    /// `qgemm`'s parts where it reads `l` in more than one.
+    fn part_floats(self, l: &Linear, cols: usize, rows: usize, warps: usize) -> usize {
+        match l.matrix.kind {
+            Kind::Packed { bits, .. } if self.fused(l, cols) => {
+                let p = self.parts(rows, l.out, cols, bits, warps);
+                if p > 1 { p * rows * l.out } else { 0 }
+            }
+            _ => 0,
+        }
     }
 }
