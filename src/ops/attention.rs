@@ -193,8 +193,8 @@ pub fn attention<B: AttentionBackend>(
 
 /// `[batch, kv_heads, len, d]` → `[batch, kv_heads * group, len, d]`, each kv head repeated for
 /// the `group` query heads that share it: a broadcast view made contiguous, one copy (Burn's
-/// `repeat_dim` zero-filled the whole result first, then copied each repeat into it: 13% of a
-/// CPU batch's decoding at 200 cached positions, bench/NOTES.md session 30).
+/// `repeat_dim` zero-filled the whole result first, then copied each repeat into it: 12.8% of
+/// a CPU batch of 8 decoding 192 tokens, bench/NOTES.md session 30).
 pub fn repeat_kv<B: burn::tensor::backend::Backend>(x: Tensor<B, 4>, group: usize) -> Tensor<B, 4> {
     if group == 1 {
         return x;

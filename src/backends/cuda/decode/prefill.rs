@@ -296,8 +296,8 @@ impl Session {
                     let to = part.map_or(y.at, |part| part.at);
                     let operands = [pass.a.at, words, scales, biases, to];
                     qgemm(self.queue, operands, dims, layout, l.out, accumulate, p);
-                    if part.is_some() {
-                        self.sum_parts(pass, y.at, [l.out, l.out], p, accumulate);
+                    if let Some(part) = part {
+                        self.sum_parts(pass.rows, [part.at, y.at], l.out, p, accumulate);
                     }
                 } else {
                     let slab = pass.slab.as_ref().expect("a slab for packed matrices");
@@ -328,22 +328,21 @@ impl Session {
         }
     }
 
-    /// `y[r, c] (+)= Σ_p pass.part[p][r, c]` over the pass's rows and `out` columns, `y` with
-    /// `ldy` floats a row.
+    /// `y[r, c] (+)= Σ_p part[p][r, c]` over `rows` tokens and `out` columns, on raw device
+    /// addresses `[part, y]` (`y` with `out` floats a row, as `qgemm` writes it).
     fn sum_parts(
         &self,
-        pass: &Pass,
-        y: u64,
-        [out, ldy]: [usize; 2],
+        rows: usize,
+        [part, y]: [u64; 2],
+        out: usize,
         parts: usize,
         accumulate: bool,
     ) {
-        let part = pass.part.as_ref().expect("room for the parts");
         let kernel = &self.blocks[0].qkv[0].matrix.kernels.sum_splits;
-        let n = pass.rows * out;
+        let n = rows * out;
         let mut args = Args::default();
-        args.addresses(&[part.at, y]);
-        for v in [out, ldy, n, parts, usize::from(accumulate)] {
+        args.addresses(&[part, y]);
+        for v in [out, out, n, parts, usize::from(accumulate)] {
             args.int(v);
         }
         let grid = (u32_of(n.div_ceil(256)), 1, 1);
